@@ -1,0 +1,7 @@
+"""The PEFT-facing DoRA layer classes (subclasses of PEFT's originals); they delegate the maths."""
+
+from .conv import DoraConv1dLayer, DoraConv2dLayer, DoraConv3dLayer
+from .embedding import DoraEmbeddingLayer
+from .linear import DoraLinearLayer
+
+__all__ = ["DoraConv1dLayer", "DoraConv2dLayer", "DoraConv3dLayer", "DoraEmbeddingLayer", "DoraLinearLayer"]

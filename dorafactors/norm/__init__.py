@@ -1,0 +1,20 @@
+"""Weight-norm engine: factored column norm (Triton + PyTorch reference), dense reference, caches."""
+
+from .cache import NormCache, TensorStamp
+from .dense import dense_row_norm
+from .engine import clamp_eps, conv_factors, norm_path, weight_norm, weight_sumsq
+from .factored import factored_row_norm_sq, plan_chunk_columns, row_sumsq
+
+__all__ = [
+    "NormCache",
+    "TensorStamp",
+    "clamp_eps",
+    "conv_factors",
+    "dense_row_norm",
+    "factored_row_norm_sq",
+    "norm_path",
+    "plan_chunk_columns",
+    "row_sumsq",
+    "weight_norm",
+    "weight_sumsq",
+]

@@ -1,0 +1,129 @@
+"""Caches of the detached DoRA weight norm that are never stale.
+
+A cached value is served only when a *stamp* of everything it was computed from is unchanged. A stamp of a
+tensor records:
+
+* which storage it lives in: a weak reference to the storage object. PyTorch keeps one Python object per
+  live storage, so the reference dies exactly when the storage is freed and a new allocation at the same
+  address can never be mistaken for the old one;
+* where in it, and how: ``data_ptr``, storage offset, shape, strides, dtype, device;
+* its autograd version counter, which every in-place write PyTorch can see bumps: optimizer steps (also
+  the ``_foreach`` kernels), ``copy_`` in ``load_state_dict``, ``zero_``/``mul_`` under ``no_grad``;
+* the identity of the tensor object (a weak reference; for a view, of the tensor it was taken from), so a
+  new Parameter bound over the same storage starts a new entry.
+
+Writes that PyTorch itself cannot see (``tensor.data.add_(...)``: ``.data`` has its own version counter)
+are the one channel a stamp cannot observe. PEFT writes base weights that way only inside ``merge`` /
+``unmerge``; ``dorafactors.patch()`` hooks PEFT's merge entry point and calls :meth:`NormCache.clear` on
+the DoRA layers of the merged module (``patching.py``), and a DoRA forward cannot run while an adapter is
+merged. Code outside PEFT that writes through ``.data`` must call ``dorafactors.clear_norm_caches(model)``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+
+__all__ = ["NormCache", "TensorStamp", "stamp"]
+
+
+def _root(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor a view was taken from (views share its version counter), or the tensor itself.
+
+    PEFT hands some factors over as fresh views (``lora_embedding_A[name].T``); the stamp follows the
+    parameter behind them, while the layout it records is the view's own.
+    """
+    base = tensor._base
+    return tensor if base is None else base
+
+
+class TensorStamp:
+    """Identity + layout + version of one tensor at one moment (see module docstring)."""
+
+    __slots__ = ("_layout", "_storage_ref", "_tensor_ref", "_version")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        self._storage_ref = weakref.ref(storage)
+        self._tensor_ref = weakref.ref(_root(tensor))
+        self._layout = (
+            tensor.data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tensor.stride(),
+            tensor.dtype,
+            tensor.device,
+        )
+        self._version = tensor._version
+
+    def matches(self, tensor: torch.Tensor) -> bool:
+        """True when ``tensor`` is the same object, in the same storage, unchanged since the stamp."""
+        if self._tensor_ref() is not _root(tensor) or tensor._version != self._version:
+            return False
+        storage = self._storage_ref()
+        if storage is None or storage is not tensor.untyped_storage():
+            return False
+        return self._layout == (
+            tensor.data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tensor.stride(),
+            tensor.dtype,
+            tensor.device,
+        )
+
+    def __getstate__(self) -> None:  # pragma: no cover - guarded by NormCache.__getstate__
+        raise TypeError("TensorStamp holds weak references and is not picklable")
+
+
+def stamp(*tensors: torch.Tensor) -> tuple[TensorStamp, ...]:
+    """Stamps of several tensors, in order."""
+    return tuple(TensorStamp(t) for t in tensors)
+
+
+class NormCache:
+    """One cached value per key, valid while the stamps of its inputs match.
+
+    ``key`` holds plain hashables that select the entry (adapter name, scaling, dtype of the result,
+    chunk budget, kernel path); ``inputs`` are the tensors the value was computed from.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[Any, tuple[tuple[TensorStamp, ...], torch.Tensor]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Any, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            stamps, value = entry
+            if len(stamps) == len(inputs) and all(s.matches(t) for s, t in zip(stamps, inputs)):
+                self.hits += 1
+                return value
+            del self._entries[key]
+        self.misses += 1
+        return None
+
+    def put(self, key: Any, inputs: tuple[torch.Tensor, ...], value: torch.Tensor) -> None:
+        # One entry per key: a stale entry for the same key is replaced, never kept beside the new one.
+        self._entries[key] = (stamp(*inputs), value)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # The cache is derived state: drop it when pickled or deep-copied (weak references cannot travel).
+    def __getstate__(self) -> dict[str, Any]:
+        return {"hits": 0, "misses": 0}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._entries = {}
+        self.hits = state.get("hits", 0)
+        self.misses = state.get("misses", 0)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> NormCache:
+        return NormCache()

@@ -1,0 +1,126 @@
+"""The norm engine: one entry point that returns the detached, clamped fp32 row norm of ``W + s*B@A``.
+
+It picks the Triton kernel where ``dispatch`` allows it and the PyTorch reference (``factored.py``)
+otherwise, and reshapes conv and grouped-conv factors into the 2-D form both understand.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..dispatch import config, rules
+from .factored import factored_row_norm_sq, plan_chunk_columns, row_sumsq
+
+__all__ = ["clamp_eps", "conv_factors", "norm_path", "weight_norm", "weight_sumsq"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def clamp_eps(weight_dtype: torch.dtype) -> float:
+    """Smallest norm the engine returns: 1e-6 for half-precision weights, 1e-12 otherwise."""
+    return 1e-6 if weight_dtype in _HALF else 1e-12
+
+
+def norm_path(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> str:
+    """``"triton"`` or ``"torch"``: which implementation :func:`weight_norm` will use for these inputs."""
+    ok, _ = rules.fused_norm_ok(weight, lora_A, lora_B)
+    return "triton" if ok else "torch"
+
+
+@torch.no_grad()
+def weight_sumsq(weight: torch.Tensor) -> torch.Tensor:
+    """``||W||^2`` per row in fp32 (fp64 for fp64 W); ``weight`` is ``[d_out, d_in]``."""
+    if norm_path(weight, weight[:1], weight[:, :1]) == "triton":
+        from ..kernels.row_norm import triton_row_sumsq
+
+        return triton_row_sumsq(weight)
+    plan = plan_chunk_columns(
+        weight.shape[0],
+        weight.shape[1],
+        0,
+        weight_dtype=weight.dtype,
+        lora_dtype=weight.dtype,
+        budget_bytes=config.get_dora_norm_threshold_bytes(),
+        need_sumsq=True,
+    )
+    return row_sumsq(weight, chunk_columns=plan.chunk_columns)
+
+
+@torch.no_grad()
+def weight_norm(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    *,
+    cached_sumsq: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Row norm of ``W + scaling * B @ A``: detached, ``sqrt(max(n^2, 0))`` clamped to :func:`clamp_eps`.
+
+    Args:
+        weight: ``W`` ``[d_out, d_in]`` in bf16/fp16/fp32/fp64 (any strides).
+        lora_A: ``A`` ``[r, d_in]``; lora_B: ``B`` ``[d_out, r]`` (any float dtypes, e.g. fp32 adapters on a
+            bf16 base).
+        scaling: the LoRA scaling ``s`` (any real, 0 and negative included).
+        cached_sumsq: ``||W||^2_row`` from an earlier call on the same W, or None.
+
+    Returns:
+        ``[d_out]`` fp32 (fp64 if any input is fp64). Never materializes ``B @ A`` or a copy of W.
+    """
+    scaling = float(scaling)
+    if norm_path(weight, lora_A, lora_B) == "triton":
+        from ..kernels.row_norm import triton_weight_norm_sq
+
+        norm_sq = triton_weight_norm_sq(weight, lora_A, lora_B, scaling, cached_sumsq=cached_sumsq)
+    else:
+        plan = plan_chunk_columns(
+            weight.shape[0],
+            weight.shape[1],
+            lora_A.shape[0],
+            weight_dtype=weight.dtype,
+            lora_dtype=torch.promote_types(lora_A.dtype, lora_B.dtype),
+            budget_bytes=config.get_dora_norm_threshold_bytes(),
+            need_sumsq=cached_sumsq is None,
+        )
+        norm_sq = factored_row_norm_sq(
+            weight, lora_A, lora_B, scaling, chunk_columns=plan.chunk_columns, weight_sumsq=cached_sumsq
+        )
+    return norm_sq.clamp_min_(0).sqrt_().clamp_min_(clamp_eps(weight.dtype))
+
+
+def conv_factors(
+    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """2-D factors ``(W2, A2, B2)`` of a conv layer with ``||W2 + s*B2@A2||_row`` equal to PEFT's conv norm.
+
+    PEFT builds the conv delta as ``(B.view(-1, r) @ A.view(r, -1)).reshape(W.shape)``. With ``groups=1``
+    that is ``B2 = B.view(out, r)``, ``A2 = A.view(r, -1)``. With ``groups=g`` (B is ``[out, r/g, ...]``, A is
+    ``[r, in*k]``) the reshape makes delta row ``i`` equal to ``B'[i // g] @ A'[:, block i % g]``, where
+    ``B' = B.view(out/g, r)`` and ``A'`` is cut into ``g`` column blocks of width ``D = W.numel() / out``.
+    That is a factored product of rank ``g*r``: ``A2`` stacks the blocks (``[g*r, D]``) and ``B2`` places
+    ``B'[i // g]`` in block ``i % g`` of row ``i`` (``[out, g*r]``, block-sparse).
+
+    Args:
+        weight: conv weight ``[out, in/groups, *k]``.
+        lora_A: ``[r, in, *k]`` (PEFT's lora_A conv weight); lora_B: ``[out, r/groups, 1, ...]``.
+    """
+    out = weight.shape[0]
+    width = weight.numel() // out
+    rank = lora_A.shape[0]
+    w2 = weight.reshape(out, width)
+    a_flat = lora_A.reshape(rank, -1)
+    b_rows = lora_B.reshape(-1, rank)
+    groups = a_flat.shape[1] // width
+    if groups * width != a_flat.shape[1] or b_rows.shape[0] * groups != out:
+        raise ValueError(
+            f"conv factors do not match PEFT's layout: weight {tuple(weight.shape)}, "
+            f"lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}"
+        )
+    if groups == 1:
+        return w2, a_flat, b_rows
+    a2 = a_flat.reshape(rank, groups, width).permute(1, 0, 2).reshape(groups * rank, width)
+    b2 = b_rows.new_zeros(out, groups * rank)
+    rows = torch.arange(out, device=b_rows.device)
+    block = (rows % groups).unsqueeze(1) * rank + torch.arange(rank, device=b_rows.device)
+    b2.scatter_(1, block, b_rows[rows // groups])
+    return w2, a2, b2
