@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["compute_dtype_for", "dense_row_norm"]
+__all__ = ["compute_dtype_for", "dense_factor_row_norm_sq", "dense_row_norm"]
 
 
 def compute_dtype_for(*dtypes: torch.dtype) -> torch.dtype:
@@ -46,4 +46,32 @@ def dense_row_norm(
             total = total.clone()  # never write into the caller's weight
         total.add_(delta[r0:r1].to(cdt), alpha=scaling)
         out[r0:r1] = torch.linalg.vector_norm(total, dim=1)
+    return out
+
+
+@torch.no_grad()
+def dense_factor_row_norm_sq(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    *,
+    max_rows: int,
+    compute_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``||W + s*B@A||^2`` per row, forming ``B@A`` a block of ``max_rows`` rows at a time.
+
+    For ``d_in <= r``, where a block of the dense delta is no larger than the factored form's own
+    ``[rows, r]`` intermediates and the factored sum is ill-conditioned. ``weight`` ``[d_out, d_in]``,
+    ``lora_A`` ``[r, d_in]``, ``lora_B`` ``[d_out, r]``; returns ``[d_out]`` in ``compute_dtype``.
+    """
+    d_out = weight.shape[0]
+    a = lora_A.to(device=weight.device, dtype=compute_dtype)
+    out = torch.empty(d_out, dtype=compute_dtype, device=weight.device)
+    step = max(1, int(max_rows))
+    for r0 in range(0, d_out, step):
+        r1 = min(d_out, r0 + step)
+        block = torch.mm(lora_B[r0:r1].to(device=weight.device, dtype=compute_dtype), a)
+        block.mul_(scaling).add_(weight[r0:r1].to(compute_dtype))
+        out[r0:r1] = block.square_().sum(dim=1)
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import config, rules
+from .dense import compute_dtype_for, dense_factor_row_norm_sq
 from .factored import factored_row_norm_sq, plan_chunk_columns, row_sumsq
 
 __all__ = ["clamp_eps", "conv_factors", "norm_path", "weight_norm", "weight_sumsq"]
@@ -22,18 +23,29 @@ def clamp_eps(weight_dtype: torch.dtype) -> float:
 
 
 def norm_path(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> str:
-    """``"triton"`` or ``"torch"``: which implementation :func:`weight_norm` will use for these inputs."""
+    """Which implementation :func:`weight_norm` uses: ``"dense"`` (``d_in <= r``), ``"triton"`` or ``"torch"``."""
+    if weight.shape[1] <= lora_A.shape[0]:
+        return "dense"
     ok, _ = rules.fused_norm_ok(weight, lora_A, lora_B)
     return "triton" if ok else "torch"
 
 
+def reference_compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype of the PyTorch paths: fp64 on the CPU (cheap there, and it makes the factored
+    sum's cancellation harmless), else fp32 (fp64 when an operand is fp64)."""
+    if tensors[0].device.type == "cpu":
+        return torch.float64
+    return compute_dtype_for(*(t.dtype for t in tensors))
+
+
 @torch.no_grad()
 def weight_sumsq(weight: torch.Tensor) -> torch.Tensor:
-    """``||W||^2`` per row in fp32 (fp64 for fp64 W); ``weight`` is ``[d_out, d_in]``."""
-    if norm_path(weight, weight[:1], weight[:, :1]) == "triton":
+    """``||W||^2`` per row (fp32 from the kernel, else the reference dtype); ``weight`` is ``[d_out, d_in]``."""
+    if rules.fused_norm_ok(weight, weight[:1], weight[:, :1])[0]:
         from ..kernels.row_norm import triton_row_sumsq
 
         return triton_row_sumsq(weight)
+    cdt = reference_compute_dtype(weight)
     plan = plan_chunk_columns(
         weight.shape[0],
         weight.shape[1],
@@ -42,8 +54,9 @@ def weight_sumsq(weight: torch.Tensor) -> torch.Tensor:
         lora_dtype=weight.dtype,
         budget_bytes=config.get_dora_norm_threshold_bytes(),
         need_sumsq=True,
+        compute_dtype=cdt,
     )
-    return row_sumsq(weight, chunk_columns=plan.chunk_columns)
+    return row_sumsq(weight, chunk_columns=plan.chunk_columns, compute_dtype=cdt)
 
 
 @torch.no_grad()
@@ -65,14 +78,22 @@ def weight_norm(
         cached_sumsq: ``||W||^2_row`` from an earlier call on the same W, or None.
 
     Returns:
-        ``[d_out]`` fp32 (fp64 if any input is fp64). Never materializes ``B @ A`` or a copy of W.
+        ``[d_out]`` in fp32 or fp64 (never half). Never materializes a ``[d_out, d_in]`` tensor: the
+        factored paths never form ``B @ A``; the dense path (only for ``d_in <= r``) forms it in row blocks.
     """
     scaling = float(scaling)
-    if norm_path(weight, lora_A, lora_B) == "triton":
+    path = norm_path(weight, lora_A, lora_B)
+    if path == "triton":
         from ..kernels.row_norm import triton_weight_norm_sq
 
         norm_sq = triton_weight_norm_sq(weight, lora_A, lora_B, scaling, cached_sumsq=cached_sumsq)
+    elif path == "dense":
+        cdt = reference_compute_dtype(weight, lora_A, lora_B)
+        elem = torch.finfo(cdt).bits // 8
+        rows = config.get_dora_norm_threshold_bytes() // max(1, 2 * weight.shape[1] * elem)
+        norm_sq = dense_factor_row_norm_sq(weight, lora_A, lora_B, scaling, max_rows=rows, compute_dtype=cdt)
     else:
+        cdt = reference_compute_dtype(weight, lora_A, lora_B)
         plan = plan_chunk_columns(
             weight.shape[0],
             weight.shape[1],
@@ -81,9 +102,16 @@ def weight_norm(
             lora_dtype=torch.promote_types(lora_A.dtype, lora_B.dtype),
             budget_bytes=config.get_dora_norm_threshold_bytes(),
             need_sumsq=cached_sumsq is None,
+            compute_dtype=cdt,
         )
         norm_sq = factored_row_norm_sq(
-            weight, lora_A, lora_B, scaling, chunk_columns=plan.chunk_columns, weight_sumsq=cached_sumsq
+            weight,
+            lora_A,
+            lora_B,
+            scaling,
+            chunk_columns=plan.chunk_columns,
+            weight_sumsq=cached_sumsq,
+            compute_dtype=cdt,
         )
     return norm_sq.clamp_min_(0).sqrt_().clamp_min_(clamp_eps(weight.dtype))
 

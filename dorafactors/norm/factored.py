@@ -40,6 +40,7 @@ def plan_chunk_columns(
     lora_dtype: torch.dtype,
     budget_bytes: int,
     need_sumsq: bool,
+    compute_dtype: torch.dtype | None = None,
 ) -> NormPlan:
     """Choose the d_in chunk width of :func:`factored_row_norm_sq` so its working set fits ``budget_bytes``.
 
@@ -50,7 +51,7 @@ def plan_chunk_columns(
     The chunk never spans all of ``d_in`` when it would copy W: no temporary of ``d_out * d_in`` elements.
     If the budget is below the fixed cost, the chunk is one column (the fixed cost cannot be chunked).
     """
-    cdt = compute_dtype_for(weight_dtype, lora_dtype)
+    cdt = compute_dtype or compute_dtype_for(weight_dtype, lora_dtype)
     c = torch.finfo(cdt).bits // 8
     fixed = c * (d_out * rank + rank * rank + d_out)
     fixed += c * d_out * rank * (2 if lora_dtype != cdt else 1)  # B cast + B@G at assembly
@@ -71,9 +72,11 @@ def plan_chunk_columns(
 
 
 @torch.no_grad()
-def row_sumsq(weight: torch.Tensor, *, chunk_columns: int | None = None) -> torch.Tensor:
-    """``sum_j W_ij^2`` per row, accumulated in fp32 (fp64 for fp64 W). ``weight``: ``[d_out, d_in]``."""
-    cdt = compute_dtype_for(weight.dtype)
+def row_sumsq(
+    weight: torch.Tensor, *, chunk_columns: int | None = None, compute_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``sum_j W_ij^2`` per row of ``weight`` ``[d_out, d_in]``, accumulated in ``compute_dtype``."""
+    cdt = compute_dtype or compute_dtype_for(weight.dtype)
     d_out, d_in = weight.shape
     step = d_in if not chunk_columns else max(1, int(chunk_columns))
     out = torch.zeros(d_out, dtype=cdt, device=weight.device)
@@ -96,8 +99,9 @@ def factored_row_norm_sq(
     *,
     chunk_columns: int,
     weight_sumsq: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Squared row norm of ``W + s * B @ A`` (not clamped), in fp32 (fp64 if any input is fp64).
+    """Squared row norm of ``W + s * B @ A`` (not clamped), accumulated in ``compute_dtype``.
 
     Args:
         weight: ``W`` ``[d_out, d_in]``, any float dtype, may be a strided view (fan_in_fan_out, embeddings).
@@ -106,11 +110,17 @@ def factored_row_norm_sq(
         scaling: ``s``.
         chunk_columns: d_in columns per step (see :func:`plan_chunk_columns`).
         weight_sumsq: cached ``||W||^2_row`` in the compute dtype; computed here when None.
+        compute_dtype: accumulation dtype; default fp32 (fp64 if any input is fp64).
 
     Returns:
         ``[d_out]`` squared norm in the compute dtype; may hold tiny negatives from rounding.
+
+    Conditioning: the three terms cancel when a row of ``B @ A`` is small next to ``|B_i| |A|`` (the Gram
+    form ``B_i G B_i^T``) or when ``W_i ~ -s (B A)_i``; the relative error is about the unit roundoff of
+    ``compute_dtype`` times the cancellation ratio. ``engine.weight_norm`` therefore accumulates in fp64 on
+    the CPU and uses the exact dense form when ``d_in <= r``.
     """
-    cdt = compute_dtype_for(weight.dtype, lora_A.dtype, lora_B.dtype)
+    cdt = compute_dtype or compute_dtype_for(weight.dtype, lora_A.dtype, lora_B.dtype)
     d_out, d_in = weight.shape
     rank = lora_A.shape[0]
     if lora_A.shape != (rank, d_in) or lora_B.shape != (d_out, rank):
@@ -120,11 +130,11 @@ def factored_row_norm_sq(
         )
     device = weight.device
     need_sumsq = weight_sumsq is None
-    sumsq = torch.zeros(d_out, dtype=cdt, device=device) if need_sumsq else weight_sumsq.to(cdt)
     if scaling == 0.0:
         if need_sumsq:
-            sumsq = row_sumsq(weight, chunk_columns=chunk_columns)
-        return sumsq.clone() if not need_sumsq else sumsq
+            return row_sumsq(weight, chunk_columns=chunk_columns, compute_dtype=cdt)
+        return weight_sumsq.to(cdt).clone()
+    sumsq = torch.zeros(d_out, dtype=cdt, device=device) if need_sumsq else weight_sumsq.to(cdt)
 
     U = torch.zeros(d_out, rank, dtype=cdt, device=device)
     gram = torch.zeros(rank, rank, dtype=cdt, device=device)
