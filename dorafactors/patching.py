@@ -63,9 +63,9 @@ def check_peft_version() -> str:
         import peft
     except ImportError as exc:  # pragma: no cover - peft is a hard dependency
         raise ImportError("dorafactors needs PEFT: pip install 'peft>=0.18,<0.22'") from exc
-    installed = Version(peft.__version__)
-    low, high = (Version(v) for v in SUPPORTED_PEFT)
-    if not (low <= installed < high):
+    installed = Version(peft.__version__).release[:2]
+    low, high = (Version(v).release[:2] for v in SUPPORTED_PEFT)
+    if not (low <= installed < high):  # by minor release: 0.22.0.dev0 is not a 0.21.x
         raise ImportError(
             f"dorafactors supports peft>={SUPPORTED_PEFT[0]},<{SUPPORTED_PEFT[1]} (0.18.x to 0.21.x); "
             f"peft {peft.__version__} is installed. Install a supported release: pip install 'peft>=0.18,<0.22'."

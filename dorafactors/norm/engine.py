@@ -90,7 +90,10 @@ def weight_norm(
     elif path == "dense":
         cdt = reference_compute_dtype(weight, lora_A, lora_B)
         elem = torch.finfo(cdt).bits // 8
-        rows = config.get_dora_norm_threshold_bytes() // max(1, 2 * weight.shape[1] * elem)
+        d_in, rank = weight.shape[1], lora_A.shape[0]
+        fixed = elem * (rank * d_in + weight.shape[0])  # A cast copy, the result vector
+        per_row = elem * (2 * d_in + rank)  # block, W rows cast, B rows cast
+        rows = max(1, (config.get_dora_norm_threshold_bytes() - fixed) // per_row)
         norm_sq = dense_factor_row_norm_sq(weight, lora_A, lora_B, scaling, max_rows=rows, compute_dtype=cdt)
     else:
         cdt = reference_compute_dtype(weight, lora_A, lora_B)

@@ -1,0 +1,140 @@
+"""Every dorafactors environment variable: defaults, accepted values, and the error for a malformed one."""
+
+from __future__ import annotations
+
+import pytest
+
+import dorafactors
+from dorafactors.dispatch import config
+
+TERNARY = {
+    "PEFT_DORA_FUSED": config.fused_mode,
+    "PEFT_DORA_FUSED_BACKWARD": config.fused_backward_mode,
+    "PEFT_FORCE_GATHER": config.force_gather,
+}
+BOOLEAN = {
+    "DORA_AUTOTUNE_COMPREHENSIVE": (config.autotune_comprehensive, False),
+    "PEFT_DORA_ALLOW_PARTIAL_GATHER": (config.allow_partial_gather, False),
+    "PEFT_DORA_NORM_CACHE": (config.norm_cache_enabled, True),
+}
+THRESHOLDS = {
+    "PEFT_DORA_NORM_CHUNK_MB": config.get_dora_norm_threshold_mb,
+    "PEFT_DORA_FWD_CHUNK_MB": config.get_dora_fwd_threshold_mb,
+}
+
+
+@pytest.mark.parametrize("name", sorted(TERNARY))
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (None, None),
+        ("", None),
+        ("1", True),
+        ("TRUE", True),
+        (" on ", True),
+        ("yes", True),
+        ("0", False),
+        ("false", False),
+        ("Off", False),
+        ("no", False),
+    ],
+)
+def test_ternary(monkeypatch, name, raw, expected):
+    if raw is not None:
+        monkeypatch.setenv(name, raw)
+    config.invalidate_cache()
+    assert TERNARY[name]() is expected
+
+
+@pytest.mark.parametrize("name", sorted(BOOLEAN))
+def test_boolean_defaults_and_values(monkeypatch, name):
+    reader, default = BOOLEAN[name]
+    config.invalidate_cache()
+    assert reader() is default
+    monkeypatch.setenv(name, "1")
+    config.invalidate_cache()
+    assert reader() is True
+    monkeypatch.setenv(name, "false")
+    config.invalidate_cache()
+    assert reader() is False
+
+
+@pytest.mark.parametrize("name", sorted(TERNARY) + sorted(BOOLEAN))
+@pytest.mark.parametrize("raw", ["maybe", "2", "ture", "1.0", "enable"])
+def test_malformed_switch_raises_naming_variable_and_values(monkeypatch, name, raw):
+    monkeypatch.setenv(name, raw)
+    config.invalidate_cache()
+    reader = TERNARY.get(name) or BOOLEAN[name][0]
+    with pytest.raises(ValueError, match=name) as err:
+        reader()
+    assert "1/true/yes/on" in str(err.value) and "0/false/no/off" in str(err.value)
+    with pytest.raises(ValueError, match=name):  # not cached: raises on every use until fixed
+        reader()
+
+
+@pytest.mark.parametrize("name", sorted(THRESHOLDS))
+@pytest.mark.parametrize("raw", ["abc", "8", "15", "65537", "-1", "16.5", "0x20", "1e3"])
+def test_malformed_threshold_raises(monkeypatch, name, raw):
+    monkeypatch.setenv(name, raw)
+    config.invalidate_cache()
+    with pytest.raises(ValueError, match=name) as err:
+        THRESHOLDS[name]()
+    assert "16" in str(err.value) and "65536" in str(err.value)
+
+
+@pytest.mark.parametrize("name", sorted(THRESHOLDS))
+def test_threshold_values(monkeypatch, name):
+    config.invalidate_cache()
+    assert THRESHOLDS[name]() == 256
+    for value in ("16", "65536", " 1024 "):
+        monkeypatch.setenv(name, value)
+        config.invalidate_cache()
+        assert THRESHOLDS[name]() == int(value)
+
+
+def test_values_are_read_once_until_invalidated(monkeypatch):
+    monkeypatch.setenv("PEFT_DORA_NORM_CHUNK_MB", "64")
+    config.invalidate_cache()
+    assert config.get_dora_norm_threshold_mb() == 64
+    monkeypatch.setenv("PEFT_DORA_NORM_CHUNK_MB", "128")
+    assert config.get_dora_norm_threshold_mb() == 64  # cached
+    config.invalidate_cache()
+    assert config.get_dora_norm_threshold_mb() == 128
+
+
+@pytest.mark.parametrize(
+    ("setter", "getter", "getter_bytes", "env"),
+    [
+        (
+            dorafactors.set_dora_norm_threshold_mb,
+            dorafactors.get_dora_norm_threshold_mb,
+            dorafactors.get_dora_norm_threshold_bytes,
+            "PEFT_DORA_NORM_CHUNK_MB",
+        ),
+        (
+            dorafactors.set_dora_fwd_threshold_mb,
+            dorafactors.get_dora_fwd_threshold_mb,
+            dorafactors.get_dora_fwd_threshold_bytes,
+            "PEFT_DORA_FWD_CHUNK_MB",
+        ),
+    ],
+)
+def test_setters(monkeypatch, setter, getter, getter_bytes, env):
+    monkeypatch.delenv(env, raising=False)
+    setter(48)
+    assert getter() == 48 and getter_bytes() == 48 * 1024 * 1024
+    import os
+
+    assert os.environ[env] == "48"  # inherited by subprocesses (dataloader workers, launchers)
+    for bad in (15, 65537, 0, -4, 16.0, "32", True, None):
+        with pytest.raises(ValueError, match="mb must"):
+            setter(bad)
+    assert getter() == 48  # a rejected value changes nothing
+
+
+def test_patch_validates_environment(monkeypatch):
+    monkeypatch.setenv("PEFT_DORA_FUSED", "maybe")
+    config.invalidate_cache()
+    with pytest.raises(ValueError, match="PEFT_DORA_FUSED"):
+        dorafactors.patch()
+    assert not dorafactors.is_patched()

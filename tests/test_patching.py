@@ -1,0 +1,216 @@
+"""patch / unpatch / patched: identity restore, idempotence, nesting, exceptions, threads, conversion."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import peft
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners import tuners_utils
+from peft.tuners.lora import dora as peft_dora
+from peft.tuners.lora import layer as peft_layer
+from peft.tuners.lora import variants
+from torch import nn
+
+import dorafactors
+from dorafactors import layers, patching
+
+NAMES = ("DoraLinearLayer", "DoraEmbeddingLayer", "DoraConv1dLayer", "DoraConv2dLayer", "DoraConv3dLayer")
+
+
+def _snapshot():
+    objs = {(ns.__name__, n): getattr(ns, n) for ns in (variants, peft_dora) for n in NAMES}
+    objs.update(
+        {(ns.__name__, "check_adapters_to_merge"): ns.check_adapters_to_merge for ns in (tuners_utils, peft_layer)}
+    )
+    return objs
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 6)
+        self.emb = nn.Embedding(10, 4)
+        self.conv = nn.Conv2d(3, 5, 3)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return get_peft_model(
+        Net(), LoraConfig(r=2, target_modules=["lin", "emb", "conv"], use_dora=True, init_lora_weights=False)
+    )
+
+
+def _dora_types(model):
+    return [
+        type(m)
+        for mod in model.modules()
+        if hasattr(mod, "lora_magnitude_vector")
+        for m in mod.lora_magnitude_vector.values()
+    ]
+
+
+def test_patch_rebinds_and_unpatch_restores_identity():
+    before = _snapshot()
+    dorafactors.patch()
+    assert dorafactors.is_patched()
+    for name in NAMES:
+        assert getattr(variants, name) is getattr(layers, name)
+        assert getattr(peft_dora, name) is getattr(layers, name)
+        assert issubclass(getattr(layers, name), before[("peft.tuners.lora.dora", name)])
+    dorafactors.unpatch()
+    assert not dorafactors.is_patched()
+    after = _snapshot()
+    assert all(after[k] is v for k, v in before.items())
+
+
+def test_only_peft_names_are_touched():
+    import torch.nn.functional as F
+
+    torch_objs = (F.linear, F.conv2d, F.embedding, torch.linalg.norm, nn.Linear.forward)
+    dorafactors.patch()
+    for namespace, _attr, _original in patching._applied:
+        assert namespace.__name__.startswith("peft."), namespace
+    assert (F.linear, F.conv2d, F.embedding, torch.linalg.norm, nn.Linear.forward) == torch_objs
+
+
+def test_idempotent():
+    before = _snapshot()
+    dorafactors.patch()
+    applied = list(patching._applied)
+    dorafactors.patch()
+    dorafactors.patch()
+    assert patching._applied == applied  # nothing wrapped twice
+    dorafactors.unpatch()
+    assert all(_snapshot()[k] is v for k, v in before.items())
+    dorafactors.unpatch()  # unpatching twice is harmless
+
+
+def test_layers_built_while_patched_are_ours_and_subclass_stock():
+    stock_types = set(_dora_types(_model()))
+    with dorafactors.patched():
+        model = _model()
+    ours = _dora_types(model)
+    assert {t.__module__.split(".")[0] for t in ours} == {"dorafactors"}
+    assert all(any(issubclass(t, s) for s in stock_types) for t in ours)
+    assert not dorafactors.is_patched()
+    # still ours after the block: that is what `with patched(): get_peft_model(...)` is for
+    assert _dora_types(model) == ours
+
+
+def test_nesting_and_explicit_patch():
+    before = _snapshot()
+    with dorafactors.patched():
+        with dorafactors.patched():
+            assert dorafactors.is_patched()
+        assert dorafactors.is_patched()  # inner exit keeps the outer scope
+    assert not dorafactors.is_patched()
+    dorafactors.patch()
+    with dorafactors.patched():
+        pass
+    assert dorafactors.is_patched()  # explicit patch() outlives scopes
+    dorafactors.unpatch()
+    assert all(_snapshot()[k] is v for k, v in before.items())
+
+
+def test_restores_on_exception():
+    before = _snapshot()
+    with pytest.raises(RuntimeError, match="boom"), dorafactors.patched():
+        raise RuntimeError("boom")
+    assert not dorafactors.is_patched()
+    assert all(_snapshot()[k] is v for k, v in before.items())
+
+
+def test_thread_safety():
+    before = _snapshot()
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(8)
+
+    def worker():
+        try:
+            barrier.wait()
+            for _ in range(20):
+                with dorafactors.patched():
+                    assert dorafactors.is_patched()
+                    assert variants.DoraLinearLayer is layers.DoraLinearLayer
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert not dorafactors.is_patched()
+    assert len(patching._applied) == 0
+    assert all(_snapshot()[k] is v for k, v in before.items())
+
+
+def test_convert_built_model_and_revert():
+    model = _model()
+    stock_types = _dora_types(model)
+    x = torch.randn(3, 8)
+    expected = model(x)
+    dorafactors.patch(model)
+    assert all(t.__module__.startswith("dorafactors.") for t in _dora_types(model))
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+    dorafactors.unpatch()
+    assert _dora_types(model) == stock_types
+    for mod in model.modules():
+        for layer in getattr(mod, "lora_magnitude_vector", {}).values():
+            assert "_df_norm_cache_obj" not in layer.__dict__
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_scoped_conversion_is_reverted_on_exit():
+    model = _model()
+    stock_types = _dora_types(model)
+    with dorafactors.patched(model):
+        assert all(t.__module__.startswith("dorafactors.") for t in _dora_types(model))
+    assert _dora_types(model) == stock_types
+
+
+def test_unsupported_peft_version(monkeypatch):
+    for version in ("0.17.1", "0.22.0", "0.22.0.dev0", "1.0.0"):
+        monkeypatch.setattr(peft, "__version__", version)
+        with pytest.raises(ImportError, match=r"peft>=0\.18\.0,<0\.22.*" + version.replace(".", r"\.")):
+            dorafactors.patch()
+        assert not dorafactors.is_patched()
+    monkeypatch.setattr(peft, "__version__", "0.18.0")
+    dorafactors.patch()
+    assert dorafactors.is_patched()
+
+
+def test_state_dict_keys_identical_and_no_extra_parameters():
+    stock = _model()
+    with dorafactors.patched():
+        ours = _model()
+    assert list(stock.state_dict().keys()) == list(ours.state_dict().keys())
+    assert [n for n, _ in stock.named_parameters()] == [n for n, _ in ours.named_parameters()]
+    for mod in ours.modules():
+        for layer in getattr(mod, "lora_magnitude_vector", {}).values():
+            assert not list(layer.children()) and [n for n, _ in layer.named_parameters()] == ["weight"]
+            assert not list(layer.buffers())
+
+
+def test_repr_and_pickle_and_deepcopy():
+    with dorafactors.patched():
+        model = _model()
+    model(torch.randn(2, 8))  # fill the norm caches
+    assert "lora.dora." in repr(model)
+    clone = copy.deepcopy(model)
+    torch.testing.assert_close(clone(torch.ones(2, 8)), model(torch.ones(2, 8)))
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # whole-module pickling must not trip over weak references
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(loaded(torch.ones(2, 8)), model(torch.ones(2, 8)))
