@@ -20,6 +20,7 @@ from torch import nn
 from .. import distributed
 from ..dispatch import config
 from ..norm import NormCache, engine
+from ..norm.cache import optimizer_steps
 
 __all__ = ["DoraLayerMixin", "norm_cache_key_tensors"]
 
@@ -185,7 +186,9 @@ class DoraLayerMixin:
             reuse = reuse and not torch.compiler.is_compiling()
             use_norm_cache = reuse and (config.norm_cache_enabled() or self._stock_caching_on(adapter_name))
             if use_norm_cache:
-                key = (adapter_name, scaling, config.get_dora_norm_threshold_mb(), config.fused_mode())
+                trainable = any(t.requires_grad for t in inputs)
+                epoch = optimizer_steps() if trainable else -1
+                key = (adapter_name, scaling, config.get_dora_norm_threshold_mb(), config.fused_mode(), epoch)
                 hit = self._df_norm_cache.get(key, inputs)
                 if hit is not None:
                     return hit
@@ -196,7 +199,8 @@ class DoraLayerMixin:
                 w2, a2, b2 = self._norm_factors(weight, lora_A, lora_B)
                 sumsq = None
                 if reuse:
-                    sumsq_key = (config.get_dora_norm_threshold_mb(), config.fused_mode(), engine.norm_path(w2, a2, b2))
+                    w_epoch = optimizer_steps() if any(t.requires_grad for t in base_tensors) else -1
+                    sumsq_key = (config.get_dora_norm_threshold_mb(), config.fused_mode(), w_epoch)
                     sumsq = self._df_sumsq_cache.get(sumsq_key, base_tensors)
                     if sumsq is None:
                         sumsq = engine.weight_sumsq(w2)

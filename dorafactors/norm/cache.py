@@ -12,8 +12,14 @@ tensor records:
 * the identity of the tensor object (a weak reference; for a view, of the tensor it was taken from), so a
   new Parameter bound over the same storage starts a new entry.
 
+The version counter is not enough on its own: fused optimizer kernels (``torch.optim.AdamW(fused=True)``,
+the Hugging Face Trainer's default on CUDA; DeepSpeed's and bitsandbytes' optimizers) write parameters
+without bumping it. So every key also carries :func:`optimizer_steps`, a counter advanced after every
+``step()`` of any ``torch.optim.Optimizer`` (PyTorch's global step post-hook, installed on first use; it
+only counts). The layers add it to a key whenever a tensor behind the value requires a gradient.
+
 Writes that PyTorch itself cannot see (``tensor.data.add_(...)``: ``.data`` has its own version counter)
-are the one channel a stamp cannot observe. PEFT writes base weights that way only inside ``merge`` /
+are the remaining channel a stamp cannot observe. PEFT writes base weights that way only inside ``merge`` /
 ``unmerge``; ``dorafactors.patch()`` hooks PEFT's merge entry point and calls :meth:`NormCache.clear` on
 the DoRA layers of the merged module (``patching.py``), and a DoRA forward cannot run while an adapter is
 merged. Code outside PEFT that writes through ``.data`` must call ``dorafactors.clear_norm_caches(model)``.
@@ -26,7 +32,26 @@ from typing import Any
 
 import torch
 
-__all__ = ["NormCache", "TensorStamp", "stamp"]
+__all__ = ["NormCache", "TensorStamp", "optimizer_steps", "stamp"]
+
+
+_optimizer_steps = 0
+_step_hook: Any = None
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+def optimizer_steps() -> int:
+    """How many ``torch.optim.Optimizer.step()`` calls completed in this process since first asked."""
+    global _step_hook
+    if _step_hook is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _step_hook = register_optimizer_step_post_hook(_count_optimizer_step)
+    return _optimizer_steps
 
 
 def _root(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,350 @@
+"""The norm cache is never stale: random sequences of everything that can change a norm, checked after
+every operation against a fresh recomputation (bitwise) and against stock PEFT (fp32 tolerance); and it is
+actually used: one norm per optimizer step under gradient accumulation / checkpointing, none per decode step.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+import dorafactors
+from tests._tolerances import assert_dtype_close
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 12)
+        self.lin = nn.Linear(12, 10)
+        self.gpt = __import__("transformers").pytorch_utils.Conv1D(9, 10)
+        self.conv = nn.Conv1d(9, 6, 3, padding=1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        h = torch.tanh(self.lin(h))
+        h = self.gpt(h)
+        return self.conv(h.transpose(1, 2)).transpose(1, 2)
+
+
+TARGETS = ["emb", "lin", "gpt", "conv"]
+
+
+def _config(r: int = 3) -> LoraConfig:
+    return LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, use_dora=True, init_lora_weights=False)
+
+
+def _pair() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    base = Net()
+    nn.init.normal_(base.gpt.weight, std=0.3)
+    stock = get_peft_model(copy.deepcopy(base), _config())
+    stock.add_adapter("other", _config(r=2))
+    with torch.no_grad():
+        for name, p in stock.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                p.normal_(0, 0.2)
+            elif "magnitude" in name:
+                p.mul_(1 + 0.2 * torch.randn_like(p))
+    with dorafactors.patched():
+        ours = get_peft_model(copy.deepcopy(base), _config())
+        ours.add_adapter("other", _config(r=2))
+    ours.load_state_dict(stock.state_dict())
+    return stock, ours
+
+
+def _lora_layers(model: nn.Module) -> list[LoraLayer]:
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def _norm_inputs(module: LoraLayer, adapter: str):
+    """The arguments the DoRA forward of ``module`` passes to ``_forward_norm`` (same tensors)."""
+    if adapter in getattr(module, "lora_embedding_A", {}):
+        a, b = module.lora_embedding_A[adapter], module.lora_embedding_B[adapter]
+        return a, b, (a.T, b.T), False
+    a, b = module.lora_A[adapter], module.lora_B[adapter]
+    return a.weight, b.weight, (a, b), not isinstance(module.get_base_layer(), nn.Conv1d)
+
+
+def _check_cache_not_stale(model: nn.Module) -> None:
+    """For every active DoRA adapter: the norm the layer would use now == a recomputation from scratch."""
+    for module in _lora_layers(model):
+        if module.merged:
+            continue
+        for adapter in module.active_adapters:
+            layer = module.lora_magnitude_vector[adapter]
+            a, b, gather, dequantize = _norm_inputs(module, adapter)
+            args = (module.get_base_layer(), a, b, module.scaling[adapter], adapter)
+            served = layer._forward_norm(*args, gather_modules=gather, dequantize=dequantize)
+            saved = (dict(layer._df_norm_cache._entries), dict(layer._df_sumsq_cache._entries))
+            layer.clear_norm_cache()
+            fresh = layer._forward_norm(*args, gather_modules=gather, dequantize=dequantize)
+            assert torch.equal(served, fresh), f"stale norm in {type(layer).__name__}[{adapter}]"
+            layer._df_norm_cache._entries, layer._df_sumsq_cache._entries = saved
+
+
+def _check_outputs(stock: nn.Module, ours: nn.Module, ids: torch.Tensor) -> None:
+    with torch.no_grad():
+        assert_dtype_close(ours(ids), stock(ids), torch.float32, name="output vs stock")
+
+
+def _set_on_both(stock, ours, fn):
+    for model in (stock, ours):
+        fn(model)
+
+
+OPS = (
+    "forward",
+    "backward",
+    "step",
+    "edit_A",
+    "edit_B",
+    "edit_magnitude",
+    "edit_W",
+    "load_state_dict",
+    "load_state_dict_assign",
+    "switch_adapter",
+    "both_adapters",
+    "set_scale",
+    "scale_layer",
+    "merge_unmerge",
+    "train",
+    "eval",
+    "dtype_roundtrip",
+    "data_edit_with_clear",
+    "delete_and_readd",
+)
+
+
+@settings(max_examples=12)
+@given(ops=st.lists(st.sampled_from(OPS), min_size=6, max_size=18), seed=st.integers(0, 100))
+def test_random_op_sequences_never_serve_a_stale_norm(ops, seed):
+    stock, ours = _pair()
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 20, (2, 5), generator=gen)
+    fused = seed % 2 == 0  # fused optimizers write parameters without bumping their version counters
+    opt_s = torch.optim.AdamW([p for p in stock.parameters() if p.requires_grad], lr=0.05, fused=fused)
+    opt_o = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=0.05, fused=fused)
+    for op in ops:
+        noise = torch.Generator().manual_seed(hash(op) % 1000 + seed)
+        if op == "forward":
+            _set_on_both(stock, ours, lambda m: m(ids))
+        elif op == "backward":
+            _set_on_both(stock, ours, lambda m: m(ids).square().mean().backward())
+        elif op == "step":
+            opt_s.step()
+            opt_o.step()
+        elif op in ("edit_A", "edit_B", "edit_magnitude", "edit_W"):
+            key = {"edit_A": "lora_A", "edit_B": "lora_B", "edit_magnitude": "magnitude", "edit_W": "base_layer"}[op]
+            names = [n for n, _ in stock.named_parameters() if key in n or key.replace("lora_", "lora_embedding_") in n]
+            name = names[int(torch.randint(0, len(names), (1,), generator=noise))]
+            factor = 1.0 + 0.1 * torch.randn((), generator=noise).item()
+            with torch.no_grad():
+                for model in (stock, ours):
+                    dict(model.named_parameters())[name].mul_(factor)
+        elif op in ("load_state_dict", "load_state_dict_assign"):
+            state = {k: v + 0.01 * torch.randn(v.shape, generator=noise) for k, v in stock.state_dict().items()}
+            assign = op.endswith("assign")
+            for model in (stock, ours):
+                model.load_state_dict({k: v.clone() for k, v in state.items()}, assign=assign)
+            opt_s = torch.optim.AdamW([p for p in stock.parameters() if p.requires_grad], lr=0.05)
+            opt_o = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=0.05)
+        elif op == "switch_adapter":
+            target = "other" if stock.active_adapter == "default" else "default"
+            _set_on_both(stock, ours, lambda m, target=target: m.set_adapter(target))
+        elif op == "both_adapters":
+            _set_on_both(stock, ours, lambda m: [layer.set_adapter(["default", "other"]) for layer in _lora_layers(m)])
+        elif op == "set_scale":
+            value = 0.5 + torch.rand((), generator=noise).item()
+            _set_on_both(stock, ours, lambda m, v=value: [layer.set_scale("default", v) for layer in _lora_layers(m)])
+        elif op == "scale_layer":
+            _set_on_both(stock, ours, lambda m: [layer.scale_layer(1.3) for layer in _lora_layers(m)])
+        elif op == "merge_unmerge":
+            _set_on_both(stock, ours, lambda m: m.base_model.merge_adapter())
+            _check_outputs(stock, ours, ids)
+            _set_on_both(stock, ours, lambda m: m.base_model.unmerge_adapter())
+        elif op == "train":
+            _set_on_both(stock, ours, lambda m: m.train())
+        elif op == "eval":
+            _set_on_both(stock, ours, lambda m: m.eval())
+        elif op == "dtype_roundtrip":
+            _set_on_both(stock, ours, lambda m: m.double())
+            _check_outputs(stock.float(), ours.float(), ids)  # compared back in fp32 (modules converted)
+        elif op == "data_edit_with_clear":
+            # A write PyTorch cannot see (through .data): the documented contract is clear_norm_caches().
+            with torch.no_grad():
+                for model in (stock, ours):
+                    model.base_model.model.lin.base_layer.weight.data.mul_(1.05)
+            dorafactors.clear_norm_caches(ours)
+        elif op == "delete_and_readd":
+            for model, build in ((stock, False), (ours, True)):
+                model.set_adapter("default")
+                model.delete_adapter("other")
+                if build:
+                    with dorafactors.patched():
+                        model.add_adapter("other", _config(r=2))
+                else:
+                    model.add_adapter("other", _config(r=2))
+            ours.load_state_dict(stock.state_dict())
+            opt_s = torch.optim.AdamW([p for p in stock.parameters() if p.requires_grad], lr=0.05)
+            opt_o = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=0.05)
+        _check_cache_not_stale(ours)
+        _check_outputs(stock, ours, ids)
+
+
+def test_a_write_through_data_without_clear_is_the_documented_blind_spot():
+    """Documents (and pins) the one channel a stamp cannot see; `clear_norm_caches` is the remedy."""
+    stock, ours = _pair()
+    ids = torch.randint(0, 20, (2, 5))
+    ours(ids)
+    with torch.no_grad():
+        for model in (stock, ours):
+            model.base_model.model.lin.base_layer.weight.data.mul_(1.5)
+    with pytest.raises(AssertionError):
+        _check_outputs(stock, ours, ids)
+    dorafactors.clear_norm_caches(ours)
+    _check_outputs(stock, ours, ids)
+
+
+def test_merge_hook_clears_the_cache_although_merge_writes_through_data():
+    """Plain-LoRA merge/unmerge writes the base weight in place through .data (no version bump); the
+    patched check_adapters_to_merge clears the DoRA caches of that module."""
+    torch.manual_seed(0)
+    base = Net()
+    with dorafactors.patched():
+        model = get_peft_model(copy.deepcopy(base), _config())
+        model.add_adapter("plain", LoraConfig(r=2, target_modules=["lin"], init_lora_weights=False))
+        stock = get_peft_model(copy.deepcopy(base), _config())
+    dorafactors.patch()  # the hook is active while patched
+    stock.add_adapter("plain", LoraConfig(r=2, target_modules=["lin"], init_lora_weights=False))
+    dorafactors.unpatch()
+    stock.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 20, (2, 5))
+    dorafactors.patch()
+    for m in (stock, model):
+        m.eval()
+        m(ids)
+        m.base_model.model.lin.merge(adapter_names=["plain"])
+        m.base_model.model.lin.base_layer.weight.data.add_(0.5)  # merged W edited while merged
+        m.base_model.model.lin.unmerge()
+    _check_outputs(stock, model, ids)
+
+
+class TinyLM(nn.Module):
+    """A few transformer-ish blocks with checkpointable layers (no downloads)."""
+
+    def __init__(self, width: int = 16, blocks: int = 2) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(32, width)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {"q": nn.Linear(width, width), "up": nn.Linear(width, 2 * width), "down": nn.Linear(2 * width, width)}
+            )
+            for _ in range(blocks)
+        )
+        self.head = nn.Linear(width, 32)
+        self.checkpointing = False
+
+    def _block(self, block, h):
+        h = h + torch.tanh(block["q"](h))
+        return h + block["down"](torch.relu(block["up"](h)))
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        for block in self.blocks:
+            if self.checkpointing and self.training:
+                h = torch.utils.checkpoint.checkpoint(self._block, block, h, use_reentrant=False)
+            else:
+                h = self._block(block, h)
+        return self.head(h)
+
+
+def _norm_count(model) -> int:
+    return sum(
+        layer.norm_computations for module in _lora_layers(model) for layer in module.lora_magnitude_vector.values()
+    )
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize("fused_optimizer", [False, True], ids=["foreach", "fused"])
+def test_one_norm_per_optimizer_step_with_accumulation(checkpointing, fused_optimizer):
+    torch.manual_seed(0)
+    with dorafactors.patched():
+        model = get_peft_model(
+            TinyLM(), LoraConfig(r=4, target_modules=["q", "up", "down"], use_dora=True, init_lora_weights=False)
+        )
+    model.base_model.model.checkpointing = checkpointing
+    layers = len(_lora_layers(model))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, fused=fused_optimizer)
+    model.train()
+    for step in range(3):
+        before = _norm_count(model)
+        for micro in range(8):
+            ids = torch.randint(0, 32, (2, 7), generator=torch.Generator().manual_seed(step * 8 + micro))
+            (model(ids).logsumexp(-1).mean() / 8).backward()
+        assert _norm_count(model) - before == layers  # one per DoRA layer per optimizer step
+        opt.step()
+        opt.zero_grad()
+
+
+def test_no_norm_per_decode_step_after_the_first():
+    torch.manual_seed(0)
+    with dorafactors.patched():
+        model = get_peft_model(
+            TinyLM(), LoraConfig(r=4, target_modules=["q", "up", "down"], use_dora=True, init_lora_weights=False)
+        )
+    model.eval()
+    ids = torch.randint(0, 32, (1, 4))
+    with torch.no_grad():
+        model(ids)
+        first = _norm_count(model)
+        for _ in range(16):
+            ids = torch.cat([ids, model(ids)[:, -1:].argmax(-1)], dim=1)
+    assert first == len(_lora_layers(model)) and _norm_count(model) == first
+
+
+def test_cache_switch_off_recomputes_every_forward(monkeypatch):
+    monkeypatch.setenv("PEFT_DORA_NORM_CACHE", "0")
+    from dorafactors.dispatch import config
+
+    config.invalidate_cache()
+    torch.manual_seed(0)
+    with dorafactors.patched():
+        model = get_peft_model(TinyLM(), LoraConfig(r=4, target_modules=["q"], use_dora=True, init_lora_weights=False))
+    model.eval()
+    ids = torch.randint(0, 32, (1, 4))
+    with torch.no_grad():
+        for _ in range(3):
+            model(ids)
+    assert _norm_count(model) == 3 * len(_lora_layers(model))
+
+
+def test_pefts_enable_dora_caching_flag_keeps_its_observable_semantics():
+    """_dora_cache filled in eval under the flag, cleared by a forward without it and by train()."""
+    from peft.helpers import DoraCaching
+
+    torch.manual_seed(0)
+    with dorafactors.patched():
+        model = get_peft_model(TinyLM(), LoraConfig(r=4, target_modules=["q"], use_dora=True, init_lora_weights=False))
+    caches = [layer._dora_cache for m in _lora_layers(model) for layer in m.lora_magnitude_vector.values()]
+    ids = torch.randint(0, 32, (1, 4))
+    model(ids)
+    assert caches and not any(caches)
+    model.eval()
+    with DoraCaching():
+        model(ids)
+        assert all(caches)
+    model(ids)
+    assert not any(caches)
+    model.eval()
+    with DoraCaching():
+        model(ids)
+    model.train()
+    assert not any(caches)
