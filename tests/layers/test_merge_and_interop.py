@@ -10,6 +10,7 @@ from peft import PeftModel
 
 import dorafactors
 from tests._models import LayerCase, build_triplet, make_input
+from tests._peft import MERGE_FIXED
 from tests._tolerances import assert_dtype_close
 
 CASES = [
@@ -49,7 +50,17 @@ def test_merge_unmerge_round_trip_and_forward(case):
     for model in (stock, ours):
         model.base_model.merge_adapter()
     assert_dtype_close(ours(x), stock(x), torch.float32, name="merged forward")
-    assert_dtype_close(ours(x), before, torch.float32, name="merged forward vs unmerged")
+    if case.adapters == 1 or MERGE_FIXED:
+        # Merging several DoRA adapters was wrong in PEFT < 0.21 (fixed upstream by PR #3609); the merge
+        # code is PEFT's, so there ours equals stock (asserted above) but not the unmerged forward.
+        assert_dtype_close(ours(x), before, torch.float32, name="merged forward vs unmerged")
+    if case.kind == "gpt2_conv1d" and not MERGE_FIXED:
+        # PEFT < 0.21 cannot unmerge DoRA on fan_in_fan_out layers (missing transpose, fixed upstream by
+        # PR #3532): the unmerge code is PEFT's, so ours must fail exactly like stock.
+        for model in (stock, ours):
+            with pytest.raises(RuntimeError, match="must match the size"):
+                model.base_model.unmerge_adapter()
+        return
     for model in (stock, ours):
         model.base_model.unmerge_adapter()
     assert_dtype_close(

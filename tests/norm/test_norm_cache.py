@@ -16,6 +16,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 import dorafactors
+from tests._peft import HAS_DORA_CACHING, MERGE_FIXED
 from tests._tolerances import assert_dtype_close
 
 
@@ -121,6 +122,8 @@ OPS = (
     "data_edit_with_clear",
     "delete_and_readd",
 )
+if not MERGE_FIXED:  # the model has a Conv1D layer, which stock PEFT < 0.21 cannot unmerge
+    OPS = tuple(op for op in OPS if op != "merge_unmerge")
 
 
 @settings(max_examples=12)
@@ -213,6 +216,7 @@ def test_a_write_through_data_without_clear_is_the_documented_blind_spot():
     _check_outputs(stock, ours, ids)
 
 
+@pytest.mark.skipif(not MERGE_FIXED, reason="stock PEFT < 0.21 cannot unmerge this model (Conv1D)")
 def test_merge_hook_clears_the_cache_although_merge_writes_through_data():
     """Plain-LoRA merge/unmerge writes the base weight in place through .data (no version bump); the
     patched check_adapters_to_merge clears the DoRA caches of that module."""
@@ -326,6 +330,7 @@ def test_cache_switch_off_recomputes_every_forward(monkeypatch):
     assert _norm_count(model) == 3 * len(_lora_layers(model))
 
 
+@pytest.mark.skipif(not HAS_DORA_CACHING, reason="PEFT < 0.19 has no ENABLE_DORA_CACHING")
 def test_pefts_enable_dora_caching_flag_keeps_its_observable_semantics():
     """_dora_cache filled in eval under the flag, cleared by a forward without it and by train()."""
     from peft.helpers import DoraCaching
