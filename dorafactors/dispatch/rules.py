@@ -23,7 +23,10 @@ from . import config
 __all__ = [
     "FUSED_BACKWARD_MIN_COLS",
     "FUSED_BACKWARD_MIN_ELEMENTS",
+    "compiled_compose_ok",
+    "fused_backward_enabled",
     "fused_backward_ok",
+    "fused_compose_backward_ok",
     "fused_compose_ok",
     "fused_norm_ok",
     "kernels_enabled",
@@ -44,7 +47,7 @@ _logged: set[tuple[str, str]] = set()
 
 
 def _reject(op: str, reason: str) -> tuple[bool, str]:
-    if (op, reason) not in _logged:
+    if (op, reason) not in _logged and not torch.compiler.is_compiling():
         _logged.add((op, reason))
         logger.debug("dorafactors: %s uses the PyTorch path: %s", op, reason)
     return False, reason
@@ -62,6 +65,10 @@ def triton_importable() -> bool:
 
 def kernels_enabled(device: torch.device) -> tuple[bool, str]:
     """Rules 1-3: may a Triton kernel run on ``device`` at all?"""
+    return _kernels_enabled_on(device.type)
+
+
+def _kernels_enabled_on(device_type: str) -> tuple[bool, str]:
     mode = config.fused_mode()
     if mode is False:
         return False, "PEFT_DORA_FUSED=0"
@@ -72,32 +79,51 @@ def kernels_enabled(device: torch.device) -> tuple[bool, str]:
                 "`pip install dorafactors[triton]`, or unset PEFT_DORA_FUSED."
             )
         return False, "triton is not installed"
-    if device.type == "cuda":
+    if device_type == "cuda":
         return True, ""
-    if device.type == "cpu" and config.triton_interpreter_active() and mode:
+    if device_type == "cpu" and config.triton_interpreter_active() and mode:
         return True, ""
-    return False, f"tensors on {device.type} (kernels need CUDA, or TRITON_INTERPRET=1 with PEFT_DORA_FUSED=1)"
+    return False, f"tensors on {device_type} (kernels need CUDA, or TRITON_INTERPRET=1 with PEFT_DORA_FUSED=1)"
 
 
 def _under_compile() -> bool:
     return torch.compiler.is_compiling()
 
 
-def fused_compose_ok(lora: torch.Tensor, base: torch.Tensor, scale: torch.Tensor) -> tuple[bool, str]:
-    """May the compose kernel take ``lora`` / ``base`` (activations) and ``scale`` (``g``)?"""
-    ok, reason = kernels_enabled(lora.device)
+def _dtype_reason(lora_dtype, base_dtype, scale_dtype, out_dtype) -> str:
+    if lora_dtype not in _KERNEL_DTYPES or base_dtype not in _KERNEL_DTYPES:
+        return f"activation dtype {lora_dtype}/{base_dtype} (kernels take fp16/bf16/fp32)"
+    if scale_dtype not in _KERNEL_DTYPES:
+        return f"scale dtype {scale_dtype}"
+    if out_dtype is not None and out_dtype not in _KERNEL_DTYPES:
+        return f"output dtype {out_dtype}"
+    return ""
+
+
+def fused_compose_ok(
+    lora: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype | None = None
+) -> tuple[bool, str]:
+    """May the compose kernel take ``lora`` / ``base`` (activations) and ``scale`` (``g``), writing ``out_dtype``?"""
+    device = lora.device
+    ok, reason = _kernels_enabled_on(device.type)
     if not ok:
         return _reject("compose", reason)
-    if base.device != lora.device or scale.device != lora.device:
+    if base.device != device or scale.device != device:
         return _reject("compose", "operands on different devices")
-    if lora.dtype not in _KERNEL_DTYPES or base.dtype not in _KERNEL_DTYPES:
-        return _reject("compose", f"activation dtype {lora.dtype}/{base.dtype} (kernels take fp16/bf16/fp32)")
-    if scale.dtype not in _KERNEL_DTYPES:
-        return _reject("compose", f"scale dtype {scale.dtype}")
+    reason = _dtype_reason(lora.dtype, base.dtype, scale.dtype, out_dtype)
+    if reason:
+        return _reject("compose", reason)
     if lora.shape != base.shape:
         return _reject("compose", "lora and base shapes differ (broadcast base)")
     if lora.numel() == 0:
         return _reject("compose", "empty tensor")
+    return True, ""
+
+
+def fused_backward_enabled() -> tuple[bool, str]:
+    """``PEFT_DORA_FUSED_BACKWARD`` is not ``0`` (the size heuristic aside)."""
+    if config.fused_backward_mode() is False:
+        return _reject("training compose", "PEFT_DORA_FUSED_BACKWARD=0")
     return True, ""
 
 
@@ -110,6 +136,54 @@ def fused_backward_ok(rows: int, cols: int, last_dim_layout: bool) -> tuple[bool
         return True, ""
     if cols < FUSED_BACKWARD_MIN_COLS or rows * cols < FUSED_BACKWARD_MIN_ELEMENTS:
         return _reject("training compose", "activation below the fused-backward size threshold")
+    return True, ""
+
+
+def fused_compose_backward_ok(
+    d_out: torch.Tensor,
+    inner: torch.Tensor | None,
+    scale: torch.Tensor,
+    lora_dtype: torch.dtype,
+    base_dtype: torch.dtype,
+) -> tuple[bool, str]:
+    """May the one-pass backward kernel run on ``d_out`` ``[..., C]`` (and ``inner``), ``g`` along the last dim?"""
+    device = d_out.device
+    ok, reason = _kernels_enabled_on(device.type)
+    if not ok:
+        return _reject("compose backward", reason)
+    if scale.device != device or (inner is not None and inner.device != device):
+        return _reject("compose backward", "operands on different devices")
+    reason = _dtype_reason(d_out.dtype, d_out.dtype if inner is None else inner.dtype, scale.dtype, None)
+    reason = reason or _dtype_reason(lora_dtype, base_dtype, scale.dtype, None)
+    if reason:
+        return _reject("compose backward", reason)
+    if d_out.numel() == 0:
+        return _reject("compose backward", "empty tensor")
+    cols = d_out.shape[-1]
+    return fused_backward_ok(d_out.numel() // cols, cols, True)
+
+
+def compiled_compose_ok(
+    device_type: str,
+    lora_dtype: torch.dtype,
+    base_dtype: torch.dtype,
+    scale_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    training: bool,
+) -> tuple[bool, str]:
+    """The compose decision while ``torch.compile`` traces: device and dtypes only.
+
+    The training size heuristic is not applied (shapes may be symbolic there, and Inductor removes the
+    host overhead the heuristic guards against); ``PEFT_DORA_FUSED_BACKWARD=0`` still turns it off.
+    """
+    ok, reason = _kernels_enabled_on(device_type)
+    if not ok:
+        return _reject("compiled compose", reason)
+    reason = _dtype_reason(lora_dtype, base_dtype, scale_dtype, out_dtype)
+    if reason:
+        return _reject("compiled compose", reason)
+    if training:
+        return fused_backward_enabled()
     return True, ""
 
 
