@@ -13,7 +13,6 @@ Each returns ``(ok, reason)``; a rejection is logged once per distinct reason at
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
@@ -53,14 +52,20 @@ def _reject(op: str, reason: str) -> tuple[bool, str]:
     return False, reason
 
 
-@functools.cache
+_triton_found: bool | None = None
+
+
 def triton_importable() -> bool:
-    """True when ``import triton`` works (probed once)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """True when ``import triton`` works (probed once; a plain global, so torch.compile traces it cheaply)."""
+    global _triton_found
+    if _triton_found is None:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            _triton_found = False
+        else:
+            _triton_found = True
+    return _triton_found
 
 
 def kernels_enabled(device: torch.device) -> tuple[bool, str]:
