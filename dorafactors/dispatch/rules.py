@@ -68,12 +68,34 @@ def triton_importable() -> bool:
     return _triton_found
 
 
+def _constant_while_compiling(fn):
+    """Mark ``fn`` as ``torch._dynamo.assume_constant_result`` does, without importing Dynamo here.
+
+    Dynamo then calls ``fn`` eagerly at trace time and bakes its result into the graph (no tracing of the
+    config cache's lock, no graph break). Only for functions of plain Python arguments whose result is
+    fixed for the life of a compiled graph.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def kernels_enabled(device: torch.device) -> tuple[bool, str]:
     """Rules 1-3: may a Triton kernel run on ``device`` at all?"""
     return _kernels_enabled_on(device.type)
 
 
 def _kernels_enabled_on(device_type: str) -> tuple[bool, str]:
+    if torch.compiler.is_compiling():
+        return _kernels_enabled_traced(device_type)
+    return _kernels_enabled_eager(device_type)
+
+
+@_constant_while_compiling
+def _kernels_enabled_traced(device_type: str) -> tuple[bool, str]:
+    return _kernels_enabled_eager(device_type)
+
+
+def _kernels_enabled_eager(device_type: str) -> tuple[bool, str]:
     mode = config.fused_mode()
     if mode is False:
         return False, "PEFT_DORA_FUSED=0"

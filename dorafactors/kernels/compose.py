@@ -467,7 +467,7 @@ def _cols_view(t: torch.Tensor, K: int) -> torch.Tensor | None:
     else:
         try:
             v = t.view(-1, K)
-        except RuntimeError:
+        except (RuntimeError, ValueError):  # ValueError: FakeTensors (under torch.compile)
             return None
     if K != 1 and v.stride(1) != 1:
         return None
