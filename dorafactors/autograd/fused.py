@@ -98,7 +98,7 @@ def compose(
         and kernels._cols_view(lora, lora.shape[-1]) is not None
     ):
         return kernels.compose_forward_(lora, base, scale, scaling)
-    out, _ = kernels.compose_forward(lora, base, scale, scaling, channel_dim=channel_dim, out_dtype=out_dtype)
+    out, _ = kernels.compose_forward_unchecked(lora, base, scale, scaling, channel_dim, out_dtype, False)
     return out
 
 
@@ -113,9 +113,7 @@ def forward(
     save_inner: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Training forward on the kernel: ``(out, inner or None)``."""
-    return _k().compose_forward(
-        lora, base, scale, scaling, channel_dim=channel_dim, out_dtype=out_dtype, save_inner=save_inner
-    )
+    return _k().compose_forward_unchecked(lora, base, scale, scaling, channel_dim, out_dtype, save_inner)
 
 
 def backward(
@@ -131,18 +129,9 @@ def backward(
     need_base: bool,
     need_scale: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """One-pass backward on the kernel (the forward already chose the kernel path)."""
-    return _k().compose_backward(
-        d_out,
-        scale,
-        inner,
-        scaling,
-        channel_dim=channel_dim,
-        lora_dtype=lora_dtype,
-        base_dtype=base_dtype,
-        need_lora=need_lora,
-        need_base=need_base,
-        need_g=need_scale,
+    """One-pass backward on the kernel (the forward already chose the kernel path and validated)."""
+    return _k().compose_backward_unchecked(
+        d_out, scale, inner, scaling, channel_dim, lora_dtype, base_dtype, need_lora, need_base, need_scale
     )
 
 

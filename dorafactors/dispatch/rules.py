@@ -40,7 +40,7 @@ logger = logging.getLogger("dorafactors.dispatch")
 FUSED_BACKWARD_MIN_COLS = 1024
 FUSED_BACKWARD_MIN_ELEMENTS = 1 << 20
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_KERNEL_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32))
 _HALF = (torch.float16, torch.bfloat16)
 _logged: set[tuple[str, str]] = set()
 
@@ -131,11 +131,11 @@ def fused_compose_ok(
     lora: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype | None = None
 ) -> tuple[bool, str]:
     """May the compose kernel take ``lora`` / ``base`` (activations) and ``scale`` (``g``), writing ``out_dtype``?"""
-    device = lora.device
-    ok, reason = _kernels_enabled_on(device.type)
+    ok, reason = _kernels_enabled_on(lora.device.type)
     if not ok:
         return _reject("compose", reason)
-    if base.device != device or scale.device != device:
+    index = lora.get_device()
+    if base.get_device() != index or scale.get_device() != index:
         return _reject("compose", "operands on different devices")
     reason = _dtype_reason(lora.dtype, base.dtype, scale.dtype, out_dtype)
     if reason:

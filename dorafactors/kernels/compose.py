@@ -354,7 +354,8 @@ class _Tuned:
         self.key = key
         self.restore = list(restore)
         self.tuners: dict[bool, object] = {}
-        self.chosen: dict[tuple, LaunchConfig] = {}
+        #: comprehensive flag -> tuning key -> chosen config
+        self.chosen: dict[bool, dict[tuple, LaunchConfig]] = {False: {}, True: {}}
 
     def tuner(self, comprehensive: bool):
         tuner = self.tuners.get(comprehensive)
@@ -369,7 +370,7 @@ class _Tuned:
     def reset(self) -> None:
         """Forget the tuned configs (a later call tunes again)."""
         self.tuners.clear()
-        self.chosen.clear()
+        self.chosen = {False: {}, True: {}}
 
 
 _FWD = _Tuned(_compose_fwd_kernel, "compose_fwd", "fwd", ["K", "R_BUCKET", "G_ON_ROWS", "WRITE_INNER"])
@@ -392,7 +393,9 @@ def reset_tuning() -> None:
 
 def _row_bucket(R) -> int:
     # Under torch.compile with dynamic shapes R is symbolic; Inductor tunes user kernels itself.
-    return min(next_pow2(R), 1 << 15) if isinstance(R, int) else 0
+    if not isinstance(R, int):
+        return 0
+    return 1 << (R - 1).bit_length() if R < 32768 else 32768
 
 
 def _skip_launch(t: torch.Tensor) -> bool:
@@ -417,43 +420,52 @@ def _launch(
     tuned: _Tuned,
     grid_of: Callable[[int, int], tuple[int, int]],
     args: tuple,
-    flags: dict,
     key: tuple,
     R: int,
     K: int,
     wrap: bool,
 ) -> None:
-    """Launch ``tuned`` with the forced, interpreter, cached or freshly autotuned config."""
-    if wrap and _skip_launch(args[0]):
-        return
-    forced = _FORCED.get(tuned.family)
-    if forced is not None or INTERPRETER:
-        br, bc, warps, stages = forced if forced is not None else _interpreter_config(R, K)
-        fn = tuned.fn
-        if wrap:
-            from torch.library import wrap_triton
+    """Launch ``tuned`` on ``args`` (every kernel argument up to, not including, ``BLOCK_R``).
 
-            fn = wrap_triton(fn)
-        fn[grid_of(br, bc)](*args, **flags, BLOCK_R=br, BLOCK_C=bc, num_warps=warps, num_stages=stages)
+    The config is the forced one (tests), the interpreter's, the one cached for ``key``, or, on the first
+    call of a key, the autotuner's choice. ``wrap``: inside a ``torch.library`` op (``wrap_triton``).
+    """
+    if wrap:
+        _launch_wrapped(tuned, grid_of, args, R, K)
+        return
+    forced = _FORCED.get(tuned.family) if _FORCED else None
+    if forced is not None or INTERPRETER:
+        br, bc, warps, stages = forced or _interpreter_config(R, K)
+        tuned.fn[grid_of(br, bc)](*args, br, bc, num_warps=warps, num_stages=stages)
         launch_counts[tuned.name] += 1
         return
     comprehensive = config.autotune_comprehensive()
-    if wrap:
-        from torch.library import wrap_triton
-
-        wrap_triton(tuned.tuner(comprehensive))[lambda meta: grid_of(meta["BLOCK_R"], meta["BLOCK_C"])](*args, **flags)
-        launch_counts[tuned.name] += 1
-        return
-    key = (comprehensive, *key)
-    cfg = tuned.chosen.get(key)
-    if cfg is None:
-        tuner = tuned.tuner(comprehensive)
-        tuner[lambda meta: grid_of(meta["BLOCK_R"], meta["BLOCK_C"])](*args, **flags)
-        best = tuner.best_config
-        tuned.chosen[key] = (best.kwargs["BLOCK_R"], best.kwargs["BLOCK_C"], best.num_warps, best.num_stages)
-    else:
+    chosen = tuned.chosen[comprehensive]
+    cfg = chosen.get(key)
+    if cfg is not None:
         br, bc, warps, stages = cfg
-        tuned.fn[grid_of(br, bc)](*args, **flags, BLOCK_R=br, BLOCK_C=bc, num_warps=warps, num_stages=stages)
+        tuned.fn[grid_of(br, bc)](*args, br, bc, num_warps=warps, num_stages=stages)
+    else:
+        tuner = tuned.tuner(comprehensive)
+        tuner[lambda meta: grid_of(meta["BLOCK_R"], meta["BLOCK_C"])](*args)
+        best = tuner.best_config
+        chosen[key] = (best.kwargs["BLOCK_R"], best.kwargs["BLOCK_C"], best.num_warps, best.num_stages)
+    launch_counts[tuned.name] += 1
+
+
+def _launch_wrapped(tuned: _Tuned, grid_of, args: tuple, R, K) -> None:
+    """The launch inside a ``torch.library`` Triton op: recorded by ``wrap_triton`` while tracing."""
+    from torch.library import wrap_triton
+
+    if _skip_launch(args[0]):
+        return
+    forced = _FORCED.get(tuned.family) if _FORCED else None
+    if forced is not None or INTERPRETER:
+        br, bc, warps, stages = forced or _interpreter_config(R, K)
+        wrap_triton(tuned.fn)[grid_of(br, bc)](*args, br, bc, num_warps=warps, num_stages=stages)
+    else:
+        tuner = tuned.tuner(config.autotune_comprehensive())
+        wrap_triton(tuner)[lambda meta: grid_of(meta["BLOCK_R"], meta["BLOCK_C"])](*args)
     launch_counts[tuned.name] += 1
 
 
@@ -474,57 +486,41 @@ def _cols_view(t: torch.Tensor, K: int) -> torch.Tensor | None:
     return v
 
 
-def _as_cols(t: torch.Tensor, K: int) -> torch.Tensor:
+def _as_cols(t: torch.Tensor, K: int) -> tuple[torch.Tensor, int]:
+    """``(tensor, row stride)`` to hand to a kernel as ``[R, K]``; contiguous tensors pass as they are."""
+    if t.is_contiguous():
+        return t, K
     v = _cols_view(t, K)
-    return v if v is not None else t.contiguous().view(-1, K)
+    if v is None:
+        v = t.contiguous().view(-1, K)
+    return v, v.stride(0)
 
 
-def _check_size(R: int, K: int) -> None:
+def _check_size(R, K) -> None:
     if isinstance(R, int) and (R >= _INDEX_LIMIT or K >= _INDEX_LIMIT):
         raise ValueError(f"compose kernels take fewer than 2**30 rows and columns, got [{R}, {K}]")
 
 
 def _check_dtypes(*tensors: torch.Tensor) -> None:
     for t in tensors:
-        if t.dtype not in KERNEL_DTYPES:
+        if t.dtype not in _KERNEL_DTYPE_SET:
             raise TypeError(f"compose kernels take fp16/bf16/fp32 tensors, got {t.dtype} (use the PyTorch reference)")
+
+
+_KERNEL_DTYPE_SET = frozenset(KERNEL_DTYPES)
 
 
 # ------------------------------------------------------------------------------------------------ forward
 
 
-def _fwd_cols(lora2, base2, g, out2, inner2, scaling: float, tuned: _Tuned, wrap: bool) -> None:
-    R, K = lora2.shape
+def _fwd_cols(lora, base, g, out, inner, R, K, s_lora, s_base, s_out, s_inner, scaling, tuned, wrap) -> None:
+    """``g`` along the columns of ``[R, K]`` operands with the given row strides."""
     _check_size(R, K)
     bucket = _row_bucket(R)
-    write_inner = inner2 is not None
-    args = (
-        lora2,
-        base2,
-        g,
-        out2,
-        inner2,
-        R,
-        K,
-        K,
-        lora2.stride(0),
-        base2.stride(0),
-        out2.stride(0),
-        inner2.stride(0) if write_inner else 0,
-        scaling,
-        bucket,
-    )
-    key = (K, bucket, False, write_inner, lora2.dtype, base2.dtype, g.dtype, out2.dtype)
-    _launch(
-        tuned,
-        lambda br, bc: (cdiv(R, br), cdiv(K, bc)),
-        args,
-        {"G_ON_ROWS": False, "WRITE_INNER": write_inner},
-        key,
-        R,
-        K,
-        wrap,
-    )
+    write_inner = inner is not None
+    args = (lora, base, g, out, inner, R, K, K, s_lora, s_base, s_out, s_inner, scaling, bucket, False, write_inner)
+    key = (K, bucket, False, write_inner, lora.dtype, base.dtype, g.dtype, out.dtype)
+    _launch(tuned, lambda br, bc: (cdiv(R, br), cdiv(K, bc)), args, key, R, K, wrap)
 
 
 def _fwd_rows(lora3, base3, g, out3, inner3, scaling: float, wrap: bool) -> None:
@@ -534,18 +530,9 @@ def _fwd_rows(lora3, base3, g, out3, inner3, scaling: float, wrap: bool) -> None
     _check_size(R, S)
     bucket = _row_bucket(R)
     write_inner = inner3 is not None
-    args = (lora3, base3, g, out3, inner3, R, S, C, S, S, S, S, scaling, bucket)
+    args = (lora3, base3, g, out3, inner3, R, S, C, S, S, S, S, scaling, bucket, True, write_inner)
     key = (S, bucket, True, write_inner, lora3.dtype, base3.dtype, g.dtype, out3.dtype)
-    _launch(
-        _FWD,
-        lambda br, bc: (cdiv(R, br), cdiv(S, bc)),
-        args,
-        {"G_ON_ROWS": True, "WRITE_INNER": write_inner},
-        key,
-        R,
-        S,
-        wrap,
-    )
+    _launch(_FWD, lambda br, bc: (cdiv(R, br), cdiv(S, bc)), args, key, R, S, wrap)
 
 
 def _check_operands(lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, channel_dim: int) -> int:
@@ -583,36 +570,51 @@ def compose_forward(
         ``(out, inner or None)``, shaped like ``lora``; ``out`` keeps ``lora``'s memory format when it is
         channels-last.
     """
-    C = _check_operands(lora, base, g, channel_dim)
+    _check_operands(lora, base, g, channel_dim)
     out_dtype = out_dtype or torch.promote_types(lora.dtype, base.dtype)
     _check_dtypes(lora, base, g)
-    if out_dtype not in KERNEL_DTYPES:
+    if out_dtype not in _KERNEL_DTYPE_SET:
         raise TypeError(f"out_dtype {out_dtype} is not a kernel dtype")
+    if lora.numel() == 0:
+        out = torch.empty(lora.shape, dtype=out_dtype, device=lora.device)
+        return out, (torch.empty_like(out) if save_inner else None)
+    return compose_forward_unchecked(lora, base, g, scaling, channel_dim, out_dtype, save_inner, wrap)
+
+
+def compose_forward_unchecked(
+    lora: torch.Tensor,
+    base: torch.Tensor,
+    g: torch.Tensor,
+    scaling: float,
+    channel_dim: int,
+    out_dtype: torch.dtype,
+    save_inner: bool,
+    wrap: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`compose_forward` for callers that validated shapes, dtypes and a non-empty ``lora`` (the hot path)."""
     if not g.is_contiguous():
         g = g.contiguous()
-    device = lora.device
-    if lora.numel() == 0:
-        out = torch.empty(lora.shape, dtype=out_dtype, device=device)
-        return out, (torch.empty_like(out) if save_inner else None)
     nd = lora.dim()
+    if channel_dim == -1 or channel_dim == nd - 1:
+        C = lora.shape[-1]
+        lora2, s_lora = _as_cols(lora, C)
+        base2, s_base = _as_cols(base, C)
+        out = torch.empty_like(lora, dtype=out_dtype, memory_format=torch.contiguous_format)
+        inner = torch.empty_like(out) if save_inner else None
+        _fwd_cols(lora2, base2, g, out, inner, out.numel() // C, C, s_lora, s_base, C, C, scaling, _FWD, wrap)
+        return out, inner
     cd = channel_dim % nd
-    if cd == nd - 1:
-        lora2 = _as_cols(lora, C)
-        base2 = _as_cols(base, C)
-        out2 = torch.empty(lora2.shape, dtype=out_dtype, device=device)
-        inner2 = torch.empty(lora2.shape, dtype=out_dtype, device=device) if save_inner else None
-        if out2.numel():
-            _fwd_cols(lora2, base2, g, out2, inner2, scaling, _FWD, wrap)
-        return out2.view(lora.shape), (inner2.view(lora.shape) if save_inner else None)
+    C = lora.shape[cd]
+    device = lora.device
     # Channel along a middle dim: channels-last memory is the column layout of the moved tensor.
     lora_m = _cols_view(lora.movedim(cd, -1), C)
     base_m = _cols_view(base.movedim(cd, -1), C) if lora_m is not None else None
     if lora_m is not None and base_m is not None:
         moved_shape = lora.movedim(cd, -1).shape
-        out2 = torch.empty(lora_m.shape, dtype=out_dtype, device=device)
-        inner2 = torch.empty(lora_m.shape, dtype=out_dtype, device=device) if save_inner else None
-        if out2.numel():
-            _fwd_cols(lora_m, base_m, g, out2, inner2, scaling, _FWD, wrap)
+        R = lora_m.shape[0]
+        out2 = torch.empty((R, C), dtype=out_dtype, device=device)
+        inner2 = torch.empty((R, C), dtype=out_dtype, device=device) if save_inner else None
+        _fwd_cols(lora_m, base_m, g, out2, inner2, R, C, lora_m.stride(0), base_m.stride(0), C, C, scaling, _FWD, wrap)
         out = out2.view(moved_shape).movedim(-1, cd)
         return out, (inner2.view(moved_shape).movedim(-1, cd) if save_inner else None)
     N = lora.shape[:cd].numel()
@@ -621,8 +623,7 @@ def compose_forward(
     base3 = base.contiguous().view(N, C, S)
     out3 = torch.empty((N, C, S), dtype=out_dtype, device=device)
     inner3 = torch.empty((N, C, S), dtype=out_dtype, device=device) if save_inner else None
-    if out3.numel():
-        _fwd_rows(lora3, base3, g, out3, inner3, scaling, wrap)
+    _fwd_rows(lora3, base3, g, out3, inner3, scaling, wrap)
     return out3.view(lora.shape), (inner3.view(lora.shape) if save_inner else None)
 
 
@@ -649,19 +650,34 @@ def compose_forward_into(
     if not g.is_contiguous():
         g = g.contiguous()
     inplace = out.data_ptr() == lora.data_ptr()
-    lora2 = _as_cols(lora, C)
-    base2 = _as_cols(base, C)
+    lora2, s_lora = _as_cols(lora, C)
+    base2, s_base = _as_cols(base, C)
     out2 = _cols_view(out, C)
     inner2 = _cols_view(inner, C) if inner is not None else None
     direct_out = out2 is not None
     direct_inner = inner is None or inner2 is not None
     if not direct_out:
-        out2 = torch.empty(lora2.shape, dtype=out.dtype, device=out.device)
+        out2 = torch.empty((lora.numel() // C, C), dtype=out.dtype, device=out.device)
     if not direct_inner:
-        inner2 = torch.empty(lora2.shape, dtype=inner.dtype, device=inner.device)  # type: ignore[union-attr]
+        inner2 = torch.empty((lora.numel() // C, C), dtype=inner.dtype, device=inner.device)  # type: ignore[union-attr]
     if inplace and lora2.data_ptr() != out2.data_ptr():
         raise ValueError("in-place compose needs lora and out to be the same view")
-    _fwd_cols(lora2, base2, g, out2, inner2, scaling, _FWD_INPLACE if inplace else _FWD, False)
+    _fwd_cols(
+        lora2,
+        base2,
+        g,
+        out2,
+        inner2,
+        out2.shape[0],
+        C,
+        s_lora,
+        s_base,
+        out2.stride(0),
+        inner2.stride(0) if inner2 is not None else 0,
+        scaling,
+        _FWD_INPLACE if inplace else _FWD,
+        False,
+    )
     if not direct_out:
         out.copy_(out2.view(out.shape))
     if not direct_inner:
@@ -744,136 +760,116 @@ def compose_backward(
     """
     if need_g and inner is None:
         raise RuntimeError("the magnitude gradient needs `inner`, which the forward did not save")
-    nd = d_out.dim()
-    cd = channel_dim % nd
-    C = d_out.shape[cd]
+    C = d_out.shape[channel_dim]
     if g.dim() != 1 or g.shape[0] != C:
         raise ValueError(f"g must be a vector of {C}, got shape {tuple(g.shape)}")
     if need_g and inner.shape != d_out.shape:  # type: ignore[union-attr]
         raise ValueError("inner must have d_out's shape")
     _check_dtypes(d_out, g, *((inner,) if need_g else ()))
-    if lora_dtype not in KERNEL_DTYPES or base_dtype not in KERNEL_DTYPES:
+    if lora_dtype not in _KERNEL_DTYPE_SET or base_dtype not in _KERNEL_DTYPE_SET:
         raise TypeError("d_lora / d_base dtypes must be kernel dtypes")
-    if not g.is_contiguous():
-        g = g.contiguous()
     if not (need_lora or need_base or need_g):
         return None, None, None
+    if d_out.numel() == 0:
+        d_lora = torch.empty(d_out.shape, dtype=lora_dtype, device=d_out.device) if need_lora else None
+        d_base = torch.empty(d_out.shape, dtype=base_dtype, device=d_out.device) if need_base else None
+        return d_lora, d_base, (torch.zeros(C, dtype=g.dtype, device=d_out.device) if need_g else None)
+    return compose_backward_unchecked(
+        d_out, g, inner, scaling, channel_dim, lora_dtype, base_dtype, need_lora, need_base, need_g, wrap
+    )
 
+
+def compose_backward_unchecked(
+    d_out: torch.Tensor,
+    g: torch.Tensor,
+    inner: torch.Tensor | None,
+    scaling: float,
+    channel_dim: int,
+    lora_dtype: torch.dtype,
+    base_dtype: torch.dtype,
+    need_lora: bool,
+    need_base: bool,
+    need_g: bool,
+    wrap: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`compose_backward` for callers that validated (the hot path); ``d_out`` non-empty."""
+    if not g.is_contiguous():
+        g = g.contiguous()
+    if not need_g:
+        inner = None
+    nd = d_out.dim()
+    if channel_dim == -1 or channel_dim == nd - 1:
+        C = d_out.shape[-1]
+        d2, s_d = _as_cols(d_out, C)
+        x2, s_x = _as_cols(inner, C) if need_g else (None, 0)  # type: ignore[arg-type]
+        d_lora = torch.empty_like(d_out, dtype=lora_dtype, memory_format=torch.contiguous_format) if need_lora else None
+        d_base = torch.empty_like(d_out, dtype=base_dtype, memory_format=torch.contiguous_format) if need_base else None
+        d_g = _bwd_cols(d2, g, x2, d_lora, d_base, d_out.numel() // C, C, s_d, s_x, scaling, wrap)
+        return d_lora, d_base, d_g
+    cd = channel_dim % nd
+    C = d_out.shape[cd]
+    device = d_out.device
     # Plan the layout from d_out; inner follows it (copied only if its memory differs).
-    if cd == nd - 1:
-        d2 = _as_cols(d_out, C)
-        x2 = _as_cols(inner, C) if need_g else None  # type: ignore[arg-type]
-        return _bwd_cols(d2, g, x2, scaling, lora_dtype, base_dtype, need_lora, need_base, need_g, wrap, d_out.shape)
     d_m = _cols_view(d_out.movedim(cd, -1), C)
     if d_m is not None:
         moved_shape = d_out.movedim(cd, -1).shape
+        R = d_m.shape[0]
         x_m = None
         if need_g:
             x_m = _cols_view(inner.movedim(cd, -1), C)  # type: ignore[union-attr]
             if x_m is None:
                 x_m = inner.movedim(cd, -1).contiguous().view(-1, C)  # type: ignore[union-attr]
-        d_lora, d_base, d_g = _bwd_cols(
-            d_m, g, x_m, scaling, lora_dtype, base_dtype, need_lora, need_base, need_g, wrap, moved_shape
+        d_lora = torch.empty((R, C), dtype=lora_dtype, device=device) if need_lora else None
+        d_base = torch.empty((R, C), dtype=base_dtype, device=device) if need_base else None
+        d_g = _bwd_cols(d_m, g, x_m, d_lora, d_base, R, C, d_m.stride(0), x_m.stride(0) if need_g else 0, scaling, wrap)
+        return (
+            d_lora.view(moved_shape).movedim(-1, cd) if need_lora else None,
+            d_base.view(moved_shape).movedim(-1, cd) if need_base else None,
+            d_g,
         )
-        d_lora = d_lora.movedim(-1, cd) if d_lora is not None else None
-        d_base = d_base.movedim(-1, cd) if d_base is not None else None
-        return d_lora, d_base, d_g
     N = d_out.shape[:cd].numel()
     S = d_out.shape[cd + 1 :].numel()
     d3 = d_out.contiguous().view(N * C, S)
     x3 = inner.contiguous().view(N * C, S) if need_g else None  # type: ignore[union-attr]
-    d_lora, d_base, d_g = _bwd_rows(d3, g, x3, scaling, C, lora_dtype, base_dtype, need_lora, need_base, need_g, wrap)
+    d_lora = torch.empty((N * C, S), dtype=lora_dtype, device=device) if need_lora else None
+    d_base = torch.empty((N * C, S), dtype=base_dtype, device=device) if need_base else None
+    d_g = _bwd_rows(d3, g, x3, d_lora, d_base, scaling, C, wrap)
     shape = d_out.shape
-    return (
-        d_lora.view(shape) if d_lora is not None else None,
-        d_base.view(shape) if d_base is not None else None,
-        d_g,
-    )
+    return (d_lora.view(shape) if need_lora else None, d_base.view(shape) if need_base else None, d_g)
 
 
-def _bwd_cols(d2, g, x2, scaling, lora_dtype, base_dtype, need_lora, need_base, need_g, wrap, shape):
-    R, K = d2.shape
+def _bwd_cols(d2, g, x2, d_lora, d_base, R, K, s_d, s_x, scaling, wrap) -> torch.Tensor | None:
+    """``g`` along the columns; ``d_lora`` / ``d_base`` contiguous ``[R, K]`` (or None). Returns ``d_g``."""
     _check_size(R, K)
-    device = d2.device
-    d_lora = torch.empty((R, K), dtype=lora_dtype, device=device) if need_lora else None
-    d_base = torch.empty((R, K), dtype=base_dtype, device=device) if need_base else None
-    if R == 0 or K == 0:
-        d_g = torch.zeros(K, dtype=g.dtype, device=device) if need_g else None
-        return _shaped(d_lora, shape), _shaped(d_base, shape), d_g
-    groups, per_group = _row_groups(R, K, device, _ROW_GRANULE)
-    part = torch.empty((groups, K), dtype=torch.float32, device=device) if need_g else None
+    need_g = x2 is not None
+    groups, per_group = _row_groups(R, K, d2.device, _ROW_GRANULE)
+    part = torch.empty((groups, K), dtype=torch.float32, device=d2.device) if need_g else None
     bucket = _row_bucket(R)
-    args = (
-        d2,
-        g,
-        x2,
-        d_lora,
-        d_base,
-        part,
-        R,
-        K,
-        per_group,
-        d2.stride(0),
-        x2.stride(0) if need_g else 0,
-        K,
-        K,
-        scaling,
-        bucket,
-    )
-    flags = {"NEED_LORA": need_lora, "NEED_BASE": need_base, "NEED_G": need_g}
-    key = (
-        K,
-        bucket,
-        need_lora,
-        need_base,
-        need_g,
-        d2.dtype,
-        g.dtype,
-        x2.dtype if need_g else None,
-        lora_dtype,
-        base_dtype,
-    )
-    _launch(_BWD_COLS, lambda br, bc: (groups, cdiv(K, bc)), args, flags, key, per_group, K, wrap)
-    d_g = _sum_partials(part, g.dtype, wrap) if need_g else None
-    return _shaped(d_lora, shape), _shaped(d_base, shape), d_g
+    need_lora, need_base = d_lora is not None, d_base is not None
+    args = (d2, g, x2, d_lora, d_base, part, R, K, per_group, s_d, s_x, K, K, scaling, bucket)
+    args += (need_lora, need_base, need_g)
+    key = (K, bucket, need_lora, need_base, need_g, d2.dtype, g.dtype)
+    key += (x2.dtype if need_g else None, d_lora.dtype if need_lora else None, d_base.dtype if need_base else None)
+    _launch(_BWD_COLS, lambda br, bc: (groups, cdiv(K, bc)), args, key, per_group, K, wrap)
+    return _sum_partials(part, g.dtype, wrap) if need_g else None
 
 
-def _bwd_rows(d2, g, x2, scaling, C, lora_dtype, base_dtype, need_lora, need_base, need_g, wrap):
-    """Contiguous ``[N * C, S]`` operands, row ``r`` uses ``g[r % C]``."""
+def _bwd_rows(d2, g, x2, d_lora, d_base, scaling, C, wrap) -> torch.Tensor | None:
+    """Contiguous ``[N * C, S]`` operands, row ``r`` uses ``g[r % C]``. Returns ``d_g``."""
     R, S = d2.shape
     _check_size(R, S)
-    device = d2.device
-    d_lora = torch.empty((R, S), dtype=lora_dtype, device=device) if need_lora else None
-    d_base = torch.empty((R, S), dtype=base_dtype, device=device) if need_base else None
-    if R == 0 or S == 0:
-        d_g = torch.zeros(C, dtype=g.dtype, device=device) if need_g else None
-        return d_lora, d_base, d_g
+    need_g = x2 is not None
     # Split the reduction (S) into groups when there are too few rows to fill the GPU.
-    target = BACKWARD_PROGRAMS_PER_SM * num_sms(device)
+    target = BACKWARD_PROGRAMS_PER_SM * num_sms(d2.device)
     groups = max(1, min(_MAX_GROUPS, target // cdiv(R, 16), cdiv(S, _ROW_GRANULE)))
     per_group = cdiv(cdiv(S, groups), _ROW_GRANULE) * _ROW_GRANULE
     groups = cdiv(S, per_group)
-    part = torch.empty((groups, R), dtype=torch.float32, device=device) if need_g else None
+    part = torch.empty((groups, R), dtype=torch.float32, device=d2.device) if need_g else None
     bucket = _row_bucket(R)
-    args = (d2, g, x2, d_lora, d_base, part, R, S, C, per_group, scaling, bucket)
-    flags = {"NEED_LORA": need_lora, "NEED_BASE": need_base, "NEED_G": need_g}
-    key = (
-        S,
-        bucket,
-        need_lora,
-        need_base,
-        need_g,
-        d2.dtype,
-        g.dtype,
-        x2.dtype if need_g else None,
-        lora_dtype,
-        base_dtype,
-    )
-    _launch(_BWD_ROWS, lambda br, bc: (cdiv(R, br), groups), args, flags, key, R, per_group, wrap)
+    need_lora, need_base = d_lora is not None, d_base is not None
+    args = (d2, g, x2, d_lora, d_base, part, R, S, C, per_group, scaling, bucket, need_lora, need_base, need_g)
+    key = (S, bucket, need_lora, need_base, need_g, d2.dtype, g.dtype)
+    key += (x2.dtype if need_g else None, d_lora.dtype if need_lora else None, d_base.dtype if need_base else None)
+    _launch(_BWD_ROWS, lambda br, bc: (cdiv(R, br), groups), args, key, R, per_group, wrap)
     # part[group, n * C + c] -> [groups * N, C], summed over its rows.
-    d_g = _sum_partials(part.view(-1, C), g.dtype, wrap) if need_g else None
-    return d_lora, d_base, d_g
-
-
-def _shaped(t: torch.Tensor | None, shape) -> torch.Tensor | None:
-    return t.view(shape) if t is not None else None
+    return _sum_partials(part.view(-1, C), g.dtype, wrap) if need_g else None
