@@ -455,6 +455,17 @@ def _launch(
     if wrap:
         _launch_wrapped(tuned, grid_of, args, R, K)
         return
+    index = args[0].get_device()
+    if index >= 0 and index != torch.cuda.current_device():
+        # Triton launches on the current device: tensors on another GPU (a model spread over several GPUs)
+        # need that device made current for the launch.
+        with torch.cuda.device(index):
+            _launch_here(tuned, grid_of, args, key, R, K)
+        return
+    _launch_here(tuned, grid_of, args, key, R, K)
+
+
+def _launch_here(tuned: _Tuned, grid_of, args: tuple, key: tuple, R: int, K: int) -> None:
     forced = _FORCED.get(tuned.family) if _FORCED else None
     if forced is not None or INTERPRETER:
         br, bc, warps, stages = forced or _interpreter_config(R, K)
@@ -749,7 +760,10 @@ def _sum_partials(part: torch.Tensor, out_dtype: torch.dtype, wrap: bool) -> tor
 
         fn = wrap_triton(fn)
     block_c = 64 if INTERPRETER else 256
-    fn[(cdiv(K, block_c),)](part, out, G, K, BLOCK_G=16, BLOCK_C=block_c, num_warps=4)
+    index = part.get_device()
+    guard = not wrap and index >= 0 and index != torch.cuda.current_device()
+    with torch.cuda.device(index) if guard else contextlib.nullcontext():
+        fn[(cdiv(K, block_c),)](part, out, G, K, BLOCK_G=16, BLOCK_C=block_c, num_warps=4)
     launch_counts["sum_partials"] += 1
     return out
 
