@@ -8,7 +8,12 @@ Each returns ``(ok, reason)``; a rejection is logged once per distinct reason at
 3. Tensors on CUDA run kernels by default. CPU tensors run them only under ``TRITON_INTERPRET=1`` *and*
    ``PEFT_DORA_FUSED=1`` (the test suite's way of exercising the real kernels without a GPU).
 4. Per-op dtype and layout checks (below). ``PEFT_DORA_FUSED_BACKWARD`` additionally gates the training
-   compose: ``0`` off, ``1`` on for every shape, unset = on above the shape threshold.
+   compose: ``0`` off, ``1`` on for every shape, unset = on above the shape threshold (last-dim layouts
+   only; conv layouts always take it).
+
+Under ``torch.compile`` the compose decision is :func:`compiled_compose_ok` (device and dtypes only, no
+size threshold), evaluated once at trace time; :func:`kernels_enabled` is likewise baked in at trace time,
+so the dispatch adds no graph breaks (the config cache's lock and the logger are never traced).
 """
 
 from __future__ import annotations
@@ -35,8 +40,9 @@ __all__ = [
 logger = logging.getLogger("dorafactors.dispatch")
 
 #: Auto mode of ``PEFT_DORA_FUSED_BACKWARD``: last-dim layouts use the fused training compose when the
-#: activation has at least this many columns and elements (below, one fused launch is not cheaper than
-#: PyTorch's elementwise ops; measured in ``benchmarks/results``).
+#: activation has at least this many columns and elements. Provisional values: set them from
+#: ``benchmarks/tune_compose.py`` on the target GPUs (the smallest shape where ``fwd_inner + bwd`` beats
+#: ``eager_fwd + eager_bwd``).
 FUSED_BACKWARD_MIN_COLS = 1024
 FUSED_BACKWARD_MIN_ELEMENTS = 1 << 20
 
