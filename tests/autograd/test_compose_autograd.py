@@ -1,7 +1,7 @@
 """``dora_compose`` and the ``base_result=None`` path: dispatch, gradients, saved tensors, dtype contract.
 
-Kernels run on the CPU interpreter when a test sets ``PEFT_DORA_FUSED=1`` (conftest sets
-``TRITON_INTERPRET=1``); ``launch_counts`` proves which path ran.
+Without a GPU the kernels run on the CPU interpreter when a test sets ``PEFT_DORA_FUSED=1`` (conftest sets
+``TRITON_INTERPRET=1``); with one, the same tests run on it. ``launch_counts`` proves which path ran.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from dorafactors.dispatch import config, rules
 from dorafactors.kernels import compose as kc
 
 F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
+#: The GPU when there is one (compiled kernels), else the CPU (Triton interpreter).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 #: (shape, channel_dim, channels_last)
 LAYOUTS = [((2, 5, 33), -1, False), ((2, 6, 5, 7), 1, False), ((2, 6, 5, 7), 1, True), ((3, 4, 9), 1, False)]
@@ -43,14 +45,16 @@ def reference(monkeypatch):
     _set_env(monkeypatch, PEFT_DORA_FUSED="0")
 
 
-def _inputs(shape, channel_dim, channels_last, dtype=F32, g_dtype=F32, seed=0, requires=(True, True, True)):
+def _inputs(
+    shape, channel_dim, channels_last, dtype=F32, g_dtype=F32, seed=0, requires=(True, True, True), device=DEVICE
+):
     gen = torch.Generator().manual_seed(seed)
-    lora = torch.randn(shape, generator=gen).to(dtype)
-    base = (3 * torch.randn(shape, generator=gen)).to(dtype)
+    lora = torch.randn(shape, generator=gen).to(dtype).to(device)
+    base = (3 * torch.randn(shape, generator=gen)).to(dtype).to(device)
     if channels_last:
         lora = lora.contiguous(memory_format=torch.channels_last)
         base = base.contiguous(memory_format=torch.channels_last)
-    g = (0.6 + 0.8 * torch.rand(shape[channel_dim], generator=gen)).to(g_dtype)
+    g = (0.6 + 0.8 * torch.rand(shape[channel_dim], generator=gen)).to(g_dtype).to(device)
     for t, r in zip((lora, base, g), requires):
         t.requires_grad_(r)
     return lora, base, g
@@ -58,7 +62,7 @@ def _inputs(shape, channel_dim, channels_last, dtype=F32, g_dtype=F32, seed=0, r
 
 def _run(lora, base, g, scaling, channel_dim, seed=1):
     out = dora_compose(lora, base, g, scaling, channel_dim=channel_dim)
-    d_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    d_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype).to(out.device)
     leaves = [t for t in (lora, base, g) if t.requires_grad]
     grads = torch.autograd.grad(out, leaves, d_out) if leaves else ()
     return out.detach(), grads
@@ -120,9 +124,9 @@ def test_mixed_dtype_contract(dtype, g_dtype, base_dtype, monkeypatch):
     """AMP / PEFT defaults: result in the activation dtype, ``g - 1`` and ``d_g`` in g's own precision."""
     gen = torch.Generator().manual_seed(3)
     shape = (64, 96)
-    lora = torch.randn(shape, generator=gen).to(dtype).requires_grad_()
-    base = (3 * torch.randn(shape, generator=gen)).to(base_dtype).requires_grad_()
-    g = (0.6 + 0.8 * torch.rand(96, generator=gen)).to(g_dtype).requires_grad_()
+    lora = torch.randn(shape, generator=gen).to(dtype).to(DEVICE).requires_grad_()
+    base = (3 * torch.randn(shape, generator=gen)).to(base_dtype).to(DEVICE).requires_grad_()
+    g = (0.6 + 0.8 * torch.rand(96, generator=gen)).to(g_dtype).to(DEVICE).requires_grad_()
     results = {}
     for name, env in (
         ("ref", {"PEFT_DORA_FUSED": "0"}),
@@ -208,19 +212,19 @@ LARGE = (1024, rules.FUSED_BACKWARD_MIN_COLS)  # rows * cols = 2**20 = FUSED_BAC
 
 
 @pytest.mark.parametrize(
-    ("fused_env", "backward_env", "shape", "inference", "training"),
+    ("device", "fused_env", "backward_env", "shape", "inference", "training"),
     [
-        (None, None, SMALL, "reference", "reference"),  # CPU without PEFT_DORA_FUSED=1: never kernels
-        ("1", None, SMALL, "kernel", "reference"),  # training below the size threshold
-        ("1", None, LARGE, "kernel", "kernel"),  # at the threshold
-        ("1", "1", SMALL, "kernel", "kernel"),  # force: skip the heuristic
-        ("1", "0", LARGE, "kernel", "reference"),  # training compose off
-        ("0", "1", LARGE, "reference", "reference"),  # master switch wins
+        ("cpu", None, None, SMALL, "reference", "reference"),  # CPU without PEFT_DORA_FUSED=1: never kernels
+        (DEVICE, "1", None, SMALL, "kernel", "reference"),  # training below the size threshold
+        (DEVICE, "1", None, LARGE, "kernel", "kernel"),  # at the threshold
+        (DEVICE, "1", "1", SMALL, "kernel", "kernel"),  # force: skip the heuristic
+        (DEVICE, "1", "0", LARGE, "kernel", "reference"),  # training compose off
+        (DEVICE, "0", "1", LARGE, "reference", "reference"),  # master switch wins
     ],
 )
-def test_dispatch_table(fused_env, backward_env, shape, inference, training, monkeypatch):
+def test_dispatch_table(device, fused_env, backward_env, shape, inference, training, monkeypatch):
     _set_env(monkeypatch, PEFT_DORA_FUSED=fused_env, PEFT_DORA_FUSED_BACKWARD=backward_env)
-    lora, base, g = _inputs(shape, -1, False)
+    lora, base, g = _inputs(shape, -1, False, device=device)
     assert _which(lora.detach(), base.detach(), g.detach(), grad=False) == inference
     assert _which(lora, base, g, grad=True) == training
 
@@ -274,10 +278,10 @@ def test_inplace_writes_into_lora_only_without_grad(fused):
 
 def _recompute_case(seed, dtype=F32, requires_scale=True):
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(3, 5, 24, generator=gen).to(dtype).requires_grad_()
-    weight = (torch.randn(70, 24, generator=gen) / 5).to(dtype)
-    lora = torch.randn(3, 5, 70, generator=gen).to(dtype).requires_grad_()
-    scale = (0.6 + 0.8 * torch.rand(70, generator=gen)).requires_grad_(requires_scale)
+    x = torch.randn(3, 5, 24, generator=gen).to(dtype).to(DEVICE).requires_grad_()
+    weight = (torch.randn(70, 24, generator=gen) / 5).to(dtype).to(DEVICE)
+    lora = torch.randn(3, 5, 70, generator=gen).to(dtype).to(DEVICE).requires_grad_()
+    scale = (0.6 + 0.8 * torch.rand(70, generator=gen)).to(DEVICE).requires_grad_(requires_scale)
     return x, weight, lora, scale
 
 
@@ -294,7 +298,7 @@ def test_recompute_base_path_uses_kernels_and_matches_reference(requires_scale, 
         x, weight, lora, scale = _recompute_case(7, requires_scale=requires_scale)
         before = _launches()
         out = compose_recompute_base(x, weight, lora, scale, 0.7)
-        d_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(8))
+        d_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(8)).to(out.device)
         leaves = [t for t in (x, lora, scale) if t.requires_grad]
         results[name] = (out.detach(), torch.autograd.grad(out, leaves, d_out), _delta(before))
     (out, grads, launched), (ref_out, ref_grads, ref_launched) = results["fused"], results["ref"]

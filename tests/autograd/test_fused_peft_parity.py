@@ -1,7 +1,7 @@
 """Patched PEFT DoRA models on the fused kernels give stock PEFT's outputs and gradients (fp32, rel 1e-5).
 
-The kernels run on the CPU interpreter (``PEFT_DORA_FUSED=1``, ``PEFT_DORA_FUSED_BACKWARD=1``); every case
-asserts that they really ran. ``lora_dropout > 0`` in training is PEFT's ``base_result=None`` path (base
+The kernels run on the GPU, or without one on the CPU interpreter (``PEFT_DORA_FUSED=1``,
+``PEFT_DORA_FUSED_BACKWARD=1``); every case asserts that they really ran. ``lora_dropout > 0`` in training is PEFT's ``base_result=None`` path (base
 recomputed in column chunks, composed by the fused kernel, fused one-pass backward).
 """
 
@@ -19,6 +19,7 @@ from dorafactors.dispatch import config
 from dorafactors.kernels import compose as kc
 
 F32 = torch.float32
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +63,7 @@ def _models(kind: str, dropout: float):
     cfg = LoraConfig(
         r=4, lora_alpha=8, target_modules=targets, use_dora=True, init_lora_weights=False, lora_dropout=dropout
     )
-    stock = get_peft_model(cls(), cfg)
+    stock = get_peft_model(cls().to(DEVICE), cfg)
     with torch.no_grad():  # magnitude away from ||W + sBA|| as well, so g != 1
         for name, p in stock.named_parameters():
             if "lora_magnitude_vector" in name:
@@ -88,7 +89,7 @@ def _forward_backward(model, x, seed):
 @pytest.mark.parametrize("kind", sorted(CASES))
 def test_training_matches_stock_peft(kind, dropout):
     stock, ours = _models(kind, dropout)
-    x = torch.randn(CASES[kind][2], generator=torch.Generator().manual_seed(1))
+    x = torch.randn(CASES[kind][2], generator=torch.Generator().manual_seed(1)).to(DEVICE)
     stock.train()
     ours.train()
     want, want_grads = _forward_backward(stock, x, seed=2)
@@ -107,7 +108,7 @@ def test_training_matches_stock_peft(kind, dropout):
 @pytest.mark.parametrize("kind", sorted(CASES))
 def test_inference_matches_stock_peft(kind):
     stock, ours = _models(kind, 0.1)
-    x = torch.randn(CASES[kind][2], generator=torch.Generator().manual_seed(3))
+    x = torch.randn(CASES[kind][2], generator=torch.Generator().manual_seed(3)).to(DEVICE)
     stock.eval()
     ours.eval()
     before = dict(kc.launch_counts)
@@ -125,7 +126,7 @@ def test_frozen_magnitude_training_matches_stock_peft():
             if "lora_magnitude_vector" in name:
                 p.requires_grad_(False)
         m.train()
-    x = torch.randn(3, 7, 32, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(3, 7, 32, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     want, want_grads = _forward_backward(stock, x, seed=5)
     before = dict(kc.launch_counts)
     got, got_grads = _forward_backward(ours, x, seed=5)

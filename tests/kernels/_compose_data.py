@@ -20,6 +20,8 @@ _MANT = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}
 EPS32 = 2.0**-24
 
 EXACT_SCALING = 0.5
+#: Where the kernel tests run: the GPU when there is one, else the Triton CPU interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -29,23 +31,23 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def exact_tensor(shape, dtype, gen: torch.Generator, lo: int = -3, hi: int = 3) -> torch.Tensor:
-    return torch.randint(lo, hi + 1, shape, generator=gen).to(dtype)
+    return torch.randint(lo, hi + 1, shape, generator=gen).to(dtype).to(DEVICE)
 
 
 def exact_scale(C: int, dtype, gen: torch.Generator) -> torch.Tensor:
     """``g`` in {1/4, ..., 2} (so ``g - 1`` and ``g * s`` are dyadic), never all ones."""
     g = torch.randint(1, 9, (C,), generator=gen).to(torch.float64) / 4
     g[0] = 0.75 if C else g[0]
-    return g.to(dtype)
+    return g.to(dtype).to(DEVICE)
 
 
 def random_tensor(shape, dtype, gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
-    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
 
 
 def random_scale(C: int, dtype, gen: torch.Generator) -> torch.Tensor:
     """A magnitude scale near 1 but not 1 (``g = m / ||W + sBA||`` in practice)."""
-    return (0.6 + 0.8 * torch.rand(C, generator=gen, dtype=torch.float64)).to(dtype)
+    return (0.6 + 0.8 * torch.rand(C, generator=gen, dtype=torch.float64)).to(dtype).to(DEVICE)
 
 
 def _bcast(g: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:

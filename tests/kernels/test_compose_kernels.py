@@ -1,7 +1,7 @@
 """The compose kernels (``dorafactors/kernels/compose.py``) against fp64 truth and the PyTorch reference.
 
-On CPU they run on Triton's interpreter (conftest sets ``TRITON_INTERPRET=1``); the ``gpu`` tests repeat the
-important checks at real sizes. Every launch writes into NaN-poisoned memory (``poison`` fixture), so an
+Without a GPU they run on Triton's interpreter (conftest sets ``TRITON_INTERPRET=1``); with one, the same
+tests run the compiled kernels on it, and the ``gpu`` tests add real sizes. Every launch writes into NaN-poisoned memory (``poison`` fixture), so an
 element a kernel forgot to write fails the bitwise checks.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _compose_data import (
+    DEVICE,
     EXACT_SCALING,
     assert_exact,
     assert_one_rounding,
@@ -227,8 +228,8 @@ def test_forward_into_column_slices(dtype):
     B, T, D = 2, 7, 300
     lora_full = exact_tensor((B, T, D), dtype, gen)
     g = exact_scale(D, F32, gen)
-    out = torch.full((B, T, D), float("nan"), dtype=dtype)
-    inner = torch.full((B, T, D), float("nan"), dtype=dtype)
+    out = torch.full((B, T, D), float("nan"), dtype=dtype, device=DEVICE)
+    inner = torch.full((B, T, D), float("nan"), dtype=dtype, device=DEVICE)
     bases = []
     for c0, c1 in ((0, 100), (100, 257), (257, 300)):
         base_chunk = exact_tensor((B, T, c1 - c0), dtype, gen)
@@ -247,7 +248,7 @@ def test_forward_into_non_viewable_out_is_written_back():
     gen = _gen("into-copy")
     lora, base = exact_tensor((6, 10), F32, gen), exact_tensor((6, 10), F32, gen)
     g = exact_scale(10, F32, gen)
-    out = torch.full((10, 6), float("nan")).t()  # column stride 6: the kernel writes a temporary
+    out = torch.full((10, 6), float("nan"), device=DEVICE).t()  # column stride 6: the kernel writes a temporary
     kc.compose_forward_into(out, None, lora, base, g, EXACT_SCALING)
     assert_exact(out, truth_forward(lora, base, g, EXACT_SCALING)[0], "out")
 
