@@ -282,32 +282,32 @@ BACKWARD_CONFIGS: tuple[LaunchConfig, ...] = (
 
 _ROWS = (1, 2, 4, 8, 16, 32, 64)
 _COLS = (64, 128, 256, 512, 1024, 2048, 4096)
-_WARPS = (1, 2, 4, 8, 16)
+_WARPS = (2, 4, 8, 16)
 
 
 def forward_configs(comprehensive: bool) -> list[LaunchConfig]:
-    """The forward's autotune list (``DORA_AUTOTUNE_COMPREHENSIVE`` picks the full grid)."""
+    """The forward's autotune list (``DORA_AUTOTUNE_COMPREHENSIVE`` picks the full grid, 88 tiles)."""
     if not comprehensive:
         return list(FORWARD_CONFIGS)
     return tile_grid(
-        _ROWS, _COLS, _WARPS, min_elems=256, max_elems=16384, min_elems_per_thread=4, max_elems_per_thread=64
+        _ROWS, _COLS, _WARPS, min_elems=256, max_elems=16384, min_elems_per_thread=8, max_elems_per_thread=64
     )
 
 
 def backward_configs(comprehensive: bool) -> list[LaunchConfig]:
-    """The backward's autotune list; the comprehensive grid also varies ``num_stages`` (the kernel loops)."""
+    """The backward's autotune list; the full grid (140) also tries ``num_stages=2`` (the kernel loops)."""
     if not comprehensive:
         return list(BACKWARD_CONFIGS)
     out: list[LaunchConfig] = []
-    for stages in (1, 2, 3):
+    for stages in (1, 2):
         out += tile_grid(
             _ROWS,
             _COLS,
             _WARPS,
             min_elems=256,
             max_elems=16384,
-            min_elems_per_thread=4,
-            max_elems_per_thread=64,
+            min_elems_per_thread=8,
+            max_elems_per_thread=32,
             stages=stages,
         )
     return out
