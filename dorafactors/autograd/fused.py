@@ -59,7 +59,7 @@ def available_for(
     return ok
 
 
-@torch._dynamo.assume_constant_result
+@rules.constant_while_compiling
 def compiled_ok(
     device_type: str,
     lora_dtype: torch.dtype,

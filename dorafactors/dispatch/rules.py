@@ -28,6 +28,7 @@ __all__ = [
     "FUSED_BACKWARD_MIN_COLS",
     "FUSED_BACKWARD_MIN_ELEMENTS",
     "compiled_compose_ok",
+    "constant_while_compiling",
     "fused_backward_enabled",
     "fused_backward_ok",
     "fused_compose_backward_ok",
@@ -74,7 +75,7 @@ def triton_importable() -> bool:
     return _triton_found
 
 
-def _constant_while_compiling(fn):
+def constant_while_compiling(fn):
     """Mark ``fn`` as ``torch._dynamo.assume_constant_result`` does, without importing Dynamo here.
 
     Dynamo then calls ``fn`` eagerly at trace time and bakes its result into the graph (no tracing of the
@@ -96,7 +97,7 @@ def _kernels_enabled_on(device_type: str) -> tuple[bool, str]:
     return _kernels_enabled_eager(device_type)
 
 
-@_constant_while_compiling
+@constant_while_compiling
 def _kernels_enabled_traced(device_type: str) -> tuple[bool, str]:
     return _kernels_enabled_eager(device_type)
 

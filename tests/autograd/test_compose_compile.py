@@ -20,7 +20,7 @@ from peft.utils.integrations import dequantize_module_weight
 
 import dorafactors
 from dorafactors.autograd.compose import dora_compose
-from dorafactors.dispatch import config
+from dorafactors.dispatch import config, rules
 from dorafactors.kernels import compose as kc
 
 F32 = torch.float32
@@ -141,6 +141,18 @@ def test_compiled_reference_path_has_no_graph_break(monkeypatch, compile_setup):
     out.sum().backward()
     assert _delta(before) == {}
     assert g.grad is not None and lora.grad is not None
+
+
+def test_constant_marker_is_torchs():
+    """``rules.constant_while_compiling`` marks functions exactly as ``torch._dynamo.assume_constant_result``."""
+
+    def a():
+        return 0
+
+    def b():
+        return 0
+
+    assert vars(rules.constant_while_compiling(a)) == vars(torch._dynamo.assume_constant_result(b)) != {}
 
 
 # ------------------------------------------------------------------------------------------------ PEFT models
