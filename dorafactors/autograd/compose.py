@@ -5,6 +5,17 @@ activation-sized ``inner = base + s * lora`` when ``g`` (the magnitude scale) re
 nothing activation-sized when the magnitude is frozen. The arithmetic is fp32 (fp64 for fp64 operands)
 with one rounding to the activation dtype, on both the Triton and the PyTorch path; ``(g - 1)`` and the
 ``g`` gradient stay in fp32 under AMP (fp32 magnitude, bf16 activations).
+
+Paths (``dispatch/rules.py`` decides):
+
+* eager, kernels available: inference launches the forward kernel directly; training goes through
+  :class:`_FusedCompose` (forward kernel that also writes ``inner`` when ``g`` needs a gradient, one-pass
+  backward kernel);
+* while ``torch.compile`` traces: the ``torch.library`` Triton ops of :mod:`.ops` (kernels inside the
+  compiled graph, no graph break);
+* otherwise the PyTorch reference (:class:`_ReferenceCompose` in training).
+
+Double backward (``create_graph=True`` through the composition) is not supported on any path and raises.
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..kernels.compose_reference import compose_backward_reference, compose_forward_reference
+from . import fused
 
 __all__ = ["dora_compose"]
 
@@ -52,6 +64,59 @@ class _ReferenceCompose(torch.autograd.Function):
         return d_lora, d_base, d_scale, None, None, None
 
 
+class _FusedCompose(torch.autograd.Function):
+    """Custom autograd around the Triton kernels; saves ``g`` and, only if ``g`` needs a gradient, ``inner``."""
+
+    @staticmethod
+    def forward(ctx, lora, base, scale, scaling, channel_dim, out_dtype):  # type: ignore[override]
+        out, inner = fused.forward(
+            lora,
+            base,
+            scale,
+            scaling,
+            channel_dim=channel_dim,
+            out_dtype=out_dtype,
+            save_inner=ctx.needs_input_grad[2],
+        )
+        ctx.save_for_backward(scale, inner)
+        ctx.scaling = scaling
+        ctx.channel_dim = channel_dim
+        ctx.lora_dtype = lora.dtype
+        ctx.base_dtype = base.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out):  # type: ignore[override]
+        scale, inner = ctx.saved_tensors
+        d_lora, d_base, d_scale = fused.backward(
+            d_out,
+            scale,
+            inner,
+            ctx.scaling,
+            channel_dim=ctx.channel_dim,
+            lora_dtype=ctx.lora_dtype,
+            base_dtype=ctx.base_dtype,
+            need_lora=ctx.needs_input_grad[0],
+            need_base=ctx.needs_input_grad[1],
+            need_scale=ctx.needs_input_grad[2],
+        )
+        return d_lora, d_base, d_scale, None, None, None
+
+
+def _compose_compiled(lora, base, scale, scaling, channel_dim, out_dtype, needs_grad):
+    """The path taken while ``torch.compile`` traces: Triton ops when the kernels may run, else the reference."""
+    if fused.compiled_ok(lora.device.type, lora.dtype, base.dtype, scale.dtype, out_dtype, needs_grad):
+        if needs_grad and scale.requires_grad:
+            out, _ = torch.ops.dorafactors.compose_and_inner(lora, base, scale, scaling, channel_dim, out_dtype)
+            return out
+        return torch.ops.dorafactors.compose(lora, base, scale, scaling, channel_dim, out_dtype)
+    if not needs_grad:
+        out, _ = compose_forward_reference(lora, base, scale, scaling, channel_dim=channel_dim, out_dtype=out_dtype)
+        return out
+    return _ReferenceCompose.apply(lora, base, scale, scaling, channel_dim, out_dtype)
+
+
 def dora_compose(
     lora: torch.Tensor,
     base: torch.Tensor,
@@ -60,6 +125,7 @@ def dora_compose(
     *,
     channel_dim: int = -1,
     out_dtype: torch.dtype | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """DoRA composition ``(g - 1) * base + g * (scaling * lora)``, differentiable in all three tensors.
 
@@ -70,6 +136,8 @@ def dora_compose(
         scaling: ``s``, a Python float.
         channel_dim: dimension of ``lora`` that ``g`` runs along (-1 for Linear/Embedding, 1 for Conv).
         out_dtype: result dtype; default ``promote(lora.dtype, base.dtype)`` (the activation dtype).
+        inplace: when no gradient is needed, the kernel may write the result into ``lora``'s memory
+            (``lora`` must not be used afterwards); ignored otherwise.
 
     Returns:
         Tensor shaped like ``lora`` in ``out_dtype``.
@@ -83,11 +151,13 @@ def dora_compose(
         )
     scaling = float(scaling)
     out_dtype = out_dtype or torch.promote_types(lora.dtype, base.dtype)
-    from . import fused  # deferred: keeps Triton out of the import of a CPU-only install
-
     needs_grad = torch.is_grad_enabled() and (lora.requires_grad or base.requires_grad or scale.requires_grad)
-    if fused.available_for(lora, base, scale, channel_dim, training=needs_grad):
-        return fused.compose(lora, base, scale, scaling, channel_dim=channel_dim, out_dtype=out_dtype)
+    if torch.compiler.is_compiling():
+        return _compose_compiled(lora, base, scale, scaling, channel_dim, out_dtype, needs_grad)
+    if fused.available_for(lora, base, scale, channel_dim, training=needs_grad, out_dtype=out_dtype):
+        if needs_grad:
+            return _FusedCompose.apply(lora, base, scale, scaling, channel_dim, out_dtype)
+        return fused.compose(lora, base, scale, scaling, channel_dim=channel_dim, out_dtype=out_dtype, inplace=inplace)
     if not needs_grad:
         out, _ = compose_forward_reference(lora, base, scale, scaling, channel_dim=channel_dim, out_dtype=out_dtype)
         return out

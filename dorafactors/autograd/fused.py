@@ -1,23 +1,82 @@
-"""Bridge from the autograd functions to the Triton kernels, with the PyTorch reference as fallback.
+"""Bridge from the autograd code to the Triton compose kernels, with the PyTorch reference as fallback.
 
-Until the kernels land (issue: fused Triton kernels), nothing is available here and every call takes the
-PyTorch reference.
+Who calls what:
+
+* :func:`dorafactors.autograd.compose.dora_compose` asks :func:`available_for`, then runs :func:`compose`
+  (inference) or its fused autograd Function (:func:`forward` / :func:`backward`); while ``torch.compile``
+  traces it asks :func:`compiled_ok` and calls the ``torch.library`` ops of :mod:`.ops` instead.
+* The ``base_result=None`` path (:mod:`.recompute_base`) calls :func:`compose_into` per column chunk and
+  :func:`compose_backward` once; both pick the kernel or the reference themselves.
+
+Triton is imported on the first kernel call, never at import of this module.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..dispatch import rules
 from ..kernels.compose_reference import compose_backward_reference, compose_forward_reference
 
-__all__ = ["available_for", "compose", "compose_backward", "compose_into"]
+__all__ = [
+    "available_for",
+    "backward",
+    "compiled_ok",
+    "compose",
+    "compose_backward",
+    "compose_into",
+    "forward",
+]
+
+_kernels = None
+
+
+def _k():
+    """The kernel module, imported on first use (it imports Triton)."""
+    global _kernels
+    if _kernels is None:
+        from ..kernels import compose as kernels
+
+        _kernels = kernels
+    return _kernels
 
 
 def available_for(
-    lora: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, channel_dim: int, *, training: bool
+    lora: torch.Tensor,
+    base: torch.Tensor,
+    scale: torch.Tensor,
+    channel_dim: int,
+    *,
+    training: bool,
+    out_dtype: torch.dtype | None = None,
 ) -> bool:
-    """True when the Triton compose (and, in training, its one-pass backward) should run."""
-    return False
+    """True when the Triton compose (and, in training, its one-pass backward) should run (eager only)."""
+    ok, _ = rules.fused_compose_ok(lora, base, scale, out_dtype)
+    if ok and training:
+        cols = lora.shape[channel_dim]
+        nd = lora.dim()
+        ok, _ = rules.fused_backward_ok(lora.numel() // cols, cols, channel_dim % nd == nd - 1)
+    return ok
+
+
+@rules.constant_while_compiling
+def compiled_ok(
+    device_type: str,
+    lora_dtype: torch.dtype,
+    base_dtype: torch.dtype,
+    scale_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    training: bool,
+) -> bool:
+    """The compose decision while ``torch.compile`` traces (evaluated once per graph, baked in).
+
+    Depends only on device type, dtypes and the dispatch settings; loads the ``torch.library`` ops when
+    it says yes, so the traced code only looks them up.
+    """
+    ok, _ = rules.compiled_compose_ok(device_type, lora_dtype, base_dtype, scale_dtype, out_dtype, training)
+    if ok:
+        from . import ops  # noqa: F401  (registers torch.ops.dorafactors.*)
+    return ok
 
 
 def compose(
@@ -28,8 +87,52 @@ def compose(
     *,
     channel_dim: int,
     out_dtype: torch.dtype,
+    inplace: bool = False,
 ) -> torch.Tensor:
-    raise NotImplementedError("the Triton compose is not built yet")
+    """Inference compose on the kernel (no autograd); ``inplace`` writes into ``lora`` when it can."""
+    kernels = _k()
+    if (
+        inplace
+        and out_dtype == lora.dtype
+        and channel_dim % lora.dim() == lora.dim() - 1
+        and kernels._cols_view(lora, lora.shape[-1]) is not None
+    ):
+        return kernels.compose_forward_(lora, base, scale, scaling)
+    out, _ = kernels.compose_forward_unchecked(lora, base, scale, scaling, channel_dim, out_dtype, False)
+    return out
+
+
+def forward(
+    lora: torch.Tensor,
+    base: torch.Tensor,
+    scale: torch.Tensor,
+    scaling: float,
+    *,
+    channel_dim: int,
+    out_dtype: torch.dtype,
+    save_inner: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Training forward on the kernel: ``(out, inner or None)``."""
+    return _k().compose_forward_unchecked(lora, base, scale, scaling, channel_dim, out_dtype, save_inner)
+
+
+def backward(
+    d_out: torch.Tensor,
+    scale: torch.Tensor,
+    inner: torch.Tensor | None,
+    scaling: float,
+    *,
+    channel_dim: int,
+    lora_dtype: torch.dtype,
+    base_dtype: torch.dtype,
+    need_lora: bool,
+    need_base: bool,
+    need_scale: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """One-pass backward on the kernel (the forward already chose the kernel path and validated)."""
+    return _k().compose_backward_unchecked(
+        d_out, scale, inner, scaling, channel_dim, lora_dtype, base_dtype, need_lora, need_base, need_scale
+    )
 
 
 def compose_into(
@@ -42,14 +145,28 @@ def compose_into(
 ) -> None:
     """Write ``(g-1)*base + g*(s*lora)`` into ``out`` (and ``base + s*lora`` into ``inner``); last-dim ``g``.
 
-    ``out``, ``inner`` and ``lora`` may be column slices (row-strided views) of larger tensors.
+    ``out``, ``inner`` and ``lora`` may be column slices (row-strided views) of larger tensors: the kernel
+    writes through them. ``inner`` is passed in training with a trainable magnitude, so
+    ``PEFT_DORA_FUSED_BACKWARD=0`` sends that case to the reference.
     """
+    if not torch.compiler.is_compiling() and _into_ok(out, inner, lora, base, scale):
+        _k().compose_forward_into(out, inner, lora, base, scale, scaling)
+        return
     value, inner_value = compose_forward_reference(
         lora, base, scale, scaling, channel_dim=-1, out_dtype=out.dtype, save_inner=inner is not None
     )
     out.copy_(value)
     if inner is not None:
         inner.copy_(inner_value)
+
+
+def _into_ok(out, inner, lora, base, scale) -> bool:
+    ok, _ = rules.fused_compose_ok(lora, base, scale, out.dtype)
+    if ok and (out.device != lora.device or (inner is not None and inner.dtype != out.dtype)):
+        ok = False
+    if ok and inner is not None:
+        ok, _ = rules.fused_backward_enabled()
+    return ok
 
 
 def compose_backward(
@@ -65,6 +182,21 @@ def compose_backward(
     need_scale: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(d_lora, d_base, d_g)`` for a last-dim ``g``; ``None`` for what is not needed."""
+    if not torch.compiler.is_compiling():
+        ok, _ = rules.fused_compose_backward_ok(d_out, inner if need_scale else None, scale, lora_dtype, base_dtype)
+        if ok:
+            return backward(
+                d_out,
+                scale,
+                inner,
+                scaling,
+                channel_dim=-1,
+                lora_dtype=lora_dtype,
+                base_dtype=base_dtype,
+                need_lora=need_lora,
+                need_base=need_base,
+                need_scale=need_scale,
+            )
     return compose_backward_reference(
         d_out,
         scale,

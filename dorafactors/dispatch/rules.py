@@ -8,12 +8,16 @@ Each returns ``(ok, reason)``; a rejection is logged once per distinct reason at
 3. Tensors on CUDA run kernels by default. CPU tensors run them only under ``TRITON_INTERPRET=1`` *and*
    ``PEFT_DORA_FUSED=1`` (the test suite's way of exercising the real kernels without a GPU).
 4. Per-op dtype and layout checks (below). ``PEFT_DORA_FUSED_BACKWARD`` additionally gates the training
-   compose: ``0`` off, ``1`` on for every shape, unset = on above the shape threshold.
+   compose: ``0`` off, ``1`` on for every shape, unset = on above the shape threshold (last-dim layouts
+   only; conv layouts always take it).
+
+Under ``torch.compile`` the compose decision is :func:`compiled_compose_ok` (device and dtypes only, no
+size threshold), evaluated once at trace time; :func:`kernels_enabled` is likewise baked in at trace time,
+so the dispatch adds no graph breaks (the config cache's lock and the logger are never traced).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
@@ -23,7 +27,11 @@ from . import config
 __all__ = [
     "FUSED_BACKWARD_MIN_COLS",
     "FUSED_BACKWARD_MIN_ELEMENTS",
+    "compiled_compose_ok",
+    "constant_while_compiling",
+    "fused_backward_enabled",
     "fused_backward_ok",
+    "fused_compose_backward_ok",
     "fused_compose_ok",
     "fused_norm_ok",
     "kernels_enabled",
@@ -33,35 +41,68 @@ __all__ = [
 logger = logging.getLogger("dorafactors.dispatch")
 
 #: Auto mode of ``PEFT_DORA_FUSED_BACKWARD``: last-dim layouts use the fused training compose when the
-#: activation has at least this many columns and elements (below, one fused launch is not cheaper than
-#: PyTorch's elementwise ops; measured in ``benchmarks/results``).
+#: activation has at least this many columns and elements. Provisional values: set them from
+#: ``benchmarks/tune_compose.py`` on the target GPUs (the smallest shape where ``fwd_inner + bwd`` beats
+#: ``eager_fwd + eager_bwd``).
 FUSED_BACKWARD_MIN_COLS = 1024
 FUSED_BACKWARD_MIN_ELEMENTS = 1 << 20
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_KERNEL_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32))
 _HALF = (torch.float16, torch.bfloat16)
 _logged: set[tuple[str, str]] = set()
 
 
 def _reject(op: str, reason: str) -> tuple[bool, str]:
-    if (op, reason) not in _logged:
+    if (op, reason) not in _logged and not torch.compiler.is_compiling():
         _logged.add((op, reason))
         logger.debug("dorafactors: %s uses the PyTorch path: %s", op, reason)
     return False, reason
 
 
-@functools.cache
+_triton_found: bool | None = None
+
+
 def triton_importable() -> bool:
-    """True when ``import triton`` works (probed once)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """True when ``import triton`` works (probed once; a plain global, so torch.compile traces it cheaply)."""
+    global _triton_found
+    if _triton_found is None:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            _triton_found = False
+        else:
+            _triton_found = True
+    return _triton_found
+
+
+def constant_while_compiling(fn):
+    """Mark ``fn`` as ``torch._dynamo.assume_constant_result`` does, without importing Dynamo here.
+
+    Dynamo then calls ``fn`` eagerly at trace time and bakes its result into the graph (no tracing of the
+    config cache's lock, no graph break). Only for functions of plain Python arguments whose result is
+    fixed for the life of a compiled graph.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
 
 
 def kernels_enabled(device: torch.device) -> tuple[bool, str]:
     """Rules 1-3: may a Triton kernel run on ``device`` at all?"""
+    return _kernels_enabled_on(device.type)
+
+
+def _kernels_enabled_on(device_type: str) -> tuple[bool, str]:
+    if torch.compiler.is_compiling():
+        return _kernels_enabled_traced(device_type)
+    return _kernels_enabled_eager(device_type)
+
+
+@constant_while_compiling
+def _kernels_enabled_traced(device_type: str) -> tuple[bool, str]:
+    return _kernels_enabled_eager(device_type)
+
+
+def _kernels_enabled_eager(device_type: str) -> tuple[bool, str]:
     mode = config.fused_mode()
     if mode is False:
         return False, "PEFT_DORA_FUSED=0"
@@ -72,32 +113,51 @@ def kernels_enabled(device: torch.device) -> tuple[bool, str]:
                 "`pip install dorafactors[triton]`, or unset PEFT_DORA_FUSED."
             )
         return False, "triton is not installed"
-    if device.type == "cuda":
+    if device_type == "cuda":
         return True, ""
-    if device.type == "cpu" and config.triton_interpreter_active() and mode:
+    if device_type == "cpu" and config.triton_interpreter_active() and mode:
         return True, ""
-    return False, f"tensors on {device.type} (kernels need CUDA, or TRITON_INTERPRET=1 with PEFT_DORA_FUSED=1)"
+    return False, f"tensors on {device_type} (kernels need CUDA, or TRITON_INTERPRET=1 with PEFT_DORA_FUSED=1)"
 
 
 def _under_compile() -> bool:
     return torch.compiler.is_compiling()
 
 
-def fused_compose_ok(lora: torch.Tensor, base: torch.Tensor, scale: torch.Tensor) -> tuple[bool, str]:
-    """May the compose kernel take ``lora`` / ``base`` (activations) and ``scale`` (``g``)?"""
-    ok, reason = kernels_enabled(lora.device)
+def _dtype_reason(lora_dtype, base_dtype, scale_dtype, out_dtype) -> str:
+    if lora_dtype not in _KERNEL_DTYPES or base_dtype not in _KERNEL_DTYPES:
+        return f"activation dtype {lora_dtype}/{base_dtype} (kernels take fp16/bf16/fp32)"
+    if scale_dtype not in _KERNEL_DTYPES:
+        return f"scale dtype {scale_dtype}"
+    if out_dtype is not None and out_dtype not in _KERNEL_DTYPES:
+        return f"output dtype {out_dtype}"
+    return ""
+
+
+def fused_compose_ok(
+    lora: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype | None = None
+) -> tuple[bool, str]:
+    """May the compose kernel take ``lora`` / ``base`` (activations) and ``scale`` (``g``), writing ``out_dtype``?"""
+    ok, reason = _kernels_enabled_on(lora.device.type)
     if not ok:
         return _reject("compose", reason)
-    if base.device != lora.device or scale.device != lora.device:
+    index = lora.get_device()
+    if base.get_device() != index or scale.get_device() != index:
         return _reject("compose", "operands on different devices")
-    if lora.dtype not in _KERNEL_DTYPES or base.dtype not in _KERNEL_DTYPES:
-        return _reject("compose", f"activation dtype {lora.dtype}/{base.dtype} (kernels take fp16/bf16/fp32)")
-    if scale.dtype not in _KERNEL_DTYPES:
-        return _reject("compose", f"scale dtype {scale.dtype}")
+    reason = _dtype_reason(lora.dtype, base.dtype, scale.dtype, out_dtype)
+    if reason:
+        return _reject("compose", reason)
     if lora.shape != base.shape:
         return _reject("compose", "lora and base shapes differ (broadcast base)")
     if lora.numel() == 0:
         return _reject("compose", "empty tensor")
+    return True, ""
+
+
+def fused_backward_enabled() -> tuple[bool, str]:
+    """``PEFT_DORA_FUSED_BACKWARD`` is not ``0`` (the size heuristic aside)."""
+    if config.fused_backward_mode() is False:
+        return _reject("training compose", "PEFT_DORA_FUSED_BACKWARD=0")
     return True, ""
 
 
@@ -110,6 +170,54 @@ def fused_backward_ok(rows: int, cols: int, last_dim_layout: bool) -> tuple[bool
         return True, ""
     if cols < FUSED_BACKWARD_MIN_COLS or rows * cols < FUSED_BACKWARD_MIN_ELEMENTS:
         return _reject("training compose", "activation below the fused-backward size threshold")
+    return True, ""
+
+
+def fused_compose_backward_ok(
+    d_out: torch.Tensor,
+    inner: torch.Tensor | None,
+    scale: torch.Tensor,
+    lora_dtype: torch.dtype,
+    base_dtype: torch.dtype,
+) -> tuple[bool, str]:
+    """May the one-pass backward kernel run on ``d_out`` ``[..., C]`` (and ``inner``), ``g`` along the last dim?"""
+    device = d_out.device
+    ok, reason = _kernels_enabled_on(device.type)
+    if not ok:
+        return _reject("compose backward", reason)
+    if scale.device != device or (inner is not None and inner.device != device):
+        return _reject("compose backward", "operands on different devices")
+    reason = _dtype_reason(d_out.dtype, d_out.dtype if inner is None else inner.dtype, scale.dtype, None)
+    reason = reason or _dtype_reason(lora_dtype, base_dtype, scale.dtype, None)
+    if reason:
+        return _reject("compose backward", reason)
+    if d_out.numel() == 0:
+        return _reject("compose backward", "empty tensor")
+    cols = d_out.shape[-1]
+    return fused_backward_ok(d_out.numel() // cols, cols, True)
+
+
+def compiled_compose_ok(
+    device_type: str,
+    lora_dtype: torch.dtype,
+    base_dtype: torch.dtype,
+    scale_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    training: bool,
+) -> tuple[bool, str]:
+    """The compose decision while ``torch.compile`` traces: device and dtypes only.
+
+    The training size heuristic is not applied (shapes may be symbolic there, and Inductor removes the
+    host overhead the heuristic guards against); ``PEFT_DORA_FUSED_BACKWARD=0`` still turns it off.
+    """
+    ok, reason = _kernels_enabled_on(device_type)
+    if not ok:
+        return _reject("compiled compose", reason)
+    reason = _dtype_reason(lora_dtype, base_dtype, scale_dtype, out_dtype)
+    if reason:
+        return _reject("compiled compose", reason)
+    if training:
+        return fused_backward_enabled()
     return True, ""
 
 

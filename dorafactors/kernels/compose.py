@@ -1,0 +1,911 @@
+"""Triton kernels for the DoRA composition; the PyTorch reference is ``compose_reference.py``.
+
+    out   = (g - 1) * base + g * (s * lora)          forward (out-of-place, in-place, or into slices)
+    inner = base + s * lora                           also written when the magnitude needs a gradient
+    d_lora = (g * s) * d_out;  d_base = (g - 1) * d_out;  d_g = sum_rows(inner * d_out)
+
+Every kernel loads its operands in their own dtype, computes in fp32 and rounds once at the store. ``g``
+(the magnitude scale, usually fp32) is never downcast: ``g - 1`` and ``g * s`` are fp32, the magnitude
+gradient is accumulated in fp32 and returned in ``g``'s dtype.
+
+Layouts. Every tensor is handled as a 2-D ``[R, K]`` matrix with unit column stride and an arbitrary row
+stride (so column slices of a larger tensor, as the chunked base recompute writes, need no copy):
+
+* ``g`` along the columns (Linear/Embedding: ``[..., C]``; channels-last conv activations): ``K = C``.
+* ``g`` along the rows (conv activations in NCHW-contiguous memory, ``[N, C, S]``): ``R = N * C``,
+  ``K = S`` and row ``r`` uses ``g[r % C]``.
+
+Any other memory layout is made contiguous first (a copy, never a wrong answer). Offsets are 64-bit.
+
+The magnitude gradient is deterministic: one pass over ``d_out`` writes fp32 partial sums per group of
+rows (``[groups, C]``), and a second tiny kernel sums them in a fixed order. No atomics; the same inputs
+give bitwise the same ``d_g`` on every call.
+
+Launch configurations are autotuned on first use per (columns, power-of-two row bucket, dtypes, flags)
+from a small default list, or from a full grid when ``DORA_AUTOTUNE_COMPREHENSIVE=1``. After the first call
+the chosen config is looked up in a dict and the kernel is launched directly (no per-call autotuner
+bookkeeping). The in-place kernel restores its destination between autotuning trials. Under Triton's CPU
+interpreter a fixed config is used (no autotuning).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import torch
+import triton
+import triton.language as tl
+
+from ..dispatch import config
+from ._triton_utils import (
+    LaunchConfig,
+    cdiv,
+    is_fake,
+    is_interpreted,
+    next_pow2,
+    num_sms,
+    tile_grid,
+    to_triton_configs,
+)
+
+__all__ = [
+    "BACKWARD_PROGRAMS_PER_SM",
+    "KERNEL_DTYPES",
+    "compose_backward",
+    "compose_forward",
+    "compose_forward_",
+    "compose_forward_into",
+    "forced_config",
+    "launch_counts",
+]
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+#: Programs per SM the one-pass backward aims for (rows are split into groups to reach it).
+BACKWARD_PROGRAMS_PER_SM = 8
+#: Row groups of the backward hold a multiple of this many rows (the largest BLOCK_R of any config).
+_ROW_GRANULE = 64
+#: The backward never splits the reduction dimension into more than this many groups.
+_MAX_GROUPS = 1024
+
+#: Real (non-fake) kernel launches per kernel name, for tests and benchmarks.
+launch_counts: Counter[str] = Counter()
+
+#: Row and column counts stay below this (32-bit index arithmetic inside a program; offsets are 64-bit).
+_INDEX_LIMIT = 2**30
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+
+
+@triton.jit
+def _to_dtype(x, dtype: tl.constexpr):
+    """Round fp32 ``x`` to ``dtype`` to nearest-even (one rounding, as PyTorch's ``.to``).
+
+    Triton's CPU interpreter truncates fp32 -> bf16 (verified with triton 3.9, also with
+    ``fp_downcast_rounding="rtne"``); there the rounding is done on the bits first. Compiled out on GPUs.
+    """
+    if _INTERPRETER_BF16_FIX:  # noqa: SIM102 (nested constexpr ifs: the Triton JIT prunes both)
+        if dtype == tl.bfloat16:
+            u = x.to(tl.uint32, bitcast=True)
+            u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+            x = u.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _compose_fwd_kernel(
+    lora_ptr,
+    base_ptr,
+    g_ptr,
+    out_ptr,
+    inner_ptr,
+    R,
+    K,
+    C,
+    stride_lora,
+    stride_base,
+    stride_out,
+    stride_inner,
+    scaling,
+    R_BUCKET,  # autotune key only
+    G_ON_ROWS: tl.constexpr,
+    WRITE_INNER: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    rmask = rows < R
+    cmask = cols < K
+    mask = rmask[:, None] & cmask[None, :]
+    if G_ON_ROWS:
+        g = tl.load(g_ptr + rows % C, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    else:
+        g = tl.load(g_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    c = cols[None, :]
+    lora = tl.load(lora_ptr + (r64 * stride_lora + c), mask=mask, other=0.0).to(tl.float32)
+    base = tl.load(base_ptr + (r64 * stride_base + c), mask=mask, other=0.0).to(tl.float32)
+    s_lora = lora * scaling
+    out = (g - 1.0) * base + g * s_lora
+    tl.store(out_ptr + (r64 * stride_out + c), _to_dtype(out, out_ptr.dtype.element_ty), mask=mask)
+    if WRITE_INNER:
+        tl.store(inner_ptr + (r64 * stride_inner + c), _to_dtype(base + s_lora, inner_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _compose_bwd_cols_kernel(
+    dout_ptr,
+    g_ptr,
+    inner_ptr,
+    dlora_ptr,
+    dbase_ptr,
+    part_ptr,
+    R,
+    K,
+    rows_per_group,
+    stride_dout,
+    stride_inner,
+    stride_dlora,
+    stride_dbase,
+    scaling,
+    R_BUCKET,  # autotune key only
+    NEED_LORA: tl.constexpr,
+    NEED_BASE: tl.constexpr,
+    NEED_G: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """``g`` along the columns. Program (group, column tile) walks its group's rows; ``part[group, cols]``."""
+    pid_g = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < K
+    c = cols[None, :]
+    g = tl.load(g_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    gs = (g * scaling)[None, :]
+    gm1 = (g - 1.0)[None, :]
+    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    r_start = pid_g * rows_per_group
+    r_end = tl.minimum(r_start + rows_per_group, R)
+    for r0 in range(r_start, r_end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        mask = (rows < r_end)[:, None] & cmask[None, :]
+        r64 = rows.to(tl.int64)[:, None]
+        d = tl.load(dout_ptr + (r64 * stride_dout + c), mask=mask, other=0.0).to(tl.float32)
+        if NEED_LORA:
+            tl.store(dlora_ptr + (r64 * stride_dlora + c), _to_dtype(d * gs, dlora_ptr.dtype.element_ty), mask=mask)
+        if NEED_BASE:
+            tl.store(dbase_ptr + (r64 * stride_dbase + c), _to_dtype(d * gm1, dbase_ptr.dtype.element_ty), mask=mask)
+        if NEED_G:
+            x = tl.load(inner_ptr + (r64 * stride_inner + c), mask=mask, other=0.0).to(tl.float32)
+            acc += x * d
+    if NEED_G:
+        tl.store(part_ptr + (pid_g.to(tl.int64) * K + cols), tl.sum(acc, axis=0), mask=cmask)
+
+
+@triton.jit
+def _compose_bwd_rows_kernel(
+    dout_ptr,
+    g_ptr,
+    inner_ptr,
+    dlora_ptr,
+    dbase_ptr,
+    part_ptr,
+    R,
+    K,
+    C,
+    cols_per_group,
+    scaling,
+    R_BUCKET,  # autotune key only
+    NEED_LORA: tl.constexpr,
+    NEED_BASE: tl.constexpr,
+    NEED_G: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """``g`` along the rows (row ``r`` uses ``g[r % C]``), contiguous ``[R, K]``. ``part[group, rows]``."""
+    pid_r = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    g = tl.load(g_ptr + rows % C, mask=rmask, other=0.0).to(tl.float32)
+    gs = (g * scaling)[:, None]
+    gm1 = (g - 1.0)[:, None]
+    row_off = rows.to(tl.int64)[:, None] * K
+    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    c_start = pid_g * cols_per_group
+    c_end = tl.minimum(c_start + cols_per_group, K)
+    for c0 in range(c_start, c_end, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = rmask[:, None] & (cols < c_end)[None, :]
+        offs = row_off + cols[None, :]
+        d = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if NEED_LORA:
+            tl.store(dlora_ptr + offs, _to_dtype(d * gs, dlora_ptr.dtype.element_ty), mask=mask)
+        if NEED_BASE:
+            tl.store(dbase_ptr + offs, _to_dtype(d * gm1, dbase_ptr.dtype.element_ty), mask=mask)
+        if NEED_G:
+            x = tl.load(inner_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            acc += x * d
+    if NEED_G:
+        tl.store(part_ptr + (pid_g.to(tl.int64) * R + rows), tl.sum(acc, axis=1), mask=rmask)
+
+
+@triton.jit
+def _sum_partials_kernel(part_ptr, out_ptr, G, K, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``out[c] = sum_g part[g, c]`` in a fixed order (fp32 accumulation, one rounding at the store)."""
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < K
+    acc = tl.zeros([BLOCK_G, BLOCK_C], dtype=tl.float32)
+    for g0 in range(0, G, BLOCK_G):
+        rows = g0 + tl.arange(0, BLOCK_G)
+        mask = (rows < G)[:, None] & cmask[None, :]
+        acc += tl.load(part_ptr + (rows.to(tl.int64)[:, None] * K + cols[None, :]), mask=mask, other=0.0)
+    tl.store(out_ptr + cols, _to_dtype(tl.sum(acc, axis=0), out_ptr.dtype.element_ty), mask=cmask)
+
+
+INTERPRETER = is_interpreted(_compose_fwd_kernel)
+_INTERPRETER_BF16_FIX = tl.constexpr(INTERPRETER)
+
+# ------------------------------------------------------------------------------------------------ configs
+
+#: Forward tiles ``(BLOCK_R, BLOCK_C, num_warps, num_stages)``: 4-16K elements per program for the
+#: bandwidth-bound shapes, and one-row tiles for decode-sized calls.
+FORWARD_CONFIGS: tuple[LaunchConfig, ...] = (
+    (1, 1024, 4, 1),
+    (1, 4096, 8, 1),
+    (4, 1024, 4, 1),
+    (8, 1024, 8, 1),
+    (16, 512, 8, 1),
+    (4, 2048, 8, 1),
+    (32, 256, 4, 1),
+)
+
+#: Backward tiles (one loop iteration of a program).
+BACKWARD_CONFIGS: tuple[LaunchConfig, ...] = (
+    (1, 1024, 4, 1),
+    (8, 256, 4, 1),
+    (16, 256, 4, 1),
+    (8, 512, 4, 1),
+    (16, 512, 8, 1),
+    (4, 1024, 4, 1),
+    (8, 1024, 8, 1),
+    (32, 128, 4, 1),
+)
+
+_ROWS = (1, 2, 4, 8, 16, 32, 64)
+_COLS = (64, 128, 256, 512, 1024, 2048, 4096)
+_WARPS = (2, 4, 8, 16)
+
+
+def forward_configs(comprehensive: bool) -> list[LaunchConfig]:
+    """The forward's autotune list (``DORA_AUTOTUNE_COMPREHENSIVE`` picks the full grid, 88 tiles)."""
+    if not comprehensive:
+        return list(FORWARD_CONFIGS)
+    return tile_grid(
+        _ROWS, _COLS, _WARPS, min_elems=256, max_elems=16384, min_elems_per_thread=8, max_elems_per_thread=64
+    )
+
+
+def backward_configs(comprehensive: bool) -> list[LaunchConfig]:
+    """The backward's autotune list; the full grid (140) also tries ``num_stages=2`` (the kernel loops)."""
+    if not comprehensive:
+        return list(BACKWARD_CONFIGS)
+    out: list[LaunchConfig] = []
+    for stages in (1, 2):
+        out += tile_grid(
+            _ROWS,
+            _COLS,
+            _WARPS,
+            min_elems=256,
+            max_elems=16384,
+            min_elems_per_thread=8,
+            max_elems_per_thread=32,
+            stages=stages,
+        )
+    return out
+
+
+def _interpreter_config(R: int, K: int) -> LaunchConfig:
+    """Tiles for the CPU interpreter: few, large programs (it costs milliseconds per program and loop step).
+
+    Tests that need many small tiles force them with :func:`forced_config`.
+    """
+    bc = min(next_pow2(K), 1024)
+    br = max(1, min(next_pow2(R), 65536 // bc, 4096))
+    return (br, bc, 4, 1)
+
+
+#: ``forced_config`` overrides, by kernel family ("fwd" / "bwd"); for tests and the tuning script.
+_FORCED: dict[str, LaunchConfig] = {}
+
+
+@contextlib.contextmanager
+def forced_config(*, fwd: LaunchConfig | None = None, bwd: LaunchConfig | None = None) -> Iterator[None]:
+    """Launch every forward / backward kernel with this tile instead of the autotuned (or interpreter) one."""
+    saved = dict(_FORCED)
+    if fwd is not None:
+        _FORCED["fwd"] = tuple(fwd)  # type: ignore[assignment]
+    if bwd is not None:
+        _FORCED["bwd"] = tuple(bwd)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        _FORCED.clear()
+        _FORCED.update(saved)
+
+
+#: Warm-up and measurement time (ms) per config while autotuning: about 30 ms per config, so a new tuning
+#: key costs ~0.25 s per kernel variant instead of ~1 s with Triton's defaults (25 / 100 ms).
+AUTOTUNE_WARMUP_MS = 5
+AUTOTUNE_REP_MS = 25
+
+
+def _autotune_bench(fn, quantiles=None):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=AUTOTUNE_WARMUP_MS, rep=AUTOTUNE_REP_MS, quantiles=quantiles)
+
+
+class _Tuned:
+    """A ``@triton.jit`` kernel, its lazily built autotuners and the config each tuning key settled on."""
+
+    __slots__ = ("chosen", "family", "fn", "key", "name", "restore", "tuners")
+
+    def __init__(self, fn, name: str, family: str, key: list[str], restore: tuple[str, ...] = ()) -> None:
+        self.fn = fn
+        self.name = name
+        self.family = family
+        self.key = key
+        self.restore = list(restore)
+        self.tuners: dict[bool, object] = {}
+        #: comprehensive flag -> tuning key -> chosen config
+        self.chosen: dict[bool, dict[tuple, LaunchConfig]] = {False: {}, True: {}}
+
+    def tuner(self, comprehensive: bool):
+        tuner = self.tuners.get(comprehensive)
+        if tuner is None:
+            configs = forward_configs(comprehensive) if self.family == "fwd" else backward_configs(comprehensive)
+            tuner = triton.autotune(
+                configs=to_triton_configs(configs),
+                key=self.key,
+                restore_value=self.restore or None,
+                do_bench=_autotune_bench,
+            )(self.fn)
+            self.tuners[comprehensive] = tuner
+        return tuner
+
+    def reset(self) -> None:
+        """Forget the tuned configs (a later call tunes again)."""
+        self.tuners.clear()
+        self.chosen = {False: {}, True: {}}
+
+
+_FWD = _Tuned(_compose_fwd_kernel, "compose_fwd", "fwd", ["K", "R_BUCKET", "G_ON_ROWS", "WRITE_INNER"])
+_FWD_INPLACE = _Tuned(
+    _compose_fwd_kernel, "compose_fwd_inplace", "fwd", ["K", "R_BUCKET", "G_ON_ROWS", "WRITE_INNER"], ("out_ptr",)
+)
+_BWD_COLS = _Tuned(
+    _compose_bwd_cols_kernel, "compose_bwd", "bwd", ["K", "R_BUCKET", "NEED_LORA", "NEED_BASE", "NEED_G"]
+)
+_BWD_ROWS = _Tuned(
+    _compose_bwd_rows_kernel, "compose_bwd_rows", "bwd", ["K", "R_BUCKET", "NEED_LORA", "NEED_BASE", "NEED_G"]
+)
+
+
+def reset_tuning() -> None:
+    """Forget every autotuned config (the next call of each kernel tunes again)."""
+    for tuned in (_FWD, _FWD_INPLACE, _BWD_COLS, _BWD_ROWS):
+        tuned.reset()
+
+
+def _row_bucket(R) -> int:
+    """Autotune bucket of a row count: the next power of 8 (1, 8, 64, 512, 4096, 32768 and above).
+
+    Coarse on purpose: every new bucket costs one autotuning round per kernel variant, and decode batch
+    sizes vary. Under torch.compile with dynamic shapes ``R`` is symbolic: Inductor tunes user kernels itself.
+    """
+    if not isinstance(R, int):
+        return 0
+    bucket = 1
+    while bucket < R and bucket < 32768:
+        bucket <<= 3
+    return bucket
+
+
+def _skip_launch(t: torch.Tensor) -> bool:
+    """Inside a ``torch.library`` op under the interpreter, fake tensors (tracing) get no launch.
+
+    With a real GPU ``wrap_triton`` records the launch instead; the interpreter's kernels cannot be
+    recorded, so the op must stay opaque to AOTAutograd there (see ``autograd/ops.py``).
+    """
+    if not INTERPRETER:
+        return False
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    if isinstance(t, FunctionalTensor):
+        raise RuntimeError(
+            "dorafactors: under TRITON_INTERPRET=1 the Triton ops cannot be decomposed into a compiled graph; "
+            "compile with torch._functorch.config.patch(decompose_custom_triton_ops=False)"
+        )
+    return is_fake(t)
+
+
+def _launch(
+    tuned: _Tuned,
+    grid_of: Callable[[int, int], tuple[int, int]],
+    args: tuple,
+    key: tuple,
+    R: int,
+    K: int,
+    wrap: bool,
+) -> None:
+    """Launch ``tuned`` on ``args`` (every kernel argument up to, not including, ``BLOCK_R``).
+
+    The config is the forced one (tests), the interpreter's, the one cached for ``key``, or, on the first
+    call of a key, the autotuner's choice. ``wrap``: inside a ``torch.library`` op (``wrap_triton``).
+    """
+    if wrap:
+        _launch_wrapped(tuned, grid_of, args, R, K)
+        return
+    index = args[0].get_device()
+    if index >= 0 and index != torch.cuda.current_device():
+        # Triton launches on the current device: tensors on another GPU (a model spread over several GPUs)
+        # need that device made current for the launch.
+        with torch.cuda.device(index):
+            _launch_here(tuned, grid_of, args, key, R, K)
+        return
+    _launch_here(tuned, grid_of, args, key, R, K)
+
+
+def _launch_here(tuned: _Tuned, grid_of, args: tuple, key: tuple, R: int, K: int) -> None:
+    forced = _FORCED.get(tuned.family) if _FORCED else None
+    if forced is not None or INTERPRETER:
+        br, bc, warps, stages = forced or _interpreter_config(R, K)
+        tuned.fn[grid_of(br, bc)](*args, br, bc, num_warps=warps, num_stages=stages)
+        launch_counts[tuned.name] += 1
+        return
+    comprehensive = config.autotune_comprehensive()
+    chosen = tuned.chosen[comprehensive]
+    cfg = chosen.get(key)
+    if cfg is not None:
+        br, bc, warps, stages = cfg
+        tuned.fn[grid_of(br, bc)](*args, br, bc, num_warps=warps, num_stages=stages)
+    else:
+        tuner = tuned.tuner(comprehensive)
+        tuner[lambda meta: grid_of(meta["BLOCK_R"], meta["BLOCK_C"])](*args)
+        best = tuner.best_config
+        chosen[key] = (best.kwargs["BLOCK_R"], best.kwargs["BLOCK_C"], best.num_warps, best.num_stages)
+    launch_counts[tuned.name] += 1
+
+
+def _launch_wrapped(tuned: _Tuned, grid_of, args: tuple, R, K) -> None:
+    """The launch inside a ``torch.library`` Triton op: recorded by ``wrap_triton`` while tracing."""
+    from torch.library import wrap_triton
+
+    if _skip_launch(args[0]):
+        return
+    forced = _FORCED.get(tuned.family) if _FORCED else None
+    if forced is not None or INTERPRETER:
+        br, bc, warps, stages = forced or _interpreter_config(R, K)
+        wrap_triton(tuned.fn)[grid_of(br, bc)](*args, br, bc, num_warps=warps, num_stages=stages)
+    else:
+        tuner = tuned.tuner(config.autotune_comprehensive())
+        wrap_triton(tuner)[lambda meta: grid_of(meta["BLOCK_R"], meta["BLOCK_C"])](*args)
+    launch_counts[tuned.name] += 1
+
+
+# ------------------------------------------------------------------------------------------------ layouts
+
+
+def _cols_view(t: torch.Tensor, K: int) -> torch.Tensor | None:
+    """``t`` as ``[R, K]`` with unit column stride (any row stride), without copying; None if impossible."""
+    if t.dim() == 2:
+        v = t
+    else:
+        try:
+            v = t.view(-1, K)
+        except (RuntimeError, ValueError):  # ValueError: FakeTensors (under torch.compile)
+            return None
+    if K != 1 and v.stride(1) != 1:
+        return None
+    return v
+
+
+def _as_cols(t: torch.Tensor, K: int) -> tuple[torch.Tensor, int]:
+    """``(tensor, row stride)`` to hand to a kernel as ``[R, K]``; contiguous tensors pass as they are."""
+    if t.is_contiguous():
+        return t, K
+    v = _cols_view(t, K)
+    if v is None:
+        v = t.contiguous().view(-1, K)
+    return v, v.stride(0)
+
+
+def _check_size(R, K) -> None:
+    if isinstance(R, int) and (R >= _INDEX_LIMIT or K >= _INDEX_LIMIT):
+        raise ValueError(f"compose kernels take fewer than 2**30 rows and columns, got [{R}, {K}]")
+
+
+def _check_dtypes(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.dtype not in _KERNEL_DTYPE_SET:
+            raise TypeError(f"compose kernels take fp16/bf16/fp32 tensors, got {t.dtype} (use the PyTorch reference)")
+
+
+_KERNEL_DTYPE_SET = frozenset(KERNEL_DTYPES)
+
+
+# ------------------------------------------------------------------------------------------------ forward
+
+
+def _fwd_cols(lora, base, g, out, inner, R, K, s_lora, s_base, s_out, s_inner, scaling, tuned, wrap) -> None:
+    """``g`` along the columns of ``[R, K]`` operands with the given row strides."""
+    _check_size(R, K)
+    bucket = _row_bucket(R)
+    write_inner = inner is not None
+    args = (lora, base, g, out, inner, R, K, K, s_lora, s_base, s_out, s_inner, scaling, bucket, False, write_inner)
+    key = (K, bucket, False, write_inner, lora.dtype, base.dtype, g.dtype, out.dtype)
+    _launch(tuned, lambda br, bc: (cdiv(R, br), cdiv(K, bc)), args, key, R, K, wrap)
+
+
+def _fwd_rows(lora3, base3, g, out3, inner3, scaling: float, wrap: bool) -> None:
+    """Contiguous ``[N, C, S]`` operands, ``g`` along dim 1."""
+    N, C, S = lora3.shape
+    R = N * C
+    _check_size(R, S)
+    bucket = _row_bucket(R)
+    write_inner = inner3 is not None
+    args = (lora3, base3, g, out3, inner3, R, S, C, S, S, S, S, scaling, bucket, True, write_inner)
+    key = (S, bucket, True, write_inner, lora3.dtype, base3.dtype, g.dtype, out3.dtype)
+    _launch(_FWD, lambda br, bc: (cdiv(R, br), cdiv(S, bc)), args, key, R, S, wrap)
+
+
+def _check_operands(lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, channel_dim: int) -> int:
+    if lora.shape != base.shape:
+        raise ValueError(f"lora {tuple(lora.shape)} and base {tuple(base.shape)} must have the same shape")
+    C = lora.shape[channel_dim]
+    if g.dim() != 1 or g.shape[0] != C:
+        raise ValueError(f"g must be a vector of {C} (dim {channel_dim}), got shape {tuple(g.shape)}")
+    return C
+
+
+def compose_forward(
+    lora: torch.Tensor,
+    base: torch.Tensor,
+    g: torch.Tensor,
+    scaling: float,
+    *,
+    channel_dim: int = -1,
+    out_dtype: torch.dtype | None = None,
+    save_inner: bool = False,
+    wrap: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``out = (g - 1) * base + g * (scaling * lora)`` (and ``inner = base + scaling * lora``) on the GPU.
+
+    Args:
+        lora, base: ``[..., C, ...]`` fp16/bf16/fp32 (dtypes may differ), same shape, on one device.
+        g: ``[C]`` fp16/bf16/fp32 (normally fp32), along ``channel_dim``.
+        scaling: ``s``.
+        channel_dim: ``-1`` (Linear) or the channel dim of a conv activation.
+        out_dtype: dtype of ``out`` and ``inner``; default ``promote(lora, base)``.
+        save_inner: also return ``inner`` (what the magnitude gradient needs).
+        wrap: launch through ``torch.library.wrap_triton`` (inside a ``torch.library`` Triton op).
+
+    Returns:
+        ``(out, inner or None)``, shaped like ``lora``; ``out`` keeps ``lora``'s memory format when it is
+        channels-last.
+    """
+    _check_operands(lora, base, g, channel_dim)
+    out_dtype = out_dtype or torch.promote_types(lora.dtype, base.dtype)
+    _check_dtypes(lora, base, g)
+    if out_dtype not in _KERNEL_DTYPE_SET:
+        raise TypeError(f"out_dtype {out_dtype} is not a kernel dtype")
+    if lora.numel() == 0:
+        out = torch.empty(lora.shape, dtype=out_dtype, device=lora.device)
+        return out, (torch.empty_like(out) if save_inner else None)
+    return compose_forward_unchecked(lora, base, g, scaling, channel_dim, out_dtype, save_inner, wrap)
+
+
+def compose_forward_unchecked(
+    lora: torch.Tensor,
+    base: torch.Tensor,
+    g: torch.Tensor,
+    scaling: float,
+    channel_dim: int,
+    out_dtype: torch.dtype,
+    save_inner: bool,
+    wrap: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`compose_forward` for callers that validated shapes, dtypes and a non-empty ``lora`` (the hot path)."""
+    if not g.is_contiguous():
+        g = g.contiguous()
+    nd = lora.dim()
+    if channel_dim == -1 or channel_dim == nd - 1:
+        C = lora.shape[-1]
+        lora2, s_lora = _as_cols(lora, C)
+        base2, s_base = _as_cols(base, C)
+        out = torch.empty_like(lora, dtype=out_dtype, memory_format=torch.contiguous_format)
+        inner = torch.empty_like(out) if save_inner else None
+        _fwd_cols(lora2, base2, g, out, inner, out.numel() // C, C, s_lora, s_base, C, C, scaling, _FWD, wrap)
+        return out, inner
+    cd = channel_dim % nd
+    C = lora.shape[cd]
+    device = lora.device
+    # Channel along a middle dim: channels-last memory is the column layout of the moved tensor.
+    lora_m = _cols_view(lora.movedim(cd, -1), C)
+    base_m = _cols_view(base.movedim(cd, -1), C) if lora_m is not None else None
+    if lora_m is not None and base_m is not None:
+        moved_shape = lora.movedim(cd, -1).shape
+        R = lora_m.shape[0]
+        out2 = torch.empty((R, C), dtype=out_dtype, device=device)
+        inner2 = torch.empty((R, C), dtype=out_dtype, device=device) if save_inner else None
+        _fwd_cols(lora_m, base_m, g, out2, inner2, R, C, lora_m.stride(0), base_m.stride(0), C, C, scaling, _FWD, wrap)
+        out = out2.view(moved_shape).movedim(-1, cd)
+        return out, (inner2.view(moved_shape).movedim(-1, cd) if save_inner else None)
+    N = lora.shape[:cd].numel()
+    S = lora.shape[cd + 1 :].numel()
+    lora3 = lora.contiguous().view(N, C, S)
+    base3 = base.contiguous().view(N, C, S)
+    out3 = torch.empty((N, C, S), dtype=out_dtype, device=device)
+    inner3 = torch.empty((N, C, S), dtype=out_dtype, device=device) if save_inner else None
+    _fwd_rows(lora3, base3, g, out3, inner3, scaling, wrap)
+    return out3.view(lora.shape), (inner3.view(lora.shape) if save_inner else None)
+
+
+def compose_forward_into(
+    out: torch.Tensor,
+    inner: torch.Tensor | None,
+    lora: torch.Tensor,
+    base: torch.Tensor,
+    g: torch.Tensor,
+    scaling: float,
+) -> None:
+    """Write the composition into ``out`` (and ``inner``), ``g`` along the last dim.
+
+    ``out`` / ``inner`` / ``lora`` / ``base`` may be row-strided views (column slices of larger tensors);
+    they are read and written in place, never copied, when their last dim has unit stride. ``out`` may be
+    ``lora`` itself (in-place); otherwise it must not overlap the inputs.
+    """
+    C = _check_operands(lora, base, g, -1)
+    if out.shape != lora.shape or (inner is not None and inner.shape != lora.shape):
+        raise ValueError("out and inner must have lora's shape")
+    _check_dtypes(lora, base, g, out, *(() if inner is None else (inner,)))
+    if out.numel() == 0:
+        return
+    if not g.is_contiguous():
+        g = g.contiguous()
+    inplace = out.data_ptr() == lora.data_ptr()
+    lora2, s_lora = _as_cols(lora, C)
+    base2, s_base = _as_cols(base, C)
+    out2 = _cols_view(out, C)
+    inner2 = _cols_view(inner, C) if inner is not None else None
+    direct_out = out2 is not None
+    direct_inner = inner is None or inner2 is not None
+    if not direct_out:
+        out2 = torch.empty((lora.numel() // C, C), dtype=out.dtype, device=out.device)
+    if not direct_inner:
+        inner2 = torch.empty((lora.numel() // C, C), dtype=inner.dtype, device=inner.device)  # type: ignore[union-attr]
+    if inplace and lora2.data_ptr() != out2.data_ptr():
+        raise ValueError("in-place compose needs lora and out to be the same view")
+    _fwd_cols(
+        lora2,
+        base2,
+        g,
+        out2,
+        inner2,
+        out2.shape[0],
+        C,
+        s_lora,
+        s_base,
+        out2.stride(0),
+        inner2.stride(0) if inner2 is not None else 0,
+        scaling,
+        _FWD_INPLACE if inplace else _FWD,
+        False,
+    )
+    if not direct_out:
+        out.copy_(out2.view(out.shape))
+    if not direct_inner:
+        inner.copy_(inner2.view(inner.shape))  # type: ignore[union-attr]
+
+
+def compose_forward_(lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, scaling: float) -> torch.Tensor:
+    """In-place forward: ``lora <- (g - 1) * base + g * (scaling * lora)`` in ``lora``'s dtype; returns ``lora``.
+
+    ``g`` along the last dim; ``lora`` must be viewable as ``[R, C]`` with unit column stride.
+    """
+    C = lora.shape[-1]
+    if _cols_view(lora, C) is None:
+        raise ValueError("in-place compose needs a lora whose last dim has unit stride and collapsible leading dims")
+    compose_forward_into(lora, None, lora, base, g, scaling)
+    return lora
+
+
+# ------------------------------------------------------------------------------------------------ backward
+
+
+def _row_groups(R, K: int, device: torch.device, granule: int) -> tuple[int, int]:
+    """Split ``R`` reduction rows into groups so that ``groups * cdiv(K, 256)`` programs fill the GPU.
+
+    Returns ``(groups, rows_per_group)``; ``rows_per_group`` is a multiple of ``granule`` for a concrete ``R``.
+    """
+    target = BACKWARD_PROGRAMS_PER_SM * num_sms(device)
+    groups = max(1, min(_MAX_GROUPS, target // cdiv(K, 256)))
+    if not isinstance(R, int):  # symbolic under torch.compile: keep the group count static
+        return groups, cdiv(R, groups)
+    groups = max(1, min(groups, cdiv(R, granule)))
+    per_group = cdiv(cdiv(R, groups), granule) * granule
+    return cdiv(R, per_group), per_group
+
+
+def _sum_partials(part: torch.Tensor, out_dtype: torch.dtype, wrap: bool) -> torch.Tensor:
+    """``part.sum(0)`` for an fp32 ``[G, K]`` buffer, deterministically, in ``out_dtype``."""
+    G, K = part.shape
+    if G == 1 and out_dtype == torch.float32 and not wrap:
+        return part.view(K)
+    out = torch.empty(K, dtype=out_dtype, device=part.device)
+    if wrap and _skip_launch(part):
+        return out
+    fn = _sum_partials_kernel
+    if wrap:
+        from torch.library import wrap_triton
+
+        fn = wrap_triton(fn)
+    block_c = 64 if INTERPRETER else 256
+    index = part.get_device()
+    guard = not wrap and index >= 0 and index != torch.cuda.current_device()
+    with torch.cuda.device(index) if guard else contextlib.nullcontext():
+        fn[(cdiv(K, block_c),)](part, out, G, K, BLOCK_G=16, BLOCK_C=block_c, num_warps=4)
+    launch_counts["sum_partials"] += 1
+    return out
+
+
+def compose_backward(
+    d_out: torch.Tensor,
+    g: torch.Tensor,
+    inner: torch.Tensor | None,
+    scaling: float,
+    *,
+    channel_dim: int = -1,
+    lora_dtype: torch.dtype,
+    base_dtype: torch.dtype,
+    need_lora: bool = True,
+    need_base: bool = True,
+    need_g: bool = True,
+    wrap: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """One pass over ``d_out``: ``(g * s) * d_out``, ``(g - 1) * d_out`` and ``sum_rows(inner * d_out)``.
+
+    Args:
+        d_out: gradient of the composition, ``[..., C, ...]`` fp16/bf16/fp32.
+        g: ``[C]`` along ``channel_dim``.
+        inner: ``base + s * lora`` saved by the forward (same shape as ``d_out``); needed iff ``need_g``.
+        lora_dtype, base_dtype: dtypes of ``d_lora`` / ``d_base``.
+
+    Returns:
+        ``(d_lora, d_base, d_g)``: ``None`` where not needed; ``d_g`` is ``[C]`` in ``g``'s dtype,
+        accumulated in fp32 and bitwise reproducible.
+    """
+    if need_g and inner is None:
+        raise RuntimeError("the magnitude gradient needs `inner`, which the forward did not save")
+    C = d_out.shape[channel_dim]
+    if g.dim() != 1 or g.shape[0] != C:
+        raise ValueError(f"g must be a vector of {C}, got shape {tuple(g.shape)}")
+    if need_g and inner.shape != d_out.shape:  # type: ignore[union-attr]
+        raise ValueError("inner must have d_out's shape")
+    _check_dtypes(d_out, g, *((inner,) if need_g else ()))
+    if lora_dtype not in _KERNEL_DTYPE_SET or base_dtype not in _KERNEL_DTYPE_SET:
+        raise TypeError("d_lora / d_base dtypes must be kernel dtypes")
+    if not (need_lora or need_base or need_g):
+        return None, None, None
+    if d_out.numel() == 0:
+        d_lora = torch.empty(d_out.shape, dtype=lora_dtype, device=d_out.device) if need_lora else None
+        d_base = torch.empty(d_out.shape, dtype=base_dtype, device=d_out.device) if need_base else None
+        return d_lora, d_base, (torch.zeros(C, dtype=g.dtype, device=d_out.device) if need_g else None)
+    return compose_backward_unchecked(
+        d_out, g, inner, scaling, channel_dim, lora_dtype, base_dtype, need_lora, need_base, need_g, wrap
+    )
+
+
+def compose_backward_unchecked(
+    d_out: torch.Tensor,
+    g: torch.Tensor,
+    inner: torch.Tensor | None,
+    scaling: float,
+    channel_dim: int,
+    lora_dtype: torch.dtype,
+    base_dtype: torch.dtype,
+    need_lora: bool,
+    need_base: bool,
+    need_g: bool,
+    wrap: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`compose_backward` for callers that validated (the hot path); ``d_out`` non-empty."""
+    if not g.is_contiguous():
+        g = g.contiguous()
+    if not need_g:
+        inner = None
+    nd = d_out.dim()
+    if channel_dim == -1 or channel_dim == nd - 1:
+        C = d_out.shape[-1]
+        d2, s_d = _as_cols(d_out, C)
+        x2, s_x = _as_cols(inner, C) if need_g else (None, 0)  # type: ignore[arg-type]
+        d_lora = torch.empty_like(d_out, dtype=lora_dtype, memory_format=torch.contiguous_format) if need_lora else None
+        d_base = torch.empty_like(d_out, dtype=base_dtype, memory_format=torch.contiguous_format) if need_base else None
+        d_g = _bwd_cols(d2, g, x2, d_lora, d_base, d_out.numel() // C, C, s_d, s_x, scaling, wrap)
+        return d_lora, d_base, d_g
+    cd = channel_dim % nd
+    C = d_out.shape[cd]
+    device = d_out.device
+    # Plan the layout from d_out; inner follows it (copied only if its memory differs).
+    d_m = _cols_view(d_out.movedim(cd, -1), C)
+    if d_m is not None:
+        moved_shape = d_out.movedim(cd, -1).shape
+        R = d_m.shape[0]
+        x_m = None
+        if need_g:
+            x_m = _cols_view(inner.movedim(cd, -1), C)  # type: ignore[union-attr]
+            if x_m is None:
+                x_m = inner.movedim(cd, -1).contiguous().view(-1, C)  # type: ignore[union-attr]
+        d_lora = torch.empty((R, C), dtype=lora_dtype, device=device) if need_lora else None
+        d_base = torch.empty((R, C), dtype=base_dtype, device=device) if need_base else None
+        d_g = _bwd_cols(d_m, g, x_m, d_lora, d_base, R, C, d_m.stride(0), x_m.stride(0) if need_g else 0, scaling, wrap)
+        return (
+            d_lora.view(moved_shape).movedim(-1, cd) if need_lora else None,
+            d_base.view(moved_shape).movedim(-1, cd) if need_base else None,
+            d_g,
+        )
+    N = d_out.shape[:cd].numel()
+    S = d_out.shape[cd + 1 :].numel()
+    d3 = d_out.contiguous().view(N * C, S)
+    x3 = inner.contiguous().view(N * C, S) if need_g else None  # type: ignore[union-attr]
+    d_lora = torch.empty((N * C, S), dtype=lora_dtype, device=device) if need_lora else None
+    d_base = torch.empty((N * C, S), dtype=base_dtype, device=device) if need_base else None
+    d_g = _bwd_rows(d3, g, x3, d_lora, d_base, scaling, C, wrap)
+    shape = d_out.shape
+    return (d_lora.view(shape) if need_lora else None, d_base.view(shape) if need_base else None, d_g)
+
+
+def _bwd_cols(d2, g, x2, d_lora, d_base, R, K, s_d, s_x, scaling, wrap) -> torch.Tensor | None:
+    """``g`` along the columns; ``d_lora`` / ``d_base`` contiguous ``[R, K]`` (or None). Returns ``d_g``."""
+    _check_size(R, K)
+    need_g = x2 is not None
+    groups, per_group = _row_groups(R, K, d2.device, _ROW_GRANULE)
+    part = torch.empty((groups, K), dtype=torch.float32, device=d2.device) if need_g else None
+    bucket = _row_bucket(R)
+    need_lora, need_base = d_lora is not None, d_base is not None
+    args = (d2, g, x2, d_lora, d_base, part, R, K, per_group, s_d, s_x, K, K, scaling, bucket)
+    args += (need_lora, need_base, need_g)
+    key = (K, bucket, need_lora, need_base, need_g, d2.dtype, g.dtype)
+    key += (x2.dtype if need_g else None, d_lora.dtype if need_lora else None, d_base.dtype if need_base else None)
+    _launch(_BWD_COLS, lambda br, bc: (groups, cdiv(K, bc)), args, key, per_group, K, wrap)
+    return _sum_partials(part, g.dtype, wrap) if need_g else None
+
+
+def _bwd_rows(d2, g, x2, d_lora, d_base, scaling, C, wrap) -> torch.Tensor | None:
+    """Contiguous ``[N * C, S]`` operands, row ``r`` uses ``g[r % C]``. Returns ``d_g``."""
+    R, S = d2.shape
+    _check_size(R, S)
+    need_g = x2 is not None
+    # Split the reduction (S) into groups when there are too few rows to fill the GPU.
+    target = BACKWARD_PROGRAMS_PER_SM * num_sms(d2.device)
+    groups = max(1, min(_MAX_GROUPS, target // cdiv(R, 16), cdiv(S, _ROW_GRANULE)))
+    per_group = cdiv(cdiv(S, groups), _ROW_GRANULE) * _ROW_GRANULE
+    groups = cdiv(S, per_group)
+    part = torch.empty((groups, R), dtype=torch.float32, device=d2.device) if need_g else None
+    bucket = _row_bucket(R)
+    need_lora, need_base = d_lora is not None, d_base is not None
+    args = (d2, g, x2, d_lora, d_base, part, R, S, C, per_group, scaling, bucket, need_lora, need_base, need_g)
+    key = (S, bucket, need_lora, need_base, need_g, d2.dtype, g.dtype)
+    key += (x2.dtype if need_g else None, d_lora.dtype if need_lora else None, d_base.dtype if need_base else None)
+    _launch(_BWD_ROWS, lambda br, bc: (cdiv(R, br), groups), args, key, R, per_group, wrap)
+    # part[group, n * C + c] -> [groups * N, C], summed over its rows.
+    return _sum_partials(part.view(-1, C), g.dtype, wrap) if need_g else None
