@@ -40,23 +40,40 @@ def tests_peft(session: nox.Session, peft: str) -> None:
 @nox.parametrize("peft", PEFT_VERSIONS)
 def peft_oracle(session: nox.Session, peft: str) -> None:
     """PEFT's own ``tests/test_custom_models.py -k dora`` from its sdist, stock and patched: same outcome."""
-    session.install(_torch_spec(session), "-e", ".[test]", f"peft=={peft}", "diffusers", "scipy", "parameterized",
-                    "datasets")
+    session.install(
+        _torch_spec(session), "-e", ".[test]", f"peft=={peft}", "diffusers", "scipy", "parameterized", "datasets"
+    )
     tmp = session.create_tmp()
     session.run("python", "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", f"peft=={peft}", "-d", tmp)
     session.run("tar", "xzf", f"{tmp}/peft-{peft}.tar.gz", "-C", tmp, external=True)
     root = f"{tmp}/peft-{peft}"
     session.run("touch", f"{root}/tests/__init__.py", external=True)
     # Three cases need the Hugging Face Hub (gpt2, opt-125m): deselected on machines without it.
-    hub = ["test_gpt2_dora_merge_and_unload", "test_gpt2_dora_merge_and_unload_safe_merge",
-           "test_dora_save_and_load_remapping"]
+    hub = [
+        "test_gpt2_dora_merge_and_unload",
+        "test_gpt2_dora_merge_and_unload_safe_merge",
+        "test_dora_save_and_load_remapping",
+    ]
     deselect = [f"--deselect=tests/test_custom_models.py::TestPeftCustomModel::{name}" for name in hub]
-    common = ["python", "-m", "pytest", "tests/test_custom_models.py", "-k", "dora and not delora", "-o", "addopts=",
-              "-q", "-p", "no:cacheprovider", *deselect]
+    common = [
+        "python",
+        "-m",
+        "pytest",
+        "tests/test_custom_models.py",
+        "-k",
+        "dora and not delora",
+        "-o",
+        "addopts=",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        *deselect,
+    ]
     session.chdir(root)
     session.run(*common, env={"PYTHONPATH": f"{session.invoked_from}/tests/peft_oracle"})
-    session.run(*common, "-p", "dorafactors_patch_plugin",
-                env={"PYTHONPATH": f"{session.invoked_from}/tests/peft_oracle"})
+    session.run(
+        *common, "-p", "dorafactors_patch_plugin", env={"PYTHONPATH": f"{session.invoked_from}/tests/peft_oracle"}
+    )
 
 
 @nox.session(python="3.11")

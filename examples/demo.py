@@ -24,16 +24,24 @@ import dorafactors
 def build_base(device: str) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
     )
     return LlamaForCausalLM(config).to(device)
 
 
 def count_norms(model: torch.nn.Module, stock_counter: dict[str, int]) -> int:
     """Norm computations so far: dorafactors layers count cache misses; stock recomputes every forward."""
-    ours = [getattr(layer, "norm_computations", None) for m in model.modules()
-            for layer in getattr(m, "lora_magnitude_vector", {}).values()]
+    ours = [
+        getattr(layer, "norm_computations", None)
+        for m in model.modules()
+        for layer in getattr(m, "lora_magnitude_vector", {}).values()
+    ]
     return sum(ours) if ours and None not in ours else stock_counter["forwards"]
 
 
@@ -46,7 +54,10 @@ def main() -> None:
     args = parser.parse_args()
 
     config = LoraConfig(
-        r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, use_dora=True,
+        r=args.rank,
+        lora_alpha=2 * args.rank,
+        lora_dropout=0.0,
+        use_dora=True,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     )
     base = build_base(args.device)
@@ -56,16 +67,19 @@ def main() -> None:
     ours.load_state_dict(stock.state_dict())
     n_dora = sum(len(getattr(m, "lora_magnitude_vector", {})) for m in ours.modules())
     print(f"dorafactors {dorafactors.__version__}: {n_dora} DoRA layers, rank {args.rank}, device {args.device}")
-    print(f"layer classes: stock={type(stock.base_model.model.model.layers[0].self_attn.q_proj.lora_magnitude_vector['default']).__module__}"
-          f", ours={type(ours.base_model.model.model.layers[0].self_attn.q_proj.lora_magnitude_vector['default']).__module__}")
+    print(
+        f"layer classes: stock={type(stock.base_model.model.model.layers[0].self_attn.q_proj.lora_magnitude_vector['default']).__module__}"
+        f", ours={type(ours.base_model.model.model.layers[0].self_attn.q_proj.lora_magnitude_vector['default']).__module__}"
+    )
 
     gen = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, 512, (2, 64), generator=gen).to(args.device)
-               for _ in range(args.steps * args.accumulation)]
+    batches = [
+        torch.randint(0, 512, (2, 64), generator=gen).to(args.device) for _ in range(args.steps * args.accumulation)
+    ]
     results = {}
     for name, model in (("stock PEFT", stock), ("dorafactors", ours)):
         counter = {"forwards": 0}
-        hook = model.register_forward_pre_hook(lambda *_: counter.__setitem__("forwards", counter["forwards"] + n_dora))
+        hook = model.register_forward_pre_hook(lambda *_, c=counter: c.__setitem__("forwards", c["forwards"] + n_dora))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
         model.train()
         losses, times = [], []

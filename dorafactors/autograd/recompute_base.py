@@ -33,11 +33,12 @@ def forward_chunk_columns(rows: int, d_out: int, d_in: int, act_bytes: int, weig
 
 class _RecomputeBaseCompose(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, lora, scale, scaling, out_dtype):  # type: ignore[override]
+    def forward(ctx, x, weight, lora, scale, scaling, out_dtype, grad_enabled):  # type: ignore[override]
         rows = lora.numel() // lora.shape[-1]
         d_out, d_in = weight.shape
         chunk = forward_chunk_columns(rows, d_out, d_in, x.element_size(), x.element_size())
-        save_inner = ctx.needs_input_grad[3]
+        # needs_input_grad stays True under no_grad: inner is only worth writing when autograd records.
+        save_inner = grad_enabled and ctx.needs_input_grad[3]
         out = torch.empty(lora.shape, dtype=out_dtype, device=lora.device)
         inner = torch.empty(lora.shape, dtype=out_dtype, device=lora.device) if save_inner else None
         for c0 in range(0, d_out, chunk):
@@ -87,7 +88,7 @@ class _RecomputeBaseCompose(torch.autograd.Function):
                 for j0 in range(0, d_in, step):
                     j1 = min(d_in, j0 + step)
                     d_x[..., j0:j1] = d_base @ weight[:, j0:j1].to(x.dtype)
-        return d_x, None, d_lora, d_scale, None, None
+        return d_x, None, d_lora, d_scale, None, None, None
 
 
 def compose_recompute_base(
@@ -115,4 +116,4 @@ def compose_recompute_base(
         # A trainable base weight needs its own gradient: keep everything in plain autograd.
         base = F.linear(x, weight.to(x.dtype))
         return dora_compose(lora, base, scale, scaling, out_dtype=out_dtype)
-    return _RecomputeBaseCompose.apply(x, weight.detach(), lora, scale, scaling, out_dtype)
+    return _RecomputeBaseCompose.apply(x, weight.detach(), lora, scale, scaling, out_dtype, torch.is_grad_enabled())

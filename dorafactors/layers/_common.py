@@ -22,7 +22,18 @@ from ..dispatch import config
 from ..norm import NormCache, engine
 from ..norm.cache import optimizer_steps
 
-__all__ = ["DoraLayerMixin", "norm_cache_key_tensors"]
+__all__ = ["DoraLayerMixin", "base_weight", "norm_cache_key_tensors"]
+
+
+def base_weight(base_layer: torch.nn.Module) -> torch.Tensor:
+    """The base layer's weight as a float tensor: the parameter itself when it is a plain ``nn.Parameter``,
+    PEFT's ``dequantize_module_weight`` otherwise (bnb, HQQ, torchao). Skipping PEFT's helper for plain
+    weights saves host time on every forward and keeps ``torch.compile`` graphs whole (the helper calls
+    ``str.startswith`` on a type's module name, which Dynamo cannot trace)."""
+    weight = getattr(base_layer, "weight", None)
+    if type(weight) is nn.Parameter:
+        return weight
+    return dequantize_module_weight(base_layer)
 
 
 def norm_cache_key_tensors(base_layer: torch.nn.Module) -> tuple[torch.Tensor, ...]:
@@ -146,7 +157,7 @@ class DoraLayerMixin:
         with torch.no_grad(), distributed.gathered_for_norm(base_layer, lora_A, lora_B):
             if base_layer.__class__.__name__ == "Linear4bit":
                 base_layer = deepcopy(base_layer)  # as stock: FSDP cannot share the quantized base here
-            weight = dequantize_module_weight(base_layer).to(lora_A.device)
+            weight = base_weight(base_layer).to(lora_A.device)
             with _autocast_off(weight.device.type):
                 w2, a2, b2 = self._norm_factors(weight, lora_A, lora_B)
                 norm = engine.weight_norm(w2, a2, b2, float(scaling))
@@ -194,7 +205,7 @@ class DoraLayerMixin:
                     return hit
             else:
                 self._df_norm_cache.misses += 1
-            weight = dequantize_module_weight(base_layer) if dequantize else base_layer.weight
+            weight = base_weight(base_layer) if dequantize else base_layer.weight
             with _autocast_off(weight.device.type):
                 w2, a2, b2 = self._norm_factors(weight, lora_A, lora_B)
                 sumsq = None

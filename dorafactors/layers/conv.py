@@ -94,7 +94,7 @@ class _ConvMixin(DoraLayerMixin):
                 shape = (1, -1) + (1,) * (base_result.dim() - 2)
                 base_result = base_result - bias.to(base_result.dtype).view(*shape)
         channel_dim = 1 if lora_out.dim() == weight.dim() else 0
-        return dora_compose(lora_out, base_result, scale, scaling, channel_dim=channel_dim)
+        return dora_compose(lora_out, base_result, scale, scaling, channel_dim=channel_dim, inplace=True)
 
 
 class DoraConv1dLayer(_ConvMixin, peft_dora.DoraConv1dLayer):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from peft.tuners.lora import dora as peft_dora
-from peft.utils.integrations import dequantize_module_weight
 from peft.utils.other import transpose
 from torch import nn
 
@@ -12,7 +11,7 @@ from ..autograd.compose import dora_compose
 from ..autograd.recompute_base import compose_recompute_base
 from ..dispatch import config
 from ..norm import dense_row_norm
-from ._common import DoraLayerMixin
+from ._common import DoraLayerMixin, base_weight
 
 __all__ = ["DoraLinearLayer"]
 
@@ -86,6 +85,7 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
             bias = base_layer.bias
             if bias is not None:
                 base_result = base_result - bias.to(base_result.dtype)
-            return dora_compose(lora_out, base_result, scale, scaling)
-        weight = transpose(dequantize_module_weight(base_layer), self.fan_in_fan_out)
+            # In inference the kernel may write the result over lora_out (a fresh temporary of ours).
+            return dora_compose(lora_out, base_result, scale, scaling, inplace=True)
+        weight = transpose(base_weight(base_layer), self.fan_in_fan_out)
         return compose_recompute_base(x, weight, lora_out, scale, scaling)

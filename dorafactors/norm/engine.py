@@ -78,7 +78,8 @@ def weight_norm(
         cached_sumsq: ``||W||^2_row`` from an earlier call on the same W, or None.
 
     Returns:
-        ``[d_out]`` in fp32 or fp64 (never half). Never materializes a ``[d_out, d_in]`` tensor: the
+        ``[d_out]`` in fp32 (fp64 when an input is fp64; never half; the CPU accumulates in fp64 but
+        returns fp32 for non-fp64 inputs). Never materializes a ``[d_out, d_in]`` tensor: the
         factored paths never form ``B @ A``; the dense path (only for ``d_in <= r``) forms it in row blocks.
     """
     scaling = float(scaling)
@@ -116,7 +117,8 @@ def weight_norm(
             weight_sumsq=cached_sumsq,
             compute_dtype=cdt,
         )
-    return norm_sq.clamp_min_(0).sqrt_().clamp_min_(clamp_eps(weight.dtype))
+    norm = norm_sq.clamp_min_(0).sqrt_().to(compute_dtype_for(weight.dtype, lora_A.dtype, lora_B.dtype))
+    return norm.clamp_min_(clamp_eps(weight.dtype))
 
 
 def conv_factors(

@@ -10,13 +10,13 @@ import logging
 
 import pytest
 import torch
-from _tolerances import TOLERANCES, assert_close_verbose, assert_dtype_close, rel_error
 
 from dorafactors.autograd import recompute_base
 from dorafactors.autograd.compose import dora_compose
 from dorafactors.autograd.recompute_base import compose_recompute_base
 from dorafactors.dispatch import config, rules
 from dorafactors.kernels import compose as kc
+from tests._tolerances import TOLERANCES, assert_close_verbose, assert_dtype_close, rel_error
 
 F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
 #: The GPU when there is one (compiled kernels), else the CPU (Triton interpreter).

@@ -14,14 +14,13 @@ import copy
 
 import pytest
 import torch
-from _tolerances import TOLERANCES, assert_close_verbose
 from peft import LoraConfig, get_peft_model
-from peft.utils.integrations import dequantize_module_weight
 
 import dorafactors
 from dorafactors.autograd.compose import dora_compose
 from dorafactors.dispatch import config, rules
 from dorafactors.kernels import compose as kc
+from tests._tolerances import TOLERANCES, assert_close_verbose
 
 F32 = torch.float32
 ON_GPU = torch.cuda.is_available()
@@ -44,28 +43,6 @@ def compile_setup(monkeypatch):
         with torch._functorch.config.patch(decompose_custom_triton_ops=False):
             yield "aot_eager"
     torch._dynamo.reset()
-
-
-@pytest.fixture
-def traceable_weights(monkeypatch):
-    """Work around a graph break outside this package's kernels.
-
-    PEFT's ``dequantize_module_weight`` calls ``str.startswith`` on ``type(weight).__module__``, which Dynamo
-    cannot trace, and ``layers/_common.py`` calls it for every plain ``nn.Linear`` too (stock PEFT's DoRA has
-    the same break). This fixture gives the layer module a version that returns a plain ``Parameter``
-    directly and defers everything else to PEFT. Remove it once the layers skip the call for plain weights.
-    """
-    import dorafactors.layers._common as common
-    import dorafactors.layers.linear as linear
-
-    def plain_first(module):
-        weight = getattr(module, "weight", None)
-        if type(weight) is torch.nn.Parameter:
-            return weight
-        return dequantize_module_weight(module)
-
-    monkeypatch.setattr(common, "dequantize_module_weight", plain_first)
-    monkeypatch.setattr(linear, "dequantize_module_weight", plain_first)
 
 
 def _launches():
@@ -185,7 +162,7 @@ def _peft_models(device):
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
-def test_compiled_patched_peft_model(mode, fused, compile_setup, traceable_weights):
+def test_compiled_patched_peft_model(mode, fused, compile_setup):
     """A real patched PEFT DoRA model (Conv2d + Linear) under ``torch.compile(fullgraph=True)``."""
     device = "cuda" if ON_GPU else "cpu"
     stock, ours = _peft_models(device)

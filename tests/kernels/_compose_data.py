@@ -12,7 +12,8 @@ Two kinds of data:
 from __future__ import annotations
 
 import torch
-from _tolerances import assert_close_verbose
+
+from tests._tolerances import assert_close_verbose
 
 #: Significand bits (with the implicit one) per dtype.
 _MANT = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}

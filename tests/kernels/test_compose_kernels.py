@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _compose_data import (
+
+from dorafactors.kernels import compose as kc
+from dorafactors.kernels.compose_reference import compose_backward_reference, compose_forward_reference
+from tests._tolerances import assert_dtype_close
+from tests.kernels._compose_data import (
     DEVICE,
     EXACT_SCALING,
     assert_exact,
@@ -21,10 +25,6 @@ from _compose_data import (
     truth_backward,
     truth_forward,
 )
-from _tolerances import assert_dtype_close
-
-from dorafactors.kernels import compose as kc
-from dorafactors.kernels.compose_reference import compose_backward_reference, compose_forward_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
