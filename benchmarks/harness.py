@@ -222,8 +222,10 @@ def bench(
 ) -> dict[str, Any]:
     """Median time of ``fn`` in ms (+ p20/p80, timed-call count): ``do_bench`` on CUDA, a loop on CPU.
 
-    ``fn`` runs once to warm up (compilation, autotuning, allocator) and once more to estimate its time;
-    the do_bench repetition time is derived from that estimate so that at least ``reps`` calls are timed.
+    ``fn`` runs once to warm up (compilation, autotuning, allocator). On CUDA it runs once more to estimate
+    its time, from which the do_bench repetition time is derived so that at least ``reps`` calls are timed
+    (at least ``MICRO_REPS`` below ``MICRO_MS``). ``grad_to_none`` tensors get ``.grad = None`` before
+    every timed call (as ``optimizer.zero_grad(set_to_none=True)`` would).
     """
     reps = reps or settings.reps
     device = settings.device
@@ -248,7 +250,7 @@ def bench(
     from triton.testing import do_bench
 
     per_call = est_ms + _flush_ms()
-    rep_ms = per_call * (reps + 0.5) * 1.1
+    rep_ms = per_call * (reps + 0.5) * 1.25  # do_bench re-estimates (with accumulating grads): keep >= reps
     try:
         times = do_bench(fn, warmup=1e-3, rep=rep_ms, grad_to_none=list(grad_to_none or ()), return_mode="all")
         return _summary([float(t) for t in times], "triton.testing.do_bench (L2 flushed)")
@@ -525,14 +527,15 @@ def run_cases(
     on_finish: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``cases`` in :func:`order_cases` order, appending each case's rows to ``results`` as it ends."""
-    from tqdm.auto import tqdm
-
     meta = collect_metadata(settings, argv)
     ordered = order_cases(cases)
     start = time.perf_counter()
     counts = {"ok": 0, "error": 0, "skipped": 0}
-    bar = tqdm(total=len(ordered), disable=not progress, unit="case", dynamic_ncols=True, file=sys.stderr)
-    say = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
+    bar, write = _progress(len(ordered), progress)
+    say = log or write
+    if not settings.quick:
+        total = sum(c.estimate(estimates) for c in ordered if settings.compile or not c.optional)
+        say(f"estimated duration ~{total:.0f} s (~{total / 60:.1f} min; priors unless --calibrate)")
     try:
         for case in ordered:
             est = case.estimate(estimates)
@@ -570,6 +573,28 @@ def run_cases(
             with contextlib.suppress(Exception):
                 on_finish()
     return {"run_id": meta["run_id"], "wall_s": time.perf_counter() - start, "counts": counts, "meta": meta}
+
+
+def _progress(total: int, enabled: bool):
+    """A tqdm bar (and its ``write``) if tqdm is installed, else a no-op bar and ``print`` to stderr."""
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, disable=not enabled, unit="case", dynamic_ncols=True, file=sys.stderr)
+        return bar, lambda msg: tqdm.write(msg, file=sys.stderr)
+    except ImportError:
+
+        class _NoBar:
+            def update(self, n: int = 1) -> None:
+                pass
+
+            def set_description(self, text: str) -> None:
+                pass
+
+            def close(self) -> None:
+                pass
+
+        return _NoBar(), lambda msg: print(msg, file=sys.stderr, flush=True)
 
 
 def _one_line(case: Case, rows: list[dict[str, Any]], elapsed: float) -> str:

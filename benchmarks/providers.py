@@ -344,6 +344,16 @@ def stock_caching(enabled: bool) -> Iterator[None]:
         _peft_dora.ENABLE_DORA_CACHING = previous
 
 
+def clear_stock_caches(model: nn.Module) -> None:
+    """Empty PEFT's per-layer ``_dora_cache`` (filled only under ``ENABLE_DORA_CACHING``)."""
+    for _, module in _lora_layers(model):
+        magnitudes = getattr(module, "lora_magnitude_vector", None)
+        if magnitudes is not None and "default" in magnitudes:
+            clear = getattr(magnitudes["default"], "_cache_clear", None)
+            if clear is not None:
+                clear()
+
+
 def set_lora_dropout(model: nn.Module, p: float) -> None:
     """Swap every adapter's dropout module the way PEFT builds it (``nn.Dropout(p)`` if p > 0 else Identity)."""
     for _, module in _lora_layers(model):

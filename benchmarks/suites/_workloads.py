@@ -70,6 +70,7 @@ class Workload:
 def _model_state(model: nn.Module, workload: Workload, seed: int) -> Iterator[None]:
     """Same starting adapter weights, dropout / checkpointing / mode for the workload; undone afterwards."""
     P.init_adapters(model, seed)
+    P.clear_stock_caches(model)  # PEFT's ENABLE_DORA_CACHING entries of an earlier case are stale now
     hf = model.get_base_model() if hasattr(model, "get_base_model") else None
     if workload.dropout > 0:
         P.set_lora_dropout(model, workload.dropout)

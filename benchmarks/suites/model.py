@@ -10,7 +10,8 @@ Dtype setups:
 * ``peft-default+amp``: the same models run under ``torch.autocast(bf16)`` (what HF Trainer's ``bf16=True``
   does).
 
-Cases (run order): inference prefill (``no_grad``, full logits), training forward+backward (loss on all
+Cases (run order): inference prefill (``no_grad``, full logits; dorafactors reuses the norm of the frozen
+weights, ``dorafactors_cold`` is the same model with that cache defeated on every call), training forward+backward (loss on all
 tokens), one training step with gradient accumulation 8 (8 micro-batches fwd+bwd, then AdamW), gradient
 checkpointing, ``lora_dropout=0.05``; then, optional, ``torch.compile`` of stock and dorafactors for
 inference.
@@ -149,7 +150,8 @@ def cases(settings: Settings) -> list[Case]:
     for priority, (name, setup, workload, factor, kind) in enumerate(plan):
         fp32 = SETUPS[setup]["adapters_fp32"]
         reps = settings.heavy_reps if workload.heavy else settings.reps
-        est = estimate(settings, setup, kind, P.BASE_PROVIDERS, factor=factor, reps=reps)
+        providers = (*P.BASE_PROVIDERS, "dorafactors_cold") if workload.kind == "infer" else P.BASE_PROVIDERS
+        est = estimate(settings, setup, kind, providers, factor=factor, reps=reps)
         if fp32 not in built:
             est += BASE_S * (not built) + BUILD_S * len(P.BASE_PROVIDERS)
             built.add(fp32)
@@ -158,8 +160,8 @@ def cases(settings: Settings) -> list[Case]:
                 suite="model",
                 name=name,
                 params=model_params(settings, setup, r, workload),
-                providers=P.BASE_PROVIDERS,
-                run=_runner(setup, r, seq, workload, P.BASE_PROVIDERS),
+                providers=providers,
+                run=_runner(setup, r, seq, workload, providers),
                 est_s=est,
                 priority=priority,
             )
