@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         metavar="SECONDS",
-        help="skip (and record) the cases whose estimate no longer fits",
+        help="skip (and record) the cases whose estimate no longer fits; interrupt a case still running at S + max(30, 0.15 S)",
     )
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--argv", default=None, help=argparse.SUPPRESS)

@@ -304,6 +304,9 @@ def provider_rows(
     """Run ``measure(provider) -> (metrics, impl)`` for each provider; an exception becomes an error row."""
     rows: list[dict[str, Any]] = []
     for provider in providers:
+        if _DEADLINE and time.perf_counter() >= _DEADLINE[0]:
+            rows.append({"provider": provider, "status": "skipped", "reason": "hard deadline of --time-budget passed"})
+            continue
         try:
             metrics, impl = measure(provider)
             rows.append({"provider": provider, "status": "ok", "metrics": metrics, "impl": impl})
@@ -525,11 +528,21 @@ def run_cases(
     estimates: dict[str, float] | None = None,
     log: Callable[[str], None] | None = None,
     on_finish: Callable[[], None] | None = None,
+    grace_s: float | None = None,
 ) -> dict[str, Any]:
-    """Run ``cases`` in :func:`order_cases` order, appending each case's rows to ``results`` as it ends."""
+    """Run ``cases`` in :func:`order_cases` order, appending each case's rows to ``results`` as it ends.
+
+    With ``time_budget``: a case starts only if its estimate fits in what is left; a case still running at
+    ``time_budget + grace_s`` (default ``max(30, 0.15 * time_budget)``) is interrupted (SIGALRM, main
+    thread, POSIX) and recorded as an error, and the providers it had not reached as skipped.
+    """
     meta = collect_metadata(settings, argv)
     ordered = order_cases(cases)
     start = time.perf_counter()
+    alarm = None
+    if time_budget is not None:
+        grace = max(30.0, 0.15 * time_budget) if grace_s is None else grace_s
+        alarm = _HardDeadline(start + time_budget + grace)
     counts = {"ok": 0, "error": 0, "skipped": 0}
     bar, write = _progress(len(ordered), progress)
     say = log or write
@@ -554,11 +567,15 @@ def run_cases(
             else:
                 t0 = time.perf_counter()
                 try:
+                    if alarm is not None:
+                        alarm.arm()
                     fragments = case.run(settings)
                 except Exception as exc:  # a setup failure: every provider of the case gets the error
                     text = error_text(exc)
                     fragments = [{"provider": p, "status": "error", "error": text} for p in case.providers]
                 finally:
+                    if alarm is not None:
+                        alarm.disarm()
                     free_memory(settings.device)
                 wall = time.perf_counter() - t0
                 rows = _case_rows(case, fragments, meta, wall, est)
@@ -569,10 +586,53 @@ def run_cases(
             bar.update(1)
     finally:
         bar.close()
+        if alarm is not None:
+            alarm.close()
         if on_finish is not None:
             with contextlib.suppress(Exception):
                 on_finish()
     return {"run_id": meta["run_id"], "wall_s": time.perf_counter() - start, "counts": counts, "meta": meta}
+
+
+class BudgetExceeded(Exception):
+    """Raised (from SIGALRM) in a case still running at the hard deadline of ``--time-budget``."""
+
+
+_DEADLINE: list[float] = []  # the active hard deadline (perf_counter), read by provider_rows
+
+
+class _HardDeadline:
+    """Interrupts the running case at ``deadline`` (POSIX main thread only; otherwise only recorded)."""
+
+    def __init__(self, deadline: float) -> None:
+        import signal
+        import threading
+
+        self.deadline = deadline
+        self._signal = signal
+        self._usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+        self._previous = None
+        _DEADLINE[:] = [deadline]
+        if self._usable:
+            self._previous = signal.signal(signal.SIGALRM, self._fire)
+
+    def _fire(self, signum, frame) -> None:
+        raise BudgetExceeded("interrupted: still running at the hard deadline (--time-budget + grace)")
+
+    def arm(self) -> None:
+        if self._usable:
+            left = self.deadline - time.perf_counter()
+            self._signal.setitimer(self._signal.ITIMER_REAL, max(left, 0.01))
+
+    def disarm(self) -> None:
+        if self._usable:
+            self._signal.setitimer(self._signal.ITIMER_REAL, 0)
+
+    def close(self) -> None:
+        self.disarm()
+        _DEADLINE.clear()
+        if self._usable and self._previous is not None:
+            self._signal.signal(self._signal.SIGALRM, self._previous)
 
 
 def _progress(total: int, enabled: bool):

@@ -104,6 +104,7 @@ def _ratio_chart(rows, suite: str, path: Path, title: str) -> Path | None:
 def _compose_chart(rows, path: Path, title: str) -> Path | None:
     cases = _by_case(rows, "compose")
     peak = next((by["copy"] for name, by in cases.items() if name.startswith("copy/") and _ok(by.get("copy"))), None)
+    peak_label = f"copy, {peak['case'].split('/', 1)[1]}" if peak else ""
     modes = [m for m in ("fwd", "fwd_bwd") if any(n.endswith("/" + m) for n in cases)]
     if not modes:
         return None
@@ -126,7 +127,7 @@ def _compose_chart(rows, path: Path, title: str) -> Path | None:
             if xs:
                 ax.plot(xs, ys, marker="o", label=provider, color=_COLORS.get(provider))
         if peak is not None:
-            ax.axhline(peak["metrics"]["gbps"], color="black", linestyle="--", linewidth=0.8, label="copy, 1 GiB")
+            ax.axhline(peak["metrics"]["gbps"], color="black", linestyle="--", linewidth=0.8, label=peak_label)
         ax.set_xscale("log")
         ax.set_xlabel("bytes of one rows x cols bf16 tensor")
         ax.set_ylabel("nominal GB/s")

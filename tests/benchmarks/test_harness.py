@@ -211,6 +211,40 @@ def test_time_budget_skips_and_records(tmp_path):
     assert all("time budget" in r["reason"] for r in results.rows if r["status"] == "skipped")
 
 
+def test_a_case_running_past_the_hard_deadline_is_interrupted(tmp_path):
+    import time as _time
+
+    from benchmarks.harness import provider_rows
+
+    def slow(settings):
+        def measure(provider):
+            _time.sleep(20)
+            return {"ms": 1.0}, {}
+
+        return provider_rows(("a", "b"), measure, settings.device)
+
+    results = ResultsFile(tmp_path / "r.json")
+    t0 = _time.perf_counter()
+    run_cases(
+        [_case("slow", slow), _case("after", _ok)],
+        Settings.make(quick=True),
+        results,
+        time_budget=0.3,
+        grace_s=0.3,
+        progress=False,
+        log=lambda _: None,
+    )
+    assert _time.perf_counter() - t0 < 10
+    status = [(r["case"], r["provider"], r["status"]) for r in results.rows]
+    assert status == [
+        ("slow", "a", "error"),
+        ("slow", "b", "skipped"),
+        ("after", "a", "skipped"),
+        ("after", "b", "skipped"),
+    ]
+    assert "hard deadline" in results.rows[0]["error"]
+
+
 def test_providers_share_weights_and_adapters_not_at_identity():
     base = P.one_linear_base(48, 40, torch.device("cpu"), torch.float32, seed=3)
     built = {
