@@ -100,10 +100,6 @@ class Settings:
         if heavy_reps is None:
             heavy_reps = min(reps, 3 if quick else 8)
         backend = "inductor" if dev.type == "cuda" else "eager"
-        if dev.type == "cpu" and quick:
-            # Tiny shapes gain nothing from intra-op threads, and OpenMP threads on a shared, oversubscribed
-            # CPU (CI) make each op 10-100x slower. One thread keeps the smoke run fast and steady.
-            torch.set_num_threads(1)
         return cls(
             quick=quick,
             device=dev,
@@ -536,6 +532,11 @@ def run_cases(
     ``time_budget + grace_s`` (default ``max(30, 0.15 * time_budget)``) is interrupted (SIGALRM, main
     thread, POSIX) and recorded as an error, and the providers it had not reached as skipped.
     """
+    threads = torch.get_num_threads()
+    if settings.quick and not settings.cuda:
+        # Tiny shapes gain nothing from intra-op threads, and OpenMP threads on a shared, oversubscribed CPU
+        # (CI) make each op 10-100x slower. One thread (restored afterwards) keeps the smoke run fast and steady.
+        torch.set_num_threads(1)
     meta = collect_metadata(settings, argv)
     ordered = order_cases(cases)
     start = time.perf_counter()
@@ -586,6 +587,7 @@ def run_cases(
             bar.update(1)
     finally:
         bar.close()
+        torch.set_num_threads(threads)
         if alarm is not None:
             alarm.close()
         if on_finish is not None:
