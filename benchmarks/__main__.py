@@ -57,7 +57,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"{'#':>3}  {'case':58} {'providers':44} {'est s':>7} {'cum s':>7}")
     for i, case in enumerate(cases, 1):
         est = case.estimate(measured)
-        if case.optional and not settings.compile:
+        if (case.optional and not settings.compile) or (settings.quick and case.skip_quick):
             est = 0.0
         total += est
         per_suite[case.suite + (" (compile)" if case.optional else "")] = (
