@@ -1,0 +1,453 @@
+"""How each provider's model is built, in one process, from the same base weights and the same adapter.
+
+Providers:
+
+* ``lora``: stock PEFT, ``use_dora=False`` (the floor DoRA is measured against);
+* ``stock``: stock PEFT, ``use_dora=True``, built while dorafactors is *not* patched (checked);
+* ``dorafactors``: ``use_dora=True`` built inside ``dorafactors.patched()`` (checked: its DoRA layers are
+  dorafactors classes);
+* ``stock_cached``: the ``stock`` model with PEFT's opt-in ``ENABLE_DORA_CACHING`` on (decode only);
+* ``dorafactors_cold``: the ``dorafactors`` model with its norm cache defeated on every call (the adapter
+  weights' version counters are bumped, as an optimizer step would);
+* ``<p>+compile``: ``torch.compile`` of provider ``p``'s model (compile time recorded separately).
+
+Every model is a ``deepcopy`` of one base model; after ``get_peft_model`` the adapters are overwritten
+from a generator seeded by the module name, so all providers see identical ``lora_A`` (PEFT's
+kaiming-uniform range), ``lora_B ~ N(0, 0.01)`` (not at identity) and magnitude
+``||W||_row * (1 + 0.05 * N(0, 1))``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+import dorafactors
+
+__all__ = [
+    "BASE_PROVIDERS",
+    "ModelPool",
+    "ModelSpec",
+    "adapter_tensors",
+    "build_peft",
+    "bump_adapter_versions",
+    "compiled",
+    "impl_info",
+    "llama_base",
+    "norm_computations",
+    "one_linear_base",
+    "stock_caching",
+    "trainable",
+]
+
+BASE_PROVIDERS = ("lora", "stock", "dorafactors")
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+dorafactors.unpatch()
+from peft.tuners.lora import dora as _peft_dora  # noqa: E402  (imported after unpatch: stock classes)
+
+STOCK_DORA_LINEAR = _peft_dora.DoraLinearLayer
+
+
+# --------------------------------------------------------------------------------------------- base models
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A Llama-shaped causal LM with random weights (no download)."""
+
+    hidden: int = 4096
+    intermediate: int = 14336
+    heads: int = 32
+    kv_heads: int = 8
+    layers: int = 4
+    vocab: int = 32000
+    seq: int = 4096
+
+    def as_params(self) -> dict[str, int]:
+        return {
+            "hidden": self.hidden,
+            "intermediate": self.intermediate,
+            "heads": self.heads,
+            "kv_heads": self.kv_heads,
+            "layers": self.layers,
+            "vocab": self.vocab,
+            "seq": self.seq,
+        }
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+_BASES: OrderedDict[Any, nn.Module] = OrderedDict()
+
+
+def _cached_base(key: Any, make: Callable[[], nn.Module], keep: int = 2) -> nn.Module:
+    if key in _BASES:
+        _BASES.move_to_end(key)
+        return _BASES[key]
+    while len(_BASES) >= keep:
+        _BASES.popitem(last=False)
+    model = make()
+    _BASES[key] = model
+    return model
+
+
+def clear_bases() -> None:
+    _BASES.clear()
+
+
+def llama_base(spec: ModelSpec, device: torch.device, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> nn.Module:
+    """``LlamaForCausalLM`` built from a ``LlamaConfig`` on ``device`` in ``dtype`` (cached per spec)."""
+
+    def make() -> nn.Module:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            hidden_size=spec.hidden,
+            intermediate_size=spec.intermediate,
+            num_attention_heads=spec.heads,
+            num_key_value_heads=spec.kv_heads,
+            num_hidden_layers=spec.layers,
+            vocab_size=spec.vocab,
+            max_position_embeddings=max(spec.seq * 2, 1024),
+            tie_word_embeddings=False,
+        )
+        config._attn_implementation = "sdpa"
+        torch.manual_seed(seed)
+        with _default_dtype(dtype), torch.device(device):
+            model = LlamaForCausalLM(config)
+        model.requires_grad_(False)
+        return model
+
+    return _cached_base(("llama", spec, str(device), dtype, seed), make)
+
+
+class OneLinear(nn.Module):
+    """A single bias-free Linear (``proj``) in a module PEFT can target."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_out, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def one_linear_base(
+    d_in: int, d_out: int, device: torch.device, dtype: torch.dtype = torch.bfloat16, seed: int = 0
+) -> nn.Module:
+    def make() -> nn.Module:
+        torch.manual_seed(seed)
+        with _default_dtype(dtype), torch.device(device):
+            model = OneLinear(d_in, d_out)
+        model.requires_grad_(False)
+        return model
+
+    return _cached_base(("linear", d_in, d_out, str(device), dtype, seed), make)
+
+
+# --------------------------------------------------------------------------------------------- PEFT models
+
+
+def _lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            yield name, module
+
+
+def adapter_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """``lora_A`` / ``lora_B`` weights: the tensors an optimizer step writes and the norm depends on."""
+    out: list[torch.Tensor] = []
+    for _, module in _lora_layers(model):
+        out.append(module.lora_A["default"].weight)
+        out.append(module.lora_B["default"].weight)
+    return out
+
+
+def trainable(model: nn.Module) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def bump_adapter_versions(tensors: Sequence[torch.Tensor]) -> None:
+    """Mark the adapter weights as written (version counter +1, no kernel), like an optimizer step does.
+
+    Applied to every provider alike; only dorafactors' norm cache reacts (it must recompute the norm).
+    """
+    for t in tensors:
+        torch.autograd.graph.increment_version(t)
+
+
+@torch.no_grad()
+def init_adapters(model: nn.Module, seed: int) -> None:
+    """Write identical, non-identity adapter weights into any provider's model (see module docstring)."""
+    for name, module in _lora_layers(model):
+        a = module.lora_A["default"].weight
+        b = module.lora_B["default"].weight
+        gen = torch.Generator(device=a.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        bound = 1.0 / math.sqrt(a.shape[1])
+        a.copy_(torch.empty(a.shape, device=a.device, dtype=torch.float32).uniform_(-bound, bound, generator=gen))
+        b.copy_(torch.empty(b.shape, device=b.device, dtype=torch.float32).normal_(0.0, 0.01, generator=gen))
+        magnitudes = getattr(module, "lora_magnitude_vector", None)
+        if magnitudes is not None and "default" in magnitudes:
+            mag = magnitudes["default"].weight
+            weight = module.get_base_layer().weight
+            rows = torch.cat([chunk.float().norm(dim=1) for chunk in weight.split(4096, dim=0)])
+            noise = torch.empty(mag.shape, device=mag.device, dtype=torch.float32).normal_(generator=gen)
+            mag.copy_((rows * (1.0 + 0.05 * noise)).view(mag.shape))
+    clear = getattr(dorafactors, "clear_norm_caches", None)
+    if clear is not None:
+        clear(model)
+
+
+def _dora_classes(model: nn.Module) -> set[type]:
+    classes = set()
+    for _, module in _lora_layers(model):
+        magnitudes = getattr(module, "lora_magnitude_vector", None)
+        if magnitudes is not None and "default" in magnitudes:
+            classes.add(type(magnitudes["default"]))
+    return classes
+
+
+def build_peft(
+    base: nn.Module,
+    provider: str,
+    *,
+    r: int,
+    alpha: float,
+    targets: Sequence[str],
+    autocast_adapter_dtype: bool,
+    seed: int,
+    dropout: float = 0.0,
+) -> nn.Module:
+    """A PEFT model of ``provider`` (``lora``/``stock``/``dorafactors``) over a deepcopy of ``base``."""
+    from peft import LoraConfig, get_peft_model
+
+    if provider not in BASE_PROVIDERS:
+        raise ValueError(f"unknown provider {provider!r}")
+    device = next(base.parameters()).device
+    model = copy.deepcopy(base)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=list(targets),
+        lora_dropout=dropout,
+        use_dora=provider != "lora",
+        bias="none",
+    )
+    with torch.device(device):
+        if provider == "dorafactors":
+            with dorafactors.patched():
+                peft_model = get_peft_model(model, config, autocast_adapter_dtype=autocast_adapter_dtype)
+        else:
+            if dorafactors.is_patched():
+                raise RuntimeError("dorafactors is patched while building a stock PEFT model")
+            peft_model = get_peft_model(model, config, autocast_adapter_dtype=autocast_adapter_dtype)
+    classes = _dora_classes(peft_model)
+    if provider == "lora" and classes:
+        raise RuntimeError(f"the LoRA model has DoRA layers {classes}")
+    if provider == "stock" and classes != {STOCK_DORA_LINEAR}:
+        raise RuntimeError(f"the stock model's DoRA layers are {classes}, expected PEFT's {STOCK_DORA_LINEAR}")
+    if provider == "dorafactors" and (not classes or any(not c.__module__.startswith("dorafactors.") for c in classes)):
+        raise RuntimeError(f"the dorafactors model's DoRA layers are {classes}: patch() did not take effect")
+    init_adapters(peft_model, seed)
+    return peft_model
+
+
+def impl_info(model: nn.Module, provider: str) -> dict[str, Any]:
+    """What actually ran: DoRA layer class, adapter/magnitude dtypes, dorafactors' dispatch decisions."""
+    info: dict[str, Any] = {"provider_base": provider.split("+")[0].replace("_cached", "").replace("_cold", "")}
+    layers = list(_lora_layers(model))
+    if not layers:
+        return info
+    _, module = layers[0]
+    info["adapter_dtype"] = str(module.lora_A["default"].weight.dtype).replace("torch.", "")
+    info["base_dtype"] = str(module.get_base_layer().weight.dtype).replace("torch.", "")
+    info["lora_modules"] = len(layers)
+    magnitudes = getattr(module, "lora_magnitude_vector", None)
+    if magnitudes is not None and "default" in magnitudes:
+        layer = magnitudes["default"]
+        cls = type(layer)
+        info["dora_class"] = f"{cls.__module__}.{cls.__qualname__}"
+        info["magnitude_dtype"] = str(layer.weight.dtype).replace("torch.", "")
+        if cls.__module__.startswith("dorafactors."):
+            info.update(_dorafactors_paths(module))
+    return info
+
+
+def _dorafactors_paths(module: nn.Module) -> dict[str, Any]:
+    """Which implementation dorafactors' dispatch picks for this layer (public engine / fused predicates)."""
+    out: dict[str, Any] = {}
+    try:
+        from dorafactors.norm import engine
+
+        weight = module.get_base_layer().weight
+        out["df_norm_path"] = engine.norm_path(weight, module.lora_A["default"].weight, module.lora_B["default"].weight)
+    except Exception as exc:
+        out["df_norm_path"] = f"unknown ({type(exc).__name__})"
+    try:
+        from dorafactors.autograd import fused
+
+        weight = module.get_base_layer().weight
+        act = torch.empty(8, weight.shape[0], device=weight.device, dtype=weight.dtype)
+        scale = torch.empty(weight.shape[0], device=weight.device, dtype=torch.float32)
+        out["df_compose_fused_infer"] = bool(fused.available_for(act, act, scale, -1, training=False))
+        out["df_compose_fused_train"] = bool(fused.available_for(act, act, scale, -1, training=True))
+    except Exception as exc:
+        out["df_compose_fused_infer"] = f"unknown ({type(exc).__name__})"
+    return out
+
+
+def norm_computations(model: nn.Module) -> int | None:
+    """Sum of dorafactors' per-layer norm computations (cache misses); None for other providers."""
+    total = None
+    for _, module in _lora_layers(model):
+        magnitudes = getattr(module, "lora_magnitude_vector", None)
+        if magnitudes is None or "default" not in magnitudes:
+            continue
+        count = getattr(magnitudes["default"], "norm_computations", None)
+        if isinstance(count, int):
+            total = (total or 0) + count
+    return total
+
+
+@contextlib.contextmanager
+def stock_caching(enabled: bool) -> Iterator[None]:
+    """PEFT's opt-in ``peft.tuners.lora.dora.ENABLE_DORA_CACHING`` (read by stock on every call)."""
+    if not enabled:
+        yield
+        return
+    previous = _peft_dora.ENABLE_DORA_CACHING
+    _peft_dora.ENABLE_DORA_CACHING = True
+    try:
+        yield
+    finally:
+        _peft_dora.ENABLE_DORA_CACHING = previous
+
+
+def clear_stock_caches(model: nn.Module) -> None:
+    """Empty PEFT's per-layer ``_dora_cache`` (filled only under ``ENABLE_DORA_CACHING``)."""
+    for _, module in _lora_layers(model):
+        magnitudes = getattr(module, "lora_magnitude_vector", None)
+        if magnitudes is not None and "default" in magnitudes:
+            clear = getattr(magnitudes["default"], "_cache_clear", None)
+            if clear is not None:
+                clear()
+
+
+def set_lora_dropout(model: nn.Module, p: float) -> None:
+    """Swap every adapter's dropout module the way PEFT builds it (``nn.Dropout(p)`` if p > 0 else Identity)."""
+    for _, module in _lora_layers(model):
+        module.lora_dropout["default"] = nn.Dropout(p=p) if p > 0 else nn.Identity()
+
+
+def compiled(model: nn.Module, backend: str) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """``torch.compile(model)`` after a dynamo reset (so compile time is clean); returns (fn, info)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    try:
+        from torch._dynamo.utils import counters
+
+        counters.clear()
+    except Exception:
+        pass
+    return torch.compile(model, backend=backend, dynamic=False), {"compile_backend": backend}
+
+
+def graph_breaks() -> int | None:
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(sum(counters["graph_break"].values()))
+    except Exception:
+        return None
+
+
+def timed_first_call(fn: Callable[[], Any], device: torch.device) -> float:
+    """Wall seconds of one call (for a compiled model: compilation + one run)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------------------------- model pool
+
+
+class ModelPool:
+    """Keeps the last ``slots`` provider sets (dict provider -> model or the exception its build raised).
+
+    Cases that share a configuration (same base, rank, dtype setup) reuse one set instead of rebuilding.
+    """
+
+    def __init__(self, slots: int = 2) -> None:
+        self.slots = slots
+        self._sets: OrderedDict[Any, dict[str, Any]] = OrderedDict()
+
+    def get(self, key: Any, build: Callable[[str], nn.Module], providers: Sequence[str]) -> dict[str, Any]:
+        if key in self._sets:
+            self._sets.move_to_end(key)
+            models = self._sets[key]
+        else:
+            while len(self._sets) >= self.slots:
+                self._sets.popitem(last=False)
+                from .harness import free_memory
+
+                free_memory()
+            models = {}
+            self._sets[key] = models
+        for provider in providers:
+            if provider not in models:
+                try:
+                    models[provider] = build(provider)
+                except Exception as exc:  # recorded per provider by the cases that use it
+                    models[provider] = exc
+        return models
+
+    def clear(self) -> None:
+        self._sets.clear()
+
+
+POOL = ModelPool(slots=2)
+
+
+def model_of(provider: str) -> str:
+    """The built model a provider runs on: ``stock_cached`` -> stock, ``dorafactors_cold+compile`` -> dorafactors."""
+    name = provider.removesuffix("+compile")
+    return {"dorafactors_cold": "dorafactors", "stock_cached": "stock"}.get(name, name)
+
+
+def models_needed(providers: Sequence[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(model_of(p) for p in providers))
+
+
+def get_model(models: dict[str, Any], provider: str) -> nn.Module:
+    """The built model of ``provider`` (re-raises the exception its build raised)."""
+    model = models[provider]
+    if isinstance(model, BaseException):
+        raise model
+    return model

@@ -1,0 +1,260 @@
+"""Workloads shared by the model, decode, layer and ranks suites: what one timed call does, per provider.
+
+Honesty rules built in:
+
+* every training call (``train_fwd_bwd`` and the layer's ``fwd_bwd``) first marks the adapter weights as
+  written (version bump, no kernel; :func:`providers.bump_adapter_versions`), for every provider alike, so
+  dorafactors recomputes its norm on every call as it would after an optimizer step. Steps that run a real
+  optimizer (``train_step``, ``accum_step``) need no bump: AdamW writes the weights. Within one
+  gradient-accumulation cycle the weights do not change, and dorafactors may reuse its norm there;
+* inference and decode calls do *not* bump: serving with frozen weights is where a norm cache is legitimate;
+  ``dorafactors_cold`` shows the same model with the cache defeated;
+* each case starts from the same adapter weights (:func:`providers.init_adapters`), and each row records
+  how many norms dorafactors computed per call (``df_norm_computations_per_call``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import providers as P
+from ..harness import Settings, bench, peak_extra_mib
+
+__all__ = ["Workload", "measure"]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one timed call does.
+
+    kind: ``infer`` (eval, no_grad forward), ``train_fwd_bwd`` (train mode, forward + backward of the loss),
+    ``train_step`` (zero_grad + forward + backward + AdamW step), ``accum_step`` (``accum`` micro-batches
+    of forward + backward, then one AdamW step), ``decode`` (eval, no_grad forward of ``new_tokens`` with a
+    KV cache of ``context`` tokens, cropped back after each call).
+    """
+
+    kind: str
+    amp: bool = False
+    grad_ckpt: bool = False
+    dropout: float = 0.0
+    accum: int = 1
+    new_tokens: int = 0
+    context: int = 0
+    heavy: bool = False
+
+    def params(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"workload": self.kind}
+        if self.amp:
+            out["autocast"] = "bf16"
+        if self.grad_ckpt:
+            out["gradient_checkpointing"] = "non-reentrant"
+        if self.kind != "infer" and self.kind != "decode":
+            out["lora_dropout"] = self.dropout
+        if self.kind == "accum_step":
+            out["grad_accum"] = self.accum
+        if self.kind in ("train_step", "accum_step"):
+            out["optimizer"] = "AdamW(lr=1e-5, foreach)"
+        if self.kind == "decode":
+            out["new_tokens"] = self.new_tokens
+            out["kv_cache_context"] = self.context
+        return out
+
+
+@contextlib.contextmanager
+def _model_state(model: nn.Module, workload: Workload, seed: int) -> Iterator[None]:
+    """Same starting adapter weights, dropout / checkpointing / mode for the workload; undone afterwards."""
+    P.init_adapters(model, seed)
+    P.clear_stock_caches(model)  # PEFT's ENABLE_DORA_CACHING entries of an earlier case are stale now
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else None
+    if workload.dropout > 0:
+        P.set_lora_dropout(model, workload.dropout)
+    if workload.grad_ckpt and hf is not None:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train(workload.kind not in ("infer", "decode"))
+    try:
+        yield
+    finally:
+        if workload.dropout > 0:
+            P.set_lora_dropout(model, 0.0)
+        if workload.grad_ckpt and hf is not None:
+            hf.gradient_checkpointing_disable()
+        for p in P.trainable(model):
+            p.grad = None
+        model.eval()
+
+
+def _autocast(enabled: bool, device: torch.device):
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _decode_fn(model: Callable[..., Any], base_model: nn.Module, inputs: dict[str, torch.Tensor], workload: Workload):
+    """A decode step with a KV cache cropped back after each call; plain forward if the cache API fails."""
+    context, new = inputs["context_ids"], inputs["new_ids"]
+    with torch.no_grad():
+        cache = base_model(input_ids=context, use_cache=True).past_key_values
+
+    def step() -> None:
+        with torch.no_grad():
+            model(input_ids=new, past_key_values=cache, use_cache=True)
+        cache.crop(-new.shape[1])
+
+    try:
+        step()
+        if cache.get_seq_length() != context.shape[1]:
+            raise RuntimeError(f"cache length {cache.get_seq_length()} after crop, expected {context.shape[1]}")
+        return step, "kv_cache"
+    except Exception as exc:  # transformers without crop(-n): time the new tokens without a cache
+        reason = f"plain forward of the new tokens (KV cache unusable: {type(exc).__name__})"
+
+        def plain() -> None:
+            with torch.no_grad():
+                model(input_ids=new, use_cache=False)
+
+        return plain, reason
+
+
+def measure(
+    settings: Settings,
+    models: dict[str, Any],
+    provider: str,
+    workload: Workload,
+    inputs: dict[str, torch.Tensor],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Time ``workload`` on ``provider``'s model: ``(metrics, impl)`` for one row."""
+    compile_it = provider.endswith("+compile")
+    base_provider = provider.removesuffix("+compile")
+    cold = base_provider == "dorafactors_cold"
+    cached = base_provider == "stock_cached"
+    model = P.get_model(models, P.model_of(provider))
+    device = settings.device
+    impl: dict[str, Any] = {}
+    with _model_state(model, workload, settings.seed), P.stock_caching(cached):
+        runner: Callable[..., Any] = model
+        if compile_it:
+            runner, info = P.compiled(model, settings.compile_backend)
+            impl.update(info)
+        adapters = P.adapter_tensors(model)
+        params = P.trainable(model)
+        ids = inputs.get("ids")
+        grad_to_none: list[torch.Tensor] | None = None
+        reps = settings.heavy_reps if workload.heavy else settings.reps
+        tokens = 0
+
+        if workload.kind == "infer":
+            tokens = ids.numel()
+
+            def fn() -> None:
+                if cold:
+                    P.bump_adapter_versions(adapters)
+                with torch.no_grad(), _autocast(workload.amp, device):
+                    runner(**_call_args(ids, model))
+
+        elif workload.kind == "train_fwd_bwd":
+            tokens = ids.numel()
+            grad_to_none = params
+
+            def fn() -> None:
+                P.bump_adapter_versions(adapters)
+                with _autocast(workload.amp, device):
+                    loss = _loss(runner, ids, model)
+                loss.backward()
+
+        elif workload.kind == "train_step":
+            tokens = ids.numel()
+            optimizer = torch.optim.AdamW(params, lr=1e-5)
+
+            def fn() -> None:
+                optimizer.zero_grad(set_to_none=True)
+                with _autocast(workload.amp, device):
+                    loss = _loss(runner, ids, model)
+                loss.backward()
+                optimizer.step()
+
+        elif workload.kind == "accum_step":
+            batches = inputs["batches"]
+            tokens = sum(b.numel() for b in batches)
+            optimizer = torch.optim.AdamW(params, lr=1e-5)
+
+            def fn() -> None:
+                for batch in batches:
+                    with _autocast(workload.amp, device):
+                        loss = _loss(runner, batch, model) / len(batches)
+                    loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        elif workload.kind == "decode":
+            tokens = inputs["new_ids"].numel()
+            with _autocast(workload.amp, device):
+                step, mode = _decode_fn(runner, model, inputs, workload)
+            impl["decode_mode"] = mode
+
+            def fn() -> None:
+                with _autocast(workload.amp, device):
+                    step()
+
+        elif workload.kind == "layer_infer":
+            x = inputs["x"]
+            tokens = x.shape[0]
+
+            def fn() -> None:
+                if cold:
+                    P.bump_adapter_versions(adapters)
+                with torch.no_grad():
+                    runner(x)
+
+        elif workload.kind == "layer_fwd_bwd":
+            x, grad_out = inputs["x_grad"], inputs["grad_out"]
+            tokens = x.shape[0]
+            grad_to_none = [*params, x]
+
+            def fn() -> None:
+                P.bump_adapter_versions(adapters)
+                runner(x).backward(grad_out)
+
+        else:
+            raise ValueError(f"unknown workload {workload.kind!r}")
+
+        # Norm computations per call, counted over every call after the first (the first one fills the
+        # caches: init_adapters() just rewrote the weights).
+        counter = {"calls": 0, "norms_after_first": None}
+
+        def counted() -> None:
+            fn()
+            counter["calls"] += 1
+            if counter["calls"] == 1:
+                counter["norms_after_first"] = P.norm_computations(model)
+
+        metrics: dict[str, Any] = {}
+        if compile_it:
+            metrics["compile_s"] = round(P.timed_first_call(counted, device), 3)
+            breaks = P.graph_breaks()
+            if breaks is not None:
+                impl["graph_breaks"] = breaks
+        metrics.update(bench(counted, settings, reps=reps, grad_to_none=grad_to_none))
+        metrics["peak_extra_mib"] = peak_extra_mib(counted, settings, grad_to_none=grad_to_none)
+        norms_end = P.norm_computations(model)
+        if metrics.get("ms"):
+            metrics["tokens_per_s"] = tokens / (metrics["ms"] / 1e3)
+        impl.update(P.impl_info(model, provider))
+        first = counter["norms_after_first"]
+        if first is not None and norms_end is not None and counter["calls"] > 1:
+            impl["df_norm_computations_per_call"] = round((norms_end - first) / (counter["calls"] - 1), 3)
+    return metrics, impl
+
+
+def _call_args(ids: torch.Tensor, model: nn.Module) -> dict[str, Any]:
+    return {"input_ids": ids, "use_cache": False}
+
+
+def _loss(runner: Callable[..., Any], ids: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """Causal-LM loss on all tokens (labels = inputs; transformers shifts them)."""
+    return runner(input_ids=ids, labels=ids, use_cache=False).loss

@@ -1,0 +1,98 @@
+"""Decode suite: eval, ``no_grad``, a few new tokens at a time.
+
+* model: the model suite's Llama-shaped model, 1 / 8 / 16 new tokens on top of a KV cache of 512 prompt
+  tokens (``DynamicCache``, cropped back with ``crop(-n)`` after every call, so every call sees the same
+  context); if the installed transformers cannot crop, the row says so (``impl.decode_mode``) and the
+  new tokens are run as a plain forward without a cache.
+* layer: one 8192x8192 Linear (bf16 adapters, as anchors.md), 1 and 16 tokens.
+
+Providers: lora, stock, stock with PEFT's opt-in ``ENABLE_DORA_CACHING`` (``stock_cached``), dorafactors
+(its norm cache is on by default and legitimately reused: the weights are frozen while decoding).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import providers as P
+from ..harness import OVERHEAD_CALLS, Case, Settings, provider_rows
+from . import layer as L
+from . import model as M
+from ._workloads import Workload, measure
+
+PROVIDERS = ("lora", "stock", "stock_cached", "dorafactors")
+
+#: Priors (ms per call, H100, 8 new tokens; anchors.md) for the estimates only.
+_PRIOR_MODEL_MS = {"peft-default": (11.8, 52.0), "bf16": (8.0, 30.0)}
+_PRIOR_LAYER_MS = (0.08, 1.0)
+
+
+def _context(settings: Settings) -> int:
+    return 8 if settings.quick else 512
+
+
+def cases(settings: Settings) -> list[Case]:
+    r = M.rank(settings)
+    ctx = _context(settings)
+    out: list[Case] = []
+    order: list[tuple[str, Any]] = [
+        ("model", ("peft-default", 8)),
+        ("model", ("bf16", 8)),
+        ("layer", 1),
+        ("model", ("peft-default", 1)),
+        ("model", ("peft-default", 16)),
+        ("model", ("bf16", 1)),
+        ("model", ("bf16", 16)),
+        ("layer", 16),
+    ]
+    built: set[str] = set()
+    for priority, (what, arg) in enumerate(order):
+        if what == "model":
+            setup, tokens = arg
+            workload = Workload("decode", new_tokens=tokens, context=ctx)
+            lora, stock = _PRIOR_MODEL_MS[setup]
+            est = (lora + 2 * stock + (lora + stock) / 2) * (settings.reps + OVERHEAD_CALLS) / 1e3
+            if setup not in built:
+                est += M.BUILD_S * 3 + M.BASE_S * (not built)
+                built.add(setup)
+            params = M.model_params(settings, setup, r, workload)
+            out.append(
+                Case(
+                    suite="decode",
+                    name=f"model/{setup}/tokens={tokens}",
+                    params=params,
+                    providers=PROVIDERS,
+                    run=_model_runner(setup, r, tokens, ctx, workload),
+                    est_s=est,
+                    priority=priority,
+                )
+            )
+        else:
+            tokens = arg
+            d = L.decode_shape(settings)
+            workload = Workload("layer_infer")
+            lora, stock = _PRIOR_LAYER_MS
+            est = 4 * stock * (L.MICRO_CALLS) / 1e3 + L.BUILD_S
+            out.append(
+                Case(
+                    suite="decode",
+                    name=f"layer/{d}x{d}/tokens={tokens}",
+                    params={**L.layer_params(settings, d, d, tokens, L.rank(settings)), "workload": "decode (eval)"},
+                    providers=PROVIDERS,
+                    run=L.runner(d, d, tokens, L.rank(settings), workload, PROVIDERS),
+                    est_s=est,
+                    priority=priority,
+                )
+            )
+    return out
+
+
+def _model_runner(setup: str, r: int, tokens: int, ctx: int, workload: Workload):
+    def run(settings: Settings) -> list[dict[str, Any]]:
+        models = M.model_set(settings, setup, r, P.models_needed(PROVIDERS))
+        context = M.token_ids(settings, 1, ctx, salt=11)[0]
+        new = M.token_ids(settings, 1, tokens, salt=12)[0]
+        inputs = {"context_ids": context, "new_ids": new}
+        return provider_rows(PROVIDERS, lambda p: measure(settings, models, p, workload, inputs), settings.device)
+
+    return run

@@ -1,0 +1,195 @@
+"""Model suite: the Llama-shaped model of anchors.md with DoRA on q,k,v,o,gate,up,down.
+
+Model: ``LlamaForCausalLM`` from a ``LlamaConfig`` (hidden 4096, MLP 14336, 32 heads / 8 KV heads, 4 layers,
+vocab 32000), random bf16 weights, SDPA attention, batch 1 x seq 4096, r=384, lora_alpha=2r.
+
+Dtype setups:
+
+* ``bf16``: all bf16 (``autocast_adapter_dtype=False``: adapters and magnitude in bf16);
+* ``peft-default``: PEFT's default (bf16 base, ``autocast_adapter_dtype=True``: fp32 adapters, magnitude);
+* ``peft-default+amp``: the same models run under ``torch.autocast(bf16)`` (what HF Trainer's ``bf16=True``
+  does).
+
+Cases (run order): inference prefill (``no_grad``, full logits; dorafactors reuses the norm of the frozen
+weights, ``dorafactors_cold`` is the same model with that cache defeated on every call), training forward+backward (loss on all
+tokens), one training step with gradient accumulation 8 (8 micro-batches fwd+bwd, then AdamW), gradient
+checkpointing, ``lora_dropout=0.05``; then, optional, ``torch.compile`` of stock and dorafactors for
+inference.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import providers as P
+from ..harness import OVERHEAD_CALLS, Case, Settings, provider_rows
+from ._workloads import Workload, measure
+
+SETUPS: dict[str, dict[str, Any]] = {
+    "bf16": {"adapters_fp32": False, "amp": False, "adapter_dtype": "bf16"},
+    "peft-default": {"adapters_fp32": True, "amp": False, "adapter_dtype": "fp32"},
+    "peft-default+amp": {"adapters_fp32": True, "amp": True, "adapter_dtype": "fp32 (bf16 autocast)"},
+}
+
+#: Priors for the time estimates only (ms per call on an H100 at default sizes; LoRA and stock from
+#: anchors.md, dorafactors assumed half-way). Never reported as results.
+_PRIOR_MS = {
+    ("bf16", "infer"): (22.0, 39.1),
+    ("bf16", "train"): (52.7, 78.8),
+    ("peft-default", "infer"): (47.0, 104.0),
+    ("peft-default", "train"): (121.4, 194.5),
+    ("peft-default+amp", "infer"): (30.0, 60.0),
+    ("peft-default+amp", "train"): (70.0, 110.0),
+}
+BUILD_S = 3.0  # one provider's PEFT model (deepcopy + get_peft_model + adapter init), prior
+BASE_S = 4.0  # the random-weight base model, prior
+COMPILE_S = 75.0  # compiling the 4-layer model for inference, prior
+
+
+def spec(settings: Settings) -> P.ModelSpec:
+    if settings.quick:
+        return P.ModelSpec(hidden=64, intermediate=160, heads=4, kv_heads=2, layers=2, vocab=128, seq=32)
+    return P.ModelSpec()
+
+
+def rank(settings: Settings) -> int:
+    return 8 if settings.quick else 384
+
+
+def model_set(settings: Settings, setup: str, r: int, providers=P.BASE_PROVIDERS) -> dict[str, Any]:
+    """The lora/stock/dorafactors models of one dtype setup and rank (pooled: reused by later cases)."""
+    s = spec(settings)
+    fp32 = SETUPS[setup]["adapters_fp32"]
+    base = P.llama_base(s, settings.device, torch.bfloat16, settings.seed)
+
+    def build(provider: str):
+        return P.build_peft(
+            base,
+            provider,
+            r=r,
+            alpha=2 * r,
+            targets=P.LLAMA_TARGETS,
+            autocast_adapter_dtype=fp32,
+            seed=settings.seed,
+        )
+
+    return P.POOL.get(("llama", s, r, fp32, settings.seed), build, providers)
+
+
+def token_ids(settings: Settings, count: int, seq: int, salt: int = 0) -> list[torch.Tensor]:
+    vocab = spec(settings).vocab
+    gen = torch.Generator(device=settings.device).manual_seed(settings.seed * 7919 + salt)
+    return [torch.randint(0, vocab, (1, seq), generator=gen, device=settings.device) for _ in range(count)]
+
+
+def model_params(settings: Settings, setup: str, r: int, workload: Workload) -> dict[str, Any]:
+    return {
+        "model": "llama-shaped (random init)",
+        **spec(settings).as_params(),
+        "batch": 1,
+        "r": r,
+        "lora_alpha": 2 * r,
+        "targets": ",".join(t.removesuffix("_proj") for t in P.LLAMA_TARGETS),
+        "setup": setup,
+        "base_dtype": "bf16",
+        "adapter_dtype": SETUPS[setup]["adapter_dtype"],
+        **workload.params(),
+    }
+
+
+def estimate(
+    settings: Settings, setup: str, kind: str, providers, *, factor: float = 1.0, reps: int | None = None
+) -> float:
+    lora, stock = _PRIOR_MS[(setup, kind)]
+    per = {"lora": lora, "stock": stock, "dorafactors": (lora + stock) / 2}
+    n = (reps or settings.reps) + OVERHEAD_CALLS
+    total = 0.0
+    for p in providers:
+        name = p.removesuffix("+compile").replace("_cold", "").replace("_cached", "")
+        total += per.get(name, stock) * factor * n / 1e3
+        if p.endswith("+compile"):
+            total += COMPILE_S
+    return total
+
+
+def cases(settings: Settings) -> list[Case]:
+    r = rank(settings)
+    seq = spec(settings).seq
+    accum = 8
+    train = Workload("train_fwd_bwd")
+    plan: list[tuple[str, str, Workload, float, str]] = [
+        # (name, setup, workload, time factor vs one fwd+bwd / inference call, prior kind)
+        ("bf16/infer_prefill", "bf16", Workload("infer"), 1.0, "infer"),
+        ("bf16/train_fwd_bwd", "bf16", train, 1.0, "train"),
+        ("bf16/train_step_accum8", "bf16", Workload("accum_step", accum=accum, heavy=True), accum, "train"),
+        ("peft-default/infer_prefill", "peft-default", Workload("infer"), 1.0, "infer"),
+        ("peft-default/train_fwd_bwd", "peft-default", train, 1.0, "train"),
+        ("bf16/train_fwd_bwd_gradckpt", "bf16", Workload("train_fwd_bwd", grad_ckpt=True), 1.35, "train"),
+        ("bf16/train_fwd_bwd_dropout0.05", "bf16", Workload("train_fwd_bwd", dropout=0.05), 1.15, "train"),
+        (
+            "peft-default/train_step_accum8",
+            "peft-default",
+            Workload("accum_step", accum=accum, heavy=True),
+            accum,
+            "train",
+        ),
+        (
+            "peft-default/train_fwd_bwd_dropout0.05",
+            "peft-default",
+            Workload("train_fwd_bwd", dropout=0.05),
+            1.15,
+            "train",
+        ),
+        ("peft-default+amp/infer_prefill", "peft-default+amp", Workload("infer", amp=True), 1.0, "infer"),
+        ("peft-default+amp/train_fwd_bwd", "peft-default+amp", Workload("train_fwd_bwd", amp=True), 1.0, "train"),
+    ]
+    out: list[Case] = []
+    built: set[bool] = set()
+    for priority, (name, setup, workload, factor, kind) in enumerate(plan):
+        fp32 = SETUPS[setup]["adapters_fp32"]
+        reps = settings.heavy_reps if workload.heavy else settings.reps
+        providers = (*P.BASE_PROVIDERS, "dorafactors_cold") if workload.kind == "infer" else P.BASE_PROVIDERS
+        est = estimate(settings, setup, kind, providers, factor=factor, reps=reps)
+        if fp32 not in built:
+            est += BASE_S * (not built) + BUILD_S * len(P.BASE_PROVIDERS)
+            built.add(fp32)
+        out.append(
+            Case(
+                suite="model",
+                name=name,
+                params=model_params(settings, setup, r, workload),
+                providers=providers,
+                run=_runner(setup, r, seq, workload, providers),
+                est_s=est,
+                priority=priority,
+            )
+        )
+    compiled = ("stock+compile", "dorafactors+compile")
+    infer = Workload("infer")
+    out.append(
+        Case(
+            suite="model",
+            name="bf16/infer_prefill",
+            params=model_params(settings, "bf16", r, infer),
+            providers=compiled,
+            run=_runner("bf16", r, seq, infer, compiled),
+            est_s=estimate(settings, "bf16", "infer", compiled) + BUILD_S * 2,
+            optional=True,
+            priority=len(plan),
+            skip_quick="compiling the model takes minutes on a CPU (the layer suite covers the compile path)",
+        )
+    )
+    return out
+
+
+def _runner(setup: str, r: int, seq: int, workload: Workload, providers):
+    def run(settings: Settings) -> list[dict[str, Any]]:
+        models = model_set(settings, setup, r, P.models_needed(providers))
+        count = workload.accum if workload.kind == "accum_step" else 1
+        batches = token_ids(settings, count, seq)
+        inputs = {"ids": batches[0], "batches": batches}
+        return provider_rows(providers, lambda p: measure(settings, models, p, workload, inputs), settings.device)
+
+    return run

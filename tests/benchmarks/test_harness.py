@@ -1,0 +1,270 @@
+"""The benchmark harness end to end on CPU (``--quick``), plus its robustness rules.
+
+One quick run of every suite (shared by the tests below) checks rows, providers, metadata, the report's
+ratios and targets, and the plots. Smaller tests check the runner's error capture, incremental writes,
+the time budget, and that providers get identical, non-identity adapters.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import providers as P
+from benchmarks.__main__ import main
+from benchmarks.harness import Case, ResultsFile, Settings, run_cases
+
+pytestmark = pytest.mark.slow
+
+META_KEYS = (
+    "gpu",
+    "driver",
+    "cuda",
+    "torch",
+    "triton",
+    "peft",
+    "transformers",
+    "dorafactors",
+    "git_commit",
+    "timestamp",
+    "hostname",
+    "quick",
+    "run_id",
+)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("bench")
+    out = out_dir / "quick.json"
+    assert main(["run", "--quick", "--suite", "all", "--out", str(out), "--no-progress"]) == 0
+    report = out_dir / "RESULTS.md"
+    assert main(["report", str(out), "--output", str(report)]) == 0
+    plots = out_dir / "plots"
+    assert main(["plot", str(out), "--outdir", str(plots)]) == 0
+    return {"json": out, "report": report, "plots": plots, "rows": json.loads(out.read_text())["rows"]}
+
+
+def _by(rows, suite):
+    out: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        if row["suite"] == suite and not row.get("optional"):
+            out.setdefault(row["case"], {})[row["provider"]] = row
+    return out
+
+
+def test_every_suite_and_provider_ran(quick_run):
+    rows = quick_run["rows"]
+    assert {r["suite"] for r in rows} == {"model", "decode", "layer", "norm", "compose", "ranks"}
+    errors = [(r["suite"], r["case"], r["provider"], r.get("error", "")[:300]) for r in rows if r["status"] == "error"]
+    assert not errors, errors
+    for suite in ("model", "decode", "layer", "ranks"):
+        cases = _by(rows, suite)
+        assert cases, suite
+        for case, by in cases.items():
+            assert {"lora", "stock", "dorafactors"} <= set(by), (suite, case, set(by))
+            assert all(r["status"] == "ok" for r in by.values()), (suite, case)
+    for case, by in _by(rows, "norm").items():
+        assert set(by) == {"gemm_floor", "stock", "dorafactors_cold", "dorafactors_warm"}, case
+        assert by["dorafactors_cold"]["metrics"]["rel_err_vs_fp64"] < 1e-3
+    for case, by in _by(rows, "compose").items():
+        assert "copy" in by, case
+        if not case.startswith("copy/"):
+            assert by["dorafactors"]["metrics"]["gbps"] > 0
+    compiled = [r for r in rows if r.get("optional")]
+    assert any(r["status"] == "ok" and r["provider"] == "dorafactors+compile" for r in compiled)
+    assert any(r["status"] == "skipped" and r["suite"] == "model" for r in compiled)  # not in --quick
+
+
+def test_rows_carry_metrics_and_metadata(quick_run):
+    for row in quick_run["rows"]:
+        for key in META_KEYS:
+            assert key in row["meta"], key
+        assert row["meta"]["quick"] is True
+        for key in ("suite", "case", "provider", "params", "status", "run_id", "timestamp"):
+            assert key in row
+        if row["status"] == "ok":
+            metrics = row["metrics"]
+            assert metrics["ms"] > 0 and metrics["reps"] >= 3
+            assert metrics["ms_p20"] <= metrics["ms"] <= metrics["ms_p80"]
+
+
+def test_providers_are_what_they_claim(quick_run):
+    for row in quick_run["rows"]:
+        if row["status"] != "ok" or row["suite"] not in ("model", "decode", "layer", "ranks"):
+            continue
+        cls = row["impl"].get("dora_class")
+        base = P.model_of(row["provider"])
+        if base == "lora":
+            assert cls is None
+        elif base == "stock":
+            assert cls == "peft.tuners.lora.dora.DoraLinearLayer"
+        else:
+            assert cls.startswith("dorafactors.")
+
+
+def test_norm_recomputed_in_training_reused_in_inference(quick_run):
+    """Training rows must not profit from a norm cache across optimizer steps; serving rows may."""
+    for row in quick_run["rows"]:
+        if row["status"] != "ok" or P.model_of(row["provider"]) != "dorafactors" or row["suite"] == "norm":
+            continue
+        per_call = row["impl"].get("df_norm_computations_per_call")
+        if per_call is None:
+            continue
+        modules = row["impl"]["lora_modules"]
+        workload = row["params"].get("workload")
+        if row["provider"].startswith("dorafactors_cold") or workload in ("train_fwd_bwd", "fwd_bwd", "train_step"):
+            assert per_call == modules, (row["case"], per_call, modules)
+        elif (row["suite"] == "decode" or workload == "infer") and not row["provider"].endswith("+compile"):
+            assert per_call == 0, (row["case"], per_call)
+
+
+def test_report_ratios_and_results_md(quick_run):
+    rows = json.loads(quick_run["json"].read_text())["rows"]  # the report writes the ratios back
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        ratios = row["ratios"]
+        if row["suite"] in ("model", "decode", "layer", "ranks") and not row.get("optional"):
+            assert "ms_vs_lora" in ratios and "ms_vs_stock" in ratios, (row["case"], row["provider"])
+            if row["provider"] == "lora":
+                assert ratios["ms_vs_lora"] == pytest.approx(1.0)
+        if row["suite"] == "norm":
+            assert "ms_vs_gemm_floor" in ratios
+        if row["suite"] == "compose" and row["provider"] == "dorafactors":
+            assert {"ms_vs_eager", "gbps_vs_copy"} <= set(ratios)
+    text = quick_run["report"].read_text()
+    assert "## CPU (quick smoke run)" in text and "Smoke run on CPU" in text
+    assert "### Targets" in text and ("**pass**" in text or "**miss**" in text)
+    for suite in ("model", "decode", "layer", "norm", "compose", "ranks"):
+        assert f"### {suite}" in text
+
+
+def test_plots_written(quick_run):
+    pngs = sorted(quick_run["plots"].glob("*.png"))
+    names = {p.name.split("quick-", 1)[-1] for p in pngs}
+    assert {"ratio-model.png", "ratio-layer.png", "compose-bandwidth.png", "norm-time.png", "ranks.png"} <= names
+    assert all(p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+# --------------------------------------------------------------------------------------------- runner rules
+
+
+def _case(name, run, providers=("a", "b"), est=0.0):
+    return Case(suite="compose", name=name, params={}, providers=providers, run=run, est_s=est)
+
+
+def _ok(settings):
+    return [{"provider": p, "status": "ok", "metrics": {"ms": 1.0}} for p in ("a", "b")]
+
+
+def test_errors_are_recorded_and_the_run_goes_on(tmp_path):
+    def boom(settings):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    results = ResultsFile(tmp_path / "r.json")
+    settings = Settings.make(quick=True)
+    run_cases([_case("x", boom), _case("y", _ok)], settings, results, progress=False, log=lambda _: None)
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [(r["case"], r["status"]) for r in rows] == [("x", "error")] * 2 + [("y", "ok")] * 2
+    assert "OutOfMemoryError" in rows[0]["error"]
+
+
+def test_rows_are_on_disk_before_a_crash(tmp_path):
+    def killed(settings):
+        raise KeyboardInterrupt  # e.g. the command's time limit
+
+    path = tmp_path / "r.json"
+    results = ResultsFile(path)
+    with pytest.raises(KeyboardInterrupt):
+        run_cases(
+            [_case("first", _ok), _case("second", killed)],
+            Settings.make(quick=True),
+            results,
+            progress=False,
+            log=lambda _: None,
+        )
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["case"] for r in rows] == ["first", "first"]
+    # a second call appends to the same file under a new run id
+    run_cases([_case("third", _ok)], Settings.make(quick=True), ResultsFile(path), progress=False, log=lambda _: None)
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["case"] for r in rows] == ["first", "first", "third", "third"]
+    assert rows[0]["run_id"] != rows[-1]["run_id"]
+
+
+def test_time_budget_skips_and_records(tmp_path):
+    settings = Settings.make(quick=False, device="cpu")  # estimates are honoured outside --quick
+    results = ResultsFile(tmp_path / "r.json")
+    run_cases(
+        [_case("cheap", _ok, est=0.0), _case("dear", _ok, est=1e6)],
+        settings,
+        results,
+        time_budget=60,
+        progress=False,
+        log=lambda _: None,
+    )
+    status = {(r["case"], r["status"]) for r in results.rows}
+    assert status == {("cheap", "ok"), ("dear", "skipped")}
+    assert all("time budget" in r["reason"] for r in results.rows if r["status"] == "skipped")
+
+
+def test_a_case_running_past_the_hard_deadline_is_interrupted(tmp_path):
+    import time as _time
+
+    from benchmarks.harness import provider_rows
+
+    def slow(settings):
+        def measure(provider):
+            _time.sleep(20)
+            return {"ms": 1.0}, {}
+
+        return provider_rows(("a", "b"), measure, settings.device)
+
+    results = ResultsFile(tmp_path / "r.json")
+    t0 = _time.perf_counter()
+    run_cases(
+        [_case("slow", slow), _case("after", _ok)],
+        Settings.make(quick=True),
+        results,
+        time_budget=0.3,
+        grace_s=0.3,
+        progress=False,
+        log=lambda _: None,
+    )
+    assert _time.perf_counter() - t0 < 10
+    status = [(r["case"], r["provider"], r["status"]) for r in results.rows]
+    assert status == [
+        ("slow", "a", "error"),
+        ("slow", "b", "skipped"),
+        ("after", "a", "skipped"),
+        ("after", "b", "skipped"),
+    ]
+    assert "hard deadline" in results.rows[0]["error"]
+
+
+def test_providers_share_weights_and_adapters_not_at_identity():
+    base = P.one_linear_base(48, 40, torch.device("cpu"), torch.float32, seed=3)
+    built = {
+        p: P.build_peft(base, p, r=4, alpha=8, targets=("proj",), autocast_adapter_dtype=False, seed=3)
+        for p in P.BASE_PROVIDERS
+    }
+    layers = {p: m.base_model.model.proj for p, m in built.items()}
+    for p in ("stock", "dorafactors"):
+        assert torch.equal(layers[p].base_layer.weight, layers["lora"].base_layer.weight)
+        assert torch.equal(layers[p].lora_A["default"].weight, layers["lora"].lora_A["default"].weight)
+        assert torch.equal(layers[p].lora_B["default"].weight, layers["lora"].lora_B["default"].weight)
+    assert layers["lora"].lora_B["default"].weight.abs().min() > 0  # not PEFT's zero init
+    mag = {p: layers[p].lora_magnitude_vector["default"].weight for p in ("stock", "dorafactors")}
+    assert torch.equal(mag["stock"], mag["dorafactors"])
+    row_norm = layers["stock"].base_layer.weight.norm(dim=1)
+    assert not torch.allclose(mag["stock"], row_norm)  # the magnitude is perturbed too
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        outs = {p: m(x) for p, m in built.items()}
+        base_out = base(x)
+    for p in P.BASE_PROVIDERS:
+        assert (outs[p] - base_out).abs().max() > 1e-3, p  # every adapter changes the output
+    torch.testing.assert_close(outs["stock"], outs["dorafactors"], rtol=1e-5, atol=1e-5)
