@@ -132,6 +132,13 @@ def _apply() -> None:
         namespace.check_adapters_to_merge = _clear_caches_on_merge(original)
 
 
+def _drop_derived_state(instance: Any) -> None:
+    from .layers._common import _DERIVED_STATE
+
+    for name in _DERIVED_STATE:
+        instance.__dict__.pop(name, None)
+
+
 def _restore() -> None:
     while _applied:
         namespace, name, original = _applied.pop()
@@ -140,8 +147,7 @@ def _restore() -> None:
         ref, original_cls = _converted.pop()
         instance = ref()
         if instance is not None and type(instance) is not original_cls:
-            instance.__dict__.pop("_df_norm_cache_obj", None)
-            instance.__dict__.pop("_df_sumsq_cache_obj", None)
+            _drop_derived_state(instance)
             instance.__class__ = original_cls
 
 
@@ -230,8 +236,7 @@ def _revert_since(index: int) -> None:
         ref, original_cls = _converted.pop()
         instance = ref()
         if instance is not None:
-            instance.__dict__.pop("_df_norm_cache_obj", None)
-            instance.__dict__.pop("_df_sumsq_cache_obj", None)
+            _drop_derived_state(instance)
             instance.__class__ = original_cls
 
 

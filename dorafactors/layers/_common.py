@@ -9,6 +9,7 @@ created lazily so that a stock instance converted in place by ``patch(model)`` w
 from __future__ import annotations
 
 import contextlib
+import weakref
 from copy import deepcopy
 from typing import Any
 
@@ -20,7 +21,7 @@ from torch import nn
 from .. import distributed
 from ..dispatch import config
 from ..norm import NormCache, engine
-from ..norm.cache import optimizer_steps
+from ..norm.cache import TensorStamp, optimizer_steps
 
 __all__ = ["DoraLayerMixin", "base_weight", "norm_cache_key_tensors"]
 
@@ -65,6 +66,10 @@ def norm_cache_key_tensors(base_layer: torch.nn.Module) -> tuple[torch.Tensor, .
     return tuple(tensors)
 
 
+#: Per-layer derived state (caches and memos with weak references): never pickled, dropped on revert.
+_DERIVED_STATE = ("_df_norm_cache_obj", "_df_sumsq_cache_obj", "_df_base_memo", "_df_scale_memo")
+
+
 class DoraLayerMixin:
     """Shared behaviour of the dorafactors DoRA layers (see module docstring)."""
 
@@ -92,6 +97,7 @@ class DoraLayerMixin:
         """Forget every cached norm and base sum of squares of this layer."""
         self._df_norm_cache.clear()
         self._df_sumsq_cache.clear()
+        self.__dict__.pop("_df_scale_memo", None)
 
     @property
     def norm_computations(self) -> int:
@@ -167,6 +173,38 @@ class DoraLayerMixin:
         self.weight = nn.Parameter(norm, requires_grad=True)
 
     # ------------------------------------------------------------------ the forward norm
+    def _base_tensors(self, base_layer: nn.Module) -> tuple[torch.Tensor, ...]:
+        """``norm_cache_key_tensors(base_layer)``, memoized for the common plain-weight layer.
+
+        Probing a module for quantization attributes costs microseconds per ``getattr`` miss; once a
+        base layer is known to hold a plain ``nn.Parameter`` weight, only that is re-checked per call.
+        """
+        if torch.compiler.is_compiling():
+            return norm_cache_key_tensors(base_layer)
+        memo = self.__dict__.get("_df_base_memo")
+        if memo is not None and memo[0]() is base_layer and memo[1]:
+            weight = base_layer._parameters.get("weight")
+            if type(weight) is nn.Parameter:
+                return (weight,)
+        tensors = norm_cache_key_tensors(base_layer)
+        weight = base_layer._parameters.get("weight") if hasattr(base_layer, "_parameters") else None
+        plain = type(weight) is nn.Parameter and tensors == (weight,)
+        self.__dict__["_df_base_memo"] = (weakref.ref(base_layer), plain)
+        return tensors
+
+    def _magnitude_scale(self, magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        """``g = m / norm`` (``[d_out]``). With no autograd to record, reuse the last ``g`` while ``norm`` is
+        the same cached tensor and the magnitude is unchanged (saves a launch per decode step)."""
+        if (torch.is_grad_enabled() and magnitude.requires_grad) or torch.compiler.is_compiling():
+            return magnitude.reshape(-1) / norm.to(magnitude.device)
+        epoch = optimizer_steps() if magnitude.requires_grad else -1
+        memo = self.__dict__.get("_df_scale_memo")
+        if memo is not None and memo[0] is norm and memo[2] == epoch and memo[1].matches(magnitude):
+            return memo[3]
+        scale = magnitude.detach().reshape(-1) / norm.to(magnitude.device)
+        self.__dict__["_df_scale_memo"] = (norm, TensorStamp(magnitude), epoch, scale)
+        return scale
+
     def _norm_factors(
         self, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -191,7 +229,7 @@ class DoraLayerMixin:
         """
         scaling = float(scaling)
         with torch.no_grad(), distributed.gathered_for_norm(base_layer, *gather_modules) as gathered:
-            base_tensors = norm_cache_key_tensors(base_layer)
+            base_tensors = self._base_tensors(base_layer)
             inputs = (*base_tensors, lora_A, lora_B)
             reuse, _reason = distributed.norm_cache_allowed(gathered, inputs)
             reuse = reuse and not torch.compiler.is_compiling()
@@ -225,14 +263,14 @@ class DoraLayerMixin:
         """Keep PEFT's ``_dora_cache`` observable exactly as stock fills and clears it during forward."""
         if self._stock_caching_on(adapter_name):
             self._cache_store(f"weight-norm-{adapter_name}", norm)
-        else:
+        elif self.__dict__.get("_dora_cache"):
             self._cache_clear()
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()  # type: ignore[misc]
         state = dict(state)
-        state.pop("_df_norm_cache_obj", None)
-        state.pop("_df_sumsq_cache_obj", None)
+        for name in _DERIVED_STATE:
+            state.pop(name, None)
         return state
 
 

@@ -76,7 +76,7 @@ class _ConvMixin(DoraLayerMixin):
             dequantize=False,
         )
         self._mirror_stock_cache(adapter_name, norm)
-        scale = magnitude.reshape(-1) / norm.to(magnitude.device)
+        scale = self._magnitude_scale(magnitude, norm)
         lora_out = lora_B(lora_A(x))
         if base_result is None:
             base_result = self.conv_fn(

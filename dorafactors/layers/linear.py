@@ -79,7 +79,7 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
             base_layer, lora_A.weight, lora_B.weight, scaling, adapter_name, gather_modules=(lora_A, lora_B)
         )
         self._mirror_stock_cache(adapter_name, norm)
-        scale = magnitude / norm.to(magnitude.device)
+        scale = self._magnitude_scale(magnitude, norm)
         lora_out = lora_B(lora_A(x))
         if base_result is not None:
             bias = base_layer.bias

@@ -67,36 +67,34 @@ def _root(tensor: torch.Tensor) -> torch.Tensor:
 class TensorStamp:
     """Identity + layout + version of one tensor at one moment (see module docstring)."""
 
-    __slots__ = ("_layout", "_storage_ref", "_tensor_ref", "_version")
+    __slots__ = ("_key", "_root_ref", "_storage_ref")
 
     def __init__(self, tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()
-        self._storage_ref = weakref.ref(storage)
-        self._tensor_ref = weakref.ref(_root(tensor))
-        self._layout = (
+        self._root_ref = weakref.ref(_root(tensor))
+        self._storage_ref = weakref.ref(tensor.untyped_storage())  # the device is the storage's
+        self._key = (
+            tensor._version,
             tensor.data_ptr(),
             tensor.storage_offset(),
-            tuple(tensor.shape),
+            tensor.shape,
             tensor.stride(),
             tensor.dtype,
-            tensor.device,
         )
-        self._version = tensor._version
 
     def matches(self, tensor: torch.Tensor) -> bool:
         """True when ``tensor`` is the same object, in the same storage, unchanged since the stamp."""
-        if self._tensor_ref() is not _root(tensor) or tensor._version != self._version:
-            return False
-        storage = self._storage_ref()
-        if storage is None or storage is not tensor.untyped_storage():
-            return False
-        return self._layout == (
-            tensor.data_ptr(),
-            tensor.storage_offset(),
-            tuple(tensor.shape),
-            tensor.stride(),
-            tensor.dtype,
-            tensor.device,
+        return (
+            self._root_ref() is _root(tensor)
+            and self._storage_ref() is tensor.untyped_storage()
+            and self._key
+            == (
+                tensor._version,
+                tensor.data_ptr(),
+                tensor.storage_offset(),
+                tensor.shape,
+                tensor.stride(),
+                tensor.dtype,
+            )
         )
 
     def __getstate__(self) -> None:  # pragma: no cover - guarded by NormCache.__getstate__
