@@ -142,10 +142,11 @@ class DoraLayerMixin:
 
         ``lora_A`` / ``lora_B`` are the weight tensors, as PEFT's variants pass them.
         """
-        with torch.no_grad(), distributed.gathered_for_norm(base_layer, lora_A, lora_B):
+        with torch.no_grad(), distributed.gathered_for_norm(base_layer, lora_A, lora_B) as gathered:
+            lora_A, lora_B = gathered.full(lora_A), gathered.full(lora_B)
             if base_layer.__class__.__name__ == "Linear4bit":
                 base_layer = deepcopy(base_layer)  # as stock: FSDP cannot share the quantized base here
-            weight = dequantize_module_weight(base_layer).to(lora_A.device)
+            weight = gathered.full(dequantize_module_weight(base_layer)).to(lora_A.device)
             with _autocast_off(weight.device.type):
                 w2, a2, b2 = self._norm_factors(weight, lora_A, lora_B)
                 norm = engine.weight_norm(w2, a2, b2, float(scaling))
@@ -164,8 +165,8 @@ class DoraLayerMixin:
     def _forward_norm(
         self,
         base_layer: torch.nn.Module,
-        lora_A: torch.Tensor,
-        lora_B: torch.Tensor,
+        lora_A: torch.Tensor | nn.Module,
+        lora_B: torch.Tensor | nn.Module,
         scaling: float,
         adapter_name: str,
         *,
@@ -174,11 +175,13 @@ class DoraLayerMixin:
     ) -> torch.Tensor:
         """Detached fp32 row norm of ``W + s B A`` for the forward, served from the cache when valid.
 
-        ``lora_A`` / ``lora_B`` are the weight tensors (conv: 3-5-D). ``gather_modules`` are the modules or
-        tensors the distributed helpers must gather first.
+        ``lora_A`` / ``lora_B`` are the adapter modules (their ``weight`` is read inside the gather: FSDP1
+        and FSDP2 swap in new tensor objects when they unshard) or the weight tensors (conv: 3-5-D).
+        ``gather_modules`` are the modules or tensors the distributed helpers must gather first.
         """
         scaling = float(scaling)
         with torch.no_grad(), distributed.gathered_for_norm(base_layer, *gather_modules) as gathered:
+            lora_A, lora_B = gathered.full(lora_A), gathered.full(lora_B)
             base_tensors = norm_cache_key_tensors(base_layer)
             inputs = (*base_tensors, lora_A, lora_B)
             reuse, _reason = distributed.norm_cache_allowed(gathered, inputs)
@@ -191,7 +194,7 @@ class DoraLayerMixin:
                     return hit
             else:
                 self._df_norm_cache.misses += 1
-            weight = dequantize_module_weight(base_layer) if dequantize else base_layer.weight
+            weight = gathered.full(dequantize_module_weight(base_layer) if dequantize else base_layer.weight)
             with _autocast_off(weight.device.type):
                 w2, a2, b2 = self._norm_factors(weight, lora_A, lora_B)
                 sumsq = None
