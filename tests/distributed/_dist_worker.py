@@ -36,11 +36,16 @@ SEQ = 12
 VOCAB = 64
 
 
-def build_model(seed: int = 0):
-    """Tiny Llama-shaped causal LM with DoRA on every linear, B and the magnitude perturbed (never identity)."""
-    import dorafactors
+def build_model(seed: int = 0, before_peft=None):
+    """Tiny Llama-shaped causal LM with DoRA on every linear, B and the magnitude perturbed (never identity).
+
+    ``before_peft(base)`` runs between building the base model and the PEFT wrap (ZeRO-3: partition it, as
+    ``from_pretrained`` under ``zero.Init`` would, so the magnitude init must gather the base weights).
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    import dorafactors
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
@@ -54,6 +59,8 @@ def build_model(seed: int = 0):
         attn_implementation="eager",
     )
     base = LlamaForCausalLM(cfg)
+    if before_peft is not None:
+        before_peft(base)
     lcfg = LoraConfig(
         r=4,
         lora_alpha=8,
@@ -228,7 +235,10 @@ def run_fsdp2(mode: str, seed: int) -> dict:
 
     def params():
         with torch.no_grad():
-            return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in trainable(model).items()}
+            return {
+                n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                for n, p in trainable(model).items()
+            }
 
     return _train(model, params, step, seed)
 
@@ -273,7 +283,6 @@ def run_fsdp1(use_orig_params: bool, seed: int) -> dict:
 def run_zero3(seed: int) -> dict:
     import deepspeed
 
-    model = build_model(seed)
     cfg = {
         "train_micro_batch_size_per_gpu": BATCH // dist.get_world_size(),
         "gradient_accumulation_steps": 1,
@@ -287,6 +296,13 @@ def run_zero3(seed: int) -> dict:
         "zero_allow_untested_optimizer": True,
         "wall_clock_breakdown": False,
     }
+
+    def partition(base):
+        deepspeed.zero.Init(module=base, config_dict_or_path=cfg)
+        w = base.model.layers[0].self_attn.q_proj.weight
+        assert w.numel() == 0 and hasattr(w, "ds_id"), "base model must be partitioned before the PEFT wrap"
+
+    model = build_model(seed, before_peft=partition)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     names = [n for n, p in model.named_parameters() if p.requires_grad]

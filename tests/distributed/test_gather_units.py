@@ -14,6 +14,7 @@ import itertools
 import logging
 import types
 import weakref
+from typing import ClassVar
 
 import pytest
 import torch
@@ -58,8 +59,8 @@ def make_zero(p: torch.Tensor, status: Status = Status.NOT_AVAILABLE, world: int
 class FakeGathered:
     """Stands in for ``deepspeed.zero.GatheredParameters``; records each call; can fail for chosen params."""
 
-    calls: list[list[int]] = []
-    fail_for: set[int] = set()
+    calls: ClassVar[list[list[int]]] = []
+    fail_for: ClassVar[set[int]] = set()
 
     def __init__(self, params, modifier_rank=None, fwd_module=None, enabled=True):
         self.params = list(params)
@@ -97,7 +98,9 @@ def dora_linear(d_in=12, d_out=10, r=3, seed=0):
     base = nn.Sequential()
     base.add_module("lin", nn.Linear(d_in, d_out))
     with dorafactors.patched():
-        model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["lin"], use_dora=True, init_lora_weights=False))
+        model = get_peft_model(
+            base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["lin"], use_dora=True, init_lora_weights=False)
+        )
     layer = model.base_model.model.lin
     with torch.no_grad():
         mag = layer.lora_magnitude_vector["default"].weight
@@ -301,9 +304,11 @@ def test_zero3_partial_gather_raises_by_default(fake_zero):
     for p in (layer.base_layer.weight, lora_A.weight, lora_B.weight):
         make_zero(p)
     fake_zero.fail_for = {lora_B.weight.ds_id}  # the one-call gather fails, then only lora_B fails
-    with pytest.raises(RuntimeError, match="partial gather.*factor1.weight.*PEFT_DORA_ALLOW_PARTIAL_GATHER=1"):
-        with gather.gathered_for_norm(layer.base_layer, lora_A, lora_B):
-            pass
+    with (
+        pytest.raises(RuntimeError, match=r"partial gather.*factor1.weight.*PEFT_DORA_ALLOW_PARTIAL_GATHER=1"),
+        gather.gathered_for_norm(layer.base_layer, lora_A, lora_B),
+    ):
+        pass
     # everything the fallback gathered was released again by the exit stack
     assert layer.base_layer.weight.ds_status is Status.NOT_AVAILABLE
     assert layer.base_layer.weight.data.numel() == 0
@@ -332,9 +337,11 @@ def test_zero3_total_failure_is_an_error_too(fake_zero):
     layer = dora_linear()
     make_zero(layer.base_layer.weight)
     fake_zero.fail_for = {layer.base_layer.weight.ds_id}
-    with pytest.raises(RuntimeError, match="base_layer.weight"):
-        with gather.gathered_for_norm(layer.base_layer, layer.lora_A["default"], layer.lora_B["default"]):
-            pass
+    with (
+        pytest.raises(RuntimeError, match=r"base_layer.weight"),
+        gather.gathered_for_norm(layer.base_layer, layer.lora_A["default"], layer.lora_B["default"]),
+    ):
+        pass
 
 
 def test_zero3_forced_off_gathers_nothing_and_refuses_cache(fake_zero, monkeypatch):
@@ -370,9 +377,11 @@ def test_zero3_stale_view_of_partitioned_param_is_reported(fake_zero):
     B = nn.Parameter(torch.randn(5, 3))
     make_zero(B)  # partitioned: its data is a 0-element placeholder
     stale = B.T  # a view of the placeholder: gathering B cannot refresh it
-    with pytest.raises(RuntimeError, match="factor0.*view taken while its parameter was partitioned"):
-        with gather.gathered_for_norm(base, stale):
-            pass
+    with (
+        pytest.raises(RuntimeError, match=r"factor0.*view taken while its parameter was partitioned"),
+        gather.gathered_for_norm(base, stale),
+    ):
+        pass
 
 
 class _FakeAllGather:
@@ -417,9 +426,11 @@ def test_zero3_in_flight_quantized_partition_is_a_partial_gather(fake_zero):
     layer = dora_linear()
     p = make_zero(layer.lora_B["default"].weight, Status.INFLIGHT)
     p.ds_tensor.ds_quant_scale = torch.ones(1)
-    with pytest.raises(RuntimeError, match="qwZ"):
-        with gather.gathered_for_norm(layer.base_layer, layer.lora_A["default"], layer.lora_B["default"]):
-            pass
+    with (
+        pytest.raises(RuntimeError, match=r"qwZ"),
+        gather.gathered_for_norm(layer.base_layer, layer.lora_A["default"], layer.lora_B["default"]),
+    ):
+        pass
 
 
 def test_zero3_nothing_partitioned_is_not_a_backend(fake_zero, monkeypatch):
@@ -444,7 +455,7 @@ def test_zero3_status_names_match_real_deepspeed():
 class FakeFSDP(nn.Module):
     """Stands in for FullyShardedDataParallel: a wrapper whose attribute access reaches the wrapped module."""
 
-    summons: list[tuple] = []
+    summons: ClassVar[list[tuple]] = []
 
     def __init__(self, module, state="IDLE", needs_unshard=True):
         super().__init__()
@@ -458,7 +469,9 @@ class FakeFSDP(nn.Module):
 
     @staticmethod
     @contextlib.contextmanager
-    def summon_full_params(module, recurse=True, writeback=True, rank0_only=False, offload_to_cpu=False, with_grads=False):
+    def summon_full_params(
+        module, recurse=True, writeback=True, rank0_only=False, offload_to_cpu=False, with_grads=False
+    ):
         FakeFSDP.summons.append((module, recurse, writeback, with_grads))
         yield
 
@@ -511,9 +524,8 @@ def test_fsdp1_unit_already_unsharded_in_its_forward_is_left_alone(fake_fsdp1):
 
 def test_fsdp1_resharded_busy_unit_raises(fake_fsdp1):
     base = FakeFSDP(nn.Linear(6, 4), state="FORWARD_BACKWARD", needs_unshard=True)
-    with pytest.raises(RuntimeError, match="FORWARD_BACKWARD"):
-        with gather.gathered_for_norm(base):
-            pass
+    with pytest.raises(RuntimeError, match="FORWARD_BACKWARD"), gather.gathered_for_norm(base):
+        pass
 
 
 def test_fsdp1_enclosing_unit_flattened_weights_refuse_the_cache(fake_fsdp1):

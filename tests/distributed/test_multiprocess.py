@@ -114,7 +114,9 @@ def _compare(res, ref, worker):
         assert set(res[which]) == set(ref[which]), f"parameter names differ ({which})"
         for name, value in ref[which].items():
             got = torch.tensor(res[which][name], dtype=value.dtype)
-            torch.testing.assert_close(got, value, rtol=rtol, atol=atol, msg=lambda m, n=name, w=which: f"{n} ({w}): {m}")
+            torch.testing.assert_close(
+                got, value, rtol=rtol, atol=atol, msg=lambda m, n=name, w=which: f"{n} ({w}): {m}"
+            )
     # gradients of the first step, recovered from the SGD update
     assert len(ref["first"]) > 0
     moved = sum(bool((ref["first"][n] != ref["last"][n]).any()) for n in ref["first"])
