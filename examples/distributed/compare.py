@@ -88,6 +88,8 @@ def _table(summary: dict) -> str:
     if "single" in summary:
         mem = ", ".join(f"{m:.2f}" for m in summary["single"]["peak_mem_allocated_gib"])
         lines.append(f"{'single':16} {'ref':5} {'-':>12} {mem:>28}")
+        s = summary["single"]
+        lines.append(f"single-GPU loss moved {s['movement']:.3f} over the run (signal check ok: {s['signal_ok']})")
     for mode, e in summary["runs"].items():
         if "max_rel_diff" in e:
             mem = ", ".join(f"{m:.2f}" for m in e["peak_mem_allocated_gib_per_rank"])
