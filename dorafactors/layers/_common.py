@@ -160,10 +160,11 @@ class DoraLayerMixin:
 
         ``lora_A`` / ``lora_B`` are the weight tensors, as PEFT's variants pass them.
         """
-        with torch.no_grad(), distributed.gathered_for_norm(base_layer, lora_A, lora_B):
+        with torch.no_grad(), distributed.gathered_for_norm(base_layer, lora_A, lora_B) as gathered:
+            lora_A, lora_B = gathered.full(lora_A), gathered.full(lora_B)
             if base_layer.__class__.__name__ == "Linear4bit":
                 base_layer = deepcopy(base_layer)  # as stock: FSDP cannot share the quantized base here
-            weight = base_weight(base_layer).to(lora_A.device)
+            weight = gathered.full(base_weight(base_layer)).to(lora_A.device)
             with _autocast_off(weight.device.type):
                 w2, a2, b2 = self._norm_factors(weight, lora_A, lora_B)
                 norm = engine.weight_norm(w2, a2, b2, float(scaling))
@@ -214,8 +215,8 @@ class DoraLayerMixin:
     def _forward_norm(
         self,
         base_layer: torch.nn.Module,
-        lora_A: torch.Tensor,
-        lora_B: torch.Tensor,
+        lora_A: torch.Tensor | nn.Module,
+        lora_B: torch.Tensor | nn.Module,
         scaling: float,
         adapter_name: str,
         *,
@@ -224,40 +225,60 @@ class DoraLayerMixin:
     ) -> torch.Tensor:
         """Detached fp32 row norm of ``W + s B A`` for the forward, served from the cache when valid.
 
-        ``lora_A`` / ``lora_B`` are the weight tensors (conv: 3-5-D). ``gather_modules`` are the modules or
-        tensors the distributed helpers must gather first.
+        ``lora_A`` / ``lora_B`` are the adapter modules (their ``weight`` is read inside the gather: FSDP1
+        and FSDP2 swap in new tensor objects when they unshard) or the weight tensors (conv: 3-5-D).
+        ``gather_modules`` are the modules or tensors the distributed helpers must gather first.
         """
         scaling = float(scaling)
-        with torch.no_grad(), distributed.gathered_for_norm(base_layer, *gather_modules) as gathered:
-            base_tensors = self._base_tensors(base_layer)
-            inputs = (*base_tensors, lora_A, lora_B)
-            reuse, _reason = distributed.norm_cache_allowed(gathered, inputs)
-            reuse = reuse and not torch.compiler.is_compiling()
-            use_norm_cache = reuse and (config.norm_cache_enabled() or self._stock_caching_on(adapter_name))
-            if use_norm_cache:
-                trainable = any(t.requires_grad for t in inputs)
-                epoch = optimizer_steps() if trainable else -1
-                key = (adapter_name, scaling, config.get_dora_norm_threshold_mb(), config.fused_mode(), epoch)
-                hit = self._df_norm_cache.get(key, inputs)
-                if hit is not None:
-                    return hit
-            else:
-                self._df_norm_cache.misses += 1
-            weight = base_weight(base_layer) if dequantize else base_layer.weight
-            with _autocast_off(weight.device.type):
-                w2, a2, b2 = self._norm_factors(weight, lora_A, lora_B)
-                sumsq = None
-                if reuse:
-                    w_epoch = optimizer_steps() if any(t.requires_grad for t in base_tensors) else -1
-                    sumsq_key = (config.get_dora_norm_threshold_mb(), config.fused_mode(), w_epoch)
-                    sumsq = self._df_sumsq_cache.get(sumsq_key, base_tensors)
-                    if sumsq is None:
-                        sumsq = engine.weight_sumsq(w2)
-                        self._df_sumsq_cache.put(sumsq_key, base_tensors, sumsq)
-                norm = engine.weight_norm(w2, a2, b2, scaling, cached_sumsq=sumsq)
-            if use_norm_cache:
-                self._df_norm_cache.put(key, inputs, norm)
-            return norm
+        with torch.no_grad():
+            if not distributed.process_group_active():  # nothing can be sharded: no gather context at all
+                return self._norm_in_scope(
+                    distributed.NOT_SHARDED, base_layer, lora_A, lora_B, scaling, adapter_name, dequantize
+                )
+            with distributed.gathered_for_norm(base_layer, *gather_modules) as gathered:
+                return self._norm_in_scope(gathered, base_layer, lora_A, lora_B, scaling, adapter_name, dequantize)
+
+    def _norm_in_scope(
+        self,
+        gathered: distributed.GatherInfo,
+        base_layer: nn.Module,
+        lora_A: torch.Tensor | nn.Module,
+        lora_B: torch.Tensor | nn.Module,
+        scaling: float,
+        adapter_name: str,
+        dequantize: bool,
+    ) -> torch.Tensor:
+        """The body of :meth:`_forward_norm`, run with the parameters gathered (under ``no_grad``)."""
+        lora_A, lora_B = gathered.full(lora_A), gathered.full(lora_B)
+        base_tensors = self._base_tensors(base_layer)
+        inputs = (*base_tensors, lora_A, lora_B)
+        reuse, _reason = distributed.norm_cache_allowed(gathered, inputs)
+        reuse = reuse and not torch.compiler.is_compiling()
+        use_norm_cache = reuse and (config.norm_cache_enabled() or self._stock_caching_on(adapter_name))
+        if use_norm_cache:
+            trainable = any(t.requires_grad for t in inputs)
+            epoch = optimizer_steps() if trainable else -1
+            key = (adapter_name, scaling, config.get_dora_norm_threshold_mb(), config.fused_mode(), epoch)
+            hit = self._df_norm_cache.get(key, inputs)
+            if hit is not None:
+                return hit
+        else:
+            self._df_norm_cache.misses += 1
+        weight = gathered.full(base_weight(base_layer) if dequantize else base_layer.weight)
+        with _autocast_off(weight.device.type):
+            w2, a2, b2 = self._norm_factors(weight, lora_A, lora_B)
+            sumsq = None
+            if reuse:
+                w_epoch = optimizer_steps() if any(t.requires_grad for t in base_tensors) else -1
+                sumsq_key = (config.get_dora_norm_threshold_mb(), config.fused_mode(), w_epoch)
+                sumsq = self._df_sumsq_cache.get(sumsq_key, base_tensors)
+                if sumsq is None:
+                    sumsq = engine.weight_sumsq(w2)
+                    self._df_sumsq_cache.put(sumsq_key, base_tensors, sumsq)
+            norm = engine.weight_norm(w2, a2, b2, scaling, cached_sumsq=sumsq)
+        if use_norm_cache:
+            self._df_norm_cache.put(key, inputs, norm)
+        return norm
 
     def _mirror_stock_cache(self, adapter_name: str, norm: torch.Tensor) -> None:
         """Keep PEFT's ``_dora_cache`` observable exactly as stock fills and clears it during forward."""

@@ -68,8 +68,8 @@ class _ConvMixin(DoraLayerMixin):
         magnitude = self.weight
         norm = self._forward_norm(
             base_layer,
-            lora_A.weight,
-            lora_B.weight,
+            lora_A,
+            lora_B,
             scaling,
             adapter_name,
             gather_modules=(lora_A, lora_B),

@@ -75,9 +75,7 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
     ) -> torch.Tensor:
         """Extra output of DoRA on top of ``base_result`` (the variant adds it): ``[..., d_out]``."""
         magnitude = self.weight
-        norm = self._forward_norm(
-            base_layer, lora_A.weight, lora_B.weight, scaling, adapter_name, gather_modules=(lora_A, lora_B)
-        )
+        norm = self._forward_norm(base_layer, lora_A, lora_B, scaling, adapter_name, gather_modules=(lora_A, lora_B))
         self._mirror_stock_cache(adapter_name, norm)
         scale = self._magnitude_scale(magnitude, norm)
         lora_out = lora_B(lora_A(x))
