@@ -9,36 +9,50 @@ Design (one launch, ``_weight_norm_sq_kernel``; a 1-D grid of two kinds of progr
 * **Gram programs** (the first ``NT * S_G`` program ids). ``G = A A^T`` is needed only as its lower block
   triangle (``NT = NR (NR + 1) / 2`` tiles of ``BN x BN``, ``NR = ceil(r / BN)``), each tile split over
   ``S_G`` ranges of ``d_in``. Each program writes an fp32 partial tile; the last of a tile's ``S_G`` programs
-  to arrive (an atomic ticket) sums the partials in a fixed order, scales the tile by ``s/2`` (diagonal
-  tiles) or ``s`` (below the diagonal), splits it into two bf16 halves ``hi + lo`` (~16 significant bits
-  together) and bumps a "gram done" counter.
+  to arrive (an integer ticket) sums the partials in a fixed order, scales the tile by ``s/2`` (diagonal
+  tiles) or ``s`` (below the diagonal), splits it into three bf16 parts ``hi + mid + lo`` (24 significant
+  bits: fp32's own precision) and bumps a "gram done" counter.
 * **Main programs** (the rest), one per (row tile ``m`` of ``d_out``, rank tile ``n``, ``d_in`` split ``s``),
   ``n`` fastest so the ``NR`` programs reading the same W tiles run side by side and share them in L2.
-  Each accumulates ``acc = W_tile A_tile^T`` over its ``d_in`` range on tensor cores (half-precision W is
-  never upcast in memory; fp32 A is split in registers into ``hi + lo`` of W's dtype and multiplied twice),
-  then, after waiting for the gram counter (gram programs have lower ids, so they were dispatched first and
-  are never waited on by a program they wait for), adds its share of
-  ``sum_{k >= n} B[:, k] G''[k, n]`` (two or three bf16 dots per chunk, ``G''`` being the scaled lower
-  triangle above), so that ``rowsum(B[:, n] * acc)`` summed over ``n`` and the splits is
-  ``c + (s/2) b`` with ``c = rowsum(B * (W A^T))`` and ``b = rowsum((B G) * B)``. The epilogue multiplies
-  by the fp32 B tile, reduces the rows and stores one fp32 partial per (n, s): no atomics on data.
-  The last program of a row tile to arrive sums those partials in a fixed order and writes
-  ``||W||^2 + 2s (c + (s/2) b)``. Without ``cached_sumsq`` the ``n == 0`` programs square the W tiles they
-  already load ("one pass over W"); with it, no work is spent on ``||W||^2`` at all.
+  Each accumulates ``acc = W_tile A_tile^T`` over its ``d_in`` range on tensor cores with fp32 accumulation
+  (half-precision W goes from global to shared memory to the MMA as is: it is never upcast in memory).
+  It then waits for the gram counter (gram programs have lower ids, so they were dispatched first, and they
+  wait on nothing) and adds its share of ``sum_{k >= n} B[:, k] G''[k, n]`` (``G''`` being the scaled
+  lower block triangle), so that ``rowsum(B[:, n] * acc)`` summed over ``n`` and the splits is
+  ``c + (s/2) b`` with ``c = rowsum(B * (W A^T))`` and ``b = rowsum((B G) * B)``: the symmetric gram term
+  costs ``NR (NR + 1) / 2`` instead of ``NR^2`` tile products. The epilogue multiplies by the fp32 B tile,
+  reduces the rows and stores one fp32 partial per (n, s): no atomics on data. The last program of a row
+  tile to arrive sums those partials in a fixed order and writes ``||W||^2 + 2s (c + (s/2) b)``. Without
+  ``cached_sumsq`` the ``n == 0`` programs also square the W tiles they already hold in shared memory
+  ("one pass over W"); with it, no work at all is spent on ``||W||^2``.
+
+Precision: products of half-precision operands are exact and accumulate in fp32. fp32 operands are split in
+registers into bf16 parts and multiplied part by part, keeping every product whose part orders sum to < 3
+(the "bf16x3 / bf16x6" schemes): fp32 A against bf16 W is ``hi + mid + lo`` (3 dots), fp32 A against fp16
+W is fp16 ``hi + 2^-11 lo`` (2 dots, 22 bits), ``A A^T`` of fp32 A takes 6 dots, ``B G''`` takes 3 (bf16 B),
+5 (fp16 B, exact in two bf16 parts) or 6 (fp32 B) dots. Everything therefore carries ~24 bits, so the
+result is as good as an fp32 computation (measured ~1e-7 relative to fp64 truth). A two-part split (16 bits)
+was tried first and misses the 1e-5 target by up to ~3x on small, cancellation-prone shapes with large
+``s`` (see ``tests/kernels/test_row_norm_kernel.py::test_gram_term_is_fp32_precise``). Known limit: fp32
+adapter entries beyond fp16's range (|a| > 65504) on an fp16 W overflow the fp16 ``hi`` part (inf/NaN
+result, never a silently wrong finite one).
 
 Determinism: every sum has a fixed order (no floating-point atomics; the integer tickets only decide who
-does the final, ordered sum), the launch configuration depends only on shapes, dtypes and the device, and
-the cross and gram terms are computed by the same code whether or not ``cached_sumsq`` is given, so
-``triton_weight_norm_sq(..., out_sumsq=w)`` followed by ``triton_weight_norm_sq(..., cached_sumsq=w)``
-returns bitwise the same result.
+does the final, ordered sum), the launch configuration is a pure function of shapes, dtypes and the SM
+count (:func:`pick_config`, no timing), and the cross and gram terms are computed by the same code whether or
+not ``cached_sumsq`` is given: ``triton_weight_norm_sq(..., out_sumsq=w)`` followed by
+``triton_weight_norm_sq(..., cached_sumsq=w)`` returns bitwise the same result.
 
 Working set: the kernel allocates nothing proportional to ``d_in``: fp32 partials
-``(NR * S + S) * d_out`` (``S`` <= 16 splits), the gram partials ``S_G * NT * BN^2`` fp32 and the
-``r_pad x r_pad`` bf16 ``hi``/``lo`` halves of ``G''``, plus the ``[d_out]`` result. There is therefore no
-``d_in`` chunking to do: ``PEFT_DORA_NORM_CHUNK_MB`` bounds the PyTorch reference only.
+``(NR * S + S) * d_out`` (``S`` <= 16 splits), the gram partials ``S_G * NT * BN^2`` fp32 (capped at 8 MiB
+by the heuristic) and the three ``r_pad x r_pad`` bf16 parts of ``G''``, plus the ``[d_out]`` result
+(:meth:`NormPlan.workspace_bytes`). There is therefore no ``d_in`` chunking to do:
+``PEFT_DORA_NORM_CHUNK_MB`` bounds the PyTorch reference only.
 
 Synchronization uses a small int32 ticket buffer per (device, stream) that the kernel itself resets to zero
-before it finishes, so consecutive launches (CUDA graphs included) reuse it without a memset.
+before it finishes, so consecutive launches (CUDA graphs included) reuse it without a memset. The gram wait
+relies on the hardware dispatching blocks of a 1-D grid in increasing order (as CUB's decoupled look-back
+does); the interpreter runs programs in order, so CPU tests exercise the same protocol sequentially.
 """
 
 from __future__ import annotations
@@ -118,6 +132,7 @@ def _gemm_part(
     A_MODE: tl.constexpr,
     SQ: tl.constexpr,
     EVEN_K: tl.constexpr,
+    EVEN_MN: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """``W[rows, K] @ A[rn, K]^T`` over k-tiles ``[it0, it1)`` (fp32 [BM, BN]) and, if ``SQ``, ``||W[rows, K]||^2``.
@@ -134,7 +149,10 @@ def _gemm_part(
     w_ptrs = w_ptr + rows64[:, None] * stride_wm + k0[None, :] * stride_wk
     a_ptrs = a_ptr + rn64[None, :] * stride_ar + k0[:, None] * stride_ak
     for it in range(it0, it1):
-        if EVEN_K:
+        if EVEN_K and EVEN_MN:  # no tails anywhere: unmasked loads
+            w = tl.load(w_ptrs)
+            a = tl.load(a_ptrs)
+        elif EVEN_K:
             w = tl.load(w_ptrs, mask=row_ok[:, None], other=0.0)
             a = tl.load(a_ptrs, mask=rn_ok[None, :], other=0.0)
         else:
@@ -284,6 +302,7 @@ def _main_program(
     A_MODE: tl.constexpr,
     B_MODE: tl.constexpr,
     EVEN_K: tl.constexpr,
+    EVEN_MN: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     rows = m * BM + tl.arange(0, BM)
@@ -300,17 +319,17 @@ def _main_program(
         if n == 0:
             acc, wsq = _gemm_part(
                 w_ptr, a_ptr, rows64, row_ok, rn64, rn_ok, d_in, stride_wm, stride_wk, stride_ar, stride_ak,
-                it0, it1, BM, BN, BK, A_MODE, True, EVEN_K, UPCAST,
+                it0, it1, BM, BN, BK, A_MODE, True, EVEN_K, EVEN_MN, UPCAST,
             )  # fmt: skip
         else:
             acc, wsq = _gemm_part(
                 w_ptr, a_ptr, rows64, row_ok, rn64, rn_ok, d_in, stride_wm, stride_wk, stride_ar, stride_ak,
-                it0, it1, BM, BN, BK, A_MODE, False, EVEN_K, UPCAST,
+                it0, it1, BM, BN, BK, A_MODE, False, EVEN_K, EVEN_MN, UPCAST,
             )  # fmt: skip
     else:
         acc, wsq = _gemm_part(
             w_ptr, a_ptr, rows64, row_ok, rn64, rn_ok, d_in, stride_wm, stride_wk, stride_ar, stride_ak,
-            it0, it1, BM, BN, BK, A_MODE, False, EVEN_K, UPCAST,
+            it0, it1, BM, BN, BK, A_MODE, False, EVEN_K, EVEN_MN, UPCAST,
         )  # fmt: skip
 
     # 2. acc += B[rows, k] @ G''[k, rn] for this split's share of the chunks k >= n*BN (lower block triangle)
@@ -434,6 +453,7 @@ def _weight_norm_sq_kernel(
     A_GRAM_MODE: tl.constexpr,
     B_MODE: tl.constexpr,
     EVEN_K: tl.constexpr,
+    EVEN_MN: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -453,7 +473,7 @@ def _weight_norm_sq_kernel(
             m, n, s, w_ptr, a_ptr, b_ptr, sumsq_ptr, out_ptr, out_sumsq_ptr, part_ptr, wpart_ptr, g3_ptr,
             cnt_ptr, d_out, d_in, rank, r_pad, stride_wm, stride_wk, stride_ar, stride_ak, stride_bm,
             stride_br, scaling, n_m, NR, S, NT, KT, BM, BN, BK, BKG, COLD, OUT_SUMSQ, A_MODE, B_MODE, EVEN_K,
-            UPCAST,
+            EVEN_MN, UPCAST,
         )  # fmt: skip
 
 
@@ -566,11 +586,12 @@ def pick_config(
         if score > best_score + 1e-9:
             best, best_score = splits, score
     splits = best
-    # gram programs: BN x BN tiles; work per k-step relative to a main program's BM x BN step
-    dots_gram = 3 if a_is_fp32 else 1
-    dots_main = 2 if a_is_fp32 else 1
+    # gram programs (BN x BN tiles) must finish well before the main programs need G'': at most half a main
+    # program's k-steps, and at most half its tensor-core work (fp32 A: 6 dots per gram step, 3 per main step)
+    dots_gram = 6 if a_is_fp32 else 1
+    dots_main = 3 if a_is_fp32 else 1
     main_steps = max(1, k_steps // splits)
-    gram_steps_max = max(1, (main_steps * block_m * dots_main) // (2 * block_n * dots_gram))
+    gram_steps_max = max(1, min(main_steps // 2, (main_steps * block_m * dots_main) // (2 * block_n * dots_gram)))
     gram_splits = max(1, min(k_steps, triton.cdiv(k_steps, gram_steps_max)))
     nt = nr * (nr + 1) // 2
     cap = max(1, _GRAM_PARTIAL_BUDGET // (nt * block_n * block_n * 4))
@@ -633,12 +654,8 @@ class NormPlan:
 
     def carve(self, ws: torch.Tensor, cold: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Split ``ws`` into cross partials, ``||W||^2`` partials, gram partials and the bf16 ``G''`` parts."""
-        n_part, n_wpart, n_gpart, _ = self._sizes(cold)
-        part = ws[:n_part]
-        wpart = ws[n_part : n_part + n_wpart] if cold else part
-        gpart = ws[n_part + n_wpart : n_part + n_wpart + n_gpart]
-        g3 = ws[n_part + n_wpart + n_gpart :].view(torch.bfloat16)
-        return part, wpart, gpart, g3
+        part, wpart, gpart, g = ws.split(self._sizes(cold))
+        return part, (wpart if cold else part), gpart, g.view(torch.bfloat16)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -784,7 +801,8 @@ def triton_weight_norm_sq(
     if cached_sumsq is not None:
         if cached_sumsq.shape != (d_out,):
             raise ValueError(f"cached_sumsq must be [{d_out}], got {tuple(cached_sumsq.shape)}")
-        cached_sumsq = cached_sumsq.to(device=device, dtype=torch.float32).contiguous()
+        if cached_sumsq.dtype != torch.float32 or cached_sumsq.device != device or cached_sumsq.stride(0) != 1:
+            cached_sumsq = cached_sumsq.to(device=device, dtype=torch.float32).contiguous()
     if out_sumsq is not None and (
         out_sumsq.shape != (d_out,) or out_sumsq.dtype != torch.float32 or not out_sumsq.is_contiguous()
     ):
@@ -858,6 +876,7 @@ def triton_weight_norm_sq(
         A_GRAM_MODE=1 if a_is_fp32 else 0,
         B_MODE={torch.bfloat16: 0, torch.float16: 1}.get(lora_B.dtype, 2),
         EVEN_K=d_in % cfg.block_k == 0,
+        EVEN_MN=d_out % cfg.block_m == 0 and rank % cfg.block_n == 0,
         UPCAST=interpret,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,

@@ -65,6 +65,7 @@ def compile_variant(
         A_GRAM_MODE=int(adt == "fp32"),
         B_MODE={"bf16": 0, "fp16": 1}.get(bdt, 2),
         EVEN_K=True,
+        EVEN_MN=True,
         UPCAST=False,
     )
     signature, attrs = {}, {}
@@ -96,7 +97,9 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+        text = subprocess.run(
+            [tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
     found = re.search(r"REG:(\d+) STACK:(\d+)", text)
     assert found, text
     return {"registers": int(found.group(1)), "stack": int(found.group(2))}

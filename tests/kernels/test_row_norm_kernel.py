@@ -95,6 +95,8 @@ def counters_are_zero() -> bool:
 EXACT_CASES = [
     # d_out, d_in, rank, W dtype, adapter dtype, scaling, config
     (1, 1, 1, torch.bfloat16, torch.bfloat16, 0.5, None),
+    (64, 96, 32, torch.bfloat16, torch.bfloat16, 0.5, None),  # no tails: the unmasked main loop
+    (64, 64, 16, torch.float16, torch.float32, -1.5, None),  # no tails, fp32 adapters
     (5, 123, 7, torch.bfloat16, torch.bfloat16, -2.0, None),
     (37, 70, 33, torch.float16, torch.float16, 0.25, None),
     (33, 65, 20, torch.bfloat16, torch.float32, 1.5, None),
@@ -181,12 +183,49 @@ def test_explicit_split_configs(cfg, ad_dtype):
 
 
 # ---------------------------------------------------------------------------------------------
+# fp32-level precision of each term: fp32 operands are carried to ~24 bits, not ~16
+
+
+#: fp32-level bound used where one term is isolated (fp32 accumulation alone gives ~1e-7 here).
+TERM_RTOL = 1e-6
+
+
+@pytest.mark.parametrize("w_dtype,ad_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
+def test_cross_term_carries_fp32_adapters_to_fp32_precision(w_dtype, ad_dtype):
+    """W = I, r = 1, B = 1: row i is e_i + A, so the cross term of row i is A_i itself, row by row."""
+    n = 32
+    W = torch.eye(n, dtype=w_dtype, device=DEVICE)
+    A = torch.randn(1, n, generator=_gen(21), dtype=torch.float64).to(ad_dtype).to(DEVICE)
+    B = torch.ones(n, 1, dtype=ad_dtype, device=DEVICE)
+    truth = truth_sq(W, A, B, 1.0)
+    ours = triton_weight_norm_sq(W, A, B, 1.0)
+    assert_close_verbose(ours, truth, rtol=TERM_RTOL, atol=0, name="cross term with fp32 A")
+
+
+@pytest.mark.parametrize("ad_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gram_term_is_fp32_precise(ad_dtype):
+    """W = 0: the result is s^2 ||B_i A||^2 alone, so any truncation of G'' or of B shows row by row."""
+    w_dtype = torch.float16 if ad_dtype == torch.float16 else torch.bfloat16
+    W = torch.zeros(48, 64, dtype=w_dtype, device=DEVICE)
+    A = torch.randn(3, 64, generator=_gen(22)).to(ad_dtype).to(DEVICE)
+    B = torch.randn(48, 3, generator=_gen(23)).to(ad_dtype).to(DEVICE)
+    for scaling in (3.0, -0.37):
+        truth = truth_sq(W, A, B, scaling)
+        ours = triton_weight_norm_sq(W, A, B, scaling)
+        assert_close_verbose(ours, truth, rtol=TERM_RTOL, atol=0, name=f"gram term, s={scaling}")
+
+
+# ---------------------------------------------------------------------------------------------
 # against the PyTorch reference
 
 
 @pytest.mark.parametrize(
     "d_out,d_in,rank,w_dtype,ad_dtype",
-    [(33, 65, 20, torch.bfloat16, torch.bfloat16), (48, 130, 70, torch.float16, torch.float32), (1, 9, 2, torch.bfloat16, torch.float32)],
+    [
+        (33, 65, 20, torch.bfloat16, torch.bfloat16),
+        (48, 130, 70, torch.float16, torch.float32),
+        (1, 9, 2, torch.bfloat16, torch.float32),
+    ],
 )
 def test_matches_the_pytorch_reference(d_out, d_in, rank, w_dtype, ad_dtype):
     W, A, B = make_random(d_out, d_in, rank, w_dtype, ad_dtype, seed=5)
@@ -474,4 +513,19 @@ def test_gpu_two_streams_and_cuda_graph():
         graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static["out"], ref1)
+    assert counters_are_zero()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ad_dtype", [torch.bfloat16, torch.float32])
+def test_gpu_exact_inputs_bitwise_at_size(ad_dtype):
+    """Exact data at a size where the default plan splits d_in and the gram tiles: races would show."""
+    W, A, B = make_exact(4096, 2048, 384, torch.bfloat16, ad_dtype, seed=7, device="cuda")
+    plan = plan_for(4096, 2048, 384, a_is_fp32=ad_dtype == torch.float32)
+    assert plan.splits > 1 or plan.gram_splits > 1, plan
+    truth = truth_sq(W, A, B, 0.5)
+    assert truth.abs().max() < 2**24
+    for _ in range(10):
+        assert torch.equal(triton_weight_norm_sq(W, A, B, 0.5), truth.float())
+    torch.cuda.synchronize()
     assert counters_are_zero()
