@@ -363,6 +363,17 @@ def test_engine_takes_the_kernel_and_matches_the_torch_path(monkeypatch, ad_dtyp
     assert_norm_close(fused_norm.square(), truth_sq(W, A, B, 1.7), "engine vs fp64", rtol=2e-5)
 
 
+def test_engine_uses_the_torch_path_under_compile(monkeypatch):
+    from dorafactors.dispatch import rules
+
+    W, A, B = make_random(8, 16, 2, torch.bfloat16, torch.bfloat16)
+    monkeypatch.setenv("PEFT_DORA_FUSED", "1")
+    config.invalidate_cache()
+    assert engine.norm_path(W, A, B) == "triton"
+    monkeypatch.setattr(rules, "_under_compile", lambda: True)
+    assert engine.norm_path(W, A, B) == "torch"
+
+
 # ---------------------------------------------------------------------------------------------
 # launch plan: working-set bound and wave filling, checked for the shapes without a GPU
 
