@@ -72,16 +72,40 @@ def truth_sq(W, A, B, scaling) -> torch.Tensor:
     return dense.square().sum(dim=1)
 
 
+def term_scale(W, A, B, scaling) -> torch.Tensor:
+    """fp64 ``|| |W| + |s| |B| |A| ||^2_row``: the sum of the absolute values of every term the factored
+    formula adds (``||W||^2``, ``2s B (W A^T)``, ``s^2 B (A A^T) B^T``, each expanded to its products).
+
+    An fp32-accurate factored result is within a few fp32 ulps (times the summation length) of this per
+    row. Where ``W + sBA`` nearly cancels, or ``B_i`` is nearly orthogonal to A's rows, the true norm is far
+    smaller than this and its relative error grows: that is the conditioning of the factored maths (the
+    PyTorch reference in fp32 shows the same), not an accuracy loss of the kernel.
+    """
+    dense_abs = W.double().abs() + abs(scaling) * (B.double().abs() @ A.double().abs())
+    return dense_abs.square().sum(1)
+
+
 def norm_of(sq: torch.Tensor) -> torch.Tensor:
     return sq.double().clamp_min(0).sqrt()
 
 
-def assert_norm_close(ours_sq, truth, name, rtol=NORM_RTOL) -> float:
-    """Vector relative error of the norm <= rtol, and every row within rtol of its own truth."""
+def assert_norm_close(ours_sq, truth, name, rtol=NORM_RTOL, scale=None) -> float:
+    """The precision contract.
+
+    * vector relative error of the norm, ``||n_ours - n_true|| / ||n_true||`` (``rel_error``) <= ``rtol``;
+    * row by row, ``|n_ours^2 - n_true^2| <= rtol * scale`` with ``scale`` from :func:`term_scale` (or the
+      true squared norm when not given): the per-row bound of an fp32-accurate factored sum.
+    """
     ours, ref = norm_of(ours_sq), norm_of(truth)
     err = rel_error(ours, ref)
     assert err <= rtol, f"{name}: relative error of the norm {err:.3e} > {rtol:.0e}"
-    assert_close_verbose(ours, ref, rtol=rtol, atol=1e-30, name=name)
+    row_scale = truth.double().abs() if scale is None else scale
+    row_err = (ours_sq.double() - truth.double()).abs()
+    bad = row_err > rtol * row_scale
+    assert not bad.any(), (
+        f"{name}: {int(bad.sum())} rows off by more than {rtol:.0e} x their scale; worst "
+        f"{float((row_err / row_scale.clamp_min(1e-300)).max()):.3e}"
+    )
     return err
 
 
@@ -148,7 +172,8 @@ def test_random_inputs_within_1e5_of_fp64_truth(d_out, d_in, rank, w_dtype, ad_d
     truth = truth_sq(W, A, B, scaling)
     ours = triton_weight_norm_sq(W, A, B, scaling)
     assert ours.dtype == torch.float32 and ours.shape == (d_out,)
-    assert_norm_close(ours, truth, f"{d_out}x{d_in} r{rank} {w_dtype}/{ad_dtype} s={scaling}")
+    scale = term_scale(W, A, B, scaling)
+    assert_norm_close(ours, truth, f"{d_out}x{d_in} r{rank} {w_dtype}/{ad_dtype} s={scaling}", scale=scale)
 
 
 @pytest.mark.parametrize("scaling", [0.0, -0.0])
@@ -160,6 +185,16 @@ def test_zero_scaling_is_the_row_sumsq(scaling, ad_dtype):
     cached = torch.rand(21, device=W.device)
     warm = triton_weight_norm_sq(W, A, B, scaling, cached_sumsq=cached)
     assert torch.equal(warm, cached) and warm.data_ptr() != cached.data_ptr()
+
+
+@pytest.mark.parametrize("w_dtype,ad_dtype", [(torch.float16, torch.float16), (torch.bfloat16, torch.float32)])
+def test_cancellation_prone_rows(w_dtype, ad_dtype):
+    """d_in = 1, large s: some rows of W + sBA nearly cancel. The factored sum is then accurate to the size
+    of its terms, not of the tiny result (stock PEFT's dense bf16 norm has no cancellation but ~1e-2 error)."""
+    W, A, B = make_random(64, 1, 81, w_dtype, ad_dtype, b_scale=1.0, seed=31)
+    truth = truth_sq(W, A, B, -8.0)
+    ours = triton_weight_norm_sq(W, A, B, -8.0)
+    assert_norm_close(ours, truth, "cancellation", scale=term_scale(W, A, B, -8.0))
 
 
 def test_large_adapter_dominating_the_norm():
