@@ -193,18 +193,16 @@ def measure_shape(d_out, d_in, rank, ad_dtype, rep_ms, *, with_baselines: bool) 
     return row
 
 
-def candidate_configs(base: NormKernelConfig, rank: int) -> list[NormKernelConfig]:
+def candidate_configs(base: NormKernelConfig) -> list[NormKernelConfig]:
     rep = dataclasses.replace
     cands = [
         base,
         rep(base, splits=max(1, base.splits // 2)),
         rep(base, splits=base.splits * 2),
-        rep(base, num_stages=4),
-        rep(base, block_m=64, num_warps=4),
+        rep(base, gram_splits=base.gram_splits * 2),
+        rep(base, num_stages=max(2, base.num_stages - 1)),
         rep(base, block_k=32, num_stages=5),
     ]
-    if rank >= 256:
-        cands.append(rep(base, block_n=256, num_stages=3))
     out = []
     for c in cands:
         if c not in out:
@@ -218,7 +216,7 @@ def tune_shape(d_out, d_in, rank, rep_ms, deadline) -> dict:
     ref = triton_weight_norm_sq(W, A, B, SCALING, cached_sumsq=sumsq).double()
     base = row_norm.plan_for(d_out, d_in, rank, a_is_fp32=False).config
     trials = []
-    for cfg in candidate_configs(base, rank):
+    for cfg in candidate_configs(base):
         if time.monotonic() > deadline:
             trials.append({"config": dataclasses.asdict(cfg), "skipped": "time budget"})
             continue

@@ -535,6 +535,8 @@ class NormKernelConfig:
             raise ValueError(f"splits={self.splits} and gram_splits={self.gram_splits} must be >= 1")
 
 
+#: Shared memory the heuristic plans the main loop's pipeline into (sm_90 allows 227 KiB per block).
+_SMEM_BUDGET = 200 * 1024
 #: Largest fp32 gram-partial buffer the heuristic allows itself (bytes).
 _GRAM_PARTIAL_BUDGET = 8 << 20
 _MAX_SPLITS = 16
@@ -556,7 +558,8 @@ def pick_config(
     """The launch configuration for a shape: a pure function of its arguments (hence deterministic).
 
     Rank tile: the smallest power of two >= r up to 128 (so r <= 128 is one tile and W is read once).
-    Row tile 128 (64 for small d_out). ``splits`` cuts ``d_in`` so the main programs fill the SMs in
+    Row tile 128, 8 warps for 128-wide rank tiles (and fp32 adapters), as many pipeline stages as fit in
+    ~200 KiB of shared memory (at most 4). ``splits`` cuts ``d_in`` so the main programs fill the SMs in
     nearly whole waves (each split keeps >= 8 k-steps); ``gram_splits`` keeps each gram program shorter
     than half a main program so the gram tiles are final before the first main program needs them.
     """
@@ -566,12 +569,15 @@ def pick_config(
         block_m = 32 if d_out > 16 else 16
         block_n = min(block_n, 64)
         return NormKernelConfig(block_m, block_n, 32, 4, 1, 1, 1)
-    block_m = 128 if d_out > 2048 else 64
+    # 128-row tiles everywhere (64-row tiles spill at 4 warps and need too much shared memory for fp32 A,
+    # checked on sm_90 cubins): small d_out is filled by splitting d_in instead
+    block_m = 128
     block_k = 64
-    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
+    num_warps = 8 if block_n >= 128 or (a_is_fp32 and block_n >= 32) else 4
     a_bytes = 4 if a_is_fp32 else 2
     stage_bytes = block_m * block_k * 2 + block_k * block_n * a_bytes
-    num_stages = max(2, min(4, (160 * 1024) // stage_bytes))
+    split_bytes = 3 * block_k * block_n * 2 if a_is_fp32 else 0  # the bf16 parts of the A tile
+    num_stages = max(2, min(4, (_SMEM_BUDGET - split_bytes) // stage_bytes))
     n_m = triton.cdiv(d_out, block_m)
     nr = triton.cdiv(rank, block_n)
     k_steps = triton.cdiv(d_in, block_k)

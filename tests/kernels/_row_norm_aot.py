@@ -24,13 +24,29 @@ from dorafactors.kernels import row_norm
 
 _RUNTIME_INTS = ("n_m", "NR", "S", "NT", "S_G", "KT")
 
+
+def _cfg(d_out: int, d_in: int, rank: int, a_is_fp32: bool) -> row_norm.NormKernelConfig:
+    """The configuration the heuristic picks on a 132-SM H100 for this shape."""
+    return row_norm.pick_config(d_out, d_in, rank, a_is_fp32, 132, False)
+
+
 VARIANTS = {
-    "bf16_warm": dict(wdt="bf16", adt="bf16", bdt="bf16", cold=False),
-    "bf16_cold": dict(wdt="bf16", adt="bf16", bdt="bf16", cold=True),
-    "bf16_w_fp32_adapters": dict(wdt="bf16", adt="fp32", bdt="fp32", cold=False),
-    "fp16_w_fp32_adapters": dict(wdt="fp16", adt="fp32", bdt="fp32", cold=False),
-    "fp16_cold": dict(wdt="fp16", adt="fp16", bdt="fp16", cold=True),
-    "bf16_transposed_w": dict(wdt="bf16", adt="bf16", bdt="bf16", cold=True, unit_strides=("stride_wm", "stride_ak")),
+    "bf16_warm": dict(wdt="bf16", adt="bf16", bdt="bf16", cold=False, cfg=_cfg(4096, 4096, 384, False)),
+    "bf16_cold": dict(wdt="bf16", adt="bf16", bdt="bf16", cold=True, cfg=_cfg(4096, 4096, 384, False)),
+    "bf16_w_fp32_adapters": dict(wdt="bf16", adt="fp32", bdt="fp32", cold=False, cfg=_cfg(4096, 4096, 384, True)),
+    "fp16_w_fp32_adapters": dict(wdt="fp16", adt="fp32", bdt="fp32", cold=True, cfg=_cfg(4096, 4096, 384, True)),
+    "fp16_cold": dict(wdt="fp16", adt="fp16", bdt="fp16", cold=True, cfg=_cfg(4096, 4096, 384, False)),
+    "bf16_transposed_w": dict(
+        wdt="bf16",
+        adt="bf16",
+        bdt="bf16",
+        cold=True,
+        cfg=_cfg(4096, 4096, 384, False),
+        unit_strides=("stride_wm", "stride_ak"),
+    ),
+    "bf16_r16_cold": dict(wdt="bf16", adt="bf16", bdt="bf16", cold=True, cfg=_cfg(4096, 4096, 16, False)),
+    "fp32_adapters_r64_cold": dict(wdt="bf16", adt="fp32", bdt="fp32", cold=True, cfg=_cfg(4096, 4096, 64, True)),
+    "fp32_adapters_r16": dict(wdt="bf16", adt="fp32", bdt="fp32", cold=False, cfg=_cfg(4096, 4096, 16, True)),
 }
 
 

@@ -444,8 +444,15 @@ def test_plan_working_set_and_grid(d_out, d_in, rank, a_is_fp32):
 
 
 @pytest.mark.slow
-def test_compiles_for_sm90_without_spills():
-    names = ["bf16_warm", "bf16_cold", "bf16_w_fp32_adapters", "bf16_transposed_w"]
+def test_heuristic_configs_compile_for_sm90_without_spills():
+    names = [
+        "bf16_warm",
+        "bf16_cold",
+        "bf16_w_fp32_adapters",
+        "bf16_transposed_w",
+        "bf16_r16_cold",
+        "fp32_adapters_r64_cold",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
     root = Path(__file__).resolve().parents[2]
@@ -459,13 +466,20 @@ def test_compiles_for_sm90_without_spills():
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    expected_dots = {"bf16_warm": 5, "bf16_cold": 5, "bf16_w_fp32_adapters": 15, "bf16_transposed_w": 5}
+    expected_dots = {
+        "bf16_warm": 5,
+        "bf16_cold": 5,
+        "bf16_w_fp32_adapters": 15,
+        "bf16_transposed_w": 5,
+        "bf16_r16_cold": 5,
+        "fp32_adapters_r64_cold": 15,
+    }
     for name in names:
         r = report[name]
         assert r["stack"] == 0, f"{name}: register spills ({r})"
         assert r["async_copies"] >= 8, f"{name}: loads not pipelined ({r})"
         assert r["wgmma"] >= expected_dots[name], f"{name}: no tensor-core dots ({r})"
-        assert r["shared"] <= 200 * 1024, f"{name}: shared memory ({r})"
+        assert r["shared"] <= 227 * 1024, f"{name}: more shared memory than sm_90 gives a block ({r})"
 
 
 # ---------------------------------------------------------------------------------------------
