@@ -288,6 +288,7 @@ def _main_program(
     stride_bm,
     stride_br,
     scaling,
+    eps,
     n_m,
     NR,
     S,
@@ -299,6 +300,7 @@ def _main_program(
     BKG: tl.constexpr,
     COLD: tl.constexpr,
     OUT_SUMSQ: tl.constexpr,
+    SQRT: tl.constexpr,
     A_MODE: tl.constexpr,
     B_MODE: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -404,7 +406,11 @@ def _main_program(
                 tl.store(out_sumsq_ptr + rows64, w, mask=row_ok)
         else:
             w = tl.load(sumsq_ptr + rows64, mask=row_ok, other=0.0)
-        tl.store(out_ptr + rows64, w + (2.0 * scaling) * cross, mask=row_ok)
+        res = w + (2.0 * scaling) * cross
+        if SQRT:  # the engine's final norm, sqrt(max(n^2, 0)) clamped below at eps, NaN kept as NaN
+            res = tl.sqrt_rn(tl.maximum(res, 0.0, propagate_nan=tl.PropagateNan.ALL))
+            res = tl.maximum(res, eps, propagate_nan=tl.PropagateNan.ALL)
+        tl.store(out_ptr + rows64, res, mask=row_ok)
         tl.atomic_xchg(cnt_ptr + 2 + NT + m, 0, sem="relaxed", scope="gpu")
         finished = tl.atomic_add(cnt_ptr + 1, 1, sem="acq_rel", scope="gpu")
         if finished == n_m - 1:
@@ -437,6 +443,7 @@ def _weight_norm_sq_kernel(
     stride_bm,
     stride_br,
     scaling,
+    eps,
     n_m,
     NR,
     S,
@@ -449,6 +456,7 @@ def _weight_norm_sq_kernel(
     BKG: tl.constexpr,
     COLD: tl.constexpr,
     OUT_SUMSQ: tl.constexpr,
+    SQRT: tl.constexpr,
     A_MODE: tl.constexpr,
     A_GRAM_MODE: tl.constexpr,
     B_MODE: tl.constexpr,
@@ -472,7 +480,7 @@ def _weight_norm_sq_kernel(
         _main_program(
             m, n, s, w_ptr, a_ptr, b_ptr, sumsq_ptr, out_ptr, out_sumsq_ptr, part_ptr, wpart_ptr, g3_ptr,
             cnt_ptr, d_out, d_in, rank, r_pad, stride_wm, stride_wk, stride_ar, stride_ak, stride_bm,
-            stride_br, scaling, n_m, NR, S, NT, KT, BM, BN, BK, BKG, COLD, OUT_SUMSQ, A_MODE, B_MODE, EVEN_K,
+            stride_br, scaling, eps, n_m, NR, S, NT, KT, BM, BN, BK, BKG, COLD, OUT_SUMSQ, SQRT, A_MODE, B_MODE, EVEN_K,
             EVEN_MN, UPCAST,
         )  # fmt: skip
 
@@ -767,6 +775,7 @@ def triton_weight_norm_sq(
     *,
     cached_sumsq: torch.Tensor | None = None,
     out_sumsq: torch.Tensor | None = None,
+    eps: float | None = None,
     kernel_config: NormKernelConfig | None = None,
 ) -> torch.Tensor:
     """Squared row norm of ``W + scaling * B @ A`` in fp32, not clamped (may hold tiny negatives).
@@ -780,6 +789,8 @@ def triton_weight_norm_sq(
             ``||W||^2``. Without it, ``||W||^2`` comes from the same pass over W that computes ``W A^T``.
         out_sumsq: optional fp32 ``[d_out]`` buffer that receives the ``||W||^2`` a cold call computes (for a
             cache: a later call with ``cached_sumsq=out_sumsq`` returns bitwise the same result).
+        eps: if given, return the finished norm ``max(sqrt(max(n^2, 0)), eps)`` (the engine's clamp, fused
+            into the same launch, NaN preserved) instead of ``n^2``.
         kernel_config: launch configuration override (tests, tuning); default :func:`pick_config`.
 
     Returns:
@@ -819,11 +830,12 @@ def triton_weight_norm_sq(
         return torch.zeros(0, dtype=torch.float32, device=device)
     if scaling == 0.0 or rank == 0 or d_in == 0:
         if cached_sumsq is not None:
-            return cached_sumsq.clone()
-        sumsq = triton_row_sumsq(weight)
-        if out_sumsq is not None:
-            out_sumsq.copy_(sumsq)
-        return sumsq
+            res = cached_sumsq.clone()
+        else:
+            res = triton_row_sumsq(weight)
+            if out_sumsq is not None:
+                out_sumsq.copy_(res)
+        return res if eps is None else res.clamp_min_(0).sqrt_().clamp_min_(eps)
 
     a_is_fp32 = lora_A.dtype == torch.float32
     if kernel_config is None:
@@ -866,6 +878,7 @@ def triton_weight_norm_sq(
         lora_B.stride(0),
         lora_B.stride(1),
         scaling,
+        0.0 if eps is None else float(eps),
         plan.row_tiles,
         plan.rank_tiles,
         plan.splits,
@@ -878,6 +891,7 @@ def triton_weight_norm_sq(
         BKG=plan.gram_chunk,
         COLD=cold,
         OUT_SUMSQ=cold and out_sumsq is not None,
+        SQRT=eps is not None,
         A_MODE=a_mode,
         A_GRAM_MODE=1 if a_is_fp32 else 0,
         B_MODE={torch.bfloat16: 0, torch.float16: 1}.get(lora_B.dtype, 2),

@@ -71,20 +71,22 @@ def weight_norm(
     if norm_path(weight, lora_A, lora_B) == "triton":
         from ..kernels.row_norm import triton_weight_norm_sq
 
-        norm_sq = triton_weight_norm_sq(weight, lora_A, lora_B, scaling, cached_sumsq=cached_sumsq)
-    else:
-        plan = plan_chunk_columns(
-            weight.shape[0],
-            weight.shape[1],
-            lora_A.shape[0],
-            weight_dtype=weight.dtype,
-            lora_dtype=torch.promote_types(lora_A.dtype, lora_B.dtype),
-            budget_bytes=config.get_dora_norm_threshold_bytes(),
-            need_sumsq=cached_sumsq is None,
+        # one launch: the kernel applies the clamp/sqrt/clamp below (IEEE sqrt) in its final store
+        return triton_weight_norm_sq(
+            weight, lora_A, lora_B, scaling, cached_sumsq=cached_sumsq, eps=clamp_eps(weight.dtype)
         )
-        norm_sq = factored_row_norm_sq(
-            weight, lora_A, lora_B, scaling, chunk_columns=plan.chunk_columns, weight_sumsq=cached_sumsq
-        )
+    plan = plan_chunk_columns(
+        weight.shape[0],
+        weight.shape[1],
+        lora_A.shape[0],
+        weight_dtype=weight.dtype,
+        lora_dtype=torch.promote_types(lora_A.dtype, lora_B.dtype),
+        budget_bytes=config.get_dora_norm_threshold_bytes(),
+        need_sumsq=cached_sumsq is None,
+    )
+    norm_sq = factored_row_norm_sq(
+        weight, lora_A, lora_B, scaling, chunk_columns=plan.chunk_columns, weight_sumsq=cached_sumsq
+    )
     return norm_sq.clamp_min_(0).sqrt_().clamp_min_(clamp_eps(weight.dtype))
 
 

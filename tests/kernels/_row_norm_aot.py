@@ -77,6 +77,7 @@ def compile_variant(
         BKG=min(cfg.block_n, 64),
         COLD=cold,
         OUT_SUMSQ=cold,
+        SQRT=True,
         A_MODE=a_mode,
         A_GRAM_MODE=int(adt == "fp32"),
         B_MODE={"bf16": 0, "fp16": 1}.get(bdt, 2),

@@ -321,6 +321,31 @@ def test_cached_sumsq_is_used_not_recomputed():
     assert_close_verbose(warm - cold, torch.full_like(cold, 100.0), rtol=1e-5, atol=1e-4, name="offset")
 
 
+@pytest.mark.parametrize("eps", [1e-6, 1e-12])
+@pytest.mark.parametrize("scaling", [0.9, 0.0])
+def test_fused_finish_matches_the_engine_clamp_bitwise(eps, scaling):
+    """``eps=`` makes the kernel return max(sqrt(max(n^2, 0)), eps) with a correctly rounded sqrt: bitwise the
+    engine's clamp/sqrt/clamp on n^2 wherever torch's sqrt is correctly rounded (CUDA; this CPU build's
+    vectorized fp32 sqrt is not always, so the expectation takes the sqrt in fp64 and rounds once)."""
+    W, A, B = make_random(40, 30, 6, torch.bfloat16, torch.float32, seed=13)
+    W[5] = 0.0  # a zero row: n^2 = 0 exactly (a positive scaling of a zero B row keeps it 0)
+    B[5] = 0.0
+    B[7, 2] = float("nan")
+    sq = triton_weight_norm_sq(W, A, B, scaling)
+    finished = triton_weight_norm_sq(W, A, B, scaling, eps=eps)
+    expect = sq.double().clamp_min(0).sqrt().float().clamp_min(eps)
+    if sq.is_cuda:
+        torch.testing.assert_close(
+            expect, sq.clone().clamp_min_(0).sqrt_().clamp_min_(eps), rtol=0, atol=0, equal_nan=True
+        )
+    assert torch.equal(finished.isnan(), expect.isnan())
+    ok = ~expect.isnan()
+    assert torch.equal(finished[ok], expect[ok])
+    assert finished[5] == torch.tensor(eps, dtype=torch.float32)
+    if scaling != 0.0:
+        assert finished[7].isnan()
+
+
 # ---------------------------------------------------------------------------------------------
 # edge cases and validation
 
