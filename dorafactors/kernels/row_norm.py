@@ -419,7 +419,8 @@ def _main_program(
             tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
 
 
-@triton.jit
+# the launch-plan integers are read as scalars only: no 1/16-divisibility specializations (fewer compiles)
+@triton.jit(do_not_specialize=["n_m", "NR", "S", "NT", "S_G", "KT"])
 def _weight_norm_sq_kernel(
     w_ptr,
     a_ptr,
@@ -656,7 +657,8 @@ class NormPlan:
         n_wpart = self.splits * self.d_out if cold else 0
         n_gpart = self.gram_splits * self.gram_tiles * bn * bn
         n_g = (3 * self.r_pad * self.r_pad + 1) // 2  # three bf16 matrices (hi, mid, lo of G'')
-        return n_part, n_wpart, n_gpart, n_g
+        # every section starts 128-byte aligned (vectorized access; one compiled variant for all shapes)
+        return tuple(-(-n // 32) * 32 for n in (n_part, n_wpart, n_gpart, n_g))
 
     def workspace_elements(self, cold: bool) -> int:
         """fp32 elements of the one workspace a launch allocates (besides the ``[d_out]`` result)."""
