@@ -237,6 +237,9 @@ def fused_norm_ok(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
             return _reject("norm", f"{name} on {t.device}, W on {weight.device}")
     if _is_dtensor(weight) or _is_dtensor(lora_A) or _is_dtensor(lora_B):
         return _reject("norm", "DTensor operands")
+    if _under_compile():
+        # the kernel's host side (per-stream ticket buffers, cached launch plans) is not traceable
+        return _reject("norm", "under torch.compile")
     return True, ""
 
 

@@ -87,8 +87,11 @@ def weight_norm(
     if path == "triton":
         from ..kernels.row_norm import triton_weight_norm_sq
 
-        norm_sq = triton_weight_norm_sq(weight, lora_A, lora_B, scaling, cached_sumsq=cached_sumsq)
-    elif path == "dense":
+        # one launch: the kernel applies the clamp, IEEE sqrt and eps clamp in its final store
+        return triton_weight_norm_sq(
+            weight, lora_A, lora_B, scaling, cached_sumsq=cached_sumsq, eps=clamp_eps(weight.dtype)
+        )
+    if path == "dense":
         cdt = reference_compute_dtype(weight, lora_A, lora_B)
         elem = torch.finfo(cdt).bits // 8
         d_in, rank = weight.shape[1], lora_A.shape[0]

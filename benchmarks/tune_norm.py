@@ -1,0 +1,347 @@
+"""Measure and tune the tensor-core factored norm on one GPU (``python benchmarks/tune_norm.py``).
+
+For each shape (the issue's five, 8192x28672, and ranks 16..512 at 4096^2) it times, with
+``triton.testing.do_bench`` (median; the L2 cache is flushed before every run):
+
+* ``ours_warm``: ``triton_weight_norm_sq(..., eps=1e-6)`` (the finished norm, as the engine calls it) with a
+  cached ``||W||^2`` (what training pays per optimizer step),
+* ``ours_cold``: the same with ``||W||^2`` fused into the pass over W,
+* ``gemm``: a plain bf16 ``W @ A.T`` (``torch.matmul``), the floor the issue measures against,
+* ``stock``: stock PEFT 0.21's norm (``lora_B(lora_A(eye(d_in))).T``, then ``linalg.norm(W + s*lora_weight)``),
+* ``ref``: the PyTorch reference ``factored_row_norm_sq`` (fp32, chunked by ``PEFT_DORA_NORM_CHUNK_MB``),
+
+plus a back-to-back time (50 calls between two events, no flush: shows host overhead when it dominates),
+peak transient memory (``max_memory_allocated`` delta, output included), relative error of the norm
+against fp64 truth for bf16 and fp32 adapters, kernel launches per call (torch.profiler), and a small
+config search. A compact table comes last; ``$OUT/norm_tuning.json`` gets everything when ``$OUT`` is set.
+Meant to finish in under 3 minutes on an H100 (``--quick`` for a smaller run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's dorafactors
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from dorafactors.dispatch import config as df_config
+from dorafactors.kernels import row_norm
+from dorafactors.kernels.row_norm import NormKernelConfig, triton_row_sumsq, triton_weight_norm_sq
+from dorafactors.norm.factored import factored_row_norm_sq, plan_chunk_columns
+
+ISSUE_SHAPES = [(4096, 4096, 384), (8192, 8192, 384), (14336, 4096, 384), (4096, 14336, 384), (8192, 8192, 768)]
+EXTRA_SHAPES = [(8192, 28672, 384)] + [(4096, 4096, r) for r in (16, 64, 128, 256, 512)]
+#: Shapes of the config search (bf16, warm).
+TUNE_SHAPES = [(4096, 4096, 384), (8192, 8192, 768), (8192, 28672, 384)]
+SCALING = 2.0
+EPS = 1e-6  # the engine's clamp for half-precision weights
+
+
+def bench(fn, rep_ms: int) -> float:
+    return float(do_bench(fn, warmup=max(5, rep_ms // 4), rep=rep_ms, return_mode="median"))
+
+
+def back_to_back(fn, calls: int = 50) -> float:
+    """ms per call of ``calls`` launches queued back to back (no flush): host-bound shapes show it."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / calls
+
+
+def peak_bytes(fn) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return int(peak)
+
+
+def launches(fn) -> int:
+    fn()
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def make_inputs(d_out, d_in, rank, ad_dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    W = (torch.randn(d_out, d_in, device="cuda", generator=g) * 0.02).bfloat16()
+    A = (torch.randn(rank, d_in, device="cuda", generator=g) / math.sqrt(d_in)).to(ad_dtype)
+    B = (torch.randn(d_out, rank, device="cuda", generator=g) * 0.01).to(ad_dtype)
+    return W, A, B
+
+
+@torch.no_grad()
+def truth_norm(W, A, B, scaling, rows=1024) -> torch.Tensor:
+    """fp64 row norm of ``W + s B A`` of the given inputs, in row blocks (bounded memory)."""
+    A64 = A.double()
+    out = torch.empty(W.shape[0], dtype=torch.float64, device=W.device)
+    for r0 in range(0, W.shape[0], rows):
+        blk = W[r0 : r0 + rows].double() + scaling * (B[r0 : r0 + rows].double() @ A64)
+        out[r0 : r0 + rows] = blk.square().sum(1).sqrt()
+    return out
+
+
+def rel_err(ours: torch.Tensor, truth: torch.Tensor) -> float:
+    ours = ours.double()
+    if not torch.isfinite(ours).all():
+        return float("inf")
+    return float((ours - truth).norm() / truth.norm())
+
+
+def stock_fns(W, A, B, scaling):
+    """Stock PEFT 0.21's DoRA norm, called through its own DoraLinearLayer methods."""
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    layer = DoraLinearLayer(fan_in_fan_out=False)
+    lin_A = torch.nn.Linear(A.shape[1], A.shape[0], bias=False, device="cuda", dtype=A.dtype)
+    lin_B = torch.nn.Linear(B.shape[1], B.shape[0], bias=False, device="cuda", dtype=B.dtype)
+    lin_A.weight.data.copy_(A)
+    lin_B.weight.data.copy_(B)
+
+    @torch.no_grad()
+    def stock():
+        lora_weight = layer.get_lora_weight(lora_A=lin_A, lora_B=lin_B)
+        return layer.get_weight_norm(W, lora_weight.detach(), scaling)
+
+    return stock
+
+
+def ref_fn(W, A, B, scaling):
+    plan = plan_chunk_columns(
+        W.shape[0],
+        W.shape[1],
+        A.shape[0],
+        weight_dtype=W.dtype,
+        lora_dtype=torch.promote_types(A.dtype, B.dtype),
+        budget_bytes=df_config.get_dora_norm_threshold_bytes(),
+        need_sumsq=False,
+    )
+    sumsq = triton_row_sumsq(W)
+    return lambda: factored_row_norm_sq(W, A, B, scaling, chunk_columns=plan.chunk_columns, weight_sumsq=sumsq)
+
+
+def measure_shape(d_out, d_in, rank, ad_dtype, rep_ms, *, with_baselines: bool) -> dict:
+    W, A, B = make_inputs(d_out, d_in, rank, ad_dtype)
+    sumsq = triton_row_sumsq(W)
+    # eps=: the finished norm, exactly what dorafactors.norm.engine.weight_norm launches
+    warm = lambda: triton_weight_norm_sq(W, A, B, SCALING, cached_sumsq=sumsq, eps=EPS)  # noqa: E731
+    cold = lambda: triton_weight_norm_sq(W, A, B, SCALING, eps=EPS)  # noqa: E731
+    truth = truth_norm(W, A, B, SCALING)
+    plan = row_norm.plan_for(d_out, d_in, rank, a_is_fp32=ad_dtype == torch.float32)
+    row = {
+        "d_out": d_out,
+        "d_in": d_in,
+        "rank": rank,
+        "adapters": str(ad_dtype).replace("torch.", ""),
+        "config": dataclasses.asdict(plan.config),
+        "programs": plan.programs,
+        "err_ours": rel_err(warm(), truth),
+        "err_ours_cold": rel_err(cold(), truth),
+        "ms_ours_warm": bench(warm, rep_ms),
+        "ms_ours_cold": bench(cold, rep_ms),
+        "ms_row_sumsq": bench(lambda: triton_row_sumsq(W), rep_ms),
+        "b2b_ours_warm": back_to_back(warm),
+        "peak_ours_warm": peak_bytes(warm),
+        "peak_ours_cold": peak_bytes(cold),
+        "launches_ours_warm": launches(warm),
+        "launches_ours_cold": launches(cold),
+    }
+    sq = torch.empty(d_out, dtype=torch.float32, device=W.device)
+    c = triton_weight_norm_sq(W, A, B, SCALING, out_sumsq=sq)
+    row["cold_warm_bitwise"] = bool(torch.equal(c, triton_weight_norm_sq(W, A, B, SCALING, cached_sumsq=sq)))
+    row["deterministic"] = bool(torch.equal(warm(), warm()))
+    if with_baselines:
+        A16 = A.bfloat16()
+        row["ms_gemm"] = bench(lambda: torch.matmul(W, A16.T), rep_ms)
+        stock = stock_fns(W, A, B, SCALING)
+        row["err_stock"] = rel_err(stock(), truth)
+        row["ms_stock"] = bench(stock, rep_ms)
+        row["b2b_stock"] = back_to_back(stock, 10)
+        row["peak_stock"] = peak_bytes(stock)
+        row["launches_stock"] = launches(stock)
+        ref = ref_fn(W, A, B, SCALING)
+        row["err_ref"] = rel_err(ref().clamp_min(0).sqrt(), truth)
+        row["ms_ref"] = bench(ref, rep_ms)
+        row["peak_ref"] = peak_bytes(ref)
+        row["ratio_warm_gemm"] = row["ms_ours_warm"] / row["ms_gemm"]
+        row["ratio_cold_gemm"] = row["ms_ours_cold"] / row["ms_gemm"]
+        row["ratio_warm_stock"] = row["ms_ours_warm"] / row["ms_stock"]
+        row["ratio_cold_stock"] = row["ms_ours_cold"] / row["ms_stock"]
+    row["mem_bound"] = 4 * (d_out * rank + rank * rank) + 16 * 2**20
+    return row
+
+
+def candidate_configs(base: NormKernelConfig) -> list[NormKernelConfig]:
+    rep = dataclasses.replace
+    cands = [
+        base,
+        rep(base, splits=max(1, base.splits // 2)),
+        rep(base, splits=base.splits * 2),
+        rep(base, gram_splits=base.gram_splits * 2),
+        rep(base, num_stages=max(2, base.num_stages - 1)),
+        rep(base, block_k=32, num_stages=5),
+    ]
+    out = []
+    for c in cands:
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def tune_shape(d_out, d_in, rank, rep_ms, deadline) -> dict:
+    W, A, B = make_inputs(d_out, d_in, rank, torch.bfloat16)
+    sumsq = triton_row_sumsq(W)
+    ref = triton_weight_norm_sq(W, A, B, SCALING, cached_sumsq=sumsq).double()
+    base = row_norm.plan_for(d_out, d_in, rank, a_is_fp32=False).config
+    trials = []
+    for cfg in candidate_configs(base):
+        if time.monotonic() > deadline:
+            trials.append({"config": dataclasses.asdict(cfg), "skipped": "time budget"})
+            continue
+        try:
+            fn = lambda cfg=cfg: triton_weight_norm_sq(W, A, B, SCALING, cached_sumsq=sumsq, kernel_config=cfg)  # noqa: E731
+            diff = float((fn().double() - ref).abs().max() / ref.abs().max())
+            trials.append({"config": dataclasses.asdict(cfg), "ms": bench(fn, rep_ms), "max_rel_diff": diff})
+        except Exception as exc:  # a config the compiler rejects (e.g. out of shared memory)
+            trials.append({"config": dataclasses.asdict(cfg), "error": f"{type(exc).__name__}: {exc}"[:200]})
+    timed = [t for t in trials if "ms" in t]
+    best = min(timed, key=lambda t: t["ms"]) if timed else None
+    return {"shape": [d_out, d_in, rank], "default": dataclasses.asdict(base), "trials": trials, "best": best}
+
+
+def _ratio(row: dict, key: str) -> str:
+    return f"{row[key]:6.2f}" if key in row else "     -"
+
+
+def fmt_ms(x):
+    return f"{x * 1000:7.1f}" if isinstance(x, float) else "      -"
+
+
+def print_table(rows, device_name):
+    print(f"\n== factored norm on {device_name}: times in us (do_bench median, L2 flushed), s={SCALING} ==")
+    hdr = (
+        f"{'d_out x d_in, r':>20} {'adapt':>5} {'warm':>7} {'cold':>7} {'gemm':>7} {'stock':>7} {'ref':>7}"
+        f" {'w/gemm':>6} {'c/gemm':>6} {'w/stock':>7} {'b2b':>7} {'peakMiB':>7} {'boundMiB':>8}"
+        f" {'err ours':>8} {'err stock':>9} {'L':>2}"
+    )
+    print(hdr)
+    for r in rows:
+        shape = f"{r['d_out']}x{r['d_in']}, {r['rank']}"
+        ratio = functools.partial(_ratio, r)
+        print(
+            f"{shape:>20} {r['adapters'][:5]:>5} {fmt_ms(r['ms_ours_warm'])} {fmt_ms(r['ms_ours_cold'])}"
+            f" {fmt_ms(r.get('ms_gemm'))} {fmt_ms(r.get('ms_stock'))} {fmt_ms(r.get('ms_ref'))}"
+            f" {ratio('ratio_warm_gemm')} {ratio('ratio_cold_gemm')} {ratio('ratio_warm_stock'):>7}"
+            f" {fmt_ms(r['b2b_ours_warm'])} {r['peak_ours_cold'] / 2**20:7.1f} {r['mem_bound'] / 2**20:8.1f}"
+            f" {r['err_ours']:8.1e} {r.get('err_stock', float('nan')):9.1e} {r['launches_ours_warm']:>2}"
+        )
+    print("warm: cached ||W||^2; cold: ||W||^2 fused; b2b: us/call back to back without flush; L: launches (warm)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="issue shapes only, bf16 only, short reps")
+    parser.add_argument("--rep-ms", type=int, default=60)
+    parser.add_argument("--budget-s", type=float, default=170.0, help="skip remaining config trials after this")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("tune_norm.py needs a CUDA GPU")
+    t0 = time.monotonic()
+    deadline = t0 + args.budget_s
+    rep = 30 if args.quick else args.rep_ms
+    props = torch.cuda.get_device_properties(0)
+    meta = {
+        "gpu": props.name,
+        "sms": props.multi_processor_count,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "scaling": SCALING,
+    }
+    print(json.dumps(meta))
+    rows = []
+    shapes = ISSUE_SHAPES if args.quick else ISSUE_SHAPES + EXTRA_SHAPES
+    for shape in shapes:
+        dtypes = [torch.bfloat16] if args.quick or shape not in ISSUE_SHAPES else [torch.bfloat16, torch.float32]
+        for ad in dtypes:
+            t = time.monotonic()
+            row = measure_shape(*shape, ad, rep, with_baselines=True)
+            rows.append(row)
+            torch.cuda.empty_cache()
+            print(
+                f"{shape} {row['adapters']}: warm {row['ms_ours_warm'] * 1e3:.1f} us, cold {row['ms_ours_cold'] * 1e3:.1f} us, "
+                f"gemm {row['ms_gemm'] * 1e3:.1f} us, stock {row['ms_stock'] * 1e3:.1f} us, ref {row['ms_ref'] * 1e3:.1f} us; "
+                f"err {row['err_ours']:.1e} (stock {row['err_stock']:.1e}, ref {row['err_ref']:.1e}); "
+                f"bitwise cold==warm {row['cold_warm_bitwise']}; {time.monotonic() - t:.1f}s",
+                flush=True,
+            )
+    tuning = []
+    if not args.quick:
+        for shape in TUNE_SHAPES:
+            res = tune_shape(*shape, rep, deadline)
+            tuning.append(res)
+            for tr in res["trials"]:
+                c = tr["config"]
+                desc = f"BM{c['block_m']} BN{c['block_n']} BK{c['block_k']} w{c['num_warps']} st{c['num_stages']} S{c['splits']} SG{c['gram_splits']}"
+                val = (
+                    f"{tr['ms'] * 1e3:7.1f} us (max rel diff {tr['max_rel_diff']:.1e})"
+                    if "ms" in tr
+                    else tr.get("error", tr.get("skipped"))
+                )
+                print(f"tune {shape}: {desc:>40}: {val}", flush=True)
+            if res["best"]:
+                c = res["best"]["config"]
+                print(
+                    f"tune {shape}: best {c} at {res['best']['ms'] * 1e3:.1f} us (default {res['trials'][0].get('ms', float('nan')) * 1e3:.1f} us)"
+                )
+    # host cost per call at a shape where the GPU work is negligible
+    W, A, B = make_inputs(1024, 1024, 16, torch.bfloat16)
+    sumsq = triton_row_sumsq(W)
+    fn = lambda: triton_weight_norm_sq(W, A, B, SCALING, cached_sumsq=sumsq)  # noqa: E731
+    fn()
+    torch.cuda.synchronize()
+    n = 300
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host_us = (time.perf_counter() - t) / n * 1e6
+    torch.cuda.synchronize()
+    meta["host_us_per_call_1024x1024_r16"] = host_us
+    print(f"host time per call (1024x1024, r16, warm): {host_us:.1f} us")
+    meta["elapsed_s"] = time.monotonic() - t0
+    print_table(rows, props.name)
+    print(f"elapsed {meta['elapsed_s']:.0f}s")
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        path = Path(out_dir) / "norm_tuning.json"
+        path.write_text(json.dumps({"meta": meta, "rows": rows, "tuning": tuning}, indent=1))
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
