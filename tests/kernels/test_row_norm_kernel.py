@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tolerances import TOLERANCES, assert_close_verbose, rel_error
 
 from dorafactors.dispatch import config
 from dorafactors.kernels import row_norm
@@ -35,6 +34,7 @@ from dorafactors.kernels.row_norm import (
 )
 from dorafactors.norm import engine
 from dorafactors.norm.factored import factored_row_norm_sq
+from tests._tolerances import TOLERANCES, assert_close_verbose, rel_error
 
 #: The precision contract: relative error of the norm against the fp64 norm of the same inputs.
 NORM_RTOL = 1e-5
