@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One device call of the GPU session: `bash benchmarks/gpu_session.sh <step>...` from the repo root, with
+# $OUT set (the device tool's output folder). Carried wheels in .whl/ are installed first (the GPU image
+# has no network). Steps: env, tests, tune, bench-model, bench-rest, quick.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -2
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+GPU=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace('NVIDIA ','').replace(' ','-'))" 2>/dev/null || echo gpu)
+STAMP=$(date +%Y%m%d)
+RESULTS=benchmarks/results/${GPU}-${STAMP}.json
+
+for step in "$@"; do
+    echo "=== step $step ($(date +%T))"
+    case $step in
+        env)
+            nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/env.txt"
+            python3 -c "import torch, triton, peft, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/env.txt"
+            ;;
+        tests)
+            timeout 330 python3 -m pytest -q -p no:cacheprovider -rs tests/kernels tests/autograd tests/norm tests/layers \
+                tests/test_patching.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+            ;;
+        tune)
+            timeout 200 python3 benchmarks/tune_norm.py --quick 2>&1 | tail -40
+            timeout 200 python3 benchmarks/tune_compose.py --quick 2>&1 | tail -40
+            ;;
+        bench-model)
+            python3 -m benchmarks run --suite model,decode --out "$RESULTS" --time-budget 420 2>&1 | tail -30
+            cp "$RESULTS" "$OUT/" 2>/dev/null
+            ;;
+        bench-rest)
+            python3 -m benchmarks run --suite layer,norm,compose,ranks --out "$RESULTS" --time-budget 420 2>&1 | tail -30
+            cp "$RESULTS" "$OUT/" 2>/dev/null
+            ;;
+        quick)
+            timeout 120 python3 -m benchmarks run --quick --no-compile --out "$OUT/quick.json" 2>&1 | tail -15
+            ;;
+        *) echo "unknown step $step" ;;
+    esac
+done
+echo "=== done ($(date +%T))"
