@@ -9,6 +9,7 @@ replaced by a fixed-mask module (identical masks in every dtype), which still ma
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,8 @@ from torch import nn
 import dorafactors
 
 KINDS = ("linear", "gpt2_conv1d", "embedding", "conv1d", "conv2d", "conv3d")
+#: Where the models live: ``DORAFACTORS_TEST_DEVICE=cuda`` runs the property tests on the GPU (kernels on).
+DEVICE = torch.device(os.environ.get("DORAFACTORS_TEST_DEVICE", "cpu"))
 ADAPTERS = ("default", "second")
 
 
@@ -99,13 +102,13 @@ def make_layer(case: LayerCase) -> nn.Module:
 def make_input(case: LayerCase, dtype: torch.dtype, seed: int = 123) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     if case.kind == "embedding":
-        return torch.randint(0, case.d_in, case.batch, generator=gen)
+        return torch.randint(0, case.d_in, case.batch, generator=gen).to(DEVICE)
     if case.kind in ("linear", "gpt2_conv1d"):
         shape = (*case.batch, case.d_in)
     else:
         dims = {"conv1d": 1, "conv2d": 2, "conv3d": 3}[case.kind]
         shape = (case.batch[0], case.d_in) + (case.spatial,) * dims
-    return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
 
 
 def _config(case: LayerCase) -> LoraConfig:
@@ -144,9 +147,10 @@ def _perturb(model: nn.Module, seed: int) -> None:
     for name, param in model.named_parameters():
         if "lora_magnitude_vector" in name:
             noise = 1.0 + 0.25 * torch.randn(param.shape, generator=gen, dtype=torch.float64)
-            param.copy_((param.to(torch.float64) * noise).to(param.dtype))
+            param.copy_((param.to(torch.float64) * noise.to(param.device)).to(param.dtype))
         elif "lora_B" in name or "lora_embedding_B" in name:
-            param.copy_((0.3 * torch.randn(param.shape, generator=gen, dtype=torch.float64)).to(param.dtype))
+            noise = 0.3 * torch.randn(param.shape, generator=gen, dtype=torch.float64)
+            param.copy_(noise.to(param.device, param.dtype))
 
 
 def build_triplet(
@@ -154,7 +158,7 @@ def build_triplet(
 ) -> tuple[nn.Module, nn.Module, nn.Module]:
     """(stock, ours, truth): identical weights; truth is stock PEFT in fp64."""
     torch.manual_seed(case.seed)
-    base = Holder(make_layer(case)).to(dtype)
+    base = Holder(make_layer(case)).to(dtype).to(DEVICE)
     stock = _build(base, case, autocast_adapter_dtype=fp32_adapters)
     _perturb(stock, case.seed + 1)
     with dorafactors.patched():
@@ -187,7 +191,7 @@ def run_forward_backward(
         x.requires_grad_(True)
     out = model(x)
     gen = torch.Generator().manual_seed(probe_seed)
-    probe = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    probe = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device)
     (out.to(torch.float64) * probe).sum().backward()
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
     if x.is_floating_point():

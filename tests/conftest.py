@@ -13,6 +13,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # fp32 comparisons (ours vs stock, both vs fp64) mean fp32: no TF32 in convolutions or matmuls.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 import pytest
 from hypothesis import HealthCheck, settings
