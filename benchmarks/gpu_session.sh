@@ -24,11 +24,12 @@ for step in "$@"; do
             python3 -c "import torch, triton, peft, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/env.txt"
             ;;
         tests)
-            # GPU-marked tests, the autograd/compile tests on CUDA, and the layer property tests on CUDA
-            # tensors (fused kernels on); -v keeps a per-test record even if the time box cuts the run.
-            DORAFACTORS_TEST_DEVICE=cuda timeout ${TEST_BOX:-330} python3 -m pytest -v -p no:cacheprovider \
-                --timeout 150 -rs -m "gpu or not gpu" tests/kernels/test_row_norm_kernel.py tests/autograd \
-                tests/layers tests/norm -k "gpu or cuda or not kernels" 2>&1 | tee "$OUT/gpu_tests.log" \
+            # GPU-marked kernel tests, then the autograd/compile tests and the layer/norm property tests on
+            # CUDA tensors (fused kernels on); -v keeps a per-test record even if the time box cuts a run.
+            timeout ${KERNEL_BOX:-200} python3 -m pytest -v -p no:cacheprovider --timeout 150 -rs -m gpu tests/kernels \
+                2>&1 | tee "$OUT/gpu_tests_kernels.log" | grep -E "passed|failed|FAILED|ERROR|Timeout" | tail -15
+            DORAFACTORS_TEST_DEVICE=cuda timeout ${TEST_BOX:-250} python3 -m pytest -v -p no:cacheprovider --timeout 150 \
+                -rs tests/autograd tests/layers tests/norm 2>&1 | tee "$OUT/gpu_tests.log" \
                 | grep -E "passed|failed|FAILED|ERROR|Timeout" | tail -25
             ;;
         tests-compose)
