@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One device call of the GPU session: `bash benchmarks/gpu_session.sh <step>...` from the repo root, with
 # $OUT set (the device tool's output folder). Carried wheels in .whl/ are installed first (the GPU image
-# has no network). Steps: env, tests, tune, bench-model, bench-rest, quick.
+# has no network). Steps: env, kernels, props, tests (= kernels + props), tests-compose, tune, bench (every
+# suite but the optional compiled cases, one run), bench-model, bench-rest, quick. Time boxes are
+# variables (KERNEL_BOX, TEST_BOX, BENCH_BUDGET) so one call can be fitted into the device tool's limit.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -23,15 +25,18 @@ for step in "$@"; do
             nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/env.txt"
             python3 -c "import torch, triton, peft, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/env.txt"
             ;;
-        tests)
-            # GPU-marked kernel tests, then the autograd/compile tests and the layer/norm property tests on
-            # CUDA tensors (fused kernels on); -v keeps a per-test record even if the time box cuts a run.
+        kernels | tests)
+            # GPU-marked kernel tests; -v keeps a per-test record even if the time box cuts a run.
             timeout ${KERNEL_BOX:-200} python3 -m pytest -v -p no:cacheprovider --timeout 150 -rs -m gpu tests/kernels \
                 2>&1 | tee "$OUT/gpu_tests_kernels.log" | grep -E "passed|failed|FAILED|ERROR|Timeout" | tail -15
+            ;;&
+        props | tests)
+            # The autograd/compile tests and the layer/norm property tests on CUDA tensors (fused kernels on).
             DORAFACTORS_TEST_DEVICE=cuda timeout ${TEST_BOX:-250} python3 -m pytest -v -p no:cacheprovider --timeout 150 \
                 -rs tests/autograd tests/layers tests/norm 2>&1 | tee "$OUT/gpu_tests.log" \
                 | grep -E "passed|failed|FAILED|ERROR|Timeout" | tail -25
             ;;
+        kernels) ;;
         tests-compose)
             timeout ${TEST_BOX:-330} python3 -m pytest -v -p no:cacheprovider --timeout 150 -rs \
                 tests/kernels/test_compose_kernels.py 2>&1 | tee "$OUT/gpu_tests_compose.log" \
@@ -40,6 +45,12 @@ for step in "$@"; do
         tune)
             timeout 200 python3 benchmarks/tune_norm.py --quick 2>&1 | tail -40
             timeout 200 python3 benchmarks/tune_compose.py --quick 2>&1 | tail -40
+            ;;
+        bench)
+            B=${BENCH_BUDGET:-420}
+            timeout $((B + B / 5 + 60)) python3 -m benchmarks run --suite model,decode,layer,norm,compose,ranks \
+                --no-compile --out "$RESULTS" --time-budget "$B" 2>&1 | tee "$OUT/bench.log" | tail -40
+            cp "$RESULTS" "$OUT/" 2>/dev/null
             ;;
         bench-model)
             python3 -m benchmarks run --suite model,decode --out "$RESULTS" --time-budget 420 2>&1 | tail -30

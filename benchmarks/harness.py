@@ -389,7 +389,8 @@ def collect_metadata(settings: Settings, argv: Sequence[str] | None = None) -> d
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
-        "git_commit": _git("rev-parse", "HEAD"),
+        # A copy of the tree without .git (a remote GPU machine) passes the commit in DORAFACTORS_GIT_COMMIT.
+        "git_commit": _git("rev-parse", "HEAD") or os.environ.get("DORAFACTORS_GIT_COMMIT") or None,
         "git_dirty": None,
         "source_sha": _source_sha(),
         "reps": settings.reps,
