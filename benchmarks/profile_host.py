@@ -1,0 +1,193 @@
+#!/usr/bin/env python
+"""Where the time of one PEFT DoRA Linear call goes, on one GPU: host clock, cProfile, device kernels.
+
+    python benchmarks/profile_host.py            # ~1 minute on an H100/H200
+    python benchmarks/profile_host.py --dry-run-cpu   # checks the script on the CPU (tiny, not a measurement)
+    OUT=/some/dir python benchmarks/profile_host.py   # also writes $OUT/profile_host.json
+
+Two workloads, each for plain LoRA, stock PEFT DoRA and dorafactors (bf16 base and adapters, r=384,
+non-identity adapters):
+
+* ``decode``: eval, ``no_grad``, one token through an 8192x8192 Linear;
+* ``train``: forward + backward of a 4096x4096 Linear at 4096 tokens, the adapters marked as written
+  before every call (so dorafactors recomputes its norm, as after an optimizer step).
+
+Per provider: ``host_us`` (wall time of N back-to-back calls without synchronizing, divided by N: what the
+Python side costs when the GPU keeps up), ``sync_us`` (the same with the final synchronize),
+``device_us`` (sum of the CUDA kernel times of one call, from ``torch.profiler``), and for dorafactors the
+top cProfile entries by own time and the kernels of one call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import cProfile
+import io
+import json
+import os
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+#: "cpu" only to check the script without a GPU (``--dry-run-cpu``: tiny shapes, PyTorch paths).
+DEVICE = "cuda"
+SMALL = False
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _model(use_dora: bool, patched: bool, dim: int, rank: int, dtype: torch.dtype) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    import dorafactors
+
+    class One(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(dim, dim, bias=False)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["proj"], use_dora=use_dora, init_lora_weights=False)
+    with dorafactors.patched() if patched else contextlib.nullcontext():
+        model = get_peft_model(One(), cfg)
+    return model.to(device=DEVICE, dtype=dtype)
+
+
+def _adapter_params(model: nn.Module) -> list[torch.Tensor]:
+    return [p for n, p in model.named_parameters() if "lora_" in n]
+
+
+def _step_fn(model: nn.Module, x: torch.Tensor, train: bool):
+    params = _adapter_params(model)
+
+    def step():
+        if not train:
+            with torch.no_grad():
+                return model(x)
+        with torch.no_grad():
+            for p in params:  # a version bump, no kernel: "the optimizer wrote the adapters"
+                torch.autograd.graph.increment_version(p)
+        out = model(x)
+        out.backward(torch.ones_like(out))
+        return None
+
+    return step
+
+
+def _host_times(step, calls: int) -> tuple[float, float]:
+    for _ in range(10):
+        step()
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        step()
+    t1 = time.perf_counter()
+    _sync()
+    t2 = time.perf_counter()
+    return (t1 - t0) / calls * 1e6, (t2 - t0) / calls * 1e6
+
+
+def _kernels(step, calls: int = 5) -> tuple[float, list[tuple[str, float, int]]]:
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    _sync()
+    activity = ProfilerActivity.CUDA if DEVICE == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        for _ in range(calls):
+            step()
+        _sync()
+    rows = []
+    total = 0.0
+    for e in prof.key_averages():
+        dev = getattr(e, "device_time_total", None) if DEVICE == "cuda" else e.self_cpu_time_total
+        if dev is None:
+            dev = getattr(e, "cuda_time_total", 0.0)
+        if dev <= 0 or e.key.startswith("ProfilerStep"):
+            continue
+        if DEVICE == "cuda" and e.device_type is not None and "CUDA" not in str(e.device_type):
+            continue
+        rows.append((e.key[:90], dev / calls, e.count // calls))
+        total += dev / calls
+    rows.sort(key=lambda r: -r[1])
+    return total, rows[:12]
+
+
+def _cprofile(step, calls: int = 200) -> str:
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(calls):
+        step()
+    pr.disable()
+    _sync()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(18)
+    return buf.getvalue()
+
+
+def run(workload: str) -> dict:
+    dtype = torch.bfloat16
+    if workload == "decode":
+        dim, tokens, train, calls = 8192, 1, False, 400
+    else:
+        dim, tokens, train, calls = 4096, 4096, True, 60
+    if SMALL:
+        dim, tokens, calls = 128, min(tokens, 64), 20
+    x = torch.randn(1, tokens, dim, device=DEVICE, dtype=dtype, requires_grad=train)
+    out: dict = {}
+    for name, use_dora, patched in (("lora", False, False), ("stock", True, False), ("dorafactors", True, True)):
+        model = _model(use_dora, patched, dim, 16 if SMALL else 384, dtype)
+        model.train(train)
+        step = _step_fn(model, x, train)
+        host, sync = _host_times(step, calls)
+        device, kernels = _kernels(step)
+        entry = {"host_us": host, "sync_us": sync, "device_us": device, "kernels": kernels}
+        if patched:
+            entry["cprofile"] = _cprofile(step, max(50, calls // 2))
+        out[name] = entry
+        del model, step
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def main() -> int:
+    global DEVICE, SMALL
+    if "--dry-run-cpu" in sys.argv:
+        DEVICE, SMALL = "cpu", True
+    gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)"
+    result = {"gpu": gpu, "torch": torch.__version__}
+    for workload in ("decode", "train"):
+        result[workload] = run(workload)
+    for workload in ("decode", "train"):
+        print(f"\n=== {workload}: us per call (host = no sync; device = sum of kernel times)")
+        for name in ("lora", "stock", "dorafactors"):
+            e = result[workload][name]
+            print(f"{name:>12}: host {e['host_us']:8.1f}  +sync {e['sync_us']:8.1f}  device {e['device_us']:8.1f}")
+        for name in ("lora", "dorafactors"):
+            print(f"--- kernels of one {workload} call, {name} (us, launches)")
+            for key, us, n in result[workload][name]["kernels"]:
+                print(f"  {us:8.1f} {n:3d}  {key}")
+        print(f"--- cProfile, dorafactors {workload}")
+        print(result[workload]["dorafactors"]["cprofile"])
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "profile_host.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
