@@ -273,8 +273,11 @@ def build_peft(
     return peft_model
 
 
-def impl_info(model: nn.Module, provider: str) -> dict[str, Any]:
-    """What actually ran: DoRA layer class, adapter/magnitude dtypes, dorafactors' dispatch decisions."""
+def impl_info(model: nn.Module, provider: str, rows: int | None = None) -> dict[str, Any]:
+    """What actually ran: DoRA layer class, adapter/magnitude dtypes, dorafactors' dispatch decisions.
+
+    ``rows``: tokens per call of the case (the training compose's size heuristic depends on it).
+    """
     info: dict[str, Any] = {"provider_base": provider.split("+")[0].replace("_cached", "").replace("_cold", "")}
     layers = list(_lora_layers(model))
     if not layers:
@@ -290,12 +293,13 @@ def impl_info(model: nn.Module, provider: str) -> dict[str, Any]:
         info["dora_class"] = f"{cls.__module__}.{cls.__qualname__}"
         info["magnitude_dtype"] = str(layer.weight.dtype).replace("torch.", "")
         if cls.__module__.startswith("dorafactors."):
-            info.update(_dorafactors_paths(module))
+            info.update(_dorafactors_paths(module, rows))
     return info
 
 
-def _dorafactors_paths(module: nn.Module) -> dict[str, Any]:
-    """Which implementation dorafactors' dispatch picks for this layer (public engine / fused predicates)."""
+def _dorafactors_paths(module: nn.Module, rows: int | None = None) -> dict[str, Any]:
+    """Which implementation dorafactors' dispatch picks for this layer (public engine / fused predicates),
+    for an activation of ``rows`` tokens (8 when unknown)."""
     out: dict[str, Any] = {}
     try:
         from dorafactors.norm import engine
@@ -306,12 +310,17 @@ def _dorafactors_paths(module: nn.Module) -> dict[str, Any]:
         out["df_norm_path"] = f"unknown ({type(exc).__name__})"
     try:
         from dorafactors.autograd import fused
+        from dorafactors.dispatch import rules
 
         weight = module.get_base_layer().weight
-        act = torch.empty(8, weight.shape[0], device=weight.device, dtype=weight.dtype)
-        scale = torch.empty(weight.shape[0], device=weight.device, dtype=torch.float32)
-        out["df_compose_fused_infer"] = bool(fused.available_for(act, act, scale, -1, training=False))
-        out["df_compose_fused_train"] = bool(fused.available_for(act, act, scale, -1, training=True))
+        d_out = weight.shape[0]
+        act = torch.empty(1, d_out, device=weight.device, dtype=weight.dtype)
+        scale = torch.empty(d_out, device=weight.device, dtype=torch.float32)
+        infer = bool(fused.available_for(act, act, scale, -1, training=False))
+        out["df_compose_fused_infer"] = infer
+        # the training rule is a size heuristic on (rows, cols): ask it for the case's rows, not the probe's
+        out["df_compose_fused_train"] = infer and rules.fused_backward_ok(rows or 8, d_out, True)[0]
+        out["df_compose_probe_rows"] = rows or 8
     except Exception as exc:
         out["df_compose_fused_infer"] = f"unknown ({type(exc).__name__})"
     return out

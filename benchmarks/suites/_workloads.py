@@ -244,7 +244,7 @@ def measure(
         norms_end = P.norm_computations(model)
         if metrics.get("ms"):
             metrics["tokens_per_s"] = tokens / (metrics["ms"] / 1e3)
-        impl.update(P.impl_info(model, provider))
+        impl.update(P.impl_info(model, provider, rows=tokens or None))
         first = counter["norms_after_first"]
         if first is not None and norms_end is not None and counter["calls"] > 1:
             impl["df_norm_computations_per_call"] = round((norms_end - first) / (counter["calls"] - 1), 3)
