@@ -12,6 +12,8 @@ non-identity adapters):
 * ``train``: forward + backward of a 4096x4096 Linear at 4096 tokens, the adapters marked as written
   before every call (so dorafactors recomputes its norm, as after an optimizer step).
 
+Last, the host cost of single operations (a PyTorch op, the compose kernel's launch, ``dora_compose``).
+
 Per provider: ``host_us`` (wall time of N back-to-back calls without synchronizing, divided by N: what the
 Python side costs when the GPU keeps up), ``sync_us`` (the same with the final synchronize),
 ``device_us`` (sum of the CUDA kernel times of one call, from ``torch.profiler``), and for dorafactors the
@@ -128,15 +130,50 @@ def _kernels(step, calls: int = 5) -> tuple[float, list[tuple[str, float, int]]]
 
 
 def _cprofile(step, calls: int = 200) -> str:
+    """cProfile of ``calls`` steps; backward runs on this thread (autograd multithreading off) so that the
+    Python side of backward Functions shows up too (cProfile sees only the thread it runs on)."""
     pr = cProfile.Profile()
-    pr.enable()
-    for _ in range(calls):
-        step()
-    pr.disable()
+    with torch.autograd.set_multithreading_enabled(False):
+        pr.enable()
+        for _ in range(calls):
+            step()
+        pr.disable()
     _sync()
     buf = io.StringIO()
     pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(18)
     return buf.getvalue()
+
+
+def launch_costs(calls: int = 500) -> dict[str, float]:
+    """Host microseconds per call (no synchronize) of single operations, 1 x 8192 bf16: a PyTorch op, the
+    compose kernel's host function, ``dora_compose``; what a Triton launch costs on this machine."""
+    from dorafactors.autograd.compose import dora_compose
+    from dorafactors.kernels import compose as kc
+
+    n = 128 if SMALL else 8192
+    dt = torch.bfloat16
+    lora = torch.randn(1, n, device=DEVICE, dtype=dt)
+    base = torch.randn(1, n, device=DEVICE, dtype=dt)
+    g = torch.rand(n, device=DEVICE) + 0.5
+    fns = {
+        "torch.add": lambda: torch.add(lora, base),
+        "torch.empty_like": lambda: torch.empty_like(lora),
+        "dora_compose (no grad)": lambda: dora_compose(lora, base, g, 2.0),
+    }
+    if DEVICE == "cuda":
+        fns["compose kernel host function"] = lambda: kc.compose_forward_unchecked(lora, base, g, 2.0, -1, dt, False)
+    out = {}
+    with torch.no_grad():
+        for name, fn in fns.items():
+            for _ in range(20):
+                fn()
+            _sync()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            out[name] = (time.perf_counter() - t0) / calls * 1e6
+            _sync()
+    return out
 
 
 def run(workload: str) -> dict:
@@ -173,6 +210,7 @@ def main() -> int:
     result = {"gpu": gpu, "torch": torch.__version__}
     for workload in ("decode", "train"):
         result[workload] = run(workload)
+    result["launch"] = launch_costs()
     for workload in ("decode", "train"):
         print(f"\n=== {workload}: us per call (host = no sync; device = sum of kernel times)")
         for name in ("lora", "stock", "dorafactors"):
@@ -184,6 +222,9 @@ def main() -> int:
                 print(f"  {us:8.1f} {n:3d}  {key}")
         print(f"--- cProfile, dorafactors {workload}")
         print(result[workload]["dorafactors"]["cprofile"])
+    print("\n=== host us per call of single operations (1 x 8192 bf16, no synchronize)")
+    for name, us in result["launch"].items():
+        print(f"  {us:8.1f}  {name}")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "profile_host.json").write_text(json.dumps(result, indent=1))
     return 0
