@@ -147,6 +147,7 @@ def measure(
         grad_to_none: list[torch.Tensor] | None = None
         reps = settings.heavy_reps if workload.heavy else settings.reps
         tokens = 0
+        rows_per_forward: int | None = None  # tokens of one forward, where it differs from ``tokens``
 
         if workload.kind == "infer":
             tokens = ids.numel()
@@ -181,6 +182,7 @@ def measure(
         elif workload.kind == "accum_step":
             batches = inputs["batches"]
             tokens = sum(b.numel() for b in batches)
+            rows_per_forward = batches[0].numel()
             optimizer = torch.optim.AdamW(params, lr=1e-5)
 
             def fn() -> None:
@@ -244,7 +246,7 @@ def measure(
         norms_end = P.norm_computations(model)
         if metrics.get("ms"):
             metrics["tokens_per_s"] = tokens / (metrics["ms"] / 1e3)
-        impl.update(P.impl_info(model, provider, rows=tokens or None))
+        impl.update(P.impl_info(model, provider, rows=rows_per_forward or tokens or None))
         first = counter["norms_after_first"]
         if first is not None and norms_end is not None and counter["calls"] > 1:
             impl["df_norm_computations_per_call"] = round((norms_end - first) / (counter["calls"] - 1), 3)
