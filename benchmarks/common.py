@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 from . import SCHEMA
@@ -15,6 +17,7 @@ __all__ = [
     "QUICK_LAYER_SHAPES",
     "SUITE_ORDER",
     "device_label",
+    "host_us_per_call",
     "load_results",
 ]
 
@@ -45,3 +48,21 @@ def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
         raise ValueError(f"{path} is not a dorafactors benchmark results file")
     return data
+
+
+def host_us_per_call(
+    fn: Callable[[], object], calls: int, sync: Callable[[], None], warmup: int = 10
+) -> tuple[float, float]:
+    """``(host, host + sync)`` microseconds per call of ``calls`` back-to-back calls of ``fn`` after
+    ``warmup`` calls: the first is what the Python side costs while the device keeps up, the second adds the
+    wait for the device (``sync``) at the end."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    sync()
+    t2 = time.perf_counter()
+    return (t1 - t0) / calls * 1e6, (t2 - t0) / calls * 1e6

@@ -29,7 +29,6 @@ import json
 import os
 import pstats
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -38,6 +37,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import host_us_per_call  # noqa: E402  (after the path set-up of a script run)
 
 #: "cpu" only to check the script without a GPU (``--dry-run-cpu``: tiny shapes, PyTorch paths).
 DEVICE = "cuda"
@@ -88,19 +89,6 @@ def _step_fn(model: nn.Module, x: torch.Tensor, train: bool):
         return None
 
     return step
-
-
-def _host_times(step, calls: int) -> tuple[float, float]:
-    for _ in range(10):
-        step()
-    _sync()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        step()
-    t1 = time.perf_counter()
-    _sync()
-    t2 = time.perf_counter()
-    return (t1 - t0) / calls * 1e6, (t2 - t0) / calls * 1e6
 
 
 def _kernels(step, calls: int = 5) -> tuple[float, list[tuple[str, float, int]]]:
@@ -162,18 +150,8 @@ def launch_costs(calls: int = 500) -> dict[str, float]:
     }
     if DEVICE == "cuda":
         fns["compose kernel host function"] = lambda: kc.compose_forward_unchecked(lora, base, g, 2.0, -1, dt, False)
-    out = {}
     with torch.no_grad():
-        for name, fn in fns.items():
-            for _ in range(20):
-                fn()
-            _sync()
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            out[name] = (time.perf_counter() - t0) / calls * 1e6
-            _sync()
-    return out
+        return {name: host_us_per_call(fn, calls, _sync, warmup=20)[0] for name, fn in fns.items()}
 
 
 def run(workload: str) -> dict:
@@ -190,7 +168,7 @@ def run(workload: str) -> dict:
         model = _model(use_dora, patched, dim, 16 if SMALL else 384, dtype)
         model.train(train)
         step = _step_fn(model, x, train)
-        host, sync = _host_times(step, calls)
+        host, sync = host_us_per_call(step, calls, _sync)
         device, kernels = _kernels(step)
         entry = {"host_us": host, "sync_us": sync, "device_us": device, "kernels": kernels}
         if patched:

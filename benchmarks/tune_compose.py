@@ -45,6 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import host_us_per_call  # noqa: E402  (after the path set-up of a script run)
+
 ROWS = (1, 16, 2048, 4096, 8192, 16384, 32768)
 COLS = (4096, 8192, 14336, 28672)
 QUICK = ((1, 8192), (2048, 4096), (8192, 8192), (16384, 8192))
@@ -240,18 +242,10 @@ def host_overhead(dtype, calls: int = 300, dim: int = 8192, rank: int = 384) -> 
     for name, use_dora, patched in (("lora", False, False), ("stock_dora", True, False), ("dorafactors", True, True)):
         model = _peft_linear(use_dora, patched, dim, rank, dtype)
         with torch.no_grad():
-            for _ in range(20):
-                model(x)
-            _sync()
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                model(x)
-            t1 = time.perf_counter()
-            _sync()
-            t2 = time.perf_counter()
+            host_us, sync_us = host_us_per_call(lambda m=model: m(x), calls, _sync, warmup=20)
             entry = {
-                "host_us": (t1 - t0) / calls * 1e6,
-                "sync_us": (t2 - t0) / calls * 1e6,
+                "host_us": host_us,
+                "sync_us": sync_us,
                 "do_bench_ms": _bench(lambda m=model: m(x), rep=50),
                 "graph_ms": _bench_graph(lambda m=model: m(x)),
             }
@@ -268,15 +262,7 @@ def host_overhead(dtype, calls: int = 300, dim: int = 8192, rank: int = 384) -> 
             ("kernel_host_function", lambda: kc.compose_forward_unchecked(lora, base, g, 2.0, -1, dtype, False)),
             ("torch_empty_like", lambda: torch.empty_like(lora)),
         ):
-            for _ in range(50):
-                fn()
-            _sync()
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            t1 = time.perf_counter()
-            _sync()
-            out[label] = {"host_us": (t1 - t0) / calls * 1e6}
+            out[label] = {"host_us": host_us_per_call(fn, calls, _sync, warmup=50)[0]}
     return out
 
 
