@@ -22,7 +22,6 @@ top cProfile entries by own time and the kernels of one call.
 
 from __future__ import annotations
 
-import contextlib
 import cProfile
 import io
 import json
@@ -50,24 +49,14 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _model(use_dora: bool, patched: bool, dim: int, rank: int, dtype: torch.dtype) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
+def _model(provider: str, dim: int, rank: int, dtype: torch.dtype) -> nn.Module:
+    """The layer suite's model: one bias-free ``dim x dim`` Linear, the harness's non-identity adapters."""
+    from benchmarks import providers
 
-    import dorafactors
-
-    class One(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.proj = nn.Linear(dim, dim, bias=False)
-
-        def forward(self, x):
-            return self.proj(x)
-
-    torch.manual_seed(0)
-    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["proj"], use_dora=use_dora, init_lora_weights=False)
-    with dorafactors.patched() if patched else contextlib.nullcontext():
-        model = get_peft_model(One(), cfg)
-    return model.to(device=DEVICE, dtype=dtype)
+    base = providers.one_linear_base(dim, dim, torch.device(DEVICE), dtype)
+    return providers.build_peft(
+        base, provider, r=rank, alpha=2 * rank, targets=("proj",), autocast_adapter_dtype=False, seed=0
+    )
 
 
 def _adapter_params(model: nn.Module) -> list[torch.Tensor]:
@@ -164,14 +153,14 @@ def run(workload: str) -> dict:
         dim, tokens, calls = 128, min(tokens, 64), 20
     x = torch.randn(1, tokens, dim, device=DEVICE, dtype=dtype, requires_grad=train)
     out: dict = {}
-    for name, use_dora, patched in (("lora", False, False), ("stock", True, False), ("dorafactors", True, True)):
-        model = _model(use_dora, patched, dim, 16 if SMALL else 384, dtype)
+    for name in ("lora", "stock", "dorafactors"):
+        model = _model(name, dim, 16 if SMALL else 384, dtype)
         model.train(train)
         step = _step_fn(model, x, train)
         host, sync = host_us_per_call(step, calls, _sync)
         device, kernels = _kernels(step)
         entry = {"host_us": host, "sync_us": sync, "device_us": device, "kernels": kernels}
-        if patched:
+        if name == "dorafactors":
             entry["cprofile"] = _cprofile(step, max(50, calls // 2))
         out[name] = entry
         del model, step
