@@ -309,17 +309,16 @@ def _dorafactors_paths(module: nn.Module, rows: int | None = None) -> dict[str, 
     except Exception as exc:
         out["df_norm_path"] = f"unknown ({type(exc).__name__})"
     try:
-        from dorafactors.autograd import fused
         from dorafactors.dispatch import rules
 
         weight = module.get_base_layer().weight
         d_out = weight.shape[0]
         act = torch.empty(1, d_out, device=weight.device, dtype=weight.dtype)
         scale = torch.empty(d_out, device=weight.device, dtype=torch.float32)
-        infer = bool(fused.available_for(act, act, scale, -1, training=False))
-        out["df_compose_fused_infer"] = infer
-        # the training rule is a size heuristic on (rows, cols): ask it for the case's rows, not the probe's
-        out["df_compose_fused_train"] = infer and rules.fused_backward_ok(rows or 8, d_out, True)[0]
+        kernel_ok = rules.fused_compose_ok(act, act, scale)[0]
+        # both compose rules are size heuristics: ask them about the case's rows, not the 1-row probe's
+        out["df_compose_fused_infer"] = kernel_ok and rules.fused_inference_size_ok((rows or 8) * d_out)[0]
+        out["df_compose_fused_train"] = kernel_ok and rules.fused_backward_ok(rows or 8, d_out, True)[0]
         out["df_compose_probe_rows"] = rows or 8
     except Exception as exc:
         out["df_compose_fused_infer"] = f"unknown ({type(exc).__name__})"
