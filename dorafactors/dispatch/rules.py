@@ -53,7 +53,8 @@ FUSED_BACKWARD_MIN_ELEMENTS = 1 << 20
 #: Auto mode of ``PEFT_DORA_FUSED``: an inference compose (no autograd) of at most this many elements runs
 #: the PyTorch reference. Such calls are host-bound, and a few PyTorch launches cost the host less than a
 #: Triton launch: on an H200 (``benchmarks/results/H200-20261201.json``, compose suite) 1x4096, 1x8192 and
-#: 16x8192 took 25 / 41 / 44 us eager against 37 / 58 / 56 us fused; from 2048x4096 on the kernel wins.
+#: 16x8192 took 25 / 41 / 44 us eager against 37 / 58 / 56 us fused. At 512x4096 the two were within 15%
+#: (47 / 54 us); at 4096x512 and from 2048x4096 on the kernel was faster, so the limit stays at 16x8192.
 INFERENCE_EAGER_MAX_ELEMENTS = 1 << 17
 
 _KERNEL_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32))
