@@ -2,7 +2,8 @@
 # One device call of the GPU session: `bash benchmarks/gpu_session.sh <step>...` from the repo root, with
 # $OUT set (the device tool's output folder). Carried wheels in .whl/ are installed first (the GPU image
 # has no network). Steps: env, kernels, props, tests (= kernels + props), tests-compose, tune, bench (every
-# suite but the optional compiled cases, one run), bench-model, bench-rest, quick. Time boxes are
+# suite but the optional compiled cases, one run), bench-decode, bench-compile, profile, bench-model,
+# bench-rest, quick. Time boxes are
 # variables (KERNEL_BOX, TEST_BOX, BENCH_BUDGET) so one call can be fitted into the device tool's limit.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -51,6 +52,21 @@ for step in "$@"; do
             timeout $((B + B / 5 + 60)) python3 -m benchmarks run --suite model,decode,layer,norm,compose,ranks \
                 --no-compile --out "$RESULTS" --time-budget "$B" 2>&1 | tee "$OUT/bench.log" | tail -40
             cp "$RESULTS" "$OUT/" 2>/dev/null
+            ;;
+        bench-decode)
+            # decode and layer suites again (e.g. after a dispatch change), appended to the day's file
+            timeout 300 python3 -m benchmarks run --suite decode,layer --no-compile --out "$RESULTS" \
+                --time-budget 200 2>&1 | tee "$OUT/bench_decode.log" | tail -30
+            cp "$RESULTS" "$OUT/" 2>/dev/null
+            ;;
+        bench-compile)
+            # the optional torch.compile providers alone
+            timeout 420 python3 -m benchmarks run --case '*#compile' --out "$RESULTS" --time-budget 330 2>&1 \
+                | tee "$OUT/bench_compile.log" | tail -30
+            cp "$RESULTS" "$OUT/" 2>/dev/null
+            ;;
+        profile)
+            timeout 120 python3 benchmarks/profile_host.py 2>&1 | tee "$OUT/profile_host.log" | tail -40
             ;;
         bench-model)
             python3 -m benchmarks run --suite model,decode --out "$RESULTS" --time-budget 420 2>&1 | tail -30
