@@ -316,8 +316,8 @@ def _dorafactors_paths(module: nn.Module, rows: int | None = None) -> dict[str, 
         act = torch.empty(1, d_out, device=weight.device, dtype=weight.dtype)
         scale = torch.empty(d_out, device=weight.device, dtype=torch.float32)
         kernel_ok = rules.fused_compose_ok(act, act, scale)[0]
-        # both compose rules are size heuristics: ask them about the case's rows, not the 1-row probe's
-        out["df_compose_fused_infer"] = kernel_ok and rules.fused_inference_size_ok((rows or 8) * d_out)[0]
+        out["df_compose_fused_infer"] = kernel_ok
+        # the training rule is a size heuristic on (rows, cols): ask it about the case's rows, not the probe's
         out["df_compose_fused_train"] = kernel_ok and rules.fused_backward_ok(rows or 8, d_out, True)[0]
         out["df_compose_probe_rows"] = rows or 8
     except Exception as exc:

@@ -56,8 +56,6 @@ def available_for(
         cols = lora.shape[channel_dim]
         nd = lora.dim()
         ok, _ = rules.fused_backward_ok(lora.numel() // cols, cols, channel_dim % nd == nd - 1)
-    elif ok:
-        ok, _ = rules.fused_inference_size_ok(lora.numel())
     return ok
 
 

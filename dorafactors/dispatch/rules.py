@@ -9,8 +9,7 @@ Each returns ``(ok, reason)``; a rejection is logged once per distinct reason at
    ``PEFT_DORA_FUSED=1`` (the test suite's way of exercising the real kernels without a GPU).
 4. Per-op dtype and layout checks (below). ``PEFT_DORA_FUSED_BACKWARD`` additionally gates the training
    compose: ``0`` off, ``1`` on for every shape, unset = on above the shape threshold (last-dim layouts
-   only; conv layouts always take it). With ``PEFT_DORA_FUSED`` unset, an inference compose of at most
-   ``INFERENCE_EAGER_MAX_ELEMENTS`` elements (decode-sized) runs the PyTorch reference.
+   only; conv layouts always take it).
 
 Under ``torch.compile`` the compose decision is :func:`compiled_compose_ok` (device and dtypes only, no
 size threshold), evaluated once at trace time; :func:`kernels_enabled` is likewise baked in at trace time,
@@ -28,14 +27,12 @@ from . import config
 __all__ = [
     "FUSED_BACKWARD_MIN_COLS",
     "FUSED_BACKWARD_MIN_ELEMENTS",
-    "INFERENCE_EAGER_MAX_ELEMENTS",
     "compiled_compose_ok",
     "constant_while_compiling",
     "fused_backward_enabled",
     "fused_backward_ok",
     "fused_compose_backward_ok",
     "fused_compose_ok",
-    "fused_inference_size_ok",
     "fused_norm_ok",
     "kernels_enabled",
     "triton_importable",
@@ -49,13 +46,6 @@ logger = logging.getLogger("dorafactors.dispatch")
 #: ``eager_fwd + eager_bwd``).
 FUSED_BACKWARD_MIN_COLS = 1024
 FUSED_BACKWARD_MIN_ELEMENTS = 1 << 20
-
-#: Auto mode of ``PEFT_DORA_FUSED``: an inference compose (no autograd) of at most this many elements runs
-#: the PyTorch reference. Such calls are host-bound, and a few PyTorch launches cost the host less than a
-#: Triton launch: on an H200 (``benchmarks/results/H200-20261201.json``, compose suite) 1x4096, 1x8192 and
-#: 16x8192 took 25 / 41 / 44 us eager against 37 / 58 / 56 us fused. At 512x4096 the two were within 15%
-#: (47 / 54 us); at 4096x512 and from 2048x4096 on the kernel was faster, so the limit stays at 16x8192.
-INFERENCE_EAGER_MAX_ELEMENTS = 1 << 17
 
 _KERNEL_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32))
 _HALF = (torch.float16, torch.bfloat16)
@@ -161,15 +151,6 @@ def fused_compose_ok(
         return _reject("compose", "lora and base shapes differ (broadcast base)")
     if lora.numel() == 0:
         return _reject("compose", "empty tensor")
-    return True, ""
-
-
-def fused_inference_size_ok(numel: int) -> tuple[bool, str]:
-    """Rule 4 for the inference compose: with ``PEFT_DORA_FUSED`` unset, decode-sized activations (at most
-    ``INFERENCE_EAGER_MAX_ELEMENTS`` elements) take the PyTorch reference; ``PEFT_DORA_FUSED=1`` keeps the
-    kernel for every size."""
-    if config.fused_mode() is None and numel <= INFERENCE_EAGER_MAX_ELEMENTS:
-        return _reject("inference compose", "activation at or below the fused-inference size threshold")
     return True, ""
 
 
