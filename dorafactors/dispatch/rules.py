@@ -34,6 +34,8 @@ __all__ = [
     "fused_compose_backward_ok",
     "fused_compose_ok",
     "fused_norm_ok",
+    "INFERENCE_FOLD_MAX_ROWS",
+    "inference_fold_ok",
     "kernels_enabled",
     "triton_importable",
 ]
@@ -46,6 +48,11 @@ logger = logging.getLogger("dorafactors.dispatch")
 #: ``eager_fwd + eager_bwd``).
 FUSED_BACKWARD_MIN_COLS = 1024
 FUSED_BACKWARD_MIN_ELEMENTS = 1 << 20
+
+#: No-grad Linear calls of at most this many rows (tokens) use the folded PyTorch composition
+#: (``autograd/folded.py``): decode-sized calls are bound by host time, and the fold needs no kernel launch
+#: of its own. Larger calls keep the compose kernel.
+INFERENCE_FOLD_MAX_ROWS = 256
 
 _KERNEL_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32))
 _HALF = (torch.float16, torch.bfloat16)
@@ -240,6 +247,22 @@ def fused_norm_ok(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
     if _under_compile():
         # the kernel's host side (per-stream ticket buffers, cached launch plans) is not traceable
         return _reject("norm", "under torch.compile")
+    return True, ""
+
+
+def inference_fold_ok(rows: int) -> tuple[bool, str]:
+    """May a no-grad Linear call of ``rows`` tokens use the folded composition (``autograd/folded.py``)?
+
+    Not when ``PEFT_DORA_FUSED=1`` forces the kernels (tests exercise them that way), not with the norm cache
+    off (the fold is a cache of ``g * s * B``), and not above :data:`INFERENCE_FOLD_MAX_ROWS`. The caller
+    checks the rest (no gradient, not compiling, nothing sharded, a plain ``lora_B``).
+    """
+    if rows > INFERENCE_FOLD_MAX_ROWS:
+        return False, "more rows than INFERENCE_FOLD_MAX_ROWS"
+    if config.fused_mode() is True:
+        return False, "PEFT_DORA_FUSED=1"
+    if not config.norm_cache_enabled():
+        return False, "PEFT_DORA_NORM_CACHE=0"
     return True, ""
 
 

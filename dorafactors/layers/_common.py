@@ -67,7 +67,13 @@ def norm_cache_key_tensors(base_layer: torch.nn.Module) -> tuple[torch.Tensor, .
 
 
 #: Per-layer derived state (caches and memos with weak references): never pickled, dropped on revert.
-_DERIVED_STATE = ("_df_norm_cache_obj", "_df_sumsq_cache_obj", "_df_base_memo", "_df_scale_memo")
+_DERIVED_STATE = (
+    "_df_norm_cache_obj",
+    "_df_sumsq_cache_obj",
+    "_df_fold_cache_obj",
+    "_df_base_memo",
+    "_df_scale_memo",
+)
 
 
 class DoraLayerMixin:
@@ -93,10 +99,20 @@ class DoraLayerMixin:
             self.__dict__["_df_sumsq_cache_obj"] = cache
         return cache
 
+    @property
+    def _df_fold_cache(self) -> NormCache:
+        """Folded ``(g * s) B`` of the decode path (``autograd/folded.py``), keyed like the norm."""
+        cache = self.__dict__.get("_df_fold_cache_obj")
+        if cache is None:
+            cache = NormCache()
+            self.__dict__["_df_fold_cache_obj"] = cache
+        return cache
+
     def clear_norm_cache(self) -> None:
-        """Forget every cached norm and base sum of squares of this layer."""
+        """Forget every cached norm, base sum of squares and folded ``lora_B`` of this layer."""
         self._df_norm_cache.clear()
         self._df_sumsq_cache.clear()
+        self._df_fold_cache.clear()
         self.__dict__.pop("_df_scale_memo", None)
 
     @property
@@ -124,6 +140,9 @@ class DoraLayerMixin:
     def train(self, mode: bool = True):  # type: ignore[override]
         if mode:
             self._cache_clear()
+            fold = self.__dict__.get("_df_fold_cache_obj")
+            if fold is not None:
+                fold.clear()  # the folded B' is an eval-time copy of lora_B: free it for training
         return super().train(mode)  # type: ignore[misc]
 
     def _stock_caching_on(self, adapter_name: str | None) -> bool:

@@ -7,10 +7,13 @@ from peft.tuners.lora import dora as peft_dora
 from peft.utils.other import transpose
 from torch import nn
 
+from .. import distributed
 from ..autograd.compose import dora_compose
+from ..autograd.folded import FoldedLoraB, fold_scale_into_lora_B, folded_dora_extra
 from ..autograd.recompute_base import compose_recompute_base
-from ..dispatch import config
+from ..dispatch import config, rules
 from ..norm import dense_row_norm
+from ..norm.cache import optimizer_steps
 from ._common import DoraLayerMixin, base_weight
 
 __all__ = ["DoraLinearLayer"]
@@ -74,6 +77,10 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
         adapter_name: str = "default",
     ) -> torch.Tensor:
         """Extra output of DoRA on top of ``base_result`` (the variant adds it): ``[..., d_out]``."""
+        if base_result is not None:
+            folded = self._folded_lora_B(x, lora_A, lora_B, scaling, base_layer, base_result, adapter_name)
+            if folded is not None:
+                return folded_dora_extra(lora_A(x), folded, base_result)
         magnitude = self.weight
         norm = self._forward_norm(base_layer, lora_A, lora_B, scaling, adapter_name, gather_modules=(lora_A, lora_B))
         self._mirror_stock_cache(adapter_name, norm)
@@ -87,3 +94,79 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
             return dora_compose(lora_out, base_result, scale, scaling, inplace=True)
         weight = transpose(base_weight(base_layer), self.fan_in_fan_out)
         return compose_recompute_base(x, weight, lora_out, scale, scaling)
+
+    def _folded_lora_B(
+        self,
+        x: torch.Tensor,
+        lora_A: nn.Module,
+        lora_B: nn.Module,
+        scaling: float,
+        base_layer: nn.Module,
+        base_result: torch.Tensor,
+        adapter_name: str,
+    ) -> FoldedLoraB | None:
+        """The cached ``(B', c, g - 1)`` of the decode path (``autograd/folded.py``), or None where it does
+        not apply: a gradient to record, ``torch.compile``, sharded parameters, PEFT's own DoRA caching (whose
+        ``_dora_cache`` entries stock fills on every call), a ``lora_B`` that is not a plain hook-free
+        ``nn.Linear``, or a ``rules.inference_fold_ok`` rejection (size, settings)."""
+        magnitude = self.weight
+        weight_b = lora_B.weight
+        weight_a = lora_A.weight
+        if torch.is_grad_enabled() and (
+            x.requires_grad
+            or magnitude.requires_grad
+            or weight_b.requires_grad
+            or weight_a.requires_grad
+            or base_result.requires_grad
+        ):
+            return None
+        if torch.compiler.is_compiling() or base_result.dim() == 0:
+            return None
+        if not rules.inference_fold_ok(base_result.numel() // max(1, base_result.shape[-1]))[0]:
+            return None
+        if distributed.process_group_active() or self._stock_caching_on(adapter_name):
+            return None
+        if type(lora_B) is not nn.Linear or lora_B.bias is not None or _has_hooks(lora_B):
+            return None
+        if weight_a.dtype != weight_b.dtype or weight_b.device != base_result.device:
+            return None
+        bias = base_layer.bias
+        inputs = (*self._base_tensors(base_layer), weight_a, weight_b, magnitude)
+        if bias is not None:
+            inputs = (*inputs, bias)
+        trainable = any(t.requires_grad for t in inputs)
+        scaling = float(scaling)
+        key = (
+            adapter_name,
+            scaling,
+            config.get_dora_norm_threshold_mb(),
+            config.fused_mode(),
+            optimizer_steps() if trainable else -1,
+        )
+        folded = self._df_fold_cache.get(key, inputs)
+        if folded is None:
+            norm = self._forward_norm(
+                base_layer, lora_A, lora_B, scaling, adapter_name, gather_modules=(lora_A, lora_B)
+            )
+            scale = magnitude.detach().reshape(-1) / norm.to(magnitude.device)
+            folded = fold_scale_into_lora_B(weight_b, scale, scaling, bias)
+            self._df_fold_cache.put(key, inputs, folded)
+        if self.__dict__.get("_dora_cache"):
+            self._cache_clear()  # as stock does on every call with its caching off
+        return folded
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """True when calling ``module`` would run any hook (the checks of ``nn.Module._call_impl``'s fast path)."""
+    from torch.nn.modules import module as module_mod
+
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or module_mod._global_forward_hooks
+        or module_mod._global_forward_pre_hooks
+        or module_mod._global_backward_hooks
+        or module_mod._global_backward_pre_hooks
+    )

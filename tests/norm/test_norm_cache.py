@@ -81,6 +81,8 @@ def _check_cache_not_stale(model: nn.Module) -> None:
             continue
         for adapter in module.active_adapters:
             layer = module.lora_magnitude_vector[adapter]
+            if hasattr(layer, "_folded_lora_B"):
+                _check_fold_not_stale(module, layer, adapter)  # first: the norm check below clears all caches
             a, b, gather, dequantize = _norm_inputs(module, adapter)
             args = (module.get_base_layer(), a, b, module.scaling[adapter], adapter)
             served = layer._forward_norm(*args, gather_modules=gather, dequantize=dequantize)
@@ -89,6 +91,21 @@ def _check_cache_not_stale(model: nn.Module) -> None:
             fresh = layer._forward_norm(*args, gather_modules=gather, dequantize=dequantize)
             assert torch.equal(served, fresh), f"stale norm in {type(layer).__name__}[{adapter}]"
             layer._df_norm_cache._entries, layer._df_sumsq_cache._entries = saved
+
+
+def _check_fold_not_stale(module: LoraLayer, layer, adapter: str) -> None:
+    """The folded ``(B', c, g - 1)`` the decode path would serve now == a fold built from scratch (bitwise)."""
+    x = torch.zeros(1, module.in_features)
+    args = (module.lora_A[adapter], module.lora_B[adapter], module.scaling[adapter], module.get_base_layer())
+    with torch.no_grad():
+        result = torch.zeros(1, module.out_features)
+        served = layer._folded_lora_B(x, *args, result, adapter)
+        if served is None:  # the path does not apply in this state (e.g. PEFT's DoRA caching is on)
+            return
+        layer._df_fold_cache.clear()
+        fresh = layer._folded_lora_B(x, *args, result, adapter)
+    for a, b in zip(served, fresh):
+        assert (a is None and b is None) or torch.equal(a, b), f"stale fold in {type(layer).__name__}[{adapter}]"
 
 
 def _check_outputs(stock: nn.Module, ours: nn.Module, ids: torch.Tensor) -> None:
