@@ -27,6 +27,7 @@ from . import config
 __all__ = [
     "FUSED_BACKWARD_MIN_COLS",
     "FUSED_BACKWARD_MIN_ELEMENTS",
+    "INFERENCE_FOLD_MAX_ROWS",
     "compiled_compose_ok",
     "constant_while_compiling",
     "fused_backward_enabled",
@@ -34,7 +35,6 @@ __all__ = [
     "fused_compose_backward_ok",
     "fused_compose_ok",
     "fused_norm_ok",
-    "INFERENCE_FOLD_MAX_ROWS",
     "inference_fold_ok",
     "kernels_enabled",
     "triton_importable",

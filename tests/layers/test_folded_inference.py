@@ -76,13 +76,13 @@ def test_fold_half_not_worse_than_stock_or_the_unfolded_path(kind, dtype, fp32_a
 def _linear_pair(dtype=torch.float32, bias=True):
     case = LayerCase(kind="linear", d_in=24, d_out=40, rank=4, bias=bias, batch=(2, 3), scaling=0.8)
     stock, ours, _ = build_triplet(case, dtype)
-    return case, stock, ours, make_input(case, dtype)
+    return stock, ours, make_input(case, dtype)
 
 
 def test_fold_cache_follows_every_change_of_what_it_folds() -> None:
     """In-place edits of magnitude, B, A, W and bias, a scaling change and an optimizer step: each one
     is seen on the next no-grad call (output == stock), and an unchanged layer is served from the cache."""
-    case, stock, ours, x = _linear_pair()
+    stock, ours, x = _linear_pair()
     _no_grad_eval(ours, x)
     layer = _dora(ours)[0]
     hits = layer._df_fold_cache.hits
@@ -119,7 +119,7 @@ def test_fold_cache_follows_every_change_of_what_it_folds() -> None:
 
 
 def test_fold_freed_by_train_and_by_clear() -> None:
-    case, stock, ours, x = _linear_pair()
+    _, ours, x = _linear_pair()
     _no_grad_eval(ours, x)
     assert _folds(ours) == 1
     ours.train()
@@ -132,7 +132,7 @@ def test_fold_freed_by_train_and_by_clear() -> None:
 
 
 def test_fold_not_taken_where_it_does_not_apply(monkeypatch) -> None:
-    case, stock, ours, x = _linear_pair()
+    stock, ours, x = _linear_pair()
     ours.eval()
     # a gradient to record
     ours(x)
@@ -159,7 +159,7 @@ def test_fold_not_taken_where_it_does_not_apply(monkeypatch) -> None:
 
 def test_a_hook_on_lora_B_still_runs() -> None:
     """The fold bypasses ``lora_B``'s module call, so a hooked ``lora_B`` keeps the unfolded path."""
-    case, stock, ours, x = _linear_pair()
+    stock, ours, x = _linear_pair()
     lora_B = ours.base_model.model.target.lora_B["default"]
     seen = []
     handle = lora_B.register_forward_hook(lambda module, args, out: seen.append(out.shape))
