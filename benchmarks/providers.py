@@ -320,6 +320,8 @@ def _dorafactors_paths(module: nn.Module, rows: int | None = None) -> dict[str, 
         # the training rule is a size heuristic on (rows, cols): ask it about the case's rows, not the probe's
         out["df_compose_fused_train"] = kernel_ok and rules.fused_backward_ok(rows or 8, d_out, True)[0]
         out["df_compose_probe_rows"] = rows or 8
+        # no-grad calls of <= INFERENCE_FOLD_MAX_ROWS rows take the folded composition instead of the kernel
+        out["df_infer_fold"] = rules.inference_fold_ok(rows or 8)[0]
     except Exception as exc:
         out["df_compose_fused_infer"] = f"unknown ({type(exc).__name__})"
     return out

@@ -284,6 +284,7 @@ def _paths_note(rows: list[dict[str, Any]]) -> list[str]:
             "df_compose_fused",
             "df_compose_fused_infer",
             "df_compose_fused_train",
+            "df_infer_fold",
             "decode_mode",
         ):
             value = row.get("impl", {}).get(key)

@@ -37,6 +37,8 @@ __all__ = [
     "fused_norm_ok",
     "inference_fold_ok",
     "kernels_enabled",
+    "mm_out_dtype_available",
+    "norm_gemm_ok",
     "triton_importable",
 ]
 
@@ -263,6 +265,29 @@ def inference_fold_ok(rows: int) -> tuple[bool, str]:
         return False, "PEFT_DORA_FUSED=1"
     if not config.norm_cache_enabled():
         return False, "PEFT_DORA_NORM_CACHE=0"
+    return True, ""
+
+
+_mm_out_dtype: bool | None = None
+
+
+def mm_out_dtype_available() -> bool:
+    """``torch.mm(a, b, out_dtype=torch.float32)`` exists (PyTorch >= 2.9; CUDA kernels only)."""
+    global _mm_out_dtype
+    if _mm_out_dtype is None:
+        _mm_out_dtype = hasattr(torch.ops.aten.mm, "dtype")
+    return _mm_out_dtype
+
+
+def norm_gemm_ok(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[bool, str]:
+    """Among the Triton norm paths: the GEMM + finish kernel (``gemm_weight_norm_sq``) rather than the
+    one-pass kernel? For half ``A`` and ``B`` in W's dtype, where an fp32-output GEMM is available (CUDA:
+    ``mm_out_dtype_available``; the CPU interpreter multiplies fp32 upcasts). fp32 adapters keep the one-pass
+    kernel, whose in-register bf16x3 split of A a GEMM would need three passes for."""
+    if lora_A.dtype != weight.dtype or lora_B.dtype != weight.dtype:
+        return _reject("norm GEMM", f"adapters {lora_A.dtype}/{lora_B.dtype} with W {weight.dtype}")
+    if weight.device.type == "cuda" and not mm_out_dtype_available():
+        return _reject("norm GEMM", "torch.mm has no out_dtype (PyTorch < 2.9)")
     return True, ""
 
 

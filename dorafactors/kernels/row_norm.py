@@ -67,7 +67,18 @@ import triton.language as tl
 
 from ..dispatch import config
 
-__all__ = ["NormKernelConfig", "NormPlan", "pick_config", "plan_for", "triton_row_sumsq", "triton_weight_norm_sq"]
+__all__ = [
+    "NormKernelConfig",
+    "NormPlan",
+    "gemm_supported",
+    "gemm_weight_norm_sq",
+    "matmul_fp32",
+    "pick_config",
+    "pick_finish_config",
+    "plan_for",
+    "triton_row_sumsq",
+    "triton_weight_norm_sq",
+]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -270,6 +281,7 @@ def _main_program(
     w_ptr,
     a_ptr,
     b_ptr,
+    u_ptr,
     sumsq_ptr,
     out_ptr,
     out_sumsq_ptr,
@@ -287,6 +299,8 @@ def _main_program(
     stride_ak,
     stride_bm,
     stride_br,
+    stride_um,
+    stride_ur,
     scaling,
     eps,
     n_m,
@@ -298,6 +312,7 @@ def _main_program(
     BN: tl.constexpr,
     BK: tl.constexpr,
     BKG: tl.constexpr,
+    U_GIVEN: tl.constexpr,
     COLD: tl.constexpr,
     OUT_SUMSQ: tl.constexpr,
     SQRT: tl.constexpr,
@@ -317,7 +332,16 @@ def _main_program(
     it1 = (s + 1) * KT // S
 
     # 1. acc = W[rows, split] @ A[rn, split]^T (and ||W[rows, split]||^2 in the cold n == 0 programs)
-    if COLD:
+    if U_GIVEN:  # W A^T came from a GEMM (gemm_weight_norm_sq): the split s == 0 program adds U's tile once
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        wsq = tl.zeros((BM,), dtype=tl.float32)
+        if s == 0:
+            acc = tl.load(
+                u_ptr + rows64[:, None] * stride_um + rn64[None, :] * stride_ur,
+                mask=row_ok[:, None] & rn_ok[None, :],
+                other=0.0,
+            )
+    elif COLD:
         if n == 0:
             acc, wsq = _gemm_part(
                 w_ptr, a_ptr, rows64, row_ok, rn64, rn_ok, d_in, stride_wm, stride_wk, stride_ar, stride_ak,
@@ -425,6 +449,7 @@ def _weight_norm_sq_kernel(
     w_ptr,
     a_ptr,
     b_ptr,
+    u_ptr,
     sumsq_ptr,
     out_ptr,
     out_sumsq_ptr,
@@ -443,6 +468,8 @@ def _weight_norm_sq_kernel(
     stride_ak,
     stride_bm,
     stride_br,
+    stride_um,
+    stride_ur,
     scaling,
     eps,
     n_m,
@@ -455,6 +482,7 @@ def _weight_norm_sq_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
     BKG: tl.constexpr,
+    U_GIVEN: tl.constexpr,
     COLD: tl.constexpr,
     OUT_SUMSQ: tl.constexpr,
     SQRT: tl.constexpr,
@@ -479,10 +507,10 @@ def _weight_norm_sq_kernel(
         s = q % S
         m = q // S
         _main_program(
-            m, n, s, w_ptr, a_ptr, b_ptr, sumsq_ptr, out_ptr, out_sumsq_ptr, part_ptr, wpart_ptr, g3_ptr,
+            m, n, s, w_ptr, a_ptr, b_ptr, u_ptr, sumsq_ptr, out_ptr, out_sumsq_ptr, part_ptr, wpart_ptr, g3_ptr,
             cnt_ptr, d_out, d_in, rank, r_pad, stride_wm, stride_wk, stride_ar, stride_ak, stride_bm,
-            stride_br, scaling, eps, n_m, NR, S, NT, KT, BM, BN, BK, BKG, COLD, OUT_SUMSQ, SQRT, A_MODE, B_MODE, EVEN_K,
-            EVEN_MN, UPCAST,
+            stride_br, stride_um, stride_ur, scaling, eps, n_m, NR, S, NT, KT, BM, BN, BK, BKG, U_GIVEN, COLD,
+            OUT_SUMSQ, SQRT, A_MODE, B_MODE, EVEN_K, EVEN_MN, UPCAST,
         )  # fmt: skip
 
 
@@ -612,6 +640,34 @@ def pick_config(
     cap = max(1, _GRAM_PARTIAL_BUDGET // (nt * block_n * block_n * 4))
     gram_splits = max(1, min(gram_splits, cap, _MAX_SPLITS * 2))
     return NormKernelConfig(block_m, block_n, block_k, num_warps, num_stages, splits, gram_splits)
+
+
+@functools.lru_cache(maxsize=1024)
+def pick_finish_config(d_out: int, d_in: int, rank: int, num_sms: int, interpret: bool) -> NormKernelConfig:
+    """Launch configuration of the kernel's ``U_GIVEN`` mode (:func:`gemm_weight_norm_sq`): pure function.
+
+    No main loop over ``d_in`` is left to balance, only the gram tiles (``A A^T`` over ``d_in``) and the
+    ``B G''`` chunks of each (row, rank) tile. ``gram_splits`` spreads the gram tiles over about one wave of
+    programs (each >= 8 k-steps); ``splits`` cuts the ``B G''`` chunks of a tile into up to 4 programs
+    until the main programs fill the SMs.
+    """
+    block_n = min(128, _pow2_at_least(rank, 16))
+    if interpret:
+        block_m = 32 if d_out > 16 else 16
+        return NormKernelConfig(block_m, min(block_n, 64), 32, 4, 1, 1, 1)
+    block_m, block_k = 128, 64
+    num_warps = 8 if block_n >= 128 else 4
+    n_m = triton.cdiv(d_out, block_m)
+    nr = triton.cdiv(rank, block_n)
+    chunks = max(1, block_n // min(block_n, 64))  # B G'' chunks of the last (shortest) rank tile
+    splits = 1
+    while n_m * nr * splits < num_sms and splits < 4 and splits < chunks * nr:
+        splits += 1
+    k_steps = triton.cdiv(d_in, block_k)
+    nt = nr * (nr + 1) // 2
+    gram_splits = max(1, min(triton.cdiv(num_sms, nt), k_steps // 8, _MAX_SPLITS * 2))
+    gram_splits = max(1, min(gram_splits, _GRAM_PARTIAL_BUDGET // (nt * block_n * block_n * 4)))
+    return NormKernelConfig(block_m, block_n, block_k, num_warps, 3, splits, gram_splits)
 
 
 @dataclass(frozen=True)
@@ -769,6 +825,36 @@ def triton_row_sumsq(weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _validate(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+    if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
+        raise ValueError("weight, lora_A and lora_B must be 2-D")
+    d_out, d_in = weight.shape
+    rank = lora_A.shape[0]
+    if lora_A.shape[1] != d_in or lora_B.shape != (d_out, rank):
+        raise ValueError(
+            f"shape mismatch: W {tuple(weight.shape)}, A {tuple(lora_A.shape)}, B {tuple(lora_B.shape)}; "
+            "expected A [r, d_in] and B [d_out, r]"
+        )
+    if weight.dtype not in _HALF:
+        raise ValueError(f"the tensor-core norm takes fp16/bf16 W, got {weight.dtype}")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if t.dtype not in (weight.dtype, torch.float32):
+            raise ValueError(f"{name} dtype {t.dtype}: must be W's dtype ({weight.dtype}) or fp32")
+        if t.device != weight.device:
+            raise ValueError(f"{name} is on {t.device}, W on {weight.device}")
+
+
+def _as_sumsq(cached_sumsq: torch.Tensor | None, d_out: int, device: torch.device) -> torch.Tensor | None:
+    """``cached_sumsq`` checked for shape and made a contiguous fp32 vector on ``device`` (or None)."""
+    if cached_sumsq is None:
+        return None
+    if cached_sumsq.shape != (d_out,):
+        raise ValueError(f"cached_sumsq must be [{d_out}], got {tuple(cached_sumsq.shape)}")
+    if cached_sumsq.dtype != torch.float32 or cached_sumsq.device != device or cached_sumsq.stride(0) != 1:
+        cached_sumsq = cached_sumsq.to(device=device, dtype=torch.float32).contiguous()
+    return cached_sumsq
+
+
 def triton_weight_norm_sq(
     weight: torch.Tensor,
     lora_A: torch.Tensor,
@@ -800,28 +886,11 @@ def triton_weight_norm_sq(
         ``s == 0`` or ``r == 0`` needs no product at all.
     """
     interpret = _check_device(weight)
-    if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
-        raise ValueError("weight, lora_A and lora_B must be 2-D")
+    _validate(weight, lora_A, lora_B)
     d_out, d_in = weight.shape
     rank = lora_A.shape[0]
-    if lora_A.shape[1] != d_in or lora_B.shape != (d_out, rank):
-        raise ValueError(
-            f"shape mismatch: W {tuple(weight.shape)}, A {tuple(lora_A.shape)}, B {tuple(lora_B.shape)}; "
-            "expected A [r, d_in] and B [d_out, r]"
-        )
-    if weight.dtype not in _HALF:
-        raise ValueError(f"the tensor-core norm takes fp16/bf16 W, got {weight.dtype}")
-    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
-        if t.dtype not in (weight.dtype, torch.float32):
-            raise ValueError(f"{name} dtype {t.dtype}: must be W's dtype ({weight.dtype}) or fp32")
-        if t.device != weight.device:
-            raise ValueError(f"{name} is on {t.device}, W on {weight.device}")
     device = weight.device
-    if cached_sumsq is not None:
-        if cached_sumsq.shape != (d_out,):
-            raise ValueError(f"cached_sumsq must be [{d_out}], got {tuple(cached_sumsq.shape)}")
-        if cached_sumsq.dtype != torch.float32 or cached_sumsq.device != device or cached_sumsq.stride(0) != 1:
-            cached_sumsq = cached_sumsq.to(device=device, dtype=torch.float32).contiguous()
+    cached_sumsq = _as_sumsq(cached_sumsq, d_out, device)
     if out_sumsq is not None and (
         out_sumsq.shape != (d_out,) or out_sumsq.dtype != torch.float32 or not out_sumsq.is_contiguous()
     ):
@@ -845,11 +914,35 @@ def triton_weight_norm_sq(
     else:
         plan = NormPlan.build(d_out, d_in, rank, kernel_config)
     cold = cached_sumsq is None
+    out = _launch(plan, weight, lora_A, lora_B, None, cached_sumsq, out_sumsq, scaling, eps, interpret)
+    if out_sumsq is not None and not cold:
+        out_sumsq.copy_(cached_sumsq)
+    return out
+
+
+def _launch(
+    plan: NormPlan,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    u: torch.Tensor | None,
+    cached_sumsq: torch.Tensor | None,
+    out_sumsq: torch.Tensor | None,
+    scaling: float,
+    eps: float | None,
+    interpret: bool,
+) -> torch.Tensor:
+    """One launch of ``_weight_norm_sq_kernel`` for validated operands; returns the fp32 ``[d_out]`` result.
+
+    ``u`` (``U_GIVEN`` mode, needs ``cached_sumsq``): fp32 ``W A^T`` ``[d_out, r]`` from a GEMM.
+    """
+    device = weight.device
+    d_out, d_in = weight.shape
+    cold = cached_sumsq is None
     ws = torch.empty(plan.workspace_elements(cold), dtype=torch.float32, device=device)
     part, wpart, gpart, g3 = plan.carve(ws, cold)
     out = torch.empty(d_out, dtype=torch.float32, device=device)
     counters = _counter_buffer(device, 2 + plan.gram_tiles + plan.row_tiles)
-
     if lora_A.dtype == weight.dtype:
         a_mode = 0
     elif weight.dtype == torch.bfloat16:
@@ -861,6 +954,7 @@ def triton_weight_norm_sq(
         weight,
         lora_A,
         lora_B,
+        u if u is not None else out,
         cached_sumsq if not cold else out,
         out,
         out_sumsq if out_sumsq is not None else out,
@@ -871,7 +965,7 @@ def triton_weight_norm_sq(
         counters,
         d_out,
         d_in,
-        rank,
+        lora_A.shape[0],
         plan.r_pad,
         weight.stride(0),
         weight.stride(1),
@@ -879,6 +973,8 @@ def triton_weight_norm_sq(
         lora_A.stride(1),
         lora_B.stride(0),
         lora_B.stride(1),
+        u.stride(0) if u is not None else 0,
+        u.stride(1) if u is not None else 0,
         scaling,
         0.0 if eps is None else float(eps),
         plan.row_tiles,
@@ -891,18 +987,86 @@ def triton_weight_norm_sq(
         BN=cfg.block_n,
         BK=cfg.block_k,
         BKG=plan.gram_chunk,
+        U_GIVEN=u is not None,
         COLD=cold,
         OUT_SUMSQ=cold and out_sumsq is not None,
         SQRT=eps is not None,
         A_MODE=a_mode,
-        A_GRAM_MODE=1 if a_is_fp32 else 0,
+        A_GRAM_MODE=1 if lora_A.dtype == torch.float32 else 0,
         B_MODE={torch.bfloat16: 0, torch.float16: 1}.get(lora_B.dtype, 2),
         EVEN_K=d_in % cfg.block_k == 0,
-        EVEN_MN=d_out % cfg.block_m == 0 and rank % cfg.block_n == 0,
+        EVEN_MN=d_out % cfg.block_m == 0 and lora_A.shape[0] % cfg.block_n == 0,
         UPCAST=interpret,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    if out_sumsq is not None and not cold:
-        out_sumsq.copy_(cached_sumsq)
     return out
+
+
+def gemm_supported(device: torch.device) -> bool:
+    """True when :func:`gemm_weight_norm_sq` can get an fp32 ``W A^T`` from half inputs on ``device``.
+
+    CUDA: ``torch.mm(..., out_dtype=torch.float32)`` (PyTorch >= 2.9, cuBLAS with fp32 output). The CPU
+    (Triton's interpreter, tests) multiplies the fp32 upcasts instead: the same exact products.
+    """
+    from ..dispatch.rules import mm_out_dtype_available
+
+    return device.type != "cuda" or mm_out_dtype_available()
+
+
+def matmul_fp32(weight: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
+    """``U = W @ A^T`` ``[d_out, r]`` in fp32 from half ``W`` ``[d_out, d_in]`` and ``A`` ``[r, d_in]``.
+
+    On CUDA one cuBLAS GEMM on tensor cores with fp32 accumulation and fp32 output (W is never upcast in
+    memory); on the CPU (tests only) the product of the fp32 upcasts.
+    """
+    if weight.device.type == "cuda":
+        return torch.mm(weight, lora_A.t(), out_dtype=torch.float32)
+    return torch.mm(weight.float(), lora_A.float().t())
+
+
+def gemm_weight_norm_sq(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    *,
+    cached_sumsq: torch.Tensor | None = None,
+    eps: float | None = None,
+    kernel_config: NormKernelConfig | None = None,
+) -> torch.Tensor:
+    """:func:`triton_weight_norm_sq` with ``W A^T`` from a GEMM: for half ``A`` and ``B`` in ``W``'s dtype.
+
+    One GEMM (:func:`matmul_fp32`, the fp32 ``U = W A^T``), then one launch of the norm kernel in its
+    ``U_GIVEN`` mode: the gram tiles of ``A A^T``, ``U + B G''`` on tensor cores, the row sums and the
+    assembly, exactly as in the one-pass kernel (same splits of ``G''``, same fixed summation orders). The
+    GEMM runs at the GPU's GEMM speed, which the one-pass kernel's main loop does not reach. Without
+    ``cached_sumsq``, ``||W||^2`` comes from :func:`triton_row_sumsq` (a second pass over W).
+
+    Args and returns: as :func:`triton_weight_norm_sq`; ``lora_A`` and ``lora_B`` must have W's dtype.
+    Extra memory: ``U`` (``4 * d_out * r`` bytes) besides the kernel's workspace.
+    """
+    interpret = _check_device(weight)
+    _validate(weight, lora_A, lora_B)
+    if lora_A.dtype != weight.dtype or lora_B.dtype != weight.dtype:
+        raise ValueError(
+            f"gemm_weight_norm_sq takes A and B in W's dtype ({weight.dtype}); got {lora_A.dtype}/{lora_B.dtype} "
+            "(fp32 adapters: use triton_weight_norm_sq)"
+        )
+    if not gemm_supported(weight.device):
+        raise RuntimeError("torch.mm(..., out_dtype=torch.float32) needs PyTorch >= 2.9; use triton_weight_norm_sq")
+    d_out, d_in = weight.shape
+    rank = lora_A.shape[0]
+    device = weight.device
+    scaling = float(scaling)
+    cached_sumsq = _as_sumsq(cached_sumsq, d_out, device)
+    if d_out == 0:
+        return torch.zeros(0, dtype=torch.float32, device=device)
+    sumsq = cached_sumsq if cached_sumsq is not None else triton_row_sumsq(weight)
+    if scaling == 0.0 or rank == 0 or d_in == 0:
+        res = sumsq.clone() if sumsq is cached_sumsq else sumsq
+        return res if eps is None else res.clamp_min_(0).sqrt_().clamp_min_(eps)
+    cfg = kernel_config or pick_finish_config(d_out, d_in, rank, _num_sms(device), interpret)
+    plan = NormPlan.build(d_out, d_in, rank, cfg)
+    u = matmul_fp32(weight, lora_A)
+    return _launch(plan, weight, lora_A, lora_B, u, sumsq, None, scaling, eps, interpret)

@@ -23,11 +23,15 @@ def clamp_eps(weight_dtype: torch.dtype) -> float:
 
 
 def norm_path(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> str:
-    """Which implementation :func:`weight_norm` uses: ``"dense"`` (``d_in <= r``), ``"triton"`` or ``"torch"``."""
+    """Which implementation :func:`weight_norm` uses: ``"dense"`` (``d_in <= r``), ``"gemm"`` (an fp32-output
+    GEMM for ``W A^T`` + the Triton finish, half adapters), ``"triton"`` (the one-pass Triton kernel, fp32
+    adapters) or ``"torch"`` (the PyTorch reference)."""
     if weight.shape[1] <= lora_A.shape[0]:
         return "dense"
     ok, _ = rules.fused_norm_ok(weight, lora_A, lora_B)
-    return "triton" if ok else "torch"
+    if not ok:
+        return "torch"
+    return "gemm" if rules.norm_gemm_ok(weight, lora_A, lora_B)[0] else "triton"
 
 
 def reference_compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -84,13 +88,12 @@ def weight_norm(
     """
     scaling = float(scaling)
     path = norm_path(weight, lora_A, lora_B)
-    if path == "triton":
-        from ..kernels.row_norm import triton_weight_norm_sq
+    if path in ("gemm", "triton"):
+        from ..kernels.row_norm import gemm_weight_norm_sq, triton_weight_norm_sq
 
-        # one launch: the kernel applies the clamp, IEEE sqrt and eps clamp in its final store
-        return triton_weight_norm_sq(
-            weight, lora_A, lora_B, scaling, cached_sumsq=cached_sumsq, eps=clamp_eps(weight.dtype)
-        )
+        # the kernel applies the clamp, IEEE sqrt and eps clamp in its final store
+        fn = gemm_weight_norm_sq if path == "gemm" else triton_weight_norm_sq
+        return fn(weight, lora_A, lora_B, scaling, cached_sumsq=cached_sumsq, eps=clamp_eps(weight.dtype))
     if path == "dense":
         cdt = reference_compute_dtype(weight, lora_A, lora_B)
         elem = torch.finfo(cdt).bits // 8

@@ -27,7 +27,9 @@ from dorafactors.dispatch import config
 from dorafactors.kernels import row_norm
 from dorafactors.kernels.row_norm import (
     NormKernelConfig,
+    gemm_weight_norm_sq,
     pick_config,
+    pick_finish_config,
     plan_for,
     triton_row_sumsq,
     triton_weight_norm_sq,
@@ -413,7 +415,7 @@ def test_engine_takes_the_kernel_and_matches_the_torch_path(monkeypatch, ad_dtyp
     config.invalidate_cache()
     if DEVICE == "cpu":
         assert config.triton_interpreter_active()
-    assert engine.norm_path(W, A, B) == "triton"
+    assert engine.norm_path(W, A, B) == ("triton" if ad_dtype == torch.float32 else "gemm")
     fused_norm = engine.weight_norm(W, A, B, 1.7)
     fused_sumsq = engine.weight_sumsq(W)
     assert_close_verbose(fused_norm, torch_norm, rtol=1e-5, atol=0, name="engine norm: triton vs torch")
@@ -429,7 +431,7 @@ def test_engine_uses_the_torch_path_under_compile(monkeypatch):
     W, A, B = make_random(8, 16, 2, torch.bfloat16, torch.bfloat16)
     monkeypatch.setenv("PEFT_DORA_FUSED", "1")
     config.invalidate_cache()
-    assert engine.norm_path(W, A, B) == "triton"
+    assert engine.norm_path(W, A, B) == "gemm"
     monkeypatch.setattr(rules, "_under_compile", lambda: True)
     assert engine.norm_path(W, A, B) == "torch"
 
@@ -462,6 +464,98 @@ def test_plan_working_set_and_grid(d_out, d_in, rank, a_is_fp32):
     assert main_programs / (waves * 132) >= 0.7, (cfg, main_programs)
     assert plan.gram_tiles * plan.gram_splits <= 2 * 132
     assert pick_config(d_out, d_in, rank, a_is_fp32, 132, False) == cfg  # pure function of its arguments
+
+
+# ---------------------------------------------------------------------------------------------
+# the GEMM path: fp32 W A^T from a GEMM (cuBLAS on GPUs), the rest in the kernel's U_GIVEN mode
+
+GEMM_EXACT = [c for c in EXACT_CASES if c[3] == c[4]]
+GEMM_RANDOM = [c for c in RANDOM_CASES if c[3] == c[4]]
+
+
+@pytest.mark.parametrize("d_out,d_in,rank,w_dtype,ad_dtype,scaling,cfg", GEMM_EXACT)
+def test_gemm_exact_inputs_give_the_fp64_truth_bitwise(d_out, d_in, rank, w_dtype, ad_dtype, scaling, cfg):
+    W, A, B = make_exact(d_out, d_in, rank, w_dtype, ad_dtype, seed=d_out + d_in)
+    truth = truth_sq(W, A, B, scaling)
+    expect = truth.float()
+    cold = gemm_weight_norm_sq(W, A, B, scaling, kernel_config=cfg)
+    warm = gemm_weight_norm_sq(W, A, B, scaling, cached_sumsq=triton_row_sumsq(W), kernel_config=cfg)
+    assert torch.equal(cold, expect), f"cold: max |diff| {(cold.double() - truth).abs().max():.3e}"
+    assert torch.equal(warm, expect)
+    assert counters_are_zero()
+
+
+@pytest.mark.parametrize("cfg", [SMALL_SPLIT, SMALL_WIDE], ids=["split16", "split32"])
+def test_gemm_split_configs_add_U_once(cfg):
+    """``splits > 1`` cuts the B G'' chunks over several programs per tile; only one of them adds U."""
+    W, A, B = make_exact(45, 77, 40, torch.bfloat16, torch.bfloat16, seed=4)
+    assert cfg.splits > 1
+    assert torch.equal(gemm_weight_norm_sq(W, A, B, 0.5, kernel_config=cfg), truth_sq(W, A, B, 0.5).float())
+
+
+@pytest.mark.parametrize("d_out,d_in,rank,w_dtype,ad_dtype,scaling", GEMM_RANDOM)
+def test_gemm_random_inputs_within_1e5_of_fp64_truth(d_out, d_in, rank, w_dtype, ad_dtype, scaling):
+    W, A, B = make_random(d_out, d_in, rank, w_dtype, ad_dtype, seed=rank)
+    truth = truth_sq(W, A, B, scaling)
+    ours = gemm_weight_norm_sq(W, A, B, scaling)
+    assert ours.dtype == torch.float32 and ours.shape == (d_out,)
+    name = f"gemm {d_out}x{d_in} r{rank} {w_dtype} s={scaling}"
+    assert_norm_close(ours, truth, name, scale=term_scale(W, A, B, scaling))
+    one_pass = triton_weight_norm_sq(W, A, B, scaling)
+    assert_norm_close(ours, one_pass.double(), "gemm vs one-pass", rtol=2e-6, scale=term_scale(W, A, B, scaling))
+
+
+@pytest.mark.parametrize("ad_dtype", [torch.bfloat16, torch.float16])
+def test_gemm_gram_and_large_adapter_terms_are_fp32_precise(ad_dtype):
+    W = torch.zeros(48, 64, dtype=ad_dtype, device=DEVICE)
+    A = torch.randn(3, 64, generator=_gen(22)).to(ad_dtype).to(DEVICE)
+    B = torch.randn(48, 3, generator=_gen(23)).to(ad_dtype).to(DEVICE)
+    for scaling in (3.0, -0.37):
+        truth = truth_sq(W, A, B, scaling)
+        got = gemm_weight_norm_sq(W, A, B, scaling)
+        assert_close_verbose(got, truth, rtol=TERM_RTOL, atol=0, name=f"gram term, s={scaling}")
+    W, A, B = make_random(40, 64, 24, ad_dtype, ad_dtype, b_scale=1.0, seed=3)
+    for scaling in (1e3, -1e4):
+        assert_norm_close(gemm_weight_norm_sq(W, A, B, scaling), truth_sq(W, A, B, scaling), f"s={scaling}")
+    W, A, B = make_random(64, 1, 81, ad_dtype, ad_dtype, b_scale=1.0, seed=31)
+    got = gemm_weight_norm_sq(W, A, B, -8.0)
+    assert_norm_close(got, truth_sq(W, A, B, -8.0), "cancellation", scale=term_scale(W, A, B, -8.0))
+
+
+def test_gemm_strided_zero_scaling_eps_and_validation():
+    W, A, B = make_random(29, 75, 18, torch.bfloat16, torch.bfloat16, seed=2)
+    W_t, B_t = W.T.contiguous().T, B.T.contiguous().T
+    A_s = torch.zeros(18, 150, dtype=A.dtype, device=A.device)
+    A_s[:, ::2] = A
+    A_s = A_s[:, ::2]
+    ours = gemm_weight_norm_sq(W_t, A_s, B_t, 0.7)
+    assert_norm_close(ours, truth_sq(W, A, B, 0.7), "strided")
+    contiguous = gemm_weight_norm_sq(W, A, B, 0.7)  # the GEMM may sum in another order for other strides
+    assert_close_verbose(ours, contiguous, rtol=1e-6, atol=0, name="strided vs contiguous")
+    sumsq = triton_row_sumsq(W)
+    assert torch.equal(gemm_weight_norm_sq(W, A, B, 0.0), sumsq)
+    cached = gemm_weight_norm_sq(W, A, B, 0.0, cached_sumsq=sumsq)
+    assert torch.equal(cached, sumsq) and cached.data_ptr() != sumsq.data_ptr()
+    finished = gemm_weight_norm_sq(W, A, B, 0.7, eps=1e-6)
+    assert torch.equal(finished, ours.double().clamp_min(0).sqrt().float().clamp_min(1e-6))
+    with pytest.raises(ValueError, match="W's dtype"):
+        gemm_weight_norm_sq(W, A.float(), B.float(), 1.0)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        gemm_weight_norm_sq(W, A[:, :9], B, 1.0)
+    assert gemm_weight_norm_sq(W[:0], A, B[:0], 1.0).shape == (0,)
+
+
+@pytest.mark.parametrize("d_out,d_in,rank", ISSUE_SHAPES)
+def test_finish_plan_working_set_and_grid(d_out, d_in, rank):
+    """The U_GIVEN plan at the issue's shapes: U plus the workspace within the issue's memory bound, the
+    gram tiles spread over about one wave, each gram program >= 8 k-steps."""
+    cfg = pick_finish_config(d_out, d_in, rank, 132, False)
+    plan = row_norm.NormPlan.build(d_out, d_in, rank, cfg)
+    bound = 4 * (d_out * rank + rank * rank) + 16 * 2**20
+    assert plan.workspace_bytes(False) + 4 * d_out * rank <= bound
+    assert plan.gram_tiles * plan.gram_splits <= 2 * 132
+    assert plan.k_steps // plan.gram_splits >= 8 or plan.gram_splits == 1
+    assert 1 <= plan.splits <= 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -613,4 +707,51 @@ def test_gpu_exact_inputs_bitwise_at_size(ad_dtype):
     for _ in range(10):
         assert torch.equal(triton_weight_norm_sq(W, A, B, 0.5), truth.float())
     torch.cuda.synchronize()
+    assert counters_are_zero()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d_out,d_in,rank", ISSUE_SHAPES[:6])
+def test_gpu_gemm_path_accuracy_memory_determinism(d_out, d_in, rank):
+    """The engine's path for bf16 adapters at the issue's shapes: 1e-5 of fp64 truth, repeatable bitwise,
+    peak transient memory within the issue's bound (the fp32 U included)."""
+    W, A, B = _gpu_inputs(d_out, d_in, rank, torch.bfloat16)
+    assert engine.norm_path(W, A, B) == "gemm"
+    sumsq = triton_row_sumsq(W)
+    first = gemm_weight_norm_sq(W, A, B, 2.0, cached_sumsq=sumsq)  # compiles outside the measurement
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    again = gemm_weight_norm_sq(W, A, B, 2.0, cached_sumsq=sumsq)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    bound = 4 * (d_out * rank + rank * rank) + 16 * 2**20
+    assert peak <= bound, f"peak transient {peak / 2**20:.1f} MiB > bound {bound / 2**20:.1f} MiB"
+    assert torch.equal(first, again)
+    err = assert_norm_close(again, truth_sq(W, A, B, 2.0), f"gemm {d_out}x{d_in} r{rank}")
+    print(f"\ngemm {d_out}x{d_in} r{rank}: rel error of the norm {err:.3e}, peak {peak / 2**20:.2f} MiB")
+    cold = gemm_weight_norm_sq(W, A, B, 2.0)
+    assert torch.equal(cold, again)
+    assert counters_are_zero()
+
+
+@pytest.mark.gpu
+def test_gpu_gemm_exact_inputs_bitwise_and_cuda_graph():
+    """Exact data: the GPU GEMM path returns the fp64 truth bitwise, also replayed from a CUDA graph."""
+    W, A, B = make_exact(4096, 2048, 384, torch.bfloat16, torch.bfloat16, seed=7, device="cuda")
+    truth = truth_sq(W, A, B, 0.5).float()
+    sumsq = triton_row_sumsq(W)
+    assert torch.equal(gemm_weight_norm_sq(W, A, B, 0.5, cached_sumsq=sumsq), truth)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        gemm_weight_norm_sq(W, A, B, 0.5, cached_sumsq=sumsq)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gemm_weight_norm_sq(W, A, B, 0.5, cached_sumsq=sumsq)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, truth)
     assert counters_are_zero()
