@@ -196,6 +196,69 @@ def measure_shape(d_out, d_in, rank, ad_dtype, rep_ms, *, with_baselines: bool) 
     return row
 
 
+def kernel_table(fn, calls: int = 3) -> list[tuple[str, float, int]]:
+    """(kernel name, device us per call, launches per call) of ``fn``, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    acc: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            acc.setdefault(e.name[:70], []).append(e.device_time)
+    return sorted(((k, sum(v) / calls, len(v) // calls) for k, v in acc.items()), key=lambda t: -t[1])
+
+
+def probe_gemm_path(shapes, rep_ms: int) -> list[dict]:
+    """The GEMM path of the engine (``gemm_weight_norm_sq``) piece by piece, per shape (see :func:`_probe_one`)."""
+    out = []
+    for shape in shapes:
+        out.append(_probe_one(*shape, rep_ms))
+        torch.cuda.empty_cache()
+    return out
+
+
+def _probe_one(d_out: int, d_in: int, rank: int, rep_ms: int) -> dict:
+    """The fp32-output GEMM alone, the finish kernel alone (U given), the whole path, the one-pass kernel and
+    the bf16 GEMM floor: do_bench (L2 flushed), back-to-back and host time per call; the kernels of one call."""
+    W, A, B = make_inputs(d_out, d_in, rank, torch.bfloat16)
+    sumsq = triton_row_sumsq(W)
+    U = row_norm.matmul_fp32(W, A)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cfg = row_norm.pick_finish_config(d_out, d_in, rank, sms, False)
+    plan = row_norm.NormPlan.build(d_out, d_in, rank, cfg)
+    fns = {
+        "floor_bf16": lambda: W @ A.T,
+        "u_fp32": lambda: row_norm.matmul_fp32(W, A),
+        "finish": lambda: row_norm._launch(plan, W, A, B, U, sumsq, None, SCALING, EPS, False),
+        "gemm_path": lambda: row_norm.gemm_weight_norm_sq(W, A, B, SCALING, cached_sumsq=sumsq, eps=EPS),
+        "one_pass": lambda: triton_weight_norm_sq(W, A, B, SCALING, cached_sumsq=sumsq, eps=EPS),
+    }
+    row = {"shape": [d_out, d_in, rank], "config": dataclasses.asdict(cfg), "programs": plan.programs}
+    for name, fn in fns.items():
+        fn()
+        torch.cuda.synchronize()
+        row[f"ms_{name}"] = bench(fn, rep_ms)
+        row[f"b2b_{name}"] = back_to_back(fn)
+        t = time.perf_counter()
+        for _ in range(20):
+            fn()
+        row[f"host_us_{name}"] = (time.perf_counter() - t) / 20 * 1e6
+        torch.cuda.synchronize()
+    row["kernels_gemm_path"] = kernel_table(fns["gemm_path"])
+    timings = ", ".join(
+        f"{k} {row['ms_' + k] * 1e3:.1f}/{row['b2b_' + k] * 1e3:.1f}/{row['host_us_' + k]:.0f}" for k in fns
+    )
+    print(f"gemm probe {d_out}x{d_in} r{rank} {cfg}: {timings} (us: do_bench / back-to-back / host)", flush=True)
+    for name, us, n in row["kernels_gemm_path"]:
+        print(f"    {us:8.1f} us  x{n}  {name}")
+    return row
+
+
 def candidate_configs(base: NormKernelConfig) -> list[NormKernelConfig]:
     rep = dataclasses.replace
     cands = [
@@ -268,6 +331,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="issue shapes only, bf16 only, short reps")
     parser.add_argument("--rep-ms", type=int, default=60)
     parser.add_argument("--budget-s", type=float, default=170.0, help="skip remaining config trials after this")
+    parser.add_argument("--gemm-probe", action="store_true", help="only the GEMM path, piece by piece")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("tune_norm.py needs a CUDA GPU")
@@ -284,6 +348,14 @@ def main() -> None:
         "scaling": SCALING,
     }
     print(json.dumps(meta))
+    if args.gemm_probe:
+        shapes = [*ISSUE_SHAPES, (8192, 28672, 384), (4096, 4096, 16), (4096, 4096, 128)]
+        probe = probe_gemm_path(shapes, 30)
+        if os.environ.get("OUT"):
+            (Path(os.environ["OUT"]) / "norm_gemm_probe.json").write_text(
+                json.dumps({"meta": meta, "rows": probe}, indent=1)
+            )
+        return
     rows = []
     shapes = ISSUE_SHAPES if args.quick else ISSUE_SHAPES + EXTRA_SHAPES
     for shape in shapes:
