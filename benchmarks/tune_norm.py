@@ -227,13 +227,14 @@ def _probe_one(d_out: int, d_in: int, rank: int, rep_ms: int) -> dict:
     the bf16 GEMM floor: do_bench (L2 flushed), back-to-back and host time per call; the kernels of one call."""
     W, A, B = make_inputs(d_out, d_in, rank, torch.bfloat16)
     sumsq = triton_row_sumsq(W)
-    U = row_norm.matmul_fp32(W, A)
+    U = (row_norm.matmul_fp32(W, A), row_norm.matmul_fp32(A, A))
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     cfg = row_norm.pick_finish_config(d_out, d_in, rank, sms, False)
     plan = row_norm.NormPlan.build(d_out, d_in, rank, cfg)
     fns = {
         "floor_bf16": lambda: W @ A.T,
         "u_fp32": lambda: row_norm.matmul_fp32(W, A),
+        "gram_fp32": lambda: row_norm.matmul_fp32(A, A),
         "finish": lambda: row_norm._launch(plan, W, A, B, U, sumsq, None, SCALING, EPS, False),
         "gemm_path": lambda: row_norm.gemm_weight_norm_sq(W, A, B, SCALING, cached_sumsq=sumsq, eps=EPS),
         "one_pass": lambda: triton_weight_norm_sq(W, A, B, SCALING, cached_sumsq=sumsq, eps=EPS),

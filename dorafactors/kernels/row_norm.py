@@ -359,9 +359,10 @@ def _main_program(
         )  # fmt: skip
 
     # 2. acc += B[rows, k] @ G''[k, rn] for this split's share of the chunks k >= n*BN (lower block triangle)
-    done = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
-    while done < NT:
+    if not U_GIVEN:  # wait for the gram programs (U_GIVEN: the fp32 G = A A^T came from a GEMM too)
         done = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
+        while done < NT:
+            done = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
     n_chunks = (r_pad - n * BN) // BKG
     c0 = s * n_chunks // S
     c1 = (s + 1) * n_chunks // S
@@ -374,10 +375,18 @@ def _main_program(
             mask=row_ok[:, None] & (kk < rank)[None, :],
             other=0.0,
         )
-        g_ptrs = g3_ptr + kk64[:, None] * r_pad + rn64[None, :]
-        g_hi = tl.load(g_ptrs, cache_modifier=".cg")
-        g_mid = tl.load(g_ptrs + r_pad * r_pad, cache_modifier=".cg")
-        g_lo = tl.load(g_ptrs + 2 * r_pad * r_pad, cache_modifier=".cg")
+        if U_GIVEN:  # fp32 G [r, r]: scale the tile (s/2 on the diagonal block, s below it), split in registers
+            g = tl.load(
+                g3_ptr + kk64[:, None] * rank + rn64[None, :],
+                mask=(kk < rank)[:, None] & rn_ok[None, :],
+                other=0.0,
+            )
+            g_hi, g_mid, g_lo = _split3(g * tl.where(c * BKG < BN, scaling * 0.5, scaling))
+        else:
+            g_ptrs = g3_ptr + kk64[:, None] * r_pad + rn64[None, :]
+            g_hi = tl.load(g_ptrs, cache_modifier=".cg")
+            g_mid = tl.load(g_ptrs + r_pad * r_pad, cache_modifier=".cg")
+            g_lo = tl.load(g_ptrs + 2 * r_pad * r_pad, cache_modifier=".cg")
         # products of parts whose orders sum to < 3: ~24 bits, fp32's own precision
         if B_MODE == 0:  # bf16 B: exact in one part
             acc = _mma(b, g_hi, acc, UPCAST)
@@ -646,10 +655,8 @@ def pick_config(
 def pick_finish_config(d_out: int, d_in: int, rank: int, num_sms: int, interpret: bool) -> NormKernelConfig:
     """Launch configuration of the kernel's ``U_GIVEN`` mode (:func:`gemm_weight_norm_sq`): pure function.
 
-    No main loop over ``d_in`` is left to balance, only the gram tiles (``A A^T`` over ``d_in``) and the
-    ``B G''`` chunks of each (row, rank) tile. ``gram_splits`` spreads the gram tiles over about one wave of
-    programs (each >= 8 k-steps); ``splits`` cuts the ``B G''`` chunks of a tile into up to 4 programs
-    until the main programs fill the SMs.
+    No loop over ``d_in`` is left (both GEMMs ran before), only the ``B G''`` chunks of each (row, rank)
+    tile: ``splits`` cuts them into up to 4 programs until the programs fill the SMs.
     """
     block_n = min(128, _pow2_at_least(rank, 16))
     if interpret:
@@ -663,11 +670,7 @@ def pick_finish_config(d_out: int, d_in: int, rank: int, num_sms: int, interpret
     splits = 1
     while n_m * nr * splits < num_sms and splits < 4 and splits < chunks * nr:
         splits += 1
-    k_steps = triton.cdiv(d_in, block_k)
-    nt = nr * (nr + 1) // 2
-    gram_splits = max(1, min(triton.cdiv(num_sms, nt), k_steps // 8, _MAX_SPLITS * 2))
-    gram_splits = max(1, min(gram_splits, _GRAM_PARTIAL_BUDGET // (nt * block_n * block_n * 4)))
-    return NormKernelConfig(block_m, block_n, block_k, num_warps, 3, splits, gram_splits)
+    return NormKernelConfig(block_m, block_n, block_k, num_warps, 3, splits, 1)
 
 
 @dataclass(frozen=True)
@@ -925,7 +928,7 @@ def _launch(
     weight: torch.Tensor,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
-    u: torch.Tensor | None,
+    u: tuple[torch.Tensor, torch.Tensor] | None,
     cached_sumsq: torch.Tensor | None,
     out_sumsq: torch.Tensor | None,
     scaling: float,
@@ -934,7 +937,8 @@ def _launch(
 ) -> torch.Tensor:
     """One launch of ``_weight_norm_sq_kernel`` for validated operands; returns the fp32 ``[d_out]`` result.
 
-    ``u`` (``U_GIVEN`` mode, needs ``cached_sumsq``): fp32 ``W A^T`` ``[d_out, r]`` from a GEMM.
+    ``u`` (``U_GIVEN`` mode, needs ``cached_sumsq``): the fp32 GEMM results ``(W A^T [d_out, r] contiguous,
+    A A^T [r, r] contiguous)``; the launch then has no gram programs.
     """
     device = weight.device
     d_out, d_in = weight.shape
@@ -950,18 +954,21 @@ def _launch(
     else:
         a_mode = 2
     cfg = plan.config
-    _weight_norm_sq_kernel[(plan.programs,)](
+    u_mat, gram = u if u is not None else (out, g3)
+    gram_tiles = 0 if u is not None else plan.gram_tiles  # U mode: no gram programs, G comes from a GEMM
+    programs = plan.row_tiles * plan.rank_tiles * plan.splits + gram_tiles * plan.gram_splits
+    _weight_norm_sq_kernel[(programs,)](
         weight,
         lora_A,
         lora_B,
-        u if u is not None else out,
+        u_mat,
         cached_sumsq if not cold else out,
         out,
         out_sumsq if out_sumsq is not None else out,
         part,
         wpart,
         gpart,
-        g3,
+        gram,
         counters,
         d_out,
         d_in,
@@ -973,14 +980,14 @@ def _launch(
         lora_A.stride(1),
         lora_B.stride(0),
         lora_B.stride(1),
-        u.stride(0) if u is not None else 0,
-        u.stride(1) if u is not None else 0,
+        u_mat.stride(0) if u is not None else 0,
+        1,
         scaling,
         0.0 if eps is None else float(eps),
         plan.row_tiles,
         plan.rank_tiles,
         plan.splits,
-        plan.gram_tiles,
+        gram_tiles,
         plan.gram_splits,
         plan.k_steps,
         BM=cfg.block_m,
@@ -1014,15 +1021,15 @@ def gemm_supported(device: torch.device) -> bool:
     return device.type != "cuda" or mm_out_dtype_available()
 
 
-def matmul_fp32(weight: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
-    """``U = W @ A^T`` ``[d_out, r]`` in fp32 from half ``W`` ``[d_out, d_in]`` and ``A`` ``[r, d_in]``.
+def matmul_fp32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x @ y^T`` in fp32 from half ``x`` ``[m, k]`` and ``y`` ``[n, k]`` (``W A^T``, ``A A^T``): contiguous ``[m, n]``.
 
-    On CUDA one cuBLAS GEMM on tensor cores with fp32 accumulation and fp32 output (W is never upcast in
-    memory); on the CPU (tests only) the product of the fp32 upcasts.
+    On CUDA one cuBLAS GEMM on tensor cores with fp32 accumulation and fp32 output (the operands are never
+    upcast in memory); on the CPU (tests only) the product of the fp32 upcasts.
     """
-    if weight.device.type == "cuda":
-        return torch.mm(weight, lora_A.t(), out_dtype=torch.float32)
-    return torch.mm(weight.float(), lora_A.float().t())
+    if x.device.type == "cuda":
+        return torch.mm(x, y.t(), out_dtype=torch.float32)
+    return torch.mm(x.float(), y.float().t())
 
 
 def gemm_weight_norm_sq(
@@ -1037,14 +1044,15 @@ def gemm_weight_norm_sq(
 ) -> torch.Tensor:
     """:func:`triton_weight_norm_sq` with ``W A^T`` from a GEMM: for half ``A`` and ``B`` in ``W``'s dtype.
 
-    One GEMM (:func:`matmul_fp32`, the fp32 ``U = W A^T``), then one launch of the norm kernel in its
-    ``U_GIVEN`` mode: the gram tiles of ``A A^T``, ``U + B G''`` on tensor cores, the row sums and the
-    assembly, exactly as in the one-pass kernel (same splits of ``G''``, same fixed summation orders). The
-    GEMM runs at the GPU's GEMM speed, which the one-pass kernel's main loop does not reach. Without
-    ``cached_sumsq``, ``||W||^2`` comes from :func:`triton_row_sumsq` (a second pass over W).
+    Two GEMMs (:func:`matmul_fp32`: the fp32 ``U = W A^T`` and ``G = A A^T``), then one launch of the norm
+    kernel in its ``U_GIVEN`` mode: each (row, rank) tile loads its lower-block-triangle chunks of ``G``,
+    scales and splits them into three bf16 parts in registers, adds ``B G''`` to ``U`` on tensor cores, and
+    the row sums and the assembly follow exactly as in the one-pass kernel (fixed summation orders). No gram
+    programs and no waiting on them. Without ``cached_sumsq``, ``||W||^2`` comes from
+    :func:`triton_row_sumsq` (a second pass over W).
 
     Args and returns: as :func:`triton_weight_norm_sq`; ``lora_A`` and ``lora_B`` must have W's dtype.
-    Extra memory: ``U`` (``4 * d_out * r`` bytes) besides the kernel's workspace.
+    Extra memory: ``U`` and ``G`` (``4 * (d_out * r + r^2)`` bytes) besides the kernel's workspace.
     """
     interpret = _check_device(weight)
     _validate(weight, lora_A, lora_B)
@@ -1068,5 +1076,5 @@ def gemm_weight_norm_sq(
         return res if eps is None else res.clamp_min_(0).sqrt_().clamp_min_(eps)
     cfg = kernel_config or pick_finish_config(d_out, d_in, rank, _num_sms(device), interpret)
     plan = NormPlan.build(d_out, d_in, rank, cfg)
-    u = matmul_fp32(weight, lora_A)
+    u = (matmul_fp32(weight, lora_A), matmul_fp32(lora_A, lora_A))
     return _launch(plan, weight, lora_A, lora_B, u, sumsq, None, scaling, eps, interpret)

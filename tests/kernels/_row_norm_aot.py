@@ -47,6 +47,16 @@ VARIANTS = {
     "bf16_r16_cold": dict(wdt="bf16", adt="bf16", bdt="bf16", cold=True, cfg=_cfg(4096, 4096, 16, False)),
     "fp32_adapters_r64_cold": dict(wdt="bf16", adt="fp32", bdt="fp32", cold=True, cfg=_cfg(4096, 4096, 64, True)),
     "fp32_adapters_r16": dict(wdt="bf16", adt="fp32", bdt="fp32", cold=False, cfg=_cfg(4096, 4096, 16, True)),
+    # the GEMM path's finish (U and G given): only the B G'' dots, no d_in loop to pipeline
+    "bf16_u_given": dict(
+        wdt="bf16",
+        adt="bf16",
+        bdt="bf16",
+        cold=False,
+        u_given=True,
+        cfg=row_norm.pick_finish_config(8192, 8192, 384, 132, False),
+        unit_strides=("stride_wk", "stride_ak", "stride_br", "stride_ur"),
+    ),
 }
 
 
@@ -56,6 +66,7 @@ def compile_variant(
     bdt: str,
     cold: bool,
     cfg: row_norm.NormKernelConfig | None = None,
+    u_given: bool = False,
     unit_strides: tuple[str, ...] = ("stride_wk", "stride_ak", "stride_br"),
     capability: int = 90,
 ):
@@ -66,7 +77,7 @@ def compile_variant(
         w_ptr="*" + wdt,
         a_ptr="*" + adt,
         b_ptr="*" + bdt,
-        g3_ptr="*bf16",
+        g3_ptr="*fp32" if u_given else "*bf16",
         cnt_ptr="*i32",
     )
     a_mode = 0 if adt == wdt else (1 if wdt == "bf16" else 2)
@@ -75,6 +86,7 @@ def compile_variant(
         BN=cfg.block_n,
         BK=cfg.block_k,
         BKG=min(cfg.block_n, 64),
+        U_GIVEN=u_given,
         COLD=cold,
         OUT_SUMSQ=cold,
         SQRT=True,

@@ -547,15 +547,12 @@ def test_gemm_strided_zero_scaling_eps_and_validation():
 
 @pytest.mark.parametrize("d_out,d_in,rank", ISSUE_SHAPES)
 def test_finish_plan_working_set_and_grid(d_out, d_in, rank):
-    """The U_GIVEN plan at the issue's shapes: U plus the workspace within the issue's memory bound, the
-    gram tiles spread over about one wave, each gram program >= 8 k-steps."""
+    """The U_GIVEN plan at the issue's shapes: U, G and the workspace within the issue's memory bound."""
     cfg = pick_finish_config(d_out, d_in, rank, 132, False)
     plan = row_norm.NormPlan.build(d_out, d_in, rank, cfg)
     bound = 4 * (d_out * rank + rank * rank) + 16 * 2**20
-    assert plan.workspace_bytes(False) + 4 * d_out * rank <= bound
-    assert plan.gram_tiles * plan.gram_splits <= 2 * 132
-    assert plan.k_steps // plan.gram_splits >= 8 or plan.gram_splits == 1
-    assert 1 <= plan.splits <= 4
+    assert plan.workspace_bytes(False) + 4 * (d_out * rank + rank * rank) <= bound
+    assert plan.gram_splits == 1 and 1 <= plan.splits <= 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -571,6 +568,7 @@ def test_heuristic_configs_compile_for_sm90_without_spills():
         "bf16_transposed_w",
         "bf16_r16_cold",
         "fp32_adapters_r64_cold",
+        "bf16_u_given",
     ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
@@ -592,11 +590,13 @@ def test_heuristic_configs_compile_for_sm90_without_spills():
         "bf16_transposed_w": 5,
         "bf16_r16_cold": 5,
         "fp32_adapters_r64_cold": 15,
+        "bf16_u_given": 3,
     }
     for name in names:
         r = report[name]
         assert r["stack"] == 0, f"{name}: register spills ({r})"
-        assert r["async_copies"] >= 8, f"{name}: loads not pipelined ({r})"
+        if name != "bf16_u_given":  # the U_GIVEN finish has no d_in loop to pipeline
+            assert r["async_copies"] >= 8, f"{name}: loads not pipelined ({r})"
         assert r["wgmma"] >= expected_dots[name], f"{name}: no tensor-core dots ({r})"
         assert r["shared"] <= 227 * 1024, f"{name}: more shared memory than sm_90 gives a block ({r})"
 
