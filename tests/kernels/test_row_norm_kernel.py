@@ -402,8 +402,13 @@ def test_row_sumsq(w_dtype, shape):
 # through the engine
 
 
+@pytest.mark.parametrize("gemm_from", [0, None], ids=["gemm-path", "size-rule"])
 @pytest.mark.parametrize("ad_dtype", [torch.bfloat16, torch.float32])
-def test_engine_takes_the_kernel_and_matches_the_torch_path(monkeypatch, ad_dtype):
+def test_engine_takes_the_kernel_and_matches_the_torch_path(monkeypatch, ad_dtype, gemm_from):
+    from dorafactors.dispatch import rules
+
+    if gemm_from is not None:
+        monkeypatch.setattr(rules, "NORM_GEMM_MIN_DIN_RANK", gemm_from)
     W, A, B = make_random(40, 72, 12, torch.bfloat16, ad_dtype, seed=8)
     monkeypatch.setenv("PEFT_DORA_FUSED", "0")
     config.invalidate_cache()
@@ -415,7 +420,8 @@ def test_engine_takes_the_kernel_and_matches_the_torch_path(monkeypatch, ad_dtyp
     config.invalidate_cache()
     if DEVICE == "cpu":
         assert config.triton_interpreter_active()
-    assert engine.norm_path(W, A, B) == ("triton" if ad_dtype == torch.float32 else "gemm")
+    gemm = ad_dtype != torch.float32 and gemm_from is not None  # 72 * 12 is far below the size rule
+    assert engine.norm_path(W, A, B) == ("gemm" if gemm else "triton")
     fused_norm = engine.weight_norm(W, A, B, 1.7)
     fused_sumsq = engine.weight_sumsq(W)
     assert_close_verbose(fused_norm, torch_norm, rtol=1e-5, atol=0, name="engine norm: triton vs torch")
@@ -431,6 +437,8 @@ def test_engine_uses_the_torch_path_under_compile(monkeypatch):
     W, A, B = make_random(8, 16, 2, torch.bfloat16, torch.bfloat16)
     monkeypatch.setenv("PEFT_DORA_FUSED", "1")
     config.invalidate_cache()
+    assert engine.norm_path(W, A, B) == "triton"
+    monkeypatch.setattr(rules, "NORM_GEMM_MIN_DIN_RANK", 0)
     assert engine.norm_path(W, A, B) == "gemm"
     monkeypatch.setattr(rules, "_under_compile", lambda: True)
     assert engine.norm_path(W, A, B) == "torch"
@@ -716,7 +724,10 @@ def test_gpu_gemm_path_accuracy_memory_determinism(d_out, d_in, rank):
     """The engine's path for bf16 adapters at the issue's shapes: 1e-5 of fp64 truth, repeatable bitwise,
     peak transient memory within the issue's bound (the fp32 U included)."""
     W, A, B = _gpu_inputs(d_out, d_in, rank, torch.bfloat16)
-    assert engine.norm_path(W, A, B) == "gemm"
+    from dorafactors.dispatch import rules
+
+    expected = "gemm" if d_in * rank >= rules.NORM_GEMM_MIN_DIN_RANK else "triton"
+    assert engine.norm_path(W, A, B) == expected
     sumsq = triton_row_sumsq(W)
     first = gemm_weight_norm_sq(W, A, B, 2.0, cached_sumsq=sumsq)  # compiles outside the measurement
     torch.cuda.synchronize()
