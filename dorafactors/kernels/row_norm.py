@@ -26,6 +26,10 @@ Design (one launch, ``_weight_norm_sq_kernel``; a 1-D grid of two kinds of progr
   ``cached_sumsq`` the ``n == 0`` programs also square the W tiles they already hold in shared memory
   ("one pass over W"); with it, no work at all is spent on ``||W||^2``.
 
+``U_GIVEN`` mode (:func:`gemm_weight_norm_sq`): ``W A^T`` and ``G = A A^T`` come from fp32-output GEMMs
+(cuBLAS); the launch then has only main programs, which load their U tile instead of looping over ``d_in``
+and load, scale and split their chunks of the fp32 G in registers instead of waiting for gram programs.
+
 Precision: products of half-precision operands are exact and accumulate in fp32. fp32 operands are split in
 registers into bf16 parts and multiplied part by part, keeping every product whose part orders sum to < 3
 (the "bf16x3 / bf16x6" schemes): fp32 A against bf16 W is ``hi + mid + lo`` (3 dots), fp32 A against fp16

@@ -23,9 +23,10 @@ def clamp_eps(weight_dtype: torch.dtype) -> float:
 
 
 def norm_path(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> str:
-    """Which implementation :func:`weight_norm` uses: ``"dense"`` (``d_in <= r``), ``"gemm"`` (an fp32-output
-    GEMM for ``W A^T`` + the Triton finish, half adapters), ``"triton"`` (the one-pass Triton kernel, fp32
-    adapters) or ``"torch"`` (the PyTorch reference)."""
+    """Which implementation :func:`weight_norm` uses: ``"dense"`` (``d_in <= r``), ``"gemm"`` (fp32-output
+    GEMMs for ``W A^T`` and ``A A^T`` + the Triton finish; half adapters from ``rules.NORM_GEMM_MIN_DIN_RANK``
+    on), ``"triton"`` (the one-pass Triton kernel: fp32 adapters, smaller half-adapter shapes) or ``"torch"``
+    (the PyTorch reference)."""
     if weight.shape[1] <= lora_A.shape[0]:
         return "dense"
     ok, _ = rules.fused_norm_ok(weight, lora_A, lora_B)
