@@ -742,6 +742,11 @@ def _default_plan(d_out: int, d_in: int, rank: int, a_is_fp32: bool, num_sms: in
     return NormPlan.build(d_out, d_in, rank, pick_config(d_out, d_in, rank, a_is_fp32, num_sms, interpret))
 
 
+@functools.lru_cache(maxsize=1024)
+def _finish_plan(d_out: int, d_in: int, rank: int, num_sms: int, interpret: bool) -> NormPlan:
+    return NormPlan.build(d_out, d_in, rank, pick_finish_config(d_out, d_in, rank, num_sms, interpret))
+
+
 def plan_for(
     d_out: int,
     d_in: int,
@@ -1078,7 +1083,9 @@ def gemm_weight_norm_sq(
     if scaling == 0.0 or rank == 0 or d_in == 0:
         res = sumsq.clone() if sumsq is cached_sumsq else sumsq
         return res if eps is None else res.clamp_min_(0).sqrt_().clamp_min_(eps)
-    cfg = kernel_config or pick_finish_config(d_out, d_in, rank, _num_sms(device), interpret)
-    plan = NormPlan.build(d_out, d_in, rank, cfg)
+    if kernel_config is None:
+        plan = _finish_plan(d_out, d_in, rank, _num_sms(device), interpret)
+    else:
+        plan = NormPlan.build(d_out, d_in, rank, kernel_config)
     u = (matmul_fp32(weight, lora_A), matmul_fp32(lora_A, lora_A))
     return _launch(plan, weight, lora_A, lora_B, u, sumsq, None, scaling, eps, interpret)

@@ -83,30 +83,26 @@ class DoraLayerMixin:
     fan_in_fan_out: bool
 
     # ------------------------------------------------------------------ per-layer state
-    @property
-    def _df_norm_cache(self) -> NormCache:
-        cache = self.__dict__.get("_df_norm_cache_obj")
+    def _lazy_cache(self, slot: str) -> NormCache:
+        """The layer's ``NormCache`` in ``__dict__[slot]``, created on first use (no ``__init__`` needed)."""
+        cache = self.__dict__.get(slot)
         if cache is None:
             cache = NormCache()
-            self.__dict__["_df_norm_cache_obj"] = cache
+            self.__dict__[slot] = cache
         return cache
 
     @property
+    def _df_norm_cache(self) -> NormCache:
+        return self._lazy_cache("_df_norm_cache_obj")
+
+    @property
     def _df_sumsq_cache(self) -> NormCache:
-        cache = self.__dict__.get("_df_sumsq_cache_obj")
-        if cache is None:
-            cache = NormCache()
-            self.__dict__["_df_sumsq_cache_obj"] = cache
-        return cache
+        return self._lazy_cache("_df_sumsq_cache_obj")
 
     @property
     def _df_fold_cache(self) -> NormCache:
         """Folded ``(g * s) B`` of the decode path (``autograd/folded.py``), keyed like the norm."""
-        cache = self.__dict__.get("_df_fold_cache_obj")
-        if cache is None:
-            cache = NormCache()
-            self.__dict__["_df_fold_cache_obj"] = cache
-        return cache
+        return self._lazy_cache("_df_fold_cache_obj")
 
     def clear_norm_cache(self) -> None:
         """Forget every cached norm, base sum of squares and folded ``lora_B`` of this layer."""
