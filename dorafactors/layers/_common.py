@@ -195,6 +195,10 @@ class DoraLayerMixin:
         Probing a module for quantization attributes costs microseconds per ``getattr`` miss; once a
         base layer is known to hold a plain ``nn.Parameter`` weight, only that is re-checked per call.
         """
+        if type(base_layer) is nn.Linear:  # the common case, decided without probing
+            weight = base_layer._parameters["weight"]
+            if type(weight) is nn.Parameter:
+                return (weight,)
         if torch.compiler.is_compiling():
             return norm_cache_key_tensors(base_layer)
         memo = self.__dict__.get("_df_base_memo")

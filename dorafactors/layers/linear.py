@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.lora import dora as peft_dora
 from peft.utils.other import transpose
 from torch import nn
+from torch.nn.modules import module as module_mod
 
 from .. import distributed
 from ..autograd.compose import dora_compose
@@ -80,7 +82,7 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
         if base_result is not None:
             folded = self._folded_lora_B(x, lora_A, lora_B, scaling, base_layer, base_result, adapter_name)
             if folded is not None:
-                return folded_dora_extra(lora_A(x), folded, base_result)
+                return folded_dora_extra(_lora_A_call(lora_A, x), folded, base_result)
         magnitude = self.weight
         norm = self._forward_norm(base_layer, lora_A, lora_B, scaling, adapter_name, gather_modules=(lora_A, lora_B))
         self._mirror_stock_cache(adapter_name, norm)
@@ -108,33 +110,41 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
         """The cached ``(B', c, g - 1)`` of the decode path (``autograd/folded.py``), or None where it does
         not apply: a gradient to record, ``torch.compile``, sharded parameters, PEFT's own DoRA caching (whose
         ``_dora_cache`` entries stock fills on every call), a ``lora_B`` that is not a plain hook-free
-        ``nn.Linear``, or a ``rules.inference_fold_ok`` rejection (size, settings)."""
-        magnitude = self.weight
-        weight_b = lora_B.weight
-        weight_a = lora_A.weight
+        ``nn.Linear``, or a ``rules.inference_fold_ok`` rejection (size, settings).
+
+        This runs on every decode step, so it reads parameters from ``_parameters`` where the module type
+        is known (``nn.Module.__getattr__`` costs about a microsecond per lookup) and checks the cheap
+        conditions first; the validity check itself is the full ``NormCache`` stamp comparison.
+        """
         if torch.is_grad_enabled() and (
-            x.requires_grad
-            or magnitude.requires_grad
-            or weight_b.requires_grad
-            or weight_a.requires_grad
-            or base_result.requires_grad
+            x.requires_grad or base_result.requires_grad or _any_param_requires_grad(self, lora_A, lora_B)
         ):
             return None
-        if torch.compiler.is_compiling() or base_result.dim() == 0:
+        if base_result.dim() == 0 or torch.compiler.is_compiling():
             return None
         if not rules.inference_fold_ok(base_result.numel() // max(1, base_result.shape[-1]))[0]:
             return None
         if distributed.process_group_active() or self._stock_caching_on(adapter_name):
             return None
-        if type(lora_B) is not nn.Linear or lora_B.bias is not None or _has_hooks(lora_B):
+        if type(lora_B) is not nn.Linear or _has_hooks(lora_B):
             return None
+        b_params = lora_B._parameters
+        weight_b = b_params["weight"]
+        if b_params["bias"] is not None:
+            return None
+        weight_a = _linear_param(lora_A, "weight")
         if weight_a.dtype != weight_b.dtype or weight_b.device != base_result.device:
             return None
-        bias = base_layer.bias
+        magnitude = _own_weight(self)
+        bias = _linear_param(base_layer, "bias")
         inputs = (*self._base_tensors(base_layer), weight_a, weight_b, magnitude)
         if bias is not None:
             inputs = (*inputs, bias)
-        trainable = any(t.requires_grad for t in inputs)
+        trainable = False
+        for tensor in inputs:
+            if tensor.requires_grad:
+                trainable = True
+                break
         scaling = float(scaling)
         key = (
             adapter_name,
@@ -143,7 +153,8 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
             config.fused_mode(),
             optimizer_steps() if trainable else -1,
         )
-        folded = self._df_fold_cache.get(key, inputs)
+        fold_cache = self.__dict__.get("_df_fold_cache_obj")
+        folded = None if fold_cache is None else fold_cache.get(key, inputs)
         if folded is None:
             norm = self._forward_norm(
                 base_layer, lora_A, lora_B, scaling, adapter_name, gather_modules=(lora_A, lora_B)
@@ -156,10 +167,38 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
         return folded
 
 
+def _linear_param(module: nn.Module, name: str) -> torch.Tensor:
+    """``module.<name>``, read straight from ``_parameters`` for a plain ``nn.Linear`` (no ``__getattr__``)."""
+    if type(module) is nn.Linear:
+        return module._parameters[name]
+    return getattr(module, name)
+
+
+def _own_weight(layer: nn.Module) -> torch.Tensor:
+    """The DoRA layer's magnitude parameter (``layer.weight``) without ``nn.Module.__getattr__``."""
+    weight = layer._parameters.get("weight")
+    return layer.weight if weight is None else weight
+
+
+def _any_param_requires_grad(layer: nn.Module, lora_A: nn.Module, lora_B: nn.Module) -> bool:
+    return (
+        _own_weight(layer).requires_grad
+        or _linear_param(lora_A, "weight").requires_grad
+        or _linear_param(lora_B, "weight").requires_grad
+    )
+
+
+def _lora_A_call(lora_A: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``lora_A(x)``; a plain hook-free ``nn.Linear`` is applied as ``F.linear`` directly (what its
+    ``forward`` does), which skips ``nn.Module.__call__``'s bookkeeping on the decode path."""
+    if type(lora_A) is nn.Linear and not _has_hooks(lora_A):
+        params = lora_A._parameters
+        return F.linear(x, params["weight"], params["bias"])
+    return lora_A(x)
+
+
 def _has_hooks(module: nn.Module) -> bool:
     """True when calling ``module`` would run any hook (the checks of ``nn.Module._call_impl``'s fast path)."""
-    from torch.nn.modules import module as module_mod
-
     return bool(
         module._forward_hooks
         or module._forward_pre_hooks

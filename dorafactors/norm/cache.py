@@ -83,8 +83,9 @@ class TensorStamp:
 
     def matches(self, tensor: torch.Tensor) -> bool:
         """True when ``tensor`` is the same object, in the same storage, unchanged since the stamp."""
+        base = tensor._base  # _root(tensor), inlined: this runs for every cached tensor on every call
         return (
-            self._root_ref() is _root(tensor)
+            self._root_ref() is (tensor if base is None else base)
             and self._storage_ref() is tensor.untyped_storage()
             and self._key
             == (
@@ -122,9 +123,13 @@ class NormCache:
         entry = self._entries.get(key)
         if entry is not None:
             stamps, value = entry
-            if len(stamps) == len(inputs) and all(s.matches(t) for s, t in zip(stamps, inputs)):
-                self.hits += 1
-                return value
+            if len(stamps) == len(inputs):
+                for stamp_, tensor in zip(stamps, inputs):
+                    if not stamp_.matches(tensor):
+                        break
+                else:
+                    self.hits += 1
+                    return value
             del self._entries[key]
         self.misses += 1
         return None

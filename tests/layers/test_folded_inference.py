@@ -167,3 +167,18 @@ def test_a_hook_on_lora_B_still_runs() -> None:
     handle.remove()
     assert seen == [torch.Size([2, 3, 40])] and _folds(ours) == 0
     assert_dtype_close(out, _no_grad_eval(stock, x), torch.float32, name="hooked lora_B")
+
+
+def test_a_hook_on_lora_A_still_runs_on_the_fold() -> None:
+    """The fold applies a plain ``lora_A`` as ``F.linear``; a hooked one is called as a module (its hook
+    runs once per forward) and the fold is still taken."""
+    stock, ours, x = _linear_pair()
+    seen = []
+    lora_A = ours.base_model.model.target.lora_A["default"]
+    handle = lora_A.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    out = _no_grad_eval(ours, x)
+    out_again = _no_grad_eval(ours, x)
+    handle.remove()
+    assert seen == [torch.Size([2, 3, 4])] * 2 and _folds(ours) == 1
+    assert torch.equal(out, out_again)
+    assert_dtype_close(out, _no_grad_eval(stock, x), torch.float32, name="hooked lora_A")
