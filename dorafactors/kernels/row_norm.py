@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -194,6 +194,11 @@ def _gemm_part(
     if A_MODE == 2:
         acc += acc2 * (1.0 / 2048.0)
     return acc, tl.sum(sq, axis=1)
+
+
+@triton.jit
+def _round32(n):
+    return (n + 31) // 32 * 32
 
 
 @triton.jit
@@ -466,10 +471,8 @@ def _weight_norm_sq_kernel(
     sumsq_ptr,
     out_ptr,
     out_sumsq_ptr,
-    part_ptr,
-    wpart_ptr,
-    gpart_ptr,
-    g3_ptr,
+    ws_ptr,
+    g_ptr,
     cnt_ptr,
     d_out,
     d_in,
@@ -506,6 +509,20 @@ def _weight_norm_sq_kernel(
     EVEN_MN: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
+    # the workspace's sections, laid out as NormPlan.sections() does (each 32-element aligned): cross
+    # partials [NR * S, d_out], ||W||^2 partials [S, d_out] (cold launches only), gram partials
+    # [S_G * NT, BN, BN], then the three bf16 parts of G''. U_GIVEN: G is the fp32 GEMM result g_ptr.
+    part_ptr = ws_ptr
+    wpart_ptr = part_ptr + tl.multiple_of(_round32(tl.cast(NR, tl.int64) * S * d_out), 32)
+    gpart_ptr = wpart_ptr
+    if COLD:
+        gpart_ptr += tl.multiple_of(_round32(tl.cast(S, tl.int64) * d_out), 32)
+    if U_GIVEN:
+        g3_ptr = g_ptr
+    else:
+        g3_ptr = (gpart_ptr + tl.multiple_of(_round32(tl.cast(S_G, tl.int64) * NT * (BN * BN)), 32)).to(
+            tl.pointer_type(tl.bfloat16)
+        )
     pid = tl.program_id(0)
     n_gram = NT * S_G
     if pid < n_gram:
@@ -691,6 +708,8 @@ class NormPlan:
     gram_splits: int
     gram_tiles: int
     gram_chunk: int
+    #: launch constants per (d_in, rank, mode, dtypes), filled by ``_launch`` (not part of the plan's identity)
+    launch_cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @classmethod
     def build(cls, d_out: int, d_in: int, rank: int, cfg: NormKernelConfig) -> NormPlan:
@@ -714,27 +733,24 @@ class NormPlan:
     def programs(self) -> int:
         return self.gram_tiles * self.gram_splits + self.row_tiles * self.rank_tiles * self.splits
 
-    def _sizes(self, cold: bool) -> tuple[int, int, int, int]:
+    def sections(self, cold: bool, u_given: bool = False) -> tuple[int, int, int, int]:
+        """fp32 elements of the workspace's four sections, in order (the kernel derives the same offsets):
+        cross partials, ``||W||^2`` partials (cold only), gram partials and the bf16 ``G''`` parts (both
+        absent in ``U_GIVEN`` mode, whose G comes from a GEMM). Each starts 128-byte aligned."""
         bn = self.config.block_n
         n_part = self.rank_tiles * self.splits * self.d_out
         n_wpart = self.splits * self.d_out if cold else 0
-        n_gpart = self.gram_splits * self.gram_tiles * bn * bn
-        n_g = (3 * self.r_pad * self.r_pad + 1) // 2  # three bf16 matrices (hi, mid, lo of G'')
-        # every section starts 128-byte aligned (vectorized access; one compiled variant for all shapes)
+        n_gpart = 0 if u_given else self.gram_splits * self.gram_tiles * bn * bn
+        n_g = 0 if u_given else (3 * self.r_pad * self.r_pad + 1) // 2  # three bf16 matrices (hi, mid, lo)
         return tuple(-(-n // 32) * 32 for n in (n_part, n_wpart, n_gpart, n_g))
 
-    def workspace_elements(self, cold: bool) -> int:
+    def workspace_elements(self, cold: bool, u_given: bool = False) -> int:
         """fp32 elements of the one workspace a launch allocates (besides the ``[d_out]`` result)."""
-        return sum(self._sizes(cold))
+        return sum(self.sections(cold, u_given))
 
-    def workspace_bytes(self, cold: bool) -> int:
+    def workspace_bytes(self, cold: bool, u_given: bool = False) -> int:
         """Bytes a launch allocates: the workspace plus the fp32 ``[d_out]`` result (no ``d_in`` term)."""
-        return 4 * (self.workspace_elements(cold) + self.d_out)
-
-    def carve(self, ws: torch.Tensor, cold: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Split ``ws`` into cross partials, ``||W||^2`` partials, gram partials and the bf16 ``G''`` parts."""
-        part, wpart, gpart, g = ws.split(self._sizes(cold))
-        return part, (wpart if cold else part), gpart, g.view(torch.bfloat16)
+        return 4 * (self.workspace_elements(cold, u_given) + self.d_out)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -951,37 +967,32 @@ def _launch(
     """
     device = weight.device
     d_out, d_in = weight.shape
+    rank = lora_A.shape[0]
     cold = cached_sumsq is None
-    ws = torch.empty(plan.workspace_elements(cold), dtype=torch.float32, device=device)
-    part, wpart, gpart, g3 = plan.carve(ws, cold)
+    u_given = u is not None
+    key = (d_in, rank, u_given, cold, out_sumsq is not None, eps is not None, lora_A.dtype, lora_B.dtype, interpret)
+    launch = plan.launch_cache.get(key)
+    if launch is None:
+        launch = plan.launch_cache[key] = _launch_constants(plan, weight.dtype, *key)
+    programs, ws_elements, constants = launch
+    ws = torch.empty(ws_elements, dtype=torch.float32, device=device)
     out = torch.empty(d_out, dtype=torch.float32, device=device)
     counters = _counter_buffer(device, 2 + plan.gram_tiles + plan.row_tiles)
-    if lora_A.dtype == weight.dtype:
-        a_mode = 0
-    elif weight.dtype == torch.bfloat16:
-        a_mode = 1
-    else:
-        a_mode = 2
-    cfg = plan.config
-    u_mat, gram = u if u is not None else (out, g3)
-    gram_tiles = 0 if u is not None else plan.gram_tiles  # U mode: no gram programs, G comes from a GEMM
-    programs = plan.row_tiles * plan.rank_tiles * plan.splits + gram_tiles * plan.gram_splits
+    u_mat, gram = u if u_given else (out, ws)
     _weight_norm_sq_kernel[(programs,)](
         weight,
         lora_A,
         lora_B,
         u_mat,
-        cached_sumsq if not cold else out,
+        out if cold else cached_sumsq,
         out,
-        out_sumsq if out_sumsq is not None else out,
-        part,
-        wpart,
-        gpart,
+        out if out_sumsq is None else out_sumsq,
+        ws,
         gram,
         counters,
         d_out,
         d_in,
-        lora_A.shape[0],
+        rank,
         plan.r_pad,
         weight.stride(0),
         weight.stride(1),
@@ -989,34 +1000,63 @@ def _launch(
         lora_A.stride(1),
         lora_B.stride(0),
         lora_B.stride(1),
-        u_mat.stride(0) if u is not None else 0,
+        u_mat.stride(0) if u_given else 0,
         1,
         scaling,
         0.0 if eps is None else float(eps),
         plan.row_tiles,
         plan.rank_tiles,
         plan.splits,
-        gram_tiles,
+        0 if u_given else plan.gram_tiles,  # U mode: no gram programs, G comes from a GEMM
         plan.gram_splits,
         plan.k_steps,
+        **constants,
+    )
+    return out
+
+
+def _launch_constants(
+    plan: NormPlan,
+    w_dtype: torch.dtype,
+    d_in: int,
+    rank: int,
+    u_given: bool,
+    cold: bool,
+    out_sumsq: bool,
+    sqrt: bool,
+    a_dtype: torch.dtype,
+    b_dtype: torch.dtype,
+    interpret: bool,
+) -> tuple[int, int, dict[str, int | bool]]:
+    """Grid size, workspace elements and compile-time arguments of a launch (cached per plan by ``_launch``)."""
+    cfg = plan.config
+    if a_dtype == w_dtype:
+        a_mode = 0
+    elif w_dtype == torch.bfloat16:
+        a_mode = 1
+    else:
+        a_mode = 2
+    gram_programs = 0 if u_given else plan.gram_tiles * plan.gram_splits
+    programs = plan.row_tiles * plan.rank_tiles * plan.splits + gram_programs
+    constants = dict(
         BM=cfg.block_m,
         BN=cfg.block_n,
         BK=cfg.block_k,
         BKG=plan.gram_chunk,
-        U_GIVEN=u is not None,
+        U_GIVEN=u_given,
         COLD=cold,
-        OUT_SUMSQ=cold and out_sumsq is not None,
-        SQRT=eps is not None,
+        OUT_SUMSQ=cold and out_sumsq,
+        SQRT=sqrt,
         A_MODE=a_mode,
-        A_GRAM_MODE=1 if lora_A.dtype == torch.float32 else 0,
-        B_MODE={torch.bfloat16: 0, torch.float16: 1}.get(lora_B.dtype, 2),
+        A_GRAM_MODE=1 if a_dtype == torch.float32 else 0,
+        B_MODE={torch.bfloat16: 0, torch.float16: 1}.get(b_dtype, 2),
         EVEN_K=d_in % cfg.block_k == 0,
-        EVEN_MN=d_out % cfg.block_m == 0 and lora_A.shape[0] % cfg.block_n == 0,
+        EVEN_MN=plan.d_out % cfg.block_m == 0 and rank % cfg.block_n == 0,
         UPCAST=interpret,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    return out
+    return programs, plan.workspace_elements(cold, u_given), constants
 
 
 def gemm_supported(device: torch.device) -> bool:

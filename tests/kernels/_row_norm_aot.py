@@ -77,7 +77,7 @@ def compile_variant(
         w_ptr="*" + wdt,
         a_ptr="*" + adt,
         b_ptr="*" + bdt,
-        g3_ptr="*fp32" if u_given else "*bf16",
+        g_ptr="*fp32",
         cnt_ptr="*i32",
     )
     a_mode = 0 if adt == wdt else (1 if wdt == "bf16" else 2)

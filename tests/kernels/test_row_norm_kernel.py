@@ -559,7 +559,7 @@ def test_finish_plan_working_set_and_grid(d_out, d_in, rank):
     cfg = pick_finish_config(d_out, d_in, rank, 132, False)
     plan = row_norm.NormPlan.build(d_out, d_in, rank, cfg)
     bound = 4 * (d_out * rank + rank * rank) + 16 * 2**20
-    assert plan.workspace_bytes(False) + 4 * (d_out * rank + rank * rank) <= bound
+    assert plan.workspace_bytes(False, u_given=True) + 4 * (d_out * rank + rank * rank) <= bound
     assert plan.gram_splits == 1 and 1 <= plan.splits <= 4
 
 
