@@ -3,7 +3,7 @@
 # $OUT set (the device tool's output folder). Carried wheels in .whl/ are installed first (the GPU image
 # has no network). Steps: env, kernels, props, tests (= kernels + props), tests-compose, tune, bench (every
 # suite but the optional compiled cases, one run), bench-decode, bench-compile, profile, bench-model,
-# bench-rest, quick. Time boxes are
+# bench-rest, quick, rownorm-tests, fold-tests, norm-sweep, norm-probe, bwd-groups. Time boxes are
 # variables (KERNEL_BOX, TEST_BOX, BENCH_BUDGET) so one call can be fitted into the device tool's limit.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -78,6 +78,27 @@ for step in "$@"; do
             ;;
         quick)
             timeout 120 python3 -m benchmarks run --quick --no-compile --out "$OUT/quick.json" 2>&1 | tail -15
+            ;;
+        rownorm-tests)
+            timeout ${TEST_BOX:-200} python3 -m pytest -v -p no:cacheprovider --timeout 150 -rs -m gpu \
+                tests/kernels/test_row_norm_kernel.py 2>&1 | tee "$OUT/gpu_tests_row_norm.log" \
+                | grep -E "passed|failed|FAILED|ERROR|Timeout" | tail -15
+            ;;
+        fold-tests)
+            DORAFACTORS_TEST_DEVICE=cuda timeout ${TEST_BOX:-150} python3 -m pytest -v -p no:cacheprovider \
+                --timeout 150 -rs tests/layers/test_folded_inference.py tests/norm/test_norm_cache.py 2>&1 \
+                | tee "$OUT/gpu_tests_fold_cache.log" | grep -E "passed|failed|FAILED|ERROR|Timeout" | tail -15
+            ;;
+        norm-sweep)
+            timeout 260 python3 benchmarks/tune_norm.py --sweep --budget-s ${SWEEP_BUDGET:-220} 2>&1 \
+                | tee "$OUT/norm_sweep.log" | grep -E "^sweep" | tail -20
+            ;;
+        norm-probe)
+            timeout 200 python3 benchmarks/tune_norm.py --gemm-probe 2>&1 | tee "$OUT/norm_gemm_probe.log" | tail -30
+            ;;
+        bwd-groups)
+            timeout 200 python3 benchmarks/tune_compose.py --no-host --bwd-groups ${BWD_GROUPS:-4,8,16,32} 2>&1 \
+                | tee "$OUT/tune_compose_bwd_groups.log" | tail -30
             ;;
         *) echo "unknown step $step" ;;
     esac

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import os
 import platform
@@ -194,6 +195,60 @@ def sweep_shape(R: int, C: int, dtype: torch.dtype, copy_gbps: float, comprehens
     return row
 
 
+BWD_GROUP_SHAPES = ((8192, 8192), (16384, 8192), (4096, 8192), (8192, 4096), (8192, 14336), (32768, 8192))
+
+
+def sweep_bwd_groups(values, dtype, copy_gbps: float) -> list[dict]:
+    """The one-pass and frozen backward for each ``BACKWARD_PROGRAMS_PER_SM`` in ``values`` (re-tuned each time).
+
+    The row-group count sets how many programs the backward grid has (and the d_g partials' size), which
+    the autotuner cannot vary: this is the knob it leaves to measurement.
+    """
+    from dorafactors.kernels import compose as kc
+
+    default = kc.BACKWARD_PROGRAMS_PER_SM
+    shapes = BWD_GROUP_SHAPES if DEVICE == "cuda" else ((64, 300),)
+    rows = []
+    try:
+        for R, C in shapes:
+            es = torch.tensor([], dtype=dtype).element_size()
+            gen = torch.Generator(device=DEVICE).manual_seed(R * 7 + C)
+            d_out = torch.randn(R, C, device=DEVICE, generator=gen).to(dtype)
+            inner = torch.randn(R, C, device=DEVICE, generator=gen).to(dtype)
+            g = 0.9 + 0.2 * torch.rand(C, device=DEVICE, generator=gen)
+            n = R * C
+            for value in values:
+                kc.BACKWARD_PROGRAMS_PER_SM = value
+                kc.reset_tuning()
+                groups, _ = kc._row_groups(R, C, d_out.device, kc._ROW_GRANULE)
+                row = {"rows": R, "cols": C, "programs_per_sm": value, "row_groups": groups}
+                for name, need_g, nbytes in (
+                    ("bwd", True, 4 * n * es + 4 * C * 2 + groups * C * 4 * 2),
+                    ("bwd_frozen", False, 3 * n * es + 4 * C),
+                ):
+                    fn = functools.partial(
+                        kc.compose_backward_unchecked,
+                        *(d_out, g, inner if need_g else None, 0.5, -1, dtype, dtype, True, True, need_g),
+                    )
+                    fn()
+                    _sync()
+                    ms = _bench(fn)
+                    row[name] = {"ms": ms, "GBps": _gbps(nbytes, ms), "pct_copy": 100 * _gbps(nbytes, ms) / copy_gbps}
+                    row["config_" + name] = _chosen(kc._BWD_COLS, False, (C, kc._row_bucket(R), True, True, need_g))
+                rows.append(row)
+                print(
+                    f"  bwd {R}x{C} programs/SM {value:3d} groups {groups:4d}: one-pass "
+                    f"{row['bwd']['pct_copy']:5.1f}% ({row['bwd']['ms'] * 1e3:6.1f} us, {row['config_bwd']}), "
+                    f"frozen {row['bwd_frozen']['pct_copy']:5.1f}%",
+                    flush=True,
+                )
+            _empty_cache()
+    finally:
+        kc.BACKWARD_PROGRAMS_PER_SM = default
+        kc.reset_tuning()
+    return rows
+
+
 def sweep(shapes, dtype, copy_gbps, comprehensive, t_start) -> list[dict]:
     rows = []
     for R, C in shapes:
@@ -330,6 +385,11 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--comprehensive", action="store_true", help="autotune over the full grid (DORA_AUTOTUNE_COMPREHENSIVE=1)"
     )
+    parser.add_argument(
+        "--bwd-groups",
+        default="",
+        help="comma-separated BACKWARD_PROGRAMS_PER_SM values: only sweep the backward's row-group count",
+    )
     parser.add_argument("--dry-run-cpu", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     global DEVICE
@@ -366,6 +426,14 @@ def main(argv=None) -> int:
     shapes = QUICK if args.quick else [(r, c) for c in sorted(COLS, key=lambda c: c != 8192) for r in ROWS]
     if DEVICE == "cpu":
         shapes = [(1, 64), (37, 300)]
+    if args.bwd_groups:
+        values = [int(v) for v in args.bwd_groups.split(",")]
+        print(f"backward row-group sweep, programs per SM {values} ...", flush=True)
+        result["bwd_groups"] = sweep_bwd_groups(values, dtype, result["copy"]["GBps"])
+        out_dir = os.environ.get("OUT")
+        if out_dir:
+            (Path(out_dir) / "compose_bwd_groups.json").write_text(json.dumps(result, indent=1))
+        return 0
     print(f"compose sweep over {len(shapes)} shapes ...", flush=True)
     result["compose"] = sweep(shapes, dtype, result["copy"]["GBps"], args.comprehensive, t_start)
     if not args.no_host:

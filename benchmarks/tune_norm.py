@@ -260,6 +260,90 @@ def _probe_one(d_out: int, d_in: int, rank: int, rep_ms: int) -> dict:
     return row
 
 
+def _graph_ms(fn) -> float:
+    """Device time per call from a CUDA-graph replay (no host launch cost in it)."""
+    from triton.testing import do_bench_cudagraph
+
+    return float(do_bench_cudagraph(fn, rep=20, return_mode="median"))
+
+
+def sweep_grid(shape: tuple[int, int, int]) -> list[tuple[str, NormKernelConfig]]:
+    """One-pass configs around the heuristic's (runtime split counts share one compiled kernel), and
+    finish-kernel (``U_GIVEN``) configs around ``pick_finish_config``'s."""
+    d_out, d_in, rank = shape
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    base = row_norm.pick_config(d_out, d_in, rank, False, sms, False)
+    out = [("one_pass", base)]
+    for stages in (3, 4):
+        for splits in (1, 2, 3, 4, 6):
+            for gram_splits in sorted({1, 4, 8, 16, base.gram_splits}):
+                cfg = dataclasses.replace(base, num_stages=stages, splits=splits, gram_splits=gram_splits)
+                if cfg != base:
+                    out.append(("one_pass", cfg))
+    fbase = row_norm.pick_finish_config(d_out, d_in, rank, sms, False)
+    out.append(("finish", fbase))
+    for warps in (4, 8):
+        for splits in (1, 2, 3, 4, 6):
+            for stages in (2, 3):
+                cfg = dataclasses.replace(fbase, num_warps=warps, splits=splits, num_stages=stages)
+                if cfg != fbase:
+                    out.append(("finish", cfg))
+    return out
+
+
+def sweep_configs(shapes, deadline: float) -> list[dict]:
+    """Every :func:`sweep_grid` config: device time (graph replay), do_bench time, agreement with the default."""
+    rows = []
+    for shape in shapes:
+        d_out, d_in, rank = shape
+        W, A, B = make_inputs(d_out, d_in, rank, torch.bfloat16)
+        sumsq = triton_row_sumsq(W)
+        U = (row_norm.matmul_fp32(W, A), row_norm.matmul_fp32(A, A))
+        ref = triton_weight_norm_sq(W, A, B, SCALING, cached_sumsq=sumsq, eps=EPS).double()
+        floor_graph = _graph_ms(lambda W=W, A=A: W @ A.T)
+        u_graph = _graph_ms(lambda W=W, A=A: (row_norm.matmul_fp32(W, A), row_norm.matmul_fp32(A, A)))
+        print(f"sweep {shape}: bf16 GEMM floor {floor_graph * 1e3:.1f} us (graph), U+G GEMMs {u_graph * 1e3:.1f} us")
+        for kind, cfg in sweep_grid(shape):
+            if time.monotonic() > deadline:
+                break
+            plan = row_norm.NormPlan.build(d_out, d_in, rank, cfg)
+            if kind == "one_pass":
+                fn = functools.partial(
+                    triton_weight_norm_sq, W, A, B, SCALING, cached_sumsq=sumsq, eps=EPS, kernel_config=cfg
+                )
+            else:
+                fn = functools.partial(row_norm._launch, plan, W, A, B, U, sumsq, None, SCALING, EPS, False)
+            try:
+                diff = float((fn().double() - ref).abs().max() / ref.abs().max())
+                row = {"shape": list(shape), "kind": kind, "config": dataclasses.asdict(cfg)}
+                row.update(graph_ms=_graph_ms(fn), ms=bench(fn, 20), max_rel_diff=diff, floor_graph_ms=floor_graph)
+                row["gemm_graph_ms"] = u_graph
+            except Exception as exc:  # a config the compiler rejects
+                row = {"shape": list(shape), "kind": kind, "config": dataclasses.asdict(cfg), "error": str(exc)[:200]}
+            rows.append(row)
+            c = cfg
+            desc = f"{kind:8s} w{c.num_warps} st{c.num_stages} S{c.splits} SG{c.gram_splits}"
+            val = (
+                f"graph {row['graph_ms'] * 1e3:7.1f} us, do_bench {row['ms'] * 1e3:7.1f} us, diff {row['max_rel_diff']:.1e}"
+                if "graph_ms" in row
+                else row["error"]
+            )
+            print(f"  {desc}: {val}", flush=True)
+        for kind in ("one_pass", "finish"):
+            timed = [r for r in rows if r["shape"] == list(shape) and r["kind"] == kind and "graph_ms" in r]
+            if timed:
+                best = min(timed, key=lambda r: r["graph_ms"])
+                extra = u_graph if kind == "finish" else 0.0
+                print(
+                    f"sweep {shape} best {kind}: {best['config']} graph {best['graph_ms'] * 1e3:.1f} us "
+                    f"(default {timed[0]['graph_ms'] * 1e3:.1f}); path/floor {(best['graph_ms'] + extra) / floor_graph:.2f}x",
+                    flush=True,
+                )
+        del W, A, B, U
+        torch.cuda.empty_cache()
+    return rows
+
+
 def candidate_configs(base: NormKernelConfig) -> list[NormKernelConfig]:
     rep = dataclasses.replace
     cands = [
@@ -333,6 +417,7 @@ def main() -> None:
     parser.add_argument("--rep-ms", type=int, default=60)
     parser.add_argument("--budget-s", type=float, default=170.0, help="skip remaining config trials after this")
     parser.add_argument("--gemm-probe", action="store_true", help="only the GEMM path, piece by piece")
+    parser.add_argument("--sweep", action="store_true", help="only a launch-config sweep (device time per config)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("tune_norm.py needs a CUDA GPU")
@@ -349,6 +434,11 @@ def main() -> None:
         "scaling": SCALING,
     }
     print(json.dumps(meta))
+    if args.sweep:
+        rows = sweep_configs(ISSUE_SHAPES, deadline)
+        if os.environ.get("OUT"):
+            (Path(os.environ["OUT"]) / "norm_sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        return
     if args.gemm_probe:
         shapes = [*ISSUE_SHAPES, (8192, 28672, 384), (4096, 4096, 16), (4096, 4096, 128)]
         probe = probe_gemm_path(shapes, 30)
