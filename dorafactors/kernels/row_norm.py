@@ -650,8 +650,12 @@ def pick_config(
     k_steps = triton.cdiv(d_in, block_k)
     tiles = n_m * nr
     best, best_score = 1, -1.0
+    # measured on an H200 (benchmarks/tune_norm.py --sweep, r=384/768): once 128-wide rank tiles fill half
+    # the SMs, a split shorter than 64 k-steps costs more in partial sums and gram waits than it wins in
+    # wave filling; fewer tiles keep splitting down to 8 k-steps (too few programs to stream W otherwise)
+    min_steps = 64 if block_n >= 128 and tiles * 2 >= num_sms else 8
     for splits in range(1, _MAX_SPLITS + 1):
-        if splits > 1 and k_steps // splits < 8:
+        if splits > 1 and k_steps // splits < min_steps:
             break
         programs = tiles * splits
         waves = triton.cdiv(programs, num_sms)
@@ -659,12 +663,16 @@ def pick_config(
         if score > best_score + 1e-9:
             best, best_score = splits, score
     splits = best
-    # gram programs (BN x BN tiles) must finish well before the main programs need G'': at most half a main
-    # program's k-steps, and at most half its tensor-core work (fp32 A: 6 dots per gram step, 3 per main step)
+    # gram programs (BN x BN tiles) must finish well before the main programs need G'': at most a quarter of
+    # a main program's k-steps and of its tensor-core work (fp32 A: 6 dots per gram step, 3 per main step);
+    # a quarter rather than a half measured 4-11% faster at the issue's shapes (tune_norm.py --sweep, BN=128)
     dots_gram = 6 if a_is_fp32 else 1
     dots_main = 3 if a_is_fp32 else 1
     main_steps = max(1, k_steps // splits)
-    gram_steps_max = max(1, min(main_steps // 2, (main_steps * block_m * dots_main) // (2 * block_n * dots_gram)))
+    share = 4 if block_n >= 128 else 2  # narrower rank tiles: the earlier half, not re-measured
+    gram_steps_max = max(
+        1, min(main_steps // share, (main_steps * block_m * dots_main) // (share * block_n * dots_gram))
+    )
     gram_splits = max(1, min(k_steps, triton.cdiv(k_steps, gram_steps_max)))
     nt = nr * (nr + 1) // 2
     cap = max(1, _GRAM_PARTIAL_BUDGET // (nt * block_n * block_n * 4))
@@ -684,9 +692,11 @@ def pick_finish_config(d_out: int, d_in: int, rank: int, num_sms: int, interpret
         block_m = 32 if d_out > 16 else 16
         return NormKernelConfig(block_m, min(block_n, 64), 32, 4, 1, 1, 1)
     block_m, block_k = 128, 64
-    num_warps = 8 if block_n >= 128 else 4
     n_m = triton.cdiv(d_out, block_m)
     nr = triton.cdiv(rank, block_n)
+    # 8 warps for 128-wide tiles: 4 measured 2-8% faster at full waves on an H200 (tune_norm.py --sweep) but
+    # spill registers on sm_90 (tests/kernels/_row_norm_aot.py), which this kernel does not accept
+    num_warps = 8 if block_n >= 128 else 4
     chunks = max(1, block_n // min(block_n, 64))  # B G'' chunks of the last (shortest) rank tile
     splits = 1
     while n_m * nr * splits < num_sms and splits < 4 and splits < chunks * nr:
@@ -970,10 +980,22 @@ def _launch(
     rank = lora_A.shape[0]
     cold = cached_sumsq is None
     u_given = u is not None
-    key = (d_in, rank, u_given, cold, out_sumsq is not None, eps is not None, lora_A.dtype, lora_B.dtype, interpret)
+    # everything _launch_constants reads besides the plan (a plan is shared by W dtypes and modes)
+    key = (
+        weight.dtype,
+        lora_A.dtype,
+        lora_B.dtype,
+        d_in,
+        rank,
+        u_given,
+        cold,
+        out_sumsq is not None,
+        eps is not None,
+        interpret,
+    )
     launch = plan.launch_cache.get(key)
     if launch is None:
-        launch = plan.launch_cache[key] = _launch_constants(plan, weight.dtype, *key)
+        launch = plan.launch_cache[key] = _launch_constants(plan, *key)
     programs, ws_elements, constants = launch
     ws = torch.empty(ws_elements, dtype=torch.float32, device=device)
     out = torch.empty(d_out, dtype=torch.float32, device=device)
@@ -1018,14 +1040,14 @@ def _launch(
 def _launch_constants(
     plan: NormPlan,
     w_dtype: torch.dtype,
+    a_dtype: torch.dtype,
+    b_dtype: torch.dtype,
     d_in: int,
     rank: int,
     u_given: bool,
     cold: bool,
     out_sumsq: bool,
     sqrt: bool,
-    a_dtype: torch.dtype,
-    b_dtype: torch.dtype,
     interpret: bool,
 ) -> tuple[int, int, dict[str, int | bool]]:
     """Grid size, workspace elements and compile-time arguments of a launch (cached per plan by ``_launch``)."""

@@ -313,6 +313,26 @@ def test_bitwise_deterministic_and_cached_sumsq(ad_dtype):
     assert_close_verbose(warm2, cold[0], rtol=1e-6, atol=0, name="warm(row_sumsq) vs cold")
 
 
+def test_one_plan_shared_by_two_weight_dtypes_launches_each_in_its_own_mode():
+    """A plan is shared by every W dtype of a shape; the launch constants must still follow W's dtype.
+
+    fp32 adapters take A_MODE 1 (bf16 parts) against a bf16 W and A_MODE 2 (fp16 parts) against an fp16 W. On
+    a GPU a mixed-up mode fails to compile (an fp16 x bf16 dot); the interpreter upcasts every dot operand to
+    fp32 and would hide it, so this checks the cached constants themselves, and both results against fp64.
+    """
+    shape = (24, 40, 6)
+    plan = row_norm.plan_for(*shape, a_is_fp32=True, device=DEVICE)
+    plan.launch_cache.clear()
+    modes = {}
+    for w_dtype in (torch.bfloat16, torch.float16):
+        W, A, B = make_random(*shape, w_dtype, torch.float32, seed=21)
+        out = triton_weight_norm_sq(W, A, B, 0.7)
+        assert rel_error(out.double(), truth_sq(W, A, B, 0.7)) < NORM_RTOL
+        modes[w_dtype] = {consts["A_MODE"] for _, _, consts in plan.launch_cache.values()}
+    # after the bf16 launch only mode 1 was built; the fp16 launch must have built mode 2 beside it
+    assert modes == {torch.bfloat16: {1}, torch.float16: {1, 2}}, modes
+
+
 def test_cached_sumsq_is_used_not_recomputed():
     """A deliberately wrong cache shows up in the result: the warm kernel never looks at ||W||^2."""
     W, A, B = make_random(12, 40, 5, torch.float16, torch.float16, seed=4)
