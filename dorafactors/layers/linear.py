@@ -181,6 +181,7 @@ def _own_weight(layer: nn.Module) -> torch.Tensor:
 
 
 def _any_param_requires_grad(layer: nn.Module, lora_A: nn.Module, lora_B: nn.Module) -> bool:
+    """True when the magnitude, ``A`` or ``B`` requires a gradient (then a grad-mode call records autograd)."""
     return (
         _own_weight(layer).requires_grad
         or _linear_param(lora_A, "weight").requires_grad
