@@ -196,7 +196,7 @@ class DoraLayerMixin:
         base layer is known to hold a plain ``nn.Parameter`` weight, only that is re-checked per call.
         """
         if type(base_layer) is nn.Linear:  # the common case, decided without probing
-            weight = base_layer._parameters["weight"]
+            weight = base_layer._parameters.get("weight")  # absent under FSDP1's flat parameters
             if type(weight) is nn.Parameter:
                 return (weight,)
         if torch.compiler.is_compiling():

@@ -128,9 +128,8 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
             return None
         if type(lora_B) is not nn.Linear or _has_hooks(lora_B):
             return None
-        b_params = lora_B._parameters
-        weight_b = b_params["weight"]
-        if b_params["bias"] is not None:
+        weight_b = _linear_param(lora_B, "weight")
+        if _linear_param(lora_B, "bias") is not None:
             return None
         weight_a = _linear_param(lora_A, "weight")
         if weight_a.dtype != weight_b.dtype or weight_b.device != base_result.device:
@@ -167,10 +166,18 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
         return folded
 
 
-def _linear_param(module: nn.Module, name: str) -> torch.Tensor:
-    """``module.<name>``, read straight from ``_parameters`` for a plain ``nn.Linear`` (no ``__getattr__``)."""
+_MISSING = object()
+
+
+def _linear_param(module: nn.Module, name: str) -> torch.Tensor | None:
+    """``module.<name>``, read straight from ``_parameters`` for a plain ``nn.Linear`` (no ``__getattr__``).
+
+    A name missing from ``_parameters`` (FSDP1 flattens parameters into plain attributes) falls back to
+    ``getattr``."""
     if type(module) is nn.Linear:
-        return module._parameters[name]
+        value = module._parameters.get(name, _MISSING)
+        if value is not _MISSING:
+            return value
     return getattr(module, name)
 
 
@@ -193,8 +200,7 @@ def _lora_A_call(lora_A: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``lora_A(x)``; a plain hook-free ``nn.Linear`` is applied as ``F.linear`` directly (what its
     ``forward`` does), which skips ``nn.Module.__call__``'s bookkeeping on the decode path."""
     if type(lora_A) is nn.Linear and not _has_hooks(lora_A):
-        params = lora_A._parameters
-        return F.linear(x, params["weight"], params["bias"])
+        return F.linear(x, _linear_param(lora_A, "weight"), _linear_param(lora_A, "bias"))
     return lora_A(x)
 
 

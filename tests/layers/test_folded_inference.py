@@ -182,3 +182,20 @@ def test_a_hook_on_lora_A_still_runs_on_the_fold() -> None:
     assert seen == [torch.Size([2, 3, 4])] * 2 and _folds(ours) == 1
     assert torch.equal(out, out_again)
     assert_dtype_close(out, _no_grad_eval(stock, x), torch.float32, name="hooked lora_A")
+
+
+def test_parameters_held_as_plain_attributes_are_still_found() -> None:
+    """FSDP1 (flat parameters) takes module parameters out of ``_parameters`` and sets them as plain
+    attributes. The fold path's direct ``_parameters`` reads must fall back to ``getattr``, not raise."""
+    stock, ours, x = _linear_pair()
+    target = ours.base_model.model.target
+    for module in (target.lora_A["default"], target.lora_B["default"], target.base_layer):
+        for name in ("weight", "bias"):
+            value = module._parameters.pop(name, None)
+            module.__dict__[name] = value
+    ref = _no_grad_eval(stock, x)
+    assert_dtype_close(_no_grad_eval(ours, x), ref, torch.float32, name="eval, no grad")
+    ours.eval()
+    out = ours(x)  # grad mode on, x does not require grad: the requires-grad probe reads the factors
+    assert out.requires_grad
+    assert_dtype_close(out.detach(), ref, torch.float32, name="eval, grad mode")
