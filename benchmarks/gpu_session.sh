@@ -3,8 +3,9 @@
 # $OUT set (the device tool's output folder). Carried wheels in .whl/ are installed first (the GPU image
 # has no network). Steps: env, kernels, props, tests (= kernels + props), tests-compose, tune, bench (every
 # suite but the optional compiled cases, one run), bench-decode, bench-compile, profile, bench-model,
-# bench-rest, quick, rownorm-tests, fold-tests, norm-sweep, norm-probe, bwd-groups. Time boxes are
-# variables (KERNEL_BOX, TEST_BOX, BENCH_BUDGET) so one call can be fitted into the device tool's limit.
+# bench-rest, quick, rownorm-tests, fold-tests, norm-sweep, norm-probe, gemm-sweep, compose-gpu-tests,
+# autograd-gpu-tests, bwd-groups. Time boxes are variables (KERNEL_BOX, TEST_BOX, BENCH_BUDGET) so one call can be fitted into
+# the device tool's limit.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -95,6 +96,21 @@ for step in "$@"; do
             ;;
         norm-probe)
             timeout 200 python3 benchmarks/tune_norm.py --gemm-probe 2>&1 | tee "$OUT/norm_gemm_probe.log" | tail -30
+            ;;
+        gemm-sweep)
+            timeout 260 python3 benchmarks/tune_norm.py --gemm-sweep --budget-s ${SWEEP_BUDGET:-200} 2>&1 \
+                | tee "$OUT/norm_gemm_sweep.log" | tail -90
+            ;;
+        compose-gpu-tests)
+            timeout ${TEST_BOX:-150} python3 -m pytest -v -p no:cacheprovider --timeout 150 -rs -m gpu \
+                tests/kernels/test_compose_kernels.py 2>&1 | tee "$OUT/gpu_tests_compose.log" \
+                | grep -E "passed|failed|FAILED|ERROR|Timeout" | tail -15
+            ;;
+        autograd-gpu-tests)
+            # the autograd and torch.compile tests on CUDA tensors (fused kernels on)
+            DORAFACTORS_TEST_DEVICE=cuda timeout ${TEST_BOX:-150} python3 -m pytest -v -p no:cacheprovider \
+                --timeout 150 -rs tests/autograd 2>&1 | tee "$OUT/gpu_tests_autograd.log" \
+                | grep -E "passed|failed|FAILED|ERROR|Timeout" | tail -15
             ;;
         bwd-groups)
             timeout 200 python3 benchmarks/tune_compose.py --no-host --bwd-groups ${BWD_GROUPS:-4,8,16,32} 2>&1 \

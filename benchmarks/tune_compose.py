@@ -217,11 +217,19 @@ def sweep_bwd_groups(values, dtype, copy_gbps: float) -> list[dict]:
             inner = torch.randn(R, C, device=DEVICE, generator=gen).to(dtype)
             g = 0.9 + 0.2 * torch.rand(C, device=DEVICE, generator=gen)
             n = R * C
+            # a copy moving the one-pass backward's bytes (read 2n, write 2n), timed both ways, as its yardstick
+            src = torch.empty(2 * n, dtype=dtype, device=DEVICE).normal_()
+            copy = functools.partial(torch.empty_like(src).copy_, src)
+            copy_ms = _bench(copy, rep=100)
+            copy_graph_ms = _bench_graph(copy)
+            del src, copy
+            same_size_copy = {"bytes": 4 * n * es, "ms": copy_ms, "graph_ms": copy_graph_ms}
             for value in values:
                 kc.BACKWARD_PROGRAMS_PER_SM = value
                 kc.reset_tuning()
                 groups, _ = kc._row_groups(R, C, d_out.device, kc._ROW_GRANULE)
                 row = {"rows": R, "cols": C, "programs_per_sm": value, "row_groups": groups}
+                row["same_size_copy"] = same_size_copy
                 for name, need_g, nbytes in (
                     ("bwd", True, 4 * n * es + 4 * C * 2 + groups * C * 4 * 2),
                     ("bwd_frozen", False, 3 * n * es + 4 * C),
@@ -234,12 +242,22 @@ def sweep_bwd_groups(values, dtype, copy_gbps: float) -> list[dict]:
                     _sync()
                     ms = _bench(fn)
                     row[name] = {"ms": ms, "GBps": _gbps(nbytes, ms), "pct_copy": 100 * _gbps(nbytes, ms) / copy_gbps}
+                    graph_ms = _bench_graph(fn)
+                    if graph_ms and copy_graph_ms:  # device time only: the same-size copy's rate as the yardstick
+                        copy_rate = same_size_copy["bytes"] / copy_graph_ms
+                        row[name].update(graph_ms=graph_ms, pct_copy_graph=100 * (nbytes / graph_ms) / copy_rate)
                     row["config_" + name] = _chosen(kc._BWD_COLS, False, (C, kc._row_bucket(R), True, True, need_g))
                 rows.append(row)
+                graph = row["bwd"].get("pct_copy_graph")
                 print(
                     f"  bwd {R}x{C} programs/SM {value:3d} groups {groups:4d}: one-pass "
                     f"{row['bwd']['pct_copy']:5.1f}% ({row['bwd']['ms'] * 1e3:6.1f} us, {row['config_bwd']}), "
-                    f"frozen {row['bwd_frozen']['pct_copy']:5.1f}%",
+                    f"frozen {row['bwd_frozen']['pct_copy']:5.1f}%"
+                    + (
+                        f"; device time {row['bwd']['graph_ms'] * 1e3:6.1f} us = {graph:5.1f}% of a same-size copy's"
+                        if graph
+                        else ""
+                    ),
                     flush=True,
                 )
             _empty_cache()

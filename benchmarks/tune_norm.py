@@ -344,6 +344,75 @@ def sweep_configs(shapes, deadline: float) -> list[dict]:
     return rows
 
 
+def gemm_sweep(shapes, deadline: float) -> list[dict]:
+    """The whole GEMM path (``gemm_weight_norm_sq``, warm) per variant: G from gram programs with a range of
+    ``gram_splits`` / ``splits`` / warps, G from a second GEMM, and the one-pass kernel; device time (graph
+    replay), do_bench time, host time per call, and the max difference to the default (bitwise expected
+    between variants of the same maths up to summation order)."""
+    rows = []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for shape in shapes:
+        d_out, d_in, rank = shape
+        W, A, B = make_inputs(d_out, d_in, rank, torch.bfloat16)
+        sumsq = triton_row_sumsq(W)
+        truth = truth_norm(W, A, B, SCALING)
+        floor_graph = _graph_ms(lambda W=W, A=A: W @ A.T)
+        floor_bench = bench(lambda W=W, A=A: W @ A.T, 30)
+        u_graph = _graph_ms(lambda W=W, A=A: row_norm.matmul_fp32(W, A))
+        base = row_norm.pick_finish_config(d_out, d_in, rank, sms, False)
+        variants: list[tuple[str, dict]] = [("default", {})]
+        variants.append(("gram_gemm", {"gram_from_gemm": True}))
+        for gs in sorted({2, 4, 8, 16} - {base.gram_splits}):
+            variants.append((f"SG{gs}", {"kernel_config": dataclasses.replace(base, gram_splits=gs)}))
+        for sp in sorted({1, 2, 3} - {base.splits}):
+            variants.append((f"S{sp}", {"kernel_config": dataclasses.replace(base, splits=sp)}))
+        variants.append(("w4", {"kernel_config": dataclasses.replace(base, num_warps=4)}))
+        variants.append(("st2", {"kernel_config": dataclasses.replace(base, num_stages=2)}))
+        print(
+            f"gemm-sweep {shape}: floor {floor_graph * 1e3:.1f} us graph / {floor_bench * 1e3:.1f} us do_bench, "
+            f"U GEMM {u_graph * 1e3:.1f} us graph; default {base}",
+            flush=True,
+        )
+        ref = None
+        for name, kw in [*variants, ("one_pass", None)]:
+            if time.monotonic() > deadline:
+                break
+            if kw is None:
+                fn = functools.partial(triton_weight_norm_sq, W, A, B, SCALING, cached_sumsq=sumsq, eps=EPS)
+            else:
+                fn = functools.partial(
+                    row_norm.gemm_weight_norm_sq, W, A, B, SCALING, cached_sumsq=sumsq, eps=EPS, **kw
+                )
+            row = {"shape": list(shape), "variant": name, "floor_graph_ms": floor_graph, "floor_ms": floor_bench}
+            try:
+                out = fn()
+                torch.cuda.synchronize()
+                if ref is None:
+                    ref = out.clone()
+                row["max_rel_diff_vs_default"] = float((out.double() - ref.double()).abs().max() / ref.abs().max())
+                row["rel_err_vs_fp64"] = rel_err(out, truth)
+                row["graph_ms"] = _graph_ms(fn)
+                row["ms"] = bench(fn, 30)
+                t = time.perf_counter()
+                for _ in range(20):
+                    fn()
+                row["host_us"] = (time.perf_counter() - t) / 20 * 1e6
+                torch.cuda.synchronize()
+                print(
+                    f"  {name:10s}: graph {row['graph_ms'] * 1e3:7.1f} us ({row['graph_ms'] / floor_graph:.2f}x floor), "
+                    f"do_bench {row['ms'] * 1e3:7.1f} us ({row['ms'] / floor_bench:.2f}x), host {row['host_us']:5.0f} us, "
+                    f"err {row['rel_err_vs_fp64']:.1e}, diff {row['max_rel_diff_vs_default']:.1e}",
+                    flush=True,
+                )
+            except Exception as exc:  # a config the compiler rejects
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                print(f"  {name:10s}: {row['error']}", flush=True)
+            rows.append(row)
+        del W, A, B
+        torch.cuda.empty_cache()
+    return rows
+
+
 def candidate_configs(base: NormKernelConfig) -> list[NormKernelConfig]:
     rep = dataclasses.replace
     cands = [
@@ -418,6 +487,7 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=170.0, help="skip remaining config trials after this")
     parser.add_argument("--gemm-probe", action="store_true", help="only the GEMM path, piece by piece")
     parser.add_argument("--sweep", action="store_true", help="only a launch-config sweep (device time per config)")
+    parser.add_argument("--gemm-sweep", action="store_true", help="only the GEMM path's variants, whole path timed")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("tune_norm.py needs a CUDA GPU")
@@ -438,6 +508,13 @@ def main() -> None:
         rows = sweep_configs(ISSUE_SHAPES, deadline)
         if os.environ.get("OUT"):
             (Path(os.environ["OUT"]) / "norm_sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        return
+    if args.gemm_sweep:
+        rows = gemm_sweep([*ISSUE_SHAPES, (8192, 28672, 384)], deadline)
+        if os.environ.get("OUT"):
+            (Path(os.environ["OUT"]) / "norm_gemm_sweep.json").write_text(
+                json.dumps({"meta": meta, "rows": rows}, indent=1)
+            )
         return
     if args.gemm_probe:
         shapes = [*ISSUE_SHAPES, (8192, 28672, 384), (4096, 4096, 16), (4096, 4096, 128)]

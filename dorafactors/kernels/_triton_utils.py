@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import threading
 from collections.abc import Iterable
 
 import torch
@@ -19,6 +20,7 @@ __all__ = [
     "is_interpreted",
     "next_pow2",
     "num_sms",
+    "ticket_buffer",
     "to_triton_configs",
 ]
 
@@ -98,3 +100,34 @@ def tile_grid(
         if br & (br - 1) or bc & (bc - 1):
             raise ValueError(f"tile {br}x{bc}: Triton block sizes must be powers of two")
     return out
+
+
+# ticket counters: one zeroed int32 buffer per (device, stream), shared by every kernel that takes integer
+# tickets (the norm kernel, the one-pass backward); each launch resets what it used to zero before it ends,
+# and launches on one stream never overlap, so the next launch finds zeros without a memset
+
+_ticket_lock = threading.Lock()
+_tickets: dict[tuple[torch.device, int], torch.Tensor] = {}
+_retired_tickets: list[torch.Tensor] = []  # outgrown buffers a captured CUDA graph may still point at
+
+
+def ticket_buffer(device: torch.device, needed: int) -> torch.Tensor:
+    """A zeroed int32 buffer of at least ``needed`` counters for launches on ``device``'s current stream."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    buf = _tickets.get(key)
+    if buf is not None and buf.numel() >= needed:
+        return buf
+    with _ticket_lock:
+        buf = _tickets.get(key)
+        if buf is None or buf.numel() < needed:
+            if buf is not None:
+                _retired_tickets.append(buf)
+            buf = torch.zeros(max(256, next_pow2(needed)), dtype=torch.int32, device=device)
+            _tickets[key] = buf
+        return buf
+
+
+def tickets_all_zero() -> bool:
+    """True when every ticket buffer is back to zero (tests: each launch must reset what it used)."""
+    return all(int(buf.abs().sum()) == 0 for buf in _tickets.values())

@@ -18,8 +18,10 @@ stride (so column slices of a larger tensor, as the chunked base recompute write
 Any other memory layout is made contiguous first (a copy, never a wrong answer). Offsets are 64-bit.
 
 The magnitude gradient is deterministic: one pass over ``d_out`` writes fp32 partial sums per group of
-rows (``[groups, C]``), and a second tiny kernel sums them in a fixed order. No atomics; the same inputs
-give bitwise the same ``d_g`` on every call.
+rows (``[groups, C]``), and they are summed in a fixed order: in eager mode by the last program of each
+column tile to finish (an integer ticket decides who, not the order), inside a ``torch.library`` op (the
+``torch.compile`` path, and the channels-first conv layout) by a second tiny kernel. No floating-point
+atomics; the same inputs give bitwise the same ``d_g`` on every call.
 
 Launch configurations are autotuned on first use per (columns, power-of-two row bucket, dtypes, flags)
 from a small default list, or from a full grid when ``DORA_AUTOTUNE_COMPREHENSIVE=1``. After the first call
@@ -46,6 +48,7 @@ from ._triton_utils import (
     is_interpreted,
     next_pow2,
     num_sms,
+    ticket_buffer,
     tile_grid,
     to_triton_configs,
 )
@@ -146,8 +149,11 @@ def _compose_bwd_cols_kernel(
     dlora_ptr,
     dbase_ptr,
     part_ptr,
+    dg_ptr,
+    cnt_ptr,
     R,
     K,
+    groups,
     rows_per_group,
     stride_dout,
     stride_inner,
@@ -158,10 +164,16 @@ def _compose_bwd_cols_kernel(
     NEED_LORA: tl.constexpr,
     NEED_BASE: tl.constexpr,
     NEED_G: tl.constexpr,
+    FUSED_SUM: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """``g`` along the columns. Program (group, column tile) walks its group's rows; ``part[group, cols]``."""
+    """``g`` along the columns. Program (group, column tile) walks its group's rows; ``part[group, cols]``.
+
+    ``FUSED_SUM``: the last of a column tile's ``groups`` programs to finish (an integer ticket in
+    ``cnt_ptr[pid_c]``, reset to 0 by that program) sums the tile's partials in a fixed order into
+    ``dg_ptr`` (``g``'s dtype): no second launch. Otherwise ``_sum_partials_kernel`` does it.
+    """
     pid_g = tl.program_id(0)
     pid_c = tl.program_id(1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -187,6 +199,20 @@ def _compose_bwd_cols_kernel(
             acc += x * d
     if NEED_G:
         tl.store(part_ptr + (pid_g.to(tl.int64) * K + cols), tl.sum(acc, axis=0), mask=cmask)
+        if FUSED_SUM:
+            tl.debug_barrier()  # every thread's partial is stored before the ticket is taken
+            ticket = tl.atomic_add(cnt_ptr + pid_c, 1, sem="acq_rel", scope="gpu")
+            if ticket == groups - 1:
+                # fixed order whoever arrives last: rows [j, j + SUM_G) of part, then a sum over SUM_G
+                SUM_G: tl.constexpr = (4096 + BLOCK_C - 1) // BLOCK_C  # >= 1: BLOCK_C <= 4096
+                offs_g = tl.arange(0, SUM_G)
+                tot = tl.zeros([SUM_G, BLOCK_C], dtype=tl.float32)
+                for j in range(0, groups, SUM_G):
+                    gj = j + offs_g
+                    p = part_ptr + (gj.to(tl.int64)[:, None] * K + cols[None, :])
+                    tot += tl.load(p, mask=(gj < groups)[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg")
+                tl.store(dg_ptr + cols, _to_dtype(tl.sum(tot, axis=0), dg_ptr.dtype.element_ty), mask=cmask)
+                tl.atomic_xchg(cnt_ptr + pid_c, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -878,15 +904,24 @@ def _bwd_cols(d2, g, x2, d_lora, d_base, R, K, s_d, s_x, scaling, wrap) -> torch
     """``g`` along the columns; ``d_lora`` / ``d_base`` contiguous ``[R, K]`` (or None). Returns ``d_g``."""
     _check_size(R, K)
     need_g = x2 is not None
-    groups, per_group = _row_groups(R, K, d2.device, _ROW_GRANULE)
-    part = torch.empty((groups, K), dtype=torch.float32, device=d2.device) if need_g else None
+    device = d2.device
+    groups, per_group = _row_groups(R, K, device, _ROW_GRANULE)
+    part = torch.empty((groups, K), dtype=torch.float32, device=device) if need_g else None
+    # eager: the kernel's last program per column tile sums the partials (no second launch); inside a
+    # torch.library op (torch.compile) the ticket buffer, state shared across launches, stays out of the
+    # graph and _sum_partials_kernel sums them instead
+    fused_sum = need_g and not wrap
+    d_g = torch.empty(K, dtype=g.dtype, device=device) if fused_sum else None
+    tickets = ticket_buffer(device, K) if fused_sum else None  # >= one per column tile, any config
     bucket = _row_bucket(R)
     need_lora, need_base = d_lora is not None, d_base is not None
-    args = (d2, g, x2, d_lora, d_base, part, R, K, per_group, s_d, s_x, K, K, scaling, bucket)
-    args += (need_lora, need_base, need_g)
+    args = (d2, g, x2, d_lora, d_base, part, d_g, tickets, R, K, groups, per_group, s_d, s_x, K, K, scaling, bucket)
+    args += (need_lora, need_base, need_g, fused_sum)
     key = (K, bucket, need_lora, need_base, need_g, d2.dtype, g.dtype)
     key += (x2.dtype if need_g else None, d_lora.dtype if need_lora else None, d_base.dtype if need_base else None)
     _launch(_BWD_COLS, lambda br, bc: (groups, cdiv(K, bc)), args, key, per_group, K, wrap)
+    if fused_sum:
+        return d_g
     return _sum_partials(part, g.dtype, wrap) if need_g else None
 
 

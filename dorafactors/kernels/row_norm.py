@@ -26,9 +26,10 @@ Design (one launch, ``_weight_norm_sq_kernel``; a 1-D grid of two kinds of progr
   ``cached_sumsq`` the ``n == 0`` programs also square the W tiles they already hold in shared memory
   ("one pass over W"); with it, no work at all is spent on ``||W||^2``.
 
-``U_GIVEN`` mode (:func:`gemm_weight_norm_sq`): ``W A^T`` and ``G = A A^T`` come from fp32-output GEMMs
-(cuBLAS); the launch then has only main programs, which load their U tile instead of looping over ``d_in``
-and load, scale and split their chunks of the fp32 G in registers instead of waiting for gram programs.
+``U_GIVEN`` mode (:func:`gemm_weight_norm_sq`): ``W A^T`` comes from an fp32-output GEMM (cuBLAS); the
+main programs load their U tile instead of looping over ``d_in``, and the gram programs run as above. With
+``G_GIVEN`` as well (tuning), ``G = A A^T`` comes from a second GEMM: no gram programs, and every tile loads,
+scales and splits its chunks of the fp32 G in registers instead of waiting.
 
 Precision: products of half-precision operands are exact and accumulate in fp32. fp32 operands are split in
 registers into bf16 parts and multiplied part by part, keeping every product whose part orders sum to < 3
@@ -62,7 +63,7 @@ does); the interpreter runs programs in order, so CPU tests exercise the same pr
 from __future__ import annotations
 
 import functools
-import threading
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -70,6 +71,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import config
+from ._triton_utils import ticket_buffer
 
 __all__ = [
     "NormKernelConfig",
@@ -322,6 +324,7 @@ def _main_program(
     BK: tl.constexpr,
     BKG: tl.constexpr,
     U_GIVEN: tl.constexpr,
+    G_GIVEN: tl.constexpr,
     COLD: tl.constexpr,
     OUT_SUMSQ: tl.constexpr,
     SQRT: tl.constexpr,
@@ -368,7 +371,7 @@ def _main_program(
         )  # fmt: skip
 
     # 2. acc += B[rows, k] @ G''[k, rn] for this split's share of the chunks k >= n*BN (lower block triangle)
-    if not U_GIVEN:  # wait for the gram programs (U_GIVEN: the fp32 G = A A^T came from a GEMM too)
+    if not G_GIVEN:  # wait for the gram programs (G_GIVEN: the fp32 G = A A^T came from a GEMM)
         done = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
         while done < NT:
             done = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
@@ -384,7 +387,7 @@ def _main_program(
             mask=row_ok[:, None] & (kk < rank)[None, :],
             other=0.0,
         )
-        if U_GIVEN:  # fp32 G [r, r]: scale the tile (s/2 on the diagonal block, s below it), split in registers
+        if G_GIVEN:  # fp32 G [r, r]: scale the tile (s/2 on the diagonal block, s below it), split in registers
             g = tl.load(
                 g3_ptr + kk64[:, None] * rank + rn64[None, :],
                 mask=(kk < rank)[:, None] & rn_ok[None, :],
@@ -499,6 +502,7 @@ def _weight_norm_sq_kernel(
     BK: tl.constexpr,
     BKG: tl.constexpr,
     U_GIVEN: tl.constexpr,
+    G_GIVEN: tl.constexpr,
     COLD: tl.constexpr,
     OUT_SUMSQ: tl.constexpr,
     SQRT: tl.constexpr,
@@ -511,13 +515,13 @@ def _weight_norm_sq_kernel(
 ):
     # the workspace's sections, laid out as NormPlan.sections() does (each 32-element aligned): cross
     # partials [NR * S, d_out], ||W||^2 partials [S, d_out] (cold launches only), gram partials
-    # [S_G * NT, BN, BN], then the three bf16 parts of G''. U_GIVEN: G is the fp32 GEMM result g_ptr.
+    # [S_G * NT, BN, BN], then the three bf16 parts of G''. G_GIVEN: G is the fp32 GEMM result g_ptr.
     part_ptr = ws_ptr
     wpart_ptr = part_ptr + tl.multiple_of(_round32(tl.cast(NR, tl.int64) * S * d_out), 32)
     gpart_ptr = wpart_ptr
     if COLD:
         gpart_ptr += tl.multiple_of(_round32(tl.cast(S, tl.int64) * d_out), 32)
-    if U_GIVEN:
+    if G_GIVEN:
         g3_ptr = g_ptr
     else:
         g3_ptr = (gpart_ptr + tl.multiple_of(_round32(tl.cast(S_G, tl.int64) * NT * (BN * BN)), 32)).to(
@@ -539,8 +543,8 @@ def _weight_norm_sq_kernel(
         _main_program(
             m, n, s, w_ptr, a_ptr, b_ptr, u_ptr, sumsq_ptr, out_ptr, out_sumsq_ptr, part_ptr, wpart_ptr, g3_ptr,
             cnt_ptr, d_out, d_in, rank, r_pad, stride_wm, stride_wk, stride_ar, stride_ak, stride_bm,
-            stride_br, stride_um, stride_ur, scaling, eps, n_m, NR, S, NT, KT, BM, BN, BK, BKG, U_GIVEN, COLD,
-            OUT_SUMSQ, SQRT, A_MODE, B_MODE, EVEN_K, EVEN_MN, UPCAST,
+            stride_br, stride_um, stride_ur, scaling, eps, n_m, NR, S, NT, KT, BM, BN, BK, BKG, U_GIVEN, G_GIVEN,
+            COLD, OUT_SUMSQ, SQRT, A_MODE, B_MODE, EVEN_K, EVEN_MN, UPCAST,
         )  # fmt: skip
 
 
@@ -684,8 +688,10 @@ def pick_config(
 def pick_finish_config(d_out: int, d_in: int, rank: int, num_sms: int, interpret: bool) -> NormKernelConfig:
     """Launch configuration of the kernel's ``U_GIVEN`` mode (:func:`gemm_weight_norm_sq`): pure function.
 
-    No loop over ``d_in`` is left (both GEMMs ran before), only the ``B G''`` chunks of each (row, rank)
-    tile: ``splits`` cuts them into up to 4 programs until the programs fill the SMs.
+    The main programs have no loop over ``d_in`` (U came from a GEMM), only the ``B G''`` chunks of each
+    (row, rank) tile: ``splits`` cuts them into up to 4 programs until the programs fill the SMs. The gram
+    programs (the only ``d_in`` loops left) split ``d_in`` into ``~sqrt(k_steps / 2)`` ranges, balancing a
+    program's k-steps against the ``S_G`` partial tiles its tile's last arrival sums, at most one wave.
     """
     block_n = min(128, _pow2_at_least(rank, 16))
     if interpret:
@@ -701,7 +707,12 @@ def pick_finish_config(d_out: int, d_in: int, rank: int, num_sms: int, interpret
     splits = 1
     while n_m * nr * splits < num_sms and splits < 4 and splits < chunks * nr:
         splits += 1
-    return NormKernelConfig(block_m, block_n, block_k, num_warps, 3, splits, 1)
+    k_steps = triton.cdiv(d_in, block_k)
+    nt = nr * (nr + 1) // 2
+    gram_splits = max(1, round(math.sqrt(k_steps / 2)))
+    cap = _GRAM_PARTIAL_BUDGET // (nt * block_n * block_n * 4)
+    gram_splits = max(1, min(gram_splits, num_sms // nt, cap, _MAX_SPLITS, k_steps))
+    return NormKernelConfig(block_m, block_n, block_k, num_warps, 3, splits, gram_splits)
 
 
 @dataclass(frozen=True)
@@ -743,24 +754,24 @@ class NormPlan:
     def programs(self) -> int:
         return self.gram_tiles * self.gram_splits + self.row_tiles * self.rank_tiles * self.splits
 
-    def sections(self, cold: bool, u_given: bool = False) -> tuple[int, int, int, int]:
+    def sections(self, cold: bool, g_given: bool = False) -> tuple[int, int, int, int]:
         """fp32 elements of the workspace's four sections, in order (the kernel derives the same offsets):
         cross partials, ``||W||^2`` partials (cold only), gram partials and the bf16 ``G''`` parts (both
-        absent in ``U_GIVEN`` mode, whose G comes from a GEMM). Each starts 128-byte aligned."""
+        absent in ``G_GIVEN`` mode, whose G comes from a GEMM). Each starts 128-byte aligned."""
         bn = self.config.block_n
         n_part = self.rank_tiles * self.splits * self.d_out
         n_wpart = self.splits * self.d_out if cold else 0
-        n_gpart = 0 if u_given else self.gram_splits * self.gram_tiles * bn * bn
-        n_g = 0 if u_given else (3 * self.r_pad * self.r_pad + 1) // 2  # three bf16 matrices (hi, mid, lo)
+        n_gpart = 0 if g_given else self.gram_splits * self.gram_tiles * bn * bn
+        n_g = 0 if g_given else (3 * self.r_pad * self.r_pad + 1) // 2  # three bf16 matrices (hi, mid, lo)
         return tuple(-(-n // 32) * 32 for n in (n_part, n_wpart, n_gpart, n_g))
 
-    def workspace_elements(self, cold: bool, u_given: bool = False) -> int:
+    def workspace_elements(self, cold: bool, g_given: bool = False) -> int:
         """fp32 elements of the one workspace a launch allocates (besides the ``[d_out]`` result)."""
-        return sum(self.sections(cold, u_given))
+        return sum(self.sections(cold, g_given))
 
-    def workspace_bytes(self, cold: bool, u_given: bool = False) -> int:
+    def workspace_bytes(self, cold: bool, g_given: bool = False) -> int:
         """Bytes a launch allocates: the workspace plus the fp32 ``[d_out]`` result (no ``d_in`` term)."""
-        return 4 * (self.workspace_elements(cold, u_given) + self.d_out)
+        return 4 * (self.workspace_elements(cold, g_given) + self.d_out)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -794,30 +805,6 @@ def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 1
-
-
-# ---------------------------------------------------------------------------------------------
-# ticket counters: one zeroed int32 buffer per (device, stream), reset by the kernel itself
-
-_counter_lock = threading.Lock()
-_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
-_retired: list[torch.Tensor] = []  # buffers a captured CUDA graph may still point at
-
-
-def _counter_buffer(device: torch.device, needed: int) -> torch.Tensor:
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    buf = _counters.get(key)
-    if buf is not None and buf.numel() >= needed:
-        return buf
-    with _counter_lock:
-        buf = _counters.get(key)
-        if buf is None or buf.numel() < needed:
-            if buf is not None:
-                _retired.append(buf)
-            buf = torch.zeros(_pow2_at_least(needed, 256), dtype=torch.int32, device=device)
-            _counters[key] = buf
-        return buf
 
 
 # ---------------------------------------------------------------------------------------------
@@ -963,7 +950,7 @@ def _launch(
     weight: torch.Tensor,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
-    u: tuple[torch.Tensor, torch.Tensor] | None,
+    u: tuple[torch.Tensor, torch.Tensor | None] | None,
     cached_sumsq: torch.Tensor | None,
     out_sumsq: torch.Tensor | None,
     scaling: float,
@@ -973,13 +960,15 @@ def _launch(
     """One launch of ``_weight_norm_sq_kernel`` for validated operands; returns the fp32 ``[d_out]`` result.
 
     ``u`` (``U_GIVEN`` mode, needs ``cached_sumsq``): the fp32 GEMM results ``(W A^T [d_out, r] contiguous,
-    A A^T [r, r] contiguous)``; the launch then has no gram programs.
+    A A^T [r, r] contiguous or None)``. With a G (``G_GIVEN``) the launch has no gram programs; without
+    one its gram programs compute ``G''`` as in the one-pass mode.
     """
     device = weight.device
     d_out, d_in = weight.shape
     rank = lora_A.shape[0]
     cold = cached_sumsq is None
     u_given = u is not None
+    g_given = u_given and u[1] is not None
     # everything _launch_constants reads besides the plan (a plan is shared by W dtypes and modes)
     key = (
         weight.dtype,
@@ -988,6 +977,7 @@ def _launch(
         d_in,
         rank,
         u_given,
+        g_given,
         cold,
         out_sumsq is not None,
         eps is not None,
@@ -999,8 +989,9 @@ def _launch(
     programs, ws_elements, constants = launch
     ws = torch.empty(ws_elements, dtype=torch.float32, device=device)
     out = torch.empty(d_out, dtype=torch.float32, device=device)
-    counters = _counter_buffer(device, 2 + plan.gram_tiles + plan.row_tiles)
-    u_mat, gram = u if u_given else (out, ws)
+    counters = ticket_buffer(device, 2 + plan.gram_tiles + plan.row_tiles)
+    u_mat = u[0] if u_given else out
+    gram = u[1] if g_given else ws
     _weight_norm_sq_kernel[(programs,)](
         weight,
         lora_A,
@@ -1029,7 +1020,7 @@ def _launch(
         plan.row_tiles,
         plan.rank_tiles,
         plan.splits,
-        0 if u_given else plan.gram_tiles,  # U mode: no gram programs, G comes from a GEMM
+        0 if g_given else plan.gram_tiles,  # G from a GEMM: no gram programs
         plan.gram_splits,
         plan.k_steps,
         **constants,
@@ -1045,6 +1036,7 @@ def _launch_constants(
     d_in: int,
     rank: int,
     u_given: bool,
+    g_given: bool,
     cold: bool,
     out_sumsq: bool,
     sqrt: bool,
@@ -1058,7 +1050,7 @@ def _launch_constants(
         a_mode = 1
     else:
         a_mode = 2
-    gram_programs = 0 if u_given else plan.gram_tiles * plan.gram_splits
+    gram_programs = 0 if g_given else plan.gram_tiles * plan.gram_splits
     programs = plan.row_tiles * plan.rank_tiles * plan.splits + gram_programs
     constants = dict(
         BM=cfg.block_m,
@@ -1066,6 +1058,7 @@ def _launch_constants(
         BK=cfg.block_k,
         BKG=plan.gram_chunk,
         U_GIVEN=u_given,
+        G_GIVEN=g_given,
         COLD=cold,
         OUT_SUMSQ=cold and out_sumsq,
         SQRT=sqrt,
@@ -1078,7 +1071,7 @@ def _launch_constants(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    return programs, plan.workspace_elements(cold, u_given), constants
+    return programs, plan.workspace_elements(cold, g_given), constants
 
 
 def gemm_supported(device: torch.device) -> bool:
@@ -1112,18 +1105,21 @@ def gemm_weight_norm_sq(
     cached_sumsq: torch.Tensor | None = None,
     eps: float | None = None,
     kernel_config: NormKernelConfig | None = None,
+    gram_from_gemm: bool = False,
 ) -> torch.Tensor:
     """:func:`triton_weight_norm_sq` with ``W A^T`` from a GEMM: for half ``A`` and ``B`` in ``W``'s dtype.
 
-    Two GEMMs (:func:`matmul_fp32`: the fp32 ``U = W A^T`` and ``G = A A^T``), then one launch of the norm
-    kernel in its ``U_GIVEN`` mode: each (row, rank) tile loads its lower-block-triangle chunks of ``G``,
-    scales and splits them into three bf16 parts in registers, adds ``B G''`` to ``U`` on tensor cores, and
-    the row sums and the assembly follow exactly as in the one-pass kernel (fixed summation orders). No gram
-    programs and no waiting on them. Without ``cached_sumsq``, ``||W||^2`` comes from
-    :func:`triton_row_sumsq` (a second pass over W).
+    One GEMM (:func:`matmul_fp32`: the fp32 ``U = W A^T``), then one launch of the norm kernel in its
+    ``U_GIVEN`` mode: its gram programs compute ``G'' = A A^T`` (scaled, split into bf16 parts) as in the
+    one-pass mode, and each (row, rank) tile loads its U tile, adds ``B G''`` on tensor cores, and the row
+    sums and the assembly follow exactly as in the one-pass kernel (fixed summation orders). Without
+    ``cached_sumsq``, ``||W||^2`` comes from :func:`triton_row_sumsq` (a second pass over W).
+
+    ``gram_from_gemm`` (tuning): ``G`` from a second fp32 GEMM instead, split in registers by every tile
+    that uses it (``G_GIVEN``); no gram programs.
 
     Args and returns: as :func:`triton_weight_norm_sq`; ``lora_A`` and ``lora_B`` must have W's dtype.
-    Extra memory: ``U`` and ``G`` (``4 * (d_out * r + r^2)`` bytes) besides the kernel's workspace.
+    Extra memory: ``U`` (``4 * d_out * r`` bytes, ``+ 4 r^2`` for a GEMM's G) besides the kernel's workspace.
     """
     interpret = _check_device(weight)
     _validate(weight, lora_A, lora_B)
@@ -1149,5 +1145,5 @@ def gemm_weight_norm_sq(
         plan = _finish_plan(d_out, d_in, rank, _num_sms(device), interpret)
     else:
         plan = NormPlan.build(d_out, d_in, rank, kernel_config)
-    u = (matmul_fp32(weight, lora_A), matmul_fp32(lora_A, lora_A))
+    u = (matmul_fp32(weight, lora_A), matmul_fp32(lora_A, lora_A) if gram_from_gemm else None)
     return _launch(plan, weight, lora_A, lora_B, u, sumsq, None, scaling, eps, interpret)

@@ -47,13 +47,24 @@ VARIANTS = {
     "bf16_r16_cold": dict(wdt="bf16", adt="bf16", bdt="bf16", cold=True, cfg=_cfg(4096, 4096, 16, False)),
     "fp32_adapters_r64_cold": dict(wdt="bf16", adt="fp32", bdt="fp32", cold=True, cfg=_cfg(4096, 4096, 64, True)),
     "fp32_adapters_r16": dict(wdt="bf16", adt="fp32", bdt="fp32", cold=False, cfg=_cfg(4096, 4096, 16, True)),
-    # the GEMM path's finish (U and G given): only the B G'' dots, no d_in loop to pipeline
+    # the GEMM path (U given): gram programs and the B G'' dots of the main programs
     "bf16_u_given": dict(
         wdt="bf16",
         adt="bf16",
         bdt="bf16",
         cold=False,
         u_given=True,
+        cfg=row_norm.pick_finish_config(8192, 8192, 384, 132, False),
+        unit_strides=("stride_wk", "stride_ak", "stride_br", "stride_ur"),
+    ),
+    # U and G given: only the B G'' dots, no d_in loop to pipeline
+    "bf16_ug_given": dict(
+        wdt="bf16",
+        adt="bf16",
+        bdt="bf16",
+        cold=False,
+        u_given=True,
+        g_given=True,
         cfg=row_norm.pick_finish_config(8192, 8192, 384, 132, False),
         unit_strides=("stride_wk", "stride_ak", "stride_br", "stride_ur"),
     ),
@@ -67,6 +78,7 @@ def compile_variant(
     cold: bool,
     cfg: row_norm.NormKernelConfig | None = None,
     u_given: bool = False,
+    g_given: bool = False,
     unit_strides: tuple[str, ...] = ("stride_wk", "stride_ak", "stride_br"),
     capability: int = 90,
 ):
@@ -87,6 +99,7 @@ def compile_variant(
         BK=cfg.block_k,
         BKG=min(cfg.block_n, 64),
         U_GIVEN=u_given,
+        G_GIVEN=g_given,
         COLD=cold,
         OUT_SUMSQ=cold,
         SQRT=True,

@@ -12,6 +12,7 @@ import torch
 
 from dorafactors.dispatch import config
 from dorafactors.kernels import compose as kc
+from dorafactors.kernels._triton_utils import tickets_all_zero
 from dorafactors.kernels.compose_reference import compose_backward_reference, compose_forward_reference
 from tests._tolerances import assert_dtype_close
 from tests.kernels._compose_data import (
@@ -429,6 +430,27 @@ def test_backward_d_g_is_deterministic():
     g = random_scale(130, F32, gen)
     runs = [kc.compose_backward(d_out, g, inner, 0.7, lora_dtype=BF16, base_dtype=BF16)[2] for _ in range(3)]
     assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+@pytest.mark.parametrize("cfg", [(64, 4096, 4, 1), (8, 16, 1, 1), (8, 512, 4, 1)])
+def test_backward_sums_the_partials_in_the_same_launch(cfg, poison):
+    """Eager: the last program of each column tile sums the row groups' partials (one launch, no
+    ``sum_partials``), whether the groups fit in one block of its sum (BLOCK_C 16) or take one step each
+    (BLOCK_C 4096), and leaves the shared ticket counters at zero for the next launch."""
+    gen = _gen("bwd-fused-sum", cfg)
+    R, C = 768, 40
+    d_out, inner = exact_tensor((R, C), BF16, gen), exact_tensor((R, C), BF16, gen)
+    g = exact_scale(C, F32, gen)
+    groups, _ = kc._row_groups(R, C, torch.device("cpu"), kc._ROW_GRANULE)
+    assert groups >= 8
+    before = dict(kc.launch_counts)
+    with kc.forced_config(bwd=cfg):
+        runs = [kc.compose_backward(d_out, g, inner, EXACT_SCALING, lora_dtype=BF16, base_dtype=BF16) for _ in range(2)]
+    assert kc.launch_counts["compose_bwd"] - before.get("compose_bwd", 0) == 2
+    assert kc.launch_counts["sum_partials"] == before.get("sum_partials", 0)
+    assert tickets_all_zero()
+    assert_exact(runs[0][2], truth_backward(d_out, g, inner, EXACT_SCALING)[2], "d_g")
+    assert torch.equal(runs[0][2], runs[1][2])
 
 
 def test_backward_empty_and_validation():

@@ -25,6 +25,7 @@ import torch
 
 from dorafactors.dispatch import config
 from dorafactors.kernels import row_norm
+from dorafactors.kernels._triton_utils import tickets_all_zero
 from dorafactors.kernels.row_norm import (
     NormKernelConfig,
     gemm_weight_norm_sq,
@@ -112,7 +113,7 @@ def assert_norm_close(ours_sq, truth, name, rtol=NORM_RTOL, scale=None) -> float
 
 
 def counters_are_zero() -> bool:
-    return all(int(buf.abs().sum()) == 0 for buf in row_norm._counters.values())
+    return tickets_all_zero()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,13 +502,17 @@ GEMM_EXACT = [c for c in EXACT_CASES if c[3] == c[4]]
 GEMM_RANDOM = [c for c in RANDOM_CASES if c[3] == c[4]]
 
 
+@pytest.mark.parametrize("gram_from_gemm", [False, True], ids=["gram_programs", "gram_gemm"])
 @pytest.mark.parametrize("d_out,d_in,rank,w_dtype,ad_dtype,scaling,cfg", GEMM_EXACT)
-def test_gemm_exact_inputs_give_the_fp64_truth_bitwise(d_out, d_in, rank, w_dtype, ad_dtype, scaling, cfg):
+def test_gemm_exact_inputs_give_the_fp64_truth_bitwise(
+    d_out, d_in, rank, w_dtype, ad_dtype, scaling, cfg, gram_from_gemm
+):
     W, A, B = make_exact(d_out, d_in, rank, w_dtype, ad_dtype, seed=d_out + d_in)
     truth = truth_sq(W, A, B, scaling)
     expect = truth.float()
-    cold = gemm_weight_norm_sq(W, A, B, scaling, kernel_config=cfg)
-    warm = gemm_weight_norm_sq(W, A, B, scaling, cached_sumsq=triton_row_sumsq(W), kernel_config=cfg)
+    kw = dict(kernel_config=cfg, gram_from_gemm=gram_from_gemm)
+    cold = gemm_weight_norm_sq(W, A, B, scaling, **kw)
+    warm = gemm_weight_norm_sq(W, A, B, scaling, cached_sumsq=triton_row_sumsq(W), **kw)
     assert torch.equal(cold, expect), f"cold: max |diff| {(cold.double() - truth).abs().max():.3e}"
     assert torch.equal(warm, expect)
     assert counters_are_zero()
@@ -575,12 +580,15 @@ def test_gemm_strided_zero_scaling_eps_and_validation():
 
 @pytest.mark.parametrize("d_out,d_in,rank", ISSUE_SHAPES)
 def test_finish_plan_working_set_and_grid(d_out, d_in, rank):
-    """The U_GIVEN plan at the issue's shapes: U, G and the workspace within the issue's memory bound."""
+    """The U_GIVEN plan at the issue's shapes: U (and a GEMM's G) plus the workspace within the issue's memory
+    bound; the gram programs fit in one wave of 132 SMs."""
     cfg = pick_finish_config(d_out, d_in, rank, 132, False)
     plan = row_norm.NormPlan.build(d_out, d_in, rank, cfg)
     bound = 4 * (d_out * rank + rank * rank) + 16 * 2**20
-    assert plan.workspace_bytes(False, u_given=True) + 4 * (d_out * rank + rank * rank) <= bound
-    assert plan.gram_splits == 1 and 1 <= plan.splits <= 4
+    assert plan.workspace_bytes(False) + 4 * d_out * rank <= bound
+    assert plan.workspace_bytes(False, g_given=True) + 4 * (d_out * rank + rank * rank) <= bound
+    assert 1 <= plan.splits <= 4
+    assert plan.gram_splits > 1 and plan.gram_tiles * plan.gram_splits <= 132
 
 
 # ---------------------------------------------------------------------------------------------
@@ -597,6 +605,7 @@ def test_heuristic_configs_compile_for_sm90_without_spills():
         "bf16_r16_cold",
         "fp32_adapters_r64_cold",
         "bf16_u_given",
+        "bf16_ug_given",
     ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
@@ -618,12 +627,13 @@ def test_heuristic_configs_compile_for_sm90_without_spills():
         "bf16_transposed_w": 5,
         "bf16_r16_cold": 5,
         "fp32_adapters_r64_cold": 15,
-        "bf16_u_given": 3,
+        "bf16_u_given": 4,
+        "bf16_ug_given": 3,
     }
     for name in names:
         r = report[name]
         assert r["stack"] == 0, f"{name}: register spills ({r})"
-        if name != "bf16_u_given":  # the U_GIVEN finish has no d_in loop to pipeline
+        if name != "bf16_ug_given":  # with U and G given no d_in loop is left to pipeline
             assert r["async_copies"] >= 8, f"{name}: loads not pipelined ({r})"
         assert r["wgmma"] >= expected_dots[name], f"{name}: no tensor-core dots ({r})"
         assert r["shared"] <= 227 * 1024, f"{name}: more shared memory than sm_90 gives a block ({r})"
@@ -767,12 +777,14 @@ def test_gpu_gemm_path_accuracy_memory_determinism(d_out, d_in, rank):
 
 
 @pytest.mark.gpu
-def test_gpu_gemm_exact_inputs_bitwise_and_cuda_graph():
+@pytest.mark.parametrize("gram_from_gemm", [False, True], ids=["gram_programs", "gram_gemm"])
+def test_gpu_gemm_exact_inputs_bitwise_and_cuda_graph(gram_from_gemm):
     """Exact data: the GPU GEMM path returns the fp64 truth bitwise, also replayed from a CUDA graph."""
     W, A, B = make_exact(4096, 2048, 384, torch.bfloat16, torch.bfloat16, seed=7, device="cuda")
     truth = truth_sq(W, A, B, 0.5).float()
     sumsq = triton_row_sumsq(W)
-    assert torch.equal(gemm_weight_norm_sq(W, A, B, 0.5, cached_sumsq=sumsq), truth)
+    exact = gemm_weight_norm_sq(W, A, B, 0.5, cached_sumsq=sumsq, gram_from_gemm=gram_from_gemm)
+    assert torch.equal(exact, truth)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
