@@ -29,6 +29,7 @@ __all__ = [
     "FUSED_BACKWARD_MIN_ELEMENTS",
     "INFERENCE_FOLD_MAX_ROWS",
     "NORM_GEMM_MIN_DIN_RANK",
+    "NORM_GEMM_MIN_MACS",
     "compiled_compose_ok",
     "constant_while_compiling",
     "fused_backward_enabled",
@@ -57,11 +58,15 @@ FUSED_BACKWARD_MIN_ELEMENTS = 1 << 20
 #: of its own. Larger calls keep the compose kernel.
 INFERENCE_FOLD_MAX_ROWS = 256
 
-#: The GEMM norm path (two cuBLAS GEMMs + the finish kernel) is taken from this ``d_in * r`` on: below it the
-#: one-pass kernel's single launch costs less host time than the GEMM path saves on the device (measured on
-#: an H200, 2026-12-01: one-pass ahead at (d_in, r) = (4096, 16..768) and (8192, 384), the GEMM path ahead at
-#: (14336, 384), (8192, 768) and (28672, 384); ``benchmarks/results/gpu-logs/s8/norm_gemm_probe_v2.log``).
+#: The GEMM norm path (a cuBLAS GEMM for ``W A^T`` + the kernel's ``U_GIVEN`` mode) is taken from this
+#: ``d_in * r`` on, or from ``NORM_GEMM_MIN_MACS`` multiply-adds ``d_out * d_in * r`` on: below both the
+#: one-pass kernel's single launch costs less than the GEMM path saves on the device. Measured on an H200:
+#: 2026-12-01 (``gpu-logs/s8/norm_gemm_probe_v2.log``) one-pass ahead at (d_in, r) = (4096, 16..768), the GEMM
+#: path ahead at (14336, 384), (8192, 768), (28672, 384); 2026-12-02 (``gpu-logs/s10/norm_gemm_sweep.log``,
+#: device time) the GEMM path also ahead at 8192x8192 r384 (131 vs 149 us) and 14336x4096 r384 (137 vs
+#: 143 us), one-pass still ahead at 4096x4096 r384 (49 vs 58 us).
 NORM_GEMM_MIN_DIN_RANK = 4 * 1024 * 1024
+NORM_GEMM_MIN_MACS = 2**34
 
 _KERNEL_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32))
 _HALF = (torch.float16, torch.bfloat16)
@@ -288,14 +293,15 @@ def mm_out_dtype_available() -> bool:
 
 def norm_gemm_ok(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[bool, str]:
     """Among the Triton norm paths: the GEMM + finish kernel (``gemm_weight_norm_sq``) rather than the
-    one-pass kernel? For half ``A`` and ``B`` in W's dtype, ``d_in * r >= NORM_GEMM_MIN_DIN_RANK``, where an
-    fp32-output GEMM is available (CUDA:
+    one-pass kernel? For half ``A`` and ``B`` in W's dtype, ``d_in * r >= NORM_GEMM_MIN_DIN_RANK`` or
+    ``d_out * d_in * r >= NORM_GEMM_MIN_MACS``, where an fp32-output GEMM is available (CUDA:
     ``mm_out_dtype_available``; the CPU interpreter multiplies fp32 upcasts). fp32 adapters keep the one-pass
     kernel, whose in-register bf16x3 split of A a GEMM would need three passes for."""
     if lora_A.dtype != weight.dtype or lora_B.dtype != weight.dtype:
         return _reject("norm GEMM", f"adapters {lora_A.dtype}/{lora_B.dtype} with W {weight.dtype}")
-    if weight.shape[1] * lora_A.shape[0] < NORM_GEMM_MIN_DIN_RANK:
-        return _reject("norm GEMM", "d_in * r below NORM_GEMM_MIN_DIN_RANK (the one-pass kernel is cheaper)")
+    din_rank = weight.shape[1] * lora_A.shape[0]
+    if din_rank < NORM_GEMM_MIN_DIN_RANK and weight.shape[0] * din_rank < NORM_GEMM_MIN_MACS:
+        return _reject("norm GEMM", "below NORM_GEMM_MIN_DIN_RANK and NORM_GEMM_MIN_MACS (one-pass is cheaper)")
     if weight.device.type == "cuda" and not mm_out_dtype_available():
         return _reject("norm GEMM", "torch.mm has no out_dtype (PyTorch < 2.9)")
     return True, ""

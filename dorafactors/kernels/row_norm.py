@@ -78,6 +78,7 @@ __all__ = [
     "NormPlan",
     "gemm_supported",
     "gemm_weight_norm_sq",
+    "gram_from_gemm_default",
     "matmul_fp32",
     "pick_config",
     "pick_finish_config",
@@ -1096,6 +1097,15 @@ def matmul_fp32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.mm(x.float(), y.float().t())
 
 
+def gram_from_gemm_default(d_out: int, d_in: int) -> bool:
+    """Whether :func:`gemm_weight_norm_sq` takes ``G = A A^T`` from a GEMM: when ``d_in > 2 d_out``, where
+    the gram programs' long ``d_in`` loops outlast the short finish. Measured on an H200 (device time,
+    ``gpu-logs/s10/norm_gemm_sweep.log``): the GEMM's G ahead at 4096x14336 (110 vs 122 us) and 8192x28672
+    (345 vs 357 us); the gram programs ahead at 8192x8192 r768 (251 vs 265 us), even at 8192x8192 and
+    14336x4096 r384."""
+    return d_in > 2 * d_out
+
+
 def gemm_weight_norm_sq(
     weight: torch.Tensor,
     lora_A: torch.Tensor,
@@ -1105,7 +1115,7 @@ def gemm_weight_norm_sq(
     cached_sumsq: torch.Tensor | None = None,
     eps: float | None = None,
     kernel_config: NormKernelConfig | None = None,
-    gram_from_gemm: bool = False,
+    gram_from_gemm: bool | None = None,
 ) -> torch.Tensor:
     """:func:`triton_weight_norm_sq` with ``W A^T`` from a GEMM: for half ``A`` and ``B`` in ``W``'s dtype.
 
@@ -1115,8 +1125,8 @@ def gemm_weight_norm_sq(
     sums and the assembly follow exactly as in the one-pass kernel (fixed summation orders). Without
     ``cached_sumsq``, ``||W||^2`` comes from :func:`triton_row_sumsq` (a second pass over W).
 
-    ``gram_from_gemm`` (tuning): ``G`` from a second fp32 GEMM instead, split in registers by every tile
-    that uses it (``G_GIVEN``); no gram programs.
+    ``gram_from_gemm``: ``G`` from a second fp32 GEMM instead, split in registers by every tile that uses it
+    (``G_GIVEN``; no gram programs). Default (None): :func:`gram_from_gemm_default`.
 
     Args and returns: as :func:`triton_weight_norm_sq`; ``lora_A`` and ``lora_B`` must have W's dtype.
     Extra memory: ``U`` (``4 * d_out * r`` bytes, ``+ 4 r^2`` for a GEMM's G) besides the kernel's workspace.
@@ -1145,5 +1155,7 @@ def gemm_weight_norm_sq(
         plan = _finish_plan(d_out, d_in, rank, _num_sms(device), interpret)
     else:
         plan = NormPlan.build(d_out, d_in, rank, kernel_config)
+    if gram_from_gemm is None:
+        gram_from_gemm = gram_from_gemm_default(d_out, d_in)
     u = (matmul_fp32(weight, lora_A), matmul_fp32(lora_A, lora_A) if gram_from_gemm else None)
     return _launch(plan, weight, lora_A, lora_B, u, sumsq, None, scaling, eps, interpret)

@@ -452,6 +452,31 @@ def test_engine_takes_the_kernel_and_matches_the_torch_path(monkeypatch, ad_dtyp
     assert_norm_close(fused_norm.square(), truth_sq(W, A, B, 1.7), "engine vs fp64", rtol=2e-5)
 
 
+@pytest.mark.parametrize(
+    "d_out,d_in,rank,gemm,gram_gemm",
+    [
+        (4096, 4096, 384, False, False),
+        (8192, 8192, 384, True, False),
+        (14336, 4096, 384, True, False),
+        (4096, 14336, 384, True, True),
+        (8192, 8192, 768, True, False),
+        (8192, 28672, 384, True, True),
+        (4096, 4096, 16, False, False),
+        (8192, 28672, 16, False, True),
+    ],
+)
+def test_norm_path_rules_at_the_measured_shapes(d_out, d_in, rank, gemm, gram_gemm):
+    """The GEMM-path and gram-GEMM rules give the measured winners (``dispatch/rules.py`` cites the logs)."""
+    from dorafactors.dispatch import rules
+
+    W = torch.empty(d_out, d_in, dtype=torch.bfloat16, device="meta")
+    A = torch.empty(rank, d_in, dtype=torch.bfloat16, device="meta")
+    B = torch.empty(d_out, rank, dtype=torch.bfloat16, device="meta")
+    assert rules.norm_gemm_ok(W, A, B)[0] == gemm
+    assert not rules.norm_gemm_ok(W, A.float(), B.float())[0], "fp32 adapters keep the one-pass kernel"
+    assert row_norm.gram_from_gemm_default(d_out, d_in) == gram_gemm
+
+
 def test_engine_uses_the_torch_path_under_compile(monkeypatch):
     from dorafactors.dispatch import rules
 
@@ -756,7 +781,8 @@ def test_gpu_gemm_path_accuracy_memory_determinism(d_out, d_in, rank):
     W, A, B = _gpu_inputs(d_out, d_in, rank, torch.bfloat16)
     from dorafactors.dispatch import rules
 
-    expected = "gemm" if d_in * rank >= rules.NORM_GEMM_MIN_DIN_RANK else "triton"
+    gemm = d_in * rank >= rules.NORM_GEMM_MIN_DIN_RANK or d_out * d_in * rank >= rules.NORM_GEMM_MIN_MACS
+    expected = "gemm" if gemm else "triton"
     assert engine.norm_path(W, A, B) == expected
     sumsq = triton_row_sumsq(W)
     first = gemm_weight_norm_sq(W, A, B, 2.0, cached_sumsq=sumsq)  # compiles outside the measurement
