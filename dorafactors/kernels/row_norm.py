@@ -28,8 +28,8 @@ Design (one launch, ``_weight_norm_sq_kernel``; a 1-D grid of two kinds of progr
 
 ``U_GIVEN`` mode (:func:`gemm_weight_norm_sq`): ``W A^T`` comes from an fp32-output GEMM (cuBLAS); the
 main programs load their U tile instead of looping over ``d_in``, and the gram programs run as above. With
-``G_GIVEN`` as well (tuning), ``G = A A^T`` comes from a second GEMM: no gram programs, and every tile loads,
-scales and splits its chunks of the fp32 G in registers instead of waiting.
+``G_GIVEN`` as well (:func:`gram_from_gemm_default`: ``d_in > 2 d_out``), ``G = A A^T`` comes from a second
+GEMM: no gram programs, and every tile loads, scales and splits its chunks of the fp32 G in registers.
 
 Precision: products of half-precision operands are exact and accumulate in fp32. fp32 operands are split in
 registers into bf16 parts and multiplied part by part, keeping every product whose part orders sum to < 3
