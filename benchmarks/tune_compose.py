@@ -218,13 +218,11 @@ def sweep_bwd_groups(values, dtype, copy_gbps: float) -> list[dict]:
             g = 0.9 + 0.2 * torch.rand(C, device=DEVICE, generator=gen)
             n = R * C
             # for reference, a copy moving the one-pass backward's bytes (read 2n, write 2n); its graph replay
-            # is no yardstick (at 1 GiB and above it read ~35% slower than do_bench on an H200, s10)
+            # is no yardstick (at 1 GiB and above it read ~35% slower than do_bench on an H200, s10 run 1)
             src = torch.empty(2 * n, dtype=dtype, device=DEVICE).normal_()
-            copy = functools.partial(torch.empty_like(src).copy_, src)
-            copy_ms = _bench(copy, rep=100)
-            copy_graph_ms = _bench_graph(copy)
-            del src, copy
-            same_size_copy = {"bytes": 4 * n * es, "ms": copy_ms, "graph_ms": copy_graph_ms}
+            copy_ms = _bench(functools.partial(torch.empty_like(src).copy_, src), rep=100)
+            del src
+            same_size_copy = {"bytes": 4 * n * es, "ms": copy_ms}
             for value in values:
                 kc.BACKWARD_PROGRAMS_PER_SM = value
                 kc.reset_tuning()

@@ -30,6 +30,17 @@ def _cfg(d_out: int, d_in: int, rank: int, a_is_fp32: bool) -> row_norm.NormKern
     return row_norm.pick_config(d_out, d_in, rank, a_is_fp32, 132, False)
 
 
+#: The GEMM norm path's launch (U from a GEMM) at 8192x8192 r=384.
+_GEMM_PATH = dict(
+    wdt="bf16",
+    adt="bf16",
+    bdt="bf16",
+    cold=False,
+    u_given=True,
+    cfg=row_norm.pick_finish_config(8192, 8192, 384, 132, False),
+    unit_strides=("stride_wk", "stride_ak", "stride_br", "stride_ur"),
+)
+
 VARIANTS = {
     "bf16_warm": dict(wdt="bf16", adt="bf16", bdt="bf16", cold=False, cfg=_cfg(4096, 4096, 384, False)),
     "bf16_cold": dict(wdt="bf16", adt="bf16", bdt="bf16", cold=True, cfg=_cfg(4096, 4096, 384, False)),
@@ -48,26 +59,9 @@ VARIANTS = {
     "fp32_adapters_r64_cold": dict(wdt="bf16", adt="fp32", bdt="fp32", cold=True, cfg=_cfg(4096, 4096, 64, True)),
     "fp32_adapters_r16": dict(wdt="bf16", adt="fp32", bdt="fp32", cold=False, cfg=_cfg(4096, 4096, 16, True)),
     # the GEMM path (U given): gram programs and the B G'' dots of the main programs
-    "bf16_u_given": dict(
-        wdt="bf16",
-        adt="bf16",
-        bdt="bf16",
-        cold=False,
-        u_given=True,
-        cfg=row_norm.pick_finish_config(8192, 8192, 384, 132, False),
-        unit_strides=("stride_wk", "stride_ak", "stride_br", "stride_ur"),
-    ),
+    "bf16_u_given": _GEMM_PATH,
     # U and G given: only the B G'' dots, no d_in loop to pipeline
-    "bf16_ug_given": dict(
-        wdt="bf16",
-        adt="bf16",
-        bdt="bf16",
-        cold=False,
-        u_given=True,
-        g_given=True,
-        cfg=row_norm.pick_finish_config(8192, 8192, 384, 132, False),
-        unit_strides=("stride_wk", "stride_ak", "stride_br", "stride_ur"),
-    ),
+    "bf16_ug_given": {**_GEMM_PATH, "g_given": True},
 }
 
 
