@@ -413,6 +413,137 @@ def gemm_sweep(shapes, deadline: float) -> list[dict]:
     return rows
 
 
+def _cublas_finish_parts(W, A, B, sumsq):
+    """The norm from cuBLAS GEMMs and PyTorch ops only, as separately timeable pieces (a candidate design):
+    ``U = W A^T`` and ``G = A A^T`` (fp32 out), ``(s/2) G`` split into bf16 hi + mid + lo, ``U += B @ part``
+    three times (fp32 accumulate in place), then ``sqrt(||W||^2 + 2s rowsum(B * U))``."""
+    half = SCALING * 0.5
+
+    def split(G):
+        gs = G * half
+        hi = gs.bfloat16()
+        r1 = gs - hi.float()
+        mid = r1.bfloat16()
+        lo = (r1 - mid.float()).bfloat16()
+        return hi, mid, lo
+
+    def addmms(U, parts):
+        for part in parts:
+            torch.addmm(U, B, part, out_dtype=torch.float32, out=U)
+        return U
+
+    def assemble(U):
+        return (sumsq + (2.0 * SCALING) * (U * B.float()).sum(1)).clamp_min_(0).sqrt_().clamp_min_(EPS)
+
+    def whole():
+        return assemble(addmms(row_norm.matmul_fp32(W, A), split(row_norm.matmul_fp32(A, A))))
+
+    return split, addmms, assemble, whole
+
+
+def finish_probe(shapes, deadline: float) -> list[dict]:
+    """Where the GEMM path's time goes after ``U = W A^T``, per shape (device time from graph replay):
+    the cuBLAS-only candidate piece by piece, and the finish launch (U given) alone for ``B G''`` loop
+    variants (``bg_chunk`` x ``bg_stages``, warps), G from gram programs and from a GEMM; the one-pass
+    kernel with the same loop variants. Every row carries its error against fp64 truth."""
+    rows = []
+    for shape in shapes:
+        if time.monotonic() > deadline:
+            break
+        rows += _finish_probe_one(*shape, deadline)
+        torch.cuda.empty_cache()
+    return rows
+
+
+_LOOP_VARIANTS = [(64, 2), (32, 3), (32, 4), (64, 3), (128, 1), (16, 4)]
+
+
+def _finish_probe_one(d_out: int, d_in: int, rank: int, deadline: float) -> list[dict]:
+    rows = []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    W, A, B = make_inputs(d_out, d_in, rank, torch.bfloat16)
+    sumsq = triton_row_sumsq(W)
+    truth = truth_norm(W, A, B, SCALING)
+    U0, G0 = row_norm.matmul_fp32(W, A), row_norm.matmul_fp32(A, A)
+    floor = _graph_ms(lambda: W @ A.T)
+    head = {"shape": [d_out, d_in, rank], "floor_graph_ms": floor}
+    split, addmms, assemble, whole = _cublas_finish_parts(W, A, B, sumsq)
+    parts = split(G0)
+    pieces = {
+        "u_gemm": lambda: row_norm.matmul_fp32(W, A),
+        "g_gemm": lambda: row_norm.matmul_fp32(A, A),
+        "split_torch": lambda: split(G0),
+        "addmm_x3": lambda: addmms(U0.clone(), parts),
+        "clone_u": lambda: U0.clone(),
+        "assemble_torch": lambda: assemble(U0),
+        "cublas_chain": whole,
+    }
+    line = []
+    for name, fn in pieces.items():
+        row = dict(head, variant=name)
+        try:
+            row["graph_ms"] = _graph_ms(fn)
+            if name == "cublas_chain":
+                row["rel_err_vs_fp64"] = rel_err(fn(), truth)
+            line.append(f"{name} {row['graph_ms'] * 1e3:.1f}")
+        except Exception as exc:  # e.g. no addmm(out_dtype=) in this PyTorch
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            line.append(f"{name} ERROR {row['error'][:80]}")
+        rows.append(row)
+    print(
+        f"finish-probe {(d_out, d_in, rank)}: floor {floor * 1e3:.1f} us; "
+        + ", ".join(line)
+        + f" (us, graph); chain err {rows[-1].get('rel_err_vs_fp64')}",
+        flush=True,
+    )
+    base = row_norm.pick_finish_config(d_out, d_in, rank, sms, False)
+    one = row_norm.pick_config(d_out, d_in, rank, False, sms, False)
+    rep = dataclasses.replace
+    trials = [("finish", f"bg{c}x{st}", rep(base, bg_chunk=c, bg_stages=st), None) for c, st in _LOOP_VARIANTS]
+    trials.append(("finish", "bg64x2_w4", rep(base, num_warps=4), None))
+    trials += [("finish_g", f"bg{c}x{st}", rep(base, bg_chunk=c, bg_stages=st), G0) for c, st in _LOOP_VARIANTS[:4]]
+    trials += [("one_pass", f"bg{c}x{st}", rep(one, bg_chunk=c, bg_stages=st), None) for c, st in _LOOP_VARIANTS[:4]]
+    for kind, name, cfg, g in trials:
+        if time.monotonic() > deadline:
+            break
+        row = dict(head, variant=f"{kind}:{name}", config=dataclasses.asdict(cfg))
+        plan = row_norm.NormPlan.build(d_out, d_in, rank, cfg)
+        if kind == "one_pass":
+            fn = functools.partial(
+                triton_weight_norm_sq, W, A, B, SCALING, cached_sumsq=sumsq, eps=EPS, kernel_config=cfg
+            )
+        else:
+            fn = functools.partial(row_norm._launch, plan, W, A, B, (U0, g), sumsq, None, SCALING, EPS, False)
+        try:
+            row["rel_err_vs_fp64"] = rel_err(fn(), truth)
+            row["graph_ms"] = _graph_ms(fn)
+            msg = f"graph {row['graph_ms'] * 1e3:7.1f} us, err {row['rel_err_vs_fp64']:.1e}"
+        except Exception as exc:  # a config the compiler rejects (shared memory)
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            msg = row["error"][:120]
+        rows.append(row)
+        print(f"  {kind:8s} {name:10s}: {msg}", flush=True)
+    return rows
+
+
+def ncu_target(d_out: int, d_in: int, rank: int, mode: str) -> None:
+    """Run one norm launch a few times (for ``ncu -k regex:weight_norm_sq --launch-skip 2 --launch-count 1``):
+    ``mode`` is ``finish`` (U given, gram programs) or ``one_pass``."""
+    W, A, B = make_inputs(d_out, d_in, rank, torch.bfloat16)
+    sumsq = triton_row_sumsq(W)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for _ in range(4):
+        if mode == "finish":
+            plan = row_norm.NormPlan.build(
+                d_out, d_in, rank, row_norm.pick_finish_config(d_out, d_in, rank, sms, False)
+            )
+            U = row_norm.matmul_fp32(W, A)
+            row_norm._launch(plan, W, A, B, (U, None), sumsq, None, SCALING, EPS, False)
+        else:
+            triton_weight_norm_sq(W, A, B, SCALING, cached_sumsq=sumsq, eps=EPS)
+    torch.cuda.synchronize()
+
+
 def candidate_configs(base: NormKernelConfig) -> list[NormKernelConfig]:
     rep = dataclasses.replace
     cands = [
@@ -488,6 +619,8 @@ def main() -> None:
     parser.add_argument("--gemm-probe", action="store_true", help="only the GEMM path, piece by piece")
     parser.add_argument("--sweep", action="store_true", help="only a launch-config sweep (device time per config)")
     parser.add_argument("--gemm-sweep", action="store_true", help="only the GEMM path's variants, whole path timed")
+    parser.add_argument("--finish-probe", action="store_true", help="the GEMM path's finish: pieces and loop variants")
+    parser.add_argument("--ncu-target", nargs=4, metavar=("D_OUT", "D_IN", "R", "MODE"), help="launches for ncu")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("tune_norm.py needs a CUDA GPU")
@@ -508,6 +641,17 @@ def main() -> None:
         rows = sweep_configs(ISSUE_SHAPES, deadline)
         if os.environ.get("OUT"):
             (Path(os.environ["OUT"]) / "norm_sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        return
+    if args.ncu_target:
+        d_out, d_in, rank, mode = args.ncu_target
+        ncu_target(int(d_out), int(d_in), int(rank), mode)
+        return
+    if args.finish_probe:
+        rows = finish_probe([*ISSUE_SHAPES, (8192, 28672, 384)], deadline)
+        if os.environ.get("OUT"):
+            (Path(os.environ["OUT"]) / "norm_finish_probe.json").write_text(
+                json.dumps({"meta": meta, "rows": rows}, indent=1)
+            )
         return
     if args.gemm_sweep:
         rows = gemm_sweep([*ISSUE_SHAPES, (8192, 28672, 384)], deadline)

@@ -324,6 +324,7 @@ def _main_program(
     BN: tl.constexpr,
     BK: tl.constexpr,
     BKG: tl.constexpr,
+    BG_STAGES: tl.constexpr,
     U_GIVEN: tl.constexpr,
     G_GIVEN: tl.constexpr,
     COLD: tl.constexpr,
@@ -380,7 +381,7 @@ def _main_program(
     c0 = s * n_chunks // S
     c1 = (s + 1) * n_chunks // S
     offs_g = tl.arange(0, BKG)
-    for c in tl.range(c0, c1, num_stages=2):  # a few chunks: a shallow pipeline keeps shared memory down
+    for c in tl.range(c0, c1, num_stages=BG_STAGES):  # a few chunks: a shallow pipeline (shared memory)
         kk = n * BN + c * BKG + offs_g
         kk64 = kk.to(tl.int64)
         b = tl.load(
@@ -502,6 +503,7 @@ def _weight_norm_sq_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
     BKG: tl.constexpr,
+    BG_STAGES: tl.constexpr,
     U_GIVEN: tl.constexpr,
     G_GIVEN: tl.constexpr,
     COLD: tl.constexpr,
@@ -537,14 +539,18 @@ def _weight_norm_sq_kernel(
         )  # fmt: skip
     else:
         q = pid - n_gram
-        n = q % NR
-        q = q // NR
+        if U_GIVEN:  # no W to share in L2: the longest B G'' programs (n == 0) first, the shortest last
+            n = q // (n_m * S)
+            q = q % (n_m * S)
+        else:  # n fastest: the NR programs that read the same W tiles run side by side
+            n = q % NR
+            q = q // NR
         s = q % S
         m = q // S
         _main_program(
             m, n, s, w_ptr, a_ptr, b_ptr, u_ptr, sumsq_ptr, out_ptr, out_sumsq_ptr, part_ptr, wpart_ptr, g3_ptr,
             cnt_ptr, d_out, d_in, rank, r_pad, stride_wm, stride_wk, stride_ar, stride_ak, stride_bm,
-            stride_br, stride_um, stride_ur, scaling, eps, n_m, NR, S, NT, KT, BM, BN, BK, BKG, U_GIVEN, G_GIVEN,
+            stride_br, stride_um, stride_ur, scaling, eps, n_m, NR, S, NT, KT, BM, BN, BK, BKG, BG_STAGES, U_GIVEN, G_GIVEN,
             COLD, OUT_SUMSQ, SQRT, A_MODE, B_MODE, EVEN_K, EVEN_MN, UPCAST,
         )  # fmt: skip
 
@@ -587,7 +593,8 @@ class NormKernelConfig:
     """Launch configuration of the norm kernel (fixed per shape, dtypes and device: no timing involved).
 
     ``block_m`` rows of ``d_out`` x ``block_n`` ranks per program, ``block_k`` columns of ``d_in`` per step,
-    ``splits`` ranges of ``d_in`` per (row, rank) tile, ``gram_splits`` ranges of ``d_in`` per gram tile.
+    ``splits`` ranges of ``d_in`` per (row, rank) tile, ``gram_splits`` ranges of ``d_in`` per gram tile;
+    ``bg_chunk`` ranks per step of the ``B G''`` loop (capped at ``block_n``), ``bg_stages`` its pipeline depth.
     """
 
     block_m: int = 128
@@ -597,9 +604,13 @@ class NormKernelConfig:
     num_stages: int = 3
     splits: int = 1
     gram_splits: int = 1
+    bg_chunk: int = 64
+    bg_stages: int = 2
 
     def validate(self) -> None:
-        for name in ("block_m", "block_n", "block_k"):
+        if self.bg_stages < 1:
+            raise ValueError(f"bg_stages={self.bg_stages} must be >= 1")
+        for name in ("block_m", "block_n", "block_k", "bg_chunk"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"{name}={v} must be a power of two >= 16")
@@ -748,7 +759,7 @@ class NormPlan:
             splits=max(1, min(cfg.splits, k_steps)),
             gram_splits=max(1, min(cfg.gram_splits, k_steps)),
             gram_tiles=rank_tiles * (rank_tiles + 1) // 2,
-            gram_chunk=min(cfg.block_n, 64),
+            gram_chunk=min(cfg.block_n, cfg.bg_chunk),
         )
 
     @property
@@ -851,6 +862,13 @@ def triton_row_sumsq(weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _finish_on_host(norm_sq: torch.Tensor, eps: float) -> torch.Tensor:
+    """``max(sqrt(max(n^2, 0)), eps)`` of an fp32 ``[d_out]`` vector outside the kernel (the no-product cases),
+    with the kernel's correctly rounded sqrt on every device: the sqrt is taken in fp64 and rounded once
+    (exact for fp32), since some CPU builds' vectorized fp32 sqrt is off by an ulp. NaN stays NaN."""
+    return norm_sq.clamp_min(0).double().sqrt_().float().clamp_min_(eps)
+
+
 def _validate(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
     if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
         raise ValueError("weight, lora_A and lora_B must be 2-D")
@@ -932,7 +950,7 @@ def triton_weight_norm_sq(
             res = triton_row_sumsq(weight)
             if out_sumsq is not None:
                 out_sumsq.copy_(res)
-        return res if eps is None else res.clamp_min_(0).sqrt_().clamp_min_(eps)
+        return res if eps is None else _finish_on_host(res, eps)
 
     a_is_fp32 = lora_A.dtype == torch.float32
     if kernel_config is None:
@@ -1058,6 +1076,7 @@ def _launch_constants(
         BN=cfg.block_n,
         BK=cfg.block_k,
         BKG=plan.gram_chunk,
+        BG_STAGES=cfg.bg_stages,
         U_GIVEN=u_given,
         G_GIVEN=g_given,
         COLD=cold,
@@ -1150,7 +1169,7 @@ def gemm_weight_norm_sq(
     sumsq = cached_sumsq if cached_sumsq is not None else triton_row_sumsq(weight)
     if scaling == 0.0 or rank == 0 or d_in == 0:
         res = sumsq.clone() if sumsq is cached_sumsq else sumsq
-        return res if eps is None else res.clamp_min_(0).sqrt_().clamp_min_(eps)
+        return res if eps is None else _finish_on_host(res, eps)
     if kernel_config is None:
         plan = _finish_plan(d_out, d_in, rank, _num_sms(device), interpret)
     else:
