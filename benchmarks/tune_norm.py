@@ -526,6 +526,79 @@ def _finish_probe_one(d_out: int, d_in: int, rank: int, deadline: float) -> list
     return rows
 
 
+#: (block_m, num_warps, bg_chunk, bg_stages, splits) of the finish sweep
+_FINISH_GRID = [
+    (128, 8, 64, 2, 1),
+    (128, 8, 16, 4, 1),
+    (128, 8, 32, 3, 1),
+    (128, 4, 32, 3, 1),
+    (64, 4, 32, 3, 1),
+    (64, 4, 32, 4, 1),
+    (64, 4, 64, 2, 1),
+    (64, 8, 32, 3, 1),
+    (64, 4, 16, 4, 1),
+    (64, 4, 32, 3, 2),
+    (128, 8, 16, 4, 2),
+    (128, 4, 32, 3, 2),
+]
+
+
+def finish_sweep(shapes, deadline: float) -> list[dict]:
+    """The G-given finish (``G = A A^T`` from a GEMM, no gram programs compiled in) over row tiles, warps and
+    ``B G''`` loops (:data:`_FINISH_GRID`): the launch alone and the whole path (``gram_from_gemm=True``)
+    as device time (graph replay), against the default whole path; errors against fp64 truth."""
+    rows = []
+    for shape in shapes:
+        if time.monotonic() > deadline:
+            break
+        rows += _finish_sweep_one(*shape, deadline)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _finish_sweep_one(d_out: int, d_in: int, rank: int, deadline: float) -> list[dict]:
+    W, A, B = make_inputs(d_out, d_in, rank, torch.bfloat16)
+    sumsq = triton_row_sumsq(W)
+    truth = truth_norm(W, A, B, SCALING)
+    U0, G0 = row_norm.matmul_fp32(W, A), row_norm.matmul_fp32(A, A)
+    floor = _graph_ms(lambda: W @ A.T)
+    head = {"shape": [d_out, d_in, rank], "floor_graph_ms": floor}
+
+    def whole(**kw):
+        return functools.partial(row_norm.gemm_weight_norm_sq, W, A, B, SCALING, cached_sumsq=sumsq, eps=EPS, **kw)
+
+    default = _graph_ms(whole())
+    rows = [dict(head, variant="default_path", graph_ms=default, rel_err_vs_fp64=rel_err(whole()(), truth))]
+    print(f"finish-sweep {(d_out, d_in, rank)}: floor {floor * 1e3:.1f} us, default path {default * 1e3:.1f} us "
+          f"({default / floor:.2f}x)", flush=True)  # fmt: skip
+    base = row_norm.pick_finish_config(
+        d_out, d_in, rank, torch.cuda.get_device_properties(0).multi_processor_count, False
+    )
+    for bm, warps, chunk, stages, splits in _FINISH_GRID:
+        if time.monotonic() > deadline:
+            break
+        cfg = dataclasses.replace(base, block_m=bm, num_warps=warps, bg_chunk=chunk, bg_stages=stages, splits=splits)
+        name = f"BM{bm} w{warps} bg{chunk}x{stages} S{splits}"
+        row = dict(head, variant=name, config=dataclasses.asdict(cfg))
+        plan = row_norm.NormPlan.build(d_out, d_in, rank, cfg)
+        launch = functools.partial(row_norm._launch, plan, W, A, B, (U0, G0), sumsq, None, SCALING, EPS, False)
+        path = whole(kernel_config=cfg, gram_from_gemm=True)
+        try:
+            row["rel_err_vs_fp64"] = rel_err(path(), truth)
+            row["finish_graph_ms"] = _graph_ms(launch)
+            row["graph_ms"] = _graph_ms(path)
+            msg = (
+                f"finish {row['finish_graph_ms'] * 1e3:6.1f} us, path {row['graph_ms'] * 1e3:6.1f} us "
+                f"({row['graph_ms'] / floor:.2f}x floor), err {row['rel_err_vs_fp64']:.1e}"
+            )
+        except Exception as exc:  # a config the compiler rejects
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            msg = row["error"][:120]
+        rows.append(row)
+        print(f"  {name:24s}: {msg}", flush=True)
+    return rows
+
+
 def ncu_target(d_out: int, d_in: int, rank: int, mode: str) -> None:
     """Run one norm launch a few times (for ``ncu -k regex:weight_norm_sq --launch-skip 2 --launch-count 1``):
     ``mode`` is ``finish`` (U given, gram programs) or ``one_pass``."""
@@ -620,6 +693,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="only a launch-config sweep (device time per config)")
     parser.add_argument("--gemm-sweep", action="store_true", help="only the GEMM path's variants, whole path timed")
     parser.add_argument("--finish-probe", action="store_true", help="the GEMM path's finish: pieces and loop variants")
+    parser.add_argument("--finish-sweep", action="store_true", help="the G-given finish over tiles and loops")
     parser.add_argument("--ncu-target", nargs=4, metavar=("D_OUT", "D_IN", "R", "MODE"), help="launches for ncu")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -645,6 +719,14 @@ def main() -> None:
     if args.ncu_target:
         d_out, d_in, rank, mode = args.ncu_target
         ncu_target(int(d_out), int(d_in), int(rank), mode)
+        return
+    if args.finish_sweep:
+        rows = finish_sweep([(8192, 8192, 384), (14336, 4096, 384), (4096, 14336, 384), (8192, 8192, 768),
+                             (4096, 4096, 384), (8192, 28672, 384)], deadline)  # fmt: skip
+        if os.environ.get("OUT"):
+            (Path(os.environ["OUT"]) / "norm_finish_sweep.json").write_text(
+                json.dumps({"meta": meta, "rows": rows}, indent=1)
+            )
         return
     if args.finish_probe:
         rows = finish_probe([*ISSUE_SHAPES, (8192, 28672, 384)], deadline)

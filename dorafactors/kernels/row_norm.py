@@ -27,9 +27,10 @@ Design (one launch, ``_weight_norm_sq_kernel``; a 1-D grid of two kinds of progr
   ("one pass over W"); with it, no work at all is spent on ``||W||^2``.
 
 ``U_GIVEN`` mode (:func:`gemm_weight_norm_sq`): ``W A^T`` comes from an fp32-output GEMM (cuBLAS); the
-main programs load their U tile instead of looping over ``d_in``, and the gram programs run as above. With
-``G_GIVEN`` as well (:func:`gram_from_gemm_default`: ``d_in > 2 d_out``), ``G = A A^T`` comes from a second
-GEMM: no gram programs, and every tile loads, scales and splits its chunks of the fp32 G in registers.
+main programs load their U tile instead of looping over ``d_in`` and run longest first (``n == 0``). With
+``G_GIVEN`` as well (the default there), ``G = A A^T`` comes from a second GEMM: no gram programs (none
+compiled in), and every tile loads, scales and splits its chunks of the fp32 G in registers; without it the
+gram programs run as above.
 
 Precision: products of half-precision operands are exact and accumulate in fp32. fp32 operands are split in
 registers into bf16 parts and multiplied part by part, keeping every product whose part orders sum to < 3
@@ -78,7 +79,6 @@ __all__ = [
     "NormPlan",
     "gemm_supported",
     "gemm_weight_norm_sq",
-    "gram_from_gemm_default",
     "matmul_fp32",
     "pick_config",
     "pick_finish_config",
@@ -531,13 +531,16 @@ def _weight_norm_sq_kernel(
             tl.pointer_type(tl.bfloat16)
         )
     pid = tl.program_id(0)
-    n_gram = NT * S_G
-    if pid < n_gram:
-        _gram_program(
-            pid // S_G, pid % S_G, a_ptr, gpart_ptr, g3_ptr, cnt_ptr, d_in, rank, r_pad,
-            stride_ar, stride_ak, scaling, NT, S_G, KT, BN, BK, A_GRAM_MODE, EVEN_K, UPCAST,
-        )  # fmt: skip
+    if G_GIVEN:  # no gram programs, and none compiled in (their BN x BN accumulator sets the register count)
+        n_gram = 0
     else:
+        n_gram = NT * S_G
+        if pid < n_gram:
+            _gram_program(
+                pid // S_G, pid % S_G, a_ptr, gpart_ptr, g3_ptr, cnt_ptr, d_in, rank, r_pad,
+                stride_ar, stride_ak, scaling, NT, S_G, KT, BN, BK, A_GRAM_MODE, EVEN_K, UPCAST,
+            )  # fmt: skip
+    if pid >= n_gram:
         q = pid - n_gram
         if U_GIVEN:  # no W to share in L2: the longest B G'' programs (n == 0) first, the shortest last
             n = q // (n_m * S)
@@ -697,13 +700,17 @@ def pick_config(
 
 
 @functools.lru_cache(maxsize=1024)
-def pick_finish_config(d_out: int, d_in: int, rank: int, num_sms: int, interpret: bool) -> NormKernelConfig:
+def pick_finish_config(
+    d_out: int, d_in: int, rank: int, num_sms: int, interpret: bool, gram_programs: bool = False
+) -> NormKernelConfig:
     """Launch configuration of the kernel's ``U_GIVEN`` mode (:func:`gemm_weight_norm_sq`): pure function.
 
     The main programs have no loop over ``d_in`` (U came from a GEMM), only the ``B G''`` chunks of each
-    (row, rank) tile: ``splits`` cuts them into up to 4 programs until the programs fill the SMs. The gram
-    programs (the only ``d_in`` loops left) split ``d_in`` into ``~sqrt(k_steps / 2)`` ranges, balancing a
-    program's k-steps against the ``S_G`` partial tiles its tile's last arrival sums, at most one wave.
+    (row, rank) tile: ``splits`` cuts them into up to 4 programs until the programs fill the SMs. With G from
+    a GEMM (the default) no gram programs are compiled in, which leaves room for 4 warps and a 3-deep
+    32-wide ``B G''`` pipeline (two programs per SM). With ``gram_programs``, those (the only ``d_in`` loops
+    left) split ``d_in`` into ``~sqrt(k_steps / 2)`` ranges, balancing a program's k-steps against the
+    ``S_G`` partial tiles its tile's last arrival sums, at most one wave.
     """
     block_n = min(128, _pow2_at_least(rank, 16))
     if interpret:
@@ -712,10 +719,15 @@ def pick_finish_config(d_out: int, d_in: int, rank: int, num_sms: int, interpret
     block_m, block_k = 128, 64
     n_m = triton.cdiv(d_out, block_m)
     nr = triton.cdiv(rank, block_n)
-    # 8 warps for 128-wide tiles: 4 measured 2-8% faster at full waves on an H200 (tune_norm.py --sweep) but
-    # spill registers on sm_90 (tests/kernels/_row_norm_aot.py), which this kernel does not accept
-    num_warps = 8 if block_n >= 128 else 4
-    chunks = max(1, block_n // min(block_n, 64))  # B G'' chunks of the last (shortest) rank tile
+    if gram_programs:
+        # 8 warps for 128-wide tiles: 4 spill registers on sm_90 with the gram programs compiled in
+        # (tests/kernels/_row_norm_aot.py), which this kernel does not accept
+        num_warps, bg_chunk, bg_stages = (8 if block_n >= 128 else 4), 64, 2
+    else:
+        # measured on an H200 (tune_norm.py --finish-sweep, gpu-logs/s11): 4 warps with 32 x 3 against
+        # 8 warps with 64 x 2, whole path: 124 vs 130 us at 14336x4096, 98 vs 106 us at 4096x14336 r384
+        num_warps, bg_chunk, bg_stages = 4, 32, 3
+    chunks = max(1, block_n // min(block_n, bg_chunk))  # B G'' chunks of the last (shortest) rank tile
     splits = 1
     while n_m * nr * splits < num_sms and splits < 4 and splits < chunks * nr:
         splits += 1
@@ -724,7 +736,7 @@ def pick_finish_config(d_out: int, d_in: int, rank: int, num_sms: int, interpret
     gram_splits = max(1, round(math.sqrt(k_steps / 2)))
     cap = _GRAM_PARTIAL_BUDGET // (nt * block_n * block_n * 4)
     gram_splits = max(1, min(gram_splits, num_sms // nt, cap, _MAX_SPLITS, k_steps))
-    return NormKernelConfig(block_m, block_n, block_k, num_warps, 3, splits, gram_splits)
+    return NormKernelConfig(block_m, block_n, block_k, num_warps, 3, splits, gram_splits, bg_chunk, bg_stages)
 
 
 @dataclass(frozen=True)
@@ -792,8 +804,9 @@ def _default_plan(d_out: int, d_in: int, rank: int, a_is_fp32: bool, num_sms: in
 
 
 @functools.lru_cache(maxsize=1024)
-def _finish_plan(d_out: int, d_in: int, rank: int, num_sms: int, interpret: bool) -> NormPlan:
-    return NormPlan.build(d_out, d_in, rank, pick_finish_config(d_out, d_in, rank, num_sms, interpret))
+def _finish_plan(d_out: int, d_in: int, rank: int, num_sms: int, interpret: bool, gram_programs: bool) -> NormPlan:
+    cfg = pick_finish_config(d_out, d_in, rank, num_sms, interpret, gram_programs)
+    return NormPlan.build(d_out, d_in, rank, cfg)
 
 
 def plan_for(
@@ -1116,15 +1129,6 @@ def matmul_fp32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.mm(x.float(), y.float().t())
 
 
-def gram_from_gemm_default(d_out: int, d_in: int) -> bool:
-    """Whether :func:`gemm_weight_norm_sq` takes ``G = A A^T`` from a GEMM: when ``d_in > 2 d_out``, where
-    the gram programs' long ``d_in`` loops outlast the short finish. Measured on an H200 (device time,
-    ``gpu-logs/s10/norm_gemm_sweep.log``): the GEMM's G ahead at 4096x14336 (110 vs 122 us) and 8192x28672
-    (345 vs 357 us); the gram programs ahead at 8192x8192 r768 (251 vs 265 us), even at 8192x8192 and
-    14336x4096 r384."""
-    return d_in > 2 * d_out
-
-
 def gemm_weight_norm_sq(
     weight: torch.Tensor,
     lora_A: torch.Tensor,
@@ -1134,18 +1138,19 @@ def gemm_weight_norm_sq(
     cached_sumsq: torch.Tensor | None = None,
     eps: float | None = None,
     kernel_config: NormKernelConfig | None = None,
-    gram_from_gemm: bool | None = None,
+    gram_from_gemm: bool = True,
 ) -> torch.Tensor:
     """:func:`triton_weight_norm_sq` with ``W A^T`` from a GEMM: for half ``A`` and ``B`` in ``W``'s dtype.
 
-    One GEMM (:func:`matmul_fp32`: the fp32 ``U = W A^T``), then one launch of the norm kernel in its
-    ``U_GIVEN`` mode: its gram programs compute ``G'' = A A^T`` (scaled, split into bf16 parts) as in the
-    one-pass mode, and each (row, rank) tile loads its U tile, adds ``B G''`` on tensor cores, and the row
-    sums and the assembly follow exactly as in the one-pass kernel (fixed summation orders). Without
+    Two GEMMs (:func:`matmul_fp32`: the fp32 ``U = W A^T`` and ``G = A A^T``), then one launch of the norm
+    kernel in its ``U_GIVEN`` + ``G_GIVEN`` mode: each (row, rank) tile loads its U tile, adds ``B G''`` on
+    tensor cores (``G''``: the scaled lower block triangle of G, split into bf16 parts in registers), and the
+    row sums and the assembly follow exactly as in the one-pass kernel (fixed summation orders). Without
     ``cached_sumsq``, ``||W||^2`` comes from :func:`triton_row_sumsq` (a second pass over W).
 
-    ``gram_from_gemm``: ``G`` from a second fp32 GEMM instead, split in registers by every tile that uses it
-    (``G_GIVEN``; no gram programs). Default (None): :func:`gram_from_gemm_default`.
+    ``gram_from_gemm=False``: no second GEMM; gram programs in the same launch compute ``G''`` as in the
+    one-pass mode (measured slower or even at every issue shape on an H200, ``gpu-logs/s11``; kept for
+    comparison and tests).
 
     Args and returns: as :func:`triton_weight_norm_sq`; ``lora_A`` and ``lora_B`` must have W's dtype.
     Extra memory: ``U`` (``4 * d_out * r`` bytes, ``+ 4 r^2`` for a GEMM's G) besides the kernel's workspace.
@@ -1171,10 +1176,8 @@ def gemm_weight_norm_sq(
         res = sumsq.clone() if sumsq is cached_sumsq else sumsq
         return res if eps is None else _finish_on_host(res, eps)
     if kernel_config is None:
-        plan = _finish_plan(d_out, d_in, rank, _num_sms(device), interpret)
+        plan = _finish_plan(d_out, d_in, rank, _num_sms(device), interpret, not gram_from_gemm)
     else:
         plan = NormPlan.build(d_out, d_in, rank, kernel_config)
-    if gram_from_gemm is None:
-        gram_from_gemm = gram_from_gemm_default(d_out, d_in)
     u = (matmul_fp32(weight, lora_A), matmul_fp32(lora_A, lora_A) if gram_from_gemm else None)
     return _launch(plan, weight, lora_A, lora_B, u, sumsq, None, scaling, eps, interpret)

@@ -30,14 +30,14 @@ def _cfg(d_out: int, d_in: int, rank: int, a_is_fp32: bool) -> row_norm.NormKern
     return row_norm.pick_config(d_out, d_in, rank, a_is_fp32, 132, False)
 
 
-#: The GEMM norm path's launch (U from a GEMM) at 8192x8192 r=384.
+#: The GEMM norm path's launch (U from a GEMM) at 8192x8192 r=384, with its gram programs.
 _GEMM_PATH = dict(
     wdt="bf16",
     adt="bf16",
     bdt="bf16",
     cold=False,
     u_given=True,
-    cfg=row_norm.pick_finish_config(8192, 8192, 384, 132, False),
+    cfg=row_norm.pick_finish_config(8192, 8192, 384, 132, False, True),
     unit_strides=("stride_wk", "stride_ak", "stride_br", "stride_ur"),
 )
 
@@ -60,8 +60,16 @@ VARIANTS = {
     "fp32_adapters_r16": dict(wdt="bf16", adt="fp32", bdt="fp32", cold=False, cfg=_cfg(4096, 4096, 16, True)),
     # the GEMM path (U given): gram programs and the B G'' dots of the main programs
     "bf16_u_given": _GEMM_PATH,
-    # U and G given: only the B G'' dots, no d_in loop to pipeline
-    "bf16_ug_given": {**_GEMM_PATH, "g_given": True},
+    # U and G given (the default GEMM path): only the B G'' dots, no d_in loop to pipeline
+    "bf16_ug_given": {**_GEMM_PATH, "g_given": True, "cfg": row_norm.pick_finish_config(8192, 8192, 384, 132, False)},
+    "fp16_ug_given": {
+        **_GEMM_PATH,
+        "wdt": "fp16",
+        "adt": "fp16",
+        "bdt": "fp16",
+        "g_given": True,
+        "cfg": row_norm.pick_finish_config(8192, 8192, 384, 132, False),
+    },
 }
 
 
