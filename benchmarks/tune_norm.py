@@ -345,10 +345,10 @@ def sweep_configs(shapes, deadline: float) -> list[dict]:
 
 
 def gemm_sweep(shapes, deadline: float) -> list[dict]:
-    """The whole GEMM path (``gemm_weight_norm_sq``, warm) per variant: G from gram programs with a range of
-    ``gram_splits`` / ``splits`` / warps, G from a second GEMM, and the one-pass kernel; device time (graph
-    replay), do_bench time, host time per call, and the max difference to the default (bitwise expected
-    between variants of the same maths up to summation order)."""
+    """The whole GEMM path (``gemm_weight_norm_sq``, warm) per variant: the default (G from a second GEMM),
+    other ``splits``, the earlier 8-warp 64 x 2 finish, G from gram programs, and the one-pass kernel;
+    device time (graph replay), do_bench time, host time per call, and the max difference to the default
+    (bitwise expected between variants of the same maths up to summation order)."""
     rows = []
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for shape in shapes:
@@ -361,13 +361,13 @@ def gemm_sweep(shapes, deadline: float) -> list[dict]:
         u_graph = _graph_ms(lambda W=W, A=A: row_norm.matmul_fp32(W, A))
         base = row_norm.pick_finish_config(d_out, d_in, rank, sms, False)
         variants: list[tuple[str, dict]] = [("default", {})]
-        variants.append(("gram_gemm", {"gram_from_gemm": True}))
-        for gs in sorted({2, 4, 8, 16} - {base.gram_splits}):
-            variants.append((f"SG{gs}", {"kernel_config": dataclasses.replace(base, gram_splits=gs)}))
+        gram_cfg = row_norm.pick_finish_config(d_out, d_in, rank, sms, False, True)
+        variants.append(("gram_programs", {"gram_from_gemm": False, "kernel_config": gram_cfg}))
         for sp in sorted({1, 2, 3} - {base.splits}):
             variants.append((f"S{sp}", {"kernel_config": dataclasses.replace(base, splits=sp)}))
-        variants.append(("w4", {"kernel_config": dataclasses.replace(base, num_warps=4)}))
-        variants.append(("st2", {"kernel_config": dataclasses.replace(base, num_stages=2)}))
+        variants.append(
+            ("w8_bg64x2", {"kernel_config": dataclasses.replace(base, num_warps=8, bg_chunk=64, bg_stages=2)})
+        )
         print(
             f"gemm-sweep {shape}: floor {floor_graph * 1e3:.1f} us graph / {floor_bench * 1e3:.1f} us do_bench, "
             f"U GEMM {u_graph * 1e3:.1f} us graph; default {base}",
