@@ -441,6 +441,17 @@ def _cublas_finish_parts(W, A, B, sumsq):
     return split, addmms, assemble, whole
 
 
+def _finish_inputs(d_out: int, d_in: int, rank: int):
+    """bf16 ``W, A, B``, ``||W||^2``, the fp64 truth, the fp32 ``U = W A^T`` and ``G = A A^T``, and the row
+    head (shape, bf16 GEMM floor from graph replay) shared by the finish probe and sweep."""
+    W, A, B = make_inputs(d_out, d_in, rank, torch.bfloat16)
+    sumsq = triton_row_sumsq(W)
+    truth = truth_norm(W, A, B, SCALING)
+    U0, G0 = row_norm.matmul_fp32(W, A), row_norm.matmul_fp32(A, A)
+    head = {"shape": [d_out, d_in, rank], "floor_graph_ms": _graph_ms(lambda: W @ A.T)}
+    return W, A, B, sumsq, truth, U0, G0, head
+
+
 def finish_probe(shapes, deadline: float) -> list[dict]:
     """Where the GEMM path's time goes after ``U = W A^T``, per shape (device time from graph replay):
     the cuBLAS-only candidate piece by piece, and the finish launch (U given) alone for ``B G''`` loop
@@ -461,12 +472,8 @@ _LOOP_VARIANTS = [(64, 2), (32, 3), (32, 4), (64, 3), (128, 1), (16, 4)]
 def _finish_probe_one(d_out: int, d_in: int, rank: int, deadline: float) -> list[dict]:
     rows = []
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    W, A, B = make_inputs(d_out, d_in, rank, torch.bfloat16)
-    sumsq = triton_row_sumsq(W)
-    truth = truth_norm(W, A, B, SCALING)
-    U0, G0 = row_norm.matmul_fp32(W, A), row_norm.matmul_fp32(A, A)
-    floor = _graph_ms(lambda: W @ A.T)
-    head = {"shape": [d_out, d_in, rank], "floor_graph_ms": floor}
+    W, A, B, sumsq, truth, U0, G0, head = _finish_inputs(d_out, d_in, rank)
+    floor = head["floor_graph_ms"]
     split, addmms, assemble, whole = _cublas_finish_parts(W, A, B, sumsq)
     parts = split(G0)
     pieces = {
@@ -557,12 +564,8 @@ def finish_sweep(shapes, deadline: float) -> list[dict]:
 
 
 def _finish_sweep_one(d_out: int, d_in: int, rank: int, deadline: float) -> list[dict]:
-    W, A, B = make_inputs(d_out, d_in, rank, torch.bfloat16)
-    sumsq = triton_row_sumsq(W)
-    truth = truth_norm(W, A, B, SCALING)
-    U0, G0 = row_norm.matmul_fp32(W, A), row_norm.matmul_fp32(A, A)
-    floor = _graph_ms(lambda: W @ A.T)
-    head = {"shape": [d_out, d_in, rank], "floor_graph_ms": floor}
+    W, A, B, sumsq, truth, U0, G0, head = _finish_inputs(d_out, d_in, rank)
+    floor = head["floor_graph_ms"]
 
     def whole(**kw):
         return functools.partial(row_norm.gemm_weight_norm_sq, W, A, B, SCALING, cached_sumsq=sumsq, eps=EPS, **kw)
@@ -605,12 +608,11 @@ def ncu_target(d_out: int, d_in: int, rank: int, mode: str) -> None:
     W, A, B = make_inputs(d_out, d_in, rank, torch.bfloat16)
     sumsq = triton_row_sumsq(W)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cfg = row_norm.pick_finish_config(d_out, d_in, rank, sms, False, True)  # the config gram programs need
+    plan = row_norm.NormPlan.build(d_out, d_in, rank, cfg)
+    U = row_norm.matmul_fp32(W, A)
     for _ in range(4):
         if mode == "finish":
-            plan = row_norm.NormPlan.build(
-                d_out, d_in, rank, row_norm.pick_finish_config(d_out, d_in, rank, sms, False)
-            )
-            U = row_norm.matmul_fp32(W, A)
             row_norm._launch(plan, W, A, B, (U, None), sumsq, None, SCALING, EPS, False)
         else:
             triton_weight_norm_sq(W, A, B, SCALING, cached_sumsq=sumsq, eps=EPS)
@@ -684,6 +686,12 @@ def print_table(rows, device_name):
     print("warm: cached ||W||^2; cold: ||W||^2 fused; b2b: us/call back to back without flush; L: launches (warm)")
 
 
+def _save_json(name: str, meta: dict, rows: list) -> None:
+    """``$OUT/name`` gets ``{"meta": ..., "rows": ...}`` when ``$OUT`` is set (the device tool's folder)."""
+    if os.environ.get("OUT"):
+        (Path(os.environ["OUT"]) / name).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="issue shapes only, bf16 only, short reps")
@@ -713,8 +721,7 @@ def main() -> None:
     print(json.dumps(meta))
     if args.sweep:
         rows = sweep_configs(ISSUE_SHAPES, deadline)
-        if os.environ.get("OUT"):
-            (Path(os.environ["OUT"]) / "norm_sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        _save_json("norm_sweep.json", meta, rows)
         return
     if args.ncu_target:
         d_out, d_in, rank, mode = args.ncu_target
@@ -723,32 +730,20 @@ def main() -> None:
     if args.finish_sweep:
         rows = finish_sweep([(8192, 8192, 384), (14336, 4096, 384), (4096, 14336, 384), (8192, 8192, 768),
                              (4096, 4096, 384), (8192, 28672, 384)], deadline)  # fmt: skip
-        if os.environ.get("OUT"):
-            (Path(os.environ["OUT"]) / "norm_finish_sweep.json").write_text(
-                json.dumps({"meta": meta, "rows": rows}, indent=1)
-            )
+        _save_json("norm_finish_sweep.json", meta, rows)
         return
     if args.finish_probe:
         rows = finish_probe([*ISSUE_SHAPES, (8192, 28672, 384)], deadline)
-        if os.environ.get("OUT"):
-            (Path(os.environ["OUT"]) / "norm_finish_probe.json").write_text(
-                json.dumps({"meta": meta, "rows": rows}, indent=1)
-            )
+        _save_json("norm_finish_probe.json", meta, rows)
         return
     if args.gemm_sweep:
         rows = gemm_sweep([*ISSUE_SHAPES, (8192, 28672, 384)], deadline)
-        if os.environ.get("OUT"):
-            (Path(os.environ["OUT"]) / "norm_gemm_sweep.json").write_text(
-                json.dumps({"meta": meta, "rows": rows}, indent=1)
-            )
+        _save_json("norm_gemm_sweep.json", meta, rows)
         return
     if args.gemm_probe:
         shapes = [*ISSUE_SHAPES, (8192, 28672, 384), (4096, 4096, 16), (4096, 4096, 128)]
         probe = probe_gemm_path(shapes, 30)
-        if os.environ.get("OUT"):
-            (Path(os.environ["OUT"]) / "norm_gemm_probe.json").write_text(
-                json.dumps({"meta": meta, "rows": probe}, indent=1)
-            )
+        _save_json("norm_gemm_probe.json", meta, probe)
         return
     rows = []
     shapes = ISSUE_SHAPES if args.quick else ISSUE_SHAPES + EXTRA_SHAPES
