@@ -309,3 +309,22 @@ def test_repr_and_pickle_and_deepcopy():
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     torch.testing.assert_close(loaded(torch.ones(2, 8)), model(torch.ones(2, 8)))
+
+
+def test_public_functional_api():
+    """The functional pieces exported at the top level compute what docs/api.md says, against fp64 formulas."""
+    gen = torch.Generator().manual_seed(3)
+    weight, lora_A, lora_B = (torch.randn(*s, generator=gen) for s in ((12, 20), (4, 20), (12, 4)))
+    truth = (weight.double() + 0.7 * lora_B.double() @ lora_A.double()).norm(dim=1)
+    norm = dorafactors.weight_norm(weight, lora_A, lora_B, 0.7)
+    assert norm.dtype == torch.float32 and norm.shape == (12,) and not norm.requires_grad
+    torch.testing.assert_close(norm.double(), truth, rtol=1e-6, atol=0)
+    assert dorafactors.norm_path(weight, lora_A, lora_B) == "torch"  # CPU tensors, no PEFT_DORA_FUSED=1
+    assert dorafactors.norm_path(weight[:, :3], lora_A[:, :3], lora_B) == "dense"  # d_in <= r
+    lora, base = torch.randn(5, 12, generator=gen), torch.randn(5, 12, generator=gen)
+    scale = (1 + 0.2 * torch.randn(12, generator=gen)).requires_grad_(True)
+    out = dorafactors.dora_compose(lora, base, scale, 0.7)
+    expected = (scale.double() - 1) * base.double() + scale.double() * 0.7 * lora.double()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
+    out.sum().backward()
+    torch.testing.assert_close(scale.grad.double(), (base.double() + 0.7 * lora.double()).sum(0), rtol=1e-6, atol=1e-6)
