@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
         print(
             "CPU timings of a model this small measure host overhead (Python, dispatch) more than arithmetic, and\n"
             "dorafactors' Triton kernels do not run on the CPU: its speed-ups are GPU speed-ups (see\n"
-            "docs/performance.md). On a shared machine, run it twice before reading much into a difference."
+            "docs/user-guide.md, 'What speed and memory to expect'). On a shared machine, run it twice\n"
+            "before reading much into a difference."
         )
 
 
