@@ -19,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import dorafactors
 from dorafactors import doctor
-from dorafactors.dispatch import config
+from dorafactors.dispatch import config, rules
 from dorafactors.norm import engine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,3 +221,26 @@ def test_stock_layers_are_named_stock():
     (layer,) = info["model"]["layers"]
     assert layer["implementation"] == "stock PEFT" and "patch(model)" in layer["norm"]["reason"]
     assert "stock PEFT DoRA layers alive in this process" in doctor.format_report(info)
+
+
+@pytest.mark.gpu
+def test_gpu_decisions_take_the_kernels_and_match_live_tensors():
+    section = doctor.report(doctor.TINY_MODEL, dtype="bfloat16", device="cuda")["model"]
+    assert "error" not in section, section
+    for layer in section["layers"]:
+        assert layer["norm"]["value"] in ("triton", "gemm"), layer
+        assert layer["compose_inference"]["value"] == "triton", layer
+        assert layer["decode_fold"]["value"] == "yes", layer
+        # the training compose follows the size rule of dispatch/rules.py at the report's 4096 tokens
+        d_out = layer["shape"][0]
+        expected = d_out >= rules.FUSED_BACKWARD_MIN_COLS and 4096 * d_out >= rules.FUSED_BACKWARD_MIN_ELEMENTS
+        assert (layer["compose_training"]["value"] == "triton") is expected, layer
+    model = _live_model().cuda()
+    rows = {layer["layer"]: layer for layer in doctor.report(model)["model"]["layers"]}
+    for name, module in model.named_modules():
+        if name in rows and rows[name]["kind"] == "Linear":
+            dora = module.lora_magnitude_vector["default"]
+            w, a, b = dora._norm_factors(
+                module.base_layer.weight, module.lora_A["default"].weight, module.lora_B["default"].weight
+            )
+            assert rows[name]["norm"]["value"] == engine.norm_path(w, a, b), name
