@@ -275,7 +275,7 @@ def build_model(
     lora_config = None
     if model == TINY_MODEL:
         config = _tiny_config()
-        targets: Any = list(target_modules or _TINY_TARGETS)
+        targets: Any = target_modules or list(_TINY_TARGETS)
         described = "tiny built-in Llama (2 layers, hidden 128)"
     else:
         if os.path.isfile(os.path.join(model, "adapter_config.json")):

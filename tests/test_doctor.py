@@ -244,3 +244,10 @@ def test_gpu_decisions_take_the_kernels_and_match_live_tensors():
                 module.base_layer.weight, module.lora_A["default"].weight, module.lora_B["default"].weight
             )
             assert rows[name]["norm"]["value"] == engine.norm_path(w, a, b), name
+
+
+def test_cli_target_modules_select_the_layers(capsys):
+    assert doctor.main(["--target-modules", "q_proj, v_proj", "--rank", "4", "--json"]) == 0
+    layers = json.loads(capsys.readouterr().out)["model"]["layers"]
+    assert [layer["layer"].rsplit(".", 1)[1] for layer in layers] == ["q_proj", "v_proj"] * 2
+    assert {layer["shape"][2] for layer in layers} == {4}
