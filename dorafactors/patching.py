@@ -23,9 +23,11 @@ explicitly. ``unpatch()`` always restores everything. All of it runs under one r
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import sys
 import threading
+import warnings
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -33,10 +35,25 @@ from typing import Any
 import torch
 import wrapt
 
-__all__ = ["SUPPORTED_PEFT", "clear_norm_caches", "is_patched", "patch", "patched", "unpatch"]
+__all__ = [
+    "SUPPORTED_PEFT",
+    "TESTED_PEFT",
+    "StockDoraLayersWarning",
+    "UntestedPeftWarning",
+    "clear_norm_caches",
+    "is_patched",
+    "live_stock_dora_layers",
+    "patch",
+    "patched",
+    "unpatch",
+]
 
-#: Supported PEFT releases: >= 0.18.0 (older ones break with transformers v5), < 0.22 (not yet checked).
+#: PEFT releases: ``patch()`` raises below ``SUPPORTED_PEFT[0]`` (older PEFT breaks with transformers v5) and
+#: warns from ``SUPPORTED_PEFT[1]`` on (not yet tested). ``TESTED_PEFT`` is the range the test suite covers.
 SUPPORTED_PEFT = ("0.18.0", "0.22.0")
+TESTED_PEFT = "0.18.x to 0.21.x"
+#: transformers releases the examples and tests run with (PEFT itself leaves transformers unpinned).
+TESTED_TRANSFORMERS = ">=4.57"
 _LAYER_NAMES = ("DoraLinearLayer", "DoraEmbeddingLayer", "DoraConv1dLayer", "DoraConv2dLayer", "DoraConv3dLayer")
 _MERGE_HOOK_MODULES = (
     "peft.tuners.tuners_utils",
@@ -55,27 +72,80 @@ _explicit = False
 _scopes = 0
 
 
+class UntestedPeftWarning(UserWarning):
+    """PEFT is newer than the releases dorafactors was tested with (``patch()`` still applies)."""
+
+
+_warned_peft_versions: set[str] = set()
+
+
+def _distribution_version(name: str) -> str | None:
+    """Installed version of a distribution without importing it, or None when it is not installed."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _peft_import_error(exc: ImportError) -> ImportError:
+    """An ImportError that names what is really missing when ``import peft`` failed."""
+    peft_version = _distribution_version("peft")
+    if peft_version is None:
+        return ImportError(f"dorafactors needs PEFT, which is not installed: pip install 'peft>={SUPPORTED_PEFT[0]}'")
+    missing = getattr(exc, "name", None)
+    transformers_version = _distribution_version("transformers")
+    if isinstance(exc, ModuleNotFoundError) and missing and missing.split(".")[0] != "peft":
+        top = missing.split(".")[0]
+        hint = f"'transformers{TESTED_TRANSFORMERS}'" if top == "transformers" else top
+        return ImportError(
+            f"peft {peft_version} is installed but cannot be imported: the module {top!r} it needs is missing "
+            f"({exc}). Install it: pip install {hint}"
+        )
+    return ImportError(
+        f"peft {peft_version} is installed but cannot be imported: {exc}. This usually means transformers is "
+        f"too old or too new for this PEFT (installed: transformers {transformers_version or 'none'}); "
+        f"dorafactors is tested with transformers{TESTED_TRANSFORMERS} and peft {TESTED_PEFT}: "
+        f"pip install -U 'transformers{TESTED_TRANSFORMERS}' 'peft>={SUPPORTED_PEFT[0]}'"
+    )
+
+
 def check_peft_version() -> str:
-    """Return the installed PEFT version, or raise ImportError naming the supported range."""
+    """Return the installed PEFT version; raise ImportError for a PEFT that cannot work, warn for an untested one.
+
+    Below ``SUPPORTED_PEFT[0]``: ImportError naming the range. From ``SUPPORTED_PEFT[1]`` on: an
+    :class:`UntestedPeftWarning` (once per PEFT version and process) naming the tested range. A PEFT that
+    fails to import (transformers missing or incompatible) raises an ImportError that says which.
+    """
     from packaging.version import Version
 
     try:
         import peft
-    except ImportError as exc:  # pragma: no cover - peft is a hard dependency
-        raise ImportError("dorafactors needs PEFT: pip install 'peft>=0.18,<0.22'") from exc
+    except ImportError as exc:
+        raise _peft_import_error(exc) from exc
     installed = Version(peft.__version__).release[:2]
     low, high = (Version(v).release[:2] for v in SUPPORTED_PEFT)
-    if not (low <= installed < high):  # by minor release: 0.22.0.dev0 is not a 0.21.x
+    if installed < low:  # by minor release
         raise ImportError(
-            f"dorafactors supports peft>={SUPPORTED_PEFT[0]},<{SUPPORTED_PEFT[1]} (0.18.x to 0.21.x); "
-            f"peft {peft.__version__} is installed. Install a supported release: pip install 'peft>=0.18,<0.22'."
+            f"dorafactors needs peft>={SUPPORTED_PEFT[0]} (tested: {TESTED_PEFT}); peft {peft.__version__} is "
+            f"installed. Upgrade it: pip install -U 'peft>={SUPPORTED_PEFT[0]}'."
         )
     variants = importlib.import_module("peft.tuners.lora.variants")
     missing = [name for name in _LAYER_NAMES if not hasattr(variants, name)]
     if missing:
         raise ImportError(
             f"peft {peft.__version__} does not expose {missing} in peft.tuners.lora.variants; "
-            "dorafactors cannot patch it. Install peft>=0.18,<0.22."
+            f"dorafactors cannot patch it. Install a tested release ({TESTED_PEFT}): pip install 'peft<{SUPPORTED_PEFT[1]}'."
+        )
+    if installed >= high and peft.__version__ not in _warned_peft_versions:  # 0.22.0.dev0 is untested too
+        _warned_peft_versions.add(peft.__version__)
+        warnings.warn(
+            f"dorafactors was tested with peft {TESTED_PEFT}; peft {peft.__version__} is newer. patch() applies, "
+            f"but if outputs or errors differ from stock PEFT, pin 'peft<{SUPPORTED_PEFT[1]}' and report it with "
+            "the output of `python -m dorafactors`.",
+            UntestedPeftWarning,
+            stacklevel=3,
         )
     return peft.__version__
 
@@ -167,11 +237,49 @@ def _convert(model: torch.nn.Module) -> int:
     return count
 
 
+class StockDoraLayersWarning(UserWarning):
+    """``patch()`` found DoRA layers that stock PEFT built before it; they stay stock."""
+
+
+def live_stock_dora_layers() -> list[torch.nn.Module]:
+    """Every live instance of a stock PEFT DoRA layer class in this process (not our subclasses).
+
+    Found by one pass over ``gc.get_objects()`` (modules are gc-tracked). That costs a few tens of ms in a
+    process with a million tracked objects, which is fine for ``patch()``, called once; a registry of
+    stock instances would need a hook in PEFT's constructors before ``patch()``, which dorafactors never
+    installs. Garbage that the cycle collector has not reclaimed yet is excluded by a collection that runs
+    only when the first pass found something.
+    """
+    stock = set(_stock_classes())
+    if not any(type(obj) in stock for obj in gc.get_objects()):
+        return []
+    gc.collect()
+    return [obj for obj in gc.get_objects() if type(obj) in stock]
+
+
+def _warn_about_stock_layers() -> None:
+    found = live_stock_dora_layers()
+    if not found:
+        return
+    kinds = sorted({type(layer).__name__ for layer in found})
+    warnings.warn(
+        f"dorafactors.patch() found {len(found)} DoRA layer(s) ({', '.join(kinds)}) that stock PEFT built before "
+        "it was called, e.g. by get_peft_model; they stay stock PEFT layers. Convert an existing model with "
+        "dorafactors.patch(model), or call dorafactors.patch() before get_peft_model.",
+        StockDoraLayersWarning,
+        stacklevel=3,
+    )
+    del found
+
+
 def patch(model: torch.nn.Module | None = None) -> None:
     """Make PEFT build dorafactors DoRA layers; with ``model``, also convert its existing DoRA layers.
 
-    Idempotent and thread-safe. Raises ImportError for an unsupported PEFT and ValueError for a malformed
-    dorafactors environment variable.
+    Idempotent and thread-safe. Raises ImportError for a PEFT older than ``SUPPORTED_PEFT[0]`` (or one
+    that cannot be imported, naming what is missing), warns (:class:`UntestedPeftWarning`) for one newer than
+    the tested releases, and raises ValueError for a malformed dorafactors environment variable. Warns
+    (:class:`StockDoraLayersWarning`) when stock PEFT DoRA layers built earlier are still alive: they are
+    not converted unless passed as ``model``.
     """
     global _explicit
     from .dispatch import config
@@ -184,6 +292,7 @@ def patch(model: torch.nn.Module | None = None) -> None:
         _explicit = True
         if model is not None:
             _convert(model)
+    _warn_about_stock_layers()
 
 
 def unpatch() -> None:

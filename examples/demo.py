@@ -3,15 +3,17 @@
 Builds a small Llama-shaped model from a config (random weights, no downloads), wraps it twice with
 ``LoraConfig(use_dora=True)`` (once stock, once inside ``dorafactors.patched()``), trains both on the same
 batches with gradient accumulation, and prints losses, the largest output difference, how many weight
-norms each computed, and the time per optimizer step. Runs on the CPU in well under a minute.
+norms each computed, and timings: stock and dorafactors optimizer steps interleaved, and eval forwards of
+plain LoRA, stock and dorafactors interleaved, each reported as a median. Runs on the CPU in under a minute.
 
-    python examples/demo.py [--steps 6] [--accumulation 4] [--rank 16] [--device cpu|cuda]
+    python examples/demo.py [--steps 6] [--accumulation 4] [--rank 16] [--repeats 20] [--device cpu|cuda]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 
 import torch
@@ -45,22 +47,31 @@ def count_norms(model: torch.nn.Module, stock_counter: dict[str, int]) -> int:
     return sum(ours) if ours and None not in ours else stock_counter["forwards"]
 
 
-def main() -> None:
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) * 1e3
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--accumulation", type=int, default=4)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=20, help="timed eval forwards per model")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    config = LoraConfig(
-        r=args.rank,
-        lora_alpha=2 * args.rank,
-        lora_dropout=0.0,
-        use_dora=True,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    )
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, use_dora=True, target_modules=targets)
     base = build_base(args.device)
+    lora = get_peft_model(copy.deepcopy(base), LoraConfig(**{**config.to_dict(), "use_dora": False}))
     stock = get_peft_model(copy.deepcopy(base), config)
     with dorafactors.patched():  # stock PEFT is restored when the block exits; the model keeps our layers
         ours = get_peft_model(copy.deepcopy(base), config)
@@ -76,43 +87,70 @@ def main() -> None:
     batches = [
         torch.randint(0, 512, (2, 64), generator=gen).to(args.device) for _ in range(args.steps * args.accumulation)
     ]
-    results = {}
+    runs = {}
     for name, model in (("stock PEFT", stock), ("dorafactors", ours)):
         counter = {"forwards": 0}
         hook = model.register_forward_pre_hook(lambda *_, c=counter: c.__setitem__("forwards", c["forwards"] + n_dora))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+        runs[name] = {"model": model, "opt": opt, "counter": counter, "hook": hook, "losses": [], "times": []}
+
+    def optimizer_step(run: dict, step: int) -> None:
+        model, total = run["model"], 0.0
         model.train()
-        losses, times = [], []
-        for step in range(args.steps):
-            start = time.perf_counter()
-            total = 0.0
-            for micro in range(args.accumulation):
-                ids = batches[step * args.accumulation + micro]
-                loss = model(input_ids=ids, labels=ids).loss / args.accumulation
-                loss.backward()
-                total += loss.item()
-            opt.step()
-            opt.zero_grad()
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-            losses.append(total)
-        hook.remove()
-        results[name] = (losses, times, count_norms(model, counter))
+        for micro in range(args.accumulation):
+            ids = batches[step * args.accumulation + micro]
+            loss = model(input_ids=ids, labels=ids).loss / args.accumulation
+            loss.backward()
+            total += loss.item()
+        run["opt"].step()
+        run["opt"].zero_grad()
+        run["losses"].append(total)
+
+    # Interleaved: step k of one model, then step k of the other (order alternating), so that load from
+    # elsewhere on the machine hits both alike; the medians skip step 0 (first-call warm-up).
+    order = list(runs)
+    for step in range(args.steps):
+        for name in order if step % 2 == 0 else order[::-1]:
+            runs[name]["times"].append(_timed(lambda r=runs[name], s=step: optimizer_step(r, s)))
+    for run in runs.values():
+        run["hook"].remove()
 
     print(f"\n{'step':>4} | {'stock PEFT loss':>16} | {'dorafactors loss':>16} | {'|diff|':>9}")
-    for step, (a, b) in enumerate(zip(results["stock PEFT"][0], results["dorafactors"][0])):
+    for step, (a, b) in enumerate(zip(runs["stock PEFT"]["losses"], runs["dorafactors"]["losses"])):
         print(f"{step:>4} | {a:>16.6f} | {b:>16.6f} | {abs(a - b):>9.2e}")
+
+    ids = batches[0]
+    models = {"LoRA": lora, "stock PEFT": stock, "dorafactors": ours}
+    eval_times: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad():
-        stock.eval()
-        ours.eval()
-        ids = batches[0]
+        for model in models.values():
+            model.eval()
+            model(input_ids=ids)  # warm-up (and the norm caches' first fill)
+        for _ in range(args.repeats):
+            for name, model in models.items():
+                eval_times[name].append(_timed(lambda m=model: m(input_ids=ids)))
         diff = (stock(input_ids=ids).logits - ours(input_ids=ids).logits).abs().max().item()
     print(f"\nmax |logits difference| after training: {diff:.3e}")
-    for name, (_, times, norms) in results.items():
-        per_step = sorted(times)[len(times) // 2] * 1e3
+
+    print(f"\nTiming on {args.device} (interleaved, medians):")
+    for name, run in runs.items():
+        norms = count_norms(run["model"], run["counter"])
+        per_step = _median(run["times"][1:] or run["times"])
         print(f"{name:>12}: {norms:4d} weight-norm computations, median {per_step:7.1f} ms per optimizer step")
+    lora_ms = _median(eval_times["LoRA"])
+    tokens = ids.numel()
+    print(f"eval forward ({tokens} tokens), median of {args.repeats}:")
+    for name in models:
+        ms = _median(eval_times[name])
+        print(f"{name:>12}: {ms:7.2f} ms ({ms / lora_ms:.2f}x LoRA)")
     print("\n(stock PEFT recomputes every norm in every micro-batch; dorafactors once per optimizer step)")
+    if args.device == "cpu":
+        print(
+            "CPU timings of a model this small measure host overhead (Python, dispatch) more than arithmetic, and\n"
+            "dorafactors' Triton kernels do not run on the CPU: its speed-ups are GPU speed-ups (see\n"
+            "docs/user-guide.md, 'What speed and memory to expect'). On a shared machine, run it twice\n"
+            "before reading much into a difference."
+        )
 
 
 if __name__ == "__main__":

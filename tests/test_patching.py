@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import builtins
 import copy
+import gc
 import threading
+import warnings
 
 import peft
 import pytest
@@ -177,15 +180,107 @@ def test_scoped_conversion_is_reverted_on_exit():
     assert _dora_types(model) == stock_types
 
 
-def test_unsupported_peft_version(monkeypatch):
-    for version in ("0.17.1", "0.22.0", "0.22.0.dev0", "1.0.0"):
+def test_peft_older_than_supported_raises(monkeypatch):
+    for version in ("0.17.1", "0.17.0", "0.9.0"):
         monkeypatch.setattr(peft, "__version__", version)
-        with pytest.raises(ImportError, match=r"peft>=0\.18\.0,<0\.22.*" + version.replace(".", r"\.")):
+        with pytest.raises(
+            ImportError,
+            match=r"needs peft>=0\.18\.0 \(tested: 0\.18\.x to 0\.21\.x\); peft " + version.replace(".", r"\."),
+        ):
             dorafactors.patch()
         assert not dorafactors.is_patched()
     monkeypatch.setattr(peft, "__version__", "0.18.0")
-    dorafactors.patch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", patching.UntestedPeftWarning)
+        dorafactors.patch()  # inside the tested range: no warning
     assert dorafactors.is_patched()
+
+
+def test_peft_newer_than_tested_warns_once_and_patches(monkeypatch):
+    monkeypatch.setattr(patching, "_warned_peft_versions", set())
+    for version in ("0.22.0", "0.22.0.dev0", "1.0.0"):
+        dorafactors.unpatch()
+        monkeypatch.setattr(peft, "__version__", version)
+        with pytest.warns(
+            patching.UntestedPeftWarning,
+            match=r"tested with peft 0\.18\.x to 0\.21\.x; peft " + version.replace(".", r"\."),
+        ) as caught:
+            dorafactors.patch()
+        assert "python -m dorafactors" in str(caught[0].message)
+        assert dorafactors.is_patched()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", patching.UntestedPeftWarning)
+            dorafactors.patch()  # once per version and process
+
+
+def _failing_peft_import(monkeypatch, error: ImportError) -> None:
+    """Make ``import peft`` raise ``error``, as it does when its own imports fail."""
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "peft":
+            raise error
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+
+
+def test_missing_transformers_is_named(monkeypatch):
+    _failing_peft_import(monkeypatch, ModuleNotFoundError("No module named 'transformers'", name="transformers"))
+    with pytest.raises(ImportError) as info:
+        dorafactors.patch()
+    message = str(info.value)
+    assert f"peft {peft.__version__} is installed but cannot be imported" in message
+    assert "'transformers' it needs is missing" in message and "pip install 'transformers>=4.57'" in message
+    assert "needs PEFT" not in message
+    assert not dorafactors.is_patched()
+
+
+def test_incompatible_transformers_is_named(monkeypatch):
+    import transformers
+
+    error = ImportError("cannot import name 'EncoderDecoderCache' from 'transformers'", name="transformers")
+    _failing_peft_import(monkeypatch, error)
+    with pytest.raises(ImportError) as info:
+        dorafactors.patch()
+    message = str(info.value)
+    assert "cannot import name 'EncoderDecoderCache'" in message
+    assert f"installed: transformers {transformers.__version__}" in message and "too old or too new" in message
+
+
+def test_missing_peft_is_named(monkeypatch):
+    _failing_peft_import(monkeypatch, ModuleNotFoundError("No module named 'peft'", name="peft"))
+    real = patching._distribution_version
+    monkeypatch.setattr(patching, "_distribution_version", lambda name: None if name == "peft" else real(name))
+    with pytest.raises(
+        ImportError, match=r"dorafactors needs PEFT, which is not installed: pip install 'peft>=0\.18\.0'"
+    ):
+        dorafactors.patch()
+
+
+def test_patch_warns_about_stock_layers_built_before_it():
+    gc.collect()
+    stock = _model()
+    stock_layers = [m for mod in stock.modules() for m in getattr(mod, "lora_magnitude_vector", {}).values()]
+    assert len(stock_layers) == 3
+    with pytest.warns(patching.StockDoraLayersWarning, match=r"DoRA layer\(s\).*dorafactors\.patch\(model\)"):
+        dorafactors.patch()
+    alive = patching.live_stock_dora_layers()
+    assert all(any(layer is found for found in alive) for layer in stock_layers)
+    del alive
+    dorafactors.patch(stock)  # converting the model leaves none of its layers stock
+    alive = patching.live_stock_dora_layers()
+    assert not any(layer is found for found in alive for layer in stock_layers)
+
+
+def test_patch_before_get_peft_model_does_not_warn():
+    gc.collect()
+    if patching.live_stock_dora_layers():
+        pytest.skip("stock DoRA layers of other tests are still alive")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", patching.StockDoraLayersWarning)
+        dorafactors.patch()
+        _model()
 
 
 def test_state_dict_keys_identical_and_no_extra_parameters():
@@ -214,3 +309,22 @@ def test_repr_and_pickle_and_deepcopy():
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     torch.testing.assert_close(loaded(torch.ones(2, 8)), model(torch.ones(2, 8)))
+
+
+def test_public_functional_api():
+    """The functional pieces exported at the top level compute what docs/api.md says, against fp64 formulas."""
+    gen = torch.Generator().manual_seed(3)
+    weight, lora_A, lora_B = (torch.randn(*s, generator=gen) for s in ((12, 20), (4, 20), (12, 4)))
+    truth = (weight.double() + 0.7 * lora_B.double() @ lora_A.double()).norm(dim=1)
+    norm = dorafactors.weight_norm(weight, lora_A, lora_B, 0.7)
+    assert norm.dtype == torch.float32 and norm.shape == (12,) and not norm.requires_grad
+    torch.testing.assert_close(norm.double(), truth, rtol=1e-6, atol=0)
+    assert dorafactors.norm_path(weight, lora_A, lora_B) == "torch"  # CPU tensors, no PEFT_DORA_FUSED=1
+    assert dorafactors.norm_path(weight[:, :3], lora_A[:, :3], lora_B) == "dense"  # d_in <= r
+    lora, base = torch.randn(5, 12, generator=gen), torch.randn(5, 12, generator=gen)
+    scale = (1 + 0.2 * torch.randn(12, generator=gen)).requires_grad_(True)
+    out = dorafactors.dora_compose(lora, base, scale, 0.7)
+    expected = (scale.double() - 1) * base.double() + scale.double() * 0.7 * lora.double()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
+    out.sum().backward()
+    torch.testing.assert_close(scale.grad.double(), (base.double() + 0.7 * lora.double()).sum(0), rtol=1e-6, atol=1e-6)

@@ -60,11 +60,16 @@ run() {
   local rc=$?
   local took=$(( $(date +%s) - t ))
   local reason="ok"
+  # a failed mode reports the worker's own exception, not torchrun's ChildFailedError banner
   if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then reason="timeout after ${limit}s";
-  elif [ $rc -ne 0 ]; then reason="exit $rc: $(grep -E 'Error|error' "$RES/$name.log" | tail -1 | tr -d '"\\' | cut -c1-300)"; fi
+  elif [ $rc -ne 0 ]; then reason="exit $rc: $($PY examples/distributed/first_error.py "$RES/$name.log" --one-line | tr -d '"\\' | cut -c1-300)"; fi
   printf '{"mode": "%s", "rc": %d, "seconds": %d, "reason": "%s"}\n' "$name" "$rc" "$took" "$reason" > "$RES/$name.status.json"
   echo "   -> $reason (${took}s)"
-  tail -n 3 "$RES/$name.log" | sed 's/^/   | /'
+  if [ $rc -ne 0 ]; then
+    $PY examples/distributed/first_error.py "$RES/$name.log" | sed 's/^/   | /'
+  else
+    tail -n 3 "$RES/$name.log" | sed 's/^/   | /'
+  fi
 }
 
 TRAIN=examples/distributed/train_dora.py
