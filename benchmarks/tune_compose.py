@@ -122,6 +122,7 @@ def _chosen(tuned, comprehensive: bool, key_prefix: tuple) -> str | None:
 def sweep_shape(R: int, C: int, dtype: torch.dtype, copy_gbps: float, comprehensive: bool) -> dict:
     from dorafactors.dispatch import config
     from dorafactors.kernels import compose as kc
+    from dorafactors.kernels import compose_launch as kl
     from dorafactors.kernels.compose_reference import compose_backward_reference, compose_forward_reference
 
     assert config.autotune_comprehensive() == comprehensive
@@ -137,7 +138,7 @@ def sweep_shape(R: int, C: int, dtype: torch.dtype, copy_gbps: float, comprehens
 
     # correctness spot check against the reference before timing anything (this call tunes fwd_inner)
     row["autotune_ms"] = {}
-    tuner = kc._FWD.tuner(comprehensive)
+    tuner = kl._FWD.tuner(comprehensive)
     tuner.configs_timings = None
     out, inner = kc.compose_forward_unchecked(lora, base, g, s, -1, dtype, True)
     _sync()
@@ -169,8 +170,8 @@ def sweep_shape(R: int, C: int, dtype: torch.dtype, copy_gbps: float, comprehens
             4 * n * es + 4 * C * 2,
         ),
     }
-    tuned_of = {"fwd": kc._FWD, "fwd_inner": kc._FWD, "inplace": kc._FWD_INPLACE, "bwd": kc._BWD_COLS}
-    tuned_of["bwd_frozen"] = kc._BWD_COLS
+    tuned_of = {"fwd": kl._FWD, "fwd_inner": kl._FWD, "inplace": kl._FWD_INPLACE, "bwd": kl._BWD_COLS}
+    tuned_of["bwd_frozen"] = kl._BWD_COLS
     for name, (fn, nbytes) in cases.items():
         tuner = tuned_of[name].tuner(comprehensive) if name in tuned_of else None
         if tuner is not None:
@@ -185,12 +186,12 @@ def sweep_shape(R: int, C: int, dtype: torch.dtype, copy_gbps: float, comprehens
             graph_ms = _bench_graph(fn)
             entry["graph_ms"] = graph_ms
         row[name] = entry
-    bucket = kc._row_bucket(R)
-    row["config_fwd"] = _chosen(kc._FWD, comprehensive, (C, bucket, False, False))
-    row["config_fwd_inner"] = _chosen(kc._FWD, comprehensive, (C, bucket, False, True))
-    row["config_inplace"] = _chosen(kc._FWD_INPLACE, comprehensive, (C, bucket, False, False))
-    row["config_bwd"] = _chosen(kc._BWD_COLS, comprehensive, (C, bucket, True, True, True))
-    row["config_bwd_frozen"] = _chosen(kc._BWD_COLS, comprehensive, (C, bucket, True, True, False))
+    bucket = kl._row_bucket(R)
+    row["config_fwd"] = _chosen(kl._FWD, comprehensive, (C, bucket, False, False))
+    row["config_fwd_inner"] = _chosen(kl._FWD, comprehensive, (C, bucket, False, True))
+    row["config_inplace"] = _chosen(kl._FWD_INPLACE, comprehensive, (C, bucket, False, False))
+    row["config_bwd"] = _chosen(kl._BWD_COLS, comprehensive, (C, bucket, True, True, True))
+    row["config_bwd_frozen"] = _chosen(kl._BWD_COLS, comprehensive, (C, bucket, True, True, False))
     row["row_groups"] = groups
     return row
 
@@ -205,6 +206,7 @@ def sweep_bwd_groups(values, dtype, copy_gbps: float) -> list[dict]:
     the autotuner cannot vary: this is the knob it leaves to measurement.
     """
     from dorafactors.kernels import compose as kc
+    from dorafactors.kernels import compose_launch as kl
 
     default = kc.BACKWARD_PROGRAMS_PER_SM
     shapes = BWD_GROUP_SHAPES if DEVICE == "cuda" else ((64, 300),)
@@ -244,7 +246,7 @@ def sweep_bwd_groups(values, dtype, copy_gbps: float) -> list[dict]:
                     graph_ms = _bench_graph(fn)
                     if graph_ms:  # device time only (graph replay), against the same 1 GiB copy rate
                         row[name].update(graph_ms=graph_ms, pct_copy_graph=100 * _gbps(nbytes, graph_ms) / copy_gbps)
-                    row["config_" + name] = _chosen(kc._BWD_COLS, False, (C, kc._row_bucket(R), True, True, need_g))
+                    row["config_" + name] = _chosen(kl._BWD_COLS, False, (C, kl._row_bucket(R), True, True, need_g))
                 rows.append(row)
                 graph = row["bwd"].get("pct_copy_graph")
                 print(

@@ -38,7 +38,7 @@ from triton.testing import do_bench
 from dorafactors.dispatch import config as df_config
 from dorafactors.kernels import row_norm
 from dorafactors.kernels.row_norm import NormKernelConfig, triton_row_sumsq, triton_weight_norm_sq
-from dorafactors.norm.factored import factored_row_norm_sq, plan_chunk_columns
+from dorafactors.kernels.row_norm_reference import factored_row_norm_sq, plan_chunk_columns
 
 ISSUE_SHAPES = [(4096, 4096, 384), (8192, 8192, 384), (14336, 4096, 384), (4096, 14336, 384), (8192, 8192, 768)]
 EXTRA_SHAPES = [(8192, 28672, 384)] + [(4096, 4096, r) for r in (16, 64, 128, 256, 512)]

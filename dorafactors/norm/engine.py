@@ -1,6 +1,6 @@
 """The norm engine: one entry point that returns the detached, clamped fp32 row norm of ``W + s*B@A``.
 
-It picks the Triton kernel where ``dispatch`` allows it and the PyTorch reference (``factored.py``)
+It picks the Triton kernel where ``dispatch`` allows it and the PyTorch reference (``kernels/row_norm_reference.py``)
 otherwise, and reshapes conv and grouped-conv factors into the 2-D form both understand.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import config, rules
+from ..kernels.row_norm_reference import factored_row_norm_sq, plan_chunk_columns, row_sumsq
 from .dense import compute_dtype_for, dense_factor_row_norm_sq
-from .factored import factored_row_norm_sq, plan_chunk_columns, row_sumsq
 
 __all__ = ["clamp_eps", "conv_factors", "norm_path", "weight_norm", "weight_sumsq"]
 

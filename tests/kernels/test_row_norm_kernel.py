@@ -35,8 +35,8 @@ from dorafactors.kernels.row_norm import (
     triton_row_sumsq,
     triton_weight_norm_sq,
 )
+from dorafactors.kernels.row_norm_reference import factored_row_norm_sq
 from dorafactors.norm import engine
-from dorafactors.norm.factored import factored_row_norm_sq
 from tests._tolerances import TOLERANCES, assert_close_verbose, rel_error
 
 #: The precision contract: relative error of the norm against the fp64 norm of the same inputs.

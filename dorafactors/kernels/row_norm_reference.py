@@ -1,4 +1,4 @@
-"""Factored row norm in plain PyTorch: ``||W + s*B@A||_row`` without ever forming ``B@A``.
+"""Plain PyTorch reference of the factored row norm (``row_norm.py``): ``||W + s*B@A||_row`` without ``B@A``.
 
     ||W + s*B A||^2_row = ||W||^2_row + 2s * rowsum(B * (W A^T)) + s^2 * rowsum((B (A A^T)) * B)
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .dense import compute_dtype_for
+from .compose_reference import math_dtype as compute_dtype_for
 
 __all__ = ["NormPlan", "factored_row_norm_sq", "plan_chunk_columns", "row_sumsq"]
 

@@ -1,0 +1,261 @@
+"""Launch plans of the norm kernel (``row_norm_kernel.py``): configuration heuristics and workspace layout.
+
+Every function here is a pure function of shapes, dtypes and the SM count (no timing), so a launch is
+deterministic. The host entry points are in ``row_norm.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+import torch
+import triton
+
+__all__ = ["NormKernelConfig", "NormPlan", "pick_config", "pick_finish_config", "plan_for"]
+
+
+# ---------------------------------------------------------------------------------------------
+# launch configuration
+
+
+@dataclass(frozen=True)
+class NormKernelConfig:
+    """Launch configuration of the norm kernel (fixed per shape, dtypes and device: no timing involved).
+
+    ``block_m`` rows of ``d_out`` x ``block_n`` ranks per program, ``block_k`` columns of ``d_in`` per step,
+    ``splits`` ranges of ``d_in`` per (row, rank) tile, ``gram_splits`` ranges of ``d_in`` per gram tile;
+    ``bg_chunk`` ranks per step of the ``B G''`` loop (capped at ``block_n``), ``bg_stages`` its pipeline depth.
+    """
+
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+    splits: int = 1
+    gram_splits: int = 1
+    bg_chunk: int = 64
+    bg_stages: int = 2
+
+    def validate(self) -> None:
+        if self.bg_stages < 1:
+            raise ValueError(f"bg_stages={self.bg_stages} must be >= 1")
+        for name in ("block_m", "block_n", "block_k", "bg_chunk"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{name}={v} must be a power of two >= 16")
+        if self.splits < 1 or self.gram_splits < 1:
+            raise ValueError(f"splits={self.splits} and gram_splits={self.gram_splits} must be >= 1")
+
+
+#: Shared memory the heuristic plans the main loop's pipeline into (sm_90 allows 227 KiB per block).
+_SMEM_BUDGET = 200 * 1024
+#: Largest fp32 gram-partial buffer the heuristic allows itself (bytes).
+_GRAM_PARTIAL_BUDGET = 8 << 20
+_MAX_SPLITS = 16
+
+
+def _pow2_at_least(x: int, lo: int) -> int:
+    return max(lo, 1 << max(0, (x - 1).bit_length()))
+
+
+@functools.lru_cache(maxsize=1024)
+def pick_config(
+    d_out: int,
+    d_in: int,
+    rank: int,
+    a_is_fp32: bool,
+    num_sms: int,
+    interpret: bool,
+) -> NormKernelConfig:
+    """The launch configuration for a shape: a pure function of its arguments (hence deterministic).
+
+    Rank tile: the smallest power of two >= r up to 128 (so r <= 128 is one tile and W is read once).
+    Row tile 128, 8 warps for 128-wide rank tiles (and fp32 adapters), as many pipeline stages as fit in
+    ~200 KiB of shared memory (at most 4). ``splits`` cuts ``d_in`` so the main programs fill the SMs in
+    nearly whole waves (each split keeps >= 8 k-steps); ``gram_splits`` keeps each gram program shorter
+    than half a main program so the gram tiles are final before the first main program needs them.
+    """
+    block_n = min(128, _pow2_at_least(rank, 16))
+    if interpret:
+        # the CPU interpreter: few, small programs
+        block_m = 32 if d_out > 16 else 16
+        block_n = min(block_n, 64)
+        return NormKernelConfig(block_m, block_n, 32, 4, 1, 1, 1)
+    # 128-row tiles everywhere (64-row tiles spill at 4 warps and need too much shared memory for fp32 A,
+    # checked on sm_90 cubins): small d_out is filled by splitting d_in instead
+    block_m = 128
+    block_k = 64
+    num_warps = 8 if block_n >= 128 or (a_is_fp32 and block_n >= 32) else 4
+    a_bytes = 4 if a_is_fp32 else 2
+    stage_bytes = block_m * block_k * 2 + block_k * block_n * a_bytes
+    split_bytes = 3 * block_k * block_n * 2 if a_is_fp32 else 0  # the bf16 parts of the A tile
+    num_stages = max(2, min(4, (_SMEM_BUDGET - split_bytes) // stage_bytes))
+    n_m = triton.cdiv(d_out, block_m)
+    nr = triton.cdiv(rank, block_n)
+    k_steps = triton.cdiv(d_in, block_k)
+    tiles = n_m * nr
+    best, best_score = 1, -1.0
+    # measured on an H200 (benchmarks/tune_norm.py --sweep, r=384/768): once 128-wide rank tiles fill half
+    # the SMs, a split shorter than 64 k-steps costs more in partial sums and gram waits than it wins in
+    # wave filling; fewer tiles keep splitting down to 8 k-steps (too few programs to stream W otherwise)
+    min_steps = 64 if block_n >= 128 and tiles * 2 >= num_sms else 8
+    for splits in range(1, _MAX_SPLITS + 1):
+        if splits > 1 and k_steps // splits < min_steps:
+            break
+        programs = tiles * splits
+        waves = triton.cdiv(programs, num_sms)
+        score = programs / (waves * num_sms) - 0.02 * (splits - 1)
+        if score > best_score + 1e-9:
+            best, best_score = splits, score
+    splits = best
+    # gram programs (BN x BN tiles) must finish well before the main programs need G'': at most a quarter of
+    # a main program's k-steps and of its tensor-core work (fp32 A: 6 dots per gram step, 3 per main step);
+    # a quarter rather than a half measured 4-11% faster at the issue's shapes (tune_norm.py --sweep, BN=128)
+    dots_gram = 6 if a_is_fp32 else 1
+    dots_main = 3 if a_is_fp32 else 1
+    main_steps = max(1, k_steps // splits)
+    share = 4 if block_n >= 128 else 2  # narrower rank tiles: the earlier half, not re-measured
+    gram_steps_max = max(
+        1, min(main_steps // share, (main_steps * block_m * dots_main) // (share * block_n * dots_gram))
+    )
+    gram_splits = max(1, min(k_steps, triton.cdiv(k_steps, gram_steps_max)))
+    nt = nr * (nr + 1) // 2
+    cap = max(1, _GRAM_PARTIAL_BUDGET // (nt * block_n * block_n * 4))
+    gram_splits = max(1, min(gram_splits, cap, _MAX_SPLITS * 2))
+    return NormKernelConfig(block_m, block_n, block_k, num_warps, num_stages, splits, gram_splits)
+
+
+@functools.lru_cache(maxsize=1024)
+def pick_finish_config(
+    d_out: int, d_in: int, rank: int, num_sms: int, interpret: bool, gram_programs: bool = False
+) -> NormKernelConfig:
+    """Launch configuration of the kernel's ``U_GIVEN`` mode (:func:`gemm_weight_norm_sq`): pure function.
+
+    The main programs have no loop over ``d_in`` (U came from a GEMM), only the ``B G''`` chunks of each
+    (row, rank) tile: ``splits`` cuts them into up to 4 programs until the programs fill the SMs. With G from
+    a GEMM (the default) no gram programs are compiled in, which leaves room for 4 warps and a 3-deep
+    32-wide ``B G''`` pipeline (two programs per SM). With ``gram_programs``, those (the only ``d_in`` loops
+    left) split ``d_in`` into ``~sqrt(k_steps / 2)`` ranges, balancing a program's k-steps against the
+    ``S_G`` partial tiles its tile's last arrival sums, at most one wave.
+    """
+    block_n = min(128, _pow2_at_least(rank, 16))
+    if interpret:
+        block_m = 32 if d_out > 16 else 16
+        return NormKernelConfig(block_m, min(block_n, 64), 32, 4, 1, 1, 1)
+    block_m, block_k = 128, 64
+    n_m = triton.cdiv(d_out, block_m)
+    nr = triton.cdiv(rank, block_n)
+    if gram_programs:
+        # 8 warps for 128-wide tiles: 4 spill registers on sm_90 with the gram programs compiled in
+        # (tests/kernels/_row_norm_aot.py), which this kernel does not accept
+        num_warps, bg_chunk, bg_stages = (8 if block_n >= 128 else 4), 64, 2
+    else:
+        # measured on an H200 (tune_norm.py --finish-sweep, gpu-logs/s11): 4 warps with 32 x 3 against
+        # 8 warps with 64 x 2, whole path: 124 vs 130 us at 14336x4096, 98 vs 106 us at 4096x14336 r384
+        num_warps, bg_chunk, bg_stages = 4, 32, 3
+    chunks = max(1, block_n // min(block_n, bg_chunk))  # B G'' chunks of the last (shortest) rank tile
+    splits = 1
+    while n_m * nr * splits < num_sms and splits < 4 and splits < chunks * nr:
+        splits += 1
+    k_steps = triton.cdiv(d_in, block_k)
+    nt = nr * (nr + 1) // 2
+    gram_splits = max(1, round(math.sqrt(k_steps / 2)))
+    cap = _GRAM_PARTIAL_BUDGET // (nt * block_n * block_n * 4)
+    gram_splits = max(1, min(gram_splits, num_sms // nt, cap, _MAX_SPLITS, k_steps))
+    return NormKernelConfig(block_m, block_n, block_k, num_warps, 3, splits, gram_splits, bg_chunk, bg_stages)
+
+
+@dataclass(frozen=True)
+class NormPlan:
+    """Everything a launch derives from (shape, config): grid layout and workspace sizes."""
+
+    config: NormKernelConfig
+    d_out: int
+    row_tiles: int
+    rank_tiles: int
+    r_pad: int
+    k_steps: int
+    splits: int
+    gram_splits: int
+    gram_tiles: int
+    gram_chunk: int
+    #: launch constants per (d_in, rank, mode, dtypes), filled by ``_launch`` (not part of the plan's identity)
+    launch_cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    @classmethod
+    def build(cls, d_out: int, d_in: int, rank: int, cfg: NormKernelConfig) -> NormPlan:
+        cfg.validate()
+        rank_tiles = triton.cdiv(rank, cfg.block_n)
+        k_steps = triton.cdiv(d_in, cfg.block_k)
+        return cls(
+            config=cfg,
+            d_out=d_out,
+            row_tiles=triton.cdiv(d_out, cfg.block_m),
+            rank_tiles=rank_tiles,
+            r_pad=rank_tiles * cfg.block_n,
+            k_steps=k_steps,
+            splits=max(1, min(cfg.splits, k_steps)),
+            gram_splits=max(1, min(cfg.gram_splits, k_steps)),
+            gram_tiles=rank_tiles * (rank_tiles + 1) // 2,
+            gram_chunk=min(cfg.block_n, cfg.bg_chunk),
+        )
+
+    @property
+    def programs(self) -> int:
+        return self.gram_tiles * self.gram_splits + self.row_tiles * self.rank_tiles * self.splits
+
+    def sections(self, cold: bool, g_given: bool = False) -> tuple[int, int, int, int]:
+        """fp32 elements of the workspace's four sections, in order (the kernel derives the same offsets):
+        cross partials, ``||W||^2`` partials (cold only), gram partials and the bf16 ``G''`` parts (both
+        absent in ``G_GIVEN`` mode, whose G comes from a GEMM). Each starts 128-byte aligned."""
+        bn = self.config.block_n
+        n_part = self.rank_tiles * self.splits * self.d_out
+        n_wpart = self.splits * self.d_out if cold else 0
+        n_gpart = 0 if g_given else self.gram_splits * self.gram_tiles * bn * bn
+        n_g = 0 if g_given else (3 * self.r_pad * self.r_pad + 1) // 2  # three bf16 matrices (hi, mid, lo)
+        return tuple(-(-n // 32) * 32 for n in (n_part, n_wpart, n_gpart, n_g))
+
+    def workspace_elements(self, cold: bool, g_given: bool = False) -> int:
+        """fp32 elements of the one workspace a launch allocates (besides the ``[d_out]`` result)."""
+        return sum(self.sections(cold, g_given))
+
+    def workspace_bytes(self, cold: bool, g_given: bool = False) -> int:
+        """Bytes a launch allocates: the workspace plus the fp32 ``[d_out]`` result (no ``d_in`` term)."""
+        return 4 * (self.workspace_elements(cold, g_given) + self.d_out)
+
+
+@functools.lru_cache(maxsize=1024)
+def _default_plan(d_out: int, d_in: int, rank: int, a_is_fp32: bool, num_sms: int, interpret: bool) -> NormPlan:
+    return NormPlan.build(d_out, d_in, rank, pick_config(d_out, d_in, rank, a_is_fp32, num_sms, interpret))
+
+
+@functools.lru_cache(maxsize=1024)
+def _finish_plan(d_out: int, d_in: int, rank: int, num_sms: int, interpret: bool, gram_programs: bool) -> NormPlan:
+    cfg = pick_finish_config(d_out, d_in, rank, num_sms, interpret, gram_programs)
+    return NormPlan.build(d_out, d_in, rank, cfg)
+
+
+def plan_for(
+    d_out: int,
+    d_in: int,
+    rank: int,
+    *,
+    a_is_fp32: bool,
+    device: torch.device | str = "cuda",
+    num_sms: int | None = None,
+) -> NormPlan:
+    """The plan :func:`triton_weight_norm_sq` uses for a shape (for tests, benchmarks and memory accounting)."""
+    device = torch.device(device)
+    sms = num_sms if num_sms is not None else _num_sms(device)
+    interpret = device.type != "cuda"
+    return _default_plan(d_out, d_in, rank, a_is_fp32, sms, interpret)
+
+
+@functools.lru_cache(maxsize=16)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
