@@ -126,7 +126,6 @@ def triton_weight_norm_sq(
     scaling: float,
     *,
     cached_sumsq: torch.Tensor | None = None,
-    out_sumsq: torch.Tensor | None = None,
     eps: float | None = None,
     kernel_config: NormKernelConfig | None = None,
 ) -> torch.Tensor:
@@ -139,8 +138,6 @@ def triton_weight_norm_sq(
         scaling: ``s`` (0, negative and large values are fine).
         cached_sumsq: fp32 ``[d_out]`` ``||W||^2_row`` from an earlier call; the kernel then spends no work on
             ``||W||^2``. Without it, ``||W||^2`` comes from the same pass over W that computes ``W A^T``.
-        out_sumsq: optional fp32 ``[d_out]`` buffer that receives the ``||W||^2`` a cold call computes (for a
-            cache: a later call with ``cached_sumsq=out_sumsq`` returns bitwise the same result).
         eps: if given, return the finished norm ``max(sqrt(max(n^2, 0)), eps)`` (the engine's clamp, fused
             into the same launch, NaN preserved) instead of ``n^2``.
         kernel_config: launch configuration override (tests, tuning); default :func:`pick_config`.
@@ -155,21 +152,12 @@ def triton_weight_norm_sq(
     rank = lora_A.shape[0]
     device = weight.device
     cached_sumsq = _as_sumsq(cached_sumsq, d_out, device)
-    if out_sumsq is not None and (
-        out_sumsq.shape != (d_out,) or out_sumsq.dtype != torch.float32 or not out_sumsq.is_contiguous()
-    ):
-        raise ValueError(f"out_sumsq must be a contiguous fp32 [{d_out}] tensor")
     scaling = float(scaling)
 
     if d_out == 0:
         return torch.zeros(0, dtype=torch.float32, device=device)
     if scaling == 0.0 or rank == 0 or d_in == 0:
-        if cached_sumsq is not None:
-            res = cached_sumsq.clone()
-        else:
-            res = triton_row_sumsq(weight)
-            if out_sumsq is not None:
-                out_sumsq.copy_(res)
+        res = cached_sumsq.clone() if cached_sumsq is not None else triton_row_sumsq(weight)
         return res if eps is None else _finish_on_host(res, eps)
 
     a_is_fp32 = lora_A.dtype == torch.float32
@@ -177,11 +165,7 @@ def triton_weight_norm_sq(
         plan = _default_plan(d_out, d_in, rank, a_is_fp32, _num_sms(device), interpret)
     else:
         plan = NormPlan.build(d_out, d_in, rank, kernel_config)
-    cold = cached_sumsq is None
-    out = _launch(plan, weight, lora_A, lora_B, None, cached_sumsq, out_sumsq, scaling, eps, interpret)
-    if out_sumsq is not None and not cold:
-        out_sumsq.copy_(cached_sumsq)
-    return out
+    return _launch(plan, weight, lora_A, lora_B, None, cached_sumsq, scaling, eps, interpret)
 
 
 def _launch(
@@ -189,25 +173,22 @@ def _launch(
     weight: torch.Tensor,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
-    u: tuple[torch.Tensor, torch.Tensor | None] | None,
+    gemms: tuple[torch.Tensor, torch.Tensor] | None,
     cached_sumsq: torch.Tensor | None,
-    out_sumsq: torch.Tensor | None,
     scaling: float,
     eps: float | None,
     interpret: bool,
 ) -> torch.Tensor:
     """One launch of ``_weight_norm_sq_kernel`` for validated operands; returns the fp32 ``[d_out]`` result.
 
-    ``u`` (``U_GIVEN`` mode, needs ``cached_sumsq``): the fp32 GEMM results ``(W A^T [d_out, r] contiguous,
-    A A^T [r, r] contiguous or None)``. With a G (``G_GIVEN``) the launch has no gram programs; without
-    one its gram programs compute ``G''`` as in the one-pass mode.
+    ``gemms`` (``FROM_GEMM`` mode, needs ``cached_sumsq``): the fp32 GEMM results ``(W A^T [d_out, r]
+    contiguous, A A^T [r, r] contiguous)``; the launch then has no gram programs.
     """
     device = weight.device
     d_out, d_in = weight.shape
     rank = lora_A.shape[0]
     cold = cached_sumsq is None
-    u_given = u is not None
-    g_given = u_given and u[1] is not None
+    from_gemm = gemms is not None
     # everything _launch_constants reads besides the plan (a plan is shared by W dtypes and modes)
     key = (
         weight.dtype,
@@ -215,10 +196,8 @@ def _launch(
         lora_B.dtype,
         d_in,
         rank,
-        u_given,
-        g_given,
+        from_gemm,
         cold,
-        out_sumsq is not None,
         eps is not None,
         interpret,
     )
@@ -229,8 +208,8 @@ def _launch(
     ws = torch.empty(ws_elements, dtype=torch.float32, device=device)
     out = torch.empty(d_out, dtype=torch.float32, device=device)
     counters = ticket_buffer(device, 2 + plan.gram_tiles + plan.row_tiles)
-    u_mat = u[0] if u_given else out
-    gram = u[1] if g_given else ws
+    u_mat = gemms[0] if from_gemm else out
+    gram = gemms[1] if from_gemm else ws
     _weight_norm_sq_kernel[(programs,)](
         weight,
         lora_A,
@@ -238,7 +217,6 @@ def _launch(
         u_mat,
         out if cold else cached_sumsq,
         out,
-        out if out_sumsq is None else out_sumsq,
         ws,
         gram,
         counters,
@@ -252,14 +230,14 @@ def _launch(
         lora_A.stride(1),
         lora_B.stride(0),
         lora_B.stride(1),
-        u_mat.stride(0) if u_given else 0,
+        u_mat.stride(0) if from_gemm else 0,
         1,
         scaling,
         0.0 if eps is None else float(eps),
         plan.row_tiles,
         plan.rank_tiles,
         plan.splits,
-        0 if g_given else plan.gram_tiles,  # G from a GEMM: no gram programs
+        0 if from_gemm else plan.gram_tiles,  # G from a GEMM: no gram programs
         plan.gram_splits,
         plan.k_steps,
         **constants,
@@ -274,10 +252,8 @@ def _launch_constants(
     b_dtype: torch.dtype,
     d_in: int,
     rank: int,
-    u_given: bool,
-    g_given: bool,
+    from_gemm: bool,
     cold: bool,
-    out_sumsq: bool,
     sqrt: bool,
     interpret: bool,
 ) -> tuple[int, int, dict[str, int | bool]]:
@@ -289,7 +265,7 @@ def _launch_constants(
         a_mode = 1
     else:
         a_mode = 2
-    gram_programs = 0 if g_given else plan.gram_tiles * plan.gram_splits
+    gram_programs = 0 if from_gemm else plan.gram_tiles * plan.gram_splits
     programs = plan.row_tiles * plan.rank_tiles * plan.splits + gram_programs
     constants = dict(
         BM=cfg.block_m,
@@ -297,10 +273,8 @@ def _launch_constants(
         BK=cfg.block_k,
         BKG=plan.gram_chunk,
         BG_STAGES=cfg.bg_stages,
-        U_GIVEN=u_given,
-        G_GIVEN=g_given,
+        FROM_GEMM=from_gemm,
         COLD=cold,
-        OUT_SUMSQ=cold and out_sumsq,
         SQRT=sqrt,
         A_MODE=a_mode,
         A_GRAM_MODE=1 if a_dtype == torch.float32 else 0,
@@ -311,7 +285,7 @@ def _launch_constants(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    return programs, plan.workspace_elements(cold, g_given), constants
+    return programs, plan.workspace_elements(cold, from_gemm), constants
 
 
 def gemm_supported(device: torch.device) -> bool:
@@ -345,22 +319,17 @@ def gemm_weight_norm_sq(
     cached_sumsq: torch.Tensor | None = None,
     eps: float | None = None,
     kernel_config: NormKernelConfig | None = None,
-    gram_from_gemm: bool = True,
 ) -> torch.Tensor:
     """:func:`triton_weight_norm_sq` with ``W A^T`` from a GEMM: for half ``A`` and ``B`` in ``W``'s dtype.
 
     Two GEMMs (:func:`matmul_fp32`: the fp32 ``U = W A^T`` and ``G = A A^T``), then one launch of the norm
-    kernel in its ``U_GIVEN`` + ``G_GIVEN`` mode: each (row, rank) tile loads its U tile, adds ``B G''`` on
+    kernel in its ``FROM_GEMM`` mode: each (row, rank) tile loads its U tile, adds ``B G''`` on
     tensor cores (``G''``: the scaled lower block triangle of G, split into bf16 parts in registers), and the
     row sums and the assembly follow exactly as in the one-pass kernel (fixed summation orders). Without
     ``cached_sumsq``, ``||W||^2`` comes from :func:`triton_row_sumsq` (a second pass over W).
 
-    ``gram_from_gemm=False``: no second GEMM; gram programs in the same launch compute ``G''`` as in the
-    one-pass mode (measured slower or even at every issue shape on an H200, ``gpu-logs/s11``; kept for
-    comparison and tests).
-
     Args and returns: as :func:`triton_weight_norm_sq`; ``lora_A`` and ``lora_B`` must have W's dtype.
-    Extra memory: ``U`` (``4 * d_out * r`` bytes, ``+ 4 r^2`` for a GEMM's G) besides the kernel's workspace.
+    Extra memory: ``U`` and ``G`` (``4 * (d_out * r + r^2)`` bytes) besides the kernel's workspace.
     """
     interpret = _check_device(weight)
     _validate(weight, lora_A, lora_B)
@@ -383,8 +352,8 @@ def gemm_weight_norm_sq(
         res = sumsq.clone() if sumsq is cached_sumsq else sumsq
         return res if eps is None else _finish_on_host(res, eps)
     if kernel_config is None:
-        plan = _finish_plan(d_out, d_in, rank, _num_sms(device), interpret, not gram_from_gemm)
+        plan = _finish_plan(d_out, d_in, rank, _num_sms(device), interpret)
     else:
         plan = NormPlan.build(d_out, d_in, rank, kernel_config)
-    u = (matmul_fp32(weight, lora_A), matmul_fp32(lora_A, lora_A) if gram_from_gemm else None)
-    return _launch(plan, weight, lora_A, lora_B, u, sumsq, None, scaling, eps, interpret)
+    gemms = (matmul_fp32(weight, lora_A), matmul_fp32(lora_A, lora_A))
+    return _launch(plan, weight, lora_A, lora_B, gemms, sumsq, scaling, eps, interpret)

@@ -26,11 +26,10 @@ Design (one launch, ``_weight_norm_sq_kernel``; a 1-D grid of two kinds of progr
   ``cached_sumsq`` the ``n == 0`` programs also square the W tiles they already hold in shared memory
   ("one pass over W"); with it, no work at all is spent on ``||W||^2``.
 
-``U_GIVEN`` mode (:func:`gemm_weight_norm_sq`): ``W A^T`` comes from an fp32-output GEMM (cuBLAS); the
-main programs load their U tile instead of looping over ``d_in`` and run longest first (``n == 0``). With
-``G_GIVEN`` as well (the default there), ``G = A A^T`` comes from a second GEMM: no gram programs (none
-compiled in), and every tile loads, scales and splits its chunks of the fp32 G in registers; without it the
-gram programs run as above.
+``FROM_GEMM`` mode (:func:`gemm_weight_norm_sq`): ``U = W A^T`` and ``G = A A^T`` come from fp32-output
+GEMMs (cuBLAS). There are no gram programs (none compiled in); the main programs load their U tile instead
+of looping over ``d_in``, run longest first (``n == 0``), and load, scale and split their chunks of the fp32
+G in registers.
 
 Precision: products of half-precision operands are exact and accumulate in fp32. fp32 operands are split in
 registers into bf16 parts and multiplied part by part, keeping every product whose part orders sum to < 3
@@ -46,8 +45,7 @@ result, never a silently wrong finite one).
 Determinism: every sum has a fixed order (no floating-point atomics; the integer tickets only decide who
 does the final, ordered sum), the launch configuration is a pure function of shapes, dtypes and the SM
 count (:func:`pick_config`, no timing), and the cross and gram terms are computed by the same code whether or
-not ``cached_sumsq`` is given: ``triton_weight_norm_sq(..., out_sumsq=w)`` followed by
-``triton_weight_norm_sq(..., cached_sumsq=w)`` returns bitwise the same result.
+not ``cached_sumsq`` is given: a warm call differs from a cold one only by the ``||W||^2`` it adds.
 
 Working set: the kernel allocates nothing proportional to ``d_in``: fp32 partials
 ``(NR * S + S) * d_out`` (``S`` <= 16 splits), the gram partials ``S_G * NT * BN^2`` fp32 (capped at 8 MiB
@@ -275,7 +273,6 @@ def _main_program(
     u_ptr,
     sumsq_ptr,
     out_ptr,
-    out_sumsq_ptr,
     part_ptr,
     wpart_ptr,
     g3_ptr,
@@ -304,10 +301,8 @@ def _main_program(
     BK: tl.constexpr,
     BKG: tl.constexpr,
     BG_STAGES: tl.constexpr,
-    U_GIVEN: tl.constexpr,
-    G_GIVEN: tl.constexpr,
+    FROM_GEMM: tl.constexpr,
     COLD: tl.constexpr,
-    OUT_SUMSQ: tl.constexpr,
     SQRT: tl.constexpr,
     A_MODE: tl.constexpr,
     B_MODE: tl.constexpr,
@@ -325,7 +320,7 @@ def _main_program(
     it1 = (s + 1) * KT // S
 
     # 1. acc = W[rows, split] @ A[rn, split]^T (and ||W[rows, split]||^2 in the cold n == 0 programs)
-    if U_GIVEN:  # W A^T came from a GEMM (gemm_weight_norm_sq): the split s == 0 program adds U's tile once
+    if FROM_GEMM:  # W A^T came from a GEMM (gemm_weight_norm_sq): the split s == 0 program adds U's tile once
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         wsq = tl.zeros((BM,), dtype=tl.float32)
         if s == 0:
@@ -352,7 +347,7 @@ def _main_program(
         )  # fmt: skip
 
     # 2. acc += B[rows, k] @ G''[k, rn] for this split's share of the chunks k >= n*BN (lower block triangle)
-    if not G_GIVEN:  # wait for the gram programs (G_GIVEN: the fp32 G = A A^T came from a GEMM)
+    if not FROM_GEMM:  # wait for the gram programs (FROM_GEMM: the fp32 G = A A^T came from a GEMM)
         done = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
         while done < NT:
             done = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
@@ -368,7 +363,7 @@ def _main_program(
             mask=row_ok[:, None] & (kk < rank)[None, :],
             other=0.0,
         )
-        if G_GIVEN:  # fp32 G [r, r]: scale the tile (s/2 on the diagonal block, s below it), split in registers
+        if FROM_GEMM:  # fp32 G [r, r]: scale the tile (s/2 on the diagonal block, s below it), split in registers
             g = tl.load(
                 g3_ptr + kk64[:, None] * rank + rn64[None, :],
                 mask=(kk < rank)[:, None] & rn_ok[None, :],
@@ -428,8 +423,6 @@ def _main_program(
             for _ in range(S):
                 w += tl.load(w_ptrs, mask=row_ok, other=0.0, cache_modifier=".cg")
                 w_ptrs += d_out
-            if OUT_SUMSQ:
-                tl.store(out_sumsq_ptr + rows64, w, mask=row_ok)
         else:
             w = tl.load(sumsq_ptr + rows64, mask=row_ok, other=0.0)
         res = w + (2.0 * scaling) * cross
@@ -454,7 +447,6 @@ def _weight_norm_sq_kernel(
     u_ptr,
     sumsq_ptr,
     out_ptr,
-    out_sumsq_ptr,
     ws_ptr,
     g_ptr,
     cnt_ptr,
@@ -483,10 +475,8 @@ def _weight_norm_sq_kernel(
     BK: tl.constexpr,
     BKG: tl.constexpr,
     BG_STAGES: tl.constexpr,
-    U_GIVEN: tl.constexpr,
-    G_GIVEN: tl.constexpr,
+    FROM_GEMM: tl.constexpr,
     COLD: tl.constexpr,
-    OUT_SUMSQ: tl.constexpr,
     SQRT: tl.constexpr,
     A_MODE: tl.constexpr,
     A_GRAM_MODE: tl.constexpr,
@@ -497,20 +487,20 @@ def _weight_norm_sq_kernel(
 ):
     # the workspace's sections, laid out as NormPlan.sections() does (each 32-element aligned): cross
     # partials [NR * S, d_out], ||W||^2 partials [S, d_out] (cold launches only), gram partials
-    # [S_G * NT, BN, BN], then the three bf16 parts of G''. G_GIVEN: G is the fp32 GEMM result g_ptr.
+    # [S_G * NT, BN, BN], then the three bf16 parts of G''. FROM_GEMM: G is the fp32 GEMM result g_ptr.
     part_ptr = ws_ptr
     wpart_ptr = part_ptr + tl.multiple_of(_round32(tl.cast(NR, tl.int64) * S * d_out), 32)
     gpart_ptr = wpart_ptr
     if COLD:
         gpart_ptr += tl.multiple_of(_round32(tl.cast(S, tl.int64) * d_out), 32)
-    if G_GIVEN:
+    if FROM_GEMM:
         g3_ptr = g_ptr
     else:
         g3_ptr = (gpart_ptr + tl.multiple_of(_round32(tl.cast(S_G, tl.int64) * NT * (BN * BN)), 32)).to(
             tl.pointer_type(tl.bfloat16)
         )
     pid = tl.program_id(0)
-    if G_GIVEN:  # no gram programs, and none compiled in (their BN x BN accumulator sets the register count)
+    if FROM_GEMM:  # no gram programs, and none compiled in (their BN x BN accumulator sets the register count)
         n_gram = 0
     else:
         n_gram = NT * S_G
@@ -521,7 +511,7 @@ def _weight_norm_sq_kernel(
             )  # fmt: skip
     if pid >= n_gram:
         q = pid - n_gram
-        if U_GIVEN:  # no W to share in L2: the longest B G'' programs (n == 0) first, the shortest last
+        if FROM_GEMM:  # no W to share in L2: the longest B G'' programs (n == 0) first, the shortest last
             n = q // (n_m * S)
             q = q % (n_m * S)
         else:  # n fastest: the NR programs that read the same W tiles run side by side
@@ -530,10 +520,10 @@ def _weight_norm_sq_kernel(
         s = q % S
         m = q // S
         _main_program(
-            m, n, s, w_ptr, a_ptr, b_ptr, u_ptr, sumsq_ptr, out_ptr, out_sumsq_ptr, part_ptr, wpart_ptr, g3_ptr,
+            m, n, s, w_ptr, a_ptr, b_ptr, u_ptr, sumsq_ptr, out_ptr, part_ptr, wpart_ptr, g3_ptr,
             cnt_ptr, d_out, d_in, rank, r_pad, stride_wm, stride_wk, stride_ar, stride_ak, stride_bm,
-            stride_br, stride_um, stride_ur, scaling, eps, n_m, NR, S, NT, KT, BM, BN, BK, BKG, BG_STAGES, U_GIVEN, G_GIVEN,
-            COLD, OUT_SUMSQ, SQRT, A_MODE, B_MODE, EVEN_K, EVEN_MN, UPCAST,
+            stride_br, stride_um, stride_ur, scaling, eps, n_m, NR, S, NT, KT, BM, BN, BK, BKG, BG_STAGES, FROM_GEMM,
+            COLD, SQRT, A_MODE, B_MODE, EVEN_K, EVEN_MN, UPCAST,
         )  # fmt: skip
 
 

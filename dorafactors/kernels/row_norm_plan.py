@@ -7,7 +7,6 @@ deterministic. The host entry points are in ``row_norm.py``.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -129,17 +128,13 @@ def pick_config(
 
 
 @functools.lru_cache(maxsize=1024)
-def pick_finish_config(
-    d_out: int, d_in: int, rank: int, num_sms: int, interpret: bool, gram_programs: bool = False
-) -> NormKernelConfig:
-    """Launch configuration of the kernel's ``U_GIVEN`` mode (:func:`gemm_weight_norm_sq`): pure function.
+def pick_finish_config(d_out: int, d_in: int, rank: int, num_sms: int, interpret: bool) -> NormKernelConfig:
+    """Launch configuration of the kernel's ``FROM_GEMM`` mode (:func:`gemm_weight_norm_sq`): pure function.
 
     The main programs have no loop over ``d_in`` (U came from a GEMM), only the ``B G''`` chunks of each
-    (row, rank) tile: ``splits`` cuts them into up to 4 programs until the programs fill the SMs. With G from
-    a GEMM (the default) no gram programs are compiled in, which leaves room for 4 warps and a 3-deep
-    32-wide ``B G''`` pipeline (two programs per SM). With ``gram_programs``, those (the only ``d_in`` loops
-    left) split ``d_in`` into ``~sqrt(k_steps / 2)`` ranges, balancing a program's k-steps against the
-    ``S_G`` partial tiles its tile's last arrival sums, at most one wave.
+    (row, rank) tile: ``splits`` cuts them into up to 4 programs until the programs fill the SMs. G comes
+    from a GEMM too, so no gram programs are compiled in, which leaves room for 4 warps and a 3-deep 32-wide
+    ``B G''`` pipeline (two programs per SM).
     """
     block_n = min(128, _pow2_at_least(rank, 16))
     if interpret:
@@ -148,24 +143,14 @@ def pick_finish_config(
     block_m, block_k = 128, 64
     n_m = triton.cdiv(d_out, block_m)
     nr = triton.cdiv(rank, block_n)
-    if gram_programs:
-        # 8 warps for 128-wide tiles: 4 spill registers on sm_90 with the gram programs compiled in
-        # (tests/kernels/_row_norm_aot.py), which this kernel does not accept
-        num_warps, bg_chunk, bg_stages = (8 if block_n >= 128 else 4), 64, 2
-    else:
-        # measured on an H200 (tune_norm.py --finish-sweep, gpu-logs/s11): 4 warps with 32 x 3 against
-        # 8 warps with 64 x 2, whole path: 124 vs 130 us at 14336x4096, 98 vs 106 us at 4096x14336 r384
-        num_warps, bg_chunk, bg_stages = 4, 32, 3
+    # measured on an H200 (tune_norm.py --finish-sweep, gpu-logs/s11): 4 warps with 32 x 3 against
+    # 8 warps with 64 x 2, whole path: 124 vs 130 us at 14336x4096, 98 vs 106 us at 4096x14336 r384
+    num_warps, bg_chunk, bg_stages = 4, 32, 3
     chunks = max(1, block_n // min(block_n, bg_chunk))  # B G'' chunks of the last (shortest) rank tile
     splits = 1
     while n_m * nr * splits < num_sms and splits < 4 and splits < chunks * nr:
         splits += 1
-    k_steps = triton.cdiv(d_in, block_k)
-    nt = nr * (nr + 1) // 2
-    gram_splits = max(1, round(math.sqrt(k_steps / 2)))
-    cap = _GRAM_PARTIAL_BUDGET // (nt * block_n * block_n * 4)
-    gram_splits = max(1, min(gram_splits, num_sms // nt, cap, _MAX_SPLITS, k_steps))
-    return NormKernelConfig(block_m, block_n, block_k, num_warps, 3, splits, gram_splits, bg_chunk, bg_stages)
+    return NormKernelConfig(block_m, block_n, block_k, num_warps, 3, splits, 1, bg_chunk, bg_stages)
 
 
 @dataclass(frozen=True)
@@ -207,24 +192,24 @@ class NormPlan:
     def programs(self) -> int:
         return self.gram_tiles * self.gram_splits + self.row_tiles * self.rank_tiles * self.splits
 
-    def sections(self, cold: bool, g_given: bool = False) -> tuple[int, int, int, int]:
+    def sections(self, cold: bool, from_gemm: bool = False) -> tuple[int, int, int, int]:
         """fp32 elements of the workspace's four sections, in order (the kernel derives the same offsets):
         cross partials, ``||W||^2`` partials (cold only), gram partials and the bf16 ``G''`` parts (both
-        absent in ``G_GIVEN`` mode, whose G comes from a GEMM). Each starts 128-byte aligned."""
+        absent in ``FROM_GEMM`` mode, whose G comes from a GEMM). Each starts 128-byte aligned."""
         bn = self.config.block_n
         n_part = self.rank_tiles * self.splits * self.d_out
         n_wpart = self.splits * self.d_out if cold else 0
-        n_gpart = 0 if g_given else self.gram_splits * self.gram_tiles * bn * bn
-        n_g = 0 if g_given else (3 * self.r_pad * self.r_pad + 1) // 2  # three bf16 matrices (hi, mid, lo)
+        n_gpart = 0 if from_gemm else self.gram_splits * self.gram_tiles * bn * bn
+        n_g = 0 if from_gemm else (3 * self.r_pad * self.r_pad + 1) // 2  # three bf16 matrices (hi, mid, lo)
         return tuple(-(-n // 32) * 32 for n in (n_part, n_wpart, n_gpart, n_g))
 
-    def workspace_elements(self, cold: bool, g_given: bool = False) -> int:
+    def workspace_elements(self, cold: bool, from_gemm: bool = False) -> int:
         """fp32 elements of the one workspace a launch allocates (besides the ``[d_out]`` result)."""
-        return sum(self.sections(cold, g_given))
+        return sum(self.sections(cold, from_gemm))
 
-    def workspace_bytes(self, cold: bool, g_given: bool = False) -> int:
+    def workspace_bytes(self, cold: bool, from_gemm: bool = False) -> int:
         """Bytes a launch allocates: the workspace plus the fp32 ``[d_out]`` result (no ``d_in`` term)."""
-        return 4 * (self.workspace_elements(cold, g_given) + self.d_out)
+        return 4 * (self.workspace_elements(cold, from_gemm) + self.d_out)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -233,9 +218,8 @@ def _default_plan(d_out: int, d_in: int, rank: int, a_is_fp32: bool, num_sms: in
 
 
 @functools.lru_cache(maxsize=1024)
-def _finish_plan(d_out: int, d_in: int, rank: int, num_sms: int, interpret: bool, gram_programs: bool) -> NormPlan:
-    cfg = pick_finish_config(d_out, d_in, rank, num_sms, interpret, gram_programs)
-    return NormPlan.build(d_out, d_in, rank, cfg)
+def _finish_plan(d_out: int, d_in: int, rank: int, num_sms: int, interpret: bool) -> NormPlan:
+    return NormPlan.build(d_out, d_in, rank, pick_finish_config(d_out, d_in, rank, num_sms, interpret))
 
 
 def plan_for(

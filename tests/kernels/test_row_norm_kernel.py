@@ -139,8 +139,8 @@ def test_exact_inputs_give_the_fp64_truth_bitwise(d_out, d_in, rank, w_dtype, ad
     W, A, B = make_exact(d_out, d_in, rank, w_dtype, ad_dtype, seed=d_out + d_in)
     truth = truth_sq(W, A, B, scaling)
     assert truth.abs().max() < 2**24  # every intermediate is an exact fp32 integer (or half-integer)
-    sumsq = torch.empty(d_out, dtype=torch.float32, device=W.device)
-    cold = triton_weight_norm_sq(W, A, B, scaling, out_sumsq=sumsq, kernel_config=cfg)
+    sumsq = triton_row_sumsq(W)
+    cold = triton_weight_norm_sq(W, A, B, scaling, kernel_config=cfg)
     warm = triton_weight_norm_sq(W, A, B, scaling, cached_sumsq=sumsq, kernel_config=cfg)
     expect = truth.float()
     assert torch.equal(cold, expect), f"cold: max |diff| {(cold.double() - truth).abs().max():.3e}"
@@ -302,16 +302,12 @@ def test_strided_operands(ad_dtype):
 @pytest.mark.parametrize("ad_dtype", [torch.bfloat16, torch.float32])
 def test_bitwise_deterministic_and_cached_sumsq(ad_dtype):
     W, A, B = make_random(45, 90, 40, torch.bfloat16, ad_dtype, seed=9)
-    sumsq = torch.empty(45, dtype=torch.float32, device=W.device)
-    cold = [triton_weight_norm_sq(W, A, B, 1.3, out_sumsq=sumsq, kernel_config=SMALL_SPLIT) for _ in range(2)]
+    sumsq = triton_row_sumsq(W)
+    cold = [triton_weight_norm_sq(W, A, B, 1.3, kernel_config=SMALL_SPLIT) for _ in range(2)]
     warm = [triton_weight_norm_sq(W, A, B, 1.3, cached_sumsq=sumsq, kernel_config=SMALL_SPLIT) for _ in range(2)]
     assert torch.equal(cold[0], cold[1]) and torch.equal(warm[0], warm[1])
-    # the cross and gram terms do not depend on whether ||W||^2 is cached: same sumsq -> same bits
-    assert torch.equal(cold[0], warm[0])
-    # the standalone row sumsq agrees with the one the cold pass produced
-    assert_close_verbose(triton_row_sumsq(W), sumsq, rtol=1e-6, atol=0, name="row sumsq vs one-pass sumsq")
-    warm2 = triton_weight_norm_sq(W, A, B, 1.3, cached_sumsq=triton_row_sumsq(W), kernel_config=SMALL_SPLIT)
-    assert_close_verbose(warm2, cold[0], rtol=1e-6, atol=0, name="warm(row_sumsq) vs cold")
+    # the one-pass ||W||^2 and the standalone one differ only in summation order
+    assert_close_verbose(warm[0], cold[0], rtol=1e-6, atol=0, name="warm(row_sumsq) vs cold")
 
 
 def test_one_plan_shared_by_two_weight_dtypes_launches_each_in_its_own_mode():
@@ -392,8 +388,6 @@ def test_validation_errors():
         triton_weight_norm_sq(W, A.half(), B, 1.0)
     with pytest.raises(ValueError, match="cached_sumsq"):
         triton_weight_norm_sq(W, A, B, 1.0, cached_sumsq=torch.zeros(5, device=W.device))
-    with pytest.raises(ValueError, match="out_sumsq"):
-        triton_weight_norm_sq(W, A, B, 1.0, out_sumsq=torch.zeros(6, dtype=torch.float64, device=W.device))
     with pytest.raises(ValueError, match="power of two"):
         NormKernelConfig(block_m=48).validate()
 
@@ -526,17 +520,13 @@ GEMM_EXACT = [c for c in EXACT_CASES if c[3] == c[4]]
 GEMM_RANDOM = [c for c in RANDOM_CASES if c[3] == c[4]]
 
 
-@pytest.mark.parametrize("gram_from_gemm", [False, True], ids=["gram_programs", "gram_gemm"])
 @pytest.mark.parametrize("d_out,d_in,rank,w_dtype,ad_dtype,scaling,cfg", GEMM_EXACT)
-def test_gemm_exact_inputs_give_the_fp64_truth_bitwise(
-    d_out, d_in, rank, w_dtype, ad_dtype, scaling, cfg, gram_from_gemm
-):
+def test_gemm_exact_inputs_give_the_fp64_truth_bitwise(d_out, d_in, rank, w_dtype, ad_dtype, scaling, cfg):
     W, A, B = make_exact(d_out, d_in, rank, w_dtype, ad_dtype, seed=d_out + d_in)
     truth = truth_sq(W, A, B, scaling)
     expect = truth.float()
-    kw = dict(kernel_config=cfg, gram_from_gemm=gram_from_gemm)
-    cold = gemm_weight_norm_sq(W, A, B, scaling, **kw)
-    warm = gemm_weight_norm_sq(W, A, B, scaling, cached_sumsq=triton_row_sumsq(W), **kw)
+    cold = gemm_weight_norm_sq(W, A, B, scaling, kernel_config=cfg)
+    warm = gemm_weight_norm_sq(W, A, B, scaling, cached_sumsq=triton_row_sumsq(W), kernel_config=cfg)
     assert torch.equal(cold, expect), f"cold: max |diff| {(cold.double() - truth).abs().max():.3e}"
     assert torch.equal(warm, expect)
     assert counters_are_zero()
@@ -604,16 +594,12 @@ def test_gemm_strided_zero_scaling_eps_and_validation():
 
 @pytest.mark.parametrize("d_out,d_in,rank", ISSUE_SHAPES)
 def test_finish_plan_working_set_and_grid(d_out, d_in, rank):
-    """The U_GIVEN plan at the issue's shapes: U (and a GEMM's G) plus the workspace within the issue's memory
-    bound; the gram programs fit in one wave of 132 SMs."""
+    """The FROM_GEMM plan at the issue's shapes: U and G plus the workspace within the issue's memory bound."""
     bound = 4 * (d_out * rank + rank * rank) + 16 * 2**20
     cfg = pick_finish_config(d_out, d_in, rank, 132, False)
     plan = row_norm.NormPlan.build(d_out, d_in, rank, cfg)
-    assert plan.workspace_bytes(False, g_given=True) + 4 * (d_out * rank + rank * rank) <= bound
+    assert plan.workspace_bytes(False, from_gemm=True) + 4 * (d_out * rank + rank * rank) <= bound
     assert 1 <= plan.splits <= 4
-    with_gram = row_norm.NormPlan.build(d_out, d_in, rank, pick_finish_config(d_out, d_in, rank, 132, False, True))
-    assert with_gram.workspace_bytes(False) + 4 * d_out * rank <= bound
-    assert with_gram.gram_splits > 1 and with_gram.gram_tiles * with_gram.gram_splits <= 132
 
 
 # ---------------------------------------------------------------------------------------------
@@ -629,9 +615,8 @@ def test_heuristic_configs_compile_for_sm90_without_spills():
         "bf16_transposed_w",
         "bf16_r16_cold",
         "fp32_adapters_r64_cold",
-        "bf16_u_given",
-        "bf16_ug_given",
-        "fp16_ug_given",
+        "bf16_from_gemm",
+        "fp16_from_gemm",
     ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
@@ -653,14 +638,13 @@ def test_heuristic_configs_compile_for_sm90_without_spills():
         "bf16_transposed_w": 5,
         "bf16_r16_cold": 5,
         "fp32_adapters_r64_cold": 15,
-        "bf16_u_given": 4,
-        "bf16_ug_given": 3,
-        "fp16_ug_given": 5,
+        "bf16_from_gemm": 3,
+        "fp16_from_gemm": 5,
     }
     for name in names:
         r = report[name]
         assert r["stack"] == 0, f"{name}: register spills ({r})"
-        if not name.endswith("ug_given"):  # with U and G given no d_in loop is left to pipeline
+        if not name.endswith("from_gemm"):  # with U and G from GEMMs no d_in loop is left to pipeline
             assert r["async_copies"] >= 8, f"{name}: loads not pipelined ({r})"
         assert r["wgmma"] >= expected_dots[name], f"{name}: no tensor-core dots ({r})"
         assert r["shared"] <= 227 * 1024, f"{name}: more shared memory than sm_90 gives a block ({r})"
@@ -685,15 +669,16 @@ def test_gpu_issue_shapes_accuracy_determinism(d_out, d_in, rank, ad_dtype):
     W, A, B = _gpu_inputs(d_out, d_in, rank, ad_dtype)
     scaling = 2.0
     truth = truth_sq(W, A, B, scaling)
-    sumsq = torch.empty(d_out, dtype=torch.float32, device="cuda")
-    cold = triton_weight_norm_sq(W, A, B, scaling, out_sumsq=sumsq)
+    sumsq = triton_row_sumsq(W)
+    cold = triton_weight_norm_sq(W, A, B, scaling)
+    cold_again = triton_weight_norm_sq(W, A, B, scaling)
     warm = triton_weight_norm_sq(W, A, B, scaling, cached_sumsq=sumsq)
     again = triton_weight_norm_sq(W, A, B, scaling, cached_sumsq=sumsq)
     err = assert_norm_close(cold, truth, f"{d_out}x{d_in} r{rank} {ad_dtype}")
     print(f"\n{d_out}x{d_in} r{rank} {ad_dtype}: rel error of the norm {err:.3e}")
-    assert torch.equal(cold, warm) and torch.equal(warm, again)
-    assert_close_verbose(sumsq, W.double().square().sum(1), rtol=1e-6, atol=0, name="one-pass sumsq")
-    assert_close_verbose(triton_row_sumsq(W), sumsq, rtol=1e-6, atol=0, name="row sumsq")
+    assert torch.equal(cold, cold_again) and torch.equal(warm, again)
+    assert_norm_close(warm, truth, f"warm {d_out}x{d_in} r{rank} {ad_dtype}")
+    assert_close_verbose(sumsq, W.double().square().sum(1), rtol=1e-6, atol=0, name="row sumsq")
     torch.cuda.synchronize()
     assert counters_are_zero()
 
@@ -805,13 +790,12 @@ def test_gpu_gemm_path_accuracy_memory_determinism(d_out, d_in, rank):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gram_from_gemm", [False, True], ids=["gram_programs", "gram_gemm"])
-def test_gpu_gemm_exact_inputs_bitwise_and_cuda_graph(gram_from_gemm):
+def test_gpu_gemm_exact_inputs_bitwise_and_cuda_graph():
     """Exact data: the GPU GEMM path returns the fp64 truth bitwise, also replayed from a CUDA graph."""
     W, A, B = make_exact(4096, 2048, 384, torch.bfloat16, torch.bfloat16, seed=7, device="cuda")
     truth = truth_sq(W, A, B, 0.5).float()
     sumsq = triton_row_sumsq(W)
-    exact = gemm_weight_norm_sq(W, A, B, 0.5, cached_sumsq=sumsq, gram_from_gemm=gram_from_gemm)
+    exact = gemm_weight_norm_sq(W, A, B, 0.5, cached_sumsq=sumsq)
     assert torch.equal(exact, truth)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
