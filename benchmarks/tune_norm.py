@@ -229,8 +229,8 @@ def _probe_one(d_out: int, d_in: int, rank: int, rep_ms: int) -> dict:
     sumsq = triton_row_sumsq(W)
     U = (row_norm.matmul_fp32(W, A), row_norm.matmul_fp32(A, A))
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    cfg = row_norm.pick_finish_config(d_out, d_in, rank, sms, False)
-    plan = row_norm.NormPlan.build(d_out, d_in, rank, cfg)
+    cfg = row_norm.pick_gemm_config(d_out, d_in, rank, sms, False)
+    plan = row_norm.NormLaunchPlan.build(d_out, d_in, rank, cfg)
     fns = {
         "floor_bf16": lambda: W @ A.T,
         "u_fp32": lambda: row_norm.matmul_fp32(W, A),
@@ -269,7 +269,7 @@ def _graph_ms(fn) -> float:
 
 def sweep_grid(shape: tuple[int, int, int]) -> list[tuple[str, NormKernelConfig]]:
     """One-pass configs around the heuristic's (runtime split counts share one compiled kernel), and
-    finish-kernel (``U_GIVEN``) configs around ``pick_finish_config``'s."""
+    finish-kernel (``U_GIVEN``) configs around ``pick_gemm_config``'s."""
     d_out, d_in, rank = shape
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     base = row_norm.pick_config(d_out, d_in, rank, False, sms, False)
@@ -280,7 +280,7 @@ def sweep_grid(shape: tuple[int, int, int]) -> list[tuple[str, NormKernelConfig]
                 cfg = dataclasses.replace(base, num_stages=stages, splits=splits, gram_splits=gram_splits)
                 if cfg != base:
                     out.append(("one_pass", cfg))
-    fbase = row_norm.pick_finish_config(d_out, d_in, rank, sms, False)
+    fbase = row_norm.pick_gemm_config(d_out, d_in, rank, sms, False)
     out.append(("finish", fbase))
     for warps in (4, 8):
         for splits in (1, 2, 3, 4, 6):
@@ -306,7 +306,7 @@ def sweep_configs(shapes, deadline: float) -> list[dict]:
         for kind, cfg in sweep_grid(shape):
             if time.monotonic() > deadline:
                 break
-            plan = row_norm.NormPlan.build(d_out, d_in, rank, cfg)
+            plan = row_norm.NormLaunchPlan.build(d_out, d_in, rank, cfg)
             if kind == "one_pass":
                 fn = functools.partial(
                     triton_weight_norm_sq, W, A, B, SCALING, cached_sumsq=sumsq, eps=EPS, kernel_config=cfg
@@ -359,9 +359,9 @@ def gemm_sweep(shapes, deadline: float) -> list[dict]:
         floor_graph = _graph_ms(lambda W=W, A=A: W @ A.T)
         floor_bench = bench(lambda W=W, A=A: W @ A.T, 30)
         u_graph = _graph_ms(lambda W=W, A=A: row_norm.matmul_fp32(W, A))
-        base = row_norm.pick_finish_config(d_out, d_in, rank, sms, False)
+        base = row_norm.pick_gemm_config(d_out, d_in, rank, sms, False)
         variants: list[tuple[str, dict]] = [("default", {})]
-        gram_cfg = row_norm.pick_finish_config(d_out, d_in, rank, sms, False, True)
+        gram_cfg = row_norm.pick_gemm_config(d_out, d_in, rank, sms, False, True)
         variants.append(("gram_programs", {"gram_from_gemm": False, "kernel_config": gram_cfg}))
         for sp in sorted({1, 2, 3} - {base.splits}):
             variants.append((f"S{sp}", {"kernel_config": dataclasses.replace(base, splits=sp)}))
@@ -503,7 +503,7 @@ def _finish_probe_one(d_out: int, d_in: int, rank: int, deadline: float) -> list
         + f" (us, graph); chain err {rows[-1].get('rel_err_vs_fp64')}",
         flush=True,
     )
-    base = row_norm.pick_finish_config(d_out, d_in, rank, sms, False)
+    base = row_norm.pick_gemm_config(d_out, d_in, rank, sms, False)
     one = row_norm.pick_config(d_out, d_in, rank, False, sms, False)
     rep = dataclasses.replace
     trials = [("finish", f"bg{c}x{st}", rep(base, bg_chunk=c, bg_stages=st), None) for c, st in _LOOP_VARIANTS]
@@ -514,7 +514,7 @@ def _finish_probe_one(d_out: int, d_in: int, rank: int, deadline: float) -> list
         if time.monotonic() > deadline:
             break
         row = dict(head, variant=f"{kind}:{name}", config=dataclasses.asdict(cfg))
-        plan = row_norm.NormPlan.build(d_out, d_in, rank, cfg)
+        plan = row_norm.NormLaunchPlan.build(d_out, d_in, rank, cfg)
         if kind == "one_pass":
             fn = functools.partial(
                 triton_weight_norm_sq, W, A, B, SCALING, cached_sumsq=sumsq, eps=EPS, kernel_config=cfg
@@ -574,7 +574,7 @@ def _finish_sweep_one(d_out: int, d_in: int, rank: int, deadline: float) -> list
     rows = [dict(head, variant="default_path", graph_ms=default, rel_err_vs_fp64=rel_err(whole()(), truth))]
     print(f"finish-sweep {(d_out, d_in, rank)}: floor {floor * 1e3:.1f} us, default path {default * 1e3:.1f} us "
           f"({default / floor:.2f}x)", flush=True)  # fmt: skip
-    base = row_norm.pick_finish_config(
+    base = row_norm.pick_gemm_config(
         d_out, d_in, rank, torch.cuda.get_device_properties(0).multi_processor_count, False
     )
     for bm, warps, chunk, stages, splits in _FINISH_GRID:
@@ -583,7 +583,7 @@ def _finish_sweep_one(d_out: int, d_in: int, rank: int, deadline: float) -> list
         cfg = dataclasses.replace(base, block_m=bm, num_warps=warps, bg_chunk=chunk, bg_stages=stages, splits=splits)
         name = f"BM{bm} w{warps} bg{chunk}x{stages} S{splits}"
         row = dict(head, variant=name, config=dataclasses.asdict(cfg))
-        plan = row_norm.NormPlan.build(d_out, d_in, rank, cfg)
+        plan = row_norm.NormLaunchPlan.build(d_out, d_in, rank, cfg)
         launch = functools.partial(row_norm._launch, plan, W, A, B, (U0, G0), sumsq, None, SCALING, EPS, False)
         path = whole(kernel_config=cfg, gram_from_gemm=True)
         try:
@@ -608,8 +608,8 @@ def ncu_target(d_out: int, d_in: int, rank: int, mode: str) -> None:
     W, A, B = make_inputs(d_out, d_in, rank, torch.bfloat16)
     sumsq = triton_row_sumsq(W)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    cfg = row_norm.pick_finish_config(d_out, d_in, rank, sms, False, True)  # the config gram programs need
-    plan = row_norm.NormPlan.build(d_out, d_in, rank, cfg)
+    cfg = row_norm.pick_gemm_config(d_out, d_in, rank, sms, False, True)  # the config gram programs need
+    plan = row_norm.NormLaunchPlan.build(d_out, d_in, rank, cfg)
     U = row_norm.matmul_fp32(W, A)
     for _ in range(4):
         if mode == "finish":

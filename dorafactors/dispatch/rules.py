@@ -58,7 +58,7 @@ FUSED_BACKWARD_MIN_ELEMENTS = 1 << 20
 #: of its own. Larger calls keep the compose kernel.
 INFERENCE_FOLD_MAX_ROWS = 256
 
-#: The GEMM norm path (a cuBLAS GEMM for ``W A^T`` + the kernel's ``U_GIVEN`` mode) is taken from this
+#: The GEMM norm path (a cuBLAS GEMM for ``W A^T`` + the kernel's ``FROM_GEMM`` mode) is taken from this
 #: ``d_in * r`` on, or from ``NORM_GEMM_MIN_MACS`` multiply-adds ``d_out * d_in * r`` on: below both the
 #: one-pass kernel's single launch costs less than the GEMM path saves on the device. Measured on an H200:
 #: 2026-12-01 (``gpu-logs/s8/norm_gemm_probe_v2.log``) one-pass ahead at (d_in, r) = (4096, 16..768), the GEMM
@@ -292,7 +292,7 @@ def mm_out_dtype_available() -> bool:
 
 
 def norm_gemm_ok(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[bool, str]:
-    """Among the Triton norm paths: the GEMM + finish kernel (``gemm_weight_norm_sq``) rather than the
+    """Among the Triton norm paths: the GEMM path (``gemm_weight_norm_sq``) rather than the
     one-pass kernel? For half ``A`` and ``B`` in W's dtype, ``d_in * r >= NORM_GEMM_MIN_DIN_RANK`` or
     ``d_out * d_in * r >= NORM_GEMM_MIN_MACS``, where an fp32-output GEMM is available (CUDA:
     ``mm_out_dtype_available``; the CPU interpreter multiplies fp32 upcasts). fp32 adapters keep the one-pass

@@ -14,23 +14,23 @@ from ._triton_utils import ticket_buffer
 from .row_norm_kernel import _row_sumsq_kernel, _weight_norm_sq_kernel
 from .row_norm_plan import (
     NormKernelConfig,
-    NormPlan,
-    _default_plan,
-    _finish_plan,
+    NormLaunchPlan,
+    _gemm_plan,
     _num_sms,
+    _one_pass_plan,
     pick_config,
-    pick_finish_config,
+    pick_gemm_config,
     plan_for,
 )
 
 __all__ = [
     "NormKernelConfig",
-    "NormPlan",
+    "NormLaunchPlan",
     "gemm_supported",
     "gemm_weight_norm_sq",
     "matmul_fp32",
     "pick_config",
-    "pick_finish_config",
+    "pick_gemm_config",
     "plan_for",
     "triton_row_sumsq",
     "triton_weight_norm_sq",
@@ -82,7 +82,7 @@ def triton_row_sumsq(weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _finish_on_host(norm_sq: torch.Tensor, eps: float) -> torch.Tensor:
+def _norm_from_square_on_host(norm_sq: torch.Tensor, eps: float) -> torch.Tensor:
     """``max(sqrt(max(n^2, 0)), eps)`` of an fp32 ``[d_out]`` vector outside the kernel (the no-product cases),
     with the kernel's correctly rounded sqrt on every device: the sqrt is taken in fp64 and rounded once
     (exact for fp32), since some CPU builds' vectorized fp32 sqrt is off by an ulp. NaN stays NaN."""
@@ -158,18 +158,18 @@ def triton_weight_norm_sq(
         return torch.zeros(0, dtype=torch.float32, device=device)
     if scaling == 0.0 or rank == 0 or d_in == 0:
         res = cached_sumsq.clone() if cached_sumsq is not None else triton_row_sumsq(weight)
-        return res if eps is None else _finish_on_host(res, eps)
+        return res if eps is None else _norm_from_square_on_host(res, eps)
 
     a_is_fp32 = lora_A.dtype == torch.float32
     if kernel_config is None:
-        plan = _default_plan(d_out, d_in, rank, a_is_fp32, _num_sms(device), interpret)
+        plan = _one_pass_plan(d_out, d_in, rank, a_is_fp32, _num_sms(device), interpret)
     else:
-        plan = NormPlan.build(d_out, d_in, rank, kernel_config)
+        plan = NormLaunchPlan.build(d_out, d_in, rank, kernel_config)
     return _launch(plan, weight, lora_A, lora_B, None, cached_sumsq, scaling, eps, interpret)
 
 
 def _launch(
-    plan: NormPlan,
+    plan: NormLaunchPlan,
     weight: torch.Tensor,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
@@ -246,7 +246,7 @@ def _launch(
 
 
 def _launch_constants(
-    plan: NormPlan,
+    plan: NormLaunchPlan,
     w_dtype: torch.dtype,
     a_dtype: torch.dtype,
     b_dtype: torch.dtype,
@@ -350,10 +350,10 @@ def gemm_weight_norm_sq(
     sumsq = cached_sumsq if cached_sumsq is not None else triton_row_sumsq(weight)
     if scaling == 0.0 or rank == 0 or d_in == 0:
         res = sumsq.clone() if sumsq is cached_sumsq else sumsq
-        return res if eps is None else _finish_on_host(res, eps)
+        return res if eps is None else _norm_from_square_on_host(res, eps)
     if kernel_config is None:
-        plan = _finish_plan(d_out, d_in, rank, _num_sms(device), interpret)
+        plan = _gemm_plan(d_out, d_in, rank, _num_sms(device), interpret)
     else:
-        plan = NormPlan.build(d_out, d_in, rank, kernel_config)
+        plan = NormLaunchPlan.build(d_out, d_in, rank, kernel_config)
     gemms = (matmul_fp32(weight, lora_A), matmul_fp32(lora_A, lora_A))
     return _launch(plan, weight, lora_A, lora_B, gemms, sumsq, scaling, eps, interpret)

@@ -50,7 +50,7 @@ not ``cached_sumsq`` is given: a warm call differs from a cold one only by the `
 Working set: the kernel allocates nothing proportional to ``d_in``: fp32 partials
 ``(NR * S + S) * d_out`` (``S`` <= 16 splits), the gram partials ``S_G * NT * BN^2`` fp32 (capped at 8 MiB
 by the heuristic) and the three ``r_pad x r_pad`` bf16 parts of ``G''``, plus the ``[d_out]`` result
-(:meth:`NormPlan.workspace_bytes`). There is therefore no ``d_in`` chunking to do:
+(:meth:`NormLaunchPlan.workspace_bytes`). There is therefore no ``d_in`` chunking to do:
 ``PEFT_DORA_NORM_CHUNK_MB`` bounds the PyTorch reference only.
 
 Synchronization uses a small int32 ticket buffer per (device, stream) that the kernel itself resets to zero
@@ -485,7 +485,7 @@ def _weight_norm_sq_kernel(
     EVEN_MN: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    # the workspace's sections, laid out as NormPlan.sections() does (each 32-element aligned): cross
+    # the workspace's sections, laid out as NormLaunchPlan.sections() does (each 32-element aligned): cross
     # partials [NR * S, d_out], ||W||^2 partials [S, d_out] (cold launches only), gram partials
     # [S_G * NT, BN, BN], then the three bf16 parts of G''. FROM_GEMM: G is the fp32 GEMM result g_ptr.
     part_ptr = ws_ptr

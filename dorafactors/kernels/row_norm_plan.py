@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import triton
 
-__all__ = ["NormKernelConfig", "NormPlan", "pick_config", "pick_finish_config", "plan_for"]
+__all__ = ["NormKernelConfig", "NormLaunchPlan", "pick_config", "pick_gemm_config", "plan_for"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +128,7 @@ def pick_config(
 
 
 @functools.lru_cache(maxsize=1024)
-def pick_finish_config(d_out: int, d_in: int, rank: int, num_sms: int, interpret: bool) -> NormKernelConfig:
+def pick_gemm_config(d_out: int, d_in: int, rank: int, num_sms: int, interpret: bool) -> NormKernelConfig:
     """Launch configuration of the kernel's ``FROM_GEMM`` mode (:func:`gemm_weight_norm_sq`): pure function.
 
     The main programs have no loop over ``d_in`` (U came from a GEMM), only the ``B G''`` chunks of each
@@ -154,7 +154,7 @@ def pick_finish_config(d_out: int, d_in: int, rank: int, num_sms: int, interpret
 
 
 @dataclass(frozen=True)
-class NormPlan:
+class NormLaunchPlan:
     """Everything a launch derives from (shape, config): grid layout and workspace sizes."""
 
     config: NormKernelConfig
@@ -171,7 +171,7 @@ class NormPlan:
     launch_cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @classmethod
-    def build(cls, d_out: int, d_in: int, rank: int, cfg: NormKernelConfig) -> NormPlan:
+    def build(cls, d_out: int, d_in: int, rank: int, cfg: NormKernelConfig) -> NormLaunchPlan:
         cfg.validate()
         rank_tiles = triton.cdiv(rank, cfg.block_n)
         k_steps = triton.cdiv(d_in, cfg.block_k)
@@ -213,13 +213,13 @@ class NormPlan:
 
 
 @functools.lru_cache(maxsize=1024)
-def _default_plan(d_out: int, d_in: int, rank: int, a_is_fp32: bool, num_sms: int, interpret: bool) -> NormPlan:
-    return NormPlan.build(d_out, d_in, rank, pick_config(d_out, d_in, rank, a_is_fp32, num_sms, interpret))
+def _one_pass_plan(d_out: int, d_in: int, rank: int, a_is_fp32: bool, num_sms: int, interpret: bool) -> NormLaunchPlan:
+    return NormLaunchPlan.build(d_out, d_in, rank, pick_config(d_out, d_in, rank, a_is_fp32, num_sms, interpret))
 
 
 @functools.lru_cache(maxsize=1024)
-def _finish_plan(d_out: int, d_in: int, rank: int, num_sms: int, interpret: bool) -> NormPlan:
-    return NormPlan.build(d_out, d_in, rank, pick_finish_config(d_out, d_in, rank, num_sms, interpret))
+def _gemm_plan(d_out: int, d_in: int, rank: int, num_sms: int, interpret: bool) -> NormLaunchPlan:
+    return NormLaunchPlan.build(d_out, d_in, rank, pick_gemm_config(d_out, d_in, rank, num_sms, interpret))
 
 
 def plan_for(
@@ -230,12 +230,12 @@ def plan_for(
     a_is_fp32: bool,
     device: torch.device | str = "cuda",
     num_sms: int | None = None,
-) -> NormPlan:
+) -> NormLaunchPlan:
     """The plan :func:`triton_weight_norm_sq` uses for a shape (for tests, benchmarks and memory accounting)."""
     device = torch.device(device)
     sms = num_sms if num_sms is not None else _num_sms(device)
     interpret = device.type != "cuda"
-    return _default_plan(d_out, d_in, rank, a_is_fp32, sms, interpret)
+    return _one_pass_plan(d_out, d_in, rank, a_is_fp32, sms, interpret)
 
 
 @functools.lru_cache(maxsize=16)

@@ -24,7 +24,7 @@ def clamp_eps(weight_dtype: torch.dtype) -> float:
 
 def norm_path(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> str:
     """Which implementation :func:`weight_norm` uses: ``"dense"`` (``d_in <= r``), ``"gemm"`` (fp32-output
-    GEMMs for ``W A^T`` and ``A A^T`` + the Triton kernel's ``U_GIVEN`` mode; half adapters at the sizes of
+    GEMMs for ``W A^T`` and ``A A^T`` + the Triton kernel's ``FROM_GEMM`` mode; half adapters at the sizes of
     ``rules.norm_gemm_ok``), ``"triton"`` (the one-pass Triton kernel: fp32 adapters, smaller half-adapter shapes) or ``"torch"``
     (the PyTorch reference)."""
     if weight.shape[1] <= lora_A.shape[0]:

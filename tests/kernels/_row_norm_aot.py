@@ -37,7 +37,7 @@ _GEMM_PATH = dict(
     bdt="bf16",
     cold=False,
     from_gemm=True,
-    cfg=row_norm.pick_finish_config(8192, 8192, 384, 132, False),
+    cfg=row_norm.pick_gemm_config(8192, 8192, 384, 132, False),
     unit_strides=("stride_wk", "stride_ak", "stride_br", "stride_ur"),
 )
 

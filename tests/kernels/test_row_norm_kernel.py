@@ -30,7 +30,7 @@ from dorafactors.kernels.row_norm import (
     NormKernelConfig,
     gemm_weight_norm_sq,
     pick_config,
-    pick_finish_config,
+    pick_gemm_config,
     plan_for,
     triton_row_sumsq,
     triton_weight_norm_sq,
@@ -514,7 +514,7 @@ def test_plan_working_set_and_grid(d_out, d_in, rank, a_is_fp32):
 
 
 # ---------------------------------------------------------------------------------------------
-# the GEMM path: fp32 W A^T from a GEMM (cuBLAS on GPUs), the rest in the kernel's U_GIVEN mode
+# the GEMM path: fp32 W A^T from a GEMM (cuBLAS on GPUs), the rest in the kernel's FROM_GEMM mode
 
 GEMM_EXACT = [c for c in EXACT_CASES if c[3] == c[4]]
 GEMM_RANDOM = [c for c in RANDOM_CASES if c[3] == c[4]]
@@ -593,11 +593,11 @@ def test_gemm_strided_zero_scaling_eps_and_validation():
 
 
 @pytest.mark.parametrize("d_out,d_in,rank", ISSUE_SHAPES)
-def test_finish_plan_working_set_and_grid(d_out, d_in, rank):
+def test_gemm_plan_working_set_and_grid(d_out, d_in, rank):
     """The FROM_GEMM plan at the issue's shapes: U and G plus the workspace within the issue's memory bound."""
     bound = 4 * (d_out * rank + rank * rank) + 16 * 2**20
-    cfg = pick_finish_config(d_out, d_in, rank, 132, False)
-    plan = row_norm.NormPlan.build(d_out, d_in, rank, cfg)
+    cfg = pick_gemm_config(d_out, d_in, rank, 132, False)
+    plan = row_norm.NormLaunchPlan.build(d_out, d_in, rank, cfg)
     assert plan.workspace_bytes(False, from_gemm=True) + 4 * (d_out * rank + rank * rank) <= bound
     assert 1 <= plan.splits <= 4
 
