@@ -22,6 +22,7 @@ import logging
 
 import torch
 
+from ..kernels.operands import KERNEL_DTYPES, mm_out_dtype_available, norm_operands_problem
 from . import config
 
 __all__ = [
@@ -39,7 +40,6 @@ __all__ = [
     "fused_norm_ok",
     "inference_fold_ok",
     "kernels_enabled",
-    "mm_out_dtype_available",
     "norm_gemm_ok",
     "triton_importable",
 ]
@@ -68,8 +68,6 @@ INFERENCE_FOLD_MAX_ROWS = 256
 NORM_GEMM_MIN_DIN_RANK = 4 * 1024 * 1024
 NORM_GEMM_MIN_MACS = 2**34
 
-_KERNEL_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32))
-_HALF = (torch.float16, torch.bfloat16)
 _logged: set[tuple[str, str]] = set()
 
 
@@ -146,11 +144,11 @@ def _under_compile() -> bool:
 
 
 def _dtype_reason(lora_dtype, base_dtype, scale_dtype, out_dtype) -> str:
-    if lora_dtype not in _KERNEL_DTYPES or base_dtype not in _KERNEL_DTYPES:
+    if lora_dtype not in KERNEL_DTYPES or base_dtype not in KERNEL_DTYPES:
         return f"activation dtype {lora_dtype}/{base_dtype} (kernels take fp16/bf16/fp32)"
-    if scale_dtype not in _KERNEL_DTYPES:
+    if scale_dtype not in KERNEL_DTYPES:
         return f"scale dtype {scale_dtype}"
-    if out_dtype is not None and out_dtype not in _KERNEL_DTYPES:
+    if out_dtype is not None and out_dtype not in KERNEL_DTYPES:
         return f"output dtype {out_dtype}"
     return ""
 
@@ -247,15 +245,9 @@ def fused_norm_ok(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
     ok, reason = kernels_enabled(weight.device)
     if not ok:
         return _reject("norm", reason)
-    if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
-        return _reject("norm", "operands are not 2-D")
-    if weight.dtype not in _HALF:
-        return _reject("norm", f"weight dtype {weight.dtype} (the tensor-core kernel takes fp16/bf16 W)")
-    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
-        if t.dtype not in (weight.dtype, torch.float32):
-            return _reject("norm", f"{name} dtype {t.dtype} with W {weight.dtype}")
-        if t.device != weight.device:
-            return _reject("norm", f"{name} on {t.device}, W on {weight.device}")
+    reason = norm_operands_problem(weight, lora_A, lora_B)
+    if reason:
+        return _reject("norm", reason)
     if _is_dtensor(weight) or _is_dtensor(lora_A) or _is_dtensor(lora_B):
         return _reject("norm", "DTensor operands")
     if _under_compile():
@@ -278,17 +270,6 @@ def inference_fold_ok(rows: int) -> tuple[bool, str]:
     if not config.norm_cache_enabled():
         return False, "PEFT_DORA_NORM_CACHE=0"
     return True, ""
-
-
-_mm_out_dtype: bool | None = None
-
-
-def mm_out_dtype_available() -> bool:
-    """``torch.mm(a, b, out_dtype=torch.float32)`` exists (PyTorch >= 2.9; CUDA kernels only)."""
-    global _mm_out_dtype
-    if _mm_out_dtype is None:
-        _mm_out_dtype = hasattr(torch.ops.aten.mm, "dtype")
-    return _mm_out_dtype
 
 
 def norm_gemm_ok(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[bool, str]:

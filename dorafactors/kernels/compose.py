@@ -39,10 +39,10 @@ from .compose_launch import (
     forced_config,
     launch_counts,
 )
+from .operands import KERNEL_DTYPES
 
 __all__ = [
     "BACKWARD_PROGRAMS_PER_SM",
-    "KERNEL_DTYPES",
     "compose_backward",
     "compose_forward",
     "compose_forward_",
@@ -50,8 +50,6 @@ __all__ = [
     "forced_config",
     "launch_counts",
 ]
-
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 #: Programs per SM the one-pass backward aims for (rows are split into groups to reach it).
 BACKWARD_PROGRAMS_PER_SM = 8
@@ -99,11 +97,8 @@ def _check_size(R, K) -> None:
 
 def _check_dtypes(*tensors: torch.Tensor) -> None:
     for t in tensors:
-        if t.dtype not in _KERNEL_DTYPE_SET:
+        if t.dtype not in KERNEL_DTYPES:
             raise TypeError(f"compose kernels take fp16/bf16/fp32 tensors, got {t.dtype} (use the PyTorch reference)")
-
-
-_KERNEL_DTYPE_SET = frozenset(KERNEL_DTYPES)
 
 
 # ------------------------------------------------------------------------------------------------ forward
@@ -169,7 +164,7 @@ def compose_forward(
     _check_operands(lora, base, g, channel_dim)
     out_dtype = out_dtype or torch.promote_types(lora.dtype, base.dtype)
     _check_dtypes(lora, base, g)
-    if out_dtype not in _KERNEL_DTYPE_SET:
+    if out_dtype not in KERNEL_DTYPES:
         raise TypeError(f"out_dtype {out_dtype} is not a kernel dtype")
     if lora.numel() == 0:
         out = torch.empty(lora.shape, dtype=out_dtype, device=lora.device)
@@ -365,7 +360,7 @@ def compose_backward(
     if need_g and inner.shape != d_out.shape:  # type: ignore[union-attr]
         raise ValueError("inner must have d_out's shape")
     _check_dtypes(d_out, g, *((inner,) if need_g else ()))
-    if lora_dtype not in _KERNEL_DTYPE_SET or base_dtype not in _KERNEL_DTYPE_SET:
+    if lora_dtype not in KERNEL_DTYPES or base_dtype not in KERNEL_DTYPES:
         raise TypeError("d_lora / d_base dtypes must be kernel dtypes")
     if not (need_lora or need_base or need_g):
         return None, None, None

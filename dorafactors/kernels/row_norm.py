@@ -9,14 +9,13 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..dispatch import config
-from ._triton_utils import ticket_buffer
+from ._triton_utils import is_interpreted, num_sms, ticket_buffer
+from .operands import mm_out_dtype_available, norm_operands_problem
 from .row_norm_kernel import _row_sumsq_kernel, _weight_norm_sq_kernel
 from .row_norm_plan import (
     NormKernelConfig,
     NormLaunchPlan,
     _gemm_plan,
-    _num_sms,
     _one_pass_plan,
     pick_config,
     pick_gemm_config,
@@ -36,8 +35,6 @@ __all__ = [
     "triton_weight_norm_sq",
 ]
 
-_HALF = (torch.float16, torch.bfloat16)
-
 
 # ---------------------------------------------------------------------------------------------
 # host functions
@@ -45,7 +42,7 @@ _HALF = (torch.float16, torch.bfloat16)
 
 def _check_device(t: torch.Tensor) -> bool:
     """True when launching on ``t``'s device runs the interpreter (CPU tensors)."""
-    interpret = config.triton_interpreter_active()
+    interpret = is_interpreted(_weight_norm_sq_kernel)
     if t.device.type != "cuda" and not interpret:
         raise ValueError(f"the Triton norm kernels need CUDA tensors (or TRITON_INTERPRET=1); got {t.device}")
     return interpret
@@ -90,8 +87,9 @@ def _norm_from_square_on_host(norm_sq: torch.Tensor, eps: float) -> torch.Tensor
 
 
 def _validate(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
-    if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
-        raise ValueError("weight, lora_A and lora_B must be 2-D")
+    problem = norm_operands_problem(weight, lora_A, lora_B)
+    if problem:
+        raise ValueError(problem)
     d_out, d_in = weight.shape
     rank = lora_A.shape[0]
     if lora_A.shape[1] != d_in or lora_B.shape != (d_out, rank):
@@ -99,13 +97,6 @@ def _validate(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) 
             f"shape mismatch: W {tuple(weight.shape)}, A {tuple(lora_A.shape)}, B {tuple(lora_B.shape)}; "
             "expected A [r, d_in] and B [d_out, r]"
         )
-    if weight.dtype not in _HALF:
-        raise ValueError(f"the tensor-core norm takes fp16/bf16 W, got {weight.dtype}")
-    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
-        if t.dtype not in (weight.dtype, torch.float32):
-            raise ValueError(f"{name} dtype {t.dtype}: must be W's dtype ({weight.dtype}) or fp32")
-        if t.device != weight.device:
-            raise ValueError(f"{name} is on {t.device}, W on {weight.device}")
 
 
 def _as_sumsq(cached_sumsq: torch.Tensor | None, d_out: int, device: torch.device) -> torch.Tensor | None:
@@ -162,7 +153,7 @@ def triton_weight_norm_sq(
 
     a_is_fp32 = lora_A.dtype == torch.float32
     if kernel_config is None:
-        plan = _one_pass_plan(d_out, d_in, rank, a_is_fp32, _num_sms(device), interpret)
+        plan = _one_pass_plan(d_out, d_in, rank, a_is_fp32, num_sms(device), interpret)
     else:
         plan = NormLaunchPlan.build(d_out, d_in, rank, kernel_config)
     return _launch(plan, weight, lora_A, lora_B, None, cached_sumsq, scaling, eps, interpret)
@@ -294,8 +285,6 @@ def gemm_supported(device: torch.device) -> bool:
     CUDA: ``torch.mm(..., out_dtype=torch.float32)`` (PyTorch >= 2.9, cuBLAS with fp32 output). The CPU
     (Triton's interpreter, tests) multiplies the fp32 upcasts instead: the same exact products.
     """
-    from ..dispatch.rules import mm_out_dtype_available
-
     return device.type != "cuda" or mm_out_dtype_available()
 
 
@@ -352,7 +341,7 @@ def gemm_weight_norm_sq(
         res = sumsq.clone() if sumsq is cached_sumsq else sumsq
         return res if eps is None else _norm_from_square_on_host(res, eps)
     if kernel_config is None:
-        plan = _gemm_plan(d_out, d_in, rank, _num_sms(device), interpret)
+        plan = _gemm_plan(d_out, d_in, rank, num_sms(device), interpret)
     else:
         plan = NormLaunchPlan.build(d_out, d_in, rank, kernel_config)
     gemms = (matmul_fp32(weight, lora_A), matmul_fp32(lora_A, lora_A))

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 import triton
 
+from ._triton_utils import num_sms as device_sms
+
 __all__ = ["NormKernelConfig", "NormLaunchPlan", "pick_config", "pick_gemm_config", "plan_for"]
 
 
@@ -233,13 +235,6 @@ def plan_for(
 ) -> NormLaunchPlan:
     """The plan :func:`triton_weight_norm_sq` uses for a shape (for tests, benchmarks and memory accounting)."""
     device = torch.device(device)
-    sms = num_sms if num_sms is not None else _num_sms(device)
+    sms = num_sms if num_sms is not None else device_sms(device)
     interpret = device.type != "cuda"
     return _one_pass_plan(d_out, d_in, rank, a_is_fp32, sms, interpret)
-
-
-@functools.lru_cache(maxsize=16)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1

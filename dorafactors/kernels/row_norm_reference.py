@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .compose_reference import math_dtype as compute_dtype_for
+from .operands import compute_dtype_for
 
 __all__ = ["ChunkPlan", "factored_row_norm_sq", "plan_chunk_columns", "row_sumsq"]
 

@@ -9,17 +9,16 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import config, rules
+from ..kernels.operands import HALF_DTYPES, compute_dtype_for
 from ..kernels.row_norm_reference import factored_row_norm_sq, plan_chunk_columns, row_sumsq
-from .dense import compute_dtype_for, dense_factor_row_norm_sq
+from .dense import dense_factor_row_norm_sq
 
 __all__ = ["clamp_eps", "conv_factors", "norm_path", "weight_norm", "weight_sumsq"]
-
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def clamp_eps(weight_dtype: torch.dtype) -> float:
     """Smallest norm the engine returns: 1e-6 for half-precision weights, 1e-12 otherwise."""
-    return 1e-6 if weight_dtype in _HALF else 1e-12
+    return 1e-6 if weight_dtype in HALF_DTYPES else 1e-12
 
 
 def norm_path(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> str:
