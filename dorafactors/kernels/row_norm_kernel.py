@@ -263,64 +263,20 @@ def _gram_program(
 
 
 @triton.jit
-def _main_program(
-    m,
-    n,
-    s,
-    w_ptr,
-    a_ptr,
-    b_ptr,
-    u_ptr,
-    sumsq_ptr,
-    out_ptr,
-    part_ptr,
-    wpart_ptr,
-    g3_ptr,
-    cnt_ptr,
-    d_out,
-    d_in,
-    rank,
-    r_pad,
-    stride_wm,
-    stride_wk,
-    stride_ar,
-    stride_ak,
-    stride_bm,
-    stride_br,
-    stride_um,
-    stride_ur,
-    scaling,
-    eps,
-    n_m,
-    NR,
-    S,
-    NT,
-    KT,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    BKG: tl.constexpr,
-    BG_STAGES: tl.constexpr,
-    FROM_GEMM: tl.constexpr,
-    COLD: tl.constexpr,
-    SQRT: tl.constexpr,
-    A_MODE: tl.constexpr,
-    B_MODE: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    EVEN_MN: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    rows = m * BM + tl.arange(0, BM)
-    row_ok = rows < d_out
-    rows64 = rows.to(tl.int64)
-    rn = n * BN + tl.arange(0, BN)
-    rn_ok = rn < rank
-    rn64 = rn.to(tl.int64)
+def _cross_tile(
+    n, s, w_ptr, a_ptr, u_ptr, rows64, row_ok, rn64, rn_ok, d_in, stride_wm, stride_wk, stride_ar, stride_ak,
+    stride_um, stride_ur, KT, S,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FROM_GEMM: tl.constexpr, COLD: tl.constexpr,
+    A_MODE: tl.constexpr, EVEN_K: tl.constexpr, EVEN_MN: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """``(W[rows, split] @ A[rn, split]^T, ||W[rows, split]||^2)``, fp32 ``[BM, BN]`` and ``[BM]``.
+
+    ``||W||^2`` is computed only by the cold ``n == 0`` programs (zeros otherwise). ``FROM_GEMM``: ``W A^T``
+    came from a GEMM (``u_ptr``), and the split ``s == 0`` program adds U's tile once.
+    """
     it0 = s * KT // S
     it1 = (s + 1) * KT // S
-
-    # 1. acc = W[rows, split] @ A[rn, split]^T (and ||W[rows, split]||^2 in the cold n == 0 programs)
-    if FROM_GEMM:  # W A^T came from a GEMM (gemm_weight_norm_sq): the split s == 0 program adds U's tile once
+    if FROM_GEMM:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         wsq = tl.zeros((BM,), dtype=tl.float32)
         if s == 0:
@@ -345,12 +301,20 @@ def _main_program(
             w_ptr, a_ptr, rows64, row_ok, rn64, rn_ok, d_in, stride_wm, stride_wk, stride_ar, stride_ak,
             it0, it1, BM, BN, BK, A_MODE, False, EVEN_K, EVEN_MN, UPCAST,
         )  # fmt: skip
+    return acc, wsq
 
-    # 2. acc += B[rows, k] @ G''[k, rn] for this split's share of the chunks k >= n*BN (lower block triangle)
-    if not FROM_GEMM:  # wait for the gram programs (FROM_GEMM: the fp32 G = A A^T came from a GEMM)
-        done = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
-        while done < NT:
-            done = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
+
+@triton.jit
+def _add_gram_term(
+    acc, n, s, b_ptr, g3_ptr, rows64, row_ok, rn64, rn_ok, rank, r_pad, stride_bm, stride_br, scaling, S,
+    BN: tl.constexpr, BKG: tl.constexpr, BG_STAGES: tl.constexpr, FROM_GEMM: tl.constexpr,
+    B_MODE: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """``acc + B[rows, k] @ G''[k, rn]`` for split ``s``'s share of the chunks ``k >= n * BN`` (``G''``: the
+    scaled lower block triangle of ``A A^T``; its bf16 parts in ``g3_ptr``, or ``FROM_GEMM``: the fp32 G).
+
+    Only products of parts whose orders sum to < 3 are kept: ~24 bits, fp32's own precision.
+    """
     n_chunks = (r_pad - n * BN) // BKG
     c0 = s * n_chunks // S
     c1 = (s + 1) * n_chunks // S
@@ -375,7 +339,6 @@ def _main_program(
             g_hi = tl.load(g_ptrs, cache_modifier=".cg")
             g_mid = tl.load(g_ptrs + r_pad * r_pad, cache_modifier=".cg")
             g_lo = tl.load(g_ptrs + 2 * r_pad * r_pad, cache_modifier=".cg")
-        # products of parts whose orders sum to < 3: ~24 bits, fp32's own precision
         if B_MODE == 0:  # bf16 B: exact in one part
             acc = _mma(b, g_hi, acc, UPCAST)
             acc = _mma(b, g_mid, acc, UPCAST)
@@ -395,6 +358,67 @@ def _main_program(
             acc = _mma(b_mid, g_hi, acc, UPCAST)
             acc = _mma(b_mid, g_mid, acc, UPCAST)
             acc = _mma(b_lo, g_hi, acc, UPCAST)
+    return acc
+
+
+@triton.jit
+def _assemble_rows(
+    rows64, row_ok, sumsq_ptr, out_ptr, part_ptr, wpart_ptr, d_out, scaling, eps, NR, S,
+    BM: tl.constexpr, COLD: tl.constexpr, SQRT: tl.constexpr,
+):  # fmt: skip
+    """The last program of a row tile: ``||W||^2 + 2s * cross`` from the partials, summed in a fixed order."""
+    cross = tl.zeros((BM,), dtype=tl.float32)
+    p_ptrs = part_ptr + rows64
+    for _ in range(NR * S):
+        cross += tl.load(p_ptrs, mask=row_ok, other=0.0, cache_modifier=".cg")
+        p_ptrs += d_out
+    if COLD:
+        w = tl.zeros((BM,), dtype=tl.float32)
+        w_ptrs = wpart_ptr + rows64
+        for _ in range(S):
+            w += tl.load(w_ptrs, mask=row_ok, other=0.0, cache_modifier=".cg")
+            w_ptrs += d_out
+    else:
+        w = tl.load(sumsq_ptr + rows64, mask=row_ok, other=0.0)
+    res = w + (2.0 * scaling) * cross
+    if SQRT:  # the engine's final norm, sqrt(max(n^2, 0)) clamped below at eps, NaN kept as NaN
+        res = tl.sqrt_rn(tl.maximum(res, 0.0, propagate_nan=tl.PropagateNan.ALL))
+        res = tl.maximum(res, eps, propagate_nan=tl.PropagateNan.ALL)
+    tl.store(out_ptr + rows64, res, mask=row_ok)
+
+
+@triton.jit
+def _main_program(
+    m, n, s, w_ptr, a_ptr, b_ptr, u_ptr, sumsq_ptr, out_ptr, part_ptr, wpart_ptr, g3_ptr, cnt_ptr,
+    d_out, d_in, rank, r_pad, stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br, stride_um,
+    stride_ur, scaling, eps, n_m, NR, S, NT, KT,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKG: tl.constexpr, BG_STAGES: tl.constexpr,
+    FROM_GEMM: tl.constexpr, COLD: tl.constexpr, SQRT: tl.constexpr, A_MODE: tl.constexpr,
+    B_MODE: tl.constexpr, EVEN_K: tl.constexpr, EVEN_MN: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Row tile ``m``, rank tile ``n``, ``d_in`` split ``s``: its partial of ``c + (s/2) b`` (module docstring)."""
+    rows = m * BM + tl.arange(0, BM)
+    row_ok = rows < d_out
+    rows64 = rows.to(tl.int64)
+    rn = n * BN + tl.arange(0, BN)
+    rn_ok = rn < rank
+    rn64 = rn.to(tl.int64)
+
+    # 1. acc = W[rows, split] @ A[rn, split]^T (and ||W[rows, split]||^2 in the cold n == 0 programs)
+    acc, wsq = _cross_tile(
+        n, s, w_ptr, a_ptr, u_ptr, rows64, row_ok, rn64, rn_ok, d_in, stride_wm, stride_wk, stride_ar, stride_ak,
+        stride_um, stride_ur, KT, S, BM, BN, BK, FROM_GEMM, COLD, A_MODE, EVEN_K, EVEN_MN, UPCAST,
+    )  # fmt: skip
+
+    # 2. acc += B[rows, k] @ G''[k, rn] for this split's share of the chunks k >= n*BN (lower block triangle)
+    if not FROM_GEMM:  # wait for the gram programs (FROM_GEMM: the fp32 G = A A^T came from a GEMM)
+        done = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
+        while done < NT:
+            done = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
+    acc = _add_gram_term(
+        acc, n, s, b_ptr, g3_ptr, rows64, row_ok, rn64, rn_ok, rank, r_pad, stride_bm, stride_br, scaling, S,
+        BN, BKG, BG_STAGES, FROM_GEMM, B_MODE, UPCAST,
+    )  # fmt: skip
 
     # 3. epilogue: rowsum(B[rows, rn] * acc) -> partial (n, s); no atomics on data
     bt = tl.load(
@@ -412,24 +436,9 @@ def _main_program(
     tl.debug_barrier()
     ticket = tl.atomic_add(cnt_ptr + 2 + NT + m, 1, sem="acq_rel", scope="gpu")
     if ticket == NR * S - 1:
-        cross = tl.zeros((BM,), dtype=tl.float32)
-        p_ptrs = part_ptr + rows64
-        for _ in range(NR * S):
-            cross += tl.load(p_ptrs, mask=row_ok, other=0.0, cache_modifier=".cg")
-            p_ptrs += d_out
-        if COLD:
-            w = tl.zeros((BM,), dtype=tl.float32)
-            w_ptrs = wpart_ptr + rows64
-            for _ in range(S):
-                w += tl.load(w_ptrs, mask=row_ok, other=0.0, cache_modifier=".cg")
-                w_ptrs += d_out
-        else:
-            w = tl.load(sumsq_ptr + rows64, mask=row_ok, other=0.0)
-        res = w + (2.0 * scaling) * cross
-        if SQRT:  # the engine's final norm, sqrt(max(n^2, 0)) clamped below at eps, NaN kept as NaN
-            res = tl.sqrt_rn(tl.maximum(res, 0.0, propagate_nan=tl.PropagateNan.ALL))
-            res = tl.maximum(res, eps, propagate_nan=tl.PropagateNan.ALL)
-        tl.store(out_ptr + rows64, res, mask=row_ok)
+        _assemble_rows(
+            rows64, row_ok, sumsq_ptr, out_ptr, part_ptr, wpart_ptr, d_out, scaling, eps, NR, S, BM, COLD, SQRT
+        )
         tl.atomic_xchg(cnt_ptr + 2 + NT + m, 0, sem="relaxed", scope="gpu")
         finished = tl.atomic_add(cnt_ptr + 1, 1, sem="acq_rel", scope="gpu")
         if finished == n_m - 1:
