@@ -198,7 +198,7 @@ def _launch(
     programs, ws_elements, constants = launch
     ws = torch.empty(ws_elements, dtype=torch.float32, device=device)
     out = torch.empty(d_out, dtype=torch.float32, device=device)
-    counters = ticket_buffer(device, 2 + plan.gram_tiles + plan.row_tiles)
+    counters = ticket_buffer(device, 3 + plan.gram_tiles + plan.row_tiles)
     u_mat = gemms[0] if from_gemm else out
     gram = gemms[1] if from_gemm else ws
     _weight_norm_sq_kernel[(programs,)](

@@ -6,7 +6,7 @@ The PyTorch reference of the same maths is :func:`dorafactors.kernels.row_norm_r
 
 Design (one launch, ``_weight_norm_sq_kernel``; a 1-D grid of two kinds of programs):
 
-* **Gram programs** (the first ``NT * S_G`` program ids). ``G = A A^T`` is needed only as its lower block
+* **Gram programs** (the first ``NT * S_G`` start tickets, below). ``G = A A^T`` is needed only as its lower block
   triangle (``NT = NR (NR + 1) / 2`` tiles of ``BN x BN``, ``NR = ceil(r / BN)``), each tile split over
   ``S_G`` ranges of ``d_in``. Each program writes an fp32 partial tile; the last of a tile's ``S_G`` programs
   to arrive (an integer ticket) sums the partials in a fixed order, scales the tile by ``s/2`` (diagonal
@@ -16,8 +16,8 @@ Design (one launch, ``_weight_norm_sq_kernel``; a 1-D grid of two kinds of progr
   ``n`` fastest so the ``NR`` programs reading the same W tiles run side by side and share them in L2.
   Each accumulates ``acc = W_tile A_tile^T`` over its ``d_in`` range on tensor cores with fp32 accumulation
   (half-precision W goes from global to shared memory to the MMA as is: it is never upcast in memory).
-  It then waits for the gram counter (gram programs have lower ids, so they were dispatched first, and they
-  wait on nothing) and adds its share of ``sum_{k >= n} B[:, k] G''[k, n]`` (``G''`` being the scaled
+  It then waits for the gram counter (every gram program has started before any main program, and they
+  wait on nothing; see "Synchronization") and adds its share of ``sum_{k >= n} B[:, k] G''[k, n]`` (``G''`` being the scaled
   lower block triangle), so that ``rowsum(B[:, n] * acc)`` summed over ``n`` and the splits is
   ``c + (s/2) b`` with ``c = rowsum(B * (W A^T))`` and ``b = rowsum((B G) * B)``: the symmetric gram term
   costs ``NR (NR + 1) / 2`` instead of ``NR^2`` tile products. The epilogue multiplies by the fp32 B tile,
@@ -54,9 +54,15 @@ by the heuristic) and the three ``r_pad x r_pad`` bf16 parts of ``G''``, plus th
 ``PEFT_DORA_NORM_CHUNK_MB`` bounds the PyTorch reference only.
 
 Synchronization uses a small int32 ticket buffer per (device, stream) that the kernel itself resets to zero
-before it finishes, so consecutive launches (CUDA graphs included) reuse it without a memset. The gram wait
-relies on the hardware dispatching blocks of a 1-D grid in increasing order (as CUB's decoupled look-back
-does); the interpreter runs programs in order, so CPU tests exercise the same protocol sequentially.
+before it finishes, so consecutive launches (CUDA graphs included) reuse it without a memset. Counters:
+``[0]`` gram tiles done, ``[1]`` row tiles done, ``[2]`` start tickets, then one arrival counter per gram
+tile and one per row tile. The main programs' wait for the gram tiles is deadlock-free by construction: a
+program's role comes from a start ticket (an atomic increment as it begins), not from its program id, and
+the first ``NT * S_G`` tickets are the gram programs. Tickets are handed out in the order programs really
+run, so every gram program has started (and, waiting on nothing, will finish) before any main program can
+wait on it, whatever order the hardware dispatches blocks in (CUDA does not promise program-id order: MPS,
+concurrent streams, partial residency). The row tiles and gram tiles need no such care: their last arrival
+does the final sum, and nobody waits. ``FROM_GEMM`` launches have no wait and use the program id.
 """
 
 from __future__ import annotations
@@ -246,7 +252,7 @@ def _gram_program(
     tile = offs[:, None] * BN + offs[None, :]
     tl.store(gpart_ptr + (sg * NT + t).to(tl.int64) * (BN * BN) + tile, acc)
     tl.debug_barrier()
-    ticket = tl.atomic_add(cnt_ptr + 2 + t, 1, sem="acq_rel", scope="gpu")
+    ticket = tl.atomic_add(cnt_ptr + 3 + t, 1, sem="acq_rel", scope="gpu")
     if ticket == S_G - 1:
         g = tl.zeros((BN, BN), dtype=tl.float32)
         for j in range(S_G):
@@ -257,7 +263,7 @@ def _gram_program(
         tl.store(g3_ptr + dst, g_hi)
         tl.store(g3_ptr + r_pad * r_pad + dst, g_mid)
         tl.store(g3_ptr + 2 * r_pad * r_pad + dst, g_lo)
-        tl.atomic_xchg(cnt_ptr + 2 + t, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(cnt_ptr + 3 + t, 0, sem="relaxed", scope="gpu")
         tl.debug_barrier()
         tl.atomic_add(cnt_ptr, 1, sem="release", scope="gpu")
 
@@ -434,15 +440,16 @@ def _main_program(
 
     # 4. the last program of row tile m sums the partials in a fixed order and assembles the result
     tl.debug_barrier()
-    ticket = tl.atomic_add(cnt_ptr + 2 + NT + m, 1, sem="acq_rel", scope="gpu")
+    ticket = tl.atomic_add(cnt_ptr + 3 + NT + m, 1, sem="acq_rel", scope="gpu")
     if ticket == NR * S - 1:
         _assemble_rows(
             rows64, row_ok, sumsq_ptr, out_ptr, part_ptr, wpart_ptr, d_out, scaling, eps, NR, S, BM, COLD, SQRT
         )
-        tl.atomic_xchg(cnt_ptr + 2 + NT + m, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(cnt_ptr + 3 + NT + m, 0, sem="relaxed", scope="gpu")
         finished = tl.atomic_add(cnt_ptr + 1, 1, sem="acq_rel", scope="gpu")
         if finished == n_m - 1:
-            # every program has passed its gram wait: reset the counters for the next launch
+            # every program has taken its start ticket and passed its gram wait: reset for the next launch
+            tl.atomic_xchg(cnt_ptr + 2, 0, sem="relaxed", scope="gpu")
             tl.atomic_xchg(cnt_ptr + 1, 0, sem="relaxed", scope="gpu")
             tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
 
@@ -508,10 +515,12 @@ def _weight_norm_sq_kernel(
         g3_ptr = (gpart_ptr + tl.multiple_of(_round32(tl.cast(S_G, tl.int64) * NT * (BN * BN)), 32)).to(
             tl.pointer_type(tl.bfloat16)
         )
-    pid = tl.program_id(0)
     if FROM_GEMM:  # no gram programs, and none compiled in (their BN x BN accumulator sets the register count)
+        pid = tl.program_id(0)
         n_gram = 0
     else:
+        # the start ticket, not the program id, decides the role: gram programs start before any main program
+        pid = tl.atomic_add(cnt_ptr + 2, 1, sem="relaxed", scope="gpu")
         n_gram = NT * S_G
         if pid < n_gram:
             _gram_program(
