@@ -170,7 +170,7 @@ def test_gpu_norm_finishes_while_another_stream_keeps_the_sms_busy(path):
     outs = []
     for i in range(12):
         with torch.cuda.stream(side):
-            _occupy_sm[(blocks,)](busy, 20_000 * (1 + i % 4), BLOCK=1024, num_warps=32)
+            _occupy_sm[(blocks,)](busy, 200_000 * (1 + i % 4), BLOCK=1024, num_warps=32)
         with torch.cuda.stream(main):
             outs.append(norm())
     done = torch.cuda.Event()
