@@ -1,12 +1,6 @@
-"""Host entry points of the DoRA composition kernels; the PyTorch reference is ``compose_reference.py``.
-
-    out   = (g - 1) * base + g * (s * lora)          forward (out-of-place, in-place, or into slices)
-    inner = base + s * lora                           also written when the magnitude needs a gradient
-    d_lora = (g * s) * d_out;  d_base = (g - 1) * d_out;  d_g = sum_rows(inner * d_out)
-
-Every kernel loads its operands in their own dtype, computes in fp32 and rounds once at the store. ``g``
-(the magnitude scale, usually fp32) is never downcast: ``g - 1`` and ``g * s`` are fp32, the magnitude
-gradient is accumulated in fp32 and returned in ``g``'s dtype.
+"""Host entry points of the DoRA composition kernels (forward out-of-place, in-place or into slices, and
+the one-pass backward); the maths and numerics are in ``compose_kernel.py``, the PyTorch reference is
+``compose_reference.py``.
 
 Layouts. Every tensor is handled as a 2-D ``[R, K]`` matrix with unit column stride and an arbitrary row
 stride (so column slices of a larger tensor, as the chunked base recompute writes, need no copy):
@@ -104,26 +98,25 @@ def _check_dtypes(*tensors: torch.Tensor) -> None:
 # ------------------------------------------------------------------------------------------------ forward
 
 
-def _fwd_cols(lora, base, g, out, inner, R, K, s_lora, s_base, s_out, s_inner, scaling, tuned, wrap) -> None:
-    """``g`` along the columns of ``[R, K]`` operands with the given row strides."""
+def _fwd_launch(lora, base, g, out, inner, R, K, C, strides, scaling, g_on_rows, tuned, wrap) -> None:
+    """The forward kernel on ``[R, K]`` operands with row strides ``strides`` (lora, base, out, inner)."""
     _check_size(R, K)
     bucket = _row_bucket(R)
     write_inner = inner is not None
-    args = (lora, base, g, out, inner, R, K, K, s_lora, s_base, s_out, s_inner, scaling, bucket, False, write_inner)
-    key = (K, bucket, False, write_inner, lora.dtype, base.dtype, g.dtype, out.dtype)
+    args = (lora, base, g, out, inner, R, K, C, *strides, scaling, bucket, g_on_rows, write_inner)
+    key = (K, bucket, g_on_rows, write_inner, lora.dtype, base.dtype, g.dtype, out.dtype)
     _launch(tuned, lambda br, bc: (cdiv(R, br), cdiv(K, bc)), args, key, R, K, wrap)
 
 
+def _fwd_cols(lora, base, g, out, inner, R, K, s_lora, s_base, s_out, s_inner, scaling, tuned, wrap) -> None:
+    """``g`` along the columns of ``[R, K]`` operands with the given row strides."""
+    _fwd_launch(lora, base, g, out, inner, R, K, K, (s_lora, s_base, s_out, s_inner), scaling, False, tuned, wrap)
+
+
 def _fwd_rows(lora3, base3, g, out3, inner3, scaling: float, wrap: bool) -> None:
-    """Contiguous ``[N, C, S]`` operands, ``g`` along dim 1."""
+    """Contiguous ``[N, C, S]`` operands, ``g`` along dim 1 (row ``r`` of ``[N * C, S]`` uses ``g[r % C]``)."""
     N, C, S = lora3.shape
-    R = N * C
-    _check_size(R, S)
-    bucket = _row_bucket(R)
-    write_inner = inner3 is not None
-    args = (lora3, base3, g, out3, inner3, R, S, C, S, S, S, S, scaling, bucket, True, write_inner)
-    key = (S, bucket, True, write_inner, lora3.dtype, base3.dtype, g.dtype, out3.dtype)
-    _launch(_FWD, lambda br, bc: (cdiv(R, br), cdiv(S, bc)), args, key, R, S, wrap)
+    _fwd_launch(lora3, base3, g, out3, inner3, N * C, S, C, (S, S, S, S), scaling, True, _FWD, wrap)
 
 
 def _check_operands(lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, channel_dim: int) -> int:

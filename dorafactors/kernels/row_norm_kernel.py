@@ -113,6 +113,20 @@ def _split3(x):
 
 
 @triton.jit
+def _load_k_step(left_ptrs, right_ptrs, left_ok, right_ok, it, d_in, offs_k, BK: tl.constexpr, EVEN_K: tl.constexpr):
+    """k-step ``it`` of a left ``[M, BK]`` and a right ``[BK, N]`` operand, zero outside ``left_ok`` (rows),
+    ``right_ok`` (columns) and ``d_in``."""
+    if EVEN_K:
+        left = tl.load(left_ptrs, mask=left_ok[:, None], other=0.0)
+        right = tl.load(right_ptrs, mask=right_ok[None, :], other=0.0)
+    else:
+        k_ok = (it * BK + offs_k) < d_in
+        left = tl.load(left_ptrs, mask=left_ok[:, None] & k_ok[None, :], other=0.0)
+        right = tl.load(right_ptrs, mask=right_ok[None, :] & k_ok[:, None], other=0.0)
+    return left, right
+
+
+@triton.jit
 def _gemm_part(
     w_ptr,
     a_ptr,
@@ -153,13 +167,8 @@ def _gemm_part(
         if EVEN_K and EVEN_MN:  # no tails anywhere: unmasked loads
             w = tl.load(w_ptrs)
             a = tl.load(a_ptrs)
-        elif EVEN_K:
-            w = tl.load(w_ptrs, mask=row_ok[:, None], other=0.0)
-            a = tl.load(a_ptrs, mask=rn_ok[None, :], other=0.0)
         else:
-            k_ok = (it * BK + offs_k) < d_in
-            w = tl.load(w_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            a = tl.load(a_ptrs, mask=rn_ok[None, :] & k_ok[:, None], other=0.0)
+            w, a = _load_k_step(w_ptrs, a_ptrs, row_ok, rn_ok, it, d_in, offs_k, BK, EVEN_K)
         if SQ:
             wf = w.to(tl.float32)
             sq += wf * wf
@@ -228,13 +237,7 @@ def _gram_program(
     p2 = a_ptr + rb.to(tl.int64)[None, :] * stride_ar + k0[:, None] * stride_ak
     acc = tl.zeros((BN, BN), dtype=tl.float32)
     for it in range(it0, it1):
-        if EVEN_K:
-            x1 = tl.load(p1, mask=ra_ok[:, None], other=0.0)
-            x2 = tl.load(p2, mask=rb_ok[None, :], other=0.0)
-        else:
-            k_ok = (it * BK + offs_k) < d_in
-            x1 = tl.load(p1, mask=ra_ok[:, None] & k_ok[None, :], other=0.0)
-            x2 = tl.load(p2, mask=rb_ok[None, :] & k_ok[:, None], other=0.0)
+        x1, x2 = _load_k_step(p1, p2, ra_ok, rb_ok, it, d_in, offs_k, BK, EVEN_K)
         if A_GRAM_MODE == 0:
             acc = _mma(x1, x2, acc, UPCAST)
         else:
