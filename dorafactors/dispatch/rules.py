@@ -47,24 +47,27 @@ __all__ = [
 logger = logging.getLogger("dorafactors.dispatch")
 
 #: Auto mode of ``PEFT_DORA_FUSED_BACKWARD``: last-dim layouts use the fused training compose when the
-#: activation has at least this many columns and elements. Provisional values: set them from
-#: ``benchmarks/tune_compose.py`` on the target GPUs (the smallest shape where ``fwd_inner + bwd`` beats
-#: ``eager_fwd + eager_bwd``).
+#: activation has at least this many columns and elements. Below them the two kernel launches (forward that
+#: saves ``inner``, one-pass backward) cost more host time than the fusion saves over PyTorch's eager
+#: composition. ``python -m benchmarks tune --only compose`` times both over rows x columns and prints the
+#: thresholds that fit the measurements best.
 FUSED_BACKWARD_MIN_COLS = 1024
 FUSED_BACKWARD_MIN_ELEMENTS = 1 << 20
 
 #: No-grad Linear calls of at most this many rows (tokens) use the folded PyTorch composition
 #: (``autograd/folded.py``): decode-sized calls are bound by host time, and the fold needs no kernel launch
-#: of its own. Larger calls keep the compose kernel.
+#: of its own. Larger calls keep the compose kernel. ``python -m benchmarks tune --only fold`` times both
+#: per token count and prints the crossover.
 INFERENCE_FOLD_MAX_ROWS = 256
 
-#: The GEMM norm path (a cuBLAS GEMM for ``W A^T`` + the kernel's ``FROM_GEMM`` mode) is taken from this
-#: ``d_in * r`` on, or from ``NORM_GEMM_MIN_MACS`` multiply-adds ``d_out * d_in * r`` on: below both the
-#: one-pass kernel's single launch costs less than the GEMM path saves on the device. Measured on an H200:
-#: 2026-12-01 (``gpu-logs/s8/norm_gemm_probe_v2.log``) one-pass ahead at (d_in, r) = (4096, 16..768), the GEMM
-#: path ahead at (14336, 384), (8192, 768), (28672, 384); 2026-12-02 (``gpu-logs/s10/norm_gemm_sweep.log``,
-#: device time) the GEMM path also ahead at 8192x8192 r384 (131 vs 149 us) and 14336x4096 r384 (137 vs
-#: 143 us), one-pass still ahead at 4096x4096 r384 (49 vs 58 us).
+#: The GEMM norm path (cuBLAS GEMMs for ``W A^T`` and ``A A^T`` + the kernel's ``FROM_GEMM`` mode) is taken
+#: from this ``d_in * r`` on, or from ``NORM_GEMM_MIN_MACS`` multiply-adds ``d_out * d_in * r`` on. cuBLAS
+#: streams W faster than the one-pass kernel's main loop, which pays off on large products; below both
+#: thresholds the one-pass kernel's single launch costs less than the GEMM path saves. On an H200 the
+#: one-pass kernel wins at (d_in, r) = (4096, 16..768) up to 4096x4096, the GEMM path from 8192x8192 r384 and
+#: 14336x4096 r384 on (``tests/kernels/test_row_norm_kernel.py::test_norm_path_rules_at_the_measured_shapes``
+#: pins these winners). ``python -m benchmarks tune --only norm`` times both paths per shape (device time)
+#: and prints the thresholds that fit the measurements best.
 NORM_GEMM_MIN_DIN_RANK = 4 * 1024 * 1024
 NORM_GEMM_MIN_MACS = 2**34
 

@@ -14,7 +14,18 @@ import triton
 
 from ._triton_utils import num_sms as device_sms
 
-__all__ = ["NormKernelConfig", "NormLaunchPlan", "pick_config", "pick_gemm_config", "plan_for"]
+__all__ = [
+    "GEMM_PATH_LOOP",
+    "GRAM_SHARE",
+    "SPLIT_MIN_STEPS",
+    "NormKernelConfig",
+    "NormLaunchPlan",
+    "gemm_path_config",
+    "one_pass_config",
+    "pick_config",
+    "pick_gemm_config",
+    "plan_for",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,9 +68,29 @@ _SMEM_BUDGET = 200 * 1024
 _GRAM_PARTIAL_BUDGET = 8 << 20
 _MAX_SPLITS = 16
 
+# The measured choices of the heuristics below (``python -m benchmarks tune --only norm`` re-measures them on
+# a GPU and prints the values it would set):
+
+#: Once 128-wide rank tiles fill half the SMs, a ``d_in`` split of the one-pass kernel keeps at least this
+#: many k-steps: shorter splits cost more in partial sums and gram waits than they win in wave filling. With
+#: fewer tiles a split keeps at least 8 k-steps (there are too few programs to stream W otherwise).
+SPLIT_MIN_STEPS = 64
+#: A gram program of 128-wide rank tiles gets at most ``1 / GRAM_SHARE`` of a main program's k-steps and
+#: tensor-core work, so ``G''`` is final before the main programs need it (narrower rank tiles: a half).
+GRAM_SHARE = 4
+#: ``(num_warps, bg_chunk, bg_stages)`` of the GEMM path's ``B G''`` loop: with no gram programs compiled
+#: in, 4 warps and a 3-deep, 32-wide pipeline leave room for two programs per SM.
+GEMM_PATH_LOOP = (4, 32, 3)
+
 
 def _pow2_at_least(x: int, lo: int) -> int:
     return max(lo, 1 << max(0, (x - 1).bit_length()))
+
+
+def _interpreter_config(d_out: int, rank: int) -> NormKernelConfig:
+    """The CPU interpreter: few, small programs."""
+    block_n = min(128, _pow2_at_least(rank, 16))
+    return NormKernelConfig(32 if d_out > 16 else 16, min(block_n, 64), 32, 4, 1, 1, 1)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -71,20 +102,32 @@ def pick_config(
     num_sms: int,
     interpret: bool,
 ) -> NormKernelConfig:
-    """The launch configuration for a shape: a pure function of its arguments (hence deterministic).
+    """The one-pass kernel's launch configuration for a shape: a pure function of its arguments (hence
+    deterministic); :func:`one_pass_config` on a GPU."""
+    if interpret:
+        return _interpreter_config(d_out, rank)
+    return one_pass_config(d_out, d_in, rank, a_is_fp32, num_sms)
+
+
+def one_pass_config(
+    d_out: int,
+    d_in: int,
+    rank: int,
+    a_is_fp32: bool,
+    num_sms: int,
+    *,
+    split_min_steps: int = SPLIT_MIN_STEPS,
+    gram_share: int = GRAM_SHARE,
+) -> NormKernelConfig:
+    """The one-pass kernel's GPU configuration (``split_min_steps`` / ``gram_share``: see the module constants).
 
     Rank tile: the smallest power of two >= r up to 128 (so r <= 128 is one tile and W is read once).
     Row tile 128, 8 warps for 128-wide rank tiles (and fp32 adapters), as many pipeline stages as fit in
     ~200 KiB of shared memory (at most 4). ``splits`` cuts ``d_in`` so the main programs fill the SMs in
-    nearly whole waves (each split keeps >= 8 k-steps); ``gram_splits`` keeps each gram program shorter
-    than half a main program so the gram tiles are final before the first main program needs them.
+    nearly whole waves; ``gram_splits`` keeps each gram program a fraction of a main program so the gram
+    tiles are final before the first main program needs them.
     """
     block_n = min(128, _pow2_at_least(rank, 16))
-    if interpret:
-        # the CPU interpreter: few, small programs
-        block_m = 32 if d_out > 16 else 16
-        block_n = min(block_n, 64)
-        return NormKernelConfig(block_m, block_n, 32, 4, 1, 1, 1)
     # 128-row tiles everywhere (64-row tiles spill at 4 warps and need too much shared memory for fp32 A,
     # checked on sm_90 cubins): small d_out is filled by splitting d_in instead
     block_m = 128
@@ -99,10 +142,7 @@ def pick_config(
     k_steps = triton.cdiv(d_in, block_k)
     tiles = n_m * nr
     best, best_score = 1, -1.0
-    # measured on an H200 (benchmarks/tune_norm.py --sweep, r=384/768): once 128-wide rank tiles fill half
-    # the SMs, a split shorter than 64 k-steps costs more in partial sums and gram waits than it wins in
-    # wave filling; fewer tiles keep splitting down to 8 k-steps (too few programs to stream W otherwise)
-    min_steps = 64 if block_n >= 128 and tiles * 2 >= num_sms else 8
+    min_steps = split_min_steps if block_n >= 128 and tiles * 2 >= num_sms else 8
     for splits in range(1, _MAX_SPLITS + 1):
         if splits > 1 and k_steps // splits < min_steps:
             break
@@ -112,13 +152,12 @@ def pick_config(
         if score > best_score + 1e-9:
             best, best_score = splits, score
     splits = best
-    # gram programs (BN x BN tiles) must finish well before the main programs need G'': at most a quarter of
-    # a main program's k-steps and of its tensor-core work (fp32 A: 6 dots per gram step, 3 per main step);
-    # a quarter rather than a half measured 4-11% faster at the issue's shapes (tune_norm.py --sweep, BN=128)
+    # gram programs (BN x BN tiles) must finish well before the main programs need G'': at most a share of a
+    # main program's k-steps and of its tensor-core work (fp32 A: 6 dots per gram step, 3 per main step)
     dots_gram = 6 if a_is_fp32 else 1
     dots_main = 3 if a_is_fp32 else 1
     main_steps = max(1, k_steps // splits)
-    share = 4 if block_n >= 128 else 2  # narrower rank tiles: the earlier half, not re-measured
+    share = gram_share if block_n >= 128 else 2
     gram_steps_max = max(
         1, min(main_steps // share, (main_steps * block_m * dots_main) // (share * block_n * dots_gram))
     )
@@ -131,23 +170,26 @@ def pick_config(
 
 @functools.lru_cache(maxsize=1024)
 def pick_gemm_config(d_out: int, d_in: int, rank: int, num_sms: int, interpret: bool) -> NormKernelConfig:
-    """Launch configuration of the kernel's ``FROM_GEMM`` mode (:func:`gemm_weight_norm_sq`): pure function.
+    """Launch configuration of the kernel's ``FROM_GEMM`` mode (:func:`gemm_weight_norm_sq`): pure function;
+    :func:`gemm_path_config` on a GPU."""
+    if interpret:
+        return _interpreter_config(d_out, rank)
+    return gemm_path_config(d_out, d_in, rank, num_sms)
+
+
+def gemm_path_config(
+    d_out: int, d_in: int, rank: int, num_sms: int, *, loop: tuple[int, int, int] = GEMM_PATH_LOOP
+) -> NormKernelConfig:
+    """The GEMM path's GPU configuration; ``loop`` is ``(num_warps, bg_chunk, bg_stages)`` of ``B G''``.
 
     The main programs have no loop over ``d_in`` (U came from a GEMM), only the ``B G''`` chunks of each
-    (row, rank) tile: ``splits`` cuts them into up to 4 programs until the programs fill the SMs. G comes
-    from a GEMM too, so no gram programs are compiled in, which leaves room for 4 warps and a 3-deep 32-wide
-    ``B G''`` pipeline (two programs per SM).
+    (row, rank) tile: ``splits`` cuts them into up to 4 programs until the programs fill the SMs.
     """
     block_n = min(128, _pow2_at_least(rank, 16))
-    if interpret:
-        block_m = 32 if d_out > 16 else 16
-        return NormKernelConfig(block_m, min(block_n, 64), 32, 4, 1, 1, 1)
     block_m, block_k = 128, 64
     n_m = triton.cdiv(d_out, block_m)
     nr = triton.cdiv(rank, block_n)
-    # measured on an H200 (tune_norm.py --finish-sweep, gpu-logs/s11): 4 warps with 32 x 3 against
-    # 8 warps with 64 x 2, whole path: 124 vs 130 us at 14336x4096, 98 vs 106 us at 4096x14336 r384
-    num_warps, bg_chunk, bg_stages = 4, 32, 3
+    num_warps, bg_chunk, bg_stages = loop
     chunks = max(1, block_n // min(block_n, bg_chunk))  # B G'' chunks of the last (shortest) rank tile
     splits = 1
     while n_m * nr * splits < num_sms and splits < 4 and splits < chunks * nr:

@@ -1,7 +1,8 @@
 """The tensor-core factored norm (``dorafactors/kernels/row_norm.py``) against fp64 truth and the reference.
 
 On CPU the kernels run on Triton's interpreter (conftest sets ``TRITON_INTERPRET=1``), so shapes stay small;
-the ``gpu`` tests repeat the checks at the issue's shapes and add timing-free bounds (memory, determinism).
+the ``gpu`` tests repeat the checks at the Llama-sized target shapes and add timing-free bounds (memory,
+determinism).
 Two kinds of data:
 
 * **exact**: small integers and dyadic scalings. Every product, partial sum and split part is an fp32 (and
@@ -460,7 +461,7 @@ def test_engine_takes_the_kernel_and_matches_the_torch_path(monkeypatch, ad_dtyp
     ],
 )
 def test_norm_path_rules_at_the_measured_shapes(d_out, d_in, rank, gemm):
-    """The GEMM-path rule gives the measured winners (``dispatch/rules.py`` cites the logs)."""
+    """The GEMM-path rule gives the measured winners (``python -m benchmarks tune --only norm`` re-measures them)."""
     from dorafactors.dispatch import rules
 
     W = torch.empty(d_out, d_in, dtype=torch.bfloat16, device="meta")
@@ -484,9 +485,9 @@ def test_engine_uses_the_torch_path_under_compile(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# launch plan: working-set bound and wave filling, checked for the issue's shapes without a GPU
+# launch plan: working-set bound and wave filling, checked for the target shapes without a GPU
 
-ISSUE_SHAPES = [
+TARGET_SHAPES = [
     (4096, 4096, 384),
     (8192, 8192, 384),
     (14336, 4096, 384),
@@ -497,11 +498,11 @@ ISSUE_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("d_out,d_in,rank", ISSUE_SHAPES)
+@pytest.mark.parametrize("d_out,d_in,rank", TARGET_SHAPES)
 @pytest.mark.parametrize("a_is_fp32", [False, True])
 def test_plan_working_set_and_grid(d_out, d_in, rank, a_is_fp32):
     plan = plan_for(d_out, d_in, rank, a_is_fp32=a_is_fp32, device="cuda", num_sms=132)
-    bound = 4 * (d_out * rank + rank * rank) + 16 * 2**20  # the issue's bound with no chunk working set
+    bound = 4 * (d_out * rank + rank * rank) + 16 * 2**20  # fp32 U and G + 16 MiB: no d_in working set
     for cold in (False, True):
         assert plan.workspace_bytes(cold) <= bound, (plan, plan.workspace_bytes(cold), bound)
     cfg = plan.config
@@ -592,9 +593,9 @@ def test_gemm_strided_zero_scaling_eps_and_validation():
     assert gemm_weight_norm_sq(W[:0], A, B[:0], 1.0).shape == (0,)
 
 
-@pytest.mark.parametrize("d_out,d_in,rank", ISSUE_SHAPES)
+@pytest.mark.parametrize("d_out,d_in,rank", TARGET_SHAPES)
 def test_gemm_plan_working_set_and_grid(d_out, d_in, rank):
-    """The FROM_GEMM plan at the issue's shapes: U and G plus the workspace within the issue's memory bound."""
+    """The FROM_GEMM plan at the target shapes: U and G plus the workspace within the memory bound."""
     bound = 4 * (d_out * rank + rank * rank) + 16 * 2**20
     cfg = pick_gemm_config(d_out, d_in, rank, 132, False)
     plan = row_norm.NormLaunchPlan.build(d_out, d_in, rank, cfg)
@@ -651,7 +652,7 @@ def test_heuristic_configs_compile_for_sm90_without_spills():
 
 
 # ---------------------------------------------------------------------------------------------
-# GPU: the issue's shapes
+# GPU: the target shapes
 
 
 def _gpu_inputs(d_out, d_in, rank, ad_dtype, seed=0):
@@ -663,9 +664,9 @@ def _gpu_inputs(d_out, d_in, rank, ad_dtype, seed=0):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("d_out,d_in,rank", ISSUE_SHAPES[:6])
+@pytest.mark.parametrize("d_out,d_in,rank", TARGET_SHAPES[:6])
 @pytest.mark.parametrize("ad_dtype", [torch.bfloat16, torch.float32])
-def test_gpu_issue_shapes_accuracy_determinism(d_out, d_in, rank, ad_dtype):
+def test_gpu_target_shapes_accuracy_determinism(d_out, d_in, rank, ad_dtype):
     W, A, B = _gpu_inputs(d_out, d_in, rank, ad_dtype)
     scaling = 2.0
     truth = truth_sq(W, A, B, scaling)
@@ -684,7 +685,7 @@ def test_gpu_issue_shapes_accuracy_determinism(d_out, d_in, rank, ad_dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("d_out,d_in,rank", ISSUE_SHAPES[:6])
+@pytest.mark.parametrize("d_out,d_in,rank", TARGET_SHAPES[:6])
 def test_gpu_peak_transient_memory(d_out, d_in, rank):
     W, A, B = _gpu_inputs(d_out, d_in, rank, torch.bfloat16)
     sumsq = triton_row_sumsq(W)
@@ -761,10 +762,10 @@ def test_gpu_exact_inputs_bitwise_at_size(ad_dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("d_out,d_in,rank", ISSUE_SHAPES[:6])
+@pytest.mark.parametrize("d_out,d_in,rank", TARGET_SHAPES[:6])
 def test_gpu_gemm_path_accuracy_memory_determinism(d_out, d_in, rank):
-    """The engine's path for bf16 adapters at the issue's shapes: 1e-5 of fp64 truth, repeatable bitwise,
-    peak transient memory within the issue's bound (the fp32 U included)."""
+    """The engine's path for bf16 adapters at the target shapes: 1e-5 of fp64 truth, repeatable bitwise,
+    peak transient memory within the bound (the fp32 U and G included)."""
     W, A, B = _gpu_inputs(d_out, d_in, rank, torch.bfloat16)
     from dorafactors.dispatch import rules
 
