@@ -10,4 +10,6 @@ provider's model is built from the same base weights), ``suites/`` (one module p
 ``plot``. See ``benchmarks/README.md``.
 """
 
-SCHEMA = "dorafactors-bench/1"
+#: Results file format: ``{"schema", "runs": {run_id: metadata}, "rows": [...]}``, the metadata stored once per
+#: run (version 1 repeated it in every row; ``common.load_results`` still reads such files).
+SCHEMA = "dorafactors-bench/2"
