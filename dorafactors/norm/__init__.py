@@ -1,4 +1,4 @@
-"""Weight-norm engine: factored column norm (Triton + PyTorch reference), dense reference, caches."""
+"""Weight-norm engine (picks the Triton kernel or its PyTorch reference, both in ``kernels/``), dense norm, caches."""
 
 from ..kernels.row_norm_reference import factored_row_norm_sq, plan_chunk_columns, row_sumsq
 from .cache import NormCache, TensorStamp
