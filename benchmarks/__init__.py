@@ -4,10 +4,13 @@ python -m benchmarks plan   --suite all                       # cases, order and
 python -m benchmarks run    --suite model,decode [--quick]    # JSON rows, written after every case
 python -m benchmarks report benchmarks/results/*.json         # ratios + benchmarks/results/RESULTS.md
 python -m benchmarks plot   benchmarks/results/<file>.json    # PNG charts
+python -m benchmarks tune   [--only norm,compose,fold]         # re-derive the dispatch constants (GPU)
 
 Layout: ``harness`` (settings, timing, memory, metadata, results file, runner), ``providers`` (how each
 provider's model is built from the same base weights), ``suites/`` (one module per suite), ``report``,
-``plot``. See ``benchmarks/README.md``.
+``plot``, ``tune``. See ``benchmarks/README.md``.
 """
 
-SCHEMA = "dorafactors-bench/1"
+#: Results file format: ``{"schema", "runs": {run_id: metadata}, "rows": [...]}``, the metadata stored once per
+#: run (version 1 repeated it in every row; ``common.load_results`` still reads such files).
+SCHEMA = "dorafactors-bench/2"

@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmarks {run,plan,report,plot} ...`` (``--help`` on each)."""
+"""Command line: ``python -m benchmarks {run,plan,report,plot,tune} ...`` (``--help`` on each)."""
 
 from __future__ import annotations
 
@@ -153,6 +153,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0 if written else 1
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .tune import main as tune_main
+
+    return tune_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -219,6 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("files", nargs="+")
     plot.add_argument("--outdir", default=None, help="default: <results dir>/plots/")
     plot.set_defaults(func=cmd_plot)
+
+    tune = sub.add_parser(
+        "tune",
+        help="re-derive the dispatch constants and launch-heuristic choices on this GPU; prints the values",
+    )
+    tune.add_argument("--only", default="", help="comma list of parts: norm, compose, fold (default: all)")
+    tune.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run of the command)")
+    tune.set_defaults(func=cmd_tune)
     return parser
 
 

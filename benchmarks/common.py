@@ -6,6 +6,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from . import SCHEMA
@@ -17,8 +18,10 @@ __all__ = [
     "QUICK_LAYER_SHAPES",
     "SUITE_ORDER",
     "device_label",
+    "file_form",
     "host_us_per_call",
     "load_results",
+    "write_results",
 ]
 
 #: Run order of the suites (headline first); ``--suite`` lists are run in this order whatever their order.
@@ -40,14 +43,49 @@ def device_label(meta: dict[str, Any]) -> str:
 
 
 def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a results file (also a bare list of rows)."""
+    """Read a results file: ``{"schema", "runs": {run_id: metadata}, "rows": [...]}``.
+
+    Every row gets its run's metadata as ``row["meta"]`` (one dict shared by the rows of a run), so readers
+    need not look it up. Files of schema 1, whose rows each carried a copy of the metadata, and bare lists of
+    such rows are read too (:func:`write_results` then stores them in the current form).
+    """
     with open(path) as fh:
         data = json.load(fh)
     if isinstance(data, list):
-        data = {"schema": SCHEMA, "rows": data}
+        data = {"rows": data}
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
         raise ValueError(f"{path} is not a dorafactors benchmark results file")
-    return data
+    runs: dict[str, Any] = dict(data.get("runs") or {})
+    for row in data["rows"]:
+        run_id = row.get("run_id", "")
+        if "meta" in row:  # schema 1
+            runs.setdefault(run_id, row["meta"])
+        row["meta"] = runs.setdefault(run_id, {})
+    return {"schema": SCHEMA, "runs": runs, "rows": data["rows"]}
+
+
+def file_form(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The stored form of ``rows``: each run's metadata once under ``runs``, the rows without it."""
+    runs: dict[str, Any] = {}
+    stored = []
+    for row in rows:
+        if "meta" in row:
+            runs.setdefault(row.get("run_id", ""), row["meta"])
+        stored.append({k: v for k, v in row.items() if k != "meta"})
+    return {"schema": SCHEMA, "runs": runs, "rows": stored}
+
+
+def write_results(path: str | os.PathLike[str], rows: list[dict[str, Any]], default: Callable | None = None) -> None:
+    """Write ``rows`` (:func:`file_form`) atomically: a temporary file, flushed to disk, renamed over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(file_form(rows), fh, indent=1, default=default, allow_nan=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def host_us_per_call(

@@ -20,7 +20,6 @@ import contextlib
 import datetime as _dt
 import gc
 import hashlib
-import json
 import os
 import platform
 import socket
@@ -38,7 +37,7 @@ from typing import Any
 import torch
 
 from . import SCHEMA
-from .common import SUITE_ORDER, device_label, load_results
+from .common import SUITE_ORDER, device_label, load_results, write_results
 
 __all__ = [
     "SUITE_ORDER",
@@ -366,7 +365,7 @@ _ENV_PREFIXES = ("PEFT_DORA", "DORA_", "PEFT_FORCE", "TRITON_", "CUDA_VISIBLE", 
 
 
 def collect_metadata(settings: Settings, argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Everything needed to tell two runs apart; copied into every row of the run."""
+    """Everything needed to tell two runs apart; stored once per run in the results file."""
     import dorafactors
 
     meta: dict[str, Any] = {
@@ -418,7 +417,7 @@ def collect_metadata(settings: Settings, argv: Sequence[str] | None = None) -> d
 
 
 class ResultsFile:
-    """``{"schema": ..., "rows": [...]}``, rewritten atomically (temp file + rename) after every case.
+    """``{"schema", "runs": {run_id: metadata}, "rows": [...]}``, rewritten atomically after every case.
 
     An existing file is appended to, so two calls (e.g. ``--suite model,decode`` then
     ``--suite layer,norm,compose,ranks``) can share one file; each call is its own ``run_id``.
@@ -428,8 +427,7 @@ class ResultsFile:
         self.path = Path(path)
         self.data: dict[str, Any] = {"schema": SCHEMA, "rows": []}
         if self.path.exists() and self.path.stat().st_size > 0:
-            loaded = load_results(self.path)
-            self.data["rows"] = loaded["rows"]
+            self.data["rows"] = load_results(self.path)["rows"]
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -440,14 +438,7 @@ class ResultsFile:
         self.save()
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w") as fh:
-            json.dump(self.data, fh, indent=1, default=_json_default, allow_nan=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        write_results(self.path, self.rows, default=_json_default)
 
 
 def _json_default(obj: Any) -> Any:

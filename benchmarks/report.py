@@ -12,9 +12,7 @@ They are written back into each row (``row["ratios"]``) and shown next to the ab
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
-import os
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -28,6 +26,7 @@ from .common import (
     SUITE_ORDER,
     device_label,
     load_results,
+    write_results,
 )
 
 __all__ = ["TARGETS", "add_ratios", "latest_rows", "render", "write_report"]
@@ -466,11 +465,7 @@ def write_report(files: Sequence[Path], output: Path, *, update_json: bool = Tru
         data = load_results(path)
         add_ratios(data["rows"])
         if update_json:
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            with open(tmp, "w") as fh:
-                json.dump(data, fh, indent=1, allow_nan=True)
-                fh.write("\n")
-            os.replace(tmp, path)
+            write_results(path, data["rows"])
         all_rows.extend(data["rows"])
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(render(all_rows, files))

@@ -22,6 +22,7 @@ import logging
 
 import torch
 
+from ..kernels.operands import KERNEL_DTYPES, mm_out_dtype_available, norm_operands_problem
 from . import config
 
 __all__ = [
@@ -39,7 +40,6 @@ __all__ = [
     "fused_norm_ok",
     "inference_fold_ok",
     "kernels_enabled",
-    "mm_out_dtype_available",
     "norm_gemm_ok",
     "triton_importable",
 ]
@@ -47,29 +47,30 @@ __all__ = [
 logger = logging.getLogger("dorafactors.dispatch")
 
 #: Auto mode of ``PEFT_DORA_FUSED_BACKWARD``: last-dim layouts use the fused training compose when the
-#: activation has at least this many columns and elements. Provisional values: set them from
-#: ``benchmarks/tune_compose.py`` on the target GPUs (the smallest shape where ``fwd_inner + bwd`` beats
-#: ``eager_fwd + eager_bwd``).
+#: activation has at least this many columns and elements. Below them the two kernel launches (forward that
+#: saves ``inner``, one-pass backward) cost more host time than the fusion saves over PyTorch's eager
+#: composition. ``python -m benchmarks tune --only compose`` times both over rows x columns and prints the
+#: thresholds that fit the measurements best.
 FUSED_BACKWARD_MIN_COLS = 1024
 FUSED_BACKWARD_MIN_ELEMENTS = 1 << 20
 
 #: No-grad Linear calls of at most this many rows (tokens) use the folded PyTorch composition
 #: (``autograd/folded.py``): decode-sized calls are bound by host time, and the fold needs no kernel launch
-#: of its own. Larger calls keep the compose kernel.
+#: of its own. Larger calls keep the compose kernel. ``python -m benchmarks tune --only fold`` times both
+#: per token count and prints the crossover.
 INFERENCE_FOLD_MAX_ROWS = 256
 
-#: The GEMM norm path (a cuBLAS GEMM for ``W A^T`` + the kernel's ``U_GIVEN`` mode) is taken from this
-#: ``d_in * r`` on, or from ``NORM_GEMM_MIN_MACS`` multiply-adds ``d_out * d_in * r`` on: below both the
-#: one-pass kernel's single launch costs less than the GEMM path saves on the device. Measured on an H200:
-#: 2026-12-01 (``gpu-logs/s8/norm_gemm_probe_v2.log``) one-pass ahead at (d_in, r) = (4096, 16..768), the GEMM
-#: path ahead at (14336, 384), (8192, 768), (28672, 384); 2026-12-02 (``gpu-logs/s10/norm_gemm_sweep.log``,
-#: device time) the GEMM path also ahead at 8192x8192 r384 (131 vs 149 us) and 14336x4096 r384 (137 vs
-#: 143 us), one-pass still ahead at 4096x4096 r384 (49 vs 58 us).
+#: The GEMM norm path (cuBLAS GEMMs for ``W A^T`` and ``A A^T`` + the kernel's ``FROM_GEMM`` mode) is taken
+#: from this ``d_in * r`` on, or from ``NORM_GEMM_MIN_MACS`` multiply-adds ``d_out * d_in * r`` on. cuBLAS
+#: streams W faster than the one-pass kernel's main loop, which pays off on large products; below both
+#: thresholds the one-pass kernel's single launch costs less than the GEMM path saves. On an H200 the
+#: one-pass kernel wins at (d_in, r) = (4096, 16..768) up to 4096x4096, the GEMM path from 8192x8192 r384 and
+#: 14336x4096 r384 on (``tests/kernels/test_row_norm_kernel.py::test_norm_path_rules_at_the_measured_shapes``
+#: pins these winners). ``python -m benchmarks tune --only norm`` times both paths per shape (device time)
+#: and prints the thresholds that fit the measurements best.
 NORM_GEMM_MIN_DIN_RANK = 4 * 1024 * 1024
 NORM_GEMM_MIN_MACS = 2**34
 
-_KERNEL_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32))
-_HALF = (torch.float16, torch.bfloat16)
 _logged: set[tuple[str, str]] = set()
 
 
@@ -146,11 +147,11 @@ def _under_compile() -> bool:
 
 
 def _dtype_reason(lora_dtype, base_dtype, scale_dtype, out_dtype) -> str:
-    if lora_dtype not in _KERNEL_DTYPES or base_dtype not in _KERNEL_DTYPES:
+    if lora_dtype not in KERNEL_DTYPES or base_dtype not in KERNEL_DTYPES:
         return f"activation dtype {lora_dtype}/{base_dtype} (kernels take fp16/bf16/fp32)"
-    if scale_dtype not in _KERNEL_DTYPES:
+    if scale_dtype not in KERNEL_DTYPES:
         return f"scale dtype {scale_dtype}"
-    if out_dtype is not None and out_dtype not in _KERNEL_DTYPES:
+    if out_dtype is not None and out_dtype not in KERNEL_DTYPES:
         return f"output dtype {out_dtype}"
     return ""
 
@@ -247,15 +248,9 @@ def fused_norm_ok(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
     ok, reason = kernels_enabled(weight.device)
     if not ok:
         return _reject("norm", reason)
-    if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
-        return _reject("norm", "operands are not 2-D")
-    if weight.dtype not in _HALF:
-        return _reject("norm", f"weight dtype {weight.dtype} (the tensor-core kernel takes fp16/bf16 W)")
-    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
-        if t.dtype not in (weight.dtype, torch.float32):
-            return _reject("norm", f"{name} dtype {t.dtype} with W {weight.dtype}")
-        if t.device != weight.device:
-            return _reject("norm", f"{name} on {t.device}, W on {weight.device}")
+    reason = norm_operands_problem(weight, lora_A, lora_B)
+    if reason:
+        return _reject("norm", reason)
     if _is_dtensor(weight) or _is_dtensor(lora_A) or _is_dtensor(lora_B):
         return _reject("norm", "DTensor operands")
     if _under_compile():
@@ -280,19 +275,8 @@ def inference_fold_ok(rows: int) -> tuple[bool, str]:
     return True, ""
 
 
-_mm_out_dtype: bool | None = None
-
-
-def mm_out_dtype_available() -> bool:
-    """``torch.mm(a, b, out_dtype=torch.float32)`` exists (PyTorch >= 2.9; CUDA kernels only)."""
-    global _mm_out_dtype
-    if _mm_out_dtype is None:
-        _mm_out_dtype = hasattr(torch.ops.aten.mm, "dtype")
-    return _mm_out_dtype
-
-
 def norm_gemm_ok(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[bool, str]:
-    """Among the Triton norm paths: the GEMM + finish kernel (``gemm_weight_norm_sq``) rather than the
+    """Among the Triton norm paths: the GEMM path (``gemm_weight_norm_sq``) rather than the
     one-pass kernel? For half ``A`` and ``B`` in W's dtype, ``d_in * r >= NORM_GEMM_MIN_DIN_RANK`` or
     ``d_out * d_in * r >= NORM_GEMM_MIN_MACS``, where an fp32-output GEMM is available (CUDA:
     ``mm_out_dtype_available``; the CPU interpreter multiplies fp32 upcasts). fp32 adapters keep the one-pass

@@ -1,12 +1,6 @@
-"""Triton kernels for the DoRA composition; the PyTorch reference is ``compose_reference.py``.
-
-    out   = (g - 1) * base + g * (s * lora)          forward (out-of-place, in-place, or into slices)
-    inner = base + s * lora                           also written when the magnitude needs a gradient
-    d_lora = (g * s) * d_out;  d_base = (g - 1) * d_out;  d_g = sum_rows(inner * d_out)
-
-Every kernel loads its operands in their own dtype, computes in fp32 and rounds once at the store. ``g``
-(the magnitude scale, usually fp32) is never downcast: ``g - 1`` and ``g * s`` are fp32, the magnitude
-gradient is accumulated in fp32 and returned in ``g``'s dtype.
+"""Host entry points of the DoRA composition kernels (forward out-of-place, in-place or into slices, and
+the one-pass backward); the maths and numerics are in ``compose_kernel.py``, the PyTorch reference is
+``compose_reference.py``.
 
 Layouts. Every tensor is handled as a 2-D ``[R, K]`` matrix with unit column stride and an arbitrary row
 stride (so column slices of a larger tensor, as the chunked base recompute writes, need no copy):
@@ -17,45 +11,32 @@ stride (so column slices of a larger tensor, as the chunked base recompute write
 
 Any other memory layout is made contiguous first (a copy, never a wrong answer). Offsets are 64-bit.
 
-The magnitude gradient is deterministic: one pass over ``d_out`` writes fp32 partial sums per group of
-rows (``[groups, C]``), and they are summed in a fixed order: in eager mode by the last program of each
-column tile to finish (an integer ticket decides who, not the order), inside a ``torch.library`` op (the
-``torch.compile`` path, and the channels-first conv layout) by a second tiny kernel. No floating-point
-atomics; the same inputs give bitwise the same ``d_g`` on every call.
-
-Launch configurations are autotuned on first use per (columns, power-of-two row bucket, dtypes, flags)
-from a small default list, or from a full grid when ``DORA_AUTOTUNE_COMPREHENSIVE=1``. After the first call
-the chosen config is looked up in a dict and the kernel is launched directly (no per-call autotuner
-bookkeeping). The in-place kernel restores its destination between autotuning trials. Under Triton's CPU
-interpreter a fixed config is used (no autotuning).
+The kernels are in ``compose_kernel.py``, their launch configurations (autotuning) in ``compose_launch.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
-from collections.abc import Callable, Iterator
 
 import torch
-import triton
-import triton.language as tl
 
-from ..dispatch import config
-from ._triton_utils import (
-    LaunchConfig,
-    cdiv,
-    is_fake,
-    is_interpreted,
-    next_pow2,
-    num_sms,
-    ticket_buffer,
-    tile_grid,
-    to_triton_configs,
+from ._triton_utils import cdiv, num_sms, ticket_buffer
+from .compose_kernel import INTERPRETER, _sum_partials_kernel
+from .compose_launch import (
+    _BWD_COLS,
+    _BWD_ROWS,
+    _FWD,
+    _FWD_INPLACE,
+    _launch,
+    _row_bucket,
+    _skip_launch,
+    forced_config,
+    launch_counts,
 )
+from .operands import KERNEL_DTYPES
 
 __all__ = [
     "BACKWARD_PROGRAMS_PER_SM",
-    "KERNEL_DTYPES",
     "compose_backward",
     "compose_forward",
     "compose_forward_",
@@ -64,8 +45,6 @@ __all__ = [
     "launch_counts",
 ]
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 #: Programs per SM the one-pass backward aims for (rows are split into groups to reach it).
 BACKWARD_PROGRAMS_PER_SM = 8
 #: Row groups of the backward hold a multiple of this many rows (the largest BLOCK_R of any config).
@@ -73,459 +52,9 @@ _ROW_GRANULE = 64
 #: The backward never splits the reduction dimension into more than this many groups.
 _MAX_GROUPS = 1024
 
-#: Real (non-fake) kernel launches per kernel name, for tests and benchmarks.
-launch_counts: Counter[str] = Counter()
 
 #: Row and column counts stay below this (32-bit index arithmetic inside a program; offsets are 64-bit).
 _INDEX_LIMIT = 2**30
-
-
-# ------------------------------------------------------------------------------------------------ kernels
-
-
-@triton.jit
-def _to_dtype(x, dtype: tl.constexpr):
-    """Round fp32 ``x`` to ``dtype`` to nearest-even (one rounding, as PyTorch's ``.to``).
-
-    Triton's CPU interpreter truncates fp32 -> bf16 (verified with triton 3.9, also with
-    ``fp_downcast_rounding="rtne"``); there the rounding is done on the bits first. Compiled out on GPUs.
-    """
-    if _INTERPRETER_BF16_FIX:  # noqa: SIM102 (nested constexpr ifs: the Triton JIT prunes both)
-        if dtype == tl.bfloat16:
-            u = x.to(tl.uint32, bitcast=True)
-            u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-            x = u.to(tl.float32, bitcast=True)
-    return x.to(dtype)
-
-
-@triton.jit
-def _compose_fwd_kernel(
-    lora_ptr,
-    base_ptr,
-    g_ptr,
-    out_ptr,
-    inner_ptr,
-    R,
-    K,
-    C,
-    stride_lora,
-    stride_base,
-    stride_out,
-    stride_inner,
-    scaling,
-    R_BUCKET,  # autotune key only
-    G_ON_ROWS: tl.constexpr,
-    WRITE_INNER: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    rmask = rows < R
-    cmask = cols < K
-    mask = rmask[:, None] & cmask[None, :]
-    if G_ON_ROWS:
-        g = tl.load(g_ptr + rows % C, mask=rmask, other=0.0).to(tl.float32)[:, None]
-    else:
-        g = tl.load(g_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    r64 = rows.to(tl.int64)[:, None]
-    c = cols[None, :]
-    lora = tl.load(lora_ptr + (r64 * stride_lora + c), mask=mask, other=0.0).to(tl.float32)
-    base = tl.load(base_ptr + (r64 * stride_base + c), mask=mask, other=0.0).to(tl.float32)
-    s_lora = lora * scaling
-    out = (g - 1.0) * base + g * s_lora
-    tl.store(out_ptr + (r64 * stride_out + c), _to_dtype(out, out_ptr.dtype.element_ty), mask=mask)
-    if WRITE_INNER:
-        tl.store(inner_ptr + (r64 * stride_inner + c), _to_dtype(base + s_lora, inner_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _compose_bwd_cols_kernel(
-    dout_ptr,
-    g_ptr,
-    inner_ptr,
-    dlora_ptr,
-    dbase_ptr,
-    part_ptr,
-    dg_ptr,
-    cnt_ptr,
-    R,
-    K,
-    groups,
-    rows_per_group,
-    stride_dout,
-    stride_inner,
-    stride_dlora,
-    stride_dbase,
-    scaling,
-    R_BUCKET,  # autotune key only
-    NEED_LORA: tl.constexpr,
-    NEED_BASE: tl.constexpr,
-    NEED_G: tl.constexpr,
-    FUSED_SUM: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    """``g`` along the columns. Program (group, column tile) walks its group's rows; ``part[group, cols]``.
-
-    ``FUSED_SUM``: the last of a column tile's ``groups`` programs to finish (an integer ticket in
-    ``cnt_ptr[pid_c]``, reset to 0 by that program) sums the tile's partials in a fixed order into
-    ``dg_ptr`` (``g``'s dtype): no second launch. Otherwise ``_sum_partials_kernel`` does it.
-    """
-    pid_g = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < K
-    c = cols[None, :]
-    g = tl.load(g_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    gs = (g * scaling)[None, :]
-    gm1 = (g - 1.0)[None, :]
-    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    r_start = pid_g * rows_per_group
-    r_end = tl.minimum(r_start + rows_per_group, R)
-    for r0 in range(r_start, r_end, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        mask = (rows < r_end)[:, None] & cmask[None, :]
-        r64 = rows.to(tl.int64)[:, None]
-        d = tl.load(dout_ptr + (r64 * stride_dout + c), mask=mask, other=0.0).to(tl.float32)
-        if NEED_LORA:
-            tl.store(dlora_ptr + (r64 * stride_dlora + c), _to_dtype(d * gs, dlora_ptr.dtype.element_ty), mask=mask)
-        if NEED_BASE:
-            tl.store(dbase_ptr + (r64 * stride_dbase + c), _to_dtype(d * gm1, dbase_ptr.dtype.element_ty), mask=mask)
-        if NEED_G:
-            x = tl.load(inner_ptr + (r64 * stride_inner + c), mask=mask, other=0.0).to(tl.float32)
-            acc += x * d
-    if NEED_G:
-        tl.store(part_ptr + (pid_g.to(tl.int64) * K + cols), tl.sum(acc, axis=0), mask=cmask)
-        if FUSED_SUM:
-            tl.debug_barrier()  # every thread's partial is stored before the ticket is taken
-            ticket = tl.atomic_add(cnt_ptr + pid_c, 1, sem="acq_rel", scope="gpu")
-            if ticket == groups - 1:
-                # fixed order whoever arrives last: rows [j, j + SUM_G) of part, then a sum over SUM_G
-                SUM_G: tl.constexpr = (4096 + BLOCK_C - 1) // BLOCK_C  # >= 1: BLOCK_C <= 4096
-                offs_g = tl.arange(0, SUM_G)
-                tot = tl.zeros([SUM_G, BLOCK_C], dtype=tl.float32)
-                for j in range(0, groups, SUM_G):
-                    gj = j + offs_g
-                    p = part_ptr + (gj.to(tl.int64)[:, None] * K + cols[None, :])
-                    tot += tl.load(p, mask=(gj < groups)[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg")
-                tl.store(dg_ptr + cols, _to_dtype(tl.sum(tot, axis=0), dg_ptr.dtype.element_ty), mask=cmask)
-                tl.atomic_xchg(cnt_ptr + pid_c, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def _compose_bwd_rows_kernel(
-    dout_ptr,
-    g_ptr,
-    inner_ptr,
-    dlora_ptr,
-    dbase_ptr,
-    part_ptr,
-    R,
-    K,
-    C,
-    cols_per_group,
-    scaling,
-    R_BUCKET,  # autotune key only
-    NEED_LORA: tl.constexpr,
-    NEED_BASE: tl.constexpr,
-    NEED_G: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    """``g`` along the rows (row ``r`` uses ``g[r % C]``), contiguous ``[R, K]``. ``part[group, rows]``."""
-    pid_r = tl.program_id(0)
-    pid_g = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < R
-    g = tl.load(g_ptr + rows % C, mask=rmask, other=0.0).to(tl.float32)
-    gs = (g * scaling)[:, None]
-    gm1 = (g - 1.0)[:, None]
-    row_off = rows.to(tl.int64)[:, None] * K
-    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    c_start = pid_g * cols_per_group
-    c_end = tl.minimum(c_start + cols_per_group, K)
-    for c0 in range(c_start, c_end, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        mask = rmask[:, None] & (cols < c_end)[None, :]
-        offs = row_off + cols[None, :]
-        d = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if NEED_LORA:
-            tl.store(dlora_ptr + offs, _to_dtype(d * gs, dlora_ptr.dtype.element_ty), mask=mask)
-        if NEED_BASE:
-            tl.store(dbase_ptr + offs, _to_dtype(d * gm1, dbase_ptr.dtype.element_ty), mask=mask)
-        if NEED_G:
-            x = tl.load(inner_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            acc += x * d
-    if NEED_G:
-        tl.store(part_ptr + (pid_g.to(tl.int64) * R + rows), tl.sum(acc, axis=1), mask=rmask)
-
-
-@triton.jit
-def _sum_partials_kernel(part_ptr, out_ptr, G, K, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
-    """``out[c] = sum_g part[g, c]`` in a fixed order (fp32 accumulation, one rounding at the store)."""
-    pid = tl.program_id(0)
-    cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < K
-    acc = tl.zeros([BLOCK_G, BLOCK_C], dtype=tl.float32)
-    for g0 in range(0, G, BLOCK_G):
-        rows = g0 + tl.arange(0, BLOCK_G)
-        mask = (rows < G)[:, None] & cmask[None, :]
-        acc += tl.load(part_ptr + (rows.to(tl.int64)[:, None] * K + cols[None, :]), mask=mask, other=0.0)
-    tl.store(out_ptr + cols, _to_dtype(tl.sum(acc, axis=0), out_ptr.dtype.element_ty), mask=cmask)
-
-
-INTERPRETER = is_interpreted(_compose_fwd_kernel)
-_INTERPRETER_BF16_FIX = tl.constexpr(INTERPRETER)
-
-# ------------------------------------------------------------------------------------------------ configs
-
-#: Forward tiles ``(BLOCK_R, BLOCK_C, num_warps, num_stages)``: 4-16K elements per program for the
-#: bandwidth-bound shapes, and one-row tiles for decode-sized calls.
-FORWARD_CONFIGS: tuple[LaunchConfig, ...] = (
-    (1, 1024, 4, 1),
-    (1, 4096, 8, 1),
-    (4, 1024, 4, 1),
-    (8, 1024, 8, 1),
-    (16, 512, 8, 1),
-    (4, 2048, 8, 1),
-    (32, 256, 4, 1),
-)
-
-#: Backward tiles (one loop iteration of a program).
-BACKWARD_CONFIGS: tuple[LaunchConfig, ...] = (
-    (1, 1024, 4, 1),
-    (8, 256, 4, 1),
-    (16, 256, 4, 1),
-    (8, 512, 4, 1),
-    (16, 512, 8, 1),
-    (4, 1024, 4, 1),
-    (8, 1024, 8, 1),
-    (32, 128, 4, 1),
-)
-
-_ROWS = (1, 2, 4, 8, 16, 32, 64)
-_COLS = (64, 128, 256, 512, 1024, 2048, 4096)
-_WARPS = (2, 4, 8, 16)
-
-
-def forward_configs(comprehensive: bool) -> list[LaunchConfig]:
-    """The forward's autotune list (``DORA_AUTOTUNE_COMPREHENSIVE`` picks the full grid, 88 tiles)."""
-    if not comprehensive:
-        return list(FORWARD_CONFIGS)
-    return tile_grid(
-        _ROWS, _COLS, _WARPS, min_elems=256, max_elems=16384, min_elems_per_thread=8, max_elems_per_thread=64
-    )
-
-
-def backward_configs(comprehensive: bool) -> list[LaunchConfig]:
-    """The backward's autotune list; the full grid (140) also tries ``num_stages=2`` (the kernel loops)."""
-    if not comprehensive:
-        return list(BACKWARD_CONFIGS)
-    out: list[LaunchConfig] = []
-    for stages in (1, 2):
-        out += tile_grid(
-            _ROWS,
-            _COLS,
-            _WARPS,
-            min_elems=256,
-            max_elems=16384,
-            min_elems_per_thread=8,
-            max_elems_per_thread=32,
-            stages=stages,
-        )
-    return out
-
-
-def _interpreter_config(R: int, K: int) -> LaunchConfig:
-    """Tiles for the CPU interpreter: few, large programs (it costs milliseconds per program and loop step).
-
-    Tests that need many small tiles force them with :func:`forced_config`.
-    """
-    bc = min(next_pow2(K), 1024)
-    br = max(1, min(next_pow2(R), 65536 // bc, 4096))
-    return (br, bc, 4, 1)
-
-
-#: ``forced_config`` overrides, by kernel family ("fwd" / "bwd"); for tests and the tuning script.
-_FORCED: dict[str, LaunchConfig] = {}
-
-
-@contextlib.contextmanager
-def forced_config(*, fwd: LaunchConfig | None = None, bwd: LaunchConfig | None = None) -> Iterator[None]:
-    """Launch every forward / backward kernel with this tile instead of the autotuned (or interpreter) one."""
-    saved = dict(_FORCED)
-    if fwd is not None:
-        _FORCED["fwd"] = tuple(fwd)  # type: ignore[assignment]
-    if bwd is not None:
-        _FORCED["bwd"] = tuple(bwd)  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        _FORCED.clear()
-        _FORCED.update(saved)
-
-
-#: Warm-up and measurement time (ms) per config while autotuning: about 30 ms per config, so a new tuning
-#: key costs ~0.25 s per kernel variant instead of ~1 s with Triton's defaults (25 / 100 ms).
-AUTOTUNE_WARMUP_MS = 5
-AUTOTUNE_REP_MS = 25
-
-
-def _autotune_bench(fn, quantiles=None):
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=AUTOTUNE_WARMUP_MS, rep=AUTOTUNE_REP_MS, quantiles=quantiles)
-
-
-class _Tuned:
-    """A ``@triton.jit`` kernel, its lazily built autotuners and the config each tuning key settled on."""
-
-    __slots__ = ("chosen", "family", "fn", "key", "name", "restore", "tuners")
-
-    def __init__(self, fn, name: str, family: str, key: list[str], restore: tuple[str, ...] = ()) -> None:
-        self.fn = fn
-        self.name = name
-        self.family = family
-        self.key = key
-        self.restore = list(restore)
-        self.tuners: dict[bool, object] = {}
-        #: comprehensive flag -> tuning key -> chosen config
-        self.chosen: dict[bool, dict[tuple, LaunchConfig]] = {False: {}, True: {}}
-
-    def tuner(self, comprehensive: bool):
-        tuner = self.tuners.get(comprehensive)
-        if tuner is None:
-            configs = forward_configs(comprehensive) if self.family == "fwd" else backward_configs(comprehensive)
-            tuner = triton.autotune(
-                configs=to_triton_configs(configs),
-                key=self.key,
-                restore_value=self.restore or None,
-                do_bench=_autotune_bench,
-            )(self.fn)
-            self.tuners[comprehensive] = tuner
-        return tuner
-
-    def reset(self) -> None:
-        """Forget the tuned configs (a later call tunes again)."""
-        self.tuners.clear()
-        self.chosen = {False: {}, True: {}}
-
-
-_FWD = _Tuned(_compose_fwd_kernel, "compose_fwd", "fwd", ["K", "R_BUCKET", "G_ON_ROWS", "WRITE_INNER"])
-_FWD_INPLACE = _Tuned(
-    _compose_fwd_kernel, "compose_fwd_inplace", "fwd", ["K", "R_BUCKET", "G_ON_ROWS", "WRITE_INNER"], ("out_ptr",)
-)
-_BWD_COLS = _Tuned(
-    _compose_bwd_cols_kernel, "compose_bwd", "bwd", ["K", "R_BUCKET", "NEED_LORA", "NEED_BASE", "NEED_G"]
-)
-_BWD_ROWS = _Tuned(
-    _compose_bwd_rows_kernel, "compose_bwd_rows", "bwd", ["K", "R_BUCKET", "NEED_LORA", "NEED_BASE", "NEED_G"]
-)
-
-
-def reset_tuning() -> None:
-    """Forget every autotuned config (the next call of each kernel tunes again)."""
-    for tuned in (_FWD, _FWD_INPLACE, _BWD_COLS, _BWD_ROWS):
-        tuned.reset()
-
-
-def _row_bucket(R) -> int:
-    """Autotune bucket of a row count: the next power of 8 (1, 8, 64, 512, 4096, 32768 and above).
-
-    Coarse on purpose: every new bucket costs one autotuning round per kernel variant, and decode batch
-    sizes vary. Under torch.compile with dynamic shapes ``R`` is symbolic: Inductor tunes user kernels itself.
-    """
-    if not isinstance(R, int):
-        return 0
-    bucket = 1
-    while bucket < R and bucket < 32768:
-        bucket <<= 3
-    return bucket
-
-
-def _skip_launch(t: torch.Tensor) -> bool:
-    """Inside a ``torch.library`` op under the interpreter, fake tensors (tracing) get no launch.
-
-    With a real GPU ``wrap_triton`` records the launch instead; the interpreter's kernels cannot be
-    recorded, so the op must stay opaque to AOTAutograd there (see ``autograd/ops.py``).
-    """
-    if not INTERPRETER:
-        return False
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
-    if isinstance(t, FunctionalTensor):
-        raise RuntimeError(
-            "dorafactors: under TRITON_INTERPRET=1 the Triton ops cannot be decomposed into a compiled graph; "
-            "compile with torch._functorch.config.patch(decompose_custom_triton_ops=False)"
-        )
-    return is_fake(t)
-
-
-def _launch(
-    tuned: _Tuned,
-    grid_of: Callable[[int, int], tuple[int, int]],
-    args: tuple,
-    key: tuple,
-    R: int,
-    K: int,
-    wrap: bool,
-) -> None:
-    """Launch ``tuned`` on ``args`` (every kernel argument up to, not including, ``BLOCK_R``).
-
-    The config is the forced one (tests), the interpreter's, the one cached for ``key``, or, on the first
-    call of a key, the autotuner's choice. ``wrap``: inside a ``torch.library`` op (``wrap_triton``).
-    """
-    if wrap:
-        _launch_wrapped(tuned, grid_of, args, R, K)
-        return
-    index = args[0].get_device()
-    if index >= 0 and index != torch.cuda.current_device():
-        # Triton launches on the current device: tensors on another GPU (a model spread over several GPUs)
-        # need that device made current for the launch.
-        with torch.cuda.device(index):
-            _launch_here(tuned, grid_of, args, key, R, K)
-        return
-    _launch_here(tuned, grid_of, args, key, R, K)
-
-
-def _launch_here(tuned: _Tuned, grid_of, args: tuple, key: tuple, R: int, K: int) -> None:
-    forced = _FORCED.get(tuned.family) if _FORCED else None
-    if forced is not None or INTERPRETER:
-        br, bc, warps, stages = forced or _interpreter_config(R, K)
-        tuned.fn[grid_of(br, bc)](*args, br, bc, num_warps=warps, num_stages=stages)
-        launch_counts[tuned.name] += 1
-        return
-    comprehensive = config.autotune_comprehensive()
-    chosen = tuned.chosen[comprehensive]
-    cfg = chosen.get(key)
-    if cfg is not None:
-        br, bc, warps, stages = cfg
-        tuned.fn[grid_of(br, bc)](*args, br, bc, num_warps=warps, num_stages=stages)
-    else:
-        tuner = tuned.tuner(comprehensive)
-        tuner[lambda meta: grid_of(meta["BLOCK_R"], meta["BLOCK_C"])](*args)
-        best = tuner.best_config
-        chosen[key] = (best.kwargs["BLOCK_R"], best.kwargs["BLOCK_C"], best.num_warps, best.num_stages)
-    launch_counts[tuned.name] += 1
-
-
-def _launch_wrapped(tuned: _Tuned, grid_of, args: tuple, R, K) -> None:
-    """The launch inside a ``torch.library`` Triton op: recorded by ``wrap_triton`` while tracing."""
-    from torch.library import wrap_triton
-
-    if _skip_launch(args[0]):
-        return
-    forced = _FORCED.get(tuned.family) if _FORCED else None
-    if forced is not None or INTERPRETER:
-        br, bc, warps, stages = forced or _interpreter_config(R, K)
-        wrap_triton(tuned.fn)[grid_of(br, bc)](*args, br, bc, num_warps=warps, num_stages=stages)
-    else:
-        tuner = tuned.tuner(config.autotune_comprehensive())
-        wrap_triton(tuner)[lambda meta: grid_of(meta["BLOCK_R"], meta["BLOCK_C"])](*args)
-    launch_counts[tuned.name] += 1
 
 
 # ------------------------------------------------------------------------------------------------ layouts
@@ -562,36 +91,32 @@ def _check_size(R, K) -> None:
 
 def _check_dtypes(*tensors: torch.Tensor) -> None:
     for t in tensors:
-        if t.dtype not in _KERNEL_DTYPE_SET:
+        if t.dtype not in KERNEL_DTYPES:
             raise TypeError(f"compose kernels take fp16/bf16/fp32 tensors, got {t.dtype} (use the PyTorch reference)")
-
-
-_KERNEL_DTYPE_SET = frozenset(KERNEL_DTYPES)
 
 
 # ------------------------------------------------------------------------------------------------ forward
 
 
-def _fwd_cols(lora, base, g, out, inner, R, K, s_lora, s_base, s_out, s_inner, scaling, tuned, wrap) -> None:
-    """``g`` along the columns of ``[R, K]`` operands with the given row strides."""
+def _fwd_launch(lora, base, g, out, inner, R, K, C, strides, scaling, g_on_rows, tuned, wrap) -> None:
+    """The forward kernel on ``[R, K]`` operands with row strides ``strides`` (lora, base, out, inner)."""
     _check_size(R, K)
     bucket = _row_bucket(R)
     write_inner = inner is not None
-    args = (lora, base, g, out, inner, R, K, K, s_lora, s_base, s_out, s_inner, scaling, bucket, False, write_inner)
-    key = (K, bucket, False, write_inner, lora.dtype, base.dtype, g.dtype, out.dtype)
+    args = (lora, base, g, out, inner, R, K, C, *strides, scaling, bucket, g_on_rows, write_inner)
+    key = (K, bucket, g_on_rows, write_inner, lora.dtype, base.dtype, g.dtype, out.dtype)
     _launch(tuned, lambda br, bc: (cdiv(R, br), cdiv(K, bc)), args, key, R, K, wrap)
 
 
+def _fwd_cols(lora, base, g, out, inner, R, K, s_lora, s_base, s_out, s_inner, scaling, tuned, wrap) -> None:
+    """``g`` along the columns of ``[R, K]`` operands with the given row strides."""
+    _fwd_launch(lora, base, g, out, inner, R, K, K, (s_lora, s_base, s_out, s_inner), scaling, False, tuned, wrap)
+
+
 def _fwd_rows(lora3, base3, g, out3, inner3, scaling: float, wrap: bool) -> None:
-    """Contiguous ``[N, C, S]`` operands, ``g`` along dim 1."""
+    """Contiguous ``[N, C, S]`` operands, ``g`` along dim 1 (row ``r`` of ``[N * C, S]`` uses ``g[r % C]``)."""
     N, C, S = lora3.shape
-    R = N * C
-    _check_size(R, S)
-    bucket = _row_bucket(R)
-    write_inner = inner3 is not None
-    args = (lora3, base3, g, out3, inner3, R, S, C, S, S, S, S, scaling, bucket, True, write_inner)
-    key = (S, bucket, True, write_inner, lora3.dtype, base3.dtype, g.dtype, out3.dtype)
-    _launch(_FWD, lambda br, bc: (cdiv(R, br), cdiv(S, bc)), args, key, R, S, wrap)
+    _fwd_launch(lora3, base3, g, out3, inner3, N * C, S, C, (S, S, S, S), scaling, True, _FWD, wrap)
 
 
 def _check_operands(lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, channel_dim: int) -> int:
@@ -632,7 +157,7 @@ def compose_forward(
     _check_operands(lora, base, g, channel_dim)
     out_dtype = out_dtype or torch.promote_types(lora.dtype, base.dtype)
     _check_dtypes(lora, base, g)
-    if out_dtype not in _KERNEL_DTYPE_SET:
+    if out_dtype not in KERNEL_DTYPES:
         raise TypeError(f"out_dtype {out_dtype} is not a kernel dtype")
     if lora.numel() == 0:
         out = torch.empty(lora.shape, dtype=out_dtype, device=lora.device)
@@ -828,7 +353,7 @@ def compose_backward(
     if need_g and inner.shape != d_out.shape:  # type: ignore[union-attr]
         raise ValueError("inner must have d_out's shape")
     _check_dtypes(d_out, g, *((inner,) if need_g else ()))
-    if lora_dtype not in _KERNEL_DTYPE_SET or base_dtype not in _KERNEL_DTYPE_SET:
+    if lora_dtype not in KERNEL_DTYPES or base_dtype not in KERNEL_DTYPES:
         raise TypeError("d_lora / d_base dtypes must be kernel dtypes")
     if not (need_lora or need_base or need_g):
         return None, None, None

@@ -13,17 +13,13 @@ from __future__ import annotations
 
 import torch
 
+from .operands import compute_dtype_for
+
 __all__ = [
     "broadcast_scale",
     "compose_backward_reference",
     "compose_forward_reference",
-    "math_dtype",
 ]
-
-
-def math_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """fp64 if any operand is fp64, else fp32."""
-    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def broadcast_scale(scale: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
@@ -54,7 +50,7 @@ def compose_forward_reference(
         save_inner: also return ``inner = base + s * lora`` (rounded to ``out_dtype``).
     """
     out_dtype = out_dtype or torch.promote_types(lora.dtype, base.dtype)
-    cdt = math_dtype(lora.dtype, base.dtype, scale.dtype)
+    cdt = compute_dtype_for(lora.dtype, base.dtype, scale.dtype)
     g = broadcast_scale(scale.detach().to(cdt), lora.dim(), channel_dim)
     s_lora = lora.detach().to(cdt) * scaling
     b = base.detach().to(cdt)
@@ -77,7 +73,7 @@ def compose_backward_reference(
     need_scale: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Reference backward: ``(d_lora, d_base, d_g)``; ``d_g`` is ``[C]`` in ``scale.dtype``."""
-    cdt = math_dtype(d_out.dtype, scale.dtype)
+    cdt = compute_dtype_for(d_out.dtype, scale.dtype)
     g = broadcast_scale(scale.detach().to(cdt), d_out.dim(), channel_dim)
     grad = d_out.to(cdt)
     d_lora = (grad * (g * scaling)).to(lora_dtype) if need_lora else None

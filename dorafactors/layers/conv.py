@@ -12,9 +12,9 @@ from peft.tuners.lora import dora as peft_dora
 from torch import nn
 
 from ..autograd.compose import dora_compose
-from ..norm import dense_row_norm, engine
+from ..norm import engine
+from ..norm.dense import dense_norm_rows, dense_row_norm
 from ._common import DoraLayerMixin
-from .linear import _dense_norm_rows
 
 __all__ = ["DoraConv1dLayer", "DoraConv2dLayer", "DoraConv3dLayer"]
 
@@ -34,7 +34,7 @@ class _ConvMixin(DoraLayerMixin):
             out = weight.shape[0]
             w2 = weight.reshape(out, -1)
             l2 = lora_weight.reshape(out, -1)
-            norm = dense_row_norm(w2, l2, float(scaling), max_rows=_dense_norm_rows(w2.shape[1]))
+            norm = dense_row_norm(w2, l2, float(scaling), max_rows=dense_norm_rows(w2.shape[1]))
             norm = norm.to(torch.promote_types(weight.dtype, lora_weight.dtype))
             return norm.view((1, out) + (1,) * (weight.dim() - 2))
 

@@ -14,16 +14,11 @@ from ..autograd.compose import dora_compose
 from ..autograd.folded import FoldedLoraB, fold_scale_into_lora_B, folded_dora_extra
 from ..autograd.recompute_base import compose_recompute_base
 from ..dispatch import config, rules
-from ..norm import dense_row_norm
 from ..norm.cache import optimizer_steps
+from ..norm.dense import dense_norm_rows, dense_row_norm
 from ._common import DoraLayerMixin, base_weight
 
 __all__ = ["DoraLinearLayer"]
-
-
-def _dense_norm_rows(d_in: int, elem: int = 4) -> int:
-    """Rows per step of the dense norm so its fp32 temporaries fit the norm budget."""
-    return max(1, config.get_dora_norm_threshold_bytes() // max(1, 2 * d_in * elem))
 
 
 class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
@@ -49,7 +44,7 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
         def compute() -> torch.Tensor:
             w = transpose(weight, self.fan_in_fan_out)
             out_dtype = torch.promote_types(w.dtype, lora_weight.dtype)
-            norm = dense_row_norm(w, lora_weight, float(scaling), max_rows=_dense_norm_rows(w.shape[1]))
+            norm = dense_row_norm(w, lora_weight, float(scaling), max_rows=dense_norm_rows(w.shape[1]))
             return norm.to(out_dtype)
 
         return self._stock_cached("weight-norm", adapter_name, compute)

@@ -1,9 +1,9 @@
-"""Weight-norm engine: factored column norm (Triton + PyTorch reference), dense reference, caches."""
+"""Weight-norm engine (picks the Triton kernel or its PyTorch reference, both in ``kernels/``), dense norm, caches."""
 
+from ..kernels.row_norm_reference import factored_row_norm_sq, plan_chunk_columns, row_sumsq
 from .cache import NormCache, TensorStamp
 from .dense import dense_row_norm
 from .engine import clamp_eps, conv_factors, norm_path, weight_norm, weight_sumsq
-from .factored import factored_row_norm_sq, plan_chunk_columns, row_sumsq
 
 __all__ = [
     "NormCache",

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["compute_dtype_for", "dense_factor_row_norm_sq", "dense_row_norm"]
+from ..dispatch import config
+from ..kernels.operands import compute_dtype_for
+
+__all__ = ["compute_dtype_for", "dense_factor_row_norm_sq", "dense_norm_rows", "dense_row_norm"]
 
 
-def compute_dtype_for(*dtypes: torch.dtype) -> torch.dtype:
-    """fp64 if any input is fp64, else fp32: the precision every norm is accumulated in."""
-    return torch.float64 if torch.float64 in dtypes else torch.float32
+def dense_norm_rows(d_in: int, elem: int = 4) -> int:
+    """Rows per step of :func:`dense_row_norm` so its fp32 temporaries fit the norm budget
+    (``PEFT_DORA_NORM_CHUNK_MB``)."""
+    return max(1, config.get_dora_norm_threshold_bytes() // max(1, 2 * d_in * elem))
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """The norm engine: one entry point that returns the detached, clamped fp32 row norm of ``W + s*B@A``.
 
-It picks the Triton kernel where ``dispatch`` allows it and the PyTorch reference (``factored.py``)
+It picks the Triton kernel where ``dispatch`` allows it and the PyTorch reference (``kernels/row_norm_reference.py``)
 otherwise, and reshapes conv and grouped-conv factors into the 2-D form both understand.
 """
 
@@ -9,22 +9,21 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import config, rules
-from .dense import compute_dtype_for, dense_factor_row_norm_sq
-from .factored import factored_row_norm_sq, plan_chunk_columns, row_sumsq
+from ..kernels.operands import HALF_DTYPES, compute_dtype_for
+from ..kernels.row_norm_reference import factored_row_norm_sq, plan_chunk_columns, row_sumsq
+from .dense import dense_factor_row_norm_sq
 
 __all__ = ["clamp_eps", "conv_factors", "norm_path", "weight_norm", "weight_sumsq"]
-
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def clamp_eps(weight_dtype: torch.dtype) -> float:
     """Smallest norm the engine returns: 1e-6 for half-precision weights, 1e-12 otherwise."""
-    return 1e-6 if weight_dtype in _HALF else 1e-12
+    return 1e-6 if weight_dtype in HALF_DTYPES else 1e-12
 
 
 def norm_path(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> str:
     """Which implementation :func:`weight_norm` uses: ``"dense"`` (``d_in <= r``), ``"gemm"`` (fp32-output
-    GEMMs for ``W A^T`` and ``A A^T`` + the Triton kernel's ``U_GIVEN`` mode; half adapters at the sizes of
+    GEMMs for ``W A^T`` and ``A A^T`` + the Triton kernel's ``FROM_GEMM`` mode; half adapters at the sizes of
     ``rules.norm_gemm_ok``), ``"triton"`` (the one-pass Triton kernel: fp32 adapters, smaller half-adapter shapes) or ``"torch"``
     (the PyTorch reference)."""
     if weight.shape[1] <= lora_A.shape[0]:

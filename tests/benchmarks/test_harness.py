@@ -12,8 +12,10 @@ import json
 import pytest
 import torch
 
+from benchmarks import SCHEMA
 from benchmarks import providers as P
 from benchmarks.__main__ import main
+from benchmarks.common import load_results, write_results
 from benchmarks.harness import Case, ResultsFile, Settings, run_cases
 
 pytestmark = pytest.mark.slow
@@ -44,7 +46,7 @@ def quick_run(tmp_path_factory):
     assert main(["report", str(out), "--output", str(report)]) == 0
     plots = out_dir / "plots"
     assert main(["plot", str(out), "--outdir", str(plots)]) == 0
-    return {"json": out, "report": report, "plots": plots, "rows": json.loads(out.read_text())["rows"]}
+    return {"json": out, "report": report, "plots": plots, "rows": load_results(out)["rows"]}
 
 
 def _by(rows, suite):
@@ -89,6 +91,32 @@ def test_rows_carry_metrics_and_metadata(quick_run):
             metrics = row["metrics"]
             assert metrics["ms"] > 0 and metrics["reps"] >= 3
             assert metrics["ms_p20"] <= metrics["ms"] <= metrics["ms_p80"]
+
+
+def test_results_file_stores_the_metadata_once_per_run(quick_run):
+    stored = json.loads(quick_run["json"].read_text())
+    assert stored["schema"] == SCHEMA
+    assert not any("meta" in row for row in stored["rows"])
+    assert set(stored["runs"]) == {row["run_id"] for row in stored["rows"]}
+    for run_id, meta in stored["runs"].items():
+        assert meta["run_id"] == run_id
+
+
+def test_schema_1_files_are_read_and_rewritten_once_per_run(tmp_path):
+    """Files whose every row carried a copy of its run's metadata load as before and are stored compactly."""
+    meta = {"run_id": "r1", "gpu": "G", "timestamp": "t", "quick": False}
+    old_rows = [
+        {"suite": "norm", "case": c, "provider": "dorafactors", "status": "ok", "run_id": "r1", "meta": dict(meta)}
+        for c in ("a", "b")
+    ]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"schema": "dorafactors-bench/1", "rows": old_rows}))
+    loaded = load_results(path)
+    assert [row["meta"] for row in loaded["rows"]] == [meta, meta]
+    write_results(path, loaded["rows"])
+    stored = json.loads(path.read_text())
+    assert stored["runs"] == {"r1": meta} and not any("meta" in row for row in stored["rows"])
+    assert load_results(path)["rows"] == old_rows
 
 
 def test_providers_are_what_they_claim(quick_run):

@@ -30,14 +30,14 @@ def _cfg(d_out: int, d_in: int, rank: int, a_is_fp32: bool) -> row_norm.NormKern
     return row_norm.pick_config(d_out, d_in, rank, a_is_fp32, 132, False)
 
 
-#: The GEMM norm path's launch (U from a GEMM) at 8192x8192 r=384, with its gram programs.
+#: The GEMM norm path's launch (U and G from GEMMs) at 8192x8192 r=384.
 _GEMM_PATH = dict(
     wdt="bf16",
     adt="bf16",
     bdt="bf16",
     cold=False,
-    u_given=True,
-    cfg=row_norm.pick_finish_config(8192, 8192, 384, 132, False, True),
+    from_gemm=True,
+    cfg=row_norm.pick_gemm_config(8192, 8192, 384, 132, False),
     unit_strides=("stride_wk", "stride_ak", "stride_br", "stride_ur"),
 )
 
@@ -58,18 +58,9 @@ VARIANTS = {
     "bf16_r16_cold": dict(wdt="bf16", adt="bf16", bdt="bf16", cold=True, cfg=_cfg(4096, 4096, 16, False)),
     "fp32_adapters_r64_cold": dict(wdt="bf16", adt="fp32", bdt="fp32", cold=True, cfg=_cfg(4096, 4096, 64, True)),
     "fp32_adapters_r16": dict(wdt="bf16", adt="fp32", bdt="fp32", cold=False, cfg=_cfg(4096, 4096, 16, True)),
-    # the GEMM path (U given): gram programs and the B G'' dots of the main programs
-    "bf16_u_given": _GEMM_PATH,
-    # U and G given (the default GEMM path): only the B G'' dots, no d_in loop to pipeline
-    "bf16_ug_given": {**_GEMM_PATH, "g_given": True, "cfg": row_norm.pick_finish_config(8192, 8192, 384, 132, False)},
-    "fp16_ug_given": {
-        **_GEMM_PATH,
-        "wdt": "fp16",
-        "adt": "fp16",
-        "bdt": "fp16",
-        "g_given": True,
-        "cfg": row_norm.pick_finish_config(8192, 8192, 384, 132, False),
-    },
+    # the GEMM path (U and G from GEMMs): only the B G'' dots, no d_in loop to pipeline
+    "bf16_from_gemm": _GEMM_PATH,
+    "fp16_from_gemm": {**_GEMM_PATH, "wdt": "fp16", "adt": "fp16", "bdt": "fp16"},
 }
 
 
@@ -79,8 +70,7 @@ def compile_variant(
     bdt: str,
     cold: bool,
     cfg: row_norm.NormKernelConfig | None = None,
-    u_given: bool = False,
-    g_given: bool = False,
+    from_gemm: bool = False,
     unit_strides: tuple[str, ...] = ("stride_wk", "stride_ak", "stride_br"),
     capability: int = 90,
 ):
@@ -101,10 +91,8 @@ def compile_variant(
         BK=cfg.block_k,
         BKG=min(cfg.block_n, cfg.bg_chunk),
         BG_STAGES=cfg.bg_stages,
-        U_GIVEN=u_given,
-        G_GIVEN=g_given,
+        FROM_GEMM=from_gemm,
         COLD=cold,
-        OUT_SUMSQ=cold,
         SQRT=True,
         A_MODE=a_mode,
         A_GRAM_MODE=int(adt == "fp32"),

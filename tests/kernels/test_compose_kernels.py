@@ -12,6 +12,7 @@ import torch
 
 from dorafactors.dispatch import config
 from dorafactors.kernels import compose as kc
+from dorafactors.kernels import compose_launch as kl
 from dorafactors.kernels._triton_utils import tickets_all_zero
 from dorafactors.kernels.compose_reference import compose_backward_reference, compose_forward_reference
 from tests._tolerances import assert_dtype_close
@@ -116,7 +117,7 @@ def test_forward_more_than_65535_rows(poison):
     assert_exact(inner, t_inner, "inner")
 
 
-@pytest.mark.parametrize("cfg", [*kc.FORWARD_CONFIGS, (4, 32, 1, 1), (64, 4, 1, 1)])
+@pytest.mark.parametrize("cfg", [*kl.FORWARD_CONFIGS, (4, 32, 1, 1), (64, 4, 1, 1)])
 def test_forward_every_tile(cfg, poison):
     """Every default tile (and two odd ones) covers odd shapes exactly: edges, masks, several programs."""
     gen = _gen("tile", cfg)
@@ -375,7 +376,7 @@ def test_backward_more_than_65535_rows(poison):
     assert_exact(d_g, t_g, "d_g")
 
 
-@pytest.mark.parametrize("cfg", [*kc.BACKWARD_CONFIGS, (4, 32, 1, 1)])
+@pytest.mark.parametrize("cfg", [*kl.BACKWARD_CONFIGS, (4, 32, 1, 1)])
 def test_backward_every_tile(cfg, poison):
     gen = _gen("bwd-tile", cfg)
     shape = (100, 150)
@@ -469,7 +470,7 @@ def test_backward_empty_and_validation():
 
 @pytest.mark.parametrize("comprehensive", [False, True])
 def test_config_lists(comprehensive):
-    fwd, bwd = kc.forward_configs(comprehensive), kc.backward_configs(comprehensive)
+    fwd, bwd = kl.forward_configs(comprehensive), kl.backward_configs(comprehensive)
     for configs in (fwd, bwd):
         assert len(set(configs)) == len(configs) > 0
         for br, bc, warps, stages in configs:
@@ -477,18 +478,18 @@ def test_config_lists(comprehensive):
             assert br <= kc._ROW_GRANULE, "row groups of the backward are a multiple of every BLOCK_R"
             assert warps in (1, 2, 4, 8, 16) and stages >= 1
     if comprehensive:
-        assert len(fwd) > 3 * len(kc.FORWARD_CONFIGS) and len(bwd) > 3 * len(kc.BACKWARD_CONFIGS)
+        assert len(fwd) > 3 * len(kl.FORWARD_CONFIGS) and len(bwd) > 3 * len(kl.BACKWARD_CONFIGS)
     else:
-        assert fwd == list(kc.FORWARD_CONFIGS) and bwd == list(kc.BACKWARD_CONFIGS)
+        assert fwd == list(kl.FORWARD_CONFIGS) and bwd == list(kl.BACKWARD_CONFIGS)
 
 
 def test_tuners_follow_the_comprehensive_switch():
-    small = kc._FWD.tuner(False)
-    full = kc._FWD.tuner(True)
-    assert len(small.configs) == len(kc.FORWARD_CONFIGS) and len(full.configs) == len(kc.forward_configs(True))
-    assert kc._FWD_INPLACE.tuner(False).restore_value == ["out_ptr"], "in-place trials restore the destination"
-    kc._FWD.reset()
-    assert not kc._FWD.tuners
+    small = kl._FWD.tuner(False)
+    full = kl._FWD.tuner(True)
+    assert len(small.configs) == len(kl.FORWARD_CONFIGS) and len(full.configs) == len(kl.forward_configs(True))
+    assert kl._FWD_INPLACE.tuner(False).restore_value == ["out_ptr"], "in-place trials restore the destination"
+    kl._FWD.reset()
+    assert not kl._FWD.tuners
 
 
 # ------------------------------------------------------------------------------------------------ GPU
@@ -541,7 +542,7 @@ def test_gpu_precision_and_determinism(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", kc.FORWARD_CONFIGS)
+@pytest.mark.parametrize("cfg", kl.FORWARD_CONFIGS)
 def test_gpu_every_forward_tile(cfg):
     lora, base = _cuda_exact((1000, 4100), BF16, 6), _cuda_exact((1000, 4100), BF16, 7)
     g = exact_scale(4100, F32, torch.Generator().manual_seed(8)).cuda()
@@ -553,7 +554,7 @@ def test_gpu_every_forward_tile(cfg):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", kc.BACKWARD_CONFIGS)
+@pytest.mark.parametrize("cfg", kl.BACKWARD_CONFIGS)
 def test_gpu_every_backward_tile(cfg):
     d_out, inner = _cuda_exact((1000, 4100), BF16, 9), _cuda_exact((1000, 4100), BF16, 10)
     g = exact_scale(4100, F32, torch.Generator().manual_seed(11)).cuda()
@@ -572,7 +573,7 @@ def test_gpu_autotune_then_cached_config_and_inplace_restore():
     g = exact_scale(4096, F32, torch.Generator().manual_seed(14)).cuda()
     expected = truth_forward(lora, base, g, EXACT_SCALING)[0]
     first, _ = kc.compose_forward(lora, base, g, EXACT_SCALING)  # autotunes
-    assert len(kc._FWD.chosen[config.autotune_comprehensive()]) == 1  # one key tuned, in the current mode
+    assert len(kl._FWD.chosen[config.autotune_comprehensive()]) == 1  # one key tuned, in the current mode
     second, _ = kc.compose_forward(lora, base, g, EXACT_SCALING)  # direct launch with the cached config
     assert_exact(first, expected, "out (tuning call)")
     assert_exact(second, expected, "out (cached config)")

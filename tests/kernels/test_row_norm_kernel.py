@@ -1,7 +1,8 @@
 """The tensor-core factored norm (``dorafactors/kernels/row_norm.py``) against fp64 truth and the reference.
 
 On CPU the kernels run on Triton's interpreter (conftest sets ``TRITON_INTERPRET=1``), so shapes stay small;
-the ``gpu`` tests repeat the checks at the issue's shapes and add timing-free bounds (memory, determinism).
+``test_row_norm_gpu.py`` repeats the checks at the Llama-sized target shapes on a GPU and adds timing-free
+bounds (memory, determinism), ``test_row_norm_dispatch_order.py`` the independence of program start order.
 Two kinds of data:
 
 * **exact**: small integers and dyadic scalings. Every product, partial sum and split part is an fp32 (and
@@ -30,13 +31,13 @@ from dorafactors.kernels.row_norm import (
     NormKernelConfig,
     gemm_weight_norm_sq,
     pick_config,
-    pick_finish_config,
+    pick_gemm_config,
     plan_for,
     triton_row_sumsq,
     triton_weight_norm_sq,
 )
+from dorafactors.kernels.row_norm_reference import factored_row_norm_sq
 from dorafactors.norm import engine
-from dorafactors.norm.factored import factored_row_norm_sq
 from tests._tolerances import TOLERANCES, assert_close_verbose, rel_error
 
 #: The precision contract: relative error of the norm against the fp64 norm of the same inputs.
@@ -139,8 +140,8 @@ def test_exact_inputs_give_the_fp64_truth_bitwise(d_out, d_in, rank, w_dtype, ad
     W, A, B = make_exact(d_out, d_in, rank, w_dtype, ad_dtype, seed=d_out + d_in)
     truth = truth_sq(W, A, B, scaling)
     assert truth.abs().max() < 2**24  # every intermediate is an exact fp32 integer (or half-integer)
-    sumsq = torch.empty(d_out, dtype=torch.float32, device=W.device)
-    cold = triton_weight_norm_sq(W, A, B, scaling, out_sumsq=sumsq, kernel_config=cfg)
+    sumsq = triton_row_sumsq(W)
+    cold = triton_weight_norm_sq(W, A, B, scaling, kernel_config=cfg)
     warm = triton_weight_norm_sq(W, A, B, scaling, cached_sumsq=sumsq, kernel_config=cfg)
     expect = truth.float()
     assert torch.equal(cold, expect), f"cold: max |diff| {(cold.double() - truth).abs().max():.3e}"
@@ -302,16 +303,12 @@ def test_strided_operands(ad_dtype):
 @pytest.mark.parametrize("ad_dtype", [torch.bfloat16, torch.float32])
 def test_bitwise_deterministic_and_cached_sumsq(ad_dtype):
     W, A, B = make_random(45, 90, 40, torch.bfloat16, ad_dtype, seed=9)
-    sumsq = torch.empty(45, dtype=torch.float32, device=W.device)
-    cold = [triton_weight_norm_sq(W, A, B, 1.3, out_sumsq=sumsq, kernel_config=SMALL_SPLIT) for _ in range(2)]
+    sumsq = triton_row_sumsq(W)
+    cold = [triton_weight_norm_sq(W, A, B, 1.3, kernel_config=SMALL_SPLIT) for _ in range(2)]
     warm = [triton_weight_norm_sq(W, A, B, 1.3, cached_sumsq=sumsq, kernel_config=SMALL_SPLIT) for _ in range(2)]
     assert torch.equal(cold[0], cold[1]) and torch.equal(warm[0], warm[1])
-    # the cross and gram terms do not depend on whether ||W||^2 is cached: same sumsq -> same bits
-    assert torch.equal(cold[0], warm[0])
-    # the standalone row sumsq agrees with the one the cold pass produced
-    assert_close_verbose(triton_row_sumsq(W), sumsq, rtol=1e-6, atol=0, name="row sumsq vs one-pass sumsq")
-    warm2 = triton_weight_norm_sq(W, A, B, 1.3, cached_sumsq=triton_row_sumsq(W), kernel_config=SMALL_SPLIT)
-    assert_close_verbose(warm2, cold[0], rtol=1e-6, atol=0, name="warm(row_sumsq) vs cold")
+    # the one-pass ||W||^2 and the standalone one differ only in summation order
+    assert_close_verbose(warm[0], cold[0], rtol=1e-6, atol=0, name="warm(row_sumsq) vs cold")
 
 
 def test_one_plan_shared_by_two_weight_dtypes_launches_each_in_its_own_mode():
@@ -392,8 +389,6 @@ def test_validation_errors():
         triton_weight_norm_sq(W, A.half(), B, 1.0)
     with pytest.raises(ValueError, match="cached_sumsq"):
         triton_weight_norm_sq(W, A, B, 1.0, cached_sumsq=torch.zeros(5, device=W.device))
-    with pytest.raises(ValueError, match="out_sumsq"):
-        triton_weight_norm_sq(W, A, B, 1.0, out_sumsq=torch.zeros(6, dtype=torch.float64, device=W.device))
     with pytest.raises(ValueError, match="power of two"):
         NormKernelConfig(block_m=48).validate()
 
@@ -466,7 +461,7 @@ def test_engine_takes_the_kernel_and_matches_the_torch_path(monkeypatch, ad_dtyp
     ],
 )
 def test_norm_path_rules_at_the_measured_shapes(d_out, d_in, rank, gemm):
-    """The GEMM-path rule gives the measured winners (``dispatch/rules.py`` cites the logs)."""
+    """The GEMM-path rule gives the measured winners (``python -m benchmarks tune --only norm`` re-measures them)."""
     from dorafactors.dispatch import rules
 
     W = torch.empty(d_out, d_in, dtype=torch.bfloat16, device="meta")
@@ -490,9 +485,9 @@ def test_engine_uses_the_torch_path_under_compile(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# launch plan: working-set bound and wave filling, checked for the issue's shapes without a GPU
+# launch plan: working-set bound and wave filling, checked for the target shapes without a GPU
 
-ISSUE_SHAPES = [
+TARGET_SHAPES = [
     (4096, 4096, 384),
     (8192, 8192, 384),
     (14336, 4096, 384),
@@ -503,11 +498,11 @@ ISSUE_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("d_out,d_in,rank", ISSUE_SHAPES)
+@pytest.mark.parametrize("d_out,d_in,rank", TARGET_SHAPES)
 @pytest.mark.parametrize("a_is_fp32", [False, True])
 def test_plan_working_set_and_grid(d_out, d_in, rank, a_is_fp32):
     plan = plan_for(d_out, d_in, rank, a_is_fp32=a_is_fp32, device="cuda", num_sms=132)
-    bound = 4 * (d_out * rank + rank * rank) + 16 * 2**20  # the issue's bound with no chunk working set
+    bound = 4 * (d_out * rank + rank * rank) + 16 * 2**20  # fp32 U and G + 16 MiB: no d_in working set
     for cold in (False, True):
         assert plan.workspace_bytes(cold) <= bound, (plan, plan.workspace_bytes(cold), bound)
     cfg = plan.config
@@ -520,23 +515,19 @@ def test_plan_working_set_and_grid(d_out, d_in, rank, a_is_fp32):
 
 
 # ---------------------------------------------------------------------------------------------
-# the GEMM path: fp32 W A^T from a GEMM (cuBLAS on GPUs), the rest in the kernel's U_GIVEN mode
+# the GEMM path: fp32 W A^T from a GEMM (cuBLAS on GPUs), the rest in the kernel's FROM_GEMM mode
 
 GEMM_EXACT = [c for c in EXACT_CASES if c[3] == c[4]]
 GEMM_RANDOM = [c for c in RANDOM_CASES if c[3] == c[4]]
 
 
-@pytest.mark.parametrize("gram_from_gemm", [False, True], ids=["gram_programs", "gram_gemm"])
 @pytest.mark.parametrize("d_out,d_in,rank,w_dtype,ad_dtype,scaling,cfg", GEMM_EXACT)
-def test_gemm_exact_inputs_give_the_fp64_truth_bitwise(
-    d_out, d_in, rank, w_dtype, ad_dtype, scaling, cfg, gram_from_gemm
-):
+def test_gemm_exact_inputs_give_the_fp64_truth_bitwise(d_out, d_in, rank, w_dtype, ad_dtype, scaling, cfg):
     W, A, B = make_exact(d_out, d_in, rank, w_dtype, ad_dtype, seed=d_out + d_in)
     truth = truth_sq(W, A, B, scaling)
     expect = truth.float()
-    kw = dict(kernel_config=cfg, gram_from_gemm=gram_from_gemm)
-    cold = gemm_weight_norm_sq(W, A, B, scaling, **kw)
-    warm = gemm_weight_norm_sq(W, A, B, scaling, cached_sumsq=triton_row_sumsq(W), **kw)
+    cold = gemm_weight_norm_sq(W, A, B, scaling, kernel_config=cfg)
+    warm = gemm_weight_norm_sq(W, A, B, scaling, cached_sumsq=triton_row_sumsq(W), kernel_config=cfg)
     assert torch.equal(cold, expect), f"cold: max |diff| {(cold.double() - truth).abs().max():.3e}"
     assert torch.equal(warm, expect)
     assert counters_are_zero()
@@ -602,18 +593,14 @@ def test_gemm_strided_zero_scaling_eps_and_validation():
     assert gemm_weight_norm_sq(W[:0], A, B[:0], 1.0).shape == (0,)
 
 
-@pytest.mark.parametrize("d_out,d_in,rank", ISSUE_SHAPES)
-def test_finish_plan_working_set_and_grid(d_out, d_in, rank):
-    """The U_GIVEN plan at the issue's shapes: U (and a GEMM's G) plus the workspace within the issue's memory
-    bound; the gram programs fit in one wave of 132 SMs."""
+@pytest.mark.parametrize("d_out,d_in,rank", TARGET_SHAPES)
+def test_gemm_plan_working_set_and_grid(d_out, d_in, rank):
+    """The FROM_GEMM plan at the target shapes: U and G plus the workspace within the memory bound."""
     bound = 4 * (d_out * rank + rank * rank) + 16 * 2**20
-    cfg = pick_finish_config(d_out, d_in, rank, 132, False)
-    plan = row_norm.NormPlan.build(d_out, d_in, rank, cfg)
-    assert plan.workspace_bytes(False, g_given=True) + 4 * (d_out * rank + rank * rank) <= bound
+    cfg = pick_gemm_config(d_out, d_in, rank, 132, False)
+    plan = row_norm.NormLaunchPlan.build(d_out, d_in, rank, cfg)
+    assert plan.workspace_bytes(False, from_gemm=True) + 4 * (d_out * rank + rank * rank) <= bound
     assert 1 <= plan.splits <= 4
-    with_gram = row_norm.NormPlan.build(d_out, d_in, rank, pick_finish_config(d_out, d_in, rank, 132, False, True))
-    assert with_gram.workspace_bytes(False) + 4 * d_out * rank <= bound
-    assert with_gram.gram_splits > 1 and with_gram.gram_tiles * with_gram.gram_splits <= 132
 
 
 # ---------------------------------------------------------------------------------------------
@@ -629,9 +616,8 @@ def test_heuristic_configs_compile_for_sm90_without_spills():
         "bf16_transposed_w",
         "bf16_r16_cold",
         "fp32_adapters_r64_cold",
-        "bf16_u_given",
-        "bf16_ug_given",
-        "fp16_ug_given",
+        "bf16_from_gemm",
+        "fp16_from_gemm",
     ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
@@ -653,176 +639,13 @@ def test_heuristic_configs_compile_for_sm90_without_spills():
         "bf16_transposed_w": 5,
         "bf16_r16_cold": 5,
         "fp32_adapters_r64_cold": 15,
-        "bf16_u_given": 4,
-        "bf16_ug_given": 3,
-        "fp16_ug_given": 5,
+        "bf16_from_gemm": 3,
+        "fp16_from_gemm": 5,
     }
     for name in names:
         r = report[name]
         assert r["stack"] == 0, f"{name}: register spills ({r})"
-        if not name.endswith("ug_given"):  # with U and G given no d_in loop is left to pipeline
+        if not name.endswith("from_gemm"):  # with U and G from GEMMs no d_in loop is left to pipeline
             assert r["async_copies"] >= 8, f"{name}: loads not pipelined ({r})"
         assert r["wgmma"] >= expected_dots[name], f"{name}: no tensor-core dots ({r})"
         assert r["shared"] <= 227 * 1024, f"{name}: more shared memory than sm_90 gives a block ({r})"
-
-
-# ---------------------------------------------------------------------------------------------
-# GPU: the issue's shapes
-
-
-def _gpu_inputs(d_out, d_in, rank, ad_dtype, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    W = (torch.randn(d_out, d_in, device="cuda", generator=g) * 0.02).bfloat16()
-    A = (torch.randn(rank, d_in, device="cuda", generator=g) / math.sqrt(d_in)).to(ad_dtype)
-    B = (torch.randn(d_out, rank, device="cuda", generator=g) * 0.01).to(ad_dtype)
-    return W, A, B
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("d_out,d_in,rank", ISSUE_SHAPES[:6])
-@pytest.mark.parametrize("ad_dtype", [torch.bfloat16, torch.float32])
-def test_gpu_issue_shapes_accuracy_determinism(d_out, d_in, rank, ad_dtype):
-    W, A, B = _gpu_inputs(d_out, d_in, rank, ad_dtype)
-    scaling = 2.0
-    truth = truth_sq(W, A, B, scaling)
-    sumsq = torch.empty(d_out, dtype=torch.float32, device="cuda")
-    cold = triton_weight_norm_sq(W, A, B, scaling, out_sumsq=sumsq)
-    warm = triton_weight_norm_sq(W, A, B, scaling, cached_sumsq=sumsq)
-    again = triton_weight_norm_sq(W, A, B, scaling, cached_sumsq=sumsq)
-    err = assert_norm_close(cold, truth, f"{d_out}x{d_in} r{rank} {ad_dtype}")
-    print(f"\n{d_out}x{d_in} r{rank} {ad_dtype}: rel error of the norm {err:.3e}")
-    assert torch.equal(cold, warm) and torch.equal(warm, again)
-    assert_close_verbose(sumsq, W.double().square().sum(1), rtol=1e-6, atol=0, name="one-pass sumsq")
-    assert_close_verbose(triton_row_sumsq(W), sumsq, rtol=1e-6, atol=0, name="row sumsq")
-    torch.cuda.synchronize()
-    assert counters_are_zero()
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("d_out,d_in,rank", ISSUE_SHAPES[:6])
-def test_gpu_peak_transient_memory(d_out, d_in, rank):
-    W, A, B = _gpu_inputs(d_out, d_in, rank, torch.bfloat16)
-    sumsq = triton_row_sumsq(W)
-    triton_weight_norm_sq(W, A, B, 2.0)  # compile and allocate the counters outside the measurement
-    for cached in (None, sumsq):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        out = triton_weight_norm_sq(W, A, B, 2.0, cached_sumsq=cached)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-        bound = 4 * (d_out * rank + rank * rank) + 16 * 2**20
-        assert peak <= bound, f"peak transient {peak / 2**20:.1f} MiB > bound {bound / 2**20:.1f} MiB"
-        del out
-
-
-@pytest.mark.gpu
-def test_gpu_strided_and_engine():
-    W, A, B = _gpu_inputs(4096, 1024, 64, torch.float32)
-    truth = truth_sq(W, A, B, -0.5)
-    ours = triton_weight_norm_sq(W.T.contiguous().T, A.T.contiguous().T, B.T.contiguous().T, -0.5)
-    assert_norm_close(ours, truth, "strided on GPU")
-    assert engine.norm_path(W, A, B) == "triton"
-    assert_norm_close(engine.weight_norm(W, A, B, -0.5).square(), truth, "engine on GPU", rtol=2e-5)
-
-
-@pytest.mark.gpu
-def test_gpu_two_streams_and_cuda_graph():
-    """Per-stream ticket buffers: concurrent launches on two streams; a captured graph replays correctly."""
-    W, A, B = _gpu_inputs(2048, 2048, 128, torch.bfloat16)
-    W2, A2, B2 = _gpu_inputs(2048, 2048, 128, torch.bfloat16, seed=1)
-    ref1 = triton_weight_norm_sq(W, A, B, 1.0)
-    ref2 = triton_weight_norm_sq(W2, A2, B2, 1.0)
-    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
-    torch.cuda.synchronize()
-    outs1, outs2 = [], []
-    for _ in range(20):
-        with torch.cuda.stream(s1):
-            outs1.append(triton_weight_norm_sq(W, A, B, 1.0))
-        with torch.cuda.stream(s2):
-            outs2.append(triton_weight_norm_sq(W2, A2, B2, 1.0))
-    torch.cuda.synchronize()
-    assert all(torch.equal(o, ref1) for o in outs1) and all(torch.equal(o, ref2) for o in outs2)
-
-    static = {}
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        triton_weight_norm_sq(W, A, B, 1.0)  # warm up (compile, counters) on the capture stream
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static["out"] = triton_weight_norm_sq(W, A, B, 1.0)
-    for _ in range(5):
-        graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(static["out"], ref1)
-    assert counters_are_zero()
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("ad_dtype", [torch.bfloat16, torch.float32])
-def test_gpu_exact_inputs_bitwise_at_size(ad_dtype):
-    """Exact data at a size where the default plan splits d_in and the gram tiles: races would show."""
-    W, A, B = make_exact(4096, 2048, 384, torch.bfloat16, ad_dtype, seed=7, device="cuda")
-    plan = plan_for(4096, 2048, 384, a_is_fp32=ad_dtype == torch.float32)
-    assert plan.splits > 1 or plan.gram_splits > 1, plan
-    truth = truth_sq(W, A, B, 0.5)
-    assert truth.abs().max() < 2**24
-    for _ in range(10):
-        assert torch.equal(triton_weight_norm_sq(W, A, B, 0.5), truth.float())
-    torch.cuda.synchronize()
-    assert counters_are_zero()
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("d_out,d_in,rank", ISSUE_SHAPES[:6])
-def test_gpu_gemm_path_accuracy_memory_determinism(d_out, d_in, rank):
-    """The engine's path for bf16 adapters at the issue's shapes: 1e-5 of fp64 truth, repeatable bitwise,
-    peak transient memory within the issue's bound (the fp32 U included)."""
-    W, A, B = _gpu_inputs(d_out, d_in, rank, torch.bfloat16)
-    from dorafactors.dispatch import rules
-
-    gemm = d_in * rank >= rules.NORM_GEMM_MIN_DIN_RANK or d_out * d_in * rank >= rules.NORM_GEMM_MIN_MACS
-    expected = "gemm" if gemm else "triton"
-    assert engine.norm_path(W, A, B) == expected
-    sumsq = triton_row_sumsq(W)
-    first = gemm_weight_norm_sq(W, A, B, 2.0, cached_sumsq=sumsq)  # compiles outside the measurement
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    again = gemm_weight_norm_sq(W, A, B, 2.0, cached_sumsq=sumsq)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    bound = 4 * (d_out * rank + rank * rank) + 16 * 2**20
-    assert peak <= bound, f"peak transient {peak / 2**20:.1f} MiB > bound {bound / 2**20:.1f} MiB"
-    assert torch.equal(first, again)
-    err = assert_norm_close(again, truth_sq(W, A, B, 2.0), f"gemm {d_out}x{d_in} r{rank}")
-    print(f"\ngemm {d_out}x{d_in} r{rank}: rel error of the norm {err:.3e}, peak {peak / 2**20:.2f} MiB")
-    cold = gemm_weight_norm_sq(W, A, B, 2.0)
-    assert torch.equal(cold, again)
-    assert counters_are_zero()
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("gram_from_gemm", [False, True], ids=["gram_programs", "gram_gemm"])
-def test_gpu_gemm_exact_inputs_bitwise_and_cuda_graph(gram_from_gemm):
-    """Exact data: the GPU GEMM path returns the fp64 truth bitwise, also replayed from a CUDA graph."""
-    W, A, B = make_exact(4096, 2048, 384, torch.bfloat16, torch.bfloat16, seed=7, device="cuda")
-    truth = truth_sq(W, A, B, 0.5).float()
-    sumsq = triton_row_sumsq(W)
-    exact = gemm_weight_norm_sq(W, A, B, 0.5, cached_sumsq=sumsq, gram_from_gemm=gram_from_gemm)
-    assert torch.equal(exact, truth)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        gemm_weight_norm_sq(W, A, B, 0.5, cached_sumsq=sumsq)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = gemm_weight_norm_sq(W, A, B, 0.5, cached_sumsq=sumsq)
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, truth)
-    assert counters_are_zero()

@@ -1,4 +1,4 @@
-"""Factored row norm in plain PyTorch: ``||W + s*B@A||_row`` without ever forming ``B@A``.
+"""Plain PyTorch reference of the factored row norm (``row_norm.py``): ``||W + s*B@A||_row`` without ``B@A``.
 
     ||W + s*B A||^2_row = ||W||^2_row + 2s * rowsum(B * (W A^T)) + s^2 * rowsum((B (A A^T)) * B)
 
@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .dense import compute_dtype_for
+from .operands import compute_dtype_for
 
-__all__ = ["NormPlan", "factored_row_norm_sq", "plan_chunk_columns", "row_sumsq"]
+__all__ = ["ChunkPlan", "factored_row_norm_sq", "plan_chunk_columns", "row_sumsq"]
 
 
 @dataclass(frozen=True)
-class NormPlan:
+class ChunkPlan:
     """How the reference norm walks ``d_in``: columns per chunk and the bytes it expects to hold."""
 
     chunk_columns: int
@@ -41,7 +41,7 @@ def plan_chunk_columns(
     budget_bytes: int,
     need_sumsq: bool,
     compute_dtype: torch.dtype | None = None,
-) -> NormPlan:
+) -> ChunkPlan:
     """Choose the d_in chunk width of :func:`factored_row_norm_sq` so its working set fits ``budget_bytes``.
 
     Counted (compute dtype ``c``, 4 or 8 bytes): ``U [d_out, r]``, ``G [r, r]``, the ``sumsq`` vector, and at
@@ -68,7 +68,7 @@ def plan_chunk_columns(
         cols = min(cols, d_in)
         if d_in > 1 and (w_copies or need_sumsq):
             cols = min(cols, (d_in + 1) // 2)  # never a full-size copy of W
-    return NormPlan(chunk_columns=int(cols), fixed_bytes=int(fixed), per_column_bytes=int(per_col))
+    return ChunkPlan(chunk_columns=int(cols), fixed_bytes=int(fixed), per_column_bytes=int(per_col))
 
 
 @torch.no_grad()

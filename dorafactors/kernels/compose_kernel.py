@@ -1,0 +1,221 @@
+"""The Triton kernels of the DoRA composition (host entry points: ``compose.py``).
+
+    out   = (g - 1) * base + g * (s * lora)          forward (out-of-place, in-place, or into slices)
+    inner = base + s * lora                           also written when the magnitude needs a gradient
+    d_lora = (g * s) * d_out;  d_base = (g - 1) * d_out;  d_g = sum_rows(inner * d_out)
+
+Every kernel loads its operands in their own dtype, computes in fp32 and rounds once at the store. ``g``
+(the magnitude scale, usually fp32) is never downcast: ``g - 1`` and ``g * s`` are fp32, the magnitude
+gradient is accumulated in fp32 and returned in ``g``'s dtype.
+
+The magnitude gradient is deterministic: one pass over ``d_out`` writes fp32 partial sums per group of
+rows (``[groups, C]``), and they are summed in a fixed order: in eager mode by the last program of each
+column tile to finish (an integer ticket decides who, not the order), inside a ``torch.library`` op (the
+``torch.compile`` path, and the channels-first conv layout) by a second tiny kernel. No floating-point
+atomics; the same inputs give bitwise the same ``d_g`` on every call.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._triton_utils import is_interpreted
+
+
+@triton.jit
+def _to_dtype(x, dtype: tl.constexpr):
+    """Round fp32 ``x`` to ``dtype`` to nearest-even (one rounding, as PyTorch's ``.to``).
+
+    Triton's CPU interpreter truncates fp32 -> bf16 (verified with triton 3.9, also with
+    ``fp_downcast_rounding="rtne"``); there the rounding is done on the bits first. Compiled out on GPUs.
+    """
+    if _INTERPRETER_BF16_FIX:  # noqa: SIM102 (nested constexpr ifs: the Triton JIT prunes both)
+        if dtype == tl.bfloat16:
+            u = x.to(tl.uint32, bitcast=True)
+            u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+            x = u.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _compose_fwd_kernel(
+    lora_ptr,
+    base_ptr,
+    g_ptr,
+    out_ptr,
+    inner_ptr,
+    R,
+    K,
+    C,
+    stride_lora,
+    stride_base,
+    stride_out,
+    stride_inner,
+    scaling,
+    R_BUCKET,  # autotune key only
+    G_ON_ROWS: tl.constexpr,
+    WRITE_INNER: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    rmask = rows < R
+    cmask = cols < K
+    mask = rmask[:, None] & cmask[None, :]
+    if G_ON_ROWS:
+        g = tl.load(g_ptr + rows % C, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    else:
+        g = tl.load(g_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    c = cols[None, :]
+    lora = tl.load(lora_ptr + (r64 * stride_lora + c), mask=mask, other=0.0).to(tl.float32)
+    base = tl.load(base_ptr + (r64 * stride_base + c), mask=mask, other=0.0).to(tl.float32)
+    s_lora = lora * scaling
+    out = (g - 1.0) * base + g * s_lora
+    tl.store(out_ptr + (r64 * stride_out + c), _to_dtype(out, out_ptr.dtype.element_ty), mask=mask)
+    if WRITE_INNER:
+        tl.store(inner_ptr + (r64 * stride_inner + c), _to_dtype(base + s_lora, inner_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _compose_bwd_cols_kernel(
+    dout_ptr,
+    g_ptr,
+    inner_ptr,
+    dlora_ptr,
+    dbase_ptr,
+    part_ptr,
+    dg_ptr,
+    cnt_ptr,
+    R,
+    K,
+    groups,
+    rows_per_group,
+    stride_dout,
+    stride_inner,
+    stride_dlora,
+    stride_dbase,
+    scaling,
+    R_BUCKET,  # autotune key only
+    NEED_LORA: tl.constexpr,
+    NEED_BASE: tl.constexpr,
+    NEED_G: tl.constexpr,
+    FUSED_SUM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """``g`` along the columns. Program (group, column tile) walks its group's rows; ``part[group, cols]``.
+
+    ``FUSED_SUM``: the last of a column tile's ``groups`` programs to finish (an integer ticket in
+    ``cnt_ptr[pid_c]``, reset to 0 by that program) sums the tile's partials in a fixed order into
+    ``dg_ptr`` (``g``'s dtype): no second launch. Otherwise ``_sum_partials_kernel`` does it.
+    """
+    pid_g = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < K
+    c = cols[None, :]
+    g = tl.load(g_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    gs = (g * scaling)[None, :]
+    gm1 = (g - 1.0)[None, :]
+    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    r_start = pid_g * rows_per_group
+    r_end = tl.minimum(r_start + rows_per_group, R)
+    for r0 in range(r_start, r_end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        mask = (rows < r_end)[:, None] & cmask[None, :]
+        r64 = rows.to(tl.int64)[:, None]
+        d = tl.load(dout_ptr + (r64 * stride_dout + c), mask=mask, other=0.0).to(tl.float32)
+        if NEED_LORA:
+            tl.store(dlora_ptr + (r64 * stride_dlora + c), _to_dtype(d * gs, dlora_ptr.dtype.element_ty), mask=mask)
+        if NEED_BASE:
+            tl.store(dbase_ptr + (r64 * stride_dbase + c), _to_dtype(d * gm1, dbase_ptr.dtype.element_ty), mask=mask)
+        if NEED_G:
+            x = tl.load(inner_ptr + (r64 * stride_inner + c), mask=mask, other=0.0).to(tl.float32)
+            acc += x * d
+    if NEED_G:
+        tl.store(part_ptr + (pid_g.to(tl.int64) * K + cols), tl.sum(acc, axis=0), mask=cmask)
+        if FUSED_SUM:
+            tl.debug_barrier()  # every thread's partial is stored before the ticket is taken
+            ticket = tl.atomic_add(cnt_ptr + pid_c, 1, sem="acq_rel", scope="gpu")
+            if ticket == groups - 1:
+                # fixed order whoever arrives last: rows [j, j + SUM_G) of part, then a sum over SUM_G
+                SUM_G: tl.constexpr = (4096 + BLOCK_C - 1) // BLOCK_C  # >= 1: BLOCK_C <= 4096
+                offs_g = tl.arange(0, SUM_G)
+                tot = tl.zeros([SUM_G, BLOCK_C], dtype=tl.float32)
+                for j in range(0, groups, SUM_G):
+                    gj = j + offs_g
+                    p = part_ptr + (gj.to(tl.int64)[:, None] * K + cols[None, :])
+                    tot += tl.load(p, mask=(gj < groups)[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg")
+                tl.store(dg_ptr + cols, _to_dtype(tl.sum(tot, axis=0), dg_ptr.dtype.element_ty), mask=cmask)
+                tl.atomic_xchg(cnt_ptr + pid_c, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _compose_bwd_rows_kernel(
+    dout_ptr,
+    g_ptr,
+    inner_ptr,
+    dlora_ptr,
+    dbase_ptr,
+    part_ptr,
+    R,
+    K,
+    C,
+    cols_per_group,
+    scaling,
+    R_BUCKET,  # autotune key only
+    NEED_LORA: tl.constexpr,
+    NEED_BASE: tl.constexpr,
+    NEED_G: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """``g`` along the rows (row ``r`` uses ``g[r % C]``), contiguous ``[R, K]``. ``part[group, rows]``."""
+    pid_r = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    g = tl.load(g_ptr + rows % C, mask=rmask, other=0.0).to(tl.float32)
+    gs = (g * scaling)[:, None]
+    gm1 = (g - 1.0)[:, None]
+    row_off = rows.to(tl.int64)[:, None] * K
+    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    c_start = pid_g * cols_per_group
+    c_end = tl.minimum(c_start + cols_per_group, K)
+    for c0 in range(c_start, c_end, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = rmask[:, None] & (cols < c_end)[None, :]
+        offs = row_off + cols[None, :]
+        d = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if NEED_LORA:
+            tl.store(dlora_ptr + offs, _to_dtype(d * gs, dlora_ptr.dtype.element_ty), mask=mask)
+        if NEED_BASE:
+            tl.store(dbase_ptr + offs, _to_dtype(d * gm1, dbase_ptr.dtype.element_ty), mask=mask)
+        if NEED_G:
+            x = tl.load(inner_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            acc += x * d
+    if NEED_G:
+        tl.store(part_ptr + (pid_g.to(tl.int64) * R + rows), tl.sum(acc, axis=1), mask=rmask)
+
+
+@triton.jit
+def _sum_partials_kernel(part_ptr, out_ptr, G, K, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``out[c] = sum_g part[g, c]`` in a fixed order (fp32 accumulation, one rounding at the store)."""
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < K
+    acc = tl.zeros([BLOCK_G, BLOCK_C], dtype=tl.float32)
+    for g0 in range(0, G, BLOCK_G):
+        rows = g0 + tl.arange(0, BLOCK_G)
+        mask = (rows < G)[:, None] & cmask[None, :]
+        acc += tl.load(part_ptr + (rows.to(tl.int64)[:, None] * K + cols[None, :]), mask=mask, other=0.0)
+    tl.store(out_ptr + cols, _to_dtype(tl.sum(acc, axis=0), out_ptr.dtype.element_ty), mask=cmask)
+
+
+INTERPRETER = is_interpreted(_compose_fwd_kernel)
+_INTERPRETER_BF16_FIX = tl.constexpr(INTERPRETER)
