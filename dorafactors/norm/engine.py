@@ -15,8 +15,9 @@ non-negative, so their sum is NaN if any source is, else +inf if any is. Exact w
 entries do not meet in one element of ``W + s B A`` (a single one always); where two infinities of
 opposite sign meet there, or an infinite ``B_ik`` meets an exact zero of ``A_k``, the dense row is NaN and
 this gives +inf. Cost per norm computation (a cache miss: each training step, not each decode call): five
-small launches on ``[r, d_in]``, ``[d_out, r]`` and ``[d_out]`` tensors and a ``[d_out, r]`` temporary in
-``B``'s dtype, no synchronization; none on the dense path, which is the dense form itself.
+small launches (six with half-precision adapters) on ``[r, d_in]``, ``[d_out, r]`` and ``[d_out]`` tensors
+and a ``[d_out, r]`` temporary in ``B``'s dtype, no synchronization; none on the dense path, which is the
+dense form itself.
 """
 
 from __future__ import annotations
