@@ -9,11 +9,11 @@ with one rounding to the activation dtype, on both the Triton and the PyTorch pa
 Paths (``dispatch/rules.py`` decides):
 
 * eager, kernels available: inference launches the forward kernel directly; training goes through
-  :class:`_FusedCompose` (forward kernel that also writes ``inner`` when ``g`` needs a gradient, one-pass
-  backward kernel);
+  :class:`_ComposeFunction` with ``kernel=True`` (forward kernel that also writes ``inner`` when ``g``
+  needs a gradient, one-pass backward kernel);
 * while ``torch.compile`` traces: the ``torch.library`` Triton ops of :mod:`.ops` (kernels inside the
   compiled graph, no graph break);
-* otherwise the PyTorch reference (:class:`_ReferenceCompose` in training).
+* otherwise the PyTorch reference (:class:`_ComposeFunction` with ``kernel=False`` in training).
 
 Second-order gradients (``create_graph=True``, e.g. a gradient penalty) are exact on every eager path:
 while a graph is being created the backward is plain autograd ops (see :class:`_ComposeFunction`). Under
@@ -32,7 +32,7 @@ __all__ = ["dora_compose"]
 
 
 class _ComposeFunction(torch.autograd.Function):
-    """Custom autograd of the composition; the forward runs the Triton kernel (``fused=True``) or the
+    """Custom autograd of the composition; the forward runs the Triton kernel (``kernel=True``) or the
     PyTorch reference, and saves ``g`` plus, only when ``g`` needs a gradient, ``inner``.
 
     ``inner`` is returned as a second output (the caller drops it) so that the saved copy stays connected

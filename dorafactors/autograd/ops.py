@@ -12,7 +12,7 @@ graph (Inductor) runs the Triton kernels themselves, with no graph break:
 
 The first two have their autograd registered (``register_autograd``). The backward op is not itself
 differentiable; when a graph is being created (``create_graph=True``, eager) their backward uses the
-PyTorch reference formulas instead, which are (exact second-order gradients). A compiled backward cannot be
+PyTorch reference formulas instead, which are differentiable (exact second-order gradients). A compiled backward cannot be
 differentiated again at all: PyTorch raises for it.
 
 Eager code does not go through these ops (their dispatcher round trip costs host time at decode sizes);
