@@ -9,99 +9,107 @@ with one rounding to the activation dtype, on both the Triton and the PyTorch pa
 Paths (``dispatch/rules.py`` decides):
 
 * eager, kernels available: inference launches the forward kernel directly; training goes through
-  :class:`_FusedCompose` (forward kernel that also writes ``inner`` when ``g`` needs a gradient, one-pass
-  backward kernel);
+  :class:`_ComposeFunction` with ``kernel=True`` (forward kernel that also writes ``inner`` when ``g``
+  needs a gradient, one-pass backward kernel);
 * while ``torch.compile`` traces: the ``torch.library`` Triton ops of :mod:`.ops` (kernels inside the
   compiled graph, no graph break);
-* otherwise the PyTorch reference (:class:`_ReferenceCompose` in training).
+* otherwise the PyTorch reference (:class:`_ComposeFunction` with ``kernel=False`` in training).
 
-Double backward (``create_graph=True`` through the composition) is not supported on any path and raises.
+Second-order gradients (``create_graph=True``, e.g. a gradient penalty) are exact on every eager path:
+while a graph is being created the backward is plain autograd ops (see :class:`_ComposeFunction`). Under
+``torch.compile`` the compiled backward cannot be differentiated again; PyTorch raises for it, as it does
+for stock PEFT.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..kernels.compose_reference import compose_backward_reference, compose_forward_reference
+from ..kernels.operands import compute_dtype_for
 from . import fused
 
 __all__ = ["dora_compose"]
 
 
-class _ReferenceCompose(torch.autograd.Function):
-    """Custom autograd around the PyTorch reference (saves ``inner`` instead of fp32 temporaries)."""
+class _ComposeFunction(torch.autograd.Function):
+    """Custom autograd of the composition; the forward runs the Triton kernel (``kernel=True``) or the
+    PyTorch reference, and saves ``g`` plus, only when ``g`` needs a gradient, ``inner``.
+
+    ``inner`` is returned as a second output (the caller drops it) so that the saved copy stays connected
+    to this node: in a double backward, the gradient that reaches ``inner`` through ``d_g`` comes back here
+    as ``d_inner`` and goes on to ``lora`` and ``base``.
+
+    Second-order gradients: when a graph is being created (``create_graph=True``, so grad mode is on inside
+    ``backward``), or when ``d_inner`` arrives, the backward is :func:`compose_backward_reference`, which is
+    plain autograd ops on the saved ``g`` (still connected to the magnitude) and ``inner``: exact, on every
+    path. Otherwise it is the one-pass kernel or the reference with no graph. (``once_differentiable`` would
+    not do: it raises only when an incoming gradient requires grad and silently drops the dependence of
+    ``d_lora`` / ``d_base`` on a saved ``g`` that does.)
+    """
 
     @staticmethod
-    def forward(ctx, lora, base, scale, scaling, channel_dim, out_dtype):  # type: ignore[override]
+    def forward(ctx, lora, base, scale, scaling, channel_dim, out_dtype, kernel):  # type: ignore[override]
         save_inner = ctx.needs_input_grad[2]
-        out, inner = compose_forward_reference(
-            lora, base, scale, scaling, channel_dim=channel_dim, out_dtype=out_dtype, save_inner=save_inner
-        )
+        if kernel:
+            out, inner = fused.forward(
+                lora, base, scale, scaling, channel_dim=channel_dim, out_dtype=out_dtype, save_inner=save_inner
+            )
+        else:
+            out, inner = compose_forward_reference(
+                lora, base, scale, scaling, channel_dim=channel_dim, out_dtype=out_dtype, save_inner=save_inner
+            )
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(scale, inner)
         ctx.scaling = scaling
         ctx.channel_dim = channel_dim
         ctx.lora_dtype = lora.dtype
         ctx.base_dtype = base.dtype
-        return out
+        ctx.kernel = kernel
+        return out, inner
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, d_out):  # type: ignore[override]
-        scale, inner = ctx.saved_tensors
-        d_lora, d_base, d_scale = compose_backward_reference(
-            d_out,
-            scale,
-            inner,
-            ctx.scaling,
-            channel_dim=ctx.channel_dim,
-            lora_dtype=ctx.lora_dtype,
-            base_dtype=ctx.base_dtype,
-            need_lora=ctx.needs_input_grad[0],
-            need_base=ctx.needs_input_grad[1],
-            need_scale=ctx.needs_input_grad[2],
-        )
-        return d_lora, d_base, d_scale, None, None, None
-
-
-class _FusedCompose(torch.autograd.Function):
-    """Custom autograd around the Triton kernels; saves ``g`` and, only if ``g`` needs a gradient, ``inner``."""
-
-    @staticmethod
-    def forward(ctx, lora, base, scale, scaling, channel_dim, out_dtype):  # type: ignore[override]
-        out, inner = fused.forward(
-            lora,
-            base,
-            scale,
-            scaling,
-            channel_dim=channel_dim,
-            out_dtype=out_dtype,
-            save_inner=ctx.needs_input_grad[2],
-        )
-        ctx.save_for_backward(scale, inner)
-        ctx.scaling = scaling
-        ctx.channel_dim = channel_dim
-        ctx.lora_dtype = lora.dtype
-        ctx.base_dtype = base.dtype
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, d_out):  # type: ignore[override]
-        scale, inner = ctx.saved_tensors
-        d_lora, d_base, d_scale = fused.backward(
-            d_out,
-            scale,
-            inner,
-            ctx.scaling,
-            channel_dim=ctx.channel_dim,
-            lora_dtype=ctx.lora_dtype,
-            base_dtype=ctx.base_dtype,
-            need_lora=ctx.needs_input_grad[0],
-            need_base=ctx.needs_input_grad[1],
-            need_scale=ctx.needs_input_grad[2],
-        )
-        return d_lora, d_base, d_scale, None, None, None
+    def backward(ctx, d_out, d_inner):  # type: ignore[override]
+        need_lora, need_base, need_scale = ctx.needs_input_grad[:3]
+        if d_out is None and d_inner is None:
+            return None, None, None, None, None, None, None
+        if d_out is None:  # only through inner (double backward): g and inner are not needed
+            scale = inner = None
+        else:
+            scale, inner = ctx.saved_tensors
+        if ctx.kernel and d_inner is None and not torch.is_grad_enabled():
+            grads = fused.backward(
+                d_out,
+                scale,
+                inner,
+                ctx.scaling,
+                channel_dim=ctx.channel_dim,
+                lora_dtype=ctx.lora_dtype,
+                base_dtype=ctx.base_dtype,
+                need_lora=need_lora,
+                need_base=need_base,
+                need_scale=need_scale,
+            )
+        elif d_out is None:
+            extra = d_inner.to(compute_dtype_for(d_inner.dtype))
+            d_lora = (extra * ctx.scaling).to(ctx.lora_dtype) if need_lora else None
+            d_base = extra.to(ctx.base_dtype) if need_base else None
+            grads = (d_lora, d_base, None)
+        else:
+            grads = compose_backward_reference(
+                d_out,
+                scale,
+                inner,
+                ctx.scaling,
+                channel_dim=ctx.channel_dim,
+                lora_dtype=ctx.lora_dtype,
+                base_dtype=ctx.base_dtype,
+                need_lora=need_lora,
+                need_base=need_base,
+                need_scale=need_scale,
+                d_inner=d_inner,
+            )
+        return (*grads, None, None, None, None)
 
 
 def _compose_compiled(lora, base, scale, scaling, channel_dim, out_dtype, needs_grad):
@@ -114,7 +122,7 @@ def _compose_compiled(lora, base, scale, scaling, channel_dim, out_dtype, needs_
     if not needs_grad:
         out, _ = compose_forward_reference(lora, base, scale, scaling, channel_dim=channel_dim, out_dtype=out_dtype)
         return out
-    return _ReferenceCompose.apply(lora, base, scale, scaling, channel_dim, out_dtype)
+    return _ComposeFunction.apply(lora, base, scale, scaling, channel_dim, out_dtype, False)[0]
 
 
 def dora_compose(
@@ -156,9 +164,9 @@ def dora_compose(
         return _compose_compiled(lora, base, scale, scaling, channel_dim, out_dtype, needs_grad)
     if fused.available_for(lora, base, scale, channel_dim, training=needs_grad, out_dtype=out_dtype):
         if needs_grad:
-            return _FusedCompose.apply(lora, base, scale, scaling, channel_dim, out_dtype)
+            return _ComposeFunction.apply(lora, base, scale, scaling, channel_dim, out_dtype, True)[0]
         return fused.compose(lora, base, scale, scaling, channel_dim=channel_dim, out_dtype=out_dtype, inplace=inplace)
     if not needs_grad:
         out, _ = compose_forward_reference(lora, base, scale, scaling, channel_dim=channel_dim, out_dtype=out_dtype)
         return out
-    return _ReferenceCompose.apply(lora, base, scale, scaling, channel_dim, out_dtype)
+    return _ComposeFunction.apply(lora, base, scale, scaling, channel_dim, out_dtype, False)[0]

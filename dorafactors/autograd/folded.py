@@ -15,6 +15,21 @@ Precision: ``g - 1`` is fp32 (fp64 for fp64 operands), ``B'`` and ``c`` are comp
 once to ``B``'s dtype, and ``addcmul_`` computes ``lora + (g - 1) * result`` in fp32 with one rounding to the
 result dtype. The LoRA term therefore carries one more rounding than on the kernel path (``B'``), a term that
 is small next to ``(g - 1) * result``; the composition as a whole rounds once, as the kernel path does.
+
+Where the fold is not accurate: ``c`` and the bias inside ``(g - 1) * result`` cancel, and ``c`` is rounded
+to ``B``'s dtype (and ``F.linear`` rounds ``B' (A x) + c`` there), so the fold is off by up to about
+``|g - 1| * |bias| * (2 u_B + u_g)`` (``u`` the unit roundoff, ``u_g`` that of ``g - 1``'s fp32/fp64), where the
+unfolded path computes ``(g - 1) * (result - bias)`` with no such term. For ``g`` near 1 that is within a
+rounding of the bias; for a row whose norm was clamped (zero rows of ``W`` and ``B``: ``g = m / eps``, 1e6 to
+1e12) it swamps the output (-2389 instead of the bias 0.7 in fp32, -inf in fp16). So
+:func:`fold_scale_into_lora_B` declines (returns None; the layer then takes the unfolded composition, the
+path of larger calls and of training) when a row with a non-zero bias has
+``|g - 1| * (2 u_B + u_g) > FOLD_BIAS_ERROR_ULPS * eps(bias dtype)``: the cancellation could then cost more
+than ``FOLD_BIAS_ERROR_ULPS`` times ``eps * |bias|`` (|g - 1| up to 2.7 for fp32 and fp64, 4 for bf16/fp16
+adapters, ~1.7e5 for fp32 adapters on a bf16 base). It also declines when ``g - 1``, ``B'`` or ``c`` is not
+finite (an infinite or NaN magnitude, a ``(g * s) B`` that overflows ``B``'s dtype), so that the non-finite
+pattern is the unfolded path's. Deciding costs one host synchronization per fold build (the decision is
+cached with the fold), none per call.
 """
 
 from __future__ import annotations
@@ -24,17 +39,30 @@ import torch.nn.functional as F
 
 from ..norm.dense import compute_dtype_for
 
-__all__ = ["FoldedLoraB", "fold_scale_into_lora_B", "folded_dora_extra"]
+__all__ = ["FOLD_BIAS_ERROR_ULPS", "FoldedLoraB", "fold_scale_into_lora_B", "folded_dora_extra", "max_fold_gain"]
+
+#: The fold is used only while its bias cancellation can cost at most this many ``eps * |bias|`` (``eps`` of
+#: the bias's dtype); see the module docstring.
+FOLD_BIAS_ERROR_ULPS = 4
 
 #: ``(B' [d_out, r] in B's dtype, c [d_out] in B's dtype or None, g - 1 [d_out] fp32/fp64)``
 FoldedLoraB = tuple[torch.Tensor, "torch.Tensor | None", torch.Tensor]
 
 
+def max_fold_gain(lora_dtype: torch.dtype, bias_dtype: torch.dtype, compute_dtype: torch.dtype) -> float:
+    """Largest ``|g - 1|`` on a row with a bias at which the fold's cancellation error stays within
+    ``FOLD_BIAS_ERROR_ULPS * eps(bias dtype) * |bias|``: ``FOLD_BIAS_ERROR_ULPS * eps(bias) / (2 u_B + u_g)``
+    (``eps = 2 u``; ``compute_dtype`` is that of ``g - 1``, fp32 or fp64)."""
+    cancellation = torch.finfo(lora_dtype).eps + torch.finfo(compute_dtype).eps / 2
+    return FOLD_BIAS_ERROR_ULPS * torch.finfo(bias_dtype).eps / cancellation
+
+
 @torch.no_grad()
 def fold_scale_into_lora_B(
     lora_B: torch.Tensor, scale: torch.Tensor, scaling: float, bias: torch.Tensor | None
-) -> FoldedLoraB:
-    """``(B', c, g - 1)`` for :func:`folded_dora_extra`.
+) -> FoldedLoraB | None:
+    """``(B', c, g - 1)`` for :func:`folded_dora_extra`, or None where the fold would not be accurate (a row
+    with a bias and a large ``|g - 1|``, or a non-finite ``g - 1`` / ``B'`` / ``c``; see the module docstring).
 
     Args:
         lora_B: ``B`` ``[d_out, r]`` (any float dtype).
@@ -46,7 +74,15 @@ def fold_scale_into_lora_B(
     g = scale.to(device=lora_B.device, dtype=cdt)
     b_folded = (lora_B.to(cdt) * (g * float(scaling)).unsqueeze(1)).to(lora_B.dtype)
     g_minus_1 = g - 1
-    c = None if bias is None else (bias.to(cdt) * g_minus_1).neg_().to(lora_B.dtype)
+    ok = torch.isfinite(g_minus_1).all() & torch.isfinite(b_folded).all()
+    c = None
+    if bias is not None:
+        c = (bias.to(cdt) * g_minus_1).neg_().to(lora_B.dtype)
+        limit = max_fold_gain(lora_B.dtype, bias.dtype, cdt)
+        well_conditioned = (g_minus_1.abs() <= limit) | (bias == 0).to(g_minus_1.device)
+        ok = ok & torch.isfinite(c).all() & well_conditioned.all()
+    if not bool(ok):  # one synchronization per fold build
+        return None
     return b_folded, c, g_minus_1
 
 

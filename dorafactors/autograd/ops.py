@@ -10,8 +10,10 @@ graph (Inductor) runs the Triton kernels themselves, with no graph break:
 * ``dorafactors::compose_backward(d_out, g, inner, ...) -> [d_lora?, d_base?, d_g?]`` (the one-pass backward;
   only the requested gradients, in that order).
 
-The first two have their autograd registered (``register_autograd``); the backward op is not itself
-differentiable: double backward through the composition is not supported and raises.
+The first two have their autograd registered (``register_autograd``). The backward op is not itself
+differentiable; when a graph is being created (``create_graph=True``, eager) their backward uses the
+PyTorch reference formulas instead, which are differentiable (exact second-order gradients). A compiled backward cannot be
+differentiated again at all: PyTorch raises for it.
 
 Eager code does not go through these ops (their dispatcher round trip costs host time at decode sizes);
 ``autograd/compose.py`` calls the same host functions from a plain ``torch.autograd.Function`` and uses
@@ -28,6 +30,8 @@ import torch
 from torch.library import triton_op
 
 from ..kernels import compose as kc
+from ..kernels.compose_reference import compose_backward_reference
+from ..kernels.operands import compute_dtype_for
 
 __all__ = ["compose", "compose_and_inner", "compose_backward"]
 
@@ -107,16 +111,23 @@ def _setup_compose(ctx, inputs, output) -> None:
 
 def _setup_compose_and_inner(ctx, inputs, output) -> None:
     _save_common(ctx, inputs)
+    # inner stays a differentiable output: a double backward reaches lora and base through it (d_inner)
     ctx.save_for_backward(inputs[2], output[1])
-    ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, d_out, g, inner):
+def _backward(ctx, d_out, g, inner, d_inner=None):
     need_lora, need_base, need_g = ctx.needs_input_grad[:3]
     need_g = bool(need_g and inner is not None)
-    if d_out is None or not (need_lora or need_base or need_g):
+    if (d_out is None and d_inner is None) or not (need_lora or need_base or need_g):
         return None, None, None, None, None, None
+    if d_inner is not None or torch.is_grad_enabled():
+        # A graph is being created (create_graph=True) or a double backward arrives through inner: plain
+        # autograd ops, differentiable in d_out, g and inner (exact second-order gradients).
+        if d_out is None:
+            g = inner = None
+        d_lora, d_base, d_g = _reference_backward(ctx, d_out, g, inner, d_inner, need_lora, need_base, need_g)
+        return d_lora, d_base, d_g, None, None, None
     grads = iter(
         torch.ops.dorafactors.compose_backward(
             d_out,
@@ -137,6 +148,30 @@ def _backward(ctx, d_out, g, inner):
     return d_lora, d_base, d_g, None, None, None
 
 
+def _reference_backward(ctx, d_out, g, inner, d_inner, need_lora, need_base, need_g):
+    """:func:`compose_backward_reference`; with only ``d_inner`` (no ``d_out``): ``(s * d_inner, d_inner, None)``."""
+    if d_out is None:
+        extra = d_inner.to(compute_dtype_for(d_inner.dtype))
+        return (
+            (extra * ctx.scaling).to(ctx.lora_dtype) if need_lora else None,
+            extra.to(ctx.base_dtype) if need_base else None,
+            None,
+        )
+    return compose_backward_reference(
+        d_out,
+        g,
+        inner,
+        ctx.scaling,
+        channel_dim=ctx.channel_dim,
+        lora_dtype=ctx.lora_dtype,
+        base_dtype=ctx.base_dtype,
+        need_lora=need_lora,
+        need_base=need_base,
+        need_scale=need_g,
+        d_inner=d_inner,
+    )
+
+
 def _backward_compose(ctx, d_out):
     (g,) = ctx.saved_tensors
     if ctx.needs_input_grad[2]:
@@ -144,9 +179,11 @@ def _backward_compose(ctx, d_out):
     return _backward(ctx, d_out, g, None)
 
 
-def _backward_compose_and_inner(ctx, d_out, _d_inner):
+def _backward_compose_and_inner(ctx, d_out, d_inner):
+    if d_out is None:  # only through inner: nothing saved is needed
+        return _backward(ctx, None, None, None, d_inner)
     g, inner = ctx.saved_tensors
-    return _backward(ctx, d_out, g, inner)
+    return _backward(ctx, d_out, g, inner, d_inner)
 
 
 compose.register_autograd(_backward_compose, setup_context=_setup_compose)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from ..dispatch import config
+from ..kernels.compose_reference import compose_backward_reference
+from ..kernels.operands import compute_dtype_for
 from . import fused
 from .compose import dora_compose
 
@@ -32,6 +33,13 @@ def forward_chunk_columns(rows: int, d_out: int, d_in: int, act_bytes: int, weig
 
 
 class _RecomputeBaseCompose(torch.autograd.Function):
+    """Chunked ``(g - 1) * (x @ W^T) + g * (s * lora)``; ``W`` is a constant (its gradient takes plain autograd).
+
+    Like ``compose._ComposeFunction``: ``inner`` is a second output (dropped by the caller) so that a double
+    backward reaches ``x`` and ``lora`` through it, and while a graph is being created the backward is plain
+    autograd ops (exact second-order gradients).
+    """
+
     @staticmethod
     def forward(ctx, x, weight, lora, scale, scaling, out_dtype, grad_enabled):  # type: ignore[override]
         rows = lora.numel() // lora.shape[-1]
@@ -52,43 +60,72 @@ class _RecomputeBaseCompose(torch.autograd.Function):
                 scale[c0:c1],
                 scaling,
             )
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, weight, scale, inner)
         ctx.scaling = scaling
         ctx.chunk = chunk
         ctx.lora_dtype = lora.dtype
-        return out
+        return out, inner
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, d_out):  # type: ignore[override]
-        x, weight, scale, inner = ctx.saved_tensors
+    def backward(ctx, d_out, d_inner):  # type: ignore[override]
         need_x, _, need_lora, need_scale = ctx.needs_input_grad[:4]
-        d_lora, d_base, d_scale = fused.compose_backward(
-            d_out,
-            scale,
-            inner,
-            ctx.scaling,
-            lora_dtype=ctx.lora_dtype,
-            base_dtype=x.dtype,
-            need_lora=need_lora,
-            need_base=need_x,
-            need_scale=need_scale,
-        )
-        d_x = None
-        if need_x:
-            # Chunk over d_in (columns of d_x), so each element of d_x comes out of one GEMM: one rounding.
-            if weight.dtype == x.dtype:
-                d_x = d_base @ weight
-            else:
-                d_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-                d_in = weight.shape[1]
-                step = forward_chunk_columns(
-                    d_base.numel() // d_base.shape[-1], d_in, weight.shape[0], x.element_size(), x.element_size()
-                )
-                for j0 in range(0, d_in, step):
-                    j1 = min(d_in, j0 + step)
-                    d_x[..., j0:j1] = d_base @ weight[:, j0:j1].to(x.dtype)
+        if d_out is None and d_inner is None:
+            return None, None, None, None, None, None, None
+        x, weight, scale, inner = ctx.saved_tensors
+        if d_inner is None and not torch.is_grad_enabled():
+            d_lora, d_base, d_scale = fused.compose_backward(
+                d_out,
+                scale,
+                inner,
+                ctx.scaling,
+                lora_dtype=ctx.lora_dtype,
+                base_dtype=x.dtype,
+                need_lora=need_lora,
+                need_base=need_x,
+                need_scale=need_scale,
+            )
+        elif d_out is None:  # only through inner (double backward): inner = x @ W^T + s * lora
+            extra = d_inner.to(compute_dtype_for(d_inner.dtype))
+            d_lora = (extra * ctx.scaling).to(ctx.lora_dtype) if need_lora else None
+            d_base = extra.to(x.dtype) if need_x else None
+            d_scale = None
+        else:
+            d_lora, d_base, d_scale = compose_backward_reference(
+                d_out,
+                scale,
+                inner,
+                ctx.scaling,
+                lora_dtype=ctx.lora_dtype,
+                base_dtype=x.dtype,
+                need_lora=need_lora,
+                need_base=need_x,
+                need_scale=need_scale,
+                d_inner=d_inner,
+            )
+        d_x = _input_grad(d_base, weight, x) if need_x else None
         return d_x, None, d_lora, d_scale, None, None, None
+
+
+def _input_grad(d_base: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``d_x = d_base @ W`` in ``x``'s dtype, differentiable in ``d_base`` (``W`` is a constant).
+
+    A ``W`` in another dtype is cast in column chunks of ``d_x`` (bounded temporaries), so each element of
+    ``d_x`` still comes out of one GEMM: one rounding.
+    """
+    if weight.dtype == x.dtype:
+        return d_base @ weight
+    d_in = weight.shape[1]
+    step = forward_chunk_columns(
+        d_base.numel() // d_base.shape[-1], d_in, weight.shape[0], x.element_size(), x.element_size()
+    )
+    if torch.is_grad_enabled():  # building a graph: out-of-place chunks
+        return torch.cat([d_base @ weight[:, j0 : j0 + step].to(x.dtype) for j0 in range(0, d_in, step)], dim=-1)
+    d_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    for j0 in range(0, d_in, step):
+        j1 = min(d_in, j0 + step)
+        d_x[..., j0:j1] = d_base @ weight[:, j0:j1].to(x.dtype)
+    return d_x
 
 
 def compose_recompute_base(
@@ -116,4 +153,5 @@ def compose_recompute_base(
         # A trainable base weight needs its own gradient: keep everything in plain autograd.
         base = F.linear(x, weight.to(x.dtype))
         return dora_compose(lora, base, scale, scaling, out_dtype=out_dtype)
-    return _RecomputeBaseCompose.apply(x, weight.detach(), lora, scale, scaling, out_dtype, torch.is_grad_enabled())
+    grad_enabled = torch.is_grad_enabled()
+    return _RecomputeBaseCompose.apply(x, weight.detach(), lora, scale, scaling, out_dtype, grad_enabled)[0]

@@ -4,6 +4,9 @@
     inner = base + s * lora                         # what the magnitude gradient needs
     d_lora = g * s * d_out;  d_base = (g - 1) * d_out;  d_g = sum_rows(inner * d_out)
 
+The backward is itself plain autograd ops, so it also serves as the differentiable backward of the custom
+Functions in ``autograd/`` when a graph is being created (``create_graph=True``: second-order gradients).
+
 ``g`` is a vector over the channel dimension (last dim for Linear/Embedding, dim 1 for Conv) broadcast
 over every other dimension. All arithmetic is fp32 (fp64 when an operand is fp64) with one rounding to the
 output dtype, which is what the Triton kernels in ``compose.py`` reproduce.
@@ -60,7 +63,7 @@ def compose_forward_reference(
 
 
 def compose_backward_reference(
-    d_out: torch.Tensor,
+    d_out: torch.Tensor | None,
     scale: torch.Tensor,
     inner: torch.Tensor | None,
     scaling: float,
@@ -71,17 +74,44 @@ def compose_backward_reference(
     need_lora: bool = True,
     need_base: bool = True,
     need_scale: bool = True,
+    d_inner: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Reference backward: ``(d_lora, d_base, d_g)``; ``d_g`` is ``[C]`` in ``scale.dtype``."""
-    cdt = compute_dtype_for(d_out.dtype, scale.dtype)
-    g = broadcast_scale(scale.detach().to(cdt), d_out.dim(), channel_dim)
-    grad = d_out.to(cdt)
-    d_lora = (grad * (g * scaling)).to(lora_dtype) if need_lora else None
-    d_base = (grad * (g - 1.0)).to(base_dtype) if need_base else None
-    d_scale = None
-    if need_scale:
+    """Reference backward: ``(d_lora, d_base, d_g)``; ``d_g`` is ``[C]`` in ``scale.dtype``.
+
+    Plain autograd ops on the tensors as given (nothing is detached): called with grad mode on (the
+    backward of a ``create_graph=True`` pass), the results are differentiable in ``d_out``, ``scale`` and
+    ``inner``, which is how the custom Functions give exact second-order gradients.
+
+    ``d_inner`` is the gradient reaching ``inner = base + s * lora`` when ``inner`` itself was used in a
+    graph (only in a double backward, through ``d_g``); it adds ``s * d_inner`` to ``d_lora`` and ``d_inner``
+    to ``d_base``. ``d_out`` may be None when only ``d_inner`` arrives; ``d_g`` is then None (zero).
+    """
+    ref = d_out if d_out is not None else d_inner
+    if ref is None:
+        return None, None, None
+    cdt = compute_dtype_for(ref.dtype, scale.dtype)
+    g = broadcast_scale(scale.to(cdt), ref.dim(), channel_dim)
+    grad = None if d_out is None else d_out.to(cdt)
+    extra = None if d_inner is None else d_inner.to(cdt)
+    d_lora = d_base = d_scale = None
+    if need_lora:
+        d_lora = _sum_present(
+            [None if grad is None else grad * (g * scaling), None if extra is None else extra * scaling]
+        ).to(lora_dtype)
+    if need_base:
+        d_base = _sum_present([None if grad is None else grad * (g - 1.0), extra]).to(base_dtype)
+    if need_scale and grad is not None:
         if inner is None:
             raise RuntimeError("the magnitude gradient needs `inner`, which the forward did not save")
-        dims = [d for d in range(d_out.dim()) if d != channel_dim % d_out.dim()]
+        dims = [d for d in range(grad.dim()) if d != channel_dim % grad.dim()]
         d_scale = (inner.to(cdt) * grad).sum(dim=dims).to(scale.dtype)
     return d_lora, d_base, d_scale
+
+
+def _sum_present(parts: list[torch.Tensor | None]) -> torch.Tensor:
+    """Sum of the tensors in ``parts`` that are not None (at least one is)."""
+    present = [t for t in parts if t is not None]
+    total = present[0]
+    for t in present[1:]:
+        total = total + t
+    return total

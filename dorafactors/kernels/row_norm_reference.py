@@ -100,6 +100,7 @@ def factored_row_norm_sq(
     chunk_columns: int,
     weight_sumsq: torch.Tensor | None = None,
     compute_dtype: torch.dtype | None = None,
+    out_sumsq: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Squared row norm of ``W + s * B @ A`` (not clamped), accumulated in ``compute_dtype``.
 
@@ -111,6 +112,7 @@ def factored_row_norm_sq(
         chunk_columns: d_in columns per step (see :func:`plan_chunk_columns`).
         weight_sumsq: cached ``||W||^2_row`` in the compute dtype; computed here when None.
         compute_dtype: accumulation dtype; default fp32 (fp64 if any input is fp64).
+        out_sumsq: optional ``[d_out]`` buffer that receives ``||W||^2_row`` (computed here or given).
 
     Returns:
         ``[d_out]`` squared norm in the compute dtype; may hold tiny negatives from rounding.
@@ -132,7 +134,9 @@ def factored_row_norm_sq(
     need_sumsq = weight_sumsq is None
     if scaling == 0.0:
         if need_sumsq:
-            return row_sumsq(weight, chunk_columns=chunk_columns, compute_dtype=cdt)
+            weight_sumsq = row_sumsq(weight, chunk_columns=chunk_columns, compute_dtype=cdt)
+        if out_sumsq is not None:
+            out_sumsq.copy_(weight_sumsq)
         return weight_sumsq.to(cdt).clone()
     sumsq = torch.zeros(d_out, dtype=cdt, device=device) if need_sumsq else weight_sumsq.to(cdt)
 
@@ -151,6 +155,8 @@ def factored_row_norm_sq(
                 sumsq += w_chunk.square_().sum(dim=1)
         del w_chunk, a_chunk
 
+    if out_sumsq is not None:
+        out_sumsq.copy_(sumsq)
     b = lora_B.to(device=device, dtype=cdt)
     cross = U.mul_(b).sum(dim=1)
     del U

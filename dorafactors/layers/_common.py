@@ -286,15 +286,18 @@ class DoraLayerMixin:
         weight = gathered.full(base_weight(base_layer) if dequantize else base_layer.weight)
         with _autocast_off(weight.device.type):
             w2, a2, b2 = self._norm_factors(weight, lora_A, lora_B)
-            sumsq = None
+            sumsq = rows_finite = None
             if reuse:
                 w_epoch = optimizer_steps() if any(t.requires_grad for t in base_tensors) else -1
                 sumsq_key = (config.get_dora_norm_threshold_mb(), config.fused_mode(), w_epoch)
-                sumsq = self._df_sumsq_cache.get(sumsq_key, base_tensors)
-                if sumsq is None:
+                cached = self._df_sumsq_cache.get(sumsq_key, base_tensors)
+                if cached is None:
                     sumsq = engine.weight_sumsq(w2)
-                    self._df_sumsq_cache.put(sumsq_key, base_tensors, sumsq)
-            norm = engine.weight_norm(w2, a2, b2, scaling, cached_sumsq=sumsq)
+                    # whether W has a non-finite row: one synchronization per W version, none per call
+                    cached = (sumsq, engine.weight_rows_finite(sumsq))
+                    self._df_sumsq_cache.put(sumsq_key, base_tensors, cached)
+                sumsq, rows_finite = cached
+            norm = engine.weight_norm(w2, a2, b2, scaling, cached_sumsq=sumsq, weight_rows_finite=rows_finite)
         if use_norm_cache:
             self._df_norm_cache.put(key, inputs, norm)
         return norm

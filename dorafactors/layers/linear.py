@@ -105,7 +105,8 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
         """The cached ``(B', c, g - 1)`` of the decode path (``autograd/folded.py``), or None where it does
         not apply: a gradient to record, ``torch.compile``, sharded parameters, PEFT's own DoRA caching (whose
         ``_dora_cache`` entries stock fills on every call), a ``lora_B`` that is not a plain hook-free
-        ``nn.Linear``, or a ``rules.inference_fold_ok`` rejection (size, settings).
+        ``nn.Linear``, a ``rules.inference_fold_ok`` rejection (size, settings), or weights where the fold
+        would not be accurate (``fold_scale_into_lora_B`` declines; remembered in the fold cache).
 
         This runs on every decode step, so it reads parameters from ``_parameters`` where the module type
         is known (``nn.Module.__getattr__`` costs about a microsecond per lookup) and checks the cheap
@@ -155,13 +156,16 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
             )
             scale = magnitude.detach().reshape(-1) / norm.to(magnitude.device)
             folded = fold_scale_into_lora_B(weight_b, scale, scaling, bias)
-            self._df_fold_cache.put(key, inputs, folded)
+            folded = _NOT_FOLDABLE if folded is None else folded
+            self._df_fold_cache.put(key, inputs, folded)  # a declined fold is remembered too
         if self.__dict__.get("_dora_cache"):
             self._cache_clear()  # as stock does on every call with its caching off
-        return folded
+        return None if folded is _NOT_FOLDABLE else folded
 
 
 _MISSING = object()
+#: Fold-cache value of a layer whose fold ``fold_scale_into_lora_B`` declined (ill-conditioned or non-finite).
+_NOT_FOLDABLE = ()
 
 
 def _linear_param(module: nn.Module, name: str) -> torch.Tensor | None:

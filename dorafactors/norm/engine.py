@@ -2,6 +2,22 @@
 
 It picks the Triton kernel where ``dispatch`` allows it and the PyTorch reference (``kernels/row_norm_reference.py``)
 otherwise, and reshapes conv and grouped-conv factors into the 2-D form both understand.
+
+Non-finite values: the norm of a row is NaN exactly where the dense IEEE evaluation of
+``||W + s * (B @ A)||_row`` is NaN, +inf where it is +inf. The factored sum cannot give that by itself: it
+meets ``inf - inf`` and ``0 * inf`` in ``W A^T``, ``A A^T`` and the assembly that the dense form does not
+(an infinity of ``W`` turned the row's norm into NaN, hence ``g = m / norm`` NaN, and the NaN spread into
+every ``lora_A``/``lora_B``/input gradient where stock PEFT's ``+inf`` norm gives ``g = 0`` and keeps it
+local). :func:`weight_norm` therefore replaces the rows that are not finite with the class of the dense
+row, computed from small row sums: ``||W||^2`` (cached with the layer's sum of squares, and skipped while
+``W`` is known to be finite) and ``sum_k |B_ik| * ||A_k||`` (``0 * inf``: NaN, as in ``B @ A``); both are
+non-negative, so their sum is NaN if any source is, else +inf if any is. Exact whenever the non-finite
+entries do not meet in one element of ``W + s B A`` (a single one always); where two infinities of
+opposite sign meet there, or an infinite ``B_ik`` meets an exact zero of ``A_k``, the dense row is NaN and
+this gives +inf. Cost per norm computation (a cache miss: each training step, not each decode call): five
+small launches (six with half-precision adapters) on ``[r, d_in]``, ``[d_out, r]`` and ``[d_out]`` tensors
+and a ``[d_out, r]`` temporary in ``B``'s dtype (fp32 for fp16 ``B``), no synchronization; none on the dense path, which is the
+dense form itself.
 """
 
 from __future__ import annotations
@@ -13,7 +29,7 @@ from ..kernels.operands import HALF_DTYPES, compute_dtype_for
 from ..kernels.row_norm_reference import factored_row_norm_sq, plan_chunk_columns, row_sumsq
 from .dense import dense_factor_row_norm_sq
 
-__all__ = ["clamp_eps", "conv_factors", "norm_path", "weight_norm", "weight_sumsq"]
+__all__ = ["clamp_eps", "conv_factors", "norm_path", "weight_norm", "weight_rows_finite", "weight_sumsq"]
 
 
 def clamp_eps(weight_dtype: torch.dtype) -> float:
@@ -63,6 +79,11 @@ def weight_sumsq(weight: torch.Tensor) -> torch.Tensor:
     return row_sumsq(weight, chunk_columns=plan.chunk_columns, compute_dtype=cdt)
 
 
+def weight_rows_finite(sumsq: torch.Tensor) -> bool:
+    """True when every ``||W||^2`` row sum is finite (one host synchronization; cache it with the sums)."""
+    return bool(torch.isfinite(sumsq).all())
+
+
 @torch.no_grad()
 def weight_norm(
     weight: torch.Tensor,
@@ -71,6 +92,7 @@ def weight_norm(
     scaling: float,
     *,
     cached_sumsq: torch.Tensor | None = None,
+    weight_rows_finite: bool | None = None,
 ) -> torch.Tensor:
     """Row norm of ``W + scaling * B @ A``: detached, ``sqrt(max(n^2, 0))`` clamped to :func:`clamp_eps`.
 
@@ -80,6 +102,10 @@ def weight_norm(
             bf16 base).
         scaling: the LoRA scaling ``s`` (any real, 0 and negative included).
         cached_sumsq: ``||W||^2_row`` from an earlier call on the same W, or None.
+        weight_rows_finite: :func:`weight_rows_finite` of ``cached_sumsq`` when the caller knows it; None: not
+            known (the non-finite row check then runs on the device, without a synchronization).
+
+    A row that is not finite is NaN or +inf as the dense evaluation of ``W + s * (B @ A)`` (module docstring).
 
     Returns:
         ``[d_out]`` in fp32 (fp64 when an input is fp64; never half; the CPU accumulates in fp64 but
@@ -88,12 +114,61 @@ def weight_norm(
     """
     scaling = float(scaling)
     path = norm_path(weight, lora_A, lora_B)
+    if path == "dense":  # B @ A formed in row blocks: the dense IEEE evaluation itself
+        return _norm(weight, lora_A, lora_B, scaling, path, cached_sumsq, None)
+    check_w_rows = weight_rows_finite is not True
+    out_sumsq = None
+    if check_w_rows and cached_sumsq is None:
+        # the row check needs ||W||^2: the reference writes it out of its own pass over W; the kernels have
+        # no such output, so it is computed in a pass of its own and handed over as cached
+        if path in ("gemm", "triton"):
+            cached_sumsq = weight_sumsq(weight)
+        else:
+            cdt = reference_compute_dtype(weight, lora_A, lora_B)
+            out_sumsq = torch.empty(weight.shape[0], dtype=cdt, device=weight.device)
+    norm = _norm(weight, lora_A, lora_B, scaling, path, cached_sumsq, out_sumsq)
+    w_sumsq = (cached_sumsq if out_sumsq is None else out_sumsq) if check_w_rows else None
+    return _dense_class_of_nonfinite_rows(norm, lora_A, lora_B, scaling, w_sumsq)
+
+
+def _dense_class_of_nonfinite_rows(
+    norm: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    w_sumsq: torch.Tensor | None,
+) -> torch.Tensor:
+    """``norm`` with every row whose ``W + s * (B @ A)`` is not finite set to the dense row's class.
+
+    ``probe_i = sum_k |B_ik| * ||A_k||`` is finite exactly when row ``i`` of ``B @ A`` is, and NaN where that
+    row has a NaN from a NaN factor or ``0 * inf`` (module docstring for the exceptions); ``s = 0`` makes
+    ``s * inf`` a NaN as in ``W + 0 * (B @ A)``; ``||W||^2_row`` (when ``W`` is not known to be finite) adds
+    the base weight's own class. All terms are >= 0 or NaN: no ``inf - inf`` in the probe.
+    """
+    # products in B's dtype (a [d_out, r] temporary), except fp16, whose range a finite |B_ik| * ||A_k|| can
+    # exceed (a false +inf would zero g); bf16 has fp32's range
+    work = norm.dtype if lora_B.dtype == torch.float16 else lora_B.dtype
+    lora_B = lora_B.to(device=norm.device, dtype=work)
+    a_rows = torch.linalg.vector_norm(lora_A.to(norm.device), dim=1, dtype=norm.dtype).to(work)  # [r]
+    # elementwise, not a GEMV: BLAS may skip a zero a_k, and IEEE 0 * inf must give its NaN here
+    probe = torch.linalg.vector_norm(lora_B * a_rows, ord=1, dim=1, dtype=norm.dtype)  # [d_out]
+    if scaling == 0.0:
+        probe = probe * 0.0
+    if w_sumsq is not None:
+        probe = probe + w_sumsq.to(device=norm.device, dtype=norm.dtype)
+    return torch.where(torch.isfinite(probe), norm, probe)
+
+
+def _norm(weight, lora_A, lora_B, scaling, path, cached_sumsq, out_sumsq) -> torch.Tensor:
+    """The body of :func:`weight_norm` on ``path``: the clamped norm, with no non-finite row repair."""
     if path in ("gemm", "triton"):
         from ..kernels.row_norm import gemm_weight_norm_sq, triton_weight_norm_sq
 
         # the kernel applies the clamp, IEEE sqrt and eps clamp in its final store
-        fn = gemm_weight_norm_sq if path == "gemm" else triton_weight_norm_sq
-        return fn(weight, lora_A, lora_B, scaling, cached_sumsq=cached_sumsq, eps=clamp_eps(weight.dtype))
+        eps = clamp_eps(weight.dtype)
+        if path == "gemm":
+            return gemm_weight_norm_sq(weight, lora_A, lora_B, scaling, cached_sumsq=cached_sumsq, eps=eps)
+        return triton_weight_norm_sq(weight, lora_A, lora_B, scaling, cached_sumsq=cached_sumsq, eps=eps)
     if path == "dense":
         cdt = reference_compute_dtype(weight, lora_A, lora_B)
         elem = torch.finfo(cdt).bits // 8
@@ -122,6 +197,7 @@ def weight_norm(
             chunk_columns=plan.chunk_columns,
             weight_sumsq=cached_sumsq,
             compute_dtype=cdt,
+            out_sumsq=out_sumsq,
         )
     norm = norm_sq.clamp_min_(0).sqrt_().to(compute_dtype_for(weight.dtype, lora_A.dtype, lora_B.dtype))
     return norm.clamp_min_(clamp_eps(weight.dtype))
