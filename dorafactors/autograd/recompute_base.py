@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ..dispatch import config
+from ..dispatch import config, rules
 from . import fused
 from .compose import dora_compose
 
@@ -112,8 +112,9 @@ def compose_recompute_base(
     """
     out_dtype = out_dtype or torch.promote_types(lora.dtype, x.dtype)
     scaling = float(scaling)
-    if weight.requires_grad and torch.is_grad_enabled():
-        # A trainable base weight needs its own gradient: keep everything in plain autograd.
+    if (weight.requires_grad and torch.is_grad_enabled()) or rules.plain_autograd_required():
+        # A trainable base weight needs its own gradient, and torch.func transforms and torch.jit tracing
+        # need plain ops: keep everything in plain autograd.
         base = F.linear(x, weight.to(x.dtype))
         return dora_compose(lora, base, scale, scaling, out_dtype=out_dtype)
     return _RecomputeBaseCompose.apply(x, weight.detach(), lora, scale, scaling, out_dtype, torch.is_grad_enabled())
