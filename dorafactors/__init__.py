@@ -15,9 +15,11 @@ from .dispatch.config import (
     set_dora_fwd_threshold_mb,
     set_dora_norm_threshold_mb,
 )
+from .norm.cache import StaleNormCacheError
 from .patching import clear_norm_caches, is_patched, patch, patched, unpatch
 
 __all__ = [
+    "StaleNormCacheError",
     "__version__",
     "clear_norm_caches",
     "get_dora_fwd_threshold_bytes",

@@ -354,6 +354,8 @@ class DoraLayerMixin:
         ``"fresh"``: recomputed the way the cache computes it, so that a recomputation under ``verify`` is
         bitwise the cached norm when nothing changed."""
         weight = gathered.full(base_weight(base_layer) if dequantize else base_layer.weight)
+        if torch.jit.is_tracing():  # a trace does not record no_grad: detach, as stock PEFT does its norm
+            weight, lora_A, lora_B = weight.detach(), lora_A.detach(), lora_B.detach()
         with _autocast_off(weight.device.type):
             w2, a2, b2 = self._norm_factors(weight, lora_A, lora_B)
             if sumsq_from == "inline":
@@ -397,7 +399,7 @@ def _module_path(layer: nn.Module) -> str:
 
     parents: dict[int, tuple[nn.Module, str]] = {}
     for obj in gc.get_objects():
-        if isinstance(obj, nn.Module):
+        if issubclass(type(obj), nn.Module):  # type(): isinstance would touch dead weak proxies
             for name, child in obj._modules.items():
                 if child is not None:
                     parents.setdefault(id(child), (obj, name))

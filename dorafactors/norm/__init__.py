@@ -1,12 +1,13 @@
 """Weight-norm engine: factored column norm (Triton + PyTorch reference), dense reference, caches."""
 
-from .cache import NormCache, TensorStamp
+from .cache import NormCache, StaleNormCacheError, TensorStamp
 from .dense import dense_row_norm
 from .engine import clamp_eps, conv_factors, norm_path, weight_norm, weight_sumsq
 from .factored import factored_row_norm_sq, plan_chunk_columns, row_sumsq
 
 __all__ = [
     "NormCache",
+    "StaleNormCacheError",
     "TensorStamp",
     "clamp_eps",
     "conv_factors",
