@@ -9,6 +9,7 @@ current weights into it so that every comparison is against stock PEFT holding e
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -16,7 +17,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import dorafactors
-from tests._tolerances import assert_dtype_close
+from tests._tolerances import assert_dtype_close, assert_not_worse
 
 VOCAB = 20
 TARGETS = ["emb", "lin", "gpt", "conv"]
@@ -111,22 +112,71 @@ def outputs_and_grads(model: nn.Module, ids: torch.Tensor, probe_seed: int = 5):
     params = trainable(model)
     out = model(ids)
     probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(probe_seed), dtype=torch.float64)
+    probe = probe.to(out.device)
     grads = torch.autograd.grad((out.double() * probe).sum(), list(params.values()), allow_unused=True)
     return out.detach(), dict(zip(params, grads))
 
 
-def assert_matches_stock(ours: nn.Module, stock: nn.Module, ids: torch.Tensor, dtype=torch.float32, what="") -> None:
-    """No-grad outputs, grad-mode outputs and every gradient of ours == stock holding our weights."""
+def check_against_stock(actual, expected, dtype, name: str, truth) -> None:
+    """``actual`` (ours) == ``expected`` (stock) elementwise within the dtype's tolerance; in fp32, failing
+    that, at least as close to the fp64 truth ``truth()`` as stock is (``assert_not_worse``).
+
+    Two correct fp32 implementations can differ by more than the elementwise tolerance where a value
+    cancels (a reduction of terms much larger than the result, e.g. a magnitude gradient); being as close
+    to fp64 as stock PEFT is the project's standard for that case."""
+    try:
+        assert_dtype_close(actual, expected, dtype, name=name)
+    except AssertionError:
+        if dtype != torch.float32:
+            raise
+        assert_not_worse(actual, expected, truth(), dtype, name=f"{name} (vs fp64 truth)")
+
+
+def assert_matches_stock(
+    ours: nn.Module, stock: nn.Module, ids: torch.Tensor, dtype=torch.float32, what="", modes=("no_grad", "grad")
+) -> None:
+    """Outputs (``no_grad``, ``inference``: under that mode) and the grad-mode output and every gradient
+    (``grad``) of ours == stock holding our weights, in the order of ``modes``; see
+    :func:`check_against_stock` (the fp64 truth is stock upcast, built only when needed)."""
     sync_weights(ours, stock)
-    with torch.no_grad():
-        assert_dtype_close(ours(ids), stock(ids), dtype, name=f"{what} no-grad output")
-    out_o, grads_o = outputs_and_grads(ours, ids)
-    out_s, grads_s = outputs_and_grads(stock, ids)
-    assert_dtype_close(out_o, out_s, dtype, name=f"{what} output")
-    assert grads_o.keys() == grads_s.keys()
-    for name, grad in grads_o.items():
-        if grads_s[name] is None:
-            assert grad is None or not grad.any(), f"{what} {name}: gradient where stock has none"
+    truth_cache: dict[str, object] = {}
+
+    def truth(key):
+        def value():
+            if not truth_cache:
+                model = copy.deepcopy(stock).double()
+                with torch.no_grad():
+                    truth_cache["no_grad output"] = truth_cache["inference output"] = model(ids)
+                truth_cache["grad output"], grads = outputs_and_grads(model, ids)
+                truth_cache.update({f"grad {name}": grad for name, grad in grads.items()})
+            return truth_cache[key]
+
+        return value
+
+    for mode in modes:
+        if mode != "grad":
+            with torch.inference_mode() if mode == "inference" else torch.no_grad():
+                check_against_stock(ours(ids), stock(ids), dtype, f"{what} {mode} output", truth(f"{mode} output"))
             continue
-        assert grad is not None, f"{what} {name}: no gradient where stock has one"
-        assert_dtype_close(grad, grads_s[name], dtype, name=f"{what} grad {name}")
+        out_o, grads_o = outputs_and_grads(ours, ids)
+        out_s, grads_s = outputs_and_grads(stock, ids)
+        check_against_stock(out_o, out_s, dtype, f"{what} grad output", truth("grad output"))
+        assert grads_o.keys() == grads_s.keys()
+        for name, grad in grads_o.items():
+            if grads_s[name] is None:
+                assert grad is None or not grad.any(), f"{what} {name}: gradient where stock has none"
+                continue
+            assert grad is not None, f"{what} {name}: no gradient where stock has one"
+            check_against_stock(grad, grads_s[name], dtype, f"{what} grad {name}", truth(f"grad {name}"))
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny models run faster on one intra-op thread (no OpenMP spin-up per op; on a loaded 2-core CI
+    machine two threads cost 20-30x per forward)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

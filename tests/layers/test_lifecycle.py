@@ -26,10 +26,18 @@ from tests._lifecycle import (
     build_pair,
     cache_sizes,
     dora_layers,
+    one_thread,
     sync_weights,
     trainable,
 )
 from tests._tolerances import assert_dtype_close
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
 
 F32 = torch.float32
 ON_GPU = torch.cuda.is_available()
@@ -45,8 +53,8 @@ def path(request, monkeypatch):
     return request.param
 
 
-def _ids(seed: int, shape=(2, 5)) -> torch.Tensor:
-    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+def _ids(seed: int, shape=(2, 5), device="cpu") -> torch.Tensor:
+    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
 def _loss(out: torch.Tensor) -> torch.Tensor:
@@ -267,8 +275,6 @@ def _compiled_run_without_recompiles(order: str, device: str, backend) -> None:
 
 @pytest.mark.parametrize("order", ["eval_then_train", "train_then_eval"])
 def test_compiled_training_does_not_recompile(order, path):
-    if ON_GPU:
-        pytest.skip("CPU variant (aot_eager); the GPU variant below uses inductor")
     with torch._functorch.config.patch(decompose_custom_triton_ops=False):  # interpreted kernels stay opaque
         _compiled_run_without_recompiles(order, "cpu", "aot_eager")
 
@@ -440,3 +446,46 @@ def test_verify_is_silent_and_exact_in_a_clean_run(path, monkeypatch):
     hits = sum(layer._df_norm_cache.hits for layer in dora_layers(ours))
     assert hits > 0
     assert_matches_stock(ours, stock, _ids(42), what="verify mode")
+
+
+# ------------------------------------------------------------------------------------ the CUDA paths
+
+
+@pytest.mark.gpu
+def test_gpu_inference_mode_torch_func_and_trace_match_stock(monkeypatch):
+    """On CUDA the layers take the real Triton kernels (the compose and its one-pass backward, forced on for
+    these small shapes) and the folded decode path: the same lifecycle checks there."""
+    monkeypatch.setenv("PEFT_DORA_FUSED_BACKWARD", "1")
+    config.invalidate_cache()
+    stock, ours = build_pair()
+    stock.cuda()
+    ours.cuda()
+    ids = _ids(1, device="cuda")
+    opt = torch.optim.AdamW(trainable(ours).values(), lr=1e-2, fused=True)
+    for step in range(3):
+        ours.eval()
+        sync_weights(ours, stock)
+        with torch.inference_mode():
+            assert_dtype_close(ours(ids), stock(ids), F32, name="inference-mode output")
+        ours.train()
+        _loss(ours(_ids(step, device="cuda"))).backward()
+        opt.step()
+        opt.zero_grad()
+        assert_matches_stock(ours, stock, ids, what=f"after step {step}")
+        assert_caches_bounded(ours)
+    params = {n: p.detach() * 1.1 for n, p in ours.named_parameters()}
+    grads_o = torch.func.grad(_functional_loss(ours))(params, ids)
+    grads_s = torch.func.grad(_functional_loss(stock))(params, ids)
+    for name in grads_s:
+        assert_dtype_close(grads_o[name], grads_s[name], F32, name=f"grad {name}")
+    per_sample = torch.func.vmap(torch.func.grad(_functional_loss(ours)), in_dims=(None, 0))(params, ids[:, None])
+    per_sample_s = torch.func.vmap(torch.func.grad(_functional_loss(stock)), in_dims=(None, 0))(params, ids[:, None])
+    for name in per_sample_s:
+        assert_dtype_close(per_sample[name], per_sample_s[name], F32, name=f"per-sample grad {name}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(ours, ids, check_trace=False)
+    with torch.no_grad():
+        for model in (stock, ours):
+            model.base_model.model.lin.base_layer.weight.mul_(1.5)
+        assert_dtype_close(traced(ids), stock(ids), F32, name="traced output after a weight edit")
