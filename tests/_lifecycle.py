@@ -134,10 +134,11 @@ def check_against_stock(actual, expected, dtype, name: str, truth) -> None:
 
 def assert_matches_stock(
     ours: nn.Module, stock: nn.Module, ids: torch.Tensor, dtype=torch.float32, what="", modes=("no_grad", "grad")
-) -> None:
+) -> dict[str, torch.Tensor | None]:
     """Outputs (``no_grad``, ``inference``: under that mode) and the grad-mode output and every gradient
     (``grad``) of ours == stock holding our weights, in the order of ``modes``; see
-    :func:`check_against_stock` (the fp64 truth is stock upcast, built only when needed)."""
+    :func:`check_against_stock` (the fp64 truth is stock upcast, built only when needed). Returns our
+    gradients (of ``sum(out * probe)``, see :func:`outputs_and_grads`) when ``grad`` is in ``modes``."""
     sync_weights(ours, stock)
     truth_cache: dict[str, object] = {}
 
@@ -153,6 +154,7 @@ def assert_matches_stock(
 
         return value
 
+    grads_o: dict[str, torch.Tensor | None] = {}
     for mode in modes:
         if mode != "grad":
             with torch.inference_mode() if mode == "inference" else torch.no_grad():
@@ -168,6 +170,7 @@ def assert_matches_stock(
                 continue
             assert grad is not None, f"{what} {name}: no gradient where stock has one"
             check_against_stock(grad, grads_s[name], dtype, f"{what} grad {name}", truth(f"grad {name}"))
+    return grads_o
 
 
 @contextlib.contextmanager

@@ -112,10 +112,14 @@ def constant_while_compiling(fn):
     return fn
 
 
+_functorch_interpreter = torch._C._functorch.peek_interpreter_stack  # not None inside a torch.func transform
+_jit_tracing = torch._C._is_tracing  # what torch.jit.is_tracing() asks, without its Python frame
+
+
 def plain_autograd_required() -> bool:
     """True inside a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ...) or while ``torch.jit`` traces:
     the composition must then be plain differentiable PyTorch ops (no custom autograd Function, no kernel)."""
-    return torch._C._functorch.peek_interpreter_stack() is not None or torch.jit.is_tracing()
+    return _functorch_interpreter() is not None or _jit_tracing()
 
 
 def kernels_enabled(device: torch.device) -> tuple[bool, str]:

@@ -246,8 +246,6 @@ class DoraLayerMixin:
         per layer; never kept for inference tensors or while tracing (see ``norm/cache.py``)."""
         if (torch.is_grad_enabled() and magnitude.requires_grad) or not caching_allowed():
             return magnitude.reshape(-1) / norm.to(magnitude.device)
-        if magnitude.is_inference() or norm.is_inference():
-            return magnitude.detach().reshape(-1) / norm.to(magnitude.device)
         epoch = optimizer_steps() if magnitude.requires_grad else -1
         memo = self.__dict__.get("_df_scale_memo")
         if memo is not None and memo[0] is norm and memo[2] == epoch and memo[1].matches(magnitude):
@@ -256,6 +254,8 @@ class DoraLayerMixin:
                 self._check_cached("magnitude scale m / norm", None, memo[3], fresh)
             return memo[3]
         self.__dict__.pop("_df_scale_memo", None)  # the stale memo's tensors are freed before the new ones
+        if magnitude.is_inference() or norm.is_inference():  # nothing is kept for inference tensors
+            return magnitude.detach().reshape(-1) / norm.to(magnitude.device)
         with normal_tensors():
             scale = magnitude.detach().reshape(-1) / norm.to(magnitude.device)
         self.__dict__["_df_scale_memo"] = (norm, TensorStamp(magnitude), epoch, scale)
@@ -311,7 +311,7 @@ class DoraLayerMixin:
         lora_A, lora_B = gathered.full(lora_A), gathered.full(lora_B)
         base_tensors = self._base_tensors(base_layer)
         inputs = (*base_tensors, lora_A, lora_B)
-        reuse = caching_allowed() and stampable(inputs) and distributed.norm_cache_allowed(gathered, inputs)[0]
+        reuse = caching_allowed() and distributed.norm_cache_allowed(gathered, inputs)[0]
         use_norm_cache = reuse and (config.norm_cache_enabled() or self._stock_caching_on(adapter_name))
         if use_norm_cache:
             trainable = any(t.requires_grad for t in inputs)
@@ -329,6 +329,8 @@ class DoraLayerMixin:
                 return hit
         elif not torch.compiler.is_compiling():  # no Python state is mutated in a traced region
             self._df_norm_cache.misses += 1
+        if reuse and not stampable(inputs):  # inference tensors: nothing is cached for them
+            reuse = use_norm_cache = False
         with normal_tensors() if reuse else contextlib.nullcontext():
             norm = self._compute_norm(
                 base_layer, gathered, lora_A, lora_B, scaling, dequantize, "cached" if reuse else "inline", base_tensors

@@ -140,8 +140,6 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
         inputs = (*self._base_tensors(base_layer), weight_a, weight_b, magnitude)
         if bias is not None:
             inputs = (*inputs, bias)
-        if not stampable(inputs):
-            return None
         trainable = False
         for tensor in inputs:
             if tensor.requires_grad:
@@ -157,6 +155,8 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
         fold_cache = self.__dict__.get("_df_fold_cache_obj")
         folded = None if fold_cache is None else fold_cache.get(adapter_name, signature, inputs)
         if folded is None:
+            if not stampable(inputs):  # inference tensors: nothing is cached for them
+                return None
             with normal_tensors():
                 folded = self._fold(lora_A, lora_B, weight_b, magnitude, bias, scaling, base_layer, adapter_name)
             self._df_fold_cache.put(adapter_name, signature, inputs, folded)

@@ -93,19 +93,28 @@ def optimizer_steps() -> int:
     return _optimizer_steps
 
 
+_jit_tracing = torch._C._is_tracing  # what torch.jit.is_tracing() asks, without its Python frame
+_functorch_interpreter = torch._C._functorch.peek_interpreter_stack  # not None inside a torch.func transform
+
+
 def caching_allowed() -> bool:
     """May values be cached and served now? No while ``torch.compile`` traces, while ``torch.jit`` traces or
-    scripts, or inside a ``torch.func`` transform (see the module docstring). Check :func:`stampable` too."""
+    scripts, or inside a ``torch.func`` transform (see the module docstring). Runs on every layer call."""
     return not (
         torch.compiler.is_compiling()
-        or torch.jit.is_tracing()
+        or _jit_tracing()
+        or _functorch_interpreter() is not None
         or torch.jit.is_scripting()
-        or torch._C._functorch.peek_interpreter_stack() is not None  # inside a torch.func transform
     )
 
 
 def stampable(tensors: tuple[torch.Tensor, ...]) -> bool:
-    """False when any of ``tensors`` is an inference tensor (no version counter: it cannot be stamped)."""
+    """False when any of ``tensors`` is an inference tensor (no version counter: it cannot be stamped).
+
+    Checked before a value is stored, not on lookups: an entry is only ever stamped from normal tensors,
+    and an inference tensor is never the object (or in the storage) a stamp records, so a lookup with one
+    misses before it reads a version counter.
+    """
     return not any(tensor.is_inference() for tensor in tensors)
 
 
