@@ -352,9 +352,8 @@ class DoraLayerMixin:
     ) -> torch.Tensor:
         """The norm from scratch. ``sumsq_from`` says where the base weight's row sum of squares comes from:
         ``"inline"``: the norm computes it itself; ``"cached"``: the sum-of-squares cache (filled on a miss),
-        validated by the stamps of ``base_tensors``;
-        ``"fresh"``: recomputed the way the cache computes it, so that a recomputation under ``verify`` is
-        bitwise the cached norm when nothing changed."""
+        validated by the stamps of ``base_tensors``; ``"fresh"``: recomputed the way the cache computes it, so
+        that a recomputation under ``verify`` is bitwise the cached norm when nothing changed."""
         weight = gathered.full(base_weight(base_layer) if dequantize else base_layer.weight)
         if torch.jit.is_tracing():  # a trace does not record no_grad: detach, as stock PEFT does its norm
             weight, lora_A, lora_B = weight.detach(), lora_A.detach(), lora_B.detach()

@@ -201,7 +201,7 @@ class NormCache:
     match.
 
     ``slot`` names the one value kept (the adapter); ``signature`` holds the plain hashables that select the
-    value (scaling, dtype of the result, chunk budget, kernel path, optimizer step); ``inputs`` are the
+    value (scaling, chunk budget, kernel switch, optimizer step); ``inputs`` are the
     tensors the value was computed from. A lookup whose signature or stamps differ drops the entry (its
     memory is freed before the caller recomputes), and :meth:`put` replaces whatever the slot held.
     ``hits`` / ``misses`` count lookups (eager only: nothing here runs while ``torch.compile`` traces).
@@ -235,15 +235,6 @@ class NormCache:
 
     def __len__(self) -> int:
         return len(self._entries)
-
-    def tensors(self) -> list[torch.Tensor]:
-        """Every tensor the cache holds (for memory accounting)."""
-        out: list[torch.Tensor] = []
-        for _signature, _stamps, value in self._entries.values():
-            for item in value if isinstance(value, tuple) else (value,):
-                if isinstance(item, torch.Tensor):
-                    out.append(item)
-        return out
 
     # The cache is derived state: drop it when pickled or deep-copied (weak references cannot travel).
     def __getstate__(self) -> dict[str, Any]:
