@@ -2,7 +2,7 @@
 PEFT trained side by side on the same data. Memory must not grow and the result must equal stock's.
 
 The memory measure is the total size of every live tensor reachable from Python, counted once per storage
-(``gc`` enumeration after a collection). Every value dorafactors keeps between calls (norm, sum-of-squares
+(``gc`` enumeration of plain tensors and parameters after a collection). Every value dorafactors keeps between calls (norm, sum-of-squares
 and fold caches, the ``m / norm`` memo, PEFT's own ``_dora_cache``) is a Python-held tensor, so an entry
 added per step or per evaluation shows up in it, and so would any other leak (an autograd graph or
 optimizer state kept alive); counting storages, not tensor objects, keeps views from being counted twice.
@@ -34,11 +34,15 @@ EVAL_EVERY = 100
 
 
 def live_tensor_bytes() -> int:
-    """Bytes of every live tensor storage reachable from Python (each storage once)."""
+    """Bytes of every live plain tensor or parameter storage reachable from Python (each storage once).
+
+    Tensor subclasses are skipped: everything dorafactors keeps is a plain tensor, and subclasses left
+    behind by earlier tests (the fake tensors of compiled graphs) have no storage to measure.
+    """
     gc.collect()
     storages: dict[tuple[int, str], int] = {}
     for obj in gc.get_objects():
-        if issubclass(type(obj), torch.Tensor):  # type(): isinstance would touch dead weak proxies
+        if type(obj) in (torch.Tensor, nn.Parameter):  # type(): isinstance would touch dead weak proxies
             storage = obj.untyped_storage()
             storages[(storage.data_ptr(), str(obj.device))] = storage.nbytes()
     return sum(storages.values())
