@@ -21,6 +21,7 @@ from .dispatch.config import (
     set_dora_fwd_threshold_mb,
     set_dora_norm_threshold_mb,
 )
+from .norm.cache import StaleNormCacheError
 from .norm.engine import norm_path, weight_norm
 from .patching import (
     StockDoraLayersWarning,
@@ -33,6 +34,7 @@ from .patching import (
 )
 
 __all__ = [
+    "StaleNormCacheError",
     "StockDoraLayersWarning",
     "UntestedPeftWarning",
     "__version__",

@@ -350,7 +350,8 @@ def _revert_since(index: int) -> None:
 
 
 def clear_norm_caches(model: torch.nn.Module) -> int:
-    """Drop every cached norm in ``model`` (needed only after writing weights through ``tensor.data``)."""
+    """Drop every cached norm, sum of squares, fold and ``m / norm`` memo in ``model``: needed after a write
+    that bypasses PyTorch's version counter (``.data``, NumPy / DLPack aliases; see ``norm/cache.py``)."""
     count = 0
     for module in model.modules():
         clear = getattr(module, "clear_norm_cache", None)

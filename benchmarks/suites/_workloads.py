@@ -10,7 +10,7 @@ Honesty rules built in:
 * inference and decode calls do *not* bump: serving with frozen weights is where a norm cache is legitimate;
   ``dorafactors_cold`` shows the same model with the cache defeated;
 * each case starts from the same adapter weights (:func:`providers.init_adapters`), and each row records
-  how many norms dorafactors computed per call (``df_norm_computations_per_call``).
+  how many norms dorafactors computed per call (``df_norm_computations_per_call``; eager rows only).
 """
 
 from __future__ import annotations
@@ -248,7 +248,9 @@ def measure(
             metrics["tokens_per_s"] = tokens / (metrics["ms"] / 1e3)
         impl.update(P.impl_info(model, provider, rows=rows_per_forward or tokens or None))
         first = counter["norms_after_first"]
-        if first is not None and norms_end is not None and counter["calls"] > 1:
+        # Compiled rows record no count: norms computed inside a compiled graph are not counted (counting
+        # them would mutate Python state in the traced region, a recompile per call).
+        if first is not None and norms_end is not None and counter["calls"] > 1 and not compile_it:
             impl["df_norm_computations_per_call"] = round((norms_end - first) / (counter["calls"] - 1), 3)
     return metrics, impl
 

@@ -13,6 +13,8 @@ Paths (``dispatch/rules.py`` decides):
   needs a gradient, one-pass backward kernel);
 * while ``torch.compile`` traces: the ``torch.library`` Triton ops of :mod:`.ops` (kernels inside the
   compiled graph, no graph break);
+* inside a ``torch.func`` transform or while ``torch.jit`` traces: plain differentiable PyTorch ops
+  (:func:`_compose_plain`; functorch cannot run these custom Functions, a trace cannot record a kernel);
 * otherwise the PyTorch reference (:class:`_ComposeFunction` with ``kernel=False`` in training).
 
 Second-order gradients (``create_graph=True``, e.g. a gradient penalty) are exact on every eager path:
@@ -25,7 +27,12 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.compose_reference import compose_backward_reference, compose_forward_reference
+from ..dispatch import rules
+from ..kernels.compose_reference import (
+    broadcast_scale,
+    compose_backward_reference,
+    compose_forward_reference,
+)
 from ..kernels.operands import compute_dtype_for
 from . import fused
 
@@ -112,6 +119,14 @@ class _ComposeFunction(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
+def _compose_plain(lora, base, scale, scaling, channel_dim, out_dtype):
+    """The composition in plain PyTorch ops, differentiable by autograd and by ``torch.func`` transforms,
+    recordable by ``torch.jit.trace``; fp32 arithmetic (fp64 for fp64 operands), one rounding."""
+    cdt = compute_dtype_for(lora.dtype, base.dtype, scale.dtype)
+    g = broadcast_scale(scale.to(cdt), lora.dim(), channel_dim)
+    return torch.addcmul((g - 1.0) * base.to(cdt), g, lora.to(cdt) * scaling).to(out_dtype)
+
+
 def _compose_compiled(lora, base, scale, scaling, channel_dim, out_dtype, needs_grad):
     """The path taken while ``torch.compile`` traces: Triton ops when the kernels may run, else the reference."""
     if fused.compiled_ok(lora.device.type, lora.dtype, base.dtype, scale.dtype, out_dtype, needs_grad):
@@ -162,6 +177,8 @@ def dora_compose(
     needs_grad = torch.is_grad_enabled() and (lora.requires_grad or base.requires_grad or scale.requires_grad)
     if torch.compiler.is_compiling():
         return _compose_compiled(lora, base, scale, scaling, channel_dim, out_dtype, needs_grad)
+    if rules.plain_autograd_required():
+        return _compose_plain(lora, base, scale, scaling, channel_dim, out_dtype)
     if fused.available_for(lora, base, scale, channel_dim, training=needs_grad, out_dtype=out_dtype):
         if needs_grad:
             return _ComposeFunction.apply(lora, base, scale, scaling, channel_dim, out_dtype, True)[0]

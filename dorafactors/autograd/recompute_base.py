@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..dispatch import config
+from ..dispatch import config, rules
 from ..kernels.compose_reference import compose_backward_reference
 from ..kernels.operands import compute_dtype_for
 from . import fused
@@ -149,8 +149,9 @@ def compose_recompute_base(
     """
     out_dtype = out_dtype or torch.promote_types(lora.dtype, x.dtype)
     scaling = float(scaling)
-    if weight.requires_grad and torch.is_grad_enabled():
-        # A trainable base weight needs its own gradient: keep everything in plain autograd.
+    if (weight.requires_grad and torch.is_grad_enabled()) or rules.plain_autograd_required():
+        # A trainable base weight needs its own gradient, and torch.func transforms and torch.jit tracing
+        # need plain ops: keep everything in plain autograd.
         base = F.linear(x, weight.to(x.dtype))
         return dora_compose(lora, base, scale, scaling, out_dtype=out_dtype)
     grad_enabled = torch.is_grad_enabled()

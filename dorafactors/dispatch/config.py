@@ -15,7 +15,7 @@ surrounding blanks ignored. An unset or empty variable means "default".
 | ``DORA_AUTOTUNE_COMPREHENSIVE``  | bool    | off            |
 | ``PEFT_DORA_ALLOW_PARTIAL_GATHER`` | bool  | off            |
 | ``PEFT_FORCE_GATHER``            | ternary | unset = auto   |
-| ``PEFT_DORA_NORM_CACHE``         | bool    | on             |
+| ``PEFT_DORA_NORM_CACHE``         | bool or ``verify`` | on  |
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ __all__ = [
     "get_dora_norm_threshold_mb",
     "invalidate_cache",
     "norm_cache_enabled",
+    "norm_cache_mode",
+    "norm_cache_verify",
     "set_dora_fwd_threshold_mb",
     "set_dora_norm_threshold_mb",
     "triton_interpreter_active",
@@ -150,9 +152,34 @@ def force_gather() -> bool | None:
     return _cached("PEFT_FORCE_GATHER", lambda: _parse_ternary("PEFT_FORCE_GATHER"))
 
 
+def _parse_norm_cache(name: str) -> str:
+    """``"on"`` (unset, empty or true), ``"off"`` (false) or ``"verify"``; ValueError otherwise."""
+    value = _raw(name)
+    if value is not None and value.lower() == "verify":
+        return "verify"
+    try:
+        return "on" if _parse_bool(name, True) else "off"
+    except ValueError:
+        raise ValueError(
+            f"{name}={value!r} is not a valid value: use {_BOOL_HELP}, or 'verify' (recompute every cached "
+            "value and raise on a mismatch), or unset it for the default (on)."
+        ) from None
+
+
+def norm_cache_mode() -> str:
+    """``PEFT_DORA_NORM_CACHE``: ``"on"`` (default), ``"off"``, or ``"verify"``: cache as ``on``, but recompute
+    every cached value when it is served and raise ``StaleNormCacheError`` naming the layer on a mismatch."""
+    return _cached("PEFT_DORA_NORM_CACHE", lambda: _parse_norm_cache("PEFT_DORA_NORM_CACHE"))
+
+
 def norm_cache_enabled() -> bool:
-    """``PEFT_DORA_NORM_CACHE``: reuse the detached weight norm while nothing it depends on changed."""
-    return _cached("PEFT_DORA_NORM_CACHE", lambda: _parse_bool("PEFT_DORA_NORM_CACHE", True))
+    """Reuse the detached weight norm while nothing it depends on changed (``PEFT_DORA_NORM_CACHE`` not off)."""
+    return norm_cache_mode() != "off"
+
+
+def norm_cache_verify() -> bool:
+    """``PEFT_DORA_NORM_CACHE=verify``: check every served cached value against a recomputation."""
+    return norm_cache_mode() == "verify"
 
 
 def deepspeed_zero_stage_env() -> str | None:

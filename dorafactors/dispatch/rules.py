@@ -11,6 +11,10 @@ Each returns ``(ok, reason)``; a rejection is logged once per distinct reason at
    compose: ``0`` off, ``1`` on for every shape, unset = on above the shape threshold (last-dim layouts
    only; conv layouts always take it).
 
+No kernel runs while ``torch.jit`` traces (a trace cannot record a Triton launch, and the launch code
+reads sizes that tracing turns into tensors) or inside a ``torch.func`` transform (its wrapped tensors have
+no storage for a kernel, and custom autograd Functions need functorch rules): :func:`plain_autograd_required`.
+
 Under ``torch.compile`` the compose decision is :func:`compiled_compose_ok` (device and dtypes only, no
 size threshold), evaluated once at trace time; :func:`kernels_enabled` is likewise baked in at trace time,
 so the dispatch adds no graph breaks (the config cache's lock and the logger are never traced).
@@ -41,6 +45,7 @@ __all__ = [
     "inference_fold_ok",
     "kernels_enabled",
     "norm_gemm_ok",
+    "plain_autograd_required",
     "triton_importable",
 ]
 
@@ -108,6 +113,16 @@ def constant_while_compiling(fn):
     return fn
 
 
+_functorch_interpreter = torch._C._functorch.peek_interpreter_stack  # not None inside a torch.func transform
+_jit_tracing = torch._C._is_tracing  # what torch.jit.is_tracing() asks, without its Python frame
+
+
+def plain_autograd_required() -> bool:
+    """True inside a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ...) or while ``torch.jit`` traces:
+    the composition must then be plain differentiable PyTorch ops (no custom autograd Function, no kernel)."""
+    return _functorch_interpreter() is not None or _jit_tracing()
+
+
 def kernels_enabled(device: torch.device) -> tuple[bool, str]:
     """Rules 1-3: may a Triton kernel run on ``device`` at all?"""
     return _kernels_enabled_on(device.type)
@@ -128,6 +143,8 @@ def _kernels_enabled_eager(device_type: str) -> tuple[bool, str]:
     mode = config.fused_mode()
     if mode is False:
         return False, "PEFT_DORA_FUSED=0"
+    if plain_autograd_required():
+        return False, "inside a torch.func transform or torch.jit tracing"
     if not triton_importable():
         if mode:
             raise RuntimeError(

@@ -21,7 +21,15 @@ from torch import nn
 from .. import distributed
 from ..dispatch import config
 from ..norm import NormCache, engine
-from ..norm.cache import TensorStamp, optimizer_steps
+from ..norm.cache import (
+    StaleNormCacheError,
+    TensorStamp,
+    caching_allowed,
+    normal_tensors,
+    optimizer_steps,
+    same_values,
+    stampable,
+)
 
 __all__ = ["DoraLayerMixin", "base_weight", "norm_cache_key_tensors"]
 
@@ -113,8 +121,33 @@ class DoraLayerMixin:
 
     @property
     def norm_computations(self) -> int:
-        """How many times this layer computed its forward norm (cache misses); for tests and benchmarks."""
+        """How many times this layer computed its forward norm in eager mode (cache misses and uncached
+        calls); for tests and benchmarks. Norms computed inside a ``torch.compile`` graph are not counted:
+        counting them would mutate Python state in the traced region (a recompile per step)."""
         return self._df_norm_cache.misses
+
+    def _check_cached(self, what: str, adapter_name: str | None, cached: Any, fresh: Any) -> None:
+        """``PEFT_DORA_NORM_CACHE=verify``: raise :class:`StaleNormCacheError` naming this layer when the
+        cached value (a tensor or a tuple of them) differs from ``fresh``, its recomputation from scratch."""
+        if isinstance(cached, tuple) != isinstance(fresh, tuple) or (
+            isinstance(cached, tuple) and len(cached) != len(fresh)
+        ):
+            pairs = ((cached, None),)  # one side declined (an empty tuple) or changed form: never equal
+        else:
+            pairs = zip(cached, fresh) if isinstance(cached, tuple) else ((cached, fresh),)
+        for old, new in pairs:
+            if same_values(old, new):
+                continue
+            detail = ""
+            if old is not None and new is not None and old.shape == new.shape:
+                detail = f" (largest difference {(old.double() - new.double()).abs().max().item():.3g})"
+            raise StaleNormCacheError(
+                f"dorafactors: the cached {what} of DoRA layer {_module_path(self)!r} (adapter "
+                f"{adapter_name!r}) differs from its recomputation{detail}. A tensor it depends on was written "
+                "in a way PyTorch's version counter does not see (through `.data`, a NumPy or DLPack alias, "
+                "`p.data = t` then writing `t`, `vector_to_parameters` then writing the vector). Call "
+                "`dorafactors.clear_norm_caches(model)` after such writes."
+            )
 
     # ------------------------------------------------------------------ PEFT's ad hoc cache (>= 0.19 API)
     def _stock_cache(self) -> dict[str, Any]:
@@ -214,14 +247,22 @@ class DoraLayerMixin:
 
     def _magnitude_scale(self, magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
         """``g = m / norm`` (``[d_out]``). With no autograd to record, reuse the last ``g`` while ``norm`` is
-        the same cached tensor and the magnitude is unchanged (saves a launch per decode step)."""
-        if (torch.is_grad_enabled() and magnitude.requires_grad) or torch.compiler.is_compiling():
+        the same cached tensor and the magnitude is unchanged (saves a launch per decode step). One memo
+        per layer; never kept for inference tensors or while tracing (see ``norm/cache.py``)."""
+        if (torch.is_grad_enabled() and magnitude.requires_grad) or not caching_allowed():
             return magnitude.reshape(-1) / norm.to(magnitude.device)
         epoch = optimizer_steps() if magnitude.requires_grad else -1
         memo = self.__dict__.get("_df_scale_memo")
         if memo is not None and memo[0] is norm and memo[2] == epoch and memo[1].matches(magnitude):
+            if config.norm_cache_verify():
+                fresh = magnitude.detach().reshape(-1) / norm.to(magnitude.device)
+                self._check_cached("magnitude scale m / norm", None, memo[3], fresh)
             return memo[3]
-        scale = magnitude.detach().reshape(-1) / norm.to(magnitude.device)
+        self.__dict__.pop("_df_scale_memo", None)  # the stale memo's tensors are freed before the new ones
+        if magnitude.is_inference() or norm.is_inference():  # nothing is kept for inference tensors
+            return magnitude.detach().reshape(-1) / norm.to(magnitude.device)
+        with normal_tensors():
+            scale = magnitude.detach().reshape(-1) / norm.to(magnitude.device)
         self.__dict__["_df_scale_memo"] = (norm, TensorStamp(magnitude), epoch, scale)
         return scale
 
@@ -267,40 +308,80 @@ class DoraLayerMixin:
         adapter_name: str,
         dequantize: bool,
     ) -> torch.Tensor:
-        """The body of :meth:`_forward_norm`, run with the parameters gathered (under ``no_grad``)."""
+        """The body of :meth:`_forward_norm`, run with the parameters gathered (under ``no_grad``).
+
+        Two caches, each with one entry: the norm (slot: the adapter) and the base weight's row sum of
+        squares (one slot). Neither is used while tracing or for inference tensors (``norm/cache.py``).
+        """
         lora_A, lora_B = gathered.full(lora_A), gathered.full(lora_B)
         base_tensors = self._base_tensors(base_layer)
         inputs = (*base_tensors, lora_A, lora_B)
-        reuse, _reason = distributed.norm_cache_allowed(gathered, inputs)
-        reuse = reuse and not torch.compiler.is_compiling()
+        reuse = caching_allowed() and distributed.norm_cache_allowed(gathered, inputs)[0]
         use_norm_cache = reuse and (config.norm_cache_enabled() or self._stock_caching_on(adapter_name))
         if use_norm_cache:
             trainable = any(t.requires_grad for t in inputs)
-            epoch = optimizer_steps() if trainable else -1
-            key = (adapter_name, scaling, config.get_dora_norm_threshold_mb(), config.fused_mode(), epoch)
-            hit = self._df_norm_cache.get(key, inputs)
+            signature = (
+                scaling,
+                config.get_dora_norm_threshold_mb(),
+                config.fused_mode(),
+                optimizer_steps() if trainable else -1,
+            )
+            hit = self._df_norm_cache.get(adapter_name, signature, inputs)
             if hit is not None:
+                if config.norm_cache_verify():
+                    fresh = self._compute_norm(base_layer, gathered, lora_A, lora_B, scaling, dequantize, "fresh")
+                    self._check_cached("weight norm", adapter_name, hit, fresh)
                 return hit
-        else:
+        elif not torch.compiler.is_compiling():  # no Python state is mutated in a traced region
             self._df_norm_cache.misses += 1
+        if reuse and not stampable(inputs):  # inference tensors: nothing is cached for them
+            reuse = use_norm_cache = False
+        with normal_tensors() if reuse else contextlib.nullcontext():
+            norm = self._compute_norm(
+                base_layer, gathered, lora_A, lora_B, scaling, dequantize, "cached" if reuse else "inline", base_tensors
+            )
+        if use_norm_cache:
+            self._df_norm_cache.put(adapter_name, signature, inputs, norm)
+        return norm
+
+    def _compute_norm(
+        self,
+        base_layer: nn.Module,
+        gathered: distributed.GatherInfo,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        scaling: float,
+        dequantize: bool,
+        sumsq_from: str,
+        base_tensors: tuple[torch.Tensor, ...] = (),
+    ) -> torch.Tensor:
+        """The norm from scratch. ``sumsq_from`` says where the base weight's row sum of squares comes from:
+        ``"inline"``: the norm computes it itself; ``"cached"``: the sum-of-squares cache (filled on a miss),
+        validated by the stamps of ``base_tensors``; ``"fresh"``: recomputed the way the cache computes it, so
+        that a recomputation under ``verify`` is bitwise the cached norm when nothing changed."""
         weight = gathered.full(base_weight(base_layer) if dequantize else base_layer.weight)
+        if torch.jit.is_tracing():  # a trace does not record no_grad: detach, as stock PEFT does its norm
+            weight, lora_A, lora_B = weight.detach(), lora_A.detach(), lora_B.detach()
         with _autocast_off(weight.device.type):
             w2, a2, b2 = self._norm_factors(weight, lora_A, lora_B)
-            sumsq = rows_finite = None
-            if reuse:
+            if sumsq_from == "inline":
+                return engine.weight_norm(w2, a2, b2, scaling)
+            if sumsq_from == "fresh":
+                sumsq = engine.weight_sumsq(w2)
+                rows_finite = engine.weight_rows_finite(sumsq)
+            else:
                 w_epoch = optimizer_steps() if any(t.requires_grad for t in base_tensors) else -1
-                sumsq_key = (config.get_dora_norm_threshold_mb(), config.fused_mode(), w_epoch)
-                cached = self._df_sumsq_cache.get(sumsq_key, base_tensors)
+                sumsq_signature = (config.get_dora_norm_threshold_mb(), config.fused_mode(), w_epoch)
+                cached = self._df_sumsq_cache.get(None, sumsq_signature, base_tensors)
                 if cached is None:
                     sumsq = engine.weight_sumsq(w2)
                     # whether W has a non-finite row: one synchronization per W version, none per call
                     cached = (sumsq, engine.weight_rows_finite(sumsq))
-                    self._df_sumsq_cache.put(sumsq_key, base_tensors, cached)
+                    self._df_sumsq_cache.put(None, sumsq_signature, base_tensors, cached)
+                elif config.norm_cache_verify():
+                    self._check_cached("base weight sum of squares", None, cached[0], engine.weight_sumsq(w2))
                 sumsq, rows_finite = cached
-            norm = engine.weight_norm(w2, a2, b2, scaling, cached_sumsq=sumsq, weight_rows_finite=rows_finite)
-        if use_norm_cache:
-            self._df_norm_cache.put(key, inputs, norm)
-        return norm
+            return engine.weight_norm(w2, a2, b2, scaling, cached_sumsq=sumsq, weight_rows_finite=rows_finite)
 
     def _mirror_stock_cache(self, adapter_name: str, norm: torch.Tensor) -> None:
         """Keep PEFT's ``_dora_cache`` observable exactly as stock fills and clears it during forward."""
@@ -315,6 +396,29 @@ class DoraLayerMixin:
         for name in _DERIVED_STATE:
             state.pop(name, None)
         return state
+
+
+def _module_path(layer: nn.Module) -> str:
+    """Dotted name of ``layer`` in the outermost live module that contains it, e.g.
+    ``base_model.model.lin.lora_magnitude_vector.default``; its class name if no module holds it.
+
+    A layer does not know its parent, so this walks every live ``nn.Module`` once: it runs only on the
+    error path of ``PEFT_DORA_NORM_CACHE=verify``.
+    """
+    import gc
+
+    parents: dict[int, tuple[nn.Module, str]] = {}
+    for obj in gc.get_objects():
+        if issubclass(type(obj), nn.Module):  # type(): isinstance would touch dead weak proxies
+            for name, child in obj._modules.items():
+                if child is not None:
+                    parents.setdefault(id(child), (obj, name))
+    names: list[str] = []
+    node: nn.Module = layer
+    while id(node) in parents and len(names) < 1000:
+        node, name = parents[id(node)]
+        names.append(name)
+    return ".".join(reversed(names)) or type(layer).__name__
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from ..autograd.compose import dora_compose
 from ..autograd.folded import FoldedLoraB, fold_scale_into_lora_B, folded_dora_extra
 from ..autograd.recompute_base import compose_recompute_base
 from ..dispatch import config, rules
-from ..norm.cache import optimizer_steps
+from ..norm.cache import caching_allowed, normal_tensors, optimizer_steps, stampable
 from ..norm.dense import dense_norm_rows, dense_row_norm
 from ._common import DoraLayerMixin, base_weight
 
@@ -103,10 +103,12 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
         adapter_name: str,
     ) -> FoldedLoraB | None:
         """The cached ``(B', c, g - 1)`` of the decode path (``autograd/folded.py``), or None where it does
-        not apply: a gradient to record, ``torch.compile``, sharded parameters, PEFT's own DoRA caching (whose
-        ``_dora_cache`` entries stock fills on every call), a ``lora_B`` that is not a plain hook-free
-        ``nn.Linear``, a ``rules.inference_fold_ok`` rejection (size, settings), or weights where the fold
-        would not be accurate (``fold_scale_into_lora_B`` declines; remembered in the fold cache).
+        not apply: a gradient to record, ``torch.compile`` / ``torch.jit`` tracing or a ``torch.func``
+        transform, inference tensors, sharded parameters, PEFT's own DoRA caching (whose ``_dora_cache``
+        entries stock fills on every call), a ``lora_B`` that is not a plain hook-free ``nn.Linear``, a
+        ``rules.inference_fold_ok`` rejection (size, settings), or weights where the fold would not be
+        accurate (``fold_scale_into_lora_B`` declines; remembered in the fold cache). One entry per layer
+        (slot: the adapter).
 
         This runs on every decode step, so it reads parameters from ``_parameters`` where the module type
         is known (``nn.Module.__getattr__`` costs about a microsecond per lookup) and checks the cheap
@@ -116,7 +118,7 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
             x.requires_grad or base_result.requires_grad or _any_param_requires_grad(self, lora_A, lora_B)
         ):
             return None
-        if base_result.dim() == 0 or torch.compiler.is_compiling():
+        if base_result.dim() == 0 or not caching_allowed():
             return None
         if not rules.inference_fold_ok(base_result.numel() // max(1, base_result.shape[-1]))[0]:
             return None
@@ -141,26 +143,34 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
                 trainable = True
                 break
         scaling = float(scaling)
-        key = (
-            adapter_name,
+        signature = (
             scaling,
             config.get_dora_norm_threshold_mb(),
             config.fused_mode(),
             optimizer_steps() if trainable else -1,
         )
         fold_cache = self.__dict__.get("_df_fold_cache_obj")
-        folded = None if fold_cache is None else fold_cache.get(key, inputs)
+        folded = None if fold_cache is None else fold_cache.get(adapter_name, signature, inputs)
         if folded is None:
-            norm = self._forward_norm(
-                base_layer, lora_A, lora_B, scaling, adapter_name, gather_modules=(lora_A, lora_B)
-            )
-            scale = magnitude.detach().reshape(-1) / norm.to(magnitude.device)
-            folded = fold_scale_into_lora_B(weight_b, scale, scaling, bias)
-            folded = _NOT_FOLDABLE if folded is None else folded
-            self._df_fold_cache.put(key, inputs, folded)  # a declined fold is remembered too
+            if not stampable(inputs):  # inference tensors: nothing is cached for them
+                return None
+            with normal_tensors():
+                folded = self._fold(lora_A, lora_B, weight_b, magnitude, bias, scaling, base_layer, adapter_name)
+            self._df_fold_cache.put(adapter_name, signature, inputs, folded)  # a declined fold is remembered too
+        elif config.norm_cache_verify():
+            fresh = self._fold(lora_A, lora_B, weight_b, magnitude, bias, scaling, base_layer, adapter_name)
+            self._check_cached("folded lora_B (g * s) B", adapter_name, folded, fresh)
         if self.__dict__.get("_dora_cache"):
             self._cache_clear()  # as stock does on every call with its caching off
         return None if folded is _NOT_FOLDABLE else folded
+
+    def _fold(self, lora_A, lora_B, weight_b, magnitude, bias, scaling, base_layer, adapter_name) -> FoldedLoraB:
+        """``(B', c, g - 1)`` from the (cached) norm and the current magnitude, ``lora_B`` and bias, or
+        ``_NOT_FOLDABLE`` where ``fold_scale_into_lora_B`` declines."""
+        norm = self._forward_norm(base_layer, lora_A, lora_B, scaling, adapter_name, gather_modules=(lora_A, lora_B))
+        scale = magnitude.detach().reshape(-1) / norm.to(magnitude.device)
+        folded = fold_scale_into_lora_B(weight_b, scale, scaling, bias)
+        return _NOT_FOLDABLE if folded is None else folded
 
 
 _MISSING = object()

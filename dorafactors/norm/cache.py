@@ -1,4 +1,4 @@
-"""Caches of the detached DoRA weight norm that are never stale.
+"""Caches of the detached DoRA weight norm (and values derived from it) that are never stale.
 
 A cached value is served only when a *stamp* of everything it was computed from is unchanged. A stamp of a
 tensor records:
@@ -8,31 +8,70 @@ tensor records:
   address can never be mistaken for the old one;
 * where in it, and how: ``data_ptr``, storage offset, shape, strides, dtype, device;
 * its autograd version counter, which every in-place write PyTorch can see bumps: optimizer steps (also
-  the ``_foreach`` kernels), ``copy_`` in ``load_state_dict``, ``zero_``/``mul_`` under ``no_grad``;
+  the ``_foreach`` kernels), ``copy_`` in ``load_state_dict``, ``zero_``/``mul_`` under ``no_grad`` or
+  ``inference_mode``, writes through any view or ``.detach()`` of the tensor (they share its counter);
 * the identity of the tensor object (a weak reference; for a view, of the tensor it was taken from), so a
   new Parameter bound over the same storage starts a new entry.
 
 The version counter is not enough on its own: fused optimizer kernels (``torch.optim.AdamW(fused=True)``,
 the Hugging Face Trainer's default on CUDA; DeepSpeed's and bitsandbytes' optimizers) write parameters
-without bumping it. So every key also carries :func:`optimizer_steps`, a counter advanced after every
-``step()`` of any ``torch.optim.Optimizer`` (PyTorch's global step post-hook, installed on first use; it
-only counts). The layers add it to a key whenever a tensor behind the value requires a gradient.
+without bumping it. So every entry is also validated against :func:`optimizer_steps`, a counter advanced
+after every ``step()`` of any ``torch.optim.Optimizer`` (PyTorch's global step post-hook, installed on first
+use; it only counts). The layers add it to an entry's signature whenever a tensor behind the value requires
+a gradient.
 
-Writes that PyTorch itself cannot see (``tensor.data.add_(...)``: ``.data`` has its own version counter)
-are the remaining channel a stamp cannot observe. PEFT writes base weights that way only inside ``merge`` /
-``unmerge``; ``dorafactors.patch()`` hooks PEFT's merge entry point and calls :meth:`NormCache.clear` on
-the DoRA layers of the merged module (``patching.py``), and a DoRA forward cannot run while an adapter is
-merged. Code outside PEFT that writes through ``.data`` must call ``dorafactors.clear_norm_caches(model)``.
+**Bounded.** A cache holds at most one entry per *slot* (the layers use the adapter name; one cache per
+layer and purpose). Everything else that selects a value (scaling, chunk budget, kernel switch, optimizer
+step) is part of the entry's *signature*, which is validated like the stamps: a new signature replaces the
+old entry instead of adding one, and a failed validation drops the stale value before it is recomputed.
+
+**The rule: what the cache cannot see.** A write is seen exactly when it bumps the version counter of the
+parameter tensor itself (or of a view of it, ``.detach()`` included), when it replaces the tensor, its
+storage, or its layout, or when it is an optimizer ``step()``. Any write that bypasses PyTorch's version
+counter of that tensor is invisible, and the cached value goes stale:
+
+* through ``tensor.data`` (``w.data.mul_(2)``: ``.data`` has a version counter of its own);
+* through memory PyTorch does not track: a NumPy view (``w.detach().numpy()[:] *= 2``), a DLPack alias
+  (``torch.from_dlpack(w)`` is a new tensor with its own counter), CUDA IPC, a C extension or another
+  library writing the buffer;
+* through another tensor bound to the same storage: ``p.data = t`` then ``t.mul_(2)`` (``p`` keeps its own
+  counter), or ``torch.nn.utils.vector_to_parameters(vec, params)`` (which binds every parameter to a slice
+  of ``vec`` through ``.data``) followed by an in-place edit of ``vec``;
+* by a custom optimizer that writes parameters in place without being a ``torch.optim.Optimizer``.
+
+PEFT writes base weights through ``.data`` only inside ``merge`` / ``unmerge``; ``dorafactors.patch()`` hooks
+PEFT's merge entry point and clears the DoRA layers' caches of the merged module (``patching.py``), and a DoRA
+forward cannot run while an adapter is merged. After any other such write call
+``dorafactors.clear_norm_caches(model)``; ``PEFT_DORA_NORM_CACHE=verify`` recomputes every cached value on use
+and raises :class:`StaleNormCacheError` naming the layer, to prove or rule out staleness.
+
+**Never cached** (see :func:`caching_allowed` and :func:`stampable`): while ``torch.compile`` or
+``torch.jit`` traces (a cached tensor would be baked into the graph as a constant), inside a ``torch.func``
+transform (its wrapped tensors have no storage to stamp), and for inference tensors (made under
+``torch.inference_mode``: they have no version counter, so an in-place write to them could never be seen).
+A value computed while inference mode is on is computed with it locally off (:func:`normal_tensors`), so a
+cache never holds an inference tensor and may serve its values to a call that records autograd.
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Any
 
 import torch
 
-__all__ = ["NormCache", "TensorStamp", "optimizer_steps", "stamp"]
+__all__ = [
+    "NormCache",
+    "StaleNormCacheError",
+    "TensorStamp",
+    "caching_allowed",
+    "normal_tensors",
+    "optimizer_steps",
+    "same_values",
+    "stamp",
+    "stampable",
+]
 
 
 _optimizer_steps = 0
@@ -52,6 +91,56 @@ def optimizer_steps() -> int:
 
         _step_hook = register_optimizer_step_post_hook(_count_optimizer_step)
     return _optimizer_steps
+
+
+_jit_tracing = torch._C._is_tracing  # what torch.jit.is_tracing() asks, without its Python frame
+_functorch_interpreter = torch._C._functorch.peek_interpreter_stack  # not None inside a torch.func transform
+
+
+def caching_allowed() -> bool:
+    """May values be cached and served now? No while ``torch.compile`` traces, while ``torch.jit`` traces or
+    scripts, or inside a ``torch.func`` transform (see the module docstring). Runs on every layer call."""
+    return not (
+        torch.compiler.is_compiling()
+        or _jit_tracing()
+        or _functorch_interpreter() is not None
+        or torch.jit.is_scripting()
+    )
+
+
+def stampable(tensors: tuple[torch.Tensor, ...]) -> bool:
+    """False when any of ``tensors`` is an inference tensor (no version counter: it cannot be stamped).
+
+    Checked before a value is stored, not on lookups: an entry is only ever stamped from normal tensors,
+    and an inference tensor is never the object (or in the storage) a stamp records, so a lookup with one
+    misses before it reads a version counter.
+    """
+    return not any(tensor.is_inference() for tensor in tensors)
+
+
+def normal_tensors() -> contextlib.AbstractContextManager[Any]:
+    """Context in which new tensors are normal ones: inference mode locally off when it is on.
+
+    Values that go into a cache are computed inside it, so a cache never holds an inference tensor (which
+    autograd may not save for backward) and can serve its values to any later call.
+    """
+    if torch.is_inference_mode_enabled():
+        return torch.inference_mode(False)
+    return contextlib.nullcontext()
+
+
+def same_values(cached: torch.Tensor | None, fresh: torch.Tensor | None) -> bool:
+    """Bitwise-equal values (NaN equal to NaN), same shape and dtype; None only equals None."""
+    if cached is None or fresh is None:
+        return cached is None and fresh is None
+    if cached.shape != fresh.shape or cached.dtype != fresh.dtype:
+        return False
+    return bool(torch.equal(cached, fresh) or ((cached == fresh) | (cached.isnan() & fresh.isnan())).all())
+
+
+class StaleNormCacheError(RuntimeError):
+    """Raised under ``PEFT_DORA_NORM_CACHE=verify`` when a cached value differs from its recomputation:
+    something wrote a tensor behind it in a way its version counter did not see (see the module docstring)."""
 
 
 def _root(tensor: torch.Tensor) -> torch.Tensor:
@@ -108,35 +197,38 @@ def stamp(*tensors: torch.Tensor) -> tuple[TensorStamp, ...]:
 
 
 class NormCache:
-    """One cached value per key, valid while the stamps of its inputs match.
+    """At most one cached value per slot, valid while its signature is the caller's and its inputs' stamps
+    match.
 
-    ``key`` holds plain hashables that select the entry (adapter name, scaling, dtype of the result,
-    chunk budget, kernel path); ``inputs`` are the tensors the value was computed from.
+    ``slot`` names the one value kept (the adapter); ``signature`` holds the plain hashables that select the
+    value (scaling, chunk budget, kernel switch, optimizer step); ``inputs`` are the
+    tensors the value was computed from. A lookup whose signature or stamps differ drops the entry (its
+    memory is freed before the caller recomputes), and :meth:`put` replaces whatever the slot held.
+    ``hits`` / ``misses`` count lookups (eager only: nothing here runs while ``torch.compile`` traces).
     """
 
     def __init__(self) -> None:
-        self._entries: dict[Any, tuple[tuple[TensorStamp, ...], torch.Tensor]] = {}
+        self._entries: dict[Any, tuple[Any, tuple[TensorStamp, ...], Any]] = {}
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: Any, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
-        entry = self._entries.get(key)
+    def get(self, slot: Any, signature: Any, inputs: tuple[torch.Tensor, ...]) -> Any | None:
+        entry = self._entries.get(slot)
         if entry is not None:
-            stamps, value = entry
-            if len(stamps) == len(inputs):
+            entry_signature, stamps, value = entry
+            if entry_signature == signature and len(stamps) == len(inputs):
                 for stamp_, tensor in zip(stamps, inputs):
                     if not stamp_.matches(tensor):
                         break
                 else:
                     self.hits += 1
                     return value
-            del self._entries[key]
+            del self._entries[slot]
         self.misses += 1
         return None
 
-    def put(self, key: Any, inputs: tuple[torch.Tensor, ...], value: torch.Tensor) -> None:
-        # One entry per key: a stale entry for the same key is replaced, never kept beside the new one.
-        self._entries[key] = (stamp(*inputs), value)
+    def put(self, slot: Any, signature: Any, inputs: tuple[torch.Tensor, ...], value: Any) -> None:
+        self._entries[slot] = (signature, stamp(*inputs), value)
 
     def clear(self) -> None:
         self._entries.clear()

@@ -138,3 +138,40 @@ def test_patch_validates_environment(monkeypatch):
     with pytest.raises(ValueError, match="PEFT_DORA_FUSED"):
         dorafactors.patch()
     assert not dorafactors.is_patched()
+
+
+@pytest.mark.parametrize(
+    ("raw", "mode"),
+    [
+        (None, "on"),
+        ("", "on"),
+        ("1", "on"),
+        ("on", "on"),
+        ("0", "off"),
+        ("No", "off"),
+        ("verify", "verify"),
+        (" VERIFY ", "verify"),
+        ("Verify", "verify"),
+    ],
+)
+def test_norm_cache_modes(monkeypatch, raw, mode):
+    """``PEFT_DORA_NORM_CACHE``: a boolean, or ``verify`` (cache on, every served value recomputed and checked)."""
+    if raw is not None:
+        monkeypatch.setenv("PEFT_DORA_NORM_CACHE", raw)
+    config.invalidate_cache()
+    assert config.norm_cache_mode() == mode
+    assert config.norm_cache_enabled() is (mode != "off")
+    assert config.norm_cache_verify() is (mode == "verify")
+
+
+@pytest.mark.parametrize("raw", ["verfy", "verify=1", "check", "2"])
+def test_malformed_norm_cache_value_names_every_accepted_value(monkeypatch, raw):
+    monkeypatch.setenv("PEFT_DORA_NORM_CACHE", raw)
+    config.invalidate_cache()
+    for reader in (config.norm_cache_mode, config.norm_cache_enabled, config.norm_cache_verify):
+        with pytest.raises(ValueError, match="PEFT_DORA_NORM_CACHE") as err:
+            reader()
+        assert "1/true/yes/on" in str(err.value) and "0/false/no/off" in str(err.value)
+        assert "'verify'" in str(err.value)
+    with pytest.raises(ValueError, match="PEFT_DORA_NORM_CACHE"):
+        dorafactors.patch()  # patch() validates every variable up front
