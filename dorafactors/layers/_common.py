@@ -22,6 +22,7 @@ from .. import distributed
 from ..dispatch import config
 from ..norm import NormCache, engine
 from ..norm.cache import TensorStamp, optimizer_steps
+from ..norm.scale import magnitude_scale
 
 __all__ = ["DoraLayerMixin", "base_weight", "norm_cache_key_tensors"]
 
@@ -213,15 +214,16 @@ class DoraLayerMixin:
         return tensors
 
     def _magnitude_scale(self, magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-        """``g = m / norm`` (``[d_out]``). With no autograd to record, reuse the last ``g`` while ``norm`` is
-        the same cached tensor and the magnitude is unchanged (saves a launch per decode step)."""
+        """``g = m / norm`` (``[d_out]``, ``norm.scale.magnitude_scale``). With no autograd to record, reuse the
+        last ``g`` while ``norm`` is the same cached tensor and the magnitude is unchanged (saves launches per
+        decode step)."""
         if (torch.is_grad_enabled() and magnitude.requires_grad) or torch.compiler.is_compiling():
-            return magnitude.reshape(-1) / norm.to(magnitude.device)
+            return magnitude_scale(magnitude.reshape(-1), norm)
         epoch = optimizer_steps() if magnitude.requires_grad else -1
         memo = self.__dict__.get("_df_scale_memo")
         if memo is not None and memo[0] is norm and memo[2] == epoch and memo[1].matches(magnitude):
             return memo[3]
-        scale = magnitude.detach().reshape(-1) / norm.to(magnitude.device)
+        scale = magnitude_scale(magnitude.detach().reshape(-1), norm)
         self.__dict__["_df_scale_memo"] = (norm, TensorStamp(magnitude), epoch, scale)
         return scale
 

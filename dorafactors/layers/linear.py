@@ -16,6 +16,7 @@ from ..autograd.recompute_base import compose_recompute_base
 from ..dispatch import config, rules
 from ..norm import dense_row_norm
 from ..norm.cache import optimizer_steps
+from ..norm.scale import magnitude_scale
 from ._common import DoraLayerMixin, base_weight
 
 __all__ = ["DoraLinearLayer"]
@@ -158,7 +159,7 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
             norm = self._forward_norm(
                 base_layer, lora_A, lora_B, scaling, adapter_name, gather_modules=(lora_A, lora_B)
             )
-            scale = magnitude.detach().reshape(-1) / norm.to(magnitude.device)
+            scale = magnitude_scale(magnitude.detach().reshape(-1), norm)
             folded = fold_scale_into_lora_B(weight_b, scale, scaling, bias)
             self._df_fold_cache.put(key, inputs, folded)
         if self.__dict__.get("_dora_cache"):
