@@ -183,7 +183,10 @@ class DoraLayerMixin:
             weight = gathered.full(base_weight(base_layer)).to(lora_A.device)
             with _autocast_off(weight.device.type):
                 w2, a2, b2 = self._norm_factors(weight, lora_A, lora_B)
-                norm = engine.weight_norm(w2, a2, b2, float(scaling))
+                # ||W||^2 from weight_sumsq, as the forward takes it (_norm_in_scope): the forward's norm at
+                # these weights is then bitwise this one, so g == 1 exactly until the adapter trains (the
+                # kernel's one-pass ||W||^2 sums in another order and differs in the last fp32 bits).
+                norm = engine.weight_norm(w2, a2, b2, float(scaling), cached_sumsq=engine.weight_sumsq(w2))
             norm = norm.to(torch.promote_types(weight.dtype, lora_A.dtype)).view(self._magnitude_shape(weight))
         if place_on_cpu:
             norm = norm.to("cpu")

@@ -14,7 +14,7 @@ from ..autograd.compose import dora_compose
 from ..autograd.folded import FoldedLoraB, fold_scale_into_lora_B, folded_dora_extra
 from ..autograd.recompute_base import compose_recompute_base
 from ..dispatch import config, rules
-from ..norm import dense_row_norm
+from ..norm import engine
 from ..norm.cache import optimizer_steps
 from ..norm.scale import magnitude_scale
 from ._common import DoraLayerMixin, base_weight
@@ -44,13 +44,14 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
     ) -> torch.Tensor:
         """Row norm of ``transpose(weight) + scaling * lora_weight`` (dense ``lora_weight``, as merge passes).
 
-        Accumulated in fp32 (fp64 for fp64 inputs) and returned in stock's dtype, ``promote(W, lora)``.
+        Accumulated in fp32 (fp64 for fp64 inputs) and returned in stock's dtype, ``promote(W, lora)``; rows
+        the delta leaves unchanged get the forward's own norm (``engine.dense_delta_norm``).
         """
 
         def compute() -> torch.Tensor:
             w = transpose(weight, self.fan_in_fan_out)
             out_dtype = torch.promote_types(w.dtype, lora_weight.dtype)
-            norm = dense_row_norm(w, lora_weight, float(scaling), max_rows=_dense_norm_rows(w.shape[1]))
+            norm = engine.dense_delta_norm(w, lora_weight, float(scaling), max_rows=_dense_norm_rows(w.shape[1]))
             return norm.to(out_dtype)
 
         return self._stock_cached("weight-norm", adapter_name, compute)
