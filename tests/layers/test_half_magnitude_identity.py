@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils.other import transpose
 
 import dorafactors
-from dorafactors.dispatch import config
+from dorafactors.dispatch import config, rules
 from dorafactors.kernels import compose as kc
 from dorafactors.layers import conv as conv_layers
 from dorafactors.layers import linear as linear_layers
@@ -140,32 +141,48 @@ def _reinit_magnitude(model) -> None:
 
 @contextlib.contextmanager
 def _recorded_scales(monkeypatch, model):
-    """Every ``g`` the patched layer hands to a composition: compose, recompute-base, the decode fold (as
-    ``scale``), and Embedding's returned ``g``."""
-    scales: list[torch.Tensor] = []
+    """Every ``g`` the patched layer hands to a composition, by path: ``compose`` (Linear and Conv), the
+    ``recompute_base`` composition, the decode ``fold``, and Embedding's returned ``g``."""
+    scales: dict[str, list[torch.Tensor]] = {}
 
-    def spy(patcher, module, name, position):
+    def spy(patcher, module, name, position, path):
         original = getattr(module, name)
 
         def wrapper(*args, **kwargs):
-            scales.append(args[position].detach().clone())
+            scales.setdefault(path, []).append(args[position].detach().clone())
             return original(*args, **kwargs)
 
         patcher.setattr(module, name, wrapper)
 
+    def embedding_hook(_module, _args, out):
+        if isinstance(out, tuple):
+            scales.setdefault("embedding", []).append(out[0].detach().clone())
+
     with monkeypatch.context() as patcher:
-        spy(patcher, linear_layers, "dora_compose", 2)  # (lora, base, scale, scaling)
-        spy(patcher, linear_layers, "compose_recompute_base", 3)  # (x, weight, lora, scale, scaling)
-        spy(patcher, linear_layers, "fold_scale_into_lora_B", 1)  # (lora_B, scale, scaling, bias)
-        spy(patcher, conv_layers, "dora_compose", 2)
-        dora = _lora_layer(model).lora_magnitude_vector["default"]
-        hook = dora.register_forward_hook(
-            lambda _m, _args, out: scales.append(out[0].detach().clone()) if isinstance(out, tuple) else None
-        )
+        spy(patcher, linear_layers, "dora_compose", 2, "compose")  # (lora, base, scale, scaling)
+        spy(patcher, linear_layers, "compose_recompute_base", 3, "recompute_base")  # (x, weight, lora, scale, s)
+        spy(patcher, linear_layers, "fold_scale_into_lora_B", 1, "fold")  # (lora_B, scale, scaling, bias)
+        spy(patcher, conv_layers, "dora_compose", 2, "compose")
+        hook = _lora_layer(model).lora_magnitude_vector["default"].register_forward_hook(embedding_hook)
         try:
             yield scales
         finally:
             hook.remove()
+
+
+def _expected_paths(case: LayerCase, mode: str) -> set[str]:
+    """The compositions :func:`_outputs` must go through for this layer (fold: small no-grad Linear calls
+    in the default mode)."""
+    if case.kind == "embedding":
+        return {"embedding"}
+    paths = {"compose"}
+    if case.kind in ("linear", "gpt2_conv1d"):
+        rows = math.prod(case.batch)
+        if mode == "default" and rows <= rules.INFERENCE_FOLD_MAX_ROWS:
+            paths.add("fold")
+        if case.dropout:
+            paths.add("recompute_base")
+    return paths
 
 
 def _outputs(model, x: torch.Tensor, *, dropout: bool) -> dict[str, torch.Tensor]:
@@ -215,11 +232,18 @@ def _assert_identity(model, base, x, case, who: str) -> None:
         assert torch.equal(merged[name], tensor), f"{who} {case.kind}: merge_and_unload changed {name}"
 
 
-def _assert_all_one(scales: list[torch.Tensor], what: str) -> None:
-    assert scales, f"{what}: no g was recorded (the path under test was not taken)"
-    for g in scales:
-        bad = int((g != 1).sum())
-        assert bad == 0, f"{what}: {bad}/{g.numel()} entries of g != 1, worst |g - 1| = {(g - 1).abs().max():.3e}"
+def _assert_all_one(
+    scales: dict[str, list[torch.Tensor]], what: str, paths: frozenset[str] | set[str] = frozenset()
+) -> None:
+    """Every recorded ``g`` is 1 bitwise, and each of ``paths`` recorded one (the path was taken)."""
+    missing = set(paths) - set(scales)
+    assert not missing, f"{what}: no g recorded on {sorted(missing)} (taken: {sorted(scales)})"
+    assert scales, f"{what}: no g was recorded"
+    for path, values in scales.items():
+        for g in values:
+            bad = int((g != 1).sum())
+            worst = (g.double() - 1).abs().max().item()
+            assert bad == 0, f"{what}, {path}: {bad}/{g.numel()} entries of g != 1, worst |g - 1| = {worst:.3e}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -242,11 +266,11 @@ def test_untrained_dora_is_exactly_the_base_model(case: LayerCase, dtype, mode, 
     ours = _peft(base, case, patched=True)
     assert _lora_layer(ours).lora_magnitude_vector["default"].weight.dtype == dtype
     if _peft_merges(case):
-        _assert_all_one([_merge_factor(ours)], f"{case.kind} merge factor")
+        _assert_all_one({"merge": [_merge_factor(ours)]}, f"{case.kind} merge factor")
     launches = sum(kc.launch_counts.values())
     with _recorded_scales(monkeypatch, ours) as scales:
         _assert_identity(ours, base, x, case, "dorafactors")
-    _assert_all_one(scales, f"{case.kind} {mode}")
+    _assert_all_one(scales, f"{case.kind} {mode}", _expected_paths(case, mode))
     if mode == "kernels" and case.kind != "embedding":
         assert sum(kc.launch_counts.values()) > launches, "the compose kernels did not run"
 
@@ -271,7 +295,7 @@ def test_g_is_one_when_the_magnitude_is_the_norm(case: LayerCase, dtype, mode, f
     assert magnitude.dtype == (torch.float32 if fp32_adapters else dtype)
     with _recorded_scales(monkeypatch, ours) as scales:
         _outputs(ours, x, dropout=case.dropout)
-    _assert_all_one(scales, f"{case.kind} {mode}, B != 0")
+    _assert_all_one(scales, f"{case.kind} {mode}, B != 0", _expected_paths(case, mode))
 
     with torch.no_grad():
         for name, param in ours.named_parameters():
@@ -279,10 +303,10 @@ def test_g_is_one_when_the_magnitude_is_the_norm(case: LayerCase, dtype, mode, f
                 param.zero_()
     _reinit_magnitude(ours)
     if _peft_merges(case):
-        _assert_all_one([_merge_factor(ours)], f"{case.kind} merge factor, B = 0")
+        _assert_all_one({"merge": [_merge_factor(ours)]}, f"{case.kind} merge factor, B = 0")
     with _recorded_scales(monkeypatch, ours) as scales:
         _assert_identity(ours, base, x, case, "dorafactors")
-    _assert_all_one(scales, f"{case.kind} {mode}, B = 0")
+    _assert_all_one(scales, f"{case.kind} {mode}, B = 0", _expected_paths(case, mode))
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
@@ -300,7 +324,7 @@ def test_merging_an_untrained_adapter_keeps_a_zero_row_zero(kind, dtype) -> None
 
 
 GPU_CASES = [
-    LayerCase(kind="linear", d_in=4096, d_out=11008, rank=16, bias=False, batch=(4, 64)),
+    LayerCase(kind="linear", d_in=4096, d_out=11008, rank=16, bias=False, batch=(4, 100)),
     LayerCase(kind="linear", d_in=1000, d_out=3001, rank=8, dropout=True, batch=(3, 7), scaling=2.0),
     LayerCase(kind="linear", d_in=768, d_out=3072, rank=32, batch=(1, 1)),  # decode: the fold
     LayerCase(kind="gpt2_conv1d", d_in=1600, d_out=4800, rank=8, batch=(2, 33)),
@@ -328,7 +352,11 @@ def test_untrained_dora_is_exactly_the_base_model_gpu(case, dtype, fp32_adapters
         _reinit_magnitude(stock)
         _reinit_magnitude(ours)
     _assert_identity(stock, base, x, case, "stock PEFT")
-    _assert_all_one([_merge_factor(ours)], f"{case.kind} merge factor")
+    if _peft_merges(case):
+        _assert_all_one({"merge": [_merge_factor(ours)]}, f"{case.kind} merge factor")
+    launches = sum(kc.launch_counts.values())
     with _recorded_scales(monkeypatch, ours) as scales:
         _assert_identity(ours, base, x, case, "dorafactors")
-    _assert_all_one(scales, f"{case.kind} cuda")
+    _assert_all_one(scales, f"{case.kind} cuda", _expected_paths(case, "default"))
+    if case.kind != "embedding":
+        assert sum(kc.launch_counts.values()) > launches, "the compose kernels did not run"
