@@ -351,7 +351,9 @@ def test_untrained_dora_is_exactly_the_base_model_gpu(case, dtype, fp32_adapters
     if fp32_adapters:
         _reinit_magnitude(stock)
         _reinit_magnitude(ours)
-    _assert_identity(stock, base, x, case, "stock PEFT")
+    if not (fp32_adapters and case.dropout and case.kind.startswith("conv")):
+        # (stock's conv recompute-base path feeds the fp32 input to the half conv weight and raises)
+        _assert_identity(stock, base, x, case, "stock PEFT")
     if _peft_merges(case):
         _assert_all_one({"merge": [_merge_factor(ours)]}, f"{case.kind} merge factor")
     launches = sum(kc.launch_counts.values())
