@@ -35,6 +35,8 @@ from dorafactors.layers import linear as linear_layers
 from tests._models import Holder, LayerCase, make_input, make_layer
 
 HALF = (torch.bfloat16, torch.float16)
+#: The property tests run on the GPU where there is one (kernels on by default, or forced), else on the CPU.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 KINDS = ("linear", "gpt2_conv1d", "embedding", "conv1d", "conv2d", "conv3d")
 #: Rows wide enough that the norm kernel's one-pass ||W||^2 and its ||W||^2-only kernel sum in different
 #: orders and differ in the last fp32 bits of some rows (the interpreter follows the kernels' order).
@@ -42,8 +44,9 @@ WIDE_ROWS = (
     LayerCase(kind="linear", d_in=200, d_out=64, rank=4, batch=(2, 3), seed=1),
     LayerCase(kind="embedding", d_in=200, d_out=24, rank=4, batch=(2, 5), seed=2),
 )
-#: ``default``: the PyTorch compose and, for no-grad Linear calls, the decode fold (kernels are off on a
-#: CPU unless forced, on by default on a GPU). ``kernels``: compose and norm kernels forced on (interpreter).
+#: ``default``: for no-grad Linear calls the decode fold; otherwise the PyTorch compose on a CPU (kernels are
+#: off there unless forced), the kernels on a GPU. ``kernels``: compose and norm kernels forced on
+#: (``PEFT_DORA_FUSED=1``, the interpreter on a CPU), no fold.
 MODES = ("default", "kernels")
 
 
@@ -258,8 +261,8 @@ def test_untrained_dora_is_exactly_the_base_model(case: LayerCase, dtype, mode, 
     """Half-precision base and magnitude: eval/train outputs and merged weights are bitwise the base's, as
     stock PEFT's are; g == 1 bitwise on every path ours takes, merge's factor included."""
     _set_mode(monkeypatch, mode)
-    base = _base(case, dtype, "cpu")
-    x = make_input(case, dtype)
+    base = _base(case, dtype, DEVICE)
+    x = make_input(case, dtype).to(DEVICE)
     stock = _peft(base, case, patched=False)
     _assert_identity(stock, base, x, case, "stock PEFT")
 
@@ -287,8 +290,8 @@ def test_g_is_one_when_the_magnitude_is_the_norm(case: LayerCase, dtype, mode, f
     weights: every path's g is 1 bitwise; with B = 0 merge's factor is 1 bitwise too. fp32 adapters (fp32
     magnitude) included: the forward's norm is bitwise the one the magnitude was initialized from."""
     _set_mode(monkeypatch, mode)
-    base = _base(case, dtype, "cpu")
-    x = make_input(case, dtype)
+    base = _base(case, dtype, DEVICE)
+    x = make_input(case, dtype).to(DEVICE)
     ours = _peft(base, case, patched=True, init=False, fp32_adapters=fp32_adapters)
     _reinit_magnitude(ours)
     magnitude = _lora_layer(ours).lora_magnitude_vector["default"].weight
@@ -315,11 +318,11 @@ def test_merging_an_untrained_adapter_keeps_a_zero_row_zero(kind, dtype) -> None
     """A zero row of W: the magnitude is the clamped norm, and merge divides it by that same clamped norm, so
     the merged row stays zero and the forward stays the base's (stock PEFT divides 0 by 0 there: NaN)."""
     case = LayerCase(kind=kind, d_in=6, d_out=4, rank=2, batch=(2, 5) if kind == "embedding" else (2,))
-    base = _base(case, dtype, "cpu")
+    base = _base(case, dtype, DEVICE)
     with torch.no_grad():
         weight = base.target.weight
         (weight[:, 1] if kind == "embedding" else weight[1]).zero_()
-    x = make_input(case, dtype)
+    x = make_input(case, dtype).to(DEVICE)
     _assert_identity(_peft(base, case, patched=True), base, x, case, "dorafactors")
 
 
