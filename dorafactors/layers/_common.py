@@ -187,6 +187,7 @@ class DoraLayerMixin:
                 # these weights is then bitwise this one, so g == 1 exactly until the adapter trains (the
                 # kernel's one-pass ||W||^2 sums in another order and differs in the last fp32 bits).
                 norm = engine.weight_norm(w2, a2, b2, float(scaling), cached_sumsq=engine.weight_sumsq(w2))
+                self.__dict__["_df_norm_rank"] = a2.shape[0]  # for get_weight_norm (merge): the same norm path
             norm = norm.to(torch.promote_types(weight.dtype, lora_A.dtype)).view(self._magnitude_shape(weight))
         if place_on_cpu:
             norm = norm.to("cpu")

@@ -35,7 +35,9 @@ class _ConvMixin(DoraLayerMixin):
             out = weight.shape[0]
             w2 = weight.reshape(out, -1)
             l2 = lora_weight.reshape(out, -1)
-            norm = engine.dense_delta_norm(w2, l2, float(scaling), max_rows=_dense_norm_rows(w2.shape[1]))
+            rows = _dense_norm_rows(w2.shape[1])
+            rank = self.__dict__.get("_df_norm_rank", 1)
+            norm = engine.dense_delta_norm(w2, l2, float(scaling), rank=rank, max_rows=rows)
             norm = norm.to(torch.promote_types(weight.dtype, lora_weight.dtype))
             return norm.view((1, out) + (1,) * (weight.dim() - 2))
 

@@ -51,7 +51,9 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
         def compute() -> torch.Tensor:
             w = transpose(weight, self.fan_in_fan_out)
             out_dtype = torch.promote_types(w.dtype, lora_weight.dtype)
-            norm = engine.dense_delta_norm(w, lora_weight, float(scaling), max_rows=_dense_norm_rows(w.shape[1]))
+            rows = _dense_norm_rows(w.shape[1])
+            rank = self.__dict__.get("_df_norm_rank", 1)
+            norm = engine.dense_delta_norm(w, lora_weight, float(scaling), rank=rank, max_rows=rows)
             return norm.to(out_dtype)
 
         return self._stock_cached("weight-norm", adapter_name, compute)

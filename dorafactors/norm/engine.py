@@ -130,7 +130,7 @@ def weight_norm(
 
 @torch.no_grad()
 def dense_delta_norm(
-    weight: torch.Tensor, delta: torch.Tensor, scaling: float, *, max_rows: int | None = None
+    weight: torch.Tensor, delta: torch.Tensor, scaling: float, *, rank: int = 1, max_rows: int | None = None
 ) -> torch.Tensor:
     """Row norm of ``W + scaling * D`` for a dense delta ``D`` (PEFT's merge builds it), consistent with
     :func:`weight_norm` where ``scaling * D`` is zero.
@@ -145,6 +145,8 @@ def dense_delta_norm(
         weight: ``[d_out, d_in]`` (any float dtype; may be a strided view, as the forward passes it).
         delta: ``[d_out, d_in]``, any float dtype / device.
         scaling: Python float.
+        rank: the rank of the factors the forward hands :func:`weight_norm` (its path depends on it:
+            the dense form where ``d_in <= rank``); the unchanged rows go through the same path.
         max_rows: rows per step of the dense norm (bounds its fp32 temporaries).
 
     Returns:
@@ -158,7 +160,8 @@ def dense_delta_norm(
     norm = dense_row_norm(weight, delta, scaling, max_rows=max_rows)
     if bool(untouched.any()):
         d_out, d_in = weight.shape
-        no_adapter = (weight.new_zeros(1, d_in), weight.new_zeros(d_out, 1))
+        rank = max(1, int(rank))
+        no_adapter = (weight.new_zeros(rank, d_in), weight.new_zeros(d_out, rank))
         own = weight_norm(weight, *no_adapter, 0.0, cached_sumsq=weight_sumsq(weight))
         norm = torch.where(untouched, own.to(norm.dtype), norm)
     return norm

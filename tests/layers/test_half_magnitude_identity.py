@@ -44,6 +44,8 @@ WIDE_ROWS = (
     LayerCase(kind="linear", d_in=200, d_out=64, rank=4, batch=(2, 3), seed=1),
     LayerCase(kind="embedding", d_in=200, d_out=24, rank=4, batch=(2, 5), seed=2),
 )
+#: Rows no wider than the rank (3 x 1 conv taps, rank 3): the engine's dense form, which merge must match.
+NARROW_ROWS = LayerCase(kind="conv1d", d_in=1, d_out=3, rank=3, kernel=3, bias=False, batch=(2,), seed=200)
 #: ``default``: for no-grad Linear calls the decode fold; otherwise the PyTorch compose on a CPU (kernels are
 #: off there unless forced), the kernels on a GPU. ``kernels``: compose and norm kernels forced on
 #: (``PEFT_DORA_FUSED=1``, the interpreter on a CPU), no fold.
@@ -285,6 +287,7 @@ def test_untrained_dora_is_exactly_the_base_model(case: LayerCase, dtype, mode, 
 @given(case=identity_cases())
 @example(case=WIDE_ROWS[0])
 @example(case=WIDE_ROWS[1])
+@example(case=NARROW_ROWS)
 def test_g_is_one_when_the_magnitude_is_the_norm(case: LayerCase, dtype, mode, fp32_adapters, monkeypatch) -> None:
     """``init_lora_weights=False`` (B != 0) and the magnitude re-initialized to the norm of the current
     weights: every path's g is 1 bitwise; with B = 0 merge's factor is 1 bitwise too. fp32 adapters (fp32
