@@ -153,18 +153,20 @@ def dense_delta_norm(
         ``[d_out]`` in fp32 (fp64 when an input is fp64).
     """
     scaling = float(scaling)
+    d_out, d_in = weight.shape
     if scaling == 0.0:
-        untouched = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+        untouched = torch.ones(d_out, dtype=torch.bool, device=weight.device)
     else:
         untouched = torch.linalg.vector_norm(delta, ord=float("inf"), dim=1).eq(0).to(weight.device)
-    norm = dense_row_norm(weight, delta, scaling, max_rows=max_rows)
-    if bool(untouched.any()):
-        d_out, d_in = weight.shape
-        rank = max(1, int(rank))
-        no_adapter = (weight.new_zeros(rank, d_in), weight.new_zeros(d_out, rank))
-        own = weight_norm(weight, *no_adapter, 0.0, cached_sumsq=weight_sumsq(weight))
-        norm = torch.where(untouched, own.to(norm.dtype), norm)
-    return norm
+    if not bool(untouched.any()):
+        return dense_row_norm(weight, delta, scaling, max_rows=max_rows)
+    rank = max(1, int(rank))
+    no_adapter = (weight.new_zeros(rank, d_in), weight.new_zeros(d_out, rank))
+    own = weight_norm(weight, *no_adapter, 0.0, cached_sumsq=weight_sumsq(weight))
+    own = own.to(compute_dtype_for(weight.dtype, delta.dtype))
+    if bool(untouched.all()):  # an untrained adapter: no dense norm needed
+        return own
+    return torch.where(untouched, own, dense_row_norm(weight, delta, scaling, max_rows=max_rows))
 
 
 def conv_factors(
