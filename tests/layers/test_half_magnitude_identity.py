@@ -256,12 +256,13 @@ def _assert_all_one(
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("dtype", (*HALF, torch.float32), ids=str)
 @settings(max_examples=8, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=identity_cases())
 def test_untrained_dora_is_exactly_the_base_model(case: LayerCase, dtype, mode, monkeypatch) -> None:
-    """Half-precision base and magnitude: eval/train outputs and merged weights are bitwise the base's, as
-    stock PEFT's are; g == 1 bitwise on every path ours takes, merge's factor included."""
+    """Base and magnitude in one dtype (half, and fp32 too): eval/train outputs and merged weights are
+    bitwise the base's, as stock PEFT's are; g == 1 bitwise on every path ours takes, merge's factor
+    included."""
     _set_mode(monkeypatch, mode)
     base = _base(case, dtype, DEVICE)
     x = make_input(case, dtype).to(DEVICE)
