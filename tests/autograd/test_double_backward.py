@@ -25,7 +25,6 @@ from tests._models import LayerCase, build_triplet, make_input
 from tests._tolerances import (
     assert_close_verbose,
     assert_dtype_close,
-    assert_not_worse,
     quantization_floor,
     rel_error,
 )
@@ -242,11 +241,13 @@ def test_gradient_penalty_fused_matches_stock(case_name, magnitude, monkeypatch)
         assert_dtype_close(got[name], want[name], F32, name=f"{case_name} {_short(name)}")
 
 
-def _bf16_error_ratios(case_name: str, seeds: range) -> list[float]:
-    """``rel_error(ours) / rel_error(stock)`` against the fp64 truth, for every final gradient and seed."""
+def _bf16_error_ratios(case_name: str, seeds: range, small: bool = True) -> list[float]:
+    """``rel_error(ours) / rel_error(stock)`` against the fp64 truth, for every final gradient and seed
+    (``small``: the case at 16 -> 12 features, else at its own size)."""
     ratios = []
     for seed in seeds:
-        case = LayerCase(**{**CASES[case_name].__dict__, "d_in": 16, "d_out": 12, "seed": seed})
+        size = {"d_in": 16, "d_out": 12} if small else {}
+        case = LayerCase(**{**CASES[case_name].__dict__, **size, "seed": seed})
         stock, ours, truth = build_triplet(case, BF16)
         x = make_input(case, BF16)
         ref = _gradient_penalty(truth, x.to(F64), loss_kind="quadratic")
@@ -309,13 +310,14 @@ def test_compiled_double_backward_raises_or_matches_stock(path, monkeypatch):
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
 @pytest.mark.parametrize("case_name", ["linear", "linear-dropout", "conv1d", "conv2d-groups"])
 def test_gpu_gradient_penalty_on_the_kernels(case_name, dtype, monkeypatch):
-    """CUDA kernels (forced training compose): fp32 equal to stock, bf16 at least as close to fp64 as stock."""
+    """CUDA kernels (forced training compose): fp32 equal to stock; bf16 at least as close to fp64 as stock,
+    as the geometric mean over 12 seeds (single draws scatter both ways: see the CPU bf16 test)."""
     import tests._models as models
 
     monkeypatch.setattr(models, "DEVICE", torch.device("cuda"))
     _set_env(monkeypatch, **PATH_ENV["fused"])
     case = CASES[case_name]
-    stock, ours, truth = build_triplet(case, dtype)
+    stock, ours, _ = build_triplet(case, dtype)
     x = make_input(case, dtype)
     want = _gradient_penalty(stock, x, loss_kind="quadratic")
     before = _launches()
@@ -325,6 +327,7 @@ def test_gpu_gradient_penalty_on_the_kernels(case_name, dtype, monkeypatch):
         for name in want:
             assert_dtype_close(got[name], want[name], F32, name=f"{case_name} {_short(name)}")
         return
-    ref = _gradient_penalty(truth, x.to(F64), loss_kind="quadratic")
-    for name in want:
-        assert_not_worse(got[name], want[name], ref[name], BF16, name=f"{case_name} {_short(name)}")
+    ratios = _bf16_error_ratios(case_name, range(12), small=False)
+    geomean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+    print(f"\n{case_name}: geometric mean ratio {geomean:.3f}, range {min(ratios):.2f}..{max(ratios):.2f}")
+    assert geomean <= 1.0, f"ours further from fp64 than stock on average: geometric mean ratio {geomean:.3f}"
