@@ -134,7 +134,8 @@ def triton_weight_norm_sq(
         kernel_config: launch configuration override (tests, tuning); default :func:`pick_config`.
 
     Returns:
-        fp32 ``[d_out]``. One kernel launch (plus a one-time counter allocation per device and stream);
+        fp32 ``[d_out]``. Two kernel launches, the gram programs then the main programs (plus a one-time
+        counter allocation per device and stream);
         ``s == 0`` or ``r == 0`` needs no product at all.
     """
     interpret = _check_device(weight)
@@ -170,7 +171,8 @@ def _launch(
     eps: float | None,
     interpret: bool,
 ) -> torch.Tensor:
-    """One launch of ``_weight_norm_sq_kernel`` for validated operands; returns the fp32 ``[d_out]`` result.
+    """Run ``_weight_norm_sq_kernel`` for validated operands (the gram launch, then the main launch; one
+    launch in ``FROM_GEMM`` mode); returns the fp32 ``[d_out]`` result.
 
     ``gemms`` (``FROM_GEMM`` mode, needs ``cached_sumsq``): the fp32 GEMM results ``(W A^T [d_out, r]
     contiguous, A A^T [r, r] contiguous)``; the launch then has no gram programs.
@@ -198,10 +200,25 @@ def _launch(
     programs, ws_elements, constants = launch
     ws = torch.empty(ws_elements, dtype=torch.float32, device=device)
     out = torch.empty(d_out, dtype=torch.float32, device=device)
-    counters = ticket_buffer(device, 3 + plan.gram_tiles + plan.row_tiles)
+    counters = ticket_buffer(device, 2 + plan.gram_tiles + plan.row_tiles)
     u_mat = gemms[0] if from_gemm else out
     gram = gemms[1] if from_gemm else ws
-    _weight_norm_sq_kernel[(programs,)](
+    gram_programs = 0 if from_gemm else plan.gram_tiles * plan.gram_splits
+    # the gram programs first, in a launch of their own, then the main programs: no program ever waits on
+    # another of its own launch (see row_norm_kernel's "Synchronization")
+    for pid_base, grid in ((0, gram_programs), (gram_programs, programs - gram_programs)):
+        if grid:
+            _launch_kernel(grid, pid_base, plan, weight, lora_A, lora_B, u_mat, cold, cached_sumsq, out, ws, gram,
+                           counters, from_gemm, scaling, eps, d_out, d_in, rank, constants)  # fmt: skip
+    return out
+
+
+def _launch_kernel(
+    grid, pid_base, plan, weight, lora_A, lora_B, u_mat, cold, cached_sumsq, out, ws, gram, counters, from_gemm,
+    scaling, eps, d_out, d_in, rank, constants,
+) -> None:  # fmt: skip
+    """One launch of ``_weight_norm_sq_kernel`` over programs ``pid_base .. pid_base + grid - 1``."""
+    _weight_norm_sq_kernel[(grid,)](
         weight,
         lora_A,
         lora_B,
@@ -231,9 +248,9 @@ def _launch(
         0 if from_gemm else plan.gram_tiles,  # G from a GEMM: no gram programs
         plan.gram_splits,
         plan.k_steps,
+        pid_base,
         **constants,
     )
-    return out
 
 
 def _launch_constants(

@@ -1,12 +1,14 @@
-"""The tensor-core factored row norm kernel: ``||W + s*B@A||^2_row`` in one kernel launch, fp32 throughout.
+"""The tensor-core factored row norm kernel: ``||W + s*B@A||^2_row``, fp32 throughout.
 
     ||W + s B A||^2_row = ||W||^2_row + 2s * rowsum(B * (W A^T)) + s^2 * rowsum((B (A A^T)) * B)
 
 The PyTorch reference of the same maths is :func:`dorafactors.kernels.row_norm_reference.factored_row_norm_sq`.
 
-Design (one launch, ``_weight_norm_sq_kernel``; a 1-D grid of two kinds of programs):
+Design (``_weight_norm_sq_kernel``: two kinds of programs, numbered ``pid = program id + pid_base``; the
+host launches the gram programs and the main programs as two launches of the same kernel, see
+"Synchronization"):
 
-* **Gram programs** (the first ``NT * S_G`` start tickets, below). ``G = A A^T`` is needed only as its lower block
+* **Gram programs** (``pid < NT * S_G``). ``G = A A^T`` is needed only as its lower block
   triangle (``NT = NR (NR + 1) / 2`` tiles of ``BN x BN``, ``NR = ceil(r / BN)``), each tile split over
   ``S_G`` ranges of ``d_in``. Each program writes an fp32 partial tile; the last of a tile's ``S_G`` programs
   to arrive (an integer ticket) sums the partials in a fixed order, scales the tile by ``s/2`` (diagonal
@@ -16,8 +18,7 @@ Design (one launch, ``_weight_norm_sq_kernel``; a 1-D grid of two kinds of progr
   ``n`` fastest so the ``NR`` programs reading the same W tiles run side by side and share them in L2.
   Each accumulates ``acc = W_tile A_tile^T`` over its ``d_in`` range on tensor cores with fp32 accumulation
   (half-precision W goes from global to shared memory to the MMA as is: it is never upcast in memory).
-  It then waits for the gram counter (every gram program has started before any main program, and they
-  wait on nothing; see "Synchronization") and adds its share of ``sum_{k >= n} B[:, k] G''[k, n]`` (``G''`` being the scaled
+  It then checks the gram counter (complete: the gram launch ran first) and adds its share of ``sum_{k >= n} B[:, k] G''[k, n]`` (``G''`` being the scaled
   lower block triangle), so that ``rowsum(B[:, n] * acc)`` summed over ``n`` and the splits is
   ``c + (s/2) b`` with ``c = rowsum(B * (W A^T))`` and ``b = rowsum((B G) * B)``: the symmetric gram term
   costs ``NR (NR + 1) / 2`` instead of ``NR^2`` tile products. The epilogue multiplies by the fp32 B tile,
@@ -54,15 +55,13 @@ by the heuristic) and the three ``r_pad x r_pad`` bf16 parts of ``G''``, plus th
 ``PEFT_DORA_NORM_CHUNK_MB`` bounds the PyTorch reference only.
 
 Synchronization uses a small int32 ticket buffer per (device, stream) that the kernel itself resets to zero
-before it finishes, so consecutive launches (CUDA graphs included) reuse it without a memset. Counters:
-``[0]`` gram tiles done, ``[1]`` row tiles done, ``[2]`` start tickets, then one arrival counter per gram
-tile and one per row tile. The main programs' wait for the gram tiles is deadlock-free by construction: a
-program's role comes from a start ticket (an atomic increment as it begins), not from its program id, and
-the first ``NT * S_G`` tickets are the gram programs. Tickets are handed out in the order programs really
-run, so every gram program has started (and, waiting on nothing, will finish) before any main program can
-wait on it, whatever order the hardware dispatches blocks in (CUDA does not promise program-id order: MPS,
-concurrent streams, partial residency). The row tiles and gram tiles need no such care: their last arrival
-does the final sum, and nobody waits. ``FROM_GEMM`` launches have no wait and use the program id.
+before it finishes, so consecutive launches (CUDA graphs included) reuse it without a memset. No program
+waits on another program of its own launch: the gram programs run in a launch of their own (``pid_base``
+0) and the main programs in the next launch on the same stream (``pid_base = NT * S_G``), so stream order
+guarantees ``G''`` is complete before any main program starts, whatever order the hardware starts a grid's
+blocks in (CUDA does not promise program-id order: MPS, concurrent streams, partial residency). The main
+programs' check of the gram counter is a guard that passes at once. The row-tile and gram-tile tickets are
+"last to arrive sums" schemes: nobody waits on them. ``FROM_GEMM`` launches have no gram programs.
 """
 
 from __future__ import annotations
@@ -255,7 +254,7 @@ def _gram_program(
     tile = offs[:, None] * BN + offs[None, :]
     tl.store(gpart_ptr + (sg * NT + t).to(tl.int64) * (BN * BN) + tile, acc)
     tl.debug_barrier()
-    ticket = tl.atomic_add(cnt_ptr + 3 + t, 1, sem="acq_rel", scope="gpu")
+    ticket = tl.atomic_add(cnt_ptr + 2 + t, 1, sem="acq_rel", scope="gpu")
     if ticket == S_G - 1:
         g = tl.zeros((BN, BN), dtype=tl.float32)
         for j in range(S_G):
@@ -266,7 +265,7 @@ def _gram_program(
         tl.store(g3_ptr + dst, g_hi)
         tl.store(g3_ptr + r_pad * r_pad + dst, g_mid)
         tl.store(g3_ptr + 2 * r_pad * r_pad + dst, g_lo)
-        tl.atomic_xchg(cnt_ptr + 3 + t, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(cnt_ptr + 2 + t, 0, sem="relaxed", scope="gpu")
         tl.debug_barrier()
         tl.atomic_add(cnt_ptr, 1, sem="release", scope="gpu")
 
@@ -420,7 +419,9 @@ def _main_program(
     )  # fmt: skip
 
     # 2. acc += B[rows, k] @ G''[k, rn] for this split's share of the chunks k >= n*BN (lower block triangle)
-    if not FROM_GEMM:  # wait for the gram programs (FROM_GEMM: the fp32 G = A A^T came from a GEMM)
+    if not FROM_GEMM:  # FROM_GEMM: G = A A^T came from a GEMM
+        # G'' is complete: the host runs the gram programs in a launch before this one, so this acquire
+        # passes at once (it would wait if both kinds shared one grid started in program-id order)
         done = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
         while done < NT:
             done = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
@@ -443,22 +444,21 @@ def _main_program(
 
     # 4. the last program of row tile m sums the partials in a fixed order and assembles the result
     tl.debug_barrier()
-    ticket = tl.atomic_add(cnt_ptr + 3 + NT + m, 1, sem="acq_rel", scope="gpu")
+    ticket = tl.atomic_add(cnt_ptr + 2 + NT + m, 1, sem="acq_rel", scope="gpu")
     if ticket == NR * S - 1:
         _assemble_rows(
             rows64, row_ok, sumsq_ptr, out_ptr, part_ptr, wpart_ptr, d_out, scaling, eps, NR, S, BM, COLD, SQRT
         )
-        tl.atomic_xchg(cnt_ptr + 3 + NT + m, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(cnt_ptr + 2 + NT + m, 0, sem="relaxed", scope="gpu")
         finished = tl.atomic_add(cnt_ptr + 1, 1, sem="acq_rel", scope="gpu")
         if finished == n_m - 1:
-            # every program has taken its start ticket and passed its gram wait: reset for the next launch
-            tl.atomic_xchg(cnt_ptr + 2, 0, sem="relaxed", scope="gpu")
+            # every program has passed its gram wait: reset the counters for the next launch
             tl.atomic_xchg(cnt_ptr + 1, 0, sem="relaxed", scope="gpu")
             tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
 
 
 # the launch-plan integers are read as scalars only: no 1/16-divisibility specializations (fewer compiles)
-@triton.jit(do_not_specialize=["n_m", "NR", "S", "NT", "S_G", "KT"])
+@triton.jit(do_not_specialize=["n_m", "NR", "S", "NT", "S_G", "KT", "pid_base"])
 def _weight_norm_sq_kernel(
     w_ptr,
     a_ptr,
@@ -489,6 +489,7 @@ def _weight_norm_sq_kernel(
     NT,
     S_G,
     KT,
+    pid_base,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -518,12 +519,10 @@ def _weight_norm_sq_kernel(
         g3_ptr = (gpart_ptr + tl.multiple_of(_round32(tl.cast(S_G, tl.int64) * NT * (BN * BN)), 32)).to(
             tl.pointer_type(tl.bfloat16)
         )
+    pid = tl.program_id(0) + pid_base
     if FROM_GEMM:  # no gram programs, and none compiled in (their BN x BN accumulator sets the register count)
-        pid = tl.program_id(0)
         n_gram = 0
     else:
-        # the start ticket, not the program id, decides the role: gram programs start before any main program
-        pid = tl.atomic_add(cnt_ptr + 2, 1, sem="relaxed", scope="gpu")
         n_gram = NT * S_G
         if pid < n_gram:
             _gram_program(

@@ -1,10 +1,11 @@
 """The norm kernel does not depend on the order in which the hardware starts its programs.
 
 CUDA does not promise to start the blocks of a grid in program-id order (MPS, concurrent streams, partial
-residency). The one-pass kernel's main programs wait for its gram programs, so the roles come from start
-tickets taken in the order programs really run (``row_norm_kernel.py``, "Synchronization"). On the CPU the
-interpreter is made to run the programs reversed or shuffled; on a GPU another stream keeps the SMs busy
-while the norm runs.
+residency). The one-pass kernel's main programs need the gram programs' ``G''``, so the gram programs run in
+a launch of their own before the main programs' launch (``row_norm_kernel.py``, "Synchronization"): no
+program waits on another of its launch. On the CPU the interpreter is made to run each launch's programs
+reversed or shuffled (a single launch of both kinds spins forever there); on a GPU another stream keeps the
+SMs busy while the norm runs.
 """
 
 from __future__ import annotations
