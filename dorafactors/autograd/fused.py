@@ -7,6 +7,8 @@ Who calls what:
   traces it asks :func:`compiled_ok` and calls the ``torch.library`` ops of :mod:`.ops` instead.
 * The ``base_result=None`` path (:mod:`.recompute_base`) calls :func:`compose_into` per column chunk and
   :func:`compose_backward` once; both pick the kernel or the reference themselves.
+* The Linear node with ``lora_B`` inside (:mod:`.lora_compose`) calls :func:`compose`, :func:`compose_into`,
+  :func:`compose_backward` (the base output as ``inner``) and :func:`lora_b_grads`.
 
 Triton is imported on the first kernel call, never at import of this module.
 """
@@ -16,7 +18,12 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import rules
-from ..kernels.compose_reference import compose_backward_reference, compose_forward_reference
+from ..kernels.compose_reference import (
+    compose_backward_reference,
+    compose_forward_reference,
+    lora_b_grads_reference,
+)
+from ..kernels.operands import KERNEL_DTYPES
 
 __all__ = [
     "available_for",
@@ -26,6 +33,7 @@ __all__ = [
     "compose_backward",
     "compose_into",
     "forward",
+    "lora_b_grads",
 ]
 
 _kernels = None
@@ -208,4 +216,48 @@ def compose_backward(
         need_lora=need_lora,
         need_base=need_base,
         need_scale=need_scale,
+    )
+
+
+def lora_b_grads(
+    m: torch.Tensor | None,
+    weight_b: torch.Tensor,
+    scale: torch.Tensor,
+    d_g_base: torch.Tensor | None,
+    scaling: float,
+    *,
+    d_out: torch.Tensor,
+    h: torch.Tensor,
+    need_b: bool,
+    scaled_b_dtype: torch.dtype | None,
+    need_g: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(d_B, (g s) B, d_g)`` from ``M = d_out^T h`` (``d_out`` ``[T, d_out]``, ``h`` ``[T, r]``): one kernel
+    launch where the kernels may run, else the reference (``compose_reference.lora_b_grads_reference``)."""
+    dtypes_ok = weight_b.dtype in KERNEL_DTYPES and scale.dtype in KERNEL_DTYPES
+    dtypes_ok = dtypes_ok and (scaled_b_dtype is None or scaled_b_dtype in KERNEL_DTYPES)
+    if dtypes_ok and not torch.compiler.is_compiling() and rules.kernels_enabled(weight_b.device)[0]:
+        return _k().lora_b_grads(
+            m,
+            weight_b,
+            scale,
+            d_g_base,
+            scaling,
+            d_out=d_out,
+            h=h,
+            need_b=need_b,
+            scaled_b_dtype=scaled_b_dtype,
+            need_g=need_g,
+        )
+    return lora_b_grads_reference(
+        m,
+        weight_b,
+        scale,
+        d_g_base,
+        scaling,
+        d_out=d_out,
+        h=h,
+        need_b=need_b,
+        scaled_b_dtype=scaled_b_dtype,
+        need_g=need_g,
     )

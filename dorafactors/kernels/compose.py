@@ -20,8 +20,8 @@ import contextlib
 
 import torch
 
-from ._triton_utils import cdiv, num_sms, ticket_buffer
-from .compose_kernel import INTERPRETER, _sum_partials_kernel
+from ._triton_utils import cdiv, next_pow2, num_sms, ticket_buffer
+from .compose_kernel import INTERPRETER, _lora_b_grads_kernel, _sum_partials_kernel
 from .compose_launch import (
     _BWD_COLS,
     _BWD_ROWS,
@@ -43,6 +43,7 @@ __all__ = [
     "compose_forward_into",
     "forced_config",
     "launch_counts",
+    "lora_b_grads",
 ]
 
 #: Programs per SM the one-pass backward aims for (rows are split into groups to reach it).
@@ -281,6 +282,81 @@ def compose_forward_(lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, sc
 
 
 # ------------------------------------------------------------------------------------------------ backward
+
+
+def lora_b_grads(
+    m: torch.Tensor | None,
+    weight_b: torch.Tensor,
+    g: torch.Tensor,
+    d_g_base: torch.Tensor | None,
+    scaling: float,
+    *,
+    d_out: torch.Tensor,
+    h: torch.Tensor,
+    need_b: bool,
+    scaled_b_dtype: torch.dtype | None,
+    need_g: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """One launch: ``(d_B, (g s) B, d_g)`` from ``M = d_out^T h`` (see ``compose_reference.lora_b_grads_reference``).
+
+    Args:
+        m: fp32 ``[d_out, r]`` (None when neither ``d_B`` nor ``d_g`` is needed).
+        weight_b: ``B`` ``[d_out, r]`` (fp16/bf16/fp32).
+        g: ``[d_out]``; d_g_base: ``sum_t d_out * base`` ``[d_out]`` (fp32), needed iff ``need_g``.
+        d_out, h: the ``[T, d_out]`` and ``[T, r]`` factors of ``M`` (unit column stride), read only for rows
+            with an infinite ``g s``.
+        scaled_b_dtype: dtype of ``(g s) B`` (None: not needed).
+
+    Returns ``d_B`` in ``B``'s dtype, ``(g s) B``, ``d_g`` in ``g``'s dtype (``None`` where not needed).
+    """
+    n, rank = weight_b.shape
+    device = weight_b.device
+    b = weight_b.contiguous()
+    need_bs = scaled_b_dtype is not None
+    d_b = torch.empty((n, rank), dtype=weight_b.dtype, device=device) if need_b else None
+    scaled_b = torch.empty((n, rank), dtype=scaled_b_dtype, device=device) if need_bs else None
+    d_g = torch.empty(n, dtype=g.dtype, device=device) if need_g else None
+    if n == 0 or rank == 0 or not (need_b or need_bs or need_g):
+        if need_g:
+            d_g.copy_(d_g_base)  # type: ignore[union-attr]
+        if need_b:
+            d_b.zero_()  # type: ignore[union-attr]
+        return d_b, scaled_b, d_g
+    m_arg = m.contiguous() if m is not None else b
+    if d_out.stride(-1) != 1:
+        d_out = d_out.contiguous()
+    if h.stride(-1) != 1:
+        h = h.contiguous()
+    block_k = min(next_pow2(rank), 128)
+    block_n = 16 if INTERPRETER else max(1, min(64, 4096 // block_k))
+    index = b.get_device()
+    guard = index >= 0 and index != torch.cuda.current_device()
+    with torch.cuda.device(index) if guard else contextlib.nullcontext():
+        _lora_b_grads_kernel[(cdiv(n, block_n),)](
+            m_arg,
+            b,
+            g,
+            d_g_base if need_g else g,
+            d_b if need_b else b,
+            scaled_b if need_bs else b,
+            d_g if need_g else g,
+            d_out,
+            h,
+            n,
+            rank,
+            d_out.shape[0],
+            d_out.stride(0),
+            h.stride(0),
+            scaling,
+            need_b,
+            need_bs,
+            need_g,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            num_warps=4,
+        )
+    launch_counts["lora_b_grads"] += 1
+    return d_b, scaled_b, d_g
 
 
 def _row_groups(R, K: int, device: torch.device, granule: int) -> tuple[int, int]:

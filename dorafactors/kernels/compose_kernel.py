@@ -4,6 +4,10 @@
     inner = base + s * lora                           also written when the magnitude needs a gradient
     d_lora = (g * s) * d_out;  d_base = (g - 1) * d_out;  d_g = sum_rows(inner * d_out)
 
+With ``lora = h B^T`` inside the autograd node (``autograd/lora_compose.py``) the backward kernel takes the
+base output in place of ``inner`` and ``_lora_b_grads_kernel`` finishes from ``M = d_out^T h``:
+``d_B = (g * s) M``, ``(g * s) B`` (for ``d_h``) and ``d_g += s * rowsum(B * M)``.
+
 Every kernel loads its operands in their own dtype, computes in fp32 and rounds once at the store. ``g``
 (the magnitude scale, usually fp32) is never downcast: ``g - 1`` and ``g * s`` are fp32, the magnitude
 gradient is accumulated in fp32 and returned in ``g``'s dtype.
@@ -201,6 +205,73 @@ def _compose_bwd_rows_kernel(
             acc += x * d
     if NEED_G:
         tl.store(part_ptr + (pid_g.to(tl.int64) * R + rows), tl.sum(acc, axis=1), mask=rmask)
+
+
+@triton.jit
+def _lora_b_grads_kernel(
+    m_ptr,
+    b_ptr,
+    g_ptr,
+    dgb_ptr,
+    db_ptr,
+    bs_ptr,
+    dg_ptr,
+    d_ptr,
+    h_ptr,
+    N,
+    RANK,
+    T,
+    stride_d,
+    stride_h,
+    scaling,
+    NEED_DB: tl.constexpr,
+    NEED_BS: tl.constexpr,
+    NEED_DG: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Rows of ``M`` ``[N, RANK]`` (fp32) and ``B`` (contiguous): ``d_B = (g s) M`` (``db_ptr``'s dtype),
+    ``(g s) B`` (``bs_ptr``'s dtype), ``d_g = d_g_base + s * rowsum(B * M)`` (fp32 sum, ``dg_ptr``'s dtype).
+
+    A row whose ``g s`` is infinite (an infinite magnitude) gets ``d_B`` as ``sum_t (g s d[t]) h[t]``, the
+    non-finite class of the unfactored sum (NaN where the signs of the infinite terms differ), from ``d``
+    (``[T, N]``, row stride ``stride_d``) and ``h`` (``[T, RANK]``): a branch only such row blocks take.
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    g = tl.load(g_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    gs_rows = g * scaling
+    gs = gs_rows[:, None]
+    infinite = tl.abs(gs_rows) == float("inf")
+    block_has_infinite = tl.max(infinite.to(tl.int32), axis=0) > 0
+    row_off = rows.to(tl.int64)[:, None] * RANK
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, RANK, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        cmask = cols < RANK
+        mask = rmask[:, None] & cmask[None, :]
+        offs = row_off + cols[None, :]
+        b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if NEED_BS:
+            tl.store(bs_ptr + offs, _to_dtype(b * gs, bs_ptr.dtype.element_ty), mask=mask)
+        if NEED_DB or NEED_DG:
+            m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if NEED_DB:
+                d_b = m * gs
+                if block_has_infinite:
+                    exact = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+                    for t in range(0, T):
+                        dv = tl.load(d_ptr + (t * stride_d + rows), mask=rmask, other=0.0).to(tl.float32)
+                        hv = tl.load(h_ptr + (t * stride_h + cols), mask=cmask, other=0.0).to(tl.float32)
+                        exact += (gs_rows * dv)[:, None] * hv[None, :]
+                    d_b = tl.where(infinite[:, None], exact, d_b)
+                tl.store(db_ptr + offs, _to_dtype(d_b, db_ptr.dtype.element_ty), mask=mask)
+            if NEED_DG:
+                acc += b * m
+    if NEED_DG:
+        total = tl.load(dgb_ptr + rows, mask=rmask, other=0.0).to(tl.float32) + scaling * tl.sum(acc, axis=1)
+        tl.store(dg_ptr + rows, _to_dtype(total, dg_ptr.dtype.element_ty), mask=rmask)
 
 
 @triton.jit

@@ -97,7 +97,8 @@ def test_training_matches_stock_peft(kind, dropout):
     got, got_grads = _forward_backward(ours, x, seed=2)
     launched = {k: v - before.get(k, 0) for k, v in kc.launch_counts.items()}
     n_layers = len(CASES[kind][1])
-    assert launched.get("compose_fwd", 0) >= n_layers, f"every DoRA layer composes on the kernel: {launched}"
+    forward = launched.get("compose_fwd", 0) + launched.get("compose_fwd_inplace", 0)
+    assert forward >= n_layers, f"every DoRA layer composes on the kernel: {launched}"
     assert launched.get("compose_bwd", 0) + launched.get("compose_bwd_rows", 0) == n_layers, launched
     _close(got, want, "output")
     assert got_grads.keys() == want_grads.keys()
@@ -130,7 +131,9 @@ def test_frozen_magnitude_training_matches_stock_peft():
     want, want_grads = _forward_backward(stock, x, seed=5)
     before = dict(kc.launch_counts)
     got, got_grads = _forward_backward(ours, x, seed=5)
-    assert kc.launch_counts["compose_bwd"] - before.get("compose_bwd", 0) == 2
+    # the second layer's base output needs d_base from the backward kernel; the first layer's input needs no
+    # gradient, and with lora_B inside the node (d_h from (g s) B) a frozen magnitude leaves it nothing to do
+    assert kc.launch_counts["compose_bwd"] - before.get("compose_bwd", 0) == 1
     assert kc.launch_counts["sum_partials"] == before.get("sum_partials", 0), "no magnitude gradient computed"
     _close(got, want, "output")
     for name, grad in want_grads.items():
