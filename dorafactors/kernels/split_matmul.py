@@ -46,8 +46,9 @@ _KEEP_HIGH_16 = -65536  # 0xFFFF0000 as int32: the sign, exponent and top 7 sign
 def split_bf16x3_reference(x: torch.Tensor) -> torch.Tensor:
     """``[R, K]`` fp32 -> ``[R, 3K]`` bf16 ``[lo | mid | hi]`` with ``lo + mid + hi == x`` exactly.
 
-    Non-finite entries keep their value in ``hi`` (``mid = lo = 0``). Exact for every finite input except
-    below ~2^-110, where ``lo`` falls under bf16's subnormal range (an absolute error below 2^-133).
+    Non-finite entries keep their value in ``hi`` (``mid = lo = 0``). Exact for every finite ``|x| >= 2^-103``;
+    below, a part can be subnormal, exact where the conversion keeps subnormals (an absolute error < 2^-126
+    where it does not).
     """
     finite = torch.isfinite(x)
     hi = torch.where(finite, (x.view(torch.int32) & _KEEP_HIGH_16).view(torch.float32), x)

@@ -34,8 +34,8 @@ def _split_bf16x3_kernel(
     finite = tl.abs(x) < float("inf")  # false for +-inf and NaN
     keep = 0xFFFF0000
     hi = (x.to(tl.uint32, bitcast=True) & keep).to(tl.float32, bitcast=True)
+    rest = tl.where(finite, x - tl.where(finite, hi, 0.0), 0.0)  # exact: the low 16 bits of x's significand
     hi = tl.where(finite, hi, x)
-    rest = tl.where(finite, x - hi, 0.0)  # exact: the low 16 bits of x's significand
     mid = (rest.to(tl.uint32, bitcast=True) & keep).to(tl.float32, bitcast=True)
     lo = rest - mid  # exact, at most 8 significant bits
     dst = out_ptr + (r64 * stride_out + c)
