@@ -11,8 +11,9 @@ output in its own dtype and takes the LoRA part from
     sum_t d_out[t, j] * lora[t, j]  =  sum_k B[j, k] * M[j, k],        M = d_out^T h     ([d_out, r])
 
 ``M`` is, up to a row scaling, the gradient of ``B`` itself: ``d_B = (g * s)[:, None] * M``. With ``lora_B``
-inside the node one GEMM gives both, so the LoRA part of ``d_g`` costs no GEMM at all (one small kernel
-turns ``M`` into ``d_B``, ``(g * s) B`` and ``d_g``). The alternatives cost a ``2 * tokens * d_out * r``-FLOP
+inside the node one GEMM gives both, so the LoRA part of ``d_g`` costs no GEMM at all: the backward kernel's
+pass over ``d_out`` (``d_base``, ``sum_t d_out * base``) also turns ``M`` into ``d_B``, ``(g * s) B`` and ``d_g``,
+in the program that finishes each column tile (one launch, as the plain composition's backward). The alternatives cost a ``2 * tokens * d_out * r``-FLOP
 GEMM each: recomputing ``lora`` (plus a ``[tokens, d_out]`` temporary and a pass over it) or computing ``M``
 beside ``lora_B``'s own ``d_B`` GEMM (on CUDA cores with fp32 adapters: about a sixth of the adapters' FLOPs).
 The input gradient through ``B`` is ``d_h = d_out @ ((g * s)[:, None] * B)``: ``d_lora`` is never
@@ -41,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.compose_reference import compose_forward_reference, lora_b_grads_reference
-from ..kernels.operands import HALF_DTYPES, compute_dtype_for, mm_out_dtype_available, promote
+from ..kernels.operands import HALF_DTYPES, KERNEL_DTYPES, compute_dtype_for, mm_out_dtype_available, promote
 from . import fused
 from .recompute_base import BaseRecompute, base_input_grad
 
@@ -105,54 +106,53 @@ def lora_compose_backward_reference(
 
 
 def _backward_fast(ctx, d_out, h, weight_b, base, scale, need_h, need_b, need_base, need_g):
-    """The node's backward with no graph to create: the compose kernel's one pass over ``d_out`` (``d_base``,
-    ``sum_t d_out * base``), the ``M`` GEMM, one small kernel for ``d_B`` / ``(g s) B`` / ``d_g``, the ``d_h`` GEMM.
-    Each step takes the Triton kernel or the PyTorch reference by the usual rules (``autograd/fused.py``)."""
+    """The node's backward with no graph to create: the ``M`` GEMM, one kernel launch for ``d_base``, ``d_B``,
+    ``(g s) B`` and ``d_g`` (``fused.compose_backward_lora_b``: the Triton kernel or the references, by the
+    training compose's rule), the ``d_h`` GEMM. Tensors keep their rank where the kernel takes them as they
+    are (no view per call)."""
     n = scale.shape[0]
-    d2 = d_out.reshape(-1, n)
-    g = scale.contiguous()
-    g_acc = g if g.dtype in (torch.float32, torch.float64) else g.float()  # d_g_base stays unrounded
-    d_base2 = d_g_base = None
-    if need_base or need_g:
-        _, d_base2, d_g_base = fused.compose_backward(
-            d2,
-            g_acc,
-            base.reshape(-1, n) if need_g else None,
-            ctx.scaling,
-            lora_dtype=d2.dtype,
-            base_dtype=ctx.base_dtype,
-            need_lora=False,
-            need_base=need_base,
-            need_scale=need_g,
-        )
-    cdt = compute_dtype_for(d_out.dtype, scale.dtype)
-    h2 = h.reshape(-1, h.shape[-1]) if h is not None else d2
-    m = _mm_fp32(d2.t(), h2, cdt) if (need_b or need_g) else None
+    g = scale if scale.dtype in (torch.float32, torch.float64) else scale.float()  # d_g rounds once, at the end
+    d2 = d_out if d_out.dim() == 2 else d_out.reshape(-1, n)
+    h2 = None
+    m = None
+    if need_b or need_g:
+        h2 = h if h.dim() == 2 else h.reshape(-1, h.shape[-1])
+        m = _mm_fp32(d2.t(), h2, compute_dtype_for(d_out.dtype, scale.dtype))
     gemm_dtype = promote(d_out.dtype, weight_b.dtype)
-    d_b, scaled_b, d_g = fused.lora_b_grads(
+    d_base, d_b, scaled_b, d_g = fused.compose_backward_lora_b(
+        d_out,
+        g,
+        base if need_g else None,
         m,
         weight_b,
-        g,
-        d_g_base,
+        h2,
         ctx.scaling,
-        d_out=d2,
-        h=h2,
+        base_dtype=ctx.base_dtype,
+        need_base=need_base,
         need_b=need_b,
         scaled_b_dtype=gemm_dtype if need_h else None,
         need_g=need_g,
+        kernel=ctx.kernel,
     )
+    if need_g and d_g.dtype != scale.dtype:
+        d_g = d_g.to(scale.dtype)
     d_h = None
     if need_h:
-        d_h = torch.mm(d2.to(gemm_dtype), scaled_b).to(ctx.h_dtype).view(*d_out.shape[:-1], -1)
-    d_base = d_base2.view(d_out.shape) if need_base else None
+        d_h = torch.mm(d2 if d2.dtype == gemm_dtype else d2.to(gemm_dtype), scaled_b)
+        if d_h.dtype != ctx.h_dtype:
+            d_h = d_h.to(ctx.h_dtype)
+        if d_out.dim() != 2:
+            d_h = d_h.view(*d_out.shape[:-1], d_h.shape[-1])
     return d_h, d_b, d_base, d_g
 
 
-def _compose_whole(lora2, base2, g, scaling, out_dtype):
-    """``(g - 1) base + g s lora`` of ``[rows, d_out]`` operands; in place into ``lora2`` on the kernel path."""
-    if fused.available_for(lora2, base2, g, -1, training=True, out_dtype=out_dtype):
-        return fused.compose(lora2, base2, g, scaling, channel_dim=-1, out_dtype=out_dtype, inplace=True)
-    out, _ = compose_forward_reference(lora2, base2, g, scaling, out_dtype=out_dtype)
+def _compose_whole(lora, base, g, scaling, out_dtype, kernel: bool):
+    """``(g - 1) base + g s lora`` of same-shaped operands; in place into ``lora`` on the kernel path."""
+    if kernel:
+        if out_dtype == lora.dtype:
+            return fused.compose_inplace(lora, base, g, scaling)
+        return fused.compose(lora, base, g, scaling, channel_dim=-1, out_dtype=out_dtype)
+    out, _ = compose_forward_reference(lora, base, g, scaling, out_dtype=out_dtype)
     return out
 
 
@@ -164,29 +164,32 @@ class _LoraComposeFunction(torch.autograd.Function):
         need_h, need_b, _, need_x, _, need_g = ctx.needs_input_grad[:6]
         n = weight_b.shape[0]
         lora = F.linear(h, weight_b)
-        rows = lora.numel() // n if n else 0
-        lora2 = lora.view(rows, n)
         g = scale if scale.is_contiguous() else scale.contiguous()
         recompute = base is None
+        # the training compose's kernel decision, made once for the forward and the backward
+        kernel = fused.available_for(lora, lora if recompute else base, g, -1, training=True, out_dtype=out_dtype)
         if not recompute:
-            out2 = _compose_whole(lora2, base.reshape(rows, n), g, scaling, out_dtype)
+            out = _compose_whole(lora, base, g, scaling, out_dtype, kernel)
             saved_base = base if need_g else None
         else:
+            rows = lora.numel() // n if n else 0
+            lora2 = lora.view(rows, n)
             recomputer = BaseRecompute(x.reshape(rows, x.shape[-1]), weight)
             if need_g or recomputer.chunk >= n:
                 base2 = recomputer.full()
-                out2 = _compose_whole(lora2, base2, g, scaling, out_dtype)
-                saved_base = base2 if need_g else None
+                out2 = _compose_whole(lora2, base2, g, scaling, out_dtype, kernel)
+                saved_base = base2.view(lora.shape) if need_g else None
             else:  # no base output to save: compose chunk by chunk, each chunk's temporaries bounded
-                out2 = (
-                    lora2 if out_dtype == lora2.dtype else torch.empty((rows, n), dtype=out_dtype, device=lora.device)
-                )
+                out2 = lora2
+                if out_dtype != lora2.dtype:
+                    out2 = torch.empty((rows, n), dtype=out_dtype, device=lora.device)
                 for c0 in range(0, n, recomputer.chunk):
                     c1 = min(n, c0 + recomputer.chunk)
                     fused.compose_into(
                         out2[:, c0:c1], None, lora2[:, c0:c1], recomputer.columns(c0, c1), g[c0:c1], scaling
                     )
                 saved_base = None
+            out = out2.view(lora.shape)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(
             h if (need_b or need_g) else None,
@@ -200,7 +203,8 @@ class _LoraComposeFunction(torch.autograd.Function):
         ctx.recompute = recompute
         ctx.base_dtype = x.dtype if recompute else base.dtype
         ctx.h_dtype = h.dtype
-        return out2.view(*lora.shape[:-1], n)
+        ctx.kernel = kernel and (not recompute or x.dtype in KERNEL_DTYPES)
+        return out
 
     @staticmethod
     def backward(ctx, d_out):  # type: ignore[override]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..dispatch import config, rules
 from ..kernels.compose_reference import compose_backward_reference
-from ..kernels.operands import compute_dtype_for
+from ..kernels.operands import compute_dtype_for, promote
 from ..kernels.split_matmul import linear_on_parts, matmul_split, split_bf16x3
 from . import fused
 from .compose import dora_compose
@@ -210,7 +210,7 @@ def compose_recompute_base(
         scaling: ``s``.
         out_dtype: default ``promote(lora.dtype, x.dtype)``.
     """
-    out_dtype = out_dtype or torch.promote_types(lora.dtype, x.dtype)
+    out_dtype = out_dtype or promote(lora.dtype, x.dtype)
     scaling = float(scaling)
     if weight.requires_grad and torch.is_grad_enabled():
         # A trainable base weight needs its own gradient: keep everything in plain autograd.

@@ -255,6 +255,43 @@ def test_infinite_magnitude_gives_stocks_non_finite_classes(monkeypatch):
         assert ours["lora_B"][3].isnan().any() and ours["lora_B"][5].isnan().any()
 
 
+@pytest.mark.parametrize(
+    ("need_base", "need_b", "need_h", "need_g"),
+    [(True, True, True, True), (False, True, True, True), (True, False, False, True), (False, True, True, False)],
+)
+def test_backward_kernel_matches_the_references_across_tiles(need_base, need_b, need_h, need_g, monkeypatch):
+    """``_compose_bwd_lora_b_kernel`` with small forced tiles (several row groups and column tiles, a rank that
+    is not a multiple of the finishing tile): every output equals the references to fp32 rounding, and the
+    integer tickets are back to zero."""
+    from dorafactors.autograd import fused
+    from dorafactors.kernels._triton_utils import tickets_all_zero
+
+    gen = torch.Generator().manual_seed(5)
+    tokens, d_out, rank = 200, 150, 37
+    d_out_grad = torch.randn(2, tokens // 2, d_out, generator=gen)
+    base = torch.randn(2, tokens // 2, d_out, generator=gen).to(BF16)
+    h = torch.randn(tokens, rank, generator=gen)
+    weight_b = torch.randn(d_out, rank, generator=gen)
+    g = 1 + 0.3 * torch.randn(d_out, generator=gen)
+    m = d_out_grad.reshape(-1, d_out).t() @ h
+    kwargs = dict(base_dtype=BF16, need_base=need_base, need_b=need_b, need_g=need_g)
+    kwargs["scaled_b_dtype"] = F32 if need_h else None
+    args = (d_out_grad, g, base if need_g else None, m, weight_b, h, 0.8)
+    _set_env(monkeypatch, "reference")
+    want = fused.compose_backward_lora_b(*args, **kwargs)
+    _set_env(monkeypatch, "kernels")
+    before = kc.launch_counts["compose_bwd_lora_b"]
+    with kc.forced_config(bwd=(8, 32, 4, 1)):
+        got = fused.compose_backward_lora_b(*args, **kwargs)
+    assert kc.launch_counts["compose_bwd_lora_b"] == before + 1
+    assert tickets_all_zero()
+    for name, a, e in zip(("d_base", "d_B", "(g s) B", "d_g"), got, want):
+        assert (a is None) == (e is None), name
+        if a is not None:
+            assert a.dtype == e.dtype, name
+            torch.testing.assert_close(a, e, rtol=2e-6, atol=2e-6 * e.abs().max().item(), msg=name)
+
+
 # ------------------------------------------------------------------------------------------------ layer level
 
 
@@ -277,7 +314,7 @@ def test_layer_on_the_kernels_matches_stock(setup, dropout, monkeypatch):
     with rules.forced_split_matmul(True):
         out_o, grads_o = run_forward_backward(ours, x, train=True)
     launched = {k: v - before.get(k, 0) for k, v in kc.launch_counts.items()}
-    assert launched.get("compose_fwd_inplace", 0) == 1 and launched.get("lora_b_grads", 0) == 1, launched
+    assert launched.get("compose_fwd_inplace", 0) == 1 and launched.get("compose_bwd_lora_b", 0) == 1, launched
     out_s, grads_s = run_forward_backward(stock, x, train=True)
     if dtype == F32:
         assert_dtype_close(out_o, out_s, F32, name="output")
@@ -359,8 +396,8 @@ def test_saved_for_backward_is_the_floor(setup, dropout, magnitude, extra_bytes_
 
 
 def test_one_training_call_launches(monkeypatch):
-    """PEFT default dtypes with dropout, on the kernels: norm, in-place compose, the split of the fp32 input and
-    of d_base, one backward pass, one small kernel for d_B / (g s) B / d_g; no d_lora, no inner."""
+    """PEFT default dtypes with dropout, on the kernels: in-place compose, the split of the fp32 input and of
+    d_base, one backward launch for d_base, d_B, (g s) B and d_g; no d_lora, no inner, no second launch."""
     _set_env(monkeypatch, "kernels")
     model = _peft_model(64, 96, BF16, dora=True, autocast=True, dropout=0.1)
     x = torch.randn(32, 64).to(BF16).requires_grad_()
@@ -368,7 +405,7 @@ def test_one_training_call_launches(monkeypatch):
     with rules.forced_split_matmul(True):
         model(x).float().sum().backward()
     launched = {k: v - before.get(k, 0) for k, v in kc.launch_counts.items() if v != before.get(k, 0)}
-    assert launched == {"compose_fwd_inplace": 1, "compose_bwd": 1, "lora_b_grads": 1}, launched
+    assert launched == {"compose_fwd_inplace": 1, "compose_bwd_lora_b": 1}, launched
     split = {k: v - splits.get(k, 0) for k, v in sm.split_counts.items() if v != splits.get(k, 0)}
     assert split == {"split": 2, "linear": 1, "matmul": 1}, split
 
