@@ -66,8 +66,8 @@ class BaseRecompute:
         self.weight = weight
         self.split = x2.dtype != weight.dtype and rules.split_matmul_ok(x2, weight, rows * d_in * d_out)[0]
         self.parts = split_bf16x3(x2) if self.split else None
-        weight_bytes = _SPLIT_WEIGHT_BYTES if self.split else x2.element_size()
-        self.chunk = forward_chunk_columns(rows, d_out, d_in, x2.element_size(), weight_bytes)
+        self.weight_bytes = _SPLIT_WEIGHT_BYTES if self.split else x2.element_size()
+        self.chunk = forward_chunk_columns(rows, d_out, d_in, x2.element_size(), self.weight_bytes)
 
     def columns(self, c0: int, c1: int) -> torch.Tensor:
         """``(x @ W^T)[:, c0:c1]``: a new contiguous ``[rows, c1 - c0]`` tensor in ``x``'s dtype."""
@@ -77,13 +77,16 @@ class BaseRecompute:
         return F.linear(self.x2, rows_of_w.to(self.x2.dtype))
 
     def full(self) -> torch.Tensor:
-        """The whole ``[rows, d_out]`` base output (chunk by chunk into one tensor when there are several)."""
-        d_out = self.weight.shape[0]
-        if self.chunk >= d_out:
+        """The whole ``[rows, d_out]`` base output. Its columns are made in chunks only as far as the weight copy
+        (cast or tripled) needs: the output itself is allocated whole anyway."""
+        d_out, d_in = self.weight.shape
+        no_copy = self.weight.dtype == self.x2.dtype  # F.linear on W itself: no temporary but the output
+        step = d_out if no_copy else forward_chunk_columns(0, d_out, d_in, 0, self.weight_bytes)
+        if step >= d_out:
             return self.columns(0, d_out)
         base = torch.empty((self.x2.shape[0], d_out), dtype=self.x2.dtype, device=self.x2.device)
-        for c0 in range(0, d_out, self.chunk):
-            c1 = min(d_out, c0 + self.chunk)
+        for c0 in range(0, d_out, step):
+            c1 = min(d_out, c0 + step)
             base[:, c0:c1] = self.columns(c0, c1)
         return base
 

@@ -210,9 +210,14 @@ def test_node_at_least_as_close_to_fp64_as_stock(path, setup, dropout, split, mo
 
 
 @pytest.mark.parametrize("requires_scale", [True, False], ids=["trainable-g", "frozen-g"])
-@pytest.mark.parametrize("dropout", [False, True], ids=["base_result", "dropout"])
-def test_node_gradgradcheck_fp64(dropout, requires_scale, monkeypatch):
-    """First and second derivatives of the node are exact (fp64), in x / base, h, B and g."""
+@pytest.mark.parametrize(
+    ("dropout", "weight_dtype"),
+    [(False, F64), (True, F64), (True, F32)],
+    ids=["base_result", "dropout", "dropout-W-fp32"],
+)
+def test_node_gradgradcheck_fp64(dropout, weight_dtype, requires_scale, monkeypatch):
+    """First and second derivatives of the node are exact (fp64), in x / base, h, B and g; with an fp32 ``W`` the
+    recomputed base output is built in column chunks (the weight cast per chunk)."""
     _set_env(monkeypatch, "reference")
     monkeypatch.setattr("dorafactors.autograd.recompute_base.forward_chunk_columns", lambda *a: 3)
     gen = torch.Generator().manual_seed(4)
@@ -221,7 +226,7 @@ def test_node_gradgradcheck_fp64(dropout, requires_scale, monkeypatch):
     scale = (0.5 + torch.rand(7, generator=gen, dtype=F64)).requires_grad_(requires_scale)
     if dropout:
         x = torch.randn(2, 3, 5, generator=gen, dtype=F64).requires_grad_()
-        weight = torch.randn(7, 5, generator=gen, dtype=F64) / 3
+        weight = (torch.randn(7, 5, generator=gen, dtype=F64) / 3).to(weight_dtype)
 
         def fn(first, h, lora_b, scale):
             return dora_linear_compose(h, lora_b, scale, 0.7, x=first, weight=weight)
