@@ -41,6 +41,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..dispatch import rules
 from ..kernels.compose_reference import compose_forward_reference, lora_b_grads_reference
 from ..kernels.operands import HALF_DTYPES, KERNEL_DTYPES, compute_dtype_for, mm_out_dtype_available, promote
 from . import fused
@@ -166,8 +167,13 @@ class _LoraComposeFunction(torch.autograd.Function):
         lora = F.linear(h, weight_b)
         g = scale if scale.is_contiguous() else scale.contiguous()
         recompute = base is None
-        # the training compose's kernel decision, made once for the forward and the backward
-        kernel = fused.available_for(lora, lora if recompute else base, g, -1, training=True, out_dtype=out_dtype)
+        # the forward kernel by the training compose's rule (its size threshold: below it PyTorch's few eager ops
+        # cost less host time than a launch); the backward kernel wherever the kernels may run, since it
+        # replaces more than a dozen eager ops (d_base, d_g, d_B, (g s) B) with one launch
+        proxy = lora if recompute else base
+        kernel = fused.available_for(lora, proxy, g, -1, training=True, out_dtype=out_dtype)
+        backward_kernel = kernel or fused.available_for(lora, proxy, g, -1, training=False, out_dtype=out_dtype)
+        backward_kernel = backward_kernel and rules.fused_backward_enabled()[0]
         if not recompute:
             out = _compose_whole(lora, base, g, scaling, out_dtype, kernel)
             saved_base = base if need_g else None
@@ -203,7 +209,7 @@ class _LoraComposeFunction(torch.autograd.Function):
         ctx.recompute = recompute
         ctx.base_dtype = x.dtype if recompute else base.dtype
         ctx.h_dtype = h.dtype
-        ctx.kernel = kernel and (not recompute or x.dtype in KERNEL_DTYPES)
+        ctx.kernel = backward_kernel and (not recompute or x.dtype in KERNEL_DTYPES)
         return out
 
     @staticmethod

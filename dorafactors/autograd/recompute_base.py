@@ -69,25 +69,27 @@ class BaseRecompute:
         self.weight_bytes = _SPLIT_WEIGHT_BYTES if self.split else x2.element_size()
         self.chunk = forward_chunk_columns(rows, d_out, d_in, x2.element_size(), self.weight_bytes)
 
-    def columns(self, c0: int, c1: int) -> torch.Tensor:
-        """``(x @ W^T)[:, c0:c1]``: a new contiguous ``[rows, c1 - c0]`` tensor in ``x``'s dtype."""
+    def columns(self, c0: int, c1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``(x @ W^T)[:, c0:c1]`` ``[rows, c1 - c0]`` in ``x``'s dtype: a new tensor, or written into ``out``
+        (a row-strided view, e.g. a column slice of the whole output)."""
         rows_of_w = self.weight[c0:c1]
         if self.parts is not None:
-            return linear_on_parts(self.parts, rows_of_w)
-        return F.linear(self.x2, rows_of_w.to(self.x2.dtype))
+            return linear_on_parts(self.parts, rows_of_w, out)
+        cast = rows_of_w.to(self.x2.dtype)
+        if out is None:
+            return F.linear(self.x2, cast)
+        return torch.mm(self.x2, cast.t(), out=out)
 
     def full(self) -> torch.Tensor:
-        """The whole ``[rows, d_out]`` base output. Its columns are made in chunks only as far as the weight copy
-        (cast or tripled) needs: the output itself is allocated whole anyway."""
-        d_out, d_in = self.weight.shape
+        """The whole ``[rows, d_out]`` base output, each column chunk's GEMM writing straight into it."""
+        d_out = self.weight.shape[0]
         no_copy = self.weight.dtype == self.x2.dtype  # F.linear on W itself: no temporary but the output
-        step = d_out if no_copy else forward_chunk_columns(0, d_out, d_in, 0, self.weight_bytes)
-        if step >= d_out:
+        if no_copy or self.chunk >= d_out:
             return self.columns(0, d_out)
         base = torch.empty((self.x2.shape[0], d_out), dtype=self.x2.dtype, device=self.x2.device)
-        for c0 in range(0, d_out, step):
-            c1 = min(d_out, c0 + step)
-            base[:, c0:c1] = self.columns(c0, c1)
+        for c0 in range(0, d_out, self.chunk):
+            c1 = min(d_out, c0 + self.chunk)
+            self.columns(c0, c1, out=base[:, c0:c1])
         return base
 
 

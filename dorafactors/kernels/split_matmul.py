@@ -98,7 +98,8 @@ def linear_on_parts(parts: torch.Tensor, weight: torch.Tensor, out: torch.Tensor
     """``x @ weight^T`` in fp32 from ``parts = split_bf16x3(x)`` (``[R, 3K]``) and a bf16 ``weight`` ``[n, K]``.
 
     Materializes ``[W | W | W]`` (``6 n K`` bytes): callers pass row chunks of a large weight. Writes into
-    ``out`` (a contiguous ``[R, n]`` fp32 tensor) when given.
+    ``out`` (an ``[R, n]`` fp32 tensor with unit column stride, e.g. a column slice of a larger output) when
+    given.
     """
     split_counts["linear"] += 1
     tripled = torch.cat([weight, weight, weight], dim=1)  # [n, 3K]

@@ -24,6 +24,7 @@ from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
 import dorafactors
+import tests._models
 from dorafactors.autograd.lora_compose import dora_linear_compose
 from dorafactors.dispatch import config, rules
 from dorafactors.kernels import compose as kc
@@ -33,6 +34,9 @@ from tests._tolerances import HALF_ERROR_FACTOR, assert_dtype_close, assert_not_
 
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
 ON_GPU = torch.cuda.is_available()
+#: Where the kernel-path tests put their tensors: the GPU when there is one (the kernels then compile), else the
+#: CPU, where ``tests/conftest.py`` has the interpreter run them.
+KERNEL_DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 
 PATH_ENV = {
     "reference": {"PEFT_DORA_FUSED": "0"},
@@ -65,6 +69,10 @@ def _set_env(monkeypatch, path: str) -> None:
     config.invalidate_cache()
 
 
+def _device(path: str) -> torch.device:
+    return KERNEL_DEVICE if path == "kernels" else torch.device("cpu")
+
+
 def _split_mode(split: bool | None):
     return rules.forced_split_matmul(split) if split is not None else contextlib.nullcontext()
 
@@ -85,6 +93,7 @@ def test_split_is_exact_and_keeps_non_finite_values(path, monkeypatch):
     x = _wide_range_fp32(37 * 45, seed=1).view(37, 45)
     x[0, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), torch.finfo(F32).max])
     x[1, :3] = torch.tensor([-torch.finfo(F32).max, 0.0, -0.0])
+    x = x.to(_device(path))
     before = sm.split_counts["split"]
     parts = sm.split_bf16x3(x[:, 1:])  # a row-strided view
     assert sm.split_counts["split"] == before + 1
@@ -103,6 +112,36 @@ def test_split_is_exact_and_keeps_non_finite_values(path, monkeypatch):
     assert (mid[big].abs() <= hi[big].abs() * 2**-7).all() and (lo[big].abs() <= mid[big].abs() * 2**-7).all()
     reference = sm.split_bf16x3_reference(x[:, 1:].contiguous())
     torch.testing.assert_close(parts, reference, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("path", ["reference", "kernels"])
+def test_split_recompute_in_column_chunks(path, monkeypatch):
+    """The base output and the input gradient through the split GEMM, chunked (the tripled weight per chunk,
+    each chunk written into its columns of the output): as close to fp64 as the fp32 GEMM on ``W``'s upcast."""
+    from dorafactors.autograd import recompute_base
+
+    _set_env(monkeypatch, path)
+    monkeypatch.setattr(recompute_base, "forward_chunk_columns", lambda *a: 7)
+    monkeypatch.setattr(config, "get_dora_fwd_threshold_bytes", lambda: 6 * 48 * 5)  # 5 columns of [W; W; W]
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(30, 40, generator=gen) * 1.2345).to(_device(path))
+    weight = torch.randn(48, 40, generator=gen).to(BF16).to(_device(path))
+    d_base = torch.randn(30, 48, generator=gen).to(_device(path))
+    before = dict(sm.split_counts)
+    with rules.forced_split_matmul(True):
+        recompute = recompute_base.BaseRecompute(x, weight)
+        assert recompute.split and recompute.chunk == 7
+        base = recompute.full()
+        with torch.no_grad():
+            d_x = recompute_base.base_input_grad(d_base, weight, F32)
+    assert sm.split_counts["linear"] - before.get("linear", 0) == 7  # ceil(48 / 7) chunks
+    assert sm.split_counts["matmul"] - before.get("matmul", 0) == 1
+    for got, fp32, truth in (
+        (base, x @ weight.float().t(), x.double() @ weight.double().t()),
+        (d_x, d_base @ weight.float(), d_base.double() @ weight.double()),
+    ):
+        assert got.dtype == F32
+        assert rel_error(got, truth) <= FP32_ORDER_FACTOR * max(rel_error(fp32, truth), quantization_floor(truth, F32))
 
 
 def test_split_gemm_takes_the_rules_path():
@@ -184,9 +223,10 @@ def test_node_at_least_as_close_to_fp64_as_stock(path, setup, dropout, split, mo
     errors = {}
     for seed in range(4):
         operands = _operands(setup, dropout=dropout, seed=seed)
+        operands = tuple(None if t is None else t.to(_device(path)) for t in operands)
         out_dtype = torch.promote_types(operands[2].dtype, (operands[0] if dropout else operands[5]).dtype)
         probe = torch.randn((*operands[0].shape[:-1], operands[3].shape[0]), generator=torch.Generator().manual_seed(9))
-        probe = probe.to(out_dtype).to(F64)  # d_out exactly representable in the output dtype
+        probe = probe.to(out_dtype).to(F64).to(_device(path))  # d_out exactly representable in the output dtype
         splits_before = sm.split_counts["linear"]
         with _split_mode(split):
             ours = _run(_ours, operands, probe, scaling)
@@ -248,10 +288,10 @@ def test_infinite_magnitude_gives_stocks_non_finite_classes(monkeypatch):
     rows with an infinite ``g s`` take the unfactored sum on both paths."""
     for path in ("reference", "kernels"):
         _set_env(monkeypatch, path)
-        operands = list(_operands("fp32", dropout=False, seed=2))
+        operands = [t.to(_device(path)) for t in _operands("fp32", dropout=False, seed=2)]
         operands[4] = operands[4].clone()
-        operands[4][[3, 5]] = torch.tensor([float("inf"), float("-inf")])
-        probe = torch.randn(2, 24, 48, generator=torch.Generator().manual_seed(1), dtype=F64)
+        operands[4][[3, 5]] = torch.tensor([float("inf"), float("-inf")], device=operands[4].device)
+        probe = torch.randn(2, 24, 48, generator=torch.Generator().manual_seed(1), dtype=F64).to(_device(path))
         ours = _run(_ours, operands, probe, 0.5)
         stock = _run(_stock_formula, operands, probe, 0.5)
         for name in ("lora_B", "lora_A", "x", "base"):
@@ -279,6 +319,7 @@ def test_backward_kernel_matches_the_references_across_tiles(need_base, need_b, 
     weight_b = torch.randn(d_out, rank, generator=gen)
     g = 1 + 0.3 * torch.randn(d_out, generator=gen)
     m = d_out_grad.reshape(-1, d_out).t() @ h
+    d_out_grad, base, h, weight_b, g, m = (t.to(KERNEL_DEVICE) for t in (d_out_grad, base, h, weight_b, g, m))
     kwargs = dict(base_dtype=BF16, need_base=need_base, need_b=need_b, need_g=need_g)
     kwargs["scaled_b_dtype"] = F32 if need_h else None
     args = (d_out_grad, g, base if need_g else None, m, weight_b, h, 0.8)
@@ -312,6 +353,7 @@ def test_layer_on_the_kernels_matches_stock(setup, dropout, monkeypatch):
     """A patched PEFT model through the kernels (interpreter; the split GEMM forced where its dtypes allow)
     against stock PEFT and fp64: fp32 equal to stock, half precision at least as close to fp64 as stock."""
     _set_env(monkeypatch, "kernels")
+    monkeypatch.setattr(tests._models, "DEVICE", KERNEL_DEVICE)
     case, dtype, fp32_adapters = _layer_case(setup, dropout)
     stock, ours, truth = build_triplet(case, dtype, fp32_adapters=fp32_adapters)
     x = make_input(case, dtype)
@@ -404,8 +446,8 @@ def test_one_training_call_launches(monkeypatch):
     """PEFT default dtypes with dropout, on the kernels: in-place compose, the split of the fp32 input and of
     d_base, one backward launch for d_base, d_B, (g s) B and d_g; no d_lora, no inner, no second launch."""
     _set_env(monkeypatch, "kernels")
-    model = _peft_model(64, 96, BF16, dora=True, autocast=True, dropout=0.1)
-    x = torch.randn(32, 64).to(BF16).requires_grad_()
+    model = _peft_model(64, 96, BF16, dora=True, autocast=True, dropout=0.1).to(KERNEL_DEVICE)
+    x = torch.randn(32, 64).to(KERNEL_DEVICE, BF16).requires_grad_()
     before, splits = dict(kc.launch_counts), dict(sm.split_counts)
     with rules.forced_split_matmul(True):
         model(x).float().sum().backward()
