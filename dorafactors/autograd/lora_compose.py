@@ -13,9 +13,10 @@ output in its own dtype and takes the LoRA part from
 ``M`` is, up to a row scaling, the gradient of ``B`` itself: ``d_B = (g * s)[:, None] * M``. With ``lora_B``
 inside the node one GEMM gives both, so the LoRA part of ``d_g`` costs no GEMM at all: the backward kernel's
 pass over ``d_out`` (``d_base``, ``sum_t d_out * base``) also turns ``M`` into ``d_B``, ``(g * s) B`` and ``d_g``,
-in the program that finishes each column tile (one launch, as the plain composition's backward). The alternatives cost a ``2 * tokens * d_out * r``-FLOP
-GEMM each: recomputing ``lora`` (plus a ``[tokens, d_out]`` temporary and a pass over it) or computing ``M``
-beside ``lora_B``'s own ``d_B`` GEMM (on CUDA cores with fp32 adapters: about a sixth of the adapters' FLOPs).
+in the program that finishes each column tile (one launch, as the plain composition's backward). The
+alternatives cost a ``2 * tokens * d_out * r``-FLOP GEMM each: recomputing ``lora`` (plus a ``[tokens, d_out]``
+temporary and a pass over it) or computing ``M`` beside ``lora_B``'s own ``d_B`` GEMM (on CUDA cores with fp32
+adapters: about a sixth of the adapters' FLOPs).
 The input gradient through ``B`` is ``d_h = d_out @ ((g * s)[:, None] * B)``: ``d_lora`` is never
 materialized, and the forward composes in place into its own ``lora`` temporary.
 
@@ -108,9 +109,9 @@ def lora_compose_backward_reference(
 
 def _backward_fast(ctx, d_out, h, weight_b, base, scale, need_h, need_b, need_base, need_g):
     """The node's backward with no graph to create: the ``M`` GEMM, one kernel launch for ``d_base``, ``d_B``,
-    ``(g s) B`` and ``d_g`` (``fused.compose_backward_lora_b``: the Triton kernel or the references, by the
-    training compose's rule), the ``d_h`` GEMM. Tensors keep their rank where the kernel takes them as they
-    are (no view per call)."""
+    ``(g s) B`` and ``d_g`` (``fused.compose_backward_lora_b``: the Triton kernel wherever the kernels may run,
+    as the forward decided in ``ctx.kernel``, else the references), the ``d_h`` GEMM. Tensors keep their rank
+    where the kernel takes them as they are (no view per call)."""
     n = scale.shape[0]
     g = scale if scale.dtype in (torch.float32, torch.float64) else scale.float()  # d_g rounds once, at the end
     d2 = d_out if d_out.dim() == 2 else d_out.reshape(-1, n)
