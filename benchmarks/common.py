@@ -13,8 +13,10 @@ from . import SCHEMA
 
 __all__ = [
     "DECODE_LAYER",
+    "DECODE_LAYER_SMALL",
     "LAYER_SHAPES",
     "QUICK_DECODE_LAYER",
+    "QUICK_DECODE_LAYER_SMALL",
     "QUICK_LAYER_SHAPES",
     "SUITE_ORDER",
     "device_label",
@@ -30,9 +32,11 @@ SUITE_ORDER = ("model", "decode", "layer", "norm", "compose", "ranks")
 #: (d_in, d_out) of the layer suite: anchors.md's shapes, and the --quick stand-ins (same order).
 LAYER_SHAPES = ((4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096))
 QUICK_LAYER_SHAPES = ((64, 64), (128, 128), (64, 160), (160, 64))
-#: Square layer of the decode suite.
+#: Square layers of the decode suite (the large one of anchors.md, and a 4096 x 4096 one), and --quick stand-ins.
 DECODE_LAYER = 8192
 QUICK_DECODE_LAYER = 128
+DECODE_LAYER_SMALL = 4096
+QUICK_DECODE_LAYER_SMALL = 64
 
 
 def device_label(meta: dict[str, Any]) -> str:

@@ -48,6 +48,7 @@ __all__ = [
     "collect_metadata",
     "device_label",
     "free_memory",
+    "host_us",
     "load_results",
     "peak_extra_mib",
     "provider_rows",
@@ -261,6 +262,42 @@ def bench(
             "reps": int(rep_ms / per_call),
             "timer": "triton.testing.do_bench (L2 flushed)",
         }
+
+
+#: Timed calls of :func:`host_us` (each on an idle device, so its launches never wait for a full queue).
+HOST_CALLS = 20
+
+
+def host_us(
+    fn: Callable[[], Any],
+    settings: Settings,
+    *,
+    calls: int = HOST_CALLS,
+    grad_to_none: Sequence[torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Host time to enqueue one call of ``fn``, in microseconds: median and p80 over ``calls`` calls.
+
+    Each call starts with the device idle (synchronized before) and is timed from entry to return, without
+    waiting for the device: on a GPU that is the CPU time the call costs to issue its work (Python, PyTorch's
+    dispatcher, kernel launches), which bounds small layers and decode. On the CPU (``--quick``) the ops run
+    synchronously, so it is the whole call. ``grad_to_none`` tensors get ``.grad = None`` before every call
+    (outside the timing), as in :func:`bench`.
+    """
+    device = settings.device
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(calls):
+        if grad_to_none:
+            for t in grad_to_none:
+                t.grad = None
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6)
+    sync(device)
+    ordered = sorted(times)
+    return {"host_us": statistics.median(ordered), "host_us_p80": ordered[int(0.8 * (len(ordered) - 1))]}
 
 
 def peak_extra_mib(

@@ -24,9 +24,13 @@ import torch
 from torch import nn
 
 from .. import providers as P
-from ..harness import Settings, bench, peak_extra_mib
+from ..harness import HOST_CALLS, Settings, bench, host_us, peak_extra_mib
 
-__all__ = ["Workload", "measure"]
+__all__ = ["HOST_TIMED", "Workload", "measure"]
+
+#: Workloads whose rows also record the host time to enqueue one call (``harness.host_us``): the layer and
+#: decode suites, where a call is short enough that the host can bound it.
+HOST_TIMED = ("layer_infer", "layer_fwd_bwd", "decode")
 
 
 @dataclass(frozen=True)
@@ -242,6 +246,10 @@ def measure(
             if breaks is not None:
                 impl["graph_breaks"] = breaks
         metrics.update(bench(counted, settings, reps=reps, grad_to_none=grad_to_none))
+        if workload.kind in HOST_TIMED and not compile_it:
+            metrics.update(
+                host_us(counted, settings, calls=3 if settings.quick else HOST_CALLS, grad_to_none=grad_to_none)
+            )
         metrics["peak_extra_mib"] = peak_extra_mib(counted, settings, grad_to_none=grad_to_none)
         norms_end = P.norm_computations(model)
         if metrics.get("ms"):

@@ -4,7 +4,10 @@
   tokens (``DynamicCache``, cropped back with ``crop(-n)`` after every call, so every call sees the same
   context); if the installed transformers cannot crop, the row says so (``impl.decode_mode``) and the
   new tokens are run as a plain forward without a cache.
-* layer: one 8192x8192 Linear (bf16 adapters, as anchors.md), 1 and 16 tokens.
+* layer: one 8192x8192 Linear (bf16 adapters, as anchors.md), 1 and 16 tokens; one 4096x4096 Linear, 1 token.
+
+Every row also records the host time to enqueue one call (``host_us``, ``harness.host_us``): a decode call is
+short enough that the host, not the GPU, can bound it.
 
 Providers: lora, stock, stock with PEFT's opt-in ``ENABLE_DORA_CACHING`` (``stock_cached``), dorafactors
 (its norm cache is on by default and legitimately reused: the weights are frozen while decoding).
@@ -38,12 +41,13 @@ def cases(settings: Settings) -> list[Case]:
     order: list[tuple[str, Any]] = [
         ("model", ("peft-default", 8)),
         ("model", ("bf16", 8)),
-        ("layer", 1),
+        ("layer", (False, 1)),
+        ("layer", (True, 1)),
         ("model", ("peft-default", 1)),
         ("model", ("peft-default", 16)),
         ("model", ("bf16", 1)),
         ("model", ("bf16", 16)),
-        ("layer", 16),
+        ("layer", (False, 16)),
     ]
     built: set[str] = set()
     for priority, (what, arg) in enumerate(order):
@@ -68,8 +72,8 @@ def cases(settings: Settings) -> list[Case]:
                 )
             )
         else:
-            tokens = arg
-            d = L.decode_shape(settings)
+            small, tokens = arg
+            d = L.decode_shape(settings, small)
             workload = Workload("layer_infer")
             lora, stock = _PRIOR_LAYER_MS
             est = 4 * stock * (L.MICRO_CALLS) / 1e3 + L.BUILD_S

@@ -17,7 +17,14 @@ from typing import Any
 import torch
 
 from .. import providers as P
-from ..common import DECODE_LAYER, LAYER_SHAPES, QUICK_DECODE_LAYER, QUICK_LAYER_SHAPES
+from ..common import (
+    DECODE_LAYER,
+    DECODE_LAYER_SMALL,
+    LAYER_SHAPES,
+    QUICK_DECODE_LAYER,
+    QUICK_DECODE_LAYER_SMALL,
+    QUICK_LAYER_SHAPES,
+)
 from ..harness import MICRO_REPS, OVERHEAD_CALLS, Case, Settings, provider_rows
 from ._workloads import Workload, measure
 
@@ -53,7 +60,9 @@ def rank(settings: Settings) -> int:
     return 16 if settings.quick else 384
 
 
-def decode_shape(settings: Settings) -> int:
+def decode_shape(settings: Settings, small: bool = False) -> int:
+    if small:
+        return QUICK_DECODE_LAYER_SMALL if settings.quick else DECODE_LAYER_SMALL
     return QUICK_DECODE_LAYER if settings.quick else DECODE_LAYER
 
 

@@ -33,7 +33,7 @@ from ..kernels.compose_reference import (
     compose_backward_reference,
     compose_forward_reference,
 )
-from ..kernels.operands import compute_dtype_for
+from ..kernels.operands import compute_dtype_for, promote
 from . import fused
 
 __all__ = ["dora_compose"]
@@ -173,7 +173,7 @@ def dora_compose(
             f"got shape {tuple(scale.shape)}"
         )
     scaling = float(scaling)
-    out_dtype = out_dtype or torch.promote_types(lora.dtype, base.dtype)
+    out_dtype = out_dtype or promote(lora.dtype, base.dtype)
     needs_grad = torch.is_grad_enabled() and (lora.requires_grad or base.requires_grad or scale.requires_grad)
     if torch.compiler.is_compiling():
         return _compose_compiled(lora, base, scale, scaling, channel_dim, out_dtype, needs_grad)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..kernels.operands import promote
 from ..norm.dense import compute_dtype_for
 
 __all__ = ["FOLD_BIAS_ERROR_ULPS", "FoldedLoraB", "fold_scale_into_lora_B", "folded_dora_extra", "max_fold_gain"]
@@ -96,6 +97,7 @@ def folded_dora_extra(lora_hidden: torch.Tensor, folded: FoldedLoraB, result: to
     """
     b_folded, c, g_minus_1 = folded
     lora = F.linear(lora_hidden, b_folded, c)
-    if torch.promote_types(lora.dtype, result.dtype) == lora.dtype:
+    out_dtype = promote(lora.dtype, result.dtype)
+    if out_dtype == lora.dtype:
         return lora.addcmul_(g_minus_1, result)  # a fresh temporary of ours: written in place
-    return torch.addcmul(lora, g_minus_1, result).to(torch.promote_types(lora.dtype, result.dtype))
+    return torch.addcmul(lora, g_minus_1, result).to(out_dtype)

@@ -7,6 +7,8 @@ Who calls what:
   traces it asks :func:`compiled_ok` and calls the ``torch.library`` ops of :mod:`.ops` instead.
 * The ``base_result=None`` path (:mod:`.recompute_base`) calls :func:`compose_into` per column chunk and
   :func:`compose_backward` once; both pick the kernel or the reference themselves.
+* The Linear node with ``lora_B`` inside (:mod:`.lora_compose`) calls :func:`compose_inplace`,
+  :func:`compose`, :func:`compose_into` and :func:`compose_backward_lora_b`.
 
 Triton is imported on the first kernel call, never at import of this module.
 """
@@ -16,7 +18,12 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import rules
-from ..kernels.compose_reference import compose_backward_reference, compose_forward_reference
+from ..kernels.compose_reference import (
+    compose_backward_reference,
+    compose_forward_reference,
+    lora_b_grads_reference,
+)
+from ..kernels.operands import KERNEL_DTYPES
 
 __all__ = [
     "available_for",
@@ -24,6 +31,8 @@ __all__ = [
     "compiled_ok",
     "compose",
     "compose_backward",
+    "compose_backward_lora_b",
+    "compose_inplace",
     "compose_into",
     "forward",
 ]
@@ -100,6 +109,14 @@ def compose(
         return kernels.compose_forward_(lora, base, scale, scaling)
     out, _ = kernels.compose_forward_unchecked(lora, base, scale, scaling, channel_dim, out_dtype, False)
     return out
+
+
+def compose_inplace(lora: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Training forward of the Linear node on the kernel, written over ``lora`` (its own temporary), ``g``
+    along the last dim; the caller checked :func:`available_for` and that ``lora``'s dtype is the output's."""
+    if lora.is_contiguous() and base.is_contiguous() and scale.is_contiguous():
+        return _k().compose_forward_contiguous_(lora, base, scale, scaling)
+    return compose(lora, base, scale, scaling, channel_dim=-1, out_dtype=lora.dtype, inplace=True)
 
 
 def forward(
@@ -209,3 +226,72 @@ def compose_backward(
         need_base=need_base,
         need_scale=need_scale,
     )
+
+
+def compose_backward_lora_b(
+    d_out: torch.Tensor,
+    scale: torch.Tensor,
+    base: torch.Tensor | None,
+    m: torch.Tensor | None,
+    weight_b: torch.Tensor,
+    h: torch.Tensor | None,
+    scaling: float,
+    *,
+    base_dtype: torch.dtype,
+    need_base: bool,
+    need_b: bool,
+    scaled_b_dtype: torch.dtype | None,
+    need_g: bool,
+    kernel: bool | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(d_base, d_B, (g s) B, d_g)`` of the Linear node (``lora_compose``) from ``d_out`` and ``M = d_out^T h``:
+    one kernel launch where the training compose takes the kernels (``rules.fused_compose_backward_ok``, or
+    ``kernel``: the forward's :func:`available_for` on the same activations), else the references
+    (``compose_backward_reference`` and ``lora_b_grads_reference``). ``scale`` is fp32 (fp64)."""
+    dtypes_ok = weight_b.dtype in KERNEL_DTYPES and (scaled_b_dtype is None or scaled_b_dtype in KERNEL_DTYPES)
+    if dtypes_ok and not torch.compiler.is_compiling():
+        ok = kernel
+        if ok is None:
+            ok, _ = rules.fused_compose_backward_ok(d_out, base if need_g else None, scale, d_out.dtype, base_dtype)
+        if ok:
+            return _k().compose_backward_lora_b(
+                d_out,
+                scale,
+                base,
+                m,
+                weight_b,
+                h,
+                scaling,
+                base_dtype=base_dtype,
+                need_base=need_base,
+                need_b=need_b,
+                scaled_b_dtype=scaled_b_dtype,
+                need_g=need_g,
+            )
+    d_base = d_g_base = None
+    if need_base or need_g:
+        _, d_base, d_g_base = compose_backward_reference(
+            d_out,
+            scale,
+            base,
+            scaling,
+            lora_dtype=d_out.dtype,
+            base_dtype=base_dtype,
+            need_lora=False,
+            need_base=need_base,
+            need_scale=need_g,
+        )
+    d2 = d_out.reshape(-1, d_out.shape[-1])
+    d_b, scaled_b, d_g = lora_b_grads_reference(
+        m,
+        weight_b,
+        scale,
+        d_g_base,
+        scaling,
+        d_out=d2,
+        h=h,
+        need_b=need_b,
+        scaled_b_dtype=scaled_b_dtype,
+        need_g=need_g,
+    )
+    return d_base, d_b, scaled_b, d_g

@@ -1,10 +1,21 @@
-"""DoRA composition when PEFT passes ``base_result=None`` (``lora_dropout > 0`` in training).
+"""The base output recomputed from PEFT's dropped-out input (``lora_dropout > 0`` in training:
+``base_result=None``), and the DoRA composition on it.
 
-The base output has to be recomputed from the dropped-out input: ``base = x @ W^T`` (no bias). Stock PEFT
-casts all of ``W`` to the input dtype and materializes the full ``base``. Here both are produced per chunk
-of output columns, sized so one chunk's temporaries fit ``PEFT_DORA_FWD_CHUNK_MB``, and each chunk is
-composed immediately. The backward recomputes nothing: it uses the saved ``inner`` for the magnitude
-gradient and walks the same column chunks of ``W`` for the input gradient.
+The base output has to be recomputed from the dropped-out input: ``base = x @ W^T`` (no bias), and the input
+gradient through it is ``d_x = d_base @ W``. Stock PEFT casts all of ``W`` to the input dtype and
+materializes the full ``base``. Here (:class:`BaseRecompute`, :func:`base_input_grad`):
+
+* with PEFT's default dtypes (fp32 adapters, so an fp32 dropped-out input, on a bf16 ``W``) both GEMMs run
+  on bf16 tensor cores at fp32 precision: the fp32 operand is split exactly into three bf16 parts
+  (``kernels/split_matmul.py``), where ``dispatch/rules.py::split_matmul_ok`` allows (CUDA, sizes above
+  launch overhead); otherwise ``W`` is cast to the input dtype per chunk, as stock does as a whole;
+* the weight copies (the cast, or the tripled bf16 weight of the split GEMM) are made per chunk of output
+  columns, sized so one chunk's temporaries fit ``PEFT_DORA_FWD_CHUNK_MB``.
+
+:func:`compose_recompute_base` composes each column chunk as soon as it exists and saves ``inner`` for the
+magnitude gradient; it is the general path (any ``lora_B`` module, a trainable ``W``). Linear layers with a
+plain ``lora_B`` take ``lora_compose.dora_linear_compose`` instead, which saves the base output in place of
+``inner`` (same size here: the recomputed base output has the input's dtype).
 """
 
 from __future__ import annotations
@@ -14,11 +25,15 @@ import torch.nn.functional as F
 
 from ..dispatch import config, rules
 from ..kernels.compose_reference import compose_backward_reference
-from ..kernels.operands import compute_dtype_for
+from ..kernels.operands import compute_dtype_for, promote
+from ..kernels.split_matmul import linear_on_parts, matmul_split, split_bf16x3
 from . import fused
 from .compose import dora_compose
 
-__all__ = ["compose_recompute_base", "forward_chunk_columns"]
+__all__ = ["BaseRecompute", "base_input_grad", "compose_recompute_base", "forward_chunk_columns"]
+
+#: Bytes per weight element of the split GEMM's tripled bf16 weight (``kernels/split_matmul.py``).
+_SPLIT_WEIGHT_BYTES = 6
 
 
 def forward_chunk_columns(rows: int, d_out: int, d_in: int, act_bytes: int, weight_bytes: int) -> int:
@@ -32,6 +47,52 @@ def forward_chunk_columns(rows: int, d_out: int, d_in: int, act_bytes: int, weig
     return int(max(1, min(d_out, cols)))
 
 
+class BaseRecompute:
+    """``x @ W^T`` of one forward, column chunk by column chunk, in ``x``'s dtype.
+
+    Args:
+        x2: the dropped-out input as ``[rows, d_in]``.
+        weight: ``W`` ``[d_out, d_in]`` (any float dtype; a constant).
+
+    With the split GEMM (fp32 ``x2``, bf16 ``W``, ``rules.split_matmul_ok``) ``x2``'s bf16 parts are made
+    once (``6 * rows * d_in`` bytes) and every chunk is one exact-product bf16 GEMM; otherwise each chunk
+    casts its rows of ``W`` to ``x2``'s dtype (no copy when the dtypes agree).
+    """
+
+    def __init__(self, x2: torch.Tensor, weight: torch.Tensor) -> None:
+        rows, d_in = x2.shape
+        d_out = weight.shape[0]
+        self.x2 = x2
+        self.weight = weight
+        self.split = x2.dtype != weight.dtype and rules.split_matmul_ok(x2, weight, rows * d_in * d_out)[0]
+        self.parts = split_bf16x3(x2) if self.split else None
+        self.weight_bytes = _SPLIT_WEIGHT_BYTES if self.split else x2.element_size()
+        self.chunk = forward_chunk_columns(rows, d_out, d_in, x2.element_size(), self.weight_bytes)
+
+    def columns(self, c0: int, c1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``(x @ W^T)[:, c0:c1]`` ``[rows, c1 - c0]`` in ``x``'s dtype: a new tensor, or written into ``out``
+        (a row-strided view, e.g. a column slice of the whole output)."""
+        rows_of_w = self.weight[c0:c1]
+        if self.parts is not None:
+            return linear_on_parts(self.parts, rows_of_w, out)
+        cast = rows_of_w.to(self.x2.dtype)
+        if out is None:
+            return F.linear(self.x2, cast)
+        return torch.mm(self.x2, cast.t(), out=out)
+
+    def full(self) -> torch.Tensor:
+        """The whole ``[rows, d_out]`` base output, each column chunk's GEMM writing straight into it."""
+        d_out = self.weight.shape[0]
+        no_copy = self.weight.dtype == self.x2.dtype  # F.linear on W itself: no temporary but the output
+        if no_copy or self.chunk >= d_out:
+            return self.columns(0, d_out)
+        base = torch.empty((self.x2.shape[0], d_out), dtype=self.x2.dtype, device=self.x2.device)
+        for c0 in range(0, d_out, self.chunk):
+            c1 = min(d_out, c0 + self.chunk)
+            self.columns(c0, c1, out=base[:, c0:c1])
+        return base
+
+
 class _RecomputeBaseCompose(torch.autograd.Function):
     """Chunked ``(g - 1) * (x @ W^T) + g * (s * lora)``; ``W`` is a constant (its gradient takes plain autograd).
 
@@ -42,16 +103,16 @@ class _RecomputeBaseCompose(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, lora, scale, scaling, out_dtype, grad_enabled):  # type: ignore[override]
-        rows = lora.numel() // lora.shape[-1]
         d_out, d_in = weight.shape
-        chunk = forward_chunk_columns(rows, d_out, d_in, x.element_size(), x.element_size())
+        recompute = BaseRecompute(x.reshape(-1, d_in), weight)
+        chunk = recompute.chunk
         # needs_input_grad stays True under no_grad: inner is only worth writing when autograd records.
         save_inner = grad_enabled and ctx.needs_input_grad[3]
         out = torch.empty(lora.shape, dtype=out_dtype, device=lora.device)
         inner = torch.empty(lora.shape, dtype=out_dtype, device=lora.device) if save_inner else None
         for c0 in range(0, d_out, chunk):
             c1 = min(d_out, c0 + chunk)
-            base_chunk = F.linear(x, weight[c0:c1].to(x.dtype))
+            base_chunk = recompute.columns(c0, c1).view(*lora.shape[:-1], c1 - c0)
             fused.compose_into(
                 out[..., c0:c1],
                 inner[..., c0:c1] if save_inner else None,
@@ -103,28 +164,35 @@ class _RecomputeBaseCompose(torch.autograd.Function):
                 need_scale=need_scale,
                 d_inner=d_inner,
             )
-        d_x = _input_grad(d_base, weight, x) if need_x else None
+        d_x = base_input_grad(d_base, weight, x.dtype) if need_x else None
         return d_x, None, d_lora, d_scale, None, None, None
 
 
-def _input_grad(d_base: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``d_x = d_base @ W`` in ``x``'s dtype, differentiable in ``d_base`` (``W`` is a constant).
+def base_input_grad(d_base: torch.Tensor, weight: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
+    """``d_x = d_base @ W`` ``[..., d_in]`` in ``x_dtype`` (``d_base``'s), differentiable in ``d_base`` (``W`` is a
+    constant).
 
-    A ``W`` in another dtype is cast in column chunks of ``d_x`` (bounded temporaries), so each element of
-    ``d_x`` still comes out of one GEMM: one rounding.
+    An fp32 ``d_base`` with a bf16 ``W`` takes the split GEMM where ``rules.split_matmul_ok`` allows (not
+    while a graph is being created: the fp32-output GEMM has no derivative); otherwise a ``W`` in another
+    dtype is cast in column chunks of ``d_x`` (bounded temporaries). Either way each element of ``d_x``
+    comes out of one GEMM: one rounding.
     """
-    if weight.dtype == x.dtype:
+    if weight.dtype == x_dtype:
         return d_base @ weight
-    d_in = weight.shape[1]
-    step = forward_chunk_columns(
-        d_base.numel() // d_base.shape[-1], d_in, weight.shape[0], x.element_size(), x.element_size()
-    )
-    if torch.is_grad_enabled():  # building a graph: out-of-place chunks
-        return torch.cat([d_base @ weight[:, j0 : j0 + step].to(x.dtype) for j0 in range(0, d_in, step)], dim=-1)
-    d_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    d_out, d_in = weight.shape
+    rows = d_base.numel() // max(1, d_out)
+    differentiable = torch.is_grad_enabled()
+    if not differentiable and rules.split_matmul_ok(d_base, weight, rows * d_in * d_out)[0]:
+        budget = config.get_dora_fwd_threshold_bytes()
+        d_x = matmul_split(d_base.reshape(rows, d_out), weight, budget_bytes=budget)
+        return d_x.view(*d_base.shape[:-1], d_in)
+    step = forward_chunk_columns(rows, d_in, d_out, torch.finfo(x_dtype).bits // 8, torch.finfo(x_dtype).bits // 8)
+    if differentiable:  # building a graph: out-of-place chunks
+        return torch.cat([d_base @ weight[:, j0 : j0 + step].to(x_dtype) for j0 in range(0, d_in, step)], dim=-1)
+    d_x = torch.empty((*d_base.shape[:-1], d_in), dtype=x_dtype, device=d_base.device)
     for j0 in range(0, d_in, step):
         j1 = min(d_in, j0 + step)
-        d_x[..., j0:j1] = d_base @ weight[:, j0:j1].to(x.dtype)
+        d_x[..., j0:j1] = d_base @ weight[:, j0:j1].to(x_dtype)
     return d_x
 
 
@@ -147,7 +215,7 @@ def compose_recompute_base(
         scaling: ``s``.
         out_dtype: default ``promote(lora.dtype, x.dtype)``.
     """
-    out_dtype = out_dtype or torch.promote_types(lora.dtype, x.dtype)
+    out_dtype = out_dtype or promote(lora.dtype, x.dtype)
     scaling = float(scaling)
     if (weight.requires_grad and torch.is_grad_enabled()) or rules.plain_autograd_required():
         # A trainable base weight needs its own gradient, and torch.func transforms and torch.jit tracing

@@ -22,7 +22,9 @@ so the dispatch adds no graph breaks (the config cache's lock and the logger are
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import torch
 
@@ -35,8 +37,10 @@ __all__ = [
     "INFERENCE_FOLD_MAX_ROWS",
     "NORM_GEMM_MIN_DIN_RANK",
     "NORM_GEMM_MIN_MACS",
+    "SPLIT_MATMUL_MIN_MACS",
     "compiled_compose_ok",
     "constant_while_compiling",
+    "forced_split_matmul",
     "fused_backward_enabled",
     "fused_backward_ok",
     "fused_compose_backward_ok",
@@ -46,6 +50,7 @@ __all__ = [
     "kernels_enabled",
     "norm_gemm_ok",
     "plain_autograd_required",
+    "split_matmul_ok",
     "triton_importable",
 ]
 
@@ -75,6 +80,12 @@ INFERENCE_FOLD_MAX_ROWS = 256
 #: and prints the thresholds that fit the measurements best.
 NORM_GEMM_MIN_DIN_RANK = 4 * 1024 * 1024
 NORM_GEMM_MIN_MACS = 2**34
+
+#: An fp32 input times a bf16 weight (PEFT's dropout path with its default dtypes) takes the bf16x3 split GEMM
+#: (``kernels/split_matmul.py``) from this many multiply-adds on. Below it both forms are bound by launch
+#: overhead and the plain fp32 GEMM is one launch (the split) and one weight copy fewer; at 2^26 MACs an fp32
+#: GEMM takes ~3 us on an H100/H200's CUDA cores.
+SPLIT_MATMUL_MIN_MACS = 2**26
 
 _logged: set[tuple[str, str]] = set()
 
@@ -305,6 +316,47 @@ def norm_gemm_ok(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tenso
         return _reject("norm GEMM", "below NORM_GEMM_MIN_DIN_RANK and NORM_GEMM_MIN_MACS (one-pass is cheaper)")
     if weight.device.type == "cuda" and not mm_out_dtype_available():
         return _reject("norm GEMM", "torch.mm has no out_dtype (PyTorch < 2.9)")
+    return True, ""
+
+
+_split_matmul_forced: list[bool | None] = [None]
+
+
+@contextlib.contextmanager
+def forced_split_matmul(enabled: bool | None) -> Iterator[None]:
+    """Tests and benchmarks: take (True) or avoid (False) the split GEMM wherever its dtypes allow, on any
+    device and size (the CPU then multiplies the exact bf16 parts as fp32 upcasts); None restores the rule."""
+    saved = _split_matmul_forced[0]
+    _split_matmul_forced[0] = enabled
+    try:
+        yield
+    finally:
+        _split_matmul_forced[0] = saved
+
+
+def split_matmul_ok(x: torch.Tensor, weight: torch.Tensor, macs: int) -> tuple[bool, str]:
+    """May ``x @ weight^T`` (or ``d @ weight``) of an fp32 ``x`` and a bf16 ``weight`` run as the bf16x3 split
+    GEMM (exact products on tensor cores, fp32 accumulation) instead of an fp32 GEMM on the weight's upcast?
+
+    Only fp32 activations with bf16 weights (fp16 parts of fp32 values overflow: fp16 weights keep the fp32
+    GEMM), on CUDA with ``torch.mm(..., out_dtype=float32)`` and the Triton split kernel, from
+    :data:`SPLIT_MATMUL_MIN_MACS` on. On the CPU the fp32 GEMM is the native rate: it is never split there
+    unless :func:`forced_split_matmul` says so.
+    """
+    if x.dtype != torch.float32 or weight.dtype != torch.bfloat16:
+        return False, "not an fp32 input with a bf16 weight"
+    forced = _split_matmul_forced[0]
+    if forced is not None:
+        return (True, "") if forced else _reject("split matmul", "forced off")
+    if x.device.type != "cuda":
+        return _reject("split matmul", f"tensors on {x.device.type} (fp32 GEMMs are the native rate there)")
+    ok, reason = kernels_enabled(x.device)
+    if not ok:
+        return _reject("split matmul", reason)
+    if not mm_out_dtype_available():
+        return _reject("split matmul", "torch.mm has no out_dtype (PyTorch < 2.9)")
+    if macs < SPLIT_MATMUL_MIN_MACS:
+        return _reject("split matmul", "below SPLIT_MATMUL_MIN_MACS (launch-bound either way)")
     return True, ""
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "is_interpreted",
     "next_pow2",
     "num_sms",
+    "partials_buffer",
     "ticket_buffer",
     "to_triton_configs",
 ]
@@ -131,3 +132,28 @@ def ticket_buffer(device: torch.device, needed: int) -> torch.Tensor:
 def tickets_all_zero() -> bool:
     """True when every ticket buffer is back to zero (tests: each launch must reset what it used)."""
     return all(int(buf.abs().sum()) == 0 for buf in _tickets.values())
+
+
+# fp32 partial sums: one scratch buffer per (device, stream) for kernels whose partials are written and read
+# back within one launch (the one-pass backward's magnitude gradient: the last program of a column tile sums
+# them); launches on one stream never overlap, so reusing it saves an allocation per launch
+
+_partials: dict[tuple[torch.device, int], torch.Tensor] = {}
+_retired_partials: list[torch.Tensor] = []  # outgrown buffers a captured CUDA graph may still point at
+
+
+def partials_buffer(device: torch.device, needed: int) -> torch.Tensor:
+    """A flat fp32 scratch buffer of at least ``needed`` elements for launches on ``device``'s current stream."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    buf = _partials.get(key)
+    if buf is not None and buf.numel() >= needed:
+        return buf
+    with _ticket_lock:
+        buf = _partials.get(key)
+        if buf is None or buf.numel() < needed:
+            if buf is not None:
+                _retired_partials.append(buf)
+            buf = torch.empty(max(4096, next_pow2(needed)), dtype=torch.float32, device=device)
+            _partials[key] = buf
+        return buf

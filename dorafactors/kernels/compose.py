@@ -20,10 +20,11 @@ import contextlib
 
 import torch
 
-from ._triton_utils import cdiv, num_sms, ticket_buffer
+from ._triton_utils import cdiv, num_sms, partials_buffer, ticket_buffer
 from .compose_kernel import INTERPRETER, _sum_partials_kernel
 from .compose_launch import (
     _BWD_COLS,
+    _BWD_LORA_B,
     _BWD_ROWS,
     _FWD,
     _FWD_INPLACE,
@@ -38,8 +39,10 @@ from .operands import KERNEL_DTYPES
 __all__ = [
     "BACKWARD_PROGRAMS_PER_SM",
     "compose_backward",
+    "compose_backward_lora_b",
     "compose_forward",
     "compose_forward_",
+    "compose_forward_contiguous_",
     "compose_forward_into",
     "forced_config",
     "launch_counts",
@@ -268,6 +271,16 @@ def compose_forward_into(
         inner.copy_(inner2.view(inner.shape))  # type: ignore[union-attr]
 
 
+def compose_forward_contiguous_(
+    lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """In-place forward for contiguous ``lora`` and ``base`` of one shape (any rank), ``g`` contiguous along the
+    last dim: one launch on the tensors as they are (no views). The caller validated dtypes and sizes."""
+    C = lora.shape[-1]
+    _fwd_cols(lora, base, g, lora, None, lora.numel() // C, C, C, C, C, 0, scaling, _FWD_INPLACE, False)
+    return lora
+
+
 def compose_forward_(lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, scaling: float) -> torch.Tensor:
     """In-place forward: ``lora <- (g - 1) * base + g * (scaling * lora)`` in ``lora``'s dtype; returns ``lora``.
 
@@ -281,6 +294,63 @@ def compose_forward_(lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, sc
 
 
 # ------------------------------------------------------------------------------------------------ backward
+
+
+def compose_backward_lora_b(
+    d_out: torch.Tensor,
+    g: torch.Tensor,
+    base: torch.Tensor | None,
+    m: torch.Tensor | None,
+    weight_b: torch.Tensor,
+    h: torch.Tensor | None,
+    scaling: float,
+    *,
+    base_dtype: torch.dtype,
+    need_base: bool,
+    need_b: bool,
+    scaled_b_dtype: torch.dtype | None,
+    need_g: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The Linear node's backward in one launch (``_compose_bwd_lora_b_kernel``): ``(d_base, d_B, (g s) B, d_g)``.
+
+    Args:
+        d_out: ``[..., K]`` (fp16/bf16/fp32; rows with unit column stride), ``K = d_out``.
+        g: ``[K]`` fp32 (the magnitude scale); ``d_g`` comes back in its dtype.
+        base: the saved base output, ``d_out``'s shape (needed iff ``need_g``).
+        m: ``M = d_out^T h`` ``[K, r]`` fp32 (needed iff ``need_b`` or ``need_g``).
+        weight_b: ``B`` ``[K, r]``; h: ``[T, r]`` (read only for rows with an infinite ``g s``; None when
+            neither ``d_B`` nor ``d_g`` is needed).
+        scaled_b_dtype: dtype of ``(g s) B`` (None: not needed).
+    """
+    K = d_out.shape[-1]
+    T = d_out.numel() // K
+    rank = weight_b.shape[1]
+    device = d_out.device
+    if not g.is_contiguous():
+        g = g.contiguous()
+    d2, s_d = _as_cols(d_out, K)
+    x2, s_x = _as_cols(base, K) if need_g else (d2, 0)  # type: ignore[arg-type]
+    b = weight_b if weight_b.is_contiguous() else weight_b.contiguous()
+    need_bs = scaled_b_dtype is not None
+    d_base = torch.empty_like(d_out, dtype=base_dtype, memory_format=torch.contiguous_format) if need_base else None
+    d_b = torch.empty((K, rank), dtype=weight_b.dtype, device=device) if need_b else None
+    scaled_b = torch.empty((K, rank), dtype=scaled_b_dtype, device=device) if need_bs else None
+    d_g = torch.empty(K, dtype=g.dtype, device=device) if need_g else None
+    m_arg = b if m is None else (m if m.is_contiguous() else m.contiguous())
+    h_arg, s_h = (b, 0) if h is None else (h, h.stride(0))
+    rows = T if (need_base or need_g) else 0  # only the column tiles' LoRA-B part: no row work
+    _check_size(T, K)
+    groups, per_group = _row_groups(rows, K, device, _ROW_GRANULE) if rows else (1, 0)
+    part = partials_buffer(device, groups * K) if need_g else None
+    tickets = ticket_buffer(device, K) if need_g else None
+    bucket = _row_bucket(rows)
+    args = (d2, g, x2, d_base if need_base else d2, part, d_g if need_g else g, tickets, m_arg, b)
+    args += (d_b if need_b else b, scaled_b if need_bs else b, h_arg)
+    args += (rows, K, rank, T, groups, per_group, s_d, s_x, K, s_h, scaling, bucket, need_base, need_g, need_b, need_bs)
+    key = (K, rank, bucket, need_base, need_g, need_b, need_bs, d2.dtype, g.dtype, x2.dtype, b.dtype, scaled_b_dtype)
+    key += (base_dtype if need_base else None,)
+    _launch(_BWD_LORA_B, lambda br, bc: (groups, cdiv(K, bc)), args, key, per_group or 1, K, False)
+    return d_base, d_b, scaled_b, d_g
 
 
 def _row_groups(R, K: int, device: torch.device, granule: int) -> tuple[int, int]:
@@ -431,11 +501,15 @@ def _bwd_cols(d2, g, x2, d_lora, d_base, R, K, s_d, s_x, scaling, wrap) -> torch
     need_g = x2 is not None
     device = d2.device
     groups, per_group = _row_groups(R, K, device, _ROW_GRANULE)
-    part = torch.empty((groups, K), dtype=torch.float32, device=device) if need_g else None
-    # eager: the kernel's last program per column tile sums the partials (no second launch); inside a
-    # torch.library op (torch.compile) the ticket buffer, state shared across launches, stays out of the
-    # graph and _sum_partials_kernel sums them instead
+    # eager: the kernel's last program per column tile sums the partials (no second launch), so they live in
+    # a reused scratch buffer; inside a torch.library op (torch.compile) the ticket and scratch buffers, state
+    # shared across launches, stay out of the graph and _sum_partials_kernel sums a fresh [groups, K] buffer
     fused_sum = need_g and not wrap
+    part = None
+    if fused_sum:
+        part = partials_buffer(device, groups * K)
+    elif need_g:
+        part = torch.empty((groups, K), dtype=torch.float32, device=device)
     d_g = torch.empty(K, dtype=g.dtype, device=device) if fused_sum else None
     tickets = ticket_buffer(device, K) if fused_sum else None  # >= one per column tile, any config
     bucket = _row_bucket(R)

@@ -4,6 +4,10 @@
     inner = base + s * lora                           also written when the magnitude needs a gradient
     d_lora = (g * s) * d_out;  d_base = (g - 1) * d_out;  d_g = sum_rows(inner * d_out)
 
+With ``lora = h B^T`` inside the autograd node (``autograd/lora_compose.py``), ``_compose_bwd_lora_b_kernel``
+takes the base output in place of ``inner`` and, in the same launch, finishes from ``M = d_out^T h``:
+``d_B = (g * s) M``, ``(g * s) B`` (for ``d_h``) and ``d_g += s * rowsum(B * M)``.
+
 Every kernel loads its operands in their own dtype, computes in fp32 and rounds once at the store. ``g``
 (the magnitude scale, usually fp32) is never downcast: ``g - 1`` and ``g * s`` are fp32, the magnitude
 gradient is accumulated in fp32 and returned in ``g``'s dtype.
@@ -82,6 +86,60 @@ def _compose_fwd_kernel(
 
 
 @triton.jit
+def _bwd_row_loop(
+    dout_ptr,
+    inner_ptr,
+    dlora_ptr,
+    dbase_ptr,
+    cols,
+    cmask,
+    gs,
+    gm1,
+    r_start,
+    r_end,
+    stride_dout,
+    stride_inner,
+    stride_dlora,
+    stride_dbase,
+    NEED_LORA: tl.constexpr,
+    NEED_BASE: tl.constexpr,
+    NEED_G: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Rows ``[r_start, r_end)`` of one column tile: stores ``d_lora`` / ``d_base`` and returns the ``[BLOCK_R,
+    BLOCK_C]`` fp32 accumulator of ``inner * d_out`` (zeros without ``NEED_G``)."""
+    c = cols[None, :]
+    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for r0 in range(r_start, r_end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        mask = (rows < r_end)[:, None] & cmask[None, :]
+        r64 = rows.to(tl.int64)[:, None]
+        d = tl.load(dout_ptr + (r64 * stride_dout + c), mask=mask, other=0.0).to(tl.float32)
+        if NEED_LORA:
+            tl.store(dlora_ptr + (r64 * stride_dlora + c), _to_dtype(d * gs, dlora_ptr.dtype.element_ty), mask=mask)
+        if NEED_BASE:
+            tl.store(dbase_ptr + (r64 * stride_dbase + c), _to_dtype(d * gm1, dbase_ptr.dtype.element_ty), mask=mask)
+        if NEED_G:
+            x = tl.load(inner_ptr + (r64 * stride_inner + c), mask=mask, other=0.0).to(tl.float32)
+            acc += x * d
+    return acc
+
+
+@triton.jit
+def _tile_partials_sum(part_ptr, cols, cmask, groups, K, BLOCK_C: tl.constexpr):
+    """``sum_group part[group, cols]`` in a fixed order: rows ``[j, j + SUM_G)`` of ``part``, then over ``SUM_G``."""
+    SUM_G: tl.constexpr = (4096 + BLOCK_C - 1) // BLOCK_C  # >= 1: BLOCK_C <= 4096
+    offs_g = tl.arange(0, SUM_G)
+    tot = tl.zeros([SUM_G, BLOCK_C], dtype=tl.float32)
+    for j in range(0, groups, SUM_G):
+        gj = j + offs_g
+        p = part_ptr + (gj.to(tl.int64)[:, None] * K + cols[None, :])
+        tot += tl.load(p, mask=(gj < groups)[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg")
+    return tl.sum(tot, axis=0)
+
+
+@triton.jit
 def _compose_bwd_cols_kernel(
     dout_ptr,
     g_ptr,
@@ -118,41 +176,206 @@ def _compose_bwd_cols_kernel(
     pid_c = tl.program_id(1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < K
-    c = cols[None, :]
     g = tl.load(g_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     gs = (g * scaling)[None, :]
     gm1 = (g - 1.0)[None, :]
-    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     r_start = pid_g * rows_per_group
     r_end = tl.minimum(r_start + rows_per_group, R)
-    for r0 in range(r_start, r_end, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        mask = (rows < r_end)[:, None] & cmask[None, :]
-        r64 = rows.to(tl.int64)[:, None]
-        d = tl.load(dout_ptr + (r64 * stride_dout + c), mask=mask, other=0.0).to(tl.float32)
-        if NEED_LORA:
-            tl.store(dlora_ptr + (r64 * stride_dlora + c), _to_dtype(d * gs, dlora_ptr.dtype.element_ty), mask=mask)
-        if NEED_BASE:
-            tl.store(dbase_ptr + (r64 * stride_dbase + c), _to_dtype(d * gm1, dbase_ptr.dtype.element_ty), mask=mask)
-        if NEED_G:
-            x = tl.load(inner_ptr + (r64 * stride_inner + c), mask=mask, other=0.0).to(tl.float32)
-            acc += x * d
+    acc = _bwd_row_loop(
+        dout_ptr,
+        inner_ptr,
+        dlora_ptr,
+        dbase_ptr,
+        cols,
+        cmask,
+        gs,
+        gm1,
+        r_start,
+        r_end,
+        stride_dout,
+        stride_inner,
+        stride_dlora,
+        stride_dbase,
+        NEED_LORA,
+        NEED_BASE,
+        NEED_G,
+        BLOCK_R,
+        BLOCK_C,
+    )
     if NEED_G:
         tl.store(part_ptr + (pid_g.to(tl.int64) * K + cols), tl.sum(acc, axis=0), mask=cmask)
         if FUSED_SUM:
             tl.debug_barrier()  # every thread's partial is stored before the ticket is taken
             ticket = tl.atomic_add(cnt_ptr + pid_c, 1, sem="acq_rel", scope="gpu")
-            if ticket == groups - 1:
-                # fixed order whoever arrives last: rows [j, j + SUM_G) of part, then a sum over SUM_G
-                SUM_G: tl.constexpr = (4096 + BLOCK_C - 1) // BLOCK_C  # >= 1: BLOCK_C <= 4096
-                offs_g = tl.arange(0, SUM_G)
-                tot = tl.zeros([SUM_G, BLOCK_C], dtype=tl.float32)
-                for j in range(0, groups, SUM_G):
-                    gj = j + offs_g
-                    p = part_ptr + (gj.to(tl.int64)[:, None] * K + cols[None, :])
-                    tot += tl.load(p, mask=(gj < groups)[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg")
-                tl.store(dg_ptr + cols, _to_dtype(tl.sum(tot, axis=0), dg_ptr.dtype.element_ty), mask=cmask)
+            if ticket == groups - 1:  # fixed order whoever arrives last
+                total = _tile_partials_sum(part_ptr, cols, cmask, groups, K, BLOCK_C)
+                tl.store(dg_ptr + cols, _to_dtype(total, dg_ptr.dtype.element_ty), mask=cmask)
                 tl.atomic_xchg(cnt_ptr + pid_c, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _finish_lora_b(
+    m_ptr,
+    b_ptr,
+    db_ptr,
+    bs_ptr,
+    dg_ptr,
+    dout_ptr,
+    h_ptr,
+    cols,
+    cmask,
+    g,
+    d_g_base,
+    RANK,
+    T,
+    stride_dout,
+    stride_h,
+    scaling,
+    NEED_DB: tl.constexpr,
+    NEED_BS: tl.constexpr,
+    NEED_G: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Rows ``cols`` of ``M = d_out^T h`` and ``B`` (``[K, RANK]``, contiguous): ``d_B = (g s) M``, ``(g s) B`` and
+    ``d_g = d_g_base + s * rowsum(B * M)``. A row whose ``g s`` is infinite (an infinite magnitude) gets ``d_B``
+    as ``sum_t (g s d[t]) h[t]``, the non-finite class of the unfactored sum (NaN where infinite terms of
+    both signs meet), from ``d_out`` (``[T, K]``) and ``h`` (``[T, RANK]``): a branch only such tiles take."""
+    FIN_K: tl.constexpr = 4096 // BLOCK_C  # >= 1: BLOCK_C <= 4096
+    gs_rows = g * scaling
+    gs = gs_rows[:, None]
+    infinite = tl.abs(gs_rows) == float("inf")
+    tile_has_infinite = tl.max(infinite.to(tl.int32), axis=0) > 0
+    row_off = cols.to(tl.int64)[:, None] * RANK
+    acc = tl.zeros([BLOCK_C, FIN_K], dtype=tl.float32)
+    for k0 in range(0, RANK, FIN_K):
+        ks = k0 + tl.arange(0, FIN_K)
+        kmask = ks < RANK
+        mask = cmask[:, None] & kmask[None, :]
+        offs = row_off + ks[None, :]
+        b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if NEED_BS:
+            tl.store(bs_ptr + offs, _to_dtype(b * gs, bs_ptr.dtype.element_ty), mask=mask)
+        if NEED_DB or NEED_G:
+            m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if NEED_DB:
+                d_b = m * gs
+                if tile_has_infinite:
+                    exact = tl.zeros([BLOCK_C, FIN_K], dtype=tl.float32)
+                    for t in range(0, T):
+                        dv = tl.load(dout_ptr + (t * stride_dout + cols), mask=cmask, other=0.0).to(tl.float32)
+                        hv = tl.load(h_ptr + (t * stride_h + ks), mask=kmask, other=0.0).to(tl.float32)
+                        exact += (gs_rows * dv)[:, None] * hv[None, :]
+                    d_b = tl.where(infinite[:, None], exact, d_b)
+                tl.store(db_ptr + offs, _to_dtype(d_b, db_ptr.dtype.element_ty), mask=mask)
+            if NEED_G:
+                acc += b * m
+    if NEED_G:
+        total = d_g_base + scaling * tl.sum(acc, axis=1)
+        tl.store(dg_ptr + cols, _to_dtype(total, dg_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _compose_bwd_lora_b_kernel(
+    dout_ptr,
+    g_ptr,
+    base_ptr,
+    dbase_ptr,
+    part_ptr,
+    dg_ptr,
+    cnt_ptr,
+    m_ptr,
+    b_ptr,
+    db_ptr,
+    bs_ptr,
+    h_ptr,
+    R,
+    K,
+    RANK,
+    T,
+    groups,
+    rows_per_group,
+    stride_dout,
+    stride_base,
+    stride_dbase,
+    stride_h,
+    scaling,
+    R_BUCKET,  # autotune key only
+    NEED_BASE: tl.constexpr,
+    NEED_G: tl.constexpr,
+    NEED_DB: tl.constexpr,
+    NEED_BS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """The one-pass backward of the Linear node with ``lora_B`` inside (``autograd/lora_compose.py``).
+
+    Rows ``[0, R)`` of ``d_out`` as ``_compose_bwd_cols_kernel`` with the base output as ``inner``: ``d_base =
+    (g - 1) d_out`` and the partials of ``sum_t d_out * base``. Column ``j`` of ``d_out`` is row ``j`` of
+    ``M = d_out^T h`` and of ``B``, so the program that finishes a column tile (the last of its ``groups`` to
+    arrive, by integer ticket, when ``NEED_G``; group 0 otherwise) also writes that tile's ``d_B``, ``(g s) B``
+    and ``d_g`` (``_finish_lora_b``): one launch for what needed two.
+    """
+    pid_g = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < K
+    g = tl.load(g_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    r_start = pid_g * rows_per_group
+    r_end = tl.minimum(r_start + rows_per_group, R)
+    acc = _bwd_row_loop(
+        dout_ptr,
+        base_ptr,
+        dbase_ptr,
+        dbase_ptr,
+        cols,
+        cmask,
+        (g * scaling)[None, :],
+        (g - 1.0)[None, :],
+        r_start,
+        r_end,
+        stride_dout,
+        stride_base,
+        stride_dbase,
+        stride_dbase,
+        False,
+        NEED_BASE,
+        NEED_G,
+        BLOCK_R,
+        BLOCK_C,
+    )
+    finishes = pid_g == 0
+    if NEED_G:
+        tl.store(part_ptr + (pid_g.to(tl.int64) * K + cols), tl.sum(acc, axis=0), mask=cmask)
+        tl.debug_barrier()  # every thread's partial is stored before the ticket is taken
+        ticket = tl.atomic_add(cnt_ptr + pid_c, 1, sem="acq_rel", scope="gpu")
+        finishes = ticket == groups - 1
+    if finishes:
+        d_g_base = tl.zeros([BLOCK_C], dtype=tl.float32)
+        if NEED_G:
+            d_g_base = _tile_partials_sum(part_ptr, cols, cmask, groups, K, BLOCK_C)
+            tl.atomic_xchg(cnt_ptr + pid_c, 0, sem="relaxed", scope="gpu")
+        _finish_lora_b(
+            m_ptr,
+            b_ptr,
+            db_ptr,
+            bs_ptr,
+            dg_ptr,
+            dout_ptr,
+            h_ptr,
+            cols,
+            cmask,
+            g,
+            d_g_base,
+            RANK,
+            T,
+            stride_dout,
+            stride_h,
+            scaling,
+            NEED_DB,
+            NEED_BS,
+            NEED_G,
+            BLOCK_C,
+        )
 
 
 @triton.jit

@@ -21,6 +21,7 @@ from ._triton_utils import LaunchConfig, is_fake, next_pow2, tile_grid, to_trito
 from .compose_kernel import (
     INTERPRETER,
     _compose_bwd_cols_kernel,
+    _compose_bwd_lora_b_kernel,
     _compose_bwd_rows_kernel,
     _compose_fwd_kernel,
 )
@@ -171,11 +172,17 @@ _BWD_COLS = _Tuned(
 _BWD_ROWS = _Tuned(
     _compose_bwd_rows_kernel, "compose_bwd_rows", "bwd", ["K", "R_BUCKET", "NEED_LORA", "NEED_BASE", "NEED_G"]
 )
+_BWD_LORA_B = _Tuned(
+    _compose_bwd_lora_b_kernel,
+    "compose_bwd_lora_b",
+    "bwd",
+    ["K", "RANK", "R_BUCKET", "NEED_BASE", "NEED_G", "NEED_DB", "NEED_BS"],
+)
 
 
 def reset_tuning() -> None:
     """Forget every autotuned config (the next call of each kernel tunes again)."""
-    for tuned in (_FWD, _FWD_INPLACE, _BWD_COLS, _BWD_ROWS):
+    for tuned in (_FWD, _FWD_INPLACE, _BWD_COLS, _BWD_ROWS, _BWD_LORA_B):
         tuned.reset()
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "broadcast_scale",
     "compose_backward_reference",
     "compose_forward_reference",
+    "lora_b_grads_reference",
 ]
 
 
@@ -106,6 +107,50 @@ def compose_backward_reference(
         dims = [d for d in range(grad.dim()) if d != channel_dim % grad.dim()]
         d_scale = (inner.to(cdt) * grad).sum(dim=dims).to(scale.dtype)
     return d_lora, d_base, d_scale
+
+
+def lora_b_grads_reference(
+    m: torch.Tensor | None,
+    weight_b: torch.Tensor,
+    scale: torch.Tensor,
+    d_g_base: torch.Tensor | None,
+    scaling: float,
+    *,
+    d_out: torch.Tensor | None = None,
+    h: torch.Tensor | None = None,
+    need_b: bool,
+    scaled_b_dtype: torch.dtype | None,
+    need_g: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Reference of ``_lora_b_grads_kernel``: ``(d_B, (g s) B, d_g)`` from ``M = d_out^T h`` ``[d_out, r]``.
+
+    ``d_B = (g s) M`` in ``B``'s dtype; ``(g s) B`` in ``scaled_b_dtype`` (None: not needed); ``d_g = d_g_base +
+    s * rowsum(B * M)`` in ``scale``'s dtype, i.e. ``sum_t d_out * (base + s * lora)`` with the LoRA part
+    taken from ``M``. Arithmetic in fp32 (fp64 for fp64 operands), one rounding per result; plain autograd
+    ops (differentiable, as :func:`compose_backward_reference`).
+
+    With ``d_out`` ``[T, d_out]`` and ``h`` ``[T, r]`` given, rows whose ``g s`` is infinite (an infinite
+    magnitude) take ``d_B = sum_t (g s d_out[t]) h[t]``, the non-finite class of the unfactored sum (NaN where
+    infinite terms of both signs meet), as the kernel does; this costs a second ``[d_out, r]`` GEMM here.
+    """
+    cdt = compute_dtype_for(weight_b.dtype, scale.dtype, *(() if m is None else (m.dtype,)))
+    gs = (scale.to(cdt) * scaling).unsqueeze(1)
+    b = weight_b.to(cdt)
+    d_b = None
+    if need_b:
+        d_b = m.to(cdt) * gs  # type: ignore[union-attr]
+        # (on the CPU, where asking costs no device synchronization, only when there is an infinite g s)
+        if d_out is not None and h is not None and (d_out.device.type != "cpu" or bool(torch.isinf(gs).any())):
+            infinite = torch.isinf(gs)
+            only_infinite = torch.where(infinite, gs, 0.0).squeeze(1)
+            unfactored = (d_out.to(cdt) * only_infinite).t() @ h.to(cdt)
+            d_b = torch.where(infinite, unfactored, d_b)
+        d_b = d_b.to(weight_b.dtype)
+    scaled_b = (b * gs).to(scaled_b_dtype) if scaled_b_dtype is not None else None
+    d_g = None
+    if need_g:
+        d_g = (d_g_base.to(cdt) + scaling * (b * m.to(cdt)).sum(1)).to(scale.dtype)  # type: ignore[union-attr]
+    return d_b, scaled_b, d_g
 
 
 def _sum_present(parts: list[torch.Tensor | None]) -> torch.Tensor:

@@ -15,12 +15,26 @@ __all__ = [
     "compute_dtype_for",
     "mm_out_dtype_available",
     "norm_operands_problem",
+    "promote",
 ]
 
 #: The half-precision dtypes: the norm kernel's weight dtypes (tensor-core operands).
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 #: Every dtype a Triton kernel loads or stores (compose activations and scales, norm adapters).
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+_PROMOTED: dict[tuple[torch.dtype, torch.dtype], torch.dtype] = {}
+
+
+def promote(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """``torch.promote_types(a, b)``, memoized: the hot paths ask it per call, and each ``torch.promote_types``
+    is a dispatcher call."""
+    key = (a, b)
+    out = _PROMOTED.get(key)
+    if out is None:
+        out = _PROMOTED[key] = torch.promote_types(a, b)
+    return out
 
 
 def compute_dtype_for(*dtypes: torch.dtype) -> torch.dtype:

@@ -12,6 +12,7 @@ from torch.nn.modules import module as module_mod
 from .. import distributed
 from ..autograd.compose import dora_compose
 from ..autograd.folded import FoldedLoraB, fold_scale_into_lora_B, folded_dora_extra
+from ..autograd.lora_compose import dora_linear_compose
 from ..autograd.recompute_base import compose_recompute_base
 from ..dispatch import config, rules
 from ..norm import engine
@@ -87,7 +88,21 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
         norm = self._forward_norm(base_layer, lora_A, lora_B, scaling, adapter_name, gather_modules=(lora_A, lora_B))
         self._mirror_stock_cache(adapter_name, norm)
         scale = self._magnitude_scale(magnitude, norm)
-        lora_out = lora_B(lora_A(x))
+        weight_b = _lora_B_weight_for_node(lora_B, x)
+        if weight_b is None:
+            lora_out = lora_B(lora_A(x))
+        else:
+            h = _lora_A_call(lora_A, x)
+            if h.requires_grad or weight_b.requires_grad or scale.requires_grad:
+                # training: lora_B runs inside the composition's autograd node (autograd/lora_compose.py)
+                if base_result is not None:
+                    bias = base_layer.bias
+                    base = base_result if bias is None else base_result - bias.to(base_result.dtype)
+                    return dora_linear_compose(h, weight_b, scale, scaling, base=base)
+                weight = transpose(base_weight(base_layer), self.fan_in_fan_out)
+                if not weight.requires_grad:
+                    return dora_linear_compose(h, weight_b, scale, scaling, x=x, weight=weight)
+            lora_out = F.linear(h, weight_b)
         if base_result is not None:
             bias = base_layer.bias
             if bias is not None:
@@ -208,6 +223,24 @@ def _any_param_requires_grad(layer: nn.Module, lora_A: nn.Module, lora_B: nn.Mod
         or _linear_param(lora_A, "weight").requires_grad
         or _linear_param(lora_B, "weight").requires_grad
     )
+
+
+def _lora_B_weight_for_node(lora_B: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """``lora_B``'s weight when ``lora_B`` may run inside the training node (``dora_linear_compose``), else None.
+
+    Only for what ``F.linear(h, weight)`` reproduces exactly: a plain, hook-free, bias-free ``nn.Linear`` whose
+    weight is a plain tensor (not a DTensor or other subclass), in eager mode (``torch.compile`` traces the
+    ``torch.library`` ops; ``torch.func`` transforms and ``torch.jit`` tracing need plain ops), with grad mode
+    on and autocast off on ``x``'s device.
+    """
+    if not torch.is_grad_enabled() or type(lora_B) is not nn.Linear or _has_hooks(lora_B):
+        return None
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type) or rules.plain_autograd_required():
+        return None
+    weight = _linear_param(lora_B, "weight")
+    if type(weight) not in (nn.Parameter, torch.Tensor) or _linear_param(lora_B, "bias") is not None:
+        return None
+    return weight
 
 
 def _lora_A_call(lora_A: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -93,6 +93,27 @@ def test_rows_carry_metrics_and_metadata(quick_run):
             assert metrics["ms_p20"] <= metrics["ms"] <= metrics["ms_p80"]
 
 
+def test_layer_and_decode_rows_record_host_time(quick_run):
+    """Every layer and decode row (eager providers) has the host time to enqueue one call, shown in RESULTS.md
+    next to LoRA's and stock's; the decode suite has the one-token 4096x4096-layer case (quick: 64x64)."""
+    rows = quick_run["rows"]
+    for suite in ("layer", "decode"):
+        for case, by in _by(rows, suite).items():
+            for provider, row in by.items():
+                metrics = row["metrics"]
+                assert metrics["host_us"] > 0 and metrics["host_us_p80"] >= metrics["host_us"], (suite, case, provider)
+    assert {"lora", "stock", "dorafactors"} <= set(_by(rows, "decode")["layer/64x64/tokens=1"])
+    for row in rows:
+        if row["suite"] == "model" and row["status"] == "ok":
+            assert "host_us" not in row["metrics"]
+    text = quick_run["report"].read_text()
+    assert text.count("Host time to enqueue one call") == 2  # the layer and decode sections
+    assert "| decode: one 4096x4096 layer, 1 token (eval) | `decode:layer/64x64/tokens=1` |" in text
+    json_rows = json.loads(quick_run["json"].read_text())["rows"]  # the report wrote the ratios back
+    df = next(r for r in json_rows if r["case"] == "layer/64x64/tokens=1" and r["provider"] == "dorafactors")
+    assert df["ratios"]["host_vs_lora"] > 0
+
+
 def test_results_file_stores_the_metadata_once_per_run(quick_run):
     stored = json.loads(quick_run["json"].read_text())
     assert stored["schema"] == SCHEMA

@@ -1,0 +1,179 @@
+"""Count what one PEFT Linear call costs the host, per provider: Python calls, torch ops, allocations, launches.
+
+    python -m benchmarks.host_counts                       # PyTorch paths (what runs on a CPU)
+    TRITON_INTERPRET=1 PEFT_DORA_FUSED=1 python -m benchmarks.host_counts   # the Triton kernel paths
+    python -m benchmarks.host_counts --json out.json
+
+Counts do not depend on the machine (only on the code path), so they are measured on the CPU with tiny
+shapes; host *time* per call is a GPU-machine number (the ``host_us`` column of the ``layer`` and
+``decode`` suites). Two workloads, for plain LoRA, stock PEFT DoRA and dorafactors, bf16 base and adapters:
+
+* ``train``: one bias-free Linear, forward + backward in train mode, ``x`` requiring a gradient, the adapter
+  weights marked as written before the call (dorafactors recomputes its norm, as after an optimizer step);
+* ``decode``: eval, ``no_grad``, one token.
+
+Per call: ``python_calls`` (function calls cProfile sees, backward included: autograd runs on this thread),
+``torch_ops`` (ATen operators that reach the dispatcher below autograd: ``TorchDispatchMode``),
+``allocations`` (operator outputs that share no input's storage: new tensors) and ``triton_launches`` (Triton kernel launches;
+0 on the PyTorch paths).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import json
+import pstats
+import sys
+from collections import Counter
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["count_call", "main"]
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts ATen operators and the tensors they allocate (outputs whose storage no input shares)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+        self.allocations = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.ops[str(func.overloadpacket.__name__)] += 1
+        out = func(*args, **kwargs)
+        inputs = {_storage(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and _storage(t) not in inputs:
+                self.allocations += 1
+        return out
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _triton_launches(stats: pstats.Stats) -> int:
+    """Kernel launches in a cProfile run: calls of Triton's launch entry (``JITFunction.run`` on a GPU,
+    ``InterpretedFunction.run`` under the interpreter)."""
+    total = 0
+    for (filename, _line, name), (_cc, ncalls, *_rest) in stats.stats.items():  # type: ignore[attr-defined]
+        if name == "run" and "triton" in filename and ("jit.py" in filename or "interpreter.py" in filename):
+            total += ncalls
+    return total
+
+
+_STUBBED_LAUNCHES = [0]
+
+
+@contextlib.contextmanager
+def _interpreted_kernels_stubbed():
+    """Under ``TRITON_INTERPRET=1``, launches count but do not execute: the interpreter's own Python and
+    tensor work is not what a GPU launch costs the host (outputs hold garbage meanwhile: counts only)."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    original = InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        _STUBBED_LAUNCHES[0] += 1
+
+    InterpretedFunction.run = run
+    try:
+        yield
+    finally:
+        InterpretedFunction.run = original
+
+
+def count_call(step, calls: int = 3) -> dict[str, Any]:
+    """Per-call counts of ``step`` (after two warm-up calls)."""
+    step()
+    step()
+    with torch.autograd.set_multithreading_enabled(False), _interpreted_kernels_stubbed():
+        prof = cProfile.Profile()
+        stubbed = _STUBBED_LAUNCHES[0]
+        prof.enable()
+        for _ in range(calls):
+            step()
+        prof.disable()
+        stubbed = _STUBBED_LAUNCHES[0] - stubbed
+        stats = pstats.Stats(prof)
+        counter = _OpCounter()
+        with counter:
+            for _ in range(calls):
+                step()
+    return {
+        "python_calls": stats.total_calls / calls,  # type: ignore[attr-defined]
+        "torch_ops": sum(counter.ops.values()) / calls,
+        "allocations": counter.allocations / calls,
+        "triton_launches": (_triton_launches(stats) + stubbed) / calls,
+        "top_ops": {k: v / calls for k, v in counter.ops.most_common(12)},
+    }
+
+
+def _step(provider: str, workload: str, dim: int, rank: int, tokens: int):
+    from benchmarks import providers
+
+    base = providers.one_linear_base(dim, dim, torch.device("cpu"), torch.bfloat16)
+    model = providers.build_peft(
+        base, provider, r=rank, alpha=2 * rank, targets=("proj",), autocast_adapter_dtype=False, seed=0
+    )
+    train = workload == "train"
+    model.train(train)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, dim, generator=gen).to(torch.bfloat16).requires_grad_(train)
+    grad = torch.randn(tokens, dim, generator=gen).to(torch.bfloat16)
+    adapters = providers.adapter_tensors(model)
+    params = providers.trainable(model)
+
+    def step() -> None:
+        if not train:
+            with torch.no_grad():
+                model(x)
+            return
+        for p in (*params, x):
+            p.grad = None
+        providers.bump_adapter_versions(adapters)
+        model(x).backward(grad)
+
+    return step
+
+
+def run(dim: int = 128, rank: int = 16) -> dict[str, dict[str, dict[str, Any]]]:
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for workload, tokens in (("train", 64), ("decode", 1)):
+        out[workload] = {}
+        for provider in ("lora", "stock", "dorafactors"):
+            out[workload][provider] = count_call(_step(provider, workload, dim, rank, tokens))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="also write the counts to this file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    result = run()
+    keys = ("python_calls", "torch_ops", "allocations", "triton_launches")
+    for workload, by_provider in result.items():
+        print(f"=== {workload}: per call")
+        print(f"{'provider':>12} " + " ".join(f"{k:>16}" for k in keys))
+        for provider, counts in by_provider.items():
+            print(f"{provider:>12} " + " ".join(f"{counts[k]:16.1f}" for k in keys))
+        print(f"    dorafactors ops: {by_provider['dorafactors']['top_ops']}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
