@@ -146,8 +146,9 @@ def _reinit_magnitude(model) -> None:
 
 @contextlib.contextmanager
 def _recorded_scales(monkeypatch, model):
-    """Every ``g`` the patched layer hands to a composition, by path: ``compose`` (Linear and Conv), the
-    ``recompute_base`` composition, the decode ``fold``, and Embedding's returned ``g``."""
+    """Every ``g`` the patched layer hands to a composition, by path: ``compose`` (Linear and Conv, and the
+    training node with ``lora_B`` inside), the ``recompute_base`` composition (either form), the decode
+    ``fold``, and Embedding's returned ``g``."""
     scales: dict[str, list[torch.Tensor]] = {}
 
     def spy(patcher, module, name, position, path):
@@ -168,6 +169,14 @@ def _recorded_scales(monkeypatch, model):
         spy(patcher, linear_layers, "compose_recompute_base", 3, "recompute_base")  # (x, weight, lora, scale, s)
         spy(patcher, linear_layers, "fold_scale_into_lora_B", 1, "fold")  # (lora_B, scale, scaling, bias)
         spy(patcher, conv_layers, "dora_compose", 2, "compose")
+        node = linear_layers.dora_linear_compose  # training with lora_B inside the node: (h, B, scale, s, ...)
+
+        def node_spy(*args, **kwargs):
+            path = "compose" if kwargs.get("base") is not None else "recompute_base"
+            scales.setdefault(path, []).append(args[2].detach().clone())
+            return node(*args, **kwargs)
+
+        patcher.setattr(linear_layers, "dora_linear_compose", node_spy)
         hook = _lora_layer(model).lora_magnitude_vector["default"].register_forward_hook(embedding_hook)
         try:
             yield scales
