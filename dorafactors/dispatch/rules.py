@@ -36,6 +36,7 @@ __all__ = [
     "NORM_GEMM_MIN_DIN_RANK",
     "NORM_GEMM_MIN_MACS",
     "compiled_compose_ok",
+    "compiled_norm_op_ok",
     "constant_while_compiling",
     "fused_backward_enabled",
     "fused_backward_ok",
@@ -273,6 +274,19 @@ def fused_norm_ok(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
     if _under_compile():
         # the kernel's host side (per-stream ticket buffers, cached launch plans) is not traceable
         return _reject("norm", "under torch.compile")
+    return True, ""
+
+
+@constant_while_compiling
+def compiled_norm_op_ok() -> tuple[bool, str]:
+    """While ``torch.compile`` traces: may the layer's norm be the opaque op ``dorafactors::cached_weight_norm``
+    (``autograd/norm_op.py``: the norm kernels and the norm cache, run by the compiled graph)?
+
+    Yes except inside a ``torch.func`` transform, which has no rule for the op (the PyTorch reference is
+    traced instead). Kernels, the cache switch and sharding are decided by the op at run time, as in eager.
+    """
+    if _functorch_interpreter() is not None:
+        return _reject("compiled norm", "inside a torch.func transform")
     return True, ""
 
 

@@ -61,6 +61,9 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
     def _norm_factors(self, weight, lora_A, lora_B):
         return transpose(weight, self.fan_in_fan_out), lora_A, lora_B
 
+    def _norm_layout(self) -> str:
+        return "transposed" if self.fan_in_fan_out else "linear"
+
     # ---------------------------------------------------------------- forward
     def forward(
         self,
