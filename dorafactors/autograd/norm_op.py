@@ -112,9 +112,11 @@ def _step_keyed(inputs: tuple[torch.Tensor, ...]) -> bool:
     return False
 
 
-def _may_cache(inputs: tuple[torch.Tensor, ...]) -> bool:
-    """Run-time conditions of the cache: switched on, stampable inputs, nothing sharded (as in eager)."""
-    if not config.norm_cache_enabled() or not stampable(inputs):
+def _may_store(inputs: tuple[torch.Tensor, ...]) -> bool:
+    """May a norm computed from ``inputs`` be kept? Not for inference tensors (no version counter) or sharded
+    parameters (as in eager). Asked before a value is stored: a lookup can only hit an entry stored after
+    this check passed for the very same tensor objects."""
+    if not stampable(inputs):
         return False
     if distributed.process_group_active():
         return distributed.norm_cache_allowed(distributed.GatherInfo(), inputs)[0]
@@ -183,7 +185,7 @@ def _cached_weight_norm_impl(
     """The op's body (eager, on every call of a compiled graph). A hit costs the stamp checks and one copy."""
     caches = owned_norm_caches(owner)
     inputs = (weight, lora_A, lora_B)
-    if cache and _may_cache(inputs):
+    if cache and config.norm_cache_enabled():
         signature = (
             scaling,
             layout,
@@ -191,17 +193,19 @@ def _cached_weight_norm_impl(
             config.fused_mode(),
             optimizer_steps() if _step_keyed(inputs) else -1,
         )
-        hit = caches.norm.get(None, signature, inputs)
+        hit = caches.norm.get(None, signature, inputs)  # counts the miss
         if hit is not None:
             if config.norm_cache_verify():
                 with _norm_context(weight.device.type):
                     _raise_if_stale("weight norm", hit, _compute(weight, lora_A, lora_B, scaling, layout, caches))
             return hit.clone()
-        with _norm_context(weight.device.type), normal_tensors():
-            norm = _compute(weight, lora_A, lora_B, scaling, layout, caches)
-        caches.norm.put(None, signature, inputs, norm)
-        return norm.clone()
-    caches.norm.misses += 1  # an uncached call computes the norm every time: counted like a miss
+        if _may_store(inputs):
+            with _norm_context(weight.device.type), normal_tensors():
+                norm = _compute(weight, lora_A, lora_B, scaling, layout, caches)
+            caches.norm.put(None, signature, inputs, norm)
+            return norm.clone()
+    else:
+        caches.norm.misses += 1  # an uncached call computes the norm every time: counted like a miss
     with _norm_context(weight.device.type):
         return _compute(weight, lora_A, lora_B, scaling, layout, None)
 
