@@ -26,7 +26,7 @@ from dorafactors.norm import engine
 from dorafactors.norm.cache import NormCache, StaleNormCacheError
 from tests._lifecycle import build_pair, dora_layers, one_thread, sync_weights, trainable
 from tests._peft import MERGE_FIXED
-from tests._tolerances import assert_dtype_close
+from tests._tolerances import assert_dtype_close, assert_not_worse
 
 F32 = torch.float32
 ON_GPU = torch.cuda.is_available()
@@ -509,11 +509,12 @@ def test_gpu_inductor_graph_calls_the_op_and_caches():
     ours.train()
     stock.train()
     opt = torch.optim.AdamW(list(trainable(ours).values()), lr=1e-2, fused=True)
-    for _ in range(2):
+    for step in range(3):
         before = _norm_count(ours)
         for _ in range(4):
             (compiled(ids).float().logsumexp(-1).mean() / 4).backward()
-        assert _norm_count(ours) - before == len(dora_layers(ours))
+        # step 0 still uses the norm of the evaluation above (nothing changed since); then one per step
+        assert _norm_count(ours) - before == (0 if step == 0 else len(dora_layers(ours))), f"step {step}"
         opt.step()
         opt.zero_grad()
     sync_weights(ours, stock)
@@ -562,13 +563,10 @@ def test_gpu_reduce_overhead_decode_stays_correct_without_re_recording(dtype, mo
                 want = stock(tokens)
             if dtype == torch.float32:
                 assert_dtype_close(got, want, F32, name=f"{what}: decode logits")
-            else:
-                ref = copy.deepcopy(stock).double()
+            else:  # half precision: at least as close to an fp64 truth as stock PEFT
                 with torch.no_grad():
-                    truth = ref(tokens)
-                err_ours = (got.double() - truth).norm() / truth.norm()
-                err_stock = (want.double() - truth).norm() / truth.norm()
-                assert err_ours <= 1.25 * err_stock + 1e-3, f"{what}: {err_ours:.3g} vs stock {err_stock:.3g}"
+                    truth = copy.deepcopy(stock).double()(tokens)
+                assert_not_worse(got, want, truth, dtype, name=f"{what}: decode logits")
             tokens = torch.cat([tokens[:, 1:], got[:, -1:].argmax(-1)], dim=1)
 
     with torch._inductor.config.patch(graph_partition=True):
