@@ -17,7 +17,9 @@ no storage for a kernel, and custom autograd Functions need functorch rules): :f
 
 Under ``torch.compile`` the compose decision is :func:`compiled_compose_ok` (device and dtypes only, no
 size threshold), evaluated once at trace time; :func:`kernels_enabled` is likewise baked in at trace time,
-so the dispatch adds no graph breaks (the config cache's lock and the logger are never traced).
+so the dispatch adds no graph breaks (the config cache's lock and the logger are never traced). The norm
+is the opaque op ``dorafactors::cached_weight_norm`` (:func:`compiled_norm_op_ok`), whose body runs these
+rules eagerly, at run time, like an eager call (:func:`fused_norm_ok` rejects only while tracing).
 """
 
 from __future__ import annotations

@@ -56,9 +56,11 @@ def _norm_count(model: nn.Module) -> int:
 
 
 class _Graphs:
-    """An ``aot_eager`` backend that keeps the forward and backward ATen graphs it compiles."""
+    """An ``aot_eager`` backend that keeps the forward and backward ATen graphs it compiles; ``min_cut``:
+    Inductor's partitioner (which may recompute forward ops in the backward) instead of the default."""
 
-    def __init__(self) -> None:
+    def __init__(self, min_cut: bool = False) -> None:
+        from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
         from torch._dynamo.backends.common import aot_autograd
         from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -68,12 +70,13 @@ class _Graphs:
         def keep(into):
             def compiler(gm, example_inputs):
                 into.append(gm)
-                return gm.forward
+                return make_boxed_func(gm.forward)
 
             return compiler
 
+        extra = {"partition_fn": min_cut_rematerialization_partition} if min_cut else {}
         self.counter = CompileCounterWithBackend(
-            aot_autograd(fw_compiler=keep(self.forward), bw_compiler=keep(self.backward))
+            aot_autograd(fw_compiler=keep(self.forward), bw_compiler=keep(self.backward), **extra)
         )
 
     def compile(self, model):
@@ -173,13 +176,14 @@ def test_the_op_caches_nothing_when_told_not_to_or_switched_off(monkeypatch):
 # --------------------------------------------------------------------------------------------- compiled models
 
 
-def test_compiled_model_calls_the_op_once_per_layer_in_one_graph(path):
+@pytest.mark.parametrize("partitioner", ["default", "min_cut"])
+def test_compiled_model_calls_the_op_once_per_layer_in_one_graph(path, partitioner):
     """``fullgraph=True``: one forward graph with one norm op per DoRA layer (Embedding, Linear, Conv1D,
     Conv1d), every argument a graph input (so Inductor can run it ahead of a captured CUDA graph), none in
-    the backward graph; outputs and gradients equal stock PEFT's."""
+    the backward graph (also with Inductor's partitioner); outputs and gradients equal stock PEFT's."""
     stock, ours = build_pair()
     ids = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(3))
-    graphs = _Graphs()
+    graphs = _Graphs(min_cut=partitioner == "min_cut")
     compiled = graphs.compile(ours)
     out = compiled(ids)
     probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
