@@ -594,3 +594,19 @@ def test_gpu_reduce_overhead_decode_stays_correct_without_re_recording(dtype, mo
         decode(3, "after an optimizer step")
         assert recordings.count == recorded, f"re-recorded CUDA graphs: {recorded} -> {recordings.count}"
         assert counters["stats"]["unique_graphs"] == frames, "recompiled while decoding"
+
+
+@pytest.mark.gpu
+def test_gpu_reduce_overhead_runs_the_norm_ops_ahead_of_one_captured_graph(monkeypatch):
+    """Every argument of the norm op is a graph input, so Inductor's partitioner moves the ops (tagged
+    ``cudagraph_unsafe``) in front of the rest of the graph: one eager partition of norm ops, then one
+    captured CUDA graph per forward (not one per DoRA layer)."""
+    recordings = _Recordings(monkeypatch)
+    _, ours = _gpu_pair(torch.bfloat16)
+    ours.eval()
+    compiled = torch.compile(ours, mode="reduce-overhead", fullgraph=True)
+    tokens = torch.randint(0, 32, (1, 4), device="cuda")
+    with torch._inductor.config.patch(graph_partition=True), torch.no_grad():
+        for _ in range(4):
+            compiled(tokens)
+    assert recordings.count == 1, f"{recordings.count} CUDA graphs recorded for one forward graph"
