@@ -36,8 +36,11 @@ OP = torch.ops.dorafactors.cached_weight_norm.default
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     torch._dynamo.reset()
-    with one_thread(), torch._functorch.config.patch(decompose_custom_triton_ops=False):
-        yield  # (interpreted compose kernels stay opaque to AOTAutograd: tests/autograd/test_compose_compile.py)
+    # without a GPU the compose kernels run on the interpreter, which cannot be recorded into a graph: they
+    # stay opaque to AOTAutograd (tests/autograd/test_compose_compile.py); on a GPU, Inductor's defaults
+    opaque = contextlib.nullcontext() if ON_GPU else torch._functorch.config.patch(decompose_custom_triton_ops=False)
+    with one_thread(), opaque:
+        yield
     torch._dynamo.reset()
 
 
@@ -214,16 +217,21 @@ def test_compiled_norm_runs_the_kernels_at_run_time(path, monkeypatch):
     monkeypatch.setattr(row_norm, "triton_weight_norm_sq", lambda *a, **k: calls.append(1) or real(*a, **k))
     _, ours = build_pair(targets=["lin"])
     ours.to(torch.bfloat16)
+    lin = ours.base_model.model.lin
+    eager_path = engine.norm_path(lin.base_layer.weight, lin.lora_A.default.weight, lin.lora_B.default.weight)
+    kernel = int(eager_path in ("triton", "gemm"))
+    if path == "kernels" and config.triton_interpreter_active():
+        assert kernel, eager_path  # CPU CI: the interpreted kernel is the eager choice, so the test bites
     ids = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(3))
     compiled = _Graphs().compile(ours)
     with torch.no_grad():
         out = compiled(ids)
-        assert len(calls) == (1 if path == "kernels" else 0)
+        assert len(calls) == kernel
         compiled(ids)  # a hit: no launch
-        assert len(calls) == (1 if path == "kernels" else 0)
-        ours.base_model.model.lin.lora_B.default.weight.mul_(1.1)
+        assert len(calls) == kernel
+        lin.lora_B.default.weight.mul_(1.1)
         compiled(ids)
-        assert len(calls) == (2 if path == "kernels" else 0)
+        assert len(calls) == 2 * kernel
         ours.base_model.model.lin.lora_B.default.weight.div_(1.1)
         eager = ours(ids)
     assert_dtype_close(out, eager, torch.bfloat16, name="compiled vs eager bf16 output")
