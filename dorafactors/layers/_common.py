@@ -32,6 +32,7 @@ from ..norm.cache import (
     same_values,
     stampable,
 )
+from ..norm.scale import magnitude_scale
 
 __all__ = ["DoraLayerMixin", "base_weight", "norm_cache_key_tensors"]
 
@@ -227,7 +228,11 @@ class DoraLayerMixin:
             weight = gathered.full(base_weight(base_layer)).to(lora_A.device)
             with _autocast_off(weight.device.type):
                 w2, a2, b2 = self._norm_factors(weight, lora_A, lora_B)
-                norm = engine.weight_norm(w2, a2, b2, float(scaling))
+                # ||W||^2 from weight_sumsq, as the forward takes it (_norm_in_scope): the forward's norm at
+                # these weights is then bitwise this one, so g == 1 exactly until the adapter trains (the
+                # kernel's one-pass ||W||^2 sums in another order and differs in the last fp32 bits).
+                norm = engine.weight_norm(w2, a2, b2, float(scaling), cached_sumsq=engine.weight_sumsq(w2))
+                self.__dict__["_df_norm_rank"] = a2.shape[0]  # for get_weight_norm (merge): the same norm path
             norm = norm.to(torch.promote_types(weight.dtype, lora_A.dtype)).view(self._magnitude_shape(weight))
         if place_on_cpu:
             norm = norm.to("cpu")
@@ -258,23 +263,23 @@ class DoraLayerMixin:
         return tensors
 
     def _magnitude_scale(self, magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-        """``g = m / norm`` (``[d_out]``). With no autograd to record, reuse the last ``g`` while ``norm`` is
+        """``g = m / norm`` (``[d_out]``, ``norm.scale.magnitude_scale``). With no autograd to record, reuse the last ``g`` while ``norm`` is
         the same cached tensor and the magnitude is unchanged (saves a launch per decode step). One memo
         per layer; never kept for inference tensors or while tracing (see ``norm/cache.py``)."""
         if (torch.is_grad_enabled() and magnitude.requires_grad) or not caching_allowed():
-            return magnitude.reshape(-1) / norm.to(magnitude.device)
+            return magnitude_scale(magnitude.reshape(-1), norm)
         epoch = optimizer_steps() if magnitude.requires_grad else -1
         memo = self.__dict__.get("_df_scale_memo")
         if memo is not None and memo[0] is norm and memo[2] == epoch and memo[1].matches(magnitude):
             if config.norm_cache_verify():
-                fresh = magnitude.detach().reshape(-1) / norm.to(magnitude.device)
+                fresh = magnitude_scale(magnitude.detach().reshape(-1), norm)
                 self._check_cached("magnitude scale m / norm", None, memo[3], fresh)
             return memo[3]
         self.__dict__.pop("_df_scale_memo", None)  # the stale memo's tensors are freed before the new ones
         if magnitude.is_inference() or norm.is_inference():  # nothing is kept for inference tensors
-            return magnitude.detach().reshape(-1) / norm.to(magnitude.device)
+            return magnitude_scale(magnitude.detach().reshape(-1), norm)
         with normal_tensors():
-            scale = magnitude.detach().reshape(-1) / norm.to(magnitude.device)
+            scale = magnitude_scale(magnitude.detach().reshape(-1), norm)
         self.__dict__["_df_scale_memo"] = (norm, TensorStamp(magnitude), epoch, scale)
         return scale
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..autograd.compose import dora_compose
 from ..norm import engine
-from ..norm.dense import dense_norm_rows, dense_row_norm
+from ..norm.dense import dense_norm_rows
 from ._common import DoraLayerMixin
 
 __all__ = ["DoraConv1dLayer", "DoraConv2dLayer", "DoraConv3dLayer"]
@@ -28,13 +28,16 @@ class _ConvMixin(DoraLayerMixin):
         return (1, -1) + (1,) * (weight.dim() - 2)
 
     def get_weight_norm(self, weight, lora_weight, scaling, adapter_name=None) -> torch.Tensor:
-        """Norm over all dims but 0 of ``weight + scaling * lora_weight``, shaped ``[1, out, 1, ...]`` (stock)."""
+        """Norm over all dims but 0 of ``weight + scaling * lora_weight``, shaped ``[1, out, 1, ...]`` (stock);
+        rows the delta leaves unchanged get the forward's own norm (``engine.dense_delta_norm``)."""
 
         def compute() -> torch.Tensor:
             out = weight.shape[0]
             w2 = weight.reshape(out, -1)
             l2 = lora_weight.reshape(out, -1)
-            norm = dense_row_norm(w2, l2, float(scaling), max_rows=dense_norm_rows(w2.shape[1]))
+            rows = dense_norm_rows(w2.shape[1])
+            rank = self.__dict__.get("_df_norm_rank", 1)
+            norm = engine.dense_delta_norm(w2, l2, float(scaling), rank=rank, max_rows=rows)
             norm = norm.to(torch.promote_types(weight.dtype, lora_weight.dtype))
             return norm.view((1, out) + (1,) * (weight.dim() - 2))
 

@@ -15,6 +15,7 @@ import torch
 from peft.tuners.lora import dora as peft_dora
 from torch import nn
 
+from ..norm.scale import magnitude_scale
 from ._common import DoraLayerMixin
 from .linear import DoraLinearLayer
 
@@ -65,6 +66,6 @@ class DoraEmbeddingLayer(DoraLayerMixin, peft_dora.DoraEmbeddingLayer):
             dequantize=False,
         )
         self._mirror_stock_cache(adapter_name, norm)
-        mag_norm_scale = magnitude / norm.to(magnitude.device)
+        mag_norm_scale = magnitude_scale(magnitude, norm)
         result_dora = mag_norm_scale * (embed_fn(x, lora_A) @ lora_B) * scaling
         return mag_norm_scale, result_dora

@@ -14,8 +14,10 @@ from ..autograd.compose import dora_compose
 from ..autograd.folded import FoldedLoraB, fold_scale_into_lora_B, folded_dora_extra
 from ..autograd.recompute_base import compose_recompute_base
 from ..dispatch import config, rules
+from ..norm import engine
 from ..norm.cache import caching_allowed, normal_tensors, optimizer_steps, stampable
-from ..norm.dense import dense_norm_rows, dense_row_norm
+from ..norm.dense import dense_norm_rows
+from ..norm.scale import magnitude_scale
 from ._common import DoraLayerMixin, base_weight
 
 __all__ = ["DoraLinearLayer"]
@@ -38,13 +40,16 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
     ) -> torch.Tensor:
         """Row norm of ``transpose(weight) + scaling * lora_weight`` (dense ``lora_weight``, as merge passes).
 
-        Accumulated in fp32 (fp64 for fp64 inputs) and returned in stock's dtype, ``promote(W, lora)``.
+        Accumulated in fp32 (fp64 for fp64 inputs) and returned in stock's dtype, ``promote(W, lora)``; rows
+        the delta leaves unchanged get the forward's own norm (``engine.dense_delta_norm``).
         """
 
         def compute() -> torch.Tensor:
             w = transpose(weight, self.fan_in_fan_out)
             out_dtype = torch.promote_types(w.dtype, lora_weight.dtype)
-            norm = dense_row_norm(w, lora_weight, float(scaling), max_rows=dense_norm_rows(w.shape[1]))
+            rows = dense_norm_rows(w.shape[1])
+            rank = self.__dict__.get("_df_norm_rank", 1)
+            norm = engine.dense_delta_norm(w, lora_weight, float(scaling), rank=rank, max_rows=rows)
             return norm.to(out_dtype)
 
         return self._stock_cached("weight-norm", adapter_name, compute)
@@ -171,7 +176,7 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
         """``(B', c, g - 1)`` from the (cached) norm and the current magnitude, ``lora_B`` and bias, or
         ``_NOT_FOLDABLE`` where ``fold_scale_into_lora_B`` declines."""
         norm = self._forward_norm(base_layer, lora_A, lora_B, scaling, adapter_name, gather_modules=(lora_A, lora_B))
-        scale = magnitude.detach().reshape(-1) / norm.to(magnitude.device)
+        scale = magnitude_scale(magnitude.detach().reshape(-1), norm)
         folded = fold_scale_into_lora_B(weight_b, scale, scaling, bias)
         return _NOT_FOLDABLE if folded is None else folded
 

@@ -30,11 +30,12 @@ from ..dispatch import config, rules
 from ..kernels.operands import HALF_DTYPES, compute_dtype_for
 from ..kernels.row_norm_reference import factored_row_norm_sq, plan_chunk_columns, row_sumsq
 from .cache import NormCache, optimizer_steps
-from .dense import dense_factor_row_norm_sq
+from .dense import dense_factor_row_norm_sq, dense_row_norm
 
 __all__ = [
     "clamp_eps",
     "conv_factors",
+    "dense_delta_norm",
     "norm_path",
     "weight_norm",
     "weight_norm_with_cached_sumsq",
@@ -247,6 +248,47 @@ def _norm(weight, lora_A, lora_B, scaling, path, cached_sumsq, out_sumsq) -> tor
         )
     norm = norm_sq.clamp_min_(0).sqrt_().to(compute_dtype_for(weight.dtype, lora_A.dtype, lora_B.dtype))
     return norm.clamp_min_(clamp_eps(weight.dtype))
+
+
+@torch.no_grad()
+def dense_delta_norm(
+    weight: torch.Tensor, delta: torch.Tensor, scaling: float, *, rank: int = 1, max_rows: int | None = None
+) -> torch.Tensor:
+    """Row norm of ``W + scaling * D`` for a dense delta ``D`` (PEFT's merge builds it), consistent with
+    :func:`weight_norm` where ``scaling * D`` is zero.
+
+    Rows with a non-zero delta: :func:`dense_row_norm` (not clamped). Rows where ``scaling * D`` is exactly
+    zero (every row of an adapter whose ``lora_B`` is still zero): :func:`weight_norm` of ``W`` alone on
+    :func:`weight_sumsq`, so bitwise the norm the forward computes there (a zero row of ``B`` makes its
+    cross and Gram terms exact zeros) and the one the initial magnitude was rounded from. Merging an
+    untrained adapter then divides the magnitude by exactly its own norm and leaves ``W`` unchanged.
+
+    Args:
+        weight: ``[d_out, d_in]`` (any float dtype; may be a strided view, as the forward passes it).
+        delta: ``[d_out, d_in]``, any float dtype / device.
+        scaling: Python float.
+        rank: the rank of the factors the forward hands :func:`weight_norm` (its path depends on it:
+            the dense form where ``d_in <= rank``); the unchanged rows go through the same path.
+        max_rows: rows per step of the dense norm (bounds its fp32 temporaries).
+
+    Returns:
+        ``[d_out]`` in fp32 (fp64 when an input is fp64).
+    """
+    scaling = float(scaling)
+    d_out, d_in = weight.shape
+    if scaling == 0.0:
+        untouched = torch.ones(d_out, dtype=torch.bool, device=weight.device)
+    else:
+        untouched = torch.linalg.vector_norm(delta, ord=float("inf"), dim=1).eq(0).to(weight.device)
+    if not bool(untouched.any()):
+        return dense_row_norm(weight, delta, scaling, max_rows=max_rows)
+    rank = max(1, int(rank))
+    no_adapter = (weight.new_zeros(rank, d_in), weight.new_zeros(d_out, rank))
+    own = weight_norm(weight, *no_adapter, 0.0, cached_sumsq=weight_sumsq(weight))
+    own = own.to(compute_dtype_for(weight.dtype, delta.dtype))
+    if bool(untouched.all()):  # an untrained adapter: no dense norm needed
+        return own
+    return torch.where(untouched, own, dense_row_norm(weight, delta, scaling, max_rows=max_rows))
 
 
 def conv_factors(

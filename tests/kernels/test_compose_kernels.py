@@ -568,7 +568,7 @@ def test_gpu_every_backward_tile(cfg):
 
 @pytest.mark.gpu
 def test_gpu_autotune_then_cached_config_and_inplace_restore():
-    kc.reset_tuning()
+    kl.reset_tuning()
     lora, base = _cuda_exact((512, 4096), BF16, 12), _cuda_exact((512, 4096), BF16, 13)
     g = exact_scale(4096, F32, torch.Generator().manual_seed(14)).cuda()
     expected = truth_forward(lora, base, g, EXACT_SCALING)[0]

@@ -29,7 +29,7 @@ def _dora(model) -> list:
 
 
 def _fold_entries(model) -> list:
-    return [value for layer in _dora(model) for _, value in layer._df_fold_cache._entries.values()]
+    return [entry[-1] for layer in _dora(model) for entry in layer._df_fold_cache._entries.values()]
 
 
 def _folds(model) -> int:

@@ -94,3 +94,30 @@ def test_shape_mismatch_is_a_clear_error():
 
     with pytest.raises(ValueError, match=r"expected A \[r, d_in\] and B \[d_out, r\]"):
         factored_row_norm_sq(torch.randn(5, 7), torch.randn(2, 6), torch.randn(5, 2), 1.0, chunk_columns=4)
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["torch", "kernels"])
+@pytest.mark.parametrize(("d_in", "rank"), [(90, 4), (3, 5)], ids=["factored", "dense"])
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_dense_delta_norm_gives_unchanged_rows_the_forwards_norm(monkeypatch, kernels, d_in, rank, w_dtype):
+    """Merge's norm: bitwise :func:`weight_norm` (as the forward calls it, on the cached ``||W||^2``) in rows
+    the delta leaves unchanged, :func:`dense_row_norm` elsewhere."""
+    if kernels:
+        monkeypatch.setenv("PEFT_DORA_FUSED", "1")
+    config.invalidate_cache()
+    gen = torch.Generator().manual_seed(3)
+    d_out = 48
+    w = torch.randn(d_out, d_in, generator=gen).to(w_dtype)
+    a = torch.randn(rank, d_in, generator=gen)
+    b = torch.randn(d_out, rank, generator=gen)
+    b[::3] = 0  # every third row of B A is zero
+    w[6] = 0  # and one of them has a zero row of W as well (clamped, never 0)
+    forward = engine.weight_norm(w, a, b, 0.7, cached_sumsq=engine.weight_sumsq(w))
+    delta = b @ a
+    merge = engine.dense_delta_norm(w, delta, 0.7, rank=rank)
+    unchanged = torch.zeros(d_out, dtype=torch.bool)
+    unchanged[::3] = True
+    assert torch.equal(merge[unchanged], forward[unchanged])
+    assert merge[6] == forward[6] == torch.tensor(engine.clamp_eps(w_dtype), dtype=torch.float32)
+    assert torch.equal(merge[~unchanged], dense_row_norm(w, delta, 0.7)[~unchanged])
+    assert torch.equal(engine.dense_delta_norm(w, delta, 0.0, rank=rank), engine.weight_norm(w, a, b, 0.0))

@@ -6,6 +6,7 @@ actually used: one norm per optimizer step under gradient accumulation / checkpo
 from __future__ import annotations
 
 import copy
+import zlib
 
 import pytest
 import torch
@@ -16,8 +17,8 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 import dorafactors
+from tests._lifecycle import check_against_stock
 from tests._peft import HAS_DORA_CACHING, MERGE_FIXED
-from tests._tolerances import assert_dtype_close
 
 
 class Net(nn.Module):
@@ -109,8 +110,12 @@ def _check_fold_not_stale(module: LoraLayer, layer, adapter: str) -> None:
 
 
 def _check_outputs(stock: nn.Module, ours: nn.Module, ids: torch.Tensor) -> None:
+    """Ours == stock in fp32 elementwise, or failing that (cancellation), as close to the fp64 truth (stock
+    upcast) as the fp32 tolerance: ``tests._lifecycle.check_against_stock``."""
     with torch.no_grad():
-        assert_dtype_close(ours(ids), stock(ids), torch.float32, name="output vs stock")
+        check_against_stock(
+            ours(ids), stock(ids), torch.float32, "output vs stock", lambda: copy.deepcopy(stock).double()(ids)
+        )
 
 
 def _set_on_both(stock, ours, fn):
@@ -153,7 +158,7 @@ def test_random_op_sequences_never_serve_a_stale_norm(ops, seed):
     opt_s = torch.optim.AdamW([p for p in stock.parameters() if p.requires_grad], lr=0.05, fused=fused)
     opt_o = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=0.05, fused=fused)
     for op in ops:
-        noise = torch.Generator().manual_seed(hash(op) % 1000 + seed)
+        noise = torch.Generator().manual_seed(zlib.crc32(op.encode()) % 1000 + seed)  # hash() varies per process
         if op == "forward":
             _set_on_both(stock, ours, lambda m: m(ids))
         elif op == "backward":
