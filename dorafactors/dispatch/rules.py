@@ -284,11 +284,15 @@ def compiled_norm_op_ok() -> tuple[bool, str]:
     """While ``torch.compile`` traces: may the layer's norm be the opaque op ``dorafactors::cached_weight_norm``
     (``autograd/norm_op.py``: the norm kernels and the norm cache, run by the compiled graph)?
 
-    Yes except inside a ``torch.func`` transform, which has no rule for the op (the PyTorch reference is
-    traced instead). Kernels, the cache switch and sharding are decided by the op at run time, as in eager.
+    Yes except inside a ``torch.func`` transform, which has no rule for the op, and under ``torch.export``,
+    whose programs must run without dorafactors' Python (AOTInductor, other runtimes): there the PyTorch
+    reference is traced instead, recomputed in every call. Kernels, the cache switch and sharding are
+    decided by the op at run time, as in eager mode.
     """
     if _functorch_interpreter() is not None:
         return _reject("compiled norm", "inside a torch.func transform")
+    if torch.compiler.is_exporting():
+        return _reject("compiled norm", "torch.export (the op's body is Python)")
     return True, ""
 
 

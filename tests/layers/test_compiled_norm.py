@@ -618,3 +618,20 @@ def test_gpu_reduce_overhead_runs_the_norm_ops_ahead_of_one_captured_graph(monke
         for _ in range(4):
             compiled(tokens)
     assert recordings.count == 1, f"{recordings.count} CUDA graphs recorded for one forward graph"
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "non-strict"])
+def test_torch_export_traces_the_reference_norm_not_the_op(strict):
+    """An exported program must run without dorafactors' Python (AOTInductor and other runtimes): under
+    ``torch.export`` the norm is traced as ATen ops, and the program follows later weight edits."""
+    stock, ours = build_pair(targets=["lin", "gpt", "conv"])
+    ours.eval()
+    ids = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(9))
+    program = torch.export.export(ours, (ids,), strict=strict)
+    targets = {str(n.target) for gm in program.graph_module.modules() for n in gm.graph.nodes}
+    assert not any("dorafactors" in t for t in targets), sorted(t for t in targets if "dorafactors" in t)
+    with torch.no_grad():
+        ours.base_model.model.lin.lora_B.default.weight.mul_(1.5)
+    sync_weights(ours, stock)
+    with torch.no_grad():
+        assert_dtype_close(program.module()(ids), stock(ids), F32, name="exported program after an edit")
