@@ -21,6 +21,7 @@ def _settings(args: argparse.Namespace):
         reps=args.reps,
         heavy_reps=args.heavy_reps,
         compile=not args.no_compile,
+        compile_mode=args.compile_mode,
         device=args.device,
         seed=args.seed,
     )
@@ -98,7 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"dorafactors benchmarks: {len(cases)} cases on {settings.device}"
         f"{' (' + torch.cuda.get_device_name(settings.device) + ')' if settings.cuda else ''}, "
         f"reps={settings.reps}, heavy reps={settings.heavy_reps}, quick={settings.quick}, "
-        f"compile={'on' if settings.compile else 'off'}, budget={args.time_budget or 'none'} -> {out}",
+        f"compile={'on (' + settings.compile_backend + ', ' + (settings.compile_mode or 'default') + ')' if settings.compile else 'off'}, budget={args.time_budget or 'none'} -> {out}",
         file=sys.stderr,
     )
     from . import providers
@@ -182,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="timed calls of the gradient-accumulation steps (default 8; 3 with --quick)",
         )
         p.add_argument("--no-compile", action="store_true", help="skip the optional torch.compile cases")
+        p.add_argument(
+            "--compile-mode",
+            default=None,
+            choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+            help="torch.compile mode of the compiled providers on a GPU (default: Inductor's default mode)",
+        )
         p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument(

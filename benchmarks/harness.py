@@ -77,6 +77,7 @@ class Settings:
     heavy_reps: int = 8
     compile: bool = True
     compile_backend: str = "inductor"
+    compile_mode: str | None = None
     seed: int = 0
 
     @property
@@ -91,6 +92,7 @@ class Settings:
         reps: int | None = None,
         heavy_reps: int | None = None,
         compile: bool = True,
+        compile_mode: str | None = None,
         device: str | None = None,
         seed: int = 0,
     ) -> Settings:
@@ -99,6 +101,7 @@ class Settings:
             reps = 3 if quick else 20
         if heavy_reps is None:
             heavy_reps = min(reps, 3 if quick else 8)
+        # CPU smoke runs: Dynamo's graphs run eagerly (tests/layers/test_compiled_norm.py covers AOTAutograd)
         backend = "inductor" if dev.type == "cuda" else "eager"
         return cls(
             quick=quick,
@@ -107,6 +110,7 @@ class Settings:
             heavy_reps=max(1, heavy_reps),
             compile=compile,
             compile_backend=backend,
+            compile_mode=compile_mode if backend == "inductor" and compile_mode != "default" else None,
             seed=seed,
         )
 
@@ -432,6 +436,7 @@ def collect_metadata(settings: Settings, argv: Sequence[str] | None = None) -> d
         "reps": settings.reps,
         "heavy_reps": settings.heavy_reps,
         "compile_backend": settings.compile_backend,
+        "compile_mode": settings.compile_mode,
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "torch_threads": torch.get_num_threads(),
         "argv": list(argv) if argv is not None else sys.argv[1:],

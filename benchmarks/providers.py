@@ -42,6 +42,7 @@ __all__ = [
     "build_peft",
     "bump_adapter_versions",
     "compiled",
+    "dynamo_stats",
     "impl_info",
     "llama_base",
     "norm_computations",
@@ -370,28 +371,39 @@ def set_lora_dropout(model: nn.Module, p: float) -> None:
         module.lora_dropout["default"] = nn.Dropout(p=p) if p > 0 else nn.Identity()
 
 
-def compiled(model: nn.Module, backend: str) -> tuple[Callable[..., Any], dict[str, Any]]:
-    """``torch.compile(model)`` after a dynamo reset (so compile time is clean); returns (fn, info)."""
+def compiled(model: nn.Module, backend: str, mode: str | None = None) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """``torch.compile(model, backend=backend, mode=mode, dynamic=False)`` after a Dynamo reset; returns (fn, info).
+
+    The reset makes every compiled row start clean: the providers' models share code objects (PEFT's and
+    transformers' ``forward`` functions), and a frame Dynamo gave up on for one provider (stock PEFT's graph
+    breaks) would otherwise run eagerly for the next one too. Dynamo's per-frame cache is raised so that
+    no case falls back to eager mode silently; recompiles are counted per row instead (:func:`dynamo_stats`).
+    Inductor's on-disk caches still serve a graph compiled by an earlier case (the accumulation step's
+    training graph), so only tracing is paid again.
+    """
     import torch._dynamo
 
     torch._dynamo.reset()
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    info: dict[str, Any] = {"compile_backend": backend, "compile_mode": mode or "default"}
+    if backend == "inductor":
+        import torch._inductor.config as inductor_config
+
+        info["inductor_graph_partition"] = bool(getattr(inductor_config, "graph_partition", False))
+    return torch.compile(model, backend=backend, mode=mode, dynamic=False), info
+
+
+def dynamo_stats() -> dict[str, int]:
+    """Process-wide Dynamo counters: graphs compiled (``unique_graphs``) and graph breaks, for per-row deltas."""
     try:
         from torch._dynamo.utils import counters
 
-        counters.clear()
+        return {
+            "graphs": int(counters["stats"]["unique_graphs"]),
+            "graph_breaks": int(sum(counters["graph_break"].values())),
+        }
     except Exception:
-        pass
-    return torch.compile(model, backend=backend, dynamic=False), {"compile_backend": backend}
-
-
-def graph_breaks() -> int | None:
-    try:
-        from torch._dynamo.utils import counters
-
-        return int(sum(counters["graph_break"].values()))
-    except Exception:
-        return None
+        return {}
 
 
 def timed_first_call(fn: Callable[[], Any], device: torch.device) -> float:

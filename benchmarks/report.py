@@ -4,7 +4,9 @@ Ratios are computed between rows of the same ``run_id`` and the same case only, 
 They are written back into each row (``row["ratios"]``) and shown next to the absolute numbers:
 
 * model / decode / layer / ranks: ``ms_vs_lora``, ``ms_vs_stock``, ``peak_vs_lora``, ``peak_vs_stock``, and
-  where the row has a host time (layer, decode) ``host_vs_lora``, ``host_vs_stock``;
+  where the row has a host time (layer, decode) ``host_vs_lora``, ``host_vs_stock``; a compiled provider
+  (``<p>+compile``) is compared with compiled LoRA and compiled stock, and with its own eager provider
+  (``ms_vs_eager``);
 * norm: ``ms_vs_gemm_floor``, ``ms_vs_stock``, ``peak_vs_stock``;
 * compose: ``ms_vs_eager``, ``gbps_vs_copy`` (copy of the same size), ``gbps_vs_peak_copy`` (the run's
   1 GiB copy).
@@ -103,13 +105,18 @@ def add_ratios(rows: Sequence[dict[str, Any]]) -> None:
                 ratios["ms_vs_stock"] = _div(ms, _ms(by_provider.get("stock")))
                 ratios["peak_vs_stock"] = _div(peak, _metric(by_provider.get("stock"), "peak_extra_mib"))
             else:
-                ratios["ms_vs_lora"] = _div(ms, _ms(by_provider.get("lora")))
-                ratios["ms_vs_stock"] = _div(ms, _ms(by_provider.get("stock")))
-                ratios["peak_vs_lora"] = _div(peak, _metric(by_provider.get("lora"), "peak_extra_mib"))
-                ratios["peak_vs_stock"] = _div(peak, _metric(by_provider.get("stock"), "peak_extra_mib"))
+                eager = provider.removesuffix("+compile")
+                suffix = "+compile" if eager != provider else ""
+                lora, stock = by_provider.get("lora" + suffix), by_provider.get("stock" + suffix)
+                ratios["ms_vs_lora"] = _div(ms, _ms(lora))
+                ratios["ms_vs_stock"] = _div(ms, _ms(stock))
+                ratios["peak_vs_lora"] = _div(peak, _metric(lora, "peak_extra_mib"))
+                ratios["peak_vs_stock"] = _div(peak, _metric(stock, "peak_extra_mib"))
+                if suffix:
+                    ratios["ms_vs_eager"] = _div(ms, _ms(by_provider.get(eager)))
                 host = _metric(row, "host_us")
-                ratios["host_vs_lora"] = _div(host, _metric(by_provider.get("lora"), "host_us"))
-                ratios["host_vs_stock"] = _div(host, _metric(by_provider.get("stock"), "host_us"))
+                ratios["host_vs_lora"] = _div(host, _metric(lora, "host_us"))
+                ratios["host_vs_stock"] = _div(host, _metric(stock, "host_us"))
             row["ratios"] = {k: v for k, v in ratios.items() if v is not None}
 
 
@@ -278,6 +285,21 @@ TARGETS: list[tuple[str, str, Any, str, dict[str, float]]] = [
 ]
 
 
+#: Issue 17: each compiled dorafactors row against compiled LoRA (limit) and compiled stock (< 1.00x), same run.
+COMPILED_TARGETS: list[tuple[str, str, str, float]] = [
+    ("prefill 4096, bf16", "model", "bf16/infer_prefill", 1.05),
+    ("training fwd+bwd, bf16", "model", "bf16/train_fwd_bwd", 1.10),
+    ("training step (grad-accum 8 + AdamW), bf16", "model", "bf16/train_step_accum8", 1.10),
+    ("prefill 4096, PEFT default dtypes", "model", "peft-default/infer_prefill", 1.05),
+    ("training fwd+bwd, PEFT default dtypes", "model", "peft-default/train_fwd_bwd", 1.10),
+    ("training step (grad-accum 8 + AdamW), PEFT default dtypes", "model", "peft-default/train_step_accum8", 1.10),
+    ("decode 8 tokens, bf16", "decode", "model/bf16/tokens=8", 1.10),
+    ("decode 1 token, bf16", "decode", "model/bf16/tokens=1", 1.10),
+    ("decode 8 tokens, PEFT default dtypes", "decode", "model/peft-default/tokens=8", 1.10),
+    ("decode 1 token, PEFT default dtypes", "decode", "model/peft-default/tokens=1", 1.10),
+]
+
+
 def _status(ratio: float | None, limit: float | None) -> str:
     if limit is None:
         return ""
@@ -318,7 +340,7 @@ def _cell(row: dict[str, Any] | None, metric: str, ratio_key: str | None, unit: 
     text = _f(value) + unit
     if ratio_key:
         ratio = row.get("ratios", {}).get(ratio_key)
-        if ratio is not None and row["provider"] not in ("lora",):
+        if ratio is not None and row["provider"] not in ("lora", "lora+compile"):
             text += f" ({_x(ratio)})"
     return text
 
@@ -379,6 +401,50 @@ def _targets_table(rows: list[dict[str, Any]], quick: bool) -> list[str]:
             f"| {_x(ratio)} | " + " | ".join(verdicts) + " |"
         )
     return lines
+
+
+def _facts(rows: Sequence[dict[str, Any] | None], key: str, *, metric: bool = False) -> str:
+    """``a / b / c``: a metric (``metric``) or an ``impl`` entry of each row, ``—`` where absent."""
+    values = []
+    for row in rows:
+        value = _metric(row, key) if metric else (row or {}).get("impl", {}).get(key)
+        values.append("—" if value is None else str(value) if isinstance(value, int) else _f(float(value)))
+    return " / ".join(values)
+
+
+def _compiled_targets_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Issue 17's targets: compiled dorafactors vs compiled LoRA and compiled stock, with the rows' compile
+    facts (compile time, graph breaks, recompiles after the warm-up call)."""
+    index = _index([r for r in rows if r.get("optional")])
+    if not any(p.endswith("+compile") for by in index.values() for p in by):
+        return []
+    lines = [
+        "### Targets under torch.compile",
+        "",
+        "Compiled dorafactors against compiled LoRA (limit) and compiled stock (must be below 1.00x), same run "
+        "and backend/mode; compile time is the first call's; recompiles count graphs compiled after it.",
+        "",
+        "| target | case | LoRA compiled ms | stock compiled | dorafactors compiled | / LoRA compiled | limit "
+        "| / stock compiled | compile s (LoRA / stock / dorafactors) | graph breaks (same) | recompiles (same) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, suite, name, limit in COMPILED_TARGETS:
+        by = index.get((suite, name), {})
+        if not by:
+            continue
+        lora, stock, df = (by.get(p + "+compile") for p in ("lora", "stock", "dorafactors"))
+        ok = df is not None and df.get("status") == "ok"
+        vs_lora = df.get("ratios", {}).get("ms_vs_lora") if ok else None
+        vs_stock = df.get("ratios", {}).get("ms_vs_stock") if ok else None
+        ahead = "" if vs_stock is None else (" **pass**" if vs_stock < 1.0 else " **miss**")
+        trio = (lora, stock, df)
+        lines.append(
+            f"| {label} | `{suite}:{name}` | {_cell(lora, 'ms', None) or '—'} | {_cell(stock, 'ms', 'ms_vs_lora') or '—'} "
+            f"| {_cell(df, 'ms', None) or '—'} | {_x(vs_lora)} | <= {_x(limit)} {_status(vs_lora, limit)} "
+            f"| {_x(vs_stock)}{ahead} | {_facts(trio, 'compile_s', metric=True)} | {_facts(trio, 'graph_breaks')} "
+            f"| {_facts(trio, 'recompiles_after_warmup')} |"
+        )
+    return [*lines, ""]
 
 
 def _providers_in(cases: dict[tuple[str, str], dict[str, dict[str, Any]]]) -> list[str]:
@@ -456,6 +522,11 @@ def _timing_suite(suite: str, rows: list[dict[str, Any]]) -> list[str]:
         parts = [
             f"{r['case']} {PROVIDER_LABEL.get(r['provider'], r['provider'])}: {_f(_metric(r, 'compile_s'))} s"
             + (f" ({r['impl']['graph_breaks']} graph breaks)" if "graph_breaks" in r.get("impl", {}) else "")
+            + (
+                f" ({r['impl']['recompiles_after_warmup']} recompiles after warm-up)"
+                if r.get("impl", {}).get("recompiles_after_warmup")
+                else ""
+            )
             for r in compile_rows
         ]
         lines += ["", "Compile time (first call, not in the timings): " + "; ".join(parts) + "."]
@@ -553,6 +624,7 @@ def render(rows: list[dict[str, Any]], sources: Sequence[Path]) -> str:
             "",
             *_targets_table(dev_rows, quick),
             "",
+            *_compiled_targets_table(dev_rows),
         ]
         for suite in SUITE_ORDER:
             if suite == "norm":

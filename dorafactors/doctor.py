@@ -589,8 +589,8 @@ def _format_layers(section: dict[str, Any]) -> list[str]:
     lines = [
         f"model: {section['description']}",
         f"decisions for {section['target_device']} tensors, {section['tokens']} tokens per prefill / training "
-        f"call, {section['decode_tokens']} per decode call; the norm cache is bypassed under torch.compile "
-        "and for sharded (FSDP / ZeRO-3) parameters",
+        f"call, {section['decode_tokens']} per decode call; the norm cache is bypassed for sharded (FSDP / ZeRO-3) "
+        "parameters (under torch.compile it runs inside the norm op)",
     ]
     if not section["layers"]:
         return [*lines, "no DoRA layers (LoraConfig(use_dora=True) and target_modules select them)"]

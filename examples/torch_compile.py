@@ -6,7 +6,8 @@ compiled graph runs them without a graph break (on CUDA; on the CPU the PyTorch 
         --steps 50 --batch 8 --seq 1024 --rank 64          # GPU, real size
 
 Trains the compiled dorafactors model and an eager stock-PEFT copy on the same batches and asserts that the
-losses agree. Under ``torch.compile`` the norm cache is bypassed (the norm is recomputed in the graph).
+losses agree. Under ``torch.compile`` the norm is the op ``dorafactors::cached_weight_norm``: the compiled
+graph runs the norm kernels and the norm cache at run time (one norm per optimizer step).
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ Honesty rules built in:
 * inference and decode calls do *not* bump: serving with frozen weights is where a norm cache is legitimate;
   ``dorafactors_cold`` shows the same model with the cache defeated;
 * each case starts from the same adapter weights (:func:`providers.init_adapters`), and each row records
-  how many norms dorafactors computed per call (``df_norm_computations_per_call``; eager rows only).
+  how many norms dorafactors computed per call (``df_norm_computations_per_call``; compiled rows too);
+* compiled rows record the compile time (``compile_s``: the first call), the graphs that call compiled,
+  graph breaks, and ``recompiles_after_warmup`` (graphs compiled after the first call: zero expected).
 """
 
 from __future__ import annotations
@@ -143,7 +145,7 @@ def measure(
     with _model_state(model, workload, settings.seed), P.stock_caching(cached):
         runner: Callable[..., Any] = model
         if compile_it:
-            runner, info = P.compiled(model, settings.compile_backend)
+            runner, info = P.compiled(model, settings.compile_backend, settings.compile_mode)
             impl.update(info)
         adapters = P.adapter_tensors(model)
         params = P.trainable(model)
@@ -241,24 +243,29 @@ def measure(
 
         metrics: dict[str, Any] = {}
         if compile_it:
+            # The first call compiles (or, for a wrapper reused from an earlier case, may add this case's
+            # graphs); every graph compiled after it is a recompile: zero expected, recorded per row.
+            before = P.dynamo_stats()
             metrics["compile_s"] = round(P.timed_first_call(counted, device), 3)
-            breaks = P.graph_breaks()
-            if breaks is not None:
-                impl["graph_breaks"] = breaks
+            warm = P.dynamo_stats()
         metrics.update(bench(counted, settings, reps=reps, grad_to_none=grad_to_none))
         if workload.kind in HOST_TIMED and not compile_it:
             metrics.update(
                 host_us(counted, settings, calls=3 if settings.quick else HOST_CALLS, grad_to_none=grad_to_none)
             )
         metrics["peak_extra_mib"] = peak_extra_mib(counted, settings, grad_to_none=grad_to_none)
+        if compile_it and before and warm:
+            end = P.dynamo_stats()
+            impl["graphs_compiled"] = warm["graphs"] - before["graphs"]
+            impl["recompiles_after_warmup"] = end["graphs"] - warm["graphs"]
+            impl["graph_breaks"] = end["graph_breaks"] - before["graph_breaks"]
         norms_end = P.norm_computations(model)
         if metrics.get("ms"):
             metrics["tokens_per_s"] = tokens / (metrics["ms"] / 1e3)
         impl.update(P.impl_info(model, provider, rows=rows_per_forward or tokens or None))
         first = counter["norms_after_first"]
-        # Compiled rows record no count: norms computed inside a compiled graph are not counted (counting
-        # them would mutate Python state in the traced region, a recompile per call).
-        if first is not None and norms_end is not None and counter["calls"] > 1 and not compile_it:
+        # compiled graphs count their norms too (the norm op counts at run time)
+        if first is not None and norms_end is not None and counter["calls"] > 1:
             impl["df_norm_computations_per_call"] = round((norms_end - first) / (counter["calls"] - 1), 3)
     return metrics, impl
 

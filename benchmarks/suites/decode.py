@@ -11,6 +11,9 @@ short enough that the host, not the GPU, can bound it.
 
 Providers: lora, stock, stock with PEFT's opt-in ``ENABLE_DORA_CACHING`` (``stock_cached``), dorafactors
 (its norm cache is on by default and legitimately reused: the weights are frozen while decoding).
+Optional: the model cases compiled (``lora+compile``, ``stock+compile``, ``dorafactors+compile``;
+:data:`COMPILED_ORDER`), one compile per provider and case, ``--compile-mode`` selects e.g.
+``reduce-overhead`` (CUDA graphs).
 """
 
 from __future__ import annotations
@@ -24,6 +27,15 @@ from . import model as M
 from ._workloads import Workload, measure
 
 PROVIDERS = ("lora", "stock", "stock_cached", "dorafactors")
+
+#: The compiled model cases (setup, new tokens), in run order, and whether the --quick run has them.
+COMPILED_ORDER: list[tuple[str, int, bool]] = [
+    ("bf16", 8, False),
+    ("bf16", 1, True),
+    ("peft-default", 8, False),
+    ("peft-default", 1, False),
+]
+COMPILE_S = 60.0  # compiling the 4-layer model for one decode shape, prior
 
 #: Priors (ms per call, H100, 8 new tokens; anchors.md) for the estimates only.
 _PRIOR_MODEL_MS = {"peft-default": (11.8, 52.0), "bf16": (8.0, 30.0)}
@@ -66,7 +78,7 @@ def cases(settings: Settings) -> list[Case]:
                     name=f"model/{setup}/tokens={tokens}",
                     params=params,
                     providers=PROVIDERS,
-                    run=_model_runner(setup, r, tokens, ctx, workload),
+                    run=_model_runner(setup, r, tokens, ctx, workload, PROVIDERS),
                     est_s=est,
                     priority=priority,
                 )
@@ -88,15 +100,34 @@ def cases(settings: Settings) -> list[Case]:
                     priority=priority,
                 )
             )
+    for priority, (setup, tokens, quick) in enumerate(COMPILED_ORDER, len(order)):
+        workload = Workload("decode", new_tokens=tokens, context=ctx)
+        lora, stock = _PRIOR_MODEL_MS[setup]
+        est = ((lora + stock + (lora + stock) / 2) * (settings.reps + OVERHEAD_CALLS) / 1e3) + COMPILE_S * len(
+            M.COMPILED
+        )
+        out.append(
+            Case(
+                suite="decode",
+                name=f"model/{setup}/tokens={tokens}",
+                params=M.model_params(settings, setup, r, workload),
+                providers=M.COMPILED,
+                run=_model_runner(setup, r, tokens, ctx, workload, M.COMPILED),
+                est_s=est,
+                optional=True,
+                priority=priority,
+                skip_quick="" if quick else "the --quick run compiles one decode case only (CPU compile time)",
+            )
+        )
     return out
 
 
-def _model_runner(setup: str, r: int, tokens: int, ctx: int, workload: Workload):
+def _model_runner(setup: str, r: int, tokens: int, ctx: int, workload: Workload, providers: tuple[str, ...]):
     def run(settings: Settings) -> list[dict[str, Any]]:
-        models = M.model_set(settings, setup, r, P.models_needed(PROVIDERS))
+        models = M.model_set(settings, setup, r, P.models_needed(providers))
         context = M.token_ids(settings, 1, ctx, salt=11)[0]
         new = M.token_ids(settings, 1, tokens, salt=12)[0]
         inputs = {"context_ids": context, "new_ids": new}
-        return provider_rows(PROVIDERS, lambda p: measure(settings, models, p, workload, inputs), settings.device)
+        return provider_rows(providers, lambda p: measure(settings, models, p, workload, inputs), settings.device)
 
     return run

@@ -6,7 +6,7 @@
 * ``infer``: eval, ``no_grad``. ``dorafactors`` may serve its cached norm (weights frozen);
   ``dorafactors_cold`` is the same model with the cache defeated on every call.
 
-Optional: ``torch.compile`` of stock and dorafactors on the 4096x4096 layer (compile time recorded as
+Optional: ``torch.compile`` of LoRA, stock and dorafactors on the 4096x4096 layer (compile time recorded as
 ``compile_s``).
 """
 
@@ -138,7 +138,7 @@ def cases(settings: Settings) -> list[Case]:
                 )
             )
             priority += 1
-    compiled = ("stock+compile", "dorafactors+compile")
+    compiled = ("lora+compile", "stock+compile", "dorafactors+compile")
     d_in, d_out = shapes(settings)[0]
     for mode in ("fwd_bwd", "infer"):
         workload = Workload("layer_fwd_bwd" if mode == "fwd_bwd" else "layer_infer")

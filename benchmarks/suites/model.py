@@ -13,8 +13,9 @@ Dtype setups:
 Cases (run order): inference prefill (``no_grad``, full logits; dorafactors reuses the norm of the frozen
 weights, ``dorafactors_cold`` is the same model with that cache defeated on every call), training forward+backward (loss on all
 tokens), one training step with gradient accumulation 8 (8 micro-batches fwd+bwd, then AdamW), gradient
-checkpointing, ``lora_dropout=0.05``; then, optional, ``torch.compile`` of stock and dorafactors for
-inference.
+checkpointing, ``lora_dropout=0.05``; then, optional, ``torch.compile`` of LoRA, stock and dorafactors
+(:data:`COMPILED_PLAN`: prefill, training fwd+bwd, the accumulation step, both dtype setups), with the
+compile time, graph breaks and recompiles after the warm-up call in each row.
 """
 
 from __future__ import annotations
@@ -46,6 +47,27 @@ _PRIOR_MS = {
 BUILD_S = 3.0  # one provider's PEFT model (deepcopy + get_peft_model + adapter init), prior
 BASE_S = 4.0  # the random-weight base model, prior
 COMPILE_S = 75.0  # compiling the 4-layer model for inference, prior
+COMPILE_TRAIN_S = 150.0  # compiling its training graph (forward + backward), prior
+
+COMPILED = ("lora+compile", "stock+compile", "dorafactors+compile")
+#: The compiled cases, in run order: (name, setup, workload, time factor, prior kind, compile prior s, in --quick).
+#: The accumulation step compiles the same training graph as the fwd+bwd case: Inductor's caches serve it.
+COMPILED_PLAN: list[tuple[str, str, Workload, float, str, float, bool]] = [
+    ("bf16/infer_prefill", "bf16", Workload("infer"), 1.0, "infer", COMPILE_S, True),
+    ("bf16/train_fwd_bwd", "bf16", Workload("train_fwd_bwd"), 1.0, "train", COMPILE_TRAIN_S, False),
+    ("bf16/train_step_accum8", "bf16", Workload("accum_step", accum=8, heavy=True), 8.0, "train", COMPILE_S, True),
+    ("peft-default/infer_prefill", "peft-default", Workload("infer"), 1.0, "infer", COMPILE_S, False),
+    ("peft-default/train_fwd_bwd", "peft-default", Workload("train_fwd_bwd"), 1.0, "train", COMPILE_TRAIN_S, False),
+    (
+        "peft-default/train_step_accum8",
+        "peft-default",
+        Workload("accum_step", accum=8, heavy=True),
+        8.0,
+        "train",
+        COMPILE_S,
+        False,
+    ),
+]
 
 
 def spec(settings: Settings) -> P.ModelSpec:
@@ -100,7 +122,14 @@ def model_params(settings: Settings, setup: str, r: int, workload: Workload) -> 
 
 
 def estimate(
-    settings: Settings, setup: str, kind: str, providers, *, factor: float = 1.0, reps: int | None = None
+    settings: Settings,
+    setup: str,
+    kind: str,
+    providers,
+    *,
+    factor: float = 1.0,
+    reps: int | None = None,
+    compile_s: float = COMPILE_S,
 ) -> float:
     lora, stock = _PRIOR_MS[(setup, kind)]
     per = {"lora": lora, "stock": stock, "dorafactors": (lora + stock) / 2}
@@ -110,7 +139,7 @@ def estimate(
         name = p.removesuffix("+compile").replace("_cold", "").replace("_cached", "")
         total += per.get(name, stock) * factor * n / 1e3
         if p.endswith("+compile"):
-            total += COMPILE_S
+            total += compile_s
     return total
 
 
@@ -166,21 +195,21 @@ def cases(settings: Settings) -> list[Case]:
                 priority=priority,
             )
         )
-    compiled = ("stock+compile", "dorafactors+compile")
-    infer = Workload("infer")
-    out.append(
-        Case(
-            suite="model",
-            name="bf16/infer_prefill",
-            params=model_params(settings, "bf16", r, infer),
-            providers=compiled,
-            run=_runner("bf16", r, seq, infer, compiled),
-            est_s=estimate(settings, "bf16", "infer", compiled) + BUILD_S * 2,
-            optional=True,
-            priority=len(plan),
-            skip_quick="compiling the model takes minutes on a CPU (the layer suite covers the compile path)",
+    for priority, (name, setup, workload, factor, kind, compile_s, quick) in enumerate(COMPILED_PLAN, len(plan)):
+        reps = settings.heavy_reps if workload.heavy else settings.reps
+        out.append(
+            Case(
+                suite="model",
+                name=name,
+                params=model_params(settings, setup, r, workload),
+                providers=COMPILED,
+                run=_runner(setup, r, seq, workload, COMPILED),
+                est_s=estimate(settings, setup, kind, COMPILED, factor=factor, reps=reps, compile_s=compile_s),
+                optional=True,
+                priority=priority,
+                skip_quick="" if quick else "the --quick run compiles bf16 prefill and accumulation only (CPU time)",
+            )
         )
-    )
     return out
 
 

@@ -17,7 +17,9 @@ no storage for a kernel, and custom autograd Functions need functorch rules): :f
 
 Under ``torch.compile`` the compose decision is :func:`compiled_compose_ok` (device and dtypes only, no
 size threshold), evaluated once at trace time; :func:`kernels_enabled` is likewise baked in at trace time,
-so the dispatch adds no graph breaks (the config cache's lock and the logger are never traced).
+so the dispatch adds no graph breaks (the config cache's lock and the logger are never traced). The norm
+is the opaque op ``dorafactors::cached_weight_norm`` (:func:`compiled_norm_op_ok`), whose body runs these
+rules eagerly, at run time, like an eager call (:func:`fused_norm_ok` rejects only while tracing).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ __all__ = [
     "NORM_GEMM_MIN_MACS",
     "SPLIT_MATMUL_MIN_MACS",
     "compiled_compose_ok",
+    "compiled_norm_op_ok",
     "constant_while_compiling",
     "forced_split_matmul",
     "fused_backward_enabled",
@@ -284,6 +287,23 @@ def fused_norm_ok(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
     if _under_compile():
         # the kernel's host side (per-stream ticket buffers, cached launch plans) is not traceable
         return _reject("norm", "under torch.compile")
+    return True, ""
+
+
+@constant_while_compiling
+def compiled_norm_op_ok() -> tuple[bool, str]:
+    """While ``torch.compile`` traces: may the layer's norm be the opaque op ``dorafactors::cached_weight_norm``
+    (``autograd/norm_op.py``: the norm kernels and the norm cache, run by the compiled graph)?
+
+    Yes except inside a ``torch.func`` transform, which has no rule for the op, and under ``torch.export``,
+    whose programs must run without dorafactors' Python (AOTInductor, other runtimes): there the PyTorch
+    reference is traced instead, recomputed in every call. Kernels, the cache switch and sharding are
+    decided by the op at run time, as in eager mode.
+    """
+    if _functorch_interpreter() is not None:
+        return _reject("compiled norm", "inside a torch.func transform")
+    if torch.compiler.is_exporting():
+        return _reject("compiled norm", "torch.export (the op's body is Python)")
     return True, ""
 
 

@@ -19,7 +19,8 @@ from peft.utils.integrations import dequantize_module_weight
 from torch import nn
 
 from .. import distributed
-from ..dispatch import config
+from ..autograd import norm_op
+from ..dispatch import config, rules
 from ..norm import NormCache, engine
 from ..norm.cache import (
     StaleNormCacheError,
@@ -27,6 +28,7 @@ from ..norm.cache import (
     caching_allowed,
     normal_tensors,
     optimizer_steps,
+    owned_norm_caches,
     same_values,
     stampable,
 )
@@ -114,18 +116,28 @@ class DoraLayerMixin:
         return self._lazy_cache("_df_fold_cache_obj")
 
     def clear_norm_cache(self) -> None:
-        """Forget every cached norm, base sum of squares and folded ``lora_B`` of this layer."""
+        """Forget every cached norm, base sum of squares and folded ``lora_B`` of this layer (compiled
+        graphs' caches included)."""
         self._df_norm_cache.clear()
         self._df_sumsq_cache.clear()
         self._df_fold_cache.clear()
         self.__dict__.pop("_df_scale_memo", None)
+        compiled = self._compiled_norm_caches()
+        if compiled is not None:
+            compiled.clear()
 
     @property
     def norm_computations(self) -> int:
-        """How many times this layer computed its forward norm in eager mode (cache misses and uncached
-        calls); for tests and benchmarks. Norms computed inside a ``torch.compile`` graph are not counted:
-        counting them would mutate Python state in the traced region (a recompile per step)."""
-        return self._df_norm_cache.misses
+        """How many times this layer computed its forward norm (cache misses and uncached calls), in eager
+        mode and inside ``torch.compile`` graphs (counted at run time by the norm op); for tests and
+        benchmarks."""
+        compiled = self._compiled_norm_caches()
+        return self._df_norm_cache.misses + (0 if compiled is None else compiled.norm.misses)
+
+    def _compiled_norm_caches(self):
+        """The caches of ``dorafactors::cached_weight_norm`` for this layer (owner: the magnitude), or None."""
+        magnitude = self.__dict__.get("_parameters", {}).get("weight")
+        return None if magnitude is None else owned_norm_caches(magnitude, create=False)
 
     def _check_cached(self, what: str, adapter_name: str | None, cached: Any, fresh: Any) -> None:
         """``PEFT_DORA_NORM_CACHE=verify``: raise :class:`StaleNormCacheError` naming this layer when the
@@ -316,8 +328,11 @@ class DoraLayerMixin:
         """The body of :meth:`_forward_norm`, run with the parameters gathered (under ``no_grad``).
 
         Two caches, each with one entry: the norm (slot: the adapter) and the base weight's row sum of
-        squares (one slot). Neither is used while tracing or for inference tensors (``norm/cache.py``).
+        squares (one slot). Neither is used while tracing or for inference tensors (``norm/cache.py``);
+        while ``torch.compile`` traces, the norm is the op of :meth:`_compiled_norm`, which caches at run time.
         """
+        if torch.compiler.is_compiling() and rules.compiled_norm_op_ok()[0]:
+            return self._compiled_norm(gathered, base_layer, lora_A, lora_B, scaling, dequantize)
         lora_A, lora_B = gathered.full(lora_A), gathered.full(lora_B)
         base_tensors = self._base_tensors(base_layer)
         inputs = (*base_tensors, lora_A, lora_B)
@@ -349,6 +364,32 @@ class DoraLayerMixin:
             self._df_norm_cache.put(adapter_name, signature, inputs, norm)
         return norm
 
+    # ------------------------------------------------------------------ the norm under torch.compile
+    def _norm_layout(self) -> str:
+        """``layout`` of the compiled norm op (``autograd/norm_op.py``): what :meth:`_norm_factors` does."""
+        raise NotImplementedError
+
+    def _compiled_norm(
+        self,
+        gathered: distributed.GatherInfo,
+        base_layer: nn.Module,
+        lora_A: torch.Tensor | nn.Module,
+        lora_B: torch.Tensor | nn.Module,
+        scaling: float,
+        dequantize: bool,
+    ) -> torch.Tensor:
+        """While ``torch.compile`` traces: the norm as the opaque op ``dorafactors::cached_weight_norm``, which
+        the compiled graph runs eagerly on every call (kernels, cache and norm count at run time).
+
+        The op receives the tensors the eager path stamps and identifies this layer's caches by its
+        magnitude parameter. No cache for sharded parameters or a dequantized base weight (a new tensor
+        every call), as in eager mode.
+        """
+        lora_A, lora_B = gathered.full(lora_A), gathered.full(lora_B)
+        weight = gathered.full(base_weight(base_layer) if dequantize else base_layer.weight)
+        cache = gathered.backend is None and type(weight) is nn.Parameter
+        return norm_op.cached_weight_norm(self.weight, weight, lora_A, lora_B, scaling, self._norm_layout(), cache)
+
     def _compute_norm(
         self,
         base_layer: nn.Module,
@@ -375,17 +416,16 @@ class DoraLayerMixin:
                 sumsq = engine.weight_sumsq(w2)
                 rows_finite = engine.weight_rows_finite(sumsq)
             else:
-                w_epoch = optimizer_steps() if any(t.requires_grad for t in base_tensors) else -1
-                sumsq_signature = (config.get_dora_norm_threshold_mb(), config.fused_mode(), w_epoch)
-                cached = self._df_sumsq_cache.get(None, sumsq_signature, base_tensors)
-                if cached is None:
-                    sumsq = engine.weight_sumsq(w2)
-                    # whether W has a non-finite row: one synchronization per W version, none per call
-                    cached = (sumsq, engine.weight_rows_finite(sumsq))
-                    self._df_sumsq_cache.put(None, sumsq_signature, base_tensors, cached)
-                elif config.norm_cache_verify():
-                    self._check_cached("base weight sum of squares", None, cached[0], engine.weight_sumsq(w2))
-                sumsq, rows_finite = cached
+                return engine.weight_norm_with_cached_sumsq(
+                    w2,
+                    a2,
+                    b2,
+                    scaling,
+                    base_tensors=base_tensors,
+                    base_trainable=any(t.requires_grad for t in base_tensors),
+                    sumsq_cache=self._df_sumsq_cache,
+                    check=lambda what, cached, fresh: self._check_cached(what, None, cached, fresh),
+                )
             return engine.weight_norm(w2, a2, b2, scaling, cached_sumsq=sumsq, weight_rows_finite=rows_finite)
 
     def _mirror_stock_cache(self, adapter_name: str, norm: torch.Tensor) -> None:

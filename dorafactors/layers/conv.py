@@ -55,6 +55,9 @@ class _ConvMixin(DoraLayerMixin):
     def _norm_factors(self, weight, lora_A, lora_B):
         return engine.conv_factors(weight, lora_A, lora_B)
 
+    def _norm_layout(self) -> str:
+        return "conv"
+
     def forward(
         self,
         x: torch.Tensor,

@@ -40,6 +40,9 @@ class DoraEmbeddingLayer(DoraLayerMixin, peft_dora.DoraEmbeddingLayer):
         # forward transposes the [V, r] / [r, d] views PEFT passes it back to them.
         return weight.T, lora_A, lora_B
 
+    def _norm_layout(self) -> str:
+        return "transposed"
+
     def forward(
         self,
         x: torch.Tensor,

@@ -65,7 +65,11 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
         return self._stock_cached("lora-weight", adapter_name, compute)
 
     def _norm_factors(self, weight, lora_A, lora_B):
-        return transpose(weight, self.fan_in_fan_out), lora_A, lora_B
+        # a plain view: PEFT's transpose() wraps a Parameter in a new Parameter, which tracing cannot record
+        return (weight.T if self.fan_in_fan_out else weight), lora_A, lora_B
+
+    def _norm_layout(self) -> str:
+        return "transposed" if self.fan_in_fan_out else "linear"
 
     # ---------------------------------------------------------------- forward
     def forward(

@@ -63,11 +63,13 @@ import torch
 
 __all__ = [
     "NormCache",
+    "OwnedNormCaches",
     "StaleNormCacheError",
     "TensorStamp",
     "caching_allowed",
     "normal_tensors",
     "optimizer_steps",
+    "owned_norm_caches",
     "same_values",
     "stamp",
     "stampable",
@@ -247,3 +249,51 @@ class NormCache:
 
     def __deepcopy__(self, memo: dict[int, Any]) -> NormCache:
         return NormCache()
+
+
+class OwnedNormCaches:
+    """The caches of one DoRA layer's compiled norm (``autograd/norm_op.py``): the norm (``norm``) and the base
+    weight's row sum of squares (``sumsq``), each a :class:`NormCache` with one slot.
+
+    A compiled graph cannot hold a reference to the layer (a per-instance constant would specialize the
+    graph to one layer: one recompile per layer for a block compiled once and reused, as regional
+    compilation does). So the op finds these caches at run time through a tensor it receives: the layer's
+    magnitude parameter, its *owner* (:func:`owned_norm_caches`). The layer finds them the same way, to count
+    and to clear.
+    """
+
+    __slots__ = ("norm", "sumsq")
+
+    def __init__(self) -> None:
+        self.norm = NormCache()
+        self.sumsq = NormCache()
+
+    def clear(self) -> None:
+        self.norm.clear()
+        self.sumsq.clear()
+
+
+#: ``id(owner) -> (weak reference to the owner, its caches)``; an entry is dropped when its owner is freed.
+_owned: dict[int, tuple[weakref.ref, OwnedNormCaches]] = {}
+
+
+def _drop_owned(key: int, ref: weakref.ref) -> None:
+    item = _owned.get(key)
+    if item is not None and item[0] is ref:
+        del _owned[key]
+
+
+def owned_norm_caches(owner: torch.Tensor, *, create: bool = True) -> OwnedNormCaches | None:
+    """The :class:`OwnedNormCaches` of ``owner`` (a DoRA layer's magnitude parameter, the very object), made on
+    first use with ``create``; None without. They live exactly as long as ``owner``: a new magnitude parameter
+    (``load_state_dict(assign=True)``, a deep copy of the layer) starts with empty caches."""
+    key = id(owner)
+    item = _owned.get(key)
+    if item is not None and item[0]() is owner:
+        return item[1]
+    if not create:
+        return None
+    caches = OwnedNormCaches()
+    ref = weakref.ref(owner, lambda dead, key=key: _drop_owned(key, dead))
+    _owned[key] = (ref, caches)
+    return caches

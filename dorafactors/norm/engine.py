@@ -22,11 +22,14 @@ dense form itself.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..dispatch import config, rules
 from ..kernels.operands import HALF_DTYPES, compute_dtype_for
 from ..kernels.row_norm_reference import factored_row_norm_sq, plan_chunk_columns, row_sumsq
+from .cache import NormCache, optimizer_steps
 from .dense import dense_factor_row_norm_sq, dense_row_norm
 
 __all__ = [
@@ -35,6 +38,7 @@ __all__ = [
     "dense_delta_norm",
     "norm_path",
     "weight_norm",
+    "weight_norm_with_cached_sumsq",
     "weight_rows_finite",
     "weight_sumsq",
 ]
@@ -137,6 +141,41 @@ def weight_norm(
     norm = _norm(weight, lora_A, lora_B, scaling, path, cached_sumsq, out_sumsq)
     w_sumsq = (cached_sumsq if out_sumsq is None else out_sumsq) if check_w_rows else None
     return _dense_class_of_nonfinite_rows(norm, lora_A, lora_B, scaling, w_sumsq)
+
+
+def weight_norm_with_cached_sumsq(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    *,
+    base_tensors: tuple[torch.Tensor, ...],
+    base_trainable: bool,
+    sumsq_cache: NormCache,
+    check: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """:func:`weight_norm` with ``||W||^2`` per row, and whether every row is finite, kept in ``sumsq_cache``
+    (one slot; filled on a miss, with one host synchronization per version of ``W``).
+
+    ``weight``/``lora_A``/``lora_B`` are the 2-D factors; ``base_tensors`` the tensors ``W`` is a pure function
+    of (the entry's stamps); ``base_trainable``: one of them requires a gradient, so the entry is also keyed
+    by the optimizer step. ``check(what, cached, fresh)`` is called under ``PEFT_DORA_NORM_CACHE=verify``
+    with the cached and a recomputed sum of squares.
+    """
+    signature = (
+        config.get_dora_norm_threshold_mb(),
+        config.fused_mode(),
+        optimizer_steps() if base_trainable else -1,
+    )
+    cached = sumsq_cache.get(None, signature, base_tensors)
+    if cached is None:
+        sumsq = weight_sumsq(weight)
+        cached = (sumsq, weight_rows_finite(sumsq))
+        sumsq_cache.put(None, signature, base_tensors, cached)
+    elif check is not None and config.norm_cache_verify():
+        check("base weight sum of squares", cached[0], weight_sumsq(weight))
+    sumsq, rows_finite = cached
+    return weight_norm(weight, lora_A, lora_B, scaling, cached_sumsq=sumsq, weight_rows_finite=rows_finite)
 
 
 def _dense_class_of_nonfinite_rows(

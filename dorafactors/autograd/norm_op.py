@@ -1,0 +1,221 @@
+"""``dorafactors::cached_weight_norm``: the forward norm as one opaque ``torch.library`` op, so that a
+``torch.compile`` graph runs the norm kernels *and* the never-stale norm cache at run time.
+
+Why an opaque op: the cache decides at run time, from the stamps of the live tensors and the optimizer step
+(``norm/cache.py``), whether the norm of the last call is still exact. Traced ops cannot do that (a traced
+cache would be a constant baked into the graph), and the Triton norm's host side is not traceable either. So
+the op's body is ordinary eager code, run by the compiled graph on every call: it looks the norm up in the
+caches of its layer, and computes it through :func:`dorafactors.norm.engine.weight_norm` (the one-pass
+Triton kernel, the GEMM path or the PyTorch reference, as in eager mode) only on a miss.
+
+Signature::
+
+    cached_weight_norm(Tensor owner, Tensor weight, Tensor lora_A, Tensor lora_B, float scaling,
+                       str layout, bool cache) -> Tensor   # [d_out], fp32 (fp64 for fp64 inputs)
+
+* ``owner``: the layer's magnitude parameter. Its data is not read: its identity selects the layer's
+  :class:`~dorafactors.norm.cache.OwnedNormCaches` (no per-layer constant in the graph, so a block compiled
+  once serves every layer of its kind without a recompile);
+* ``weight`` / ``lora_A`` / ``lora_B``: the tensors the layer's ``_norm_factors`` takes (the base weight
+  parameter, the adapter parameters or, for embeddings, views of them); the cache stamps them exactly as
+  the eager path does, so a hit needs the very same tensor objects, unchanged;
+* ``layout``: how they become the engine's 2-D factors: ``"linear"`` (``W`` as is), ``"transposed"``
+  (``W.T``: ``fan_in_fan_out`` Linear, Embedding), ``"conv"`` (:func:`~dorafactors.norm.engine.conv_factors`);
+* ``cache``: False where the layer must not cache (sharded parameters, quantized or dequantized base weights).
+
+The result is a fresh tensor (never the cached one: Inductor may reuse an extern kernel's output buffer),
+detached; ``g = m / norm`` stays in the graph. The op has no autograd formula: the layers call it under
+``no_grad``. It is tagged ``cudagraph_unsafe``: its host-side checks must run on every call, so Inductor's
+graph partitioning keeps it out of captured CUDA graphs (``mode="reduce-overhead"``), and moves it, whose
+inputs are all graph inputs, ahead of the captured partition.
+
+It is registered through ``torch.library.Library`` directly rather than ``torch.library.custom_op``: it runs
+once per DoRA layer per forward, and the direct registration costs a fraction of ``custom_op``'s Python
+dispatch wrapper per call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from .. import distributed
+from ..dispatch import config
+from ..kernels.operands import compute_dtype_for
+from ..norm import engine
+from ..norm.cache import (
+    OwnedNormCaches,
+    StaleNormCacheError,
+    normal_tensors,
+    optimizer_steps,
+    owned_norm_caches,
+    same_values,
+    stampable,
+)
+
+__all__ = ["LAYOUTS", "cached_weight_norm", "norm_factors"]
+
+#: The values of the op's ``layout`` argument.
+LAYOUTS = ("linear", "transposed", "conv")
+
+_OP_NAME = "cached_weight_norm"
+_SCHEMA = (
+    f"{_OP_NAME}(Tensor owner, Tensor weight, Tensor lora_A, Tensor lora_B, float scaling, str layout, "
+    "bool cache) -> Tensor"
+)
+_unsafe_tag = getattr(torch.Tag, "cudagraph_unsafe", None)  # PyTorch >= 2.8
+_lib = torch.library.Library("dorafactors", "FRAGMENT")
+_lib.define(_SCHEMA, tags=(_unsafe_tag,) if _unsafe_tag is not None else ())
+
+
+def norm_factors(
+    layout: str, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The 2-D ``(W [d_out, d_in], A [r, d_in], B [d_out, r])`` of ``layout`` (see the module docstring)."""
+    if layout == "linear":
+        return weight, lora_A, lora_B
+    if layout == "transposed":
+        return weight.T, lora_A, lora_B
+    if layout == "conv":
+        return engine.conv_factors(weight, lora_A, lora_B)
+    raise ValueError(f"unknown norm layout {layout!r}; expected one of {LAYOUTS}")
+
+
+def cached_weight_norm(
+    owner: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    layout: str,
+    cache: bool,
+) -> torch.Tensor:
+    """Call the op (module docstring): the detached row norm of ``W + scaling * B @ A``, ``[d_out]``."""
+    return torch.ops.dorafactors.cached_weight_norm(owner, weight, lora_A, lora_B, scaling, layout, cache)
+
+
+def _root(tensor: torch.Tensor) -> torch.Tensor:
+    base = tensor._base
+    return tensor if base is None else base
+
+
+def _step_keyed(inputs: tuple[torch.Tensor, ...]) -> bool:
+    """Must an entry also be keyed by the optimizer step? Yes when a tensor behind it requires a gradient (a
+    fused optimizer writes it without a version bump) or is not a parameter (its ``requires_grad`` says
+    nothing about the parameter it may alias)."""
+    for tensor in inputs:
+        root = _root(tensor)
+        if root.requires_grad or not isinstance(root, nn.Parameter):
+            return True
+    return False
+
+
+def _may_store(inputs: tuple[torch.Tensor, ...]) -> bool:
+    """May a norm computed from ``inputs`` be kept? Not for inference tensors (no version counter) or sharded
+    parameters (as in eager). Asked before a value is stored: a lookup can only hit an entry stored after
+    this check passed for the very same tensor objects."""
+    if not stampable(inputs):
+        return False
+    if distributed.process_group_active():
+        return distributed.norm_cache_allowed(distributed.GatherInfo(), inputs)[0]
+    return True
+
+
+@contextlib.contextmanager
+def _norm_context(device_type: str):
+    """No autograd, and no autocast (the norm controls its own precision), while the norm is computed."""
+    with torch.no_grad():
+        if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type=device_type, enabled=False):
+                yield
+        else:
+            yield
+
+
+def _compute(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    layout: str,
+    caches: OwnedNormCaches | None,
+) -> torch.Tensor:
+    """The norm from scratch; with ``caches``, ``||W||^2`` comes from (and fills) their sum-of-squares cache."""
+    w2, a2, b2 = norm_factors(layout, weight, lora_A, lora_B)
+    if caches is None:
+        return engine.weight_norm(w2, a2, b2, scaling)
+    return engine.weight_norm_with_cached_sumsq(
+        w2,
+        a2,
+        b2,
+        scaling,
+        base_tensors=(weight,),
+        base_trainable=_step_keyed((weight,)),
+        sumsq_cache=caches.sumsq,
+        check=_raise_if_stale,
+    )
+
+
+def _raise_if_stale(what: str, cached: torch.Tensor, fresh: torch.Tensor) -> None:
+    """``PEFT_DORA_NORM_CACHE=verify`` inside the op: raise :class:`StaleNormCacheError` on a difference."""
+    if same_values(cached, fresh):
+        return
+    detail = ""
+    if cached.shape == fresh.shape:
+        detail = f" (largest difference {(cached.double() - fresh.double()).abs().max().item():.3g})"
+    raise StaleNormCacheError(
+        f"dorafactors: the cached {what} of a compiled DoRA layer (magnitude of {cached.shape[0]} rows) "
+        f"differs from its recomputation{detail}. A tensor it depends on was written in a way PyTorch's "
+        "version counter does not see (through `.data`, a NumPy or DLPack alias, `p.data = t` then writing `t`). "
+        "Call `dorafactors.clear_norm_caches(model)` after such writes."
+    )
+
+
+def _cached_weight_norm_impl(
+    owner: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    layout: str,
+    cache: bool,
+) -> torch.Tensor:
+    """The op's body (eager, on every call of a compiled graph). A hit costs the stamp checks and one copy."""
+    caches = owned_norm_caches(owner)
+    inputs = (weight, lora_A, lora_B)
+    if cache and config.norm_cache_enabled():
+        signature = (
+            scaling,
+            layout,
+            config.get_dora_norm_threshold_mb(),
+            config.fused_mode(),
+            optimizer_steps() if _step_keyed(inputs) else -1,
+        )
+        hit = caches.norm.get(None, signature, inputs)  # counts the miss
+        if hit is not None:
+            if config.norm_cache_verify():
+                with _norm_context(weight.device.type):
+                    _raise_if_stale("weight norm", hit, _compute(weight, lora_A, lora_B, scaling, layout, caches))
+            return hit.clone()
+        if _may_store(inputs):
+            with _norm_context(weight.device.type), normal_tensors():
+                norm = _compute(weight, lora_A, lora_B, scaling, layout, caches)
+            caches.norm.put(None, signature, inputs, norm)
+            return norm.clone()
+    else:
+        caches.norm.misses += 1  # an uncached call computes the norm every time: counted like a miss
+    with _norm_context(weight.device.type):
+        return _compute(weight, lora_A, lora_B, scaling, layout, None)
+
+
+def _cached_weight_norm_fake(owner, weight, lora_A, lora_B, scaling, layout, cache):
+    """Shape and dtype of the result: ``[d_out]`` on ``weight``'s device, fp64 if an input is fp64, else fp32."""
+    rows = weight.shape[1] if layout == "transposed" else weight.shape[0]
+    dtype = compute_dtype_for(weight.dtype, lora_A.dtype, lora_B.dtype)
+    return weight.new_empty((rows,), dtype=dtype)
+
+
+_lib.impl(_OP_NAME, _cached_weight_norm_impl, "CompositeExplicitAutograd")
+torch.library.register_fake(f"dorafactors::{_OP_NAME}", _cached_weight_norm_fake, lib=_lib)

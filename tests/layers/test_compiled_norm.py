@@ -1,0 +1,637 @@
+"""The norm under ``torch.compile``: the opaque op ``dorafactors::cached_weight_norm`` (kernels and the never-stale
+norm cache at run time), with ``fullgraph=True`` and no recompile.
+
+CPU: the ``aot_eager`` backend (the op's body runs eagerly when the compiled graph runs, as under Inductor),
+on the PyTorch path and on the Triton kernels (interpreter, ``PEFT_DORA_FUSED=1``). The same norm-count and
+stale-value checks as the eager path's (``tests/norm/test_norm_cache.py``): one norm per optimizer step with
+gradient accumulation 8, none per decode step, in-place edits, ``load_state_dict`` (copy and assign), fused
+optimizers, merge/unmerge, ``.data`` writes with ``clear_norm_caches``. GPU (``gpu`` marker): Inductor, and
+``mode="reduce-overhead"`` decoding without a re-recorded CUDA graph per token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+import dorafactors
+from dorafactors.autograd import norm_op
+from dorafactors.dispatch import config
+from dorafactors.norm import engine
+from dorafactors.norm.cache import NormCache, StaleNormCacheError
+from tests._lifecycle import build_pair, dora_layers, one_thread, sync_weights, trainable
+from tests._peft import MERGE_FIXED
+from tests._tolerances import assert_dtype_close, assert_not_worse
+
+F32 = torch.float32
+ON_GPU = torch.cuda.is_available()
+OP = torch.ops.dorafactors.cached_weight_norm.default
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    # without a GPU the compose kernels run on the interpreter, which cannot be recorded into a graph: they
+    # stay opaque to AOTAutograd (tests/autograd/test_compose_compile.py); on a GPU, Inductor's defaults
+    opaque = contextlib.nullcontext() if ON_GPU else torch._functorch.config.patch(decompose_custom_triton_ops=False)
+    with one_thread(), opaque:
+        yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture(params=["torch", "kernels"])
+def path(request, monkeypatch):
+    """The PyTorch path, or every Triton kernel forced on (the CPU interpreter without a GPU)."""
+    if request.param == "kernels":
+        monkeypatch.setenv("PEFT_DORA_FUSED", "1")
+        monkeypatch.setenv("PEFT_DORA_FUSED_BACKWARD", "1")
+    config.invalidate_cache()
+    return request.param
+
+
+def _norm_count(model: nn.Module) -> int:
+    return sum(layer.norm_computations for layer in dora_layers(model))
+
+
+class _Graphs:
+    """An ``aot_eager`` backend that keeps the forward and backward ATen graphs it compiles; ``min_cut``:
+    Inductor's partitioner (which may recompute forward ops in the backward) instead of the default."""
+
+    def __init__(self, min_cut: bool = False) -> None:
+        from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+        from torch._dynamo.backends.common import aot_autograd
+        from torch._dynamo.testing import CompileCounterWithBackend
+
+        self.forward: list[torch.fx.GraphModule] = []
+        self.backward: list[torch.fx.GraphModule] = []
+
+        def keep(into):
+            def compiler(gm, example_inputs):
+                into.append(gm)
+                return make_boxed_func(gm.forward)
+
+            return compiler
+
+        extra = {"partition_fn": min_cut_rematerialization_partition} if min_cut else {}
+        self.counter = CompileCounterWithBackend(
+            aot_autograd(fw_compiler=keep(self.forward), bw_compiler=keep(self.backward), **extra)
+        )
+
+    def compile(self, model):
+        return torch.compile(model, backend=self.counter, fullgraph=True)
+
+    @property
+    def frames(self) -> int:
+        return self.counter.frame_count
+
+
+def _norm_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is OP]
+
+
+def _graph_input_or_view_of_one(node: torch.fx.Node) -> bool:
+    """A placeholder, or a chain of view ops of one (Inductor folds views into the op's argument)."""
+    while node.op == "call_function" and getattr(node.target, "is_view", False):
+        node = node.args[0]
+    return node.op == "placeholder"
+
+
+# --------------------------------------------------------------------------------------------------- the op
+
+
+def _factors(layout: str, gen: torch.Generator):
+    """(W, A, B) parameters of ``layout`` with non-identity adapters (W frozen, A and B trainable)."""
+    if layout == "linear":
+        shapes = ((7, 12), (3, 12), (7, 3))
+    elif layout == "transposed":  # a fan_in_fan_out Linear: W is [d_in, d_out]
+        shapes = ((12, 7), (3, 12), (7, 3))
+    else:  # a grouped Conv2d: out 6, in 4, groups 2, kernel 3x3, r 4
+        shapes = ((6, 2, 3, 3), (4, 4, 3, 3), (6, 2, 1, 1))
+    w, a, b = (torch.randn(s, generator=gen, dtype=torch.float64).float() for s in shapes)
+    return nn.Parameter(w, requires_grad=False), nn.Parameter(a), nn.Parameter(0.5 * b)
+
+
+@pytest.mark.parametrize("layout", norm_op.LAYOUTS)
+def test_the_op_is_registered_cudagraph_unsafe_and_passes_opcheck(layout):
+    assert torch.Tag.cudagraph_unsafe in OP.tags, "the host-side cache checks must not be captured in a CUDA graph"
+    w, a, b = _factors(layout, torch.Generator().manual_seed(0))
+    owner = torch.ones(w.shape[1] if layout == "transposed" else w.shape[0])
+    with torch.no_grad():
+        for cache in (False, True):
+            # schema (no mutation, no aliasing of the result), fake tensor and AOT dispatch of the op
+            torch.library.opcheck(OP, (owner, w.detach(), a.detach(), b.detach(), 0.7, layout, cache))
+
+
+@pytest.mark.parametrize("layout", norm_op.LAYOUTS)
+def test_the_op_serves_the_engines_norm_as_a_fresh_tensor(layout, path):
+    """A miss computes exactly what the eager path computes; a hit returns the same values in new memory, so
+    a caller (Inductor reusing an extern kernel's output buffer) can never write into the cache."""
+    w, a, b = _factors(layout, torch.Generator().manual_seed(1))
+    owner = nn.Parameter(torch.ones(1))
+    with torch.no_grad():
+        first = OP(owner, w, a, b, 0.7, layout, True)
+        second = OP(owner, w, a, b, 0.7, layout, True)
+        expected = engine.weight_norm_with_cached_sumsq(
+            *norm_op.norm_factors(layout, w, a, b),
+            0.7,
+            base_tensors=(w,),
+            base_trainable=False,
+            sumsq_cache=NormCache(),
+        )
+        dense = torch.linalg.vector_norm(
+            (lambda w2, a2, b2: w2.double() + 0.7 * b2.double() @ a2.double())(*norm_op.norm_factors(layout, w, a, b)),
+            dim=1,
+        )
+        third = OP(owner, w, a, b, 0.7, layout, True)
+    assert torch.equal(first, expected) and torch.equal(second, expected) and torch.equal(third, expected)
+    assert_dtype_close(first, dense, F32, name="op norm vs fp64 dense norm")
+    assert len({t.untyped_storage().data_ptr() for t in (first, second, third)}) == 3, "results share memory"
+    caches = dorafactors.norm.cache.owned_norm_caches(owner, create=False)
+    assert (caches.norm.misses, caches.norm.hits) == (1, 2)
+    for result in (first, second, third):
+        result.fill_(0.0)  # a caller writing into the results it got
+    with torch.no_grad():
+        assert torch.equal(OP(owner, w, a, b, 0.7, layout, True), expected)
+        b.mul_(1.5)  # a visible write: the next call recomputes
+        recomputed = OP(owner, w, a, b, 0.7, layout, True)
+    assert caches.norm.misses == 2 and not torch.equal(recomputed, expected)
+
+
+def test_the_op_caches_nothing_when_told_not_to_or_switched_off(monkeypatch):
+    w, a, b = _factors("linear", torch.Generator().manual_seed(2))
+    owner = nn.Parameter(torch.ones(1))
+    with torch.no_grad():
+        for _ in range(3):
+            OP(owner, w, a, b, 0.7, "linear", False)
+        monkeypatch.setenv("PEFT_DORA_NORM_CACHE", "0")
+        config.invalidate_cache()
+        for _ in range(2):
+            OP(owner, w, a, b, 0.7, "linear", True)
+    caches = dorafactors.norm.cache.owned_norm_caches(owner, create=False)
+    assert caches.norm.misses == 5 and caches.norm.hits == 0 and len(caches.norm) == 0
+
+
+# --------------------------------------------------------------------------------------------- compiled models
+
+
+@pytest.mark.parametrize("partitioner", ["default", "min_cut"])
+def test_compiled_model_calls_the_op_once_per_layer_in_one_graph(path, partitioner):
+    """``fullgraph=True``: one forward graph with one norm op per DoRA layer (Embedding, Linear, Conv1D,
+    Conv1d), every argument a graph input (so Inductor can run it ahead of a captured CUDA graph), none in
+    the backward graph (also with Inductor's partitioner); outputs and gradients equal stock PEFT's."""
+    stock, ours = build_pair()
+    ids = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(3))
+    graphs = _Graphs(min_cut=partitioner == "min_cut")
+    compiled = graphs.compile(ours)
+    out = compiled(ids)
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+    grads = torch.autograd.grad((out * probe).sum(), list(trainable(ours).values()))
+    sync_weights(ours, stock)
+    out_s = stock(ids)
+    grads_s = torch.autograd.grad((out_s * probe).sum(), list(trainable(stock).values()))
+    assert_dtype_close(out.detach(), out_s.detach(), F32, name="compiled output")
+    for name, got, want in zip(trainable(ours), grads, grads_s):
+        assert_dtype_close(got, want, F32, name=f"compiled grad {name}")
+    (forward,) = graphs.forward
+    nodes = _norm_nodes(forward)
+    assert len(nodes) == len(dora_layers(ours)) == 4
+    for node in nodes:
+        tensors = [arg for arg in node.args if isinstance(arg, torch.fx.Node)]
+        assert len(tensors) == 4 and all(map(_graph_input_or_view_of_one, tensors)), node.format_node()
+    assert not _norm_nodes(graphs.backward[0])
+    assert graphs.frames == 1
+
+
+def test_compiled_norm_runs_the_kernels_at_run_time(path, monkeypatch):
+    """The op's body picks the norm's implementation at run time, exactly as eager mode: the tensor-core
+    kernel for a half-precision base weight on the kernel path, the PyTorch reference otherwise."""
+    from dorafactors.kernels import row_norm
+
+    calls = []
+    real = row_norm.triton_weight_norm_sq
+    monkeypatch.setattr(row_norm, "triton_weight_norm_sq", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _, ours = build_pair(targets=["lin"])
+    ours.to(torch.bfloat16)
+    lin = ours.base_model.model.lin
+    eager_path = engine.norm_path(lin.base_layer.weight, lin.lora_A.default.weight, lin.lora_B.default.weight)
+    kernel = int(eager_path in ("triton", "gemm"))
+    if path == "kernels" and config.triton_interpreter_active():
+        assert kernel, eager_path  # CPU CI: the interpreted kernel is the eager choice, so the test bites
+    ids = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(3))
+    compiled = _Graphs().compile(ours)
+    with torch.no_grad():
+        out = compiled(ids)
+        assert len(calls) == kernel
+        compiled(ids)  # a hit: no launch
+        assert len(calls) == kernel
+        lin.lora_B.default.weight.mul_(1.1)
+        compiled(ids)
+        assert len(calls) == 2 * kernel
+        ours.base_model.model.lin.lora_B.default.weight.div_(1.1)
+        eager = ours(ids)
+    assert_dtype_close(out, eager, torch.bfloat16, name="compiled vs eager bf16 output")
+
+
+class TinyLM(nn.Module):
+    """Blocks of q / up / down projections (no downloads), optionally checkpointed."""
+
+    def __init__(self, width: int = 16, blocks: int = 2) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(32, width)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {"q": nn.Linear(width, width), "up": nn.Linear(width, 2 * width), "down": nn.Linear(2 * width, width)}
+            )
+            for _ in range(blocks)
+        )
+        self.head = nn.Linear(width, 32)
+        self.checkpointing = False
+
+    @staticmethod
+    def block(block, h):
+        h = h + torch.tanh(block["q"](h))
+        return h + block["down"](torch.relu(block["up"](h)))
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        for block in self.blocks:
+            if self.checkpointing and self.training:
+                h = torch.utils.checkpoint.checkpoint(self.block, block, h, use_reentrant=False)
+            else:
+                h = self.block(block, h)
+        return self.head(h)
+
+
+def _tiny_lm(blocks: int = 2):
+    torch.manual_seed(0)
+    with dorafactors.patched():
+        model = get_peft_model(
+            TinyLM(blocks=blocks),
+            LoraConfig(r=4, target_modules=["q", "up", "down"], use_dora=True, init_lora_weights=False),
+        )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1.0 + 0.2 * torch.rand_like(p))
+    return model
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize("fused_optimizer", [False, True], ids=["foreach", "fused"])
+def test_compiled_one_norm_per_optimizer_step_with_accumulation(checkpointing, fused_optimizer):
+    model = _tiny_lm()
+    model.base_model.model.checkpointing = checkpointing
+    layers = len(dora_layers(model))
+    opt = torch.optim.AdamW(list(trainable(model).values()), lr=1e-2, fused=fused_optimizer)
+    graphs = _Graphs()
+    compiled = graphs.compile(model)
+    model.train()
+    for step in range(3):
+        before = _norm_count(model)
+        for micro in range(8):
+            ids = torch.randint(0, 32, (2, 7), generator=torch.Generator().manual_seed(step * 8 + micro))
+            (compiled(ids).logsumexp(-1).mean() / 8).backward()
+        assert _norm_count(model) - before == layers, f"step {step}: one norm per DoRA layer per optimizer step"
+        opt.step()
+        opt.zero_grad()
+    assert graphs.frames == 1, "no recompile across micro-batches and optimizer steps"
+
+
+def test_compiled_no_norm_per_decode_step_after_the_first():
+    model = _tiny_lm().eval()
+    graphs = _Graphs()
+    compiled = graphs.compile(model)
+    token = torch.randint(0, 32, (1, 1))
+    with torch.no_grad():
+        compiled(token)
+        first = _norm_count(model)
+        for _ in range(16):
+            token = compiled(token)[:, -1:].argmax(-1)
+    assert first == len(dora_layers(model)) and _norm_count(model) == first
+    assert graphs.frames == 1
+
+
+def test_regional_compilation_shares_one_graph_across_blocks_and_caches_each_layer():
+    """One block compiled and reused for every block (as regional compilation does): the norm op holds no
+    per-layer constant, so the blocks share one graph, and each layer still has its own cached norm."""
+    model = _tiny_lm(blocks=4).eval()
+    graphs = _Graphs()
+    compiled_block = graphs.compile(TinyLM.block)
+    lm = model.base_model.model
+    h = torch.randn(1, 3, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for _ in range(3):
+            x = h
+            for block in lm.blocks:
+                x = compiled_block(block, x)
+    assert graphs.frames == 1, "a per-layer constant in the graph would recompile for every block"
+    assert _norm_count(model) == 3 * len(lm.blocks), "one norm per DoRA layer, then cache hits"
+
+
+# --------------------------------------------------------------------------------------------- never stale
+
+_EDITS = ("lora_A", "lora_B", "magnitude", "base_layer")
+
+
+def _named(model, key):
+    return [(n, p) for n, p in model.named_parameters() if key in n or key.replace("lora_", "lora_embedding_") in n]
+
+
+def _edit(stock, ours, key: str, step: int) -> None:
+    factor = 1.0 + 0.05 * (step % 5 + 1)
+    with torch.no_grad():
+        for model in (stock, ours):
+            for _, p in _named(model, key):
+                p.mul_(factor)
+
+
+def _check(stock, ours, compiled, ids, what: str) -> None:
+    """The compiled model (current mode) == stock PEFT holding the same weights; in train mode the gradients too."""
+    sync_weights(ours, stock)
+    if not ours.training:
+        with torch.no_grad():
+            assert_dtype_close(compiled(ids), stock(ids), F32, name=f"{what}: compiled eval output")
+        return
+    probe = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(7))
+    out = compiled(ids)
+    grads = torch.autograd.grad((out * probe).sum(), list(trainable(ours).values()))
+    out_s = stock(ids)
+    grads_s = torch.autograd.grad((out_s * probe).sum(), list(trainable(stock).values()))
+    assert_dtype_close(out.detach(), out_s.detach(), F32, name=f"{what}: compiled train output")
+    for name, got, want in zip(trainable(ours), grads, grads_s):
+        assert_dtype_close(got, want, F32, name=f"{what}: compiled grad {name}")
+
+
+def _merged(stock, ours):
+    @contextlib.contextmanager
+    def scope():
+        for model in (stock, ours):
+            model.base_model.merge_adapter()
+        try:
+            yield
+        finally:
+            for model in (stock, ours):
+                model.base_model.unmerge_adapter()
+
+    return scope()
+
+
+@pytest.mark.parametrize("fused_optimizer", [False, True], ids=["foreach", "fused"])
+def test_compiled_model_never_serves_a_stale_norm(path, fused_optimizer):
+    """Every write that can change a norm, each followed by compiled calls in train and eval mode against
+    stock PEFT holding the same weights, with no recompile after the warm-up of each mode."""
+    stock, ours = build_pair()
+    ids = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(5))
+    graphs = _Graphs()
+    compiled = graphs.compile(ours)
+    opt_s = torch.optim.AdamW(list(trainable(stock).values()), lr=0.05, fused=fused_optimizer)
+    opt_o = torch.optim.AdamW(list(trainable(ours).values()), lr=0.05, fused=fused_optimizer)
+    modes = [True, False]
+
+    def both_modes(what):
+        for training in modes:
+            ours.train(training)
+            stock.train(training)
+            _check(stock, ours, compiled, ids, what)
+
+    both_modes("warm-up")
+    if MERGE_FIXED:
+        ours.eval()
+        stock.eval()
+        with _merged(stock, ours):
+            _check(stock, ours, compiled, ids, "merged warm-up")
+    frames = graphs.frames
+    ops = ["step", *_EDITS, "load_state_dict", "load_state_dict_assign", "step", "data_edit_with_clear"]
+    if MERGE_FIXED:
+        ops.insert(3, "merge_unmerge")
+    for i, op in enumerate(ops):
+        if op == "step":
+            ours.train()
+            stock.train()
+            for model in (stock, ours):
+                (model(ids) ** 2).mean().backward()
+            opt_s.step()
+            opt_o.step()
+            opt_s.zero_grad()
+            opt_o.zero_grad()
+        elif op in _EDITS:
+            _edit(stock, ours, op, i)
+        elif op.startswith("load_state_dict"):
+            gen = torch.Generator().manual_seed(i)
+            state = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in stock.state_dict().items()}
+            for model in (stock, ours):
+                model.load_state_dict({k: v.clone() for k, v in state.items()}, assign=op.endswith("assign"))
+            opt_s = torch.optim.AdamW(list(trainable(stock).values()), lr=0.05, fused=fused_optimizer)
+            opt_o = torch.optim.AdamW(list(trainable(ours).values()), lr=0.05, fused=fused_optimizer)
+        elif op == "merge_unmerge":
+            ours.eval()
+            stock.eval()
+            with _merged(stock, ours):
+                _check(stock, ours, compiled, ids, "merged")
+        elif op == "data_edit_with_clear":  # invisible to version counters: the documented remedy
+            with torch.no_grad():
+                for model in (stock, ours):
+                    model.base_model.model.lin.base_layer.weight.data.mul_(1.05)
+            dorafactors.clear_norm_caches(ours)
+        both_modes(op)
+    assert graphs.frames == frames, f"recompiled after the warm-up: {frames} -> {graphs.frames} frames"
+
+
+def test_verify_mode_catches_a_blind_write_inside_a_compiled_graph(monkeypatch):
+    """``PEFT_DORA_NORM_CACHE=verify`` recomputes every cached norm in the op, compiled graphs included."""
+    monkeypatch.setenv("PEFT_DORA_NORM_CACHE", "verify")
+    config.invalidate_cache()
+    stock, ours = build_pair(targets=["lin"])
+    ours.eval()
+    compiled = _Graphs().compile(ours)
+    ids = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        compiled(ids)
+        compiled(ids)  # a verified hit
+        ours.base_model.model.lin.base_layer.weight.data.mul_(1.5)  # a write no stamp can see
+        with pytest.raises(StaleNormCacheError, match="clear_norm_caches"):
+            compiled(ids)
+        dorafactors.clear_norm_caches(ours)
+        out = compiled(ids)
+    sync_weights(ours, stock)
+    with torch.no_grad():
+        assert_dtype_close(out, stock(ids), F32, name="compiled output after clear_norm_caches")
+
+
+def test_a_deep_copy_of_a_compiled_model_has_its_own_norm_caches():
+    """The op's caches belong to the magnitude parameter: a copy's layers start empty and count their own."""
+    model = _tiny_lm().eval()
+    copied = copy.deepcopy(model)
+    graphs = _Graphs()
+    token = torch.randint(0, 32, (1, 1))
+    with torch.no_grad():
+        graphs.compile(model)(token)
+        with torch.no_grad():
+            copied.base_model.model.blocks[0]["q"].lora_B.default.weight.mul_(2.0)
+        out = graphs.compile(copied)(token)
+        want = copied(token)  # eager: its own norms, computed from the copy's weights
+    assert _norm_count(model) == len(dora_layers(model))
+    assert _norm_count(copied) == 2 * len(dora_layers(copied))  # compiled miss + eager miss, per layer
+    assert_dtype_close(out, want, F32, name="compiled copy vs eager copy")
+
+
+# --------------------------------------------------------------------------------------------------- GPU
+
+
+def _gpu_pair(dtype=torch.float32):
+    """Stock and dorafactors TinyLM-style models on the GPU with the same non-identity weights."""
+    torch.manual_seed(0)
+    base = TinyLM(width=64, blocks=2)
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q", "up", "down"], use_dora=True, init_lora_weights=False)
+    stock = get_peft_model(copy.deepcopy(base), cfg).to("cuda", dtype)
+    with dorafactors.patched():
+        ours = get_peft_model(copy.deepcopy(base), cfg).to("cuda", dtype)
+    with torch.no_grad():
+        for name, p in stock.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1.0 + 0.2 * torch.rand_like(p))
+    ours.load_state_dict(stock.state_dict())
+    return stock, ours
+
+
+@pytest.mark.gpu
+def test_gpu_inductor_graph_calls_the_op_and_caches():
+    from torch._inductor.utils import run_and_get_code
+
+    stock, ours = _gpu_pair()
+    ours.eval()
+    stock.eval()
+    ids = torch.randint(0, 32, (2, 9), device="cuda")
+    compiled = torch.compile(ours, fullgraph=True)
+    with torch.no_grad():
+        out, code = run_and_get_code(compiled, ids)
+        assert "torch.ops.dorafactors.cached_weight_norm.default" in "\n".join(code)
+        first = _norm_count(ours)
+        for _ in range(3):
+            out = compiled(ids)
+    assert first == len(dora_layers(ours)) and _norm_count(ours) == first
+    with torch.no_grad():
+        assert_dtype_close(out, stock(ids), F32, name="inductor eval output")
+    # a training step with accumulation: one norm per layer per optimizer step, no recompile
+    ours.train()
+    stock.train()
+    opt = torch.optim.AdamW(list(trainable(ours).values()), lr=1e-2, fused=True)
+    for step in range(3):
+        before = _norm_count(ours)
+        for _ in range(4):
+            (compiled(ids).float().logsumexp(-1).mean() / 4).backward()
+        # step 0 still uses the norm of the evaluation above (nothing changed since); then one per step
+        assert _norm_count(ours) - before == (0 if step == 0 else len(dora_layers(ours))), f"step {step}"
+        opt.step()
+        opt.zero_grad()
+    sync_weights(ours, stock)
+    ours.eval()
+    stock.eval()
+    with torch.no_grad():
+        assert_dtype_close(compiled(ids), stock(ids), F32, name="inductor eval output after steps")
+
+
+class _Recordings:
+    """Counts CUDA graph recordings of Inductor's cudagraph trees (``CUDAGraphTreeManager.record_function``)."""
+
+    def __init__(self, monkeypatch) -> None:
+        from torch._inductor import cudagraph_trees
+
+        self.count = 0
+        real = cudagraph_trees.CUDAGraphTreeManager.record_function
+
+        def counted(manager, *args, **kwargs):
+            self.count += 1
+            return real(manager, *args, **kwargs)
+
+        monkeypatch.setattr(cudagraph_trees.CUDAGraphTreeManager, "record_function", counted)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_reduce_overhead_decode_stays_correct_without_re_recording(dtype, monkeypatch):
+    """``mode="reduce-overhead"``: the norm op runs outside the captured CUDA graphs (graph partitioning), so
+    decoding replays the same graphs token after token, and adapter edits and optimizer steps are seen."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    recordings = _Recordings(monkeypatch)
+    stock, ours = _gpu_pair(dtype)
+    ours.eval()
+    stock.eval()
+    compiled = torch.compile(ours, mode="reduce-overhead", fullgraph=True)
+    tokens = torch.randint(0, 32, (1, 4), device="cuda")
+
+    def decode(steps: int, what: str) -> None:
+        nonlocal tokens
+        for _ in range(steps):
+            with torch.no_grad():
+                got = compiled(tokens).clone()  # cudagraph outputs are overwritten by the next replay
+                want = stock(tokens)
+            if dtype == torch.float32:
+                assert_dtype_close(got, want, F32, name=f"{what}: decode logits")
+            else:  # half precision: at least as close to an fp64 truth as stock PEFT
+                with torch.no_grad():
+                    truth = copy.deepcopy(stock).double()(tokens)
+                assert_not_worse(got, want, truth, dtype, name=f"{what}: decode logits")
+            tokens = torch.cat([tokens[:, 1:], got[:, -1:].argmax(-1)], dim=1)
+
+    with torch._inductor.config.patch(graph_partition=True):
+        decode(3, "warm-up")  # warm-up run, recording, first replay
+        recorded, frames, norms = recordings.count, counters["stats"]["unique_graphs"], _norm_count(ours)
+        assert recorded >= 1, f"no CUDA graph was recorded (skips: {dict(counters['inductor'])})"
+        decode(8, "steady")
+        assert _norm_count(ours) == norms, "a decode step computed a norm"
+        with torch.no_grad():
+            ours.base_model.model.blocks[0]["q"].lora_B.default.weight.mul_(1.3)  # an adapter edit
+            stock.base_model.model.blocks[0]["q"].lora_B.default.weight.mul_(1.3)
+        decode(2, "after an edit")
+        assert _norm_count(ours) == norms + 1, "the edited layer's norm is recomputed once"
+        ours.train()
+        opt = torch.optim.AdamW(list(trainable(ours).values()), lr=1e-2, fused=True)
+        ours(tokens).float().logsumexp(-1).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        ours.eval()
+        sync_weights(ours, stock)
+        decode(3, "after an optimizer step")
+        assert recordings.count == recorded, f"re-recorded CUDA graphs: {recorded} -> {recordings.count}"
+        assert counters["stats"]["unique_graphs"] == frames, "recompiled while decoding"
+
+
+@pytest.mark.gpu
+def test_gpu_reduce_overhead_runs_the_norm_ops_ahead_of_one_captured_graph(monkeypatch):
+    """Every argument of the norm op is a graph input, so Inductor's partitioner moves the ops (tagged
+    ``cudagraph_unsafe``) in front of the rest of the graph: one eager partition of norm ops, then one
+    captured CUDA graph per forward (not one per DoRA layer)."""
+    recordings = _Recordings(monkeypatch)
+    _, ours = _gpu_pair(torch.bfloat16)
+    ours.eval()
+    compiled = torch.compile(ours, mode="reduce-overhead", fullgraph=True)
+    tokens = torch.randint(0, 32, (1, 4), device="cuda")
+    with torch._inductor.config.patch(graph_partition=True), torch.no_grad():
+        for _ in range(4):
+            compiled(tokens)
+    assert recordings.count == 1, f"{recordings.count} CUDA graphs recorded for one forward graph"
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "non-strict"])
+def test_torch_export_traces_the_reference_norm_not_the_op(strict):
+    """An exported program must run without dorafactors' Python (AOTInductor and other runtimes): under
+    ``torch.export`` the norm is traced as ATen ops, and the program follows later weight edits."""
+    stock, ours = build_pair(targets=["lin", "gpt", "conv"])
+    ours.eval()
+    ids = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(9))
+    program = torch.export.export(ours, (ids,), strict=strict)
+    targets = {str(n.target) for gm in program.graph_module.modules() for n in gm.graph.nodes}
+    assert not any("dorafactors" in t for t in targets), sorted(t for t in targets if "dorafactors" in t)
+    with torch.no_grad():
+        ours.base_model.model.lin.lora_B.default.weight.mul_(1.5)
+    sync_weights(ours, stock)
+    with torch.no_grad():
+        assert_dtype_close(program.module()(ids), stock(ids), F32, name="exported program after an edit")
