@@ -128,15 +128,21 @@ def _compose_plain(lora, base, scale, scaling, channel_dim, out_dtype):
 
 
 def _compose_compiled(lora, base, scale, scaling, channel_dim, out_dtype, needs_grad):
-    """The path taken while ``torch.compile`` traces: Triton ops when the kernels may run, else the reference."""
-    if fused.compiled_ok(lora.device.type, lora.dtype, base.dtype, scale.dtype, out_dtype, needs_grad):
-        if needs_grad and scale.requires_grad:
-            out, _ = torch.ops.dorafactors.compose_and_inner(lora, base, scale, scaling, channel_dim, out_dtype)
-            return out
-        return torch.ops.dorafactors.compose(lora, base, scale, scaling, channel_dim, out_dtype)
+    """The path taken while ``torch.compile`` traces.
+
+    Without a gradient to record: the reference's plain ops (fp32 arithmetic, one rounding), which Inductor
+    fuses into one pointwise kernel together with what follows (PEFT's ``result + extra``), instead of an
+    opaque op whose output must be written out and read back. In training: the Triton ops where the kernels
+    may run (the one-pass backward and the saved ``inner`` need them), else the reference Function.
+    """
     if not needs_grad:
         out, _ = compose_forward_reference(lora, base, scale, scaling, channel_dim=channel_dim, out_dtype=out_dtype)
         return out
+    if fused.compiled_ok(lora.device.type, lora.dtype, base.dtype, scale.dtype, out_dtype, needs_grad):
+        if scale.requires_grad:
+            out, _ = torch.ops.dorafactors.compose_and_inner(lora, base, scale, scaling, channel_dim, out_dtype)
+            return out
+        return torch.ops.dorafactors.compose(lora, base, scale, scaling, channel_dim, out_dtype)
     return _ComposeFunction.apply(lora, base, scale, scaling, channel_dim, out_dtype, False)[0]
 
 

@@ -80,8 +80,8 @@ def test_compiled_dora_compose_runs_the_kernels(channel_dim, trainable_magnitude
     with torch.no_grad():
         before = _launches()
         out = compiled(lora, base, g)
-        if not ON_GPU:
-            assert _delta(before) == {"compose_fwd": 1}, "inference graph launches the forward kernel"
+        if not ON_GPU:  # plain ops Inductor can fuse with what follows: no opaque kernel in inference
+            assert _delta(before) == {}, "inference graph traces the composition as plain ops"
     _close(out, eager.detach(), "inference out")
     before = _launches()
     out = compiled(lora, base, g)
@@ -100,7 +100,7 @@ def test_compiled_dora_compose_runs_the_kernels(channel_dim, trainable_magnitude
 def test_interpreter_ops_refuse_to_be_decomposed(fused):
     """Under the interpreter a decomposed op would trace to a graph without its kernel: it must raise instead."""
     torch._dynamo.reset()
-    lora, base, g = torch.randn(4, 8), torch.randn(4, 8), torch.rand(8) + 0.5
+    lora, base, g = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8), torch.rand(8) + 0.5  # training ops
     compiled = torch.compile(lambda a, b, c: dora_compose(a, b, c, 0.5), fullgraph=True, backend="aot_eager")
     with pytest.raises(Exception, match="decompose_custom_triton_ops"):
         compiled(lora, base, g)
@@ -175,7 +175,7 @@ def test_compiled_patched_peft_model(mode, fused, compile_setup):
         with torch.no_grad():
             want, got = stock(x), compiled(x)
         if not ON_GPU:
-            assert _delta(before) == {"compose_fwd": 3}, "one forward kernel per DoRA layer"
+            assert _delta(before) == {}, "inference traces the composition as plain ops (fused by Inductor)"
         _close(got, want, "eval out")
         return
     want = stock(x)
