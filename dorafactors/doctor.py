@@ -89,7 +89,10 @@ def _env_table() -> tuple[EnvVariable, ...]:
             "budget of the lora_dropout > 0 path (base recomputed in chunks), MiB",
         ),
         EnvVariable(
-            "PEFT_DORA_NORM_CACHE", config.norm_cache_enabled, "on", "reuse the norm while its inputs are unchanged"
+            "PEFT_DORA_NORM_CACHE",
+            config.norm_cache_mode,
+            "on",
+            "reuse the norm while its inputs are unchanged (verify: recompute and compare every cached value)",
         ),
         EnvVariable(
             "DORA_AUTOTUNE_COMPREHENSIVE",
@@ -450,7 +453,9 @@ def _layer_paths(
         fold = {"value": "yes" if fold_ok else "no", "reason": reason}
     row["decode_fold"] = fold
 
-    if config.norm_cache_enabled():
+    if config.norm_cache_verify():
+        row["norm_cache"] = {"value": "verify", "reason": "PEFT_DORA_NORM_CACHE=verify (every served value checked)"}
+    elif config.norm_cache_enabled():
         row["norm_cache"] = {"value": "on", "reason": ""}
     else:
         row["norm_cache"] = {"value": "off", "reason": "PEFT_DORA_NORM_CACHE=0"}
