@@ -26,7 +26,7 @@ from torch import nn
 import dorafactors
 
 from ._extras import require
-from ._tolerances import assert_not_worse
+from ._tolerances import assert_dtype_close, assert_not_worse, rel_error
 
 D_IN, D_OUT, RANK = 128, 96, 8
 #: bitsandbytes 4-bit (NF4, FP4; double-quantized statistics, Linear4bit's default) and 8-bit (LLM.int8);
@@ -165,8 +165,14 @@ def _forward_backward(model: nn.Module, x: torch.Tensor, probe: torch.Tensor):
 
 
 def _assert_not_worse(ours: torch.Tensor, stock: torch.Tensor, truth: torch.Tensor, name: str) -> None:
-    """Ours at least as close to fp64 as stock (``HALF_ERROR_FACTOR``, floored at ours' dtype's rounding)."""
-    err_ours, err_stock = assert_not_worse(ours, stock, truth, ours.dtype, name)
+    """Half precision: ours at least as close to fp64 as stock (``HALF_ERROR_FACTOR``, floored at the dtype's
+    rounding). fp32 (HQQ's fp32 compute dtype, fp32 adapter gradients): ours equals stock within the fp32
+    tolerance, as ``_tolerances.py`` prescribes; the two then differ only in the order of roundings."""
+    if ours.dtype in (torch.float32, torch.float64):
+        assert_dtype_close(ours, stock, ours.dtype, name)
+        err_ours, err_stock = rel_error(ours, truth), rel_error(stock, truth)
+    else:
+        err_ours, err_stock = assert_not_worse(ours, stock, truth, ours.dtype, name)
     print(f"{name}: rel error vs fp64 ours {err_ours:.3e} stock {err_stock:.3e}")  # shown with pytest -s
 
 
