@@ -25,7 +25,7 @@ def _torch_spec(session: nox.Session) -> str:
 def tests(session: nox.Session) -> None:
     """The test command of the README."""
     session.install(_torch_spec(session), "-e", ".[test]")
-    session.run("python", "-m", "pytest", "-q")
+    session.run("python", "-m", "pytest", "-q", env={"DORAFACTORS_REQUIRE_TEST_EXTRAS": "1"})
 
 
 @nox.session(python="3.11")

@@ -52,8 +52,9 @@ def norm_cache_key_tensors(base_layer: torch.nn.Module) -> tuple[torch.Tensor, .
     """The raw tensors the (dequantized) base weight is a pure function of.
 
     Plain layers: the weight parameter. Quantized layers: the packed weight plus its quantization state
-    (bitsandbytes ``quant_state.absmax`` / ``state.SCB``, HQQ ``meta`` scale and zero), so a new
-    quantization state invalidates the cache even when the packed bytes are reused.
+    (bitsandbytes 4-bit ``quant_state`` absmax, code and, with double quantization, the offset and the
+    nested ``state2`` absmax and code; 8-bit ``state.SCB``; HQQ ``meta`` scale and zero), so a new or
+    rewritten quantization state invalidates the cache even when the packed bytes are reused.
     """
     tensors: list[torch.Tensor] = []
     packed = getattr(base_layer, "W_q", None)  # HQQ
@@ -61,10 +62,15 @@ def norm_cache_key_tensors(base_layer: torch.nn.Module) -> tuple[torch.Tensor, .
     if isinstance(weight, torch.Tensor):
         tensors.append(weight)
         quant_state = getattr(weight, "quant_state", None)
-        for name in ("absmax", "code"):
-            value = getattr(quant_state, name, None)
-            if isinstance(value, torch.Tensor):
-                tensors.append(value)
+        # with double quantization the 4-bit absmax is itself quantized: its scales live in ``state2``
+        for state, names in (
+            (quant_state, ("absmax", "code", "offset")),
+            (getattr(quant_state, "state2", None), ("absmax", "code")),
+        ):
+            for name in names:
+                value = getattr(state, name, None)
+                if isinstance(value, torch.Tensor):
+                    tensors.append(value)
     scb = getattr(getattr(base_layer, "state", None), "SCB", None)
     if isinstance(scb, torch.Tensor):
         tensors.append(scb)
