@@ -36,17 +36,22 @@ import dorafactors
 
 __all__ = [
     "BASE_PROVIDERS",
+    "QUANT_SCHEMES",
     "ModelPool",
     "ModelSpec",
     "adapter_tensors",
+    "bitsandbytes_missing",
     "build_peft",
     "bump_adapter_versions",
     "compiled",
+    "dense_weight",
     "dynamo_stats",
     "impl_info",
     "llama_base",
+    "llama_base_quantized",
     "norm_computations",
     "one_linear_base",
+    "quantize_linears",
     "stock_caching",
     "trainable",
 ]
@@ -141,6 +146,116 @@ def llama_base(spec: ModelSpec, device: torch.device, dtype: torch.dtype = torch
     return _cached_base(("llama", spec, str(device), dtype, seed), make)
 
 
+#: Quantized base setups: what each scheme builds (recorded in the rows' params). The layers and their
+#: arguments are the ones transformers' ``BitsAndBytesConfig`` makes for a ``from_pretrained`` load
+#: (QLoRA's recipe for 4-bit): every ``nn.Linear`` but ``lm_head`` is replaced, embeddings and norms stay bf16.
+QUANT_SCHEMES: dict[str, str] = {
+    "nf4": "bitsandbytes Linear4bit: NF4, blocksize 64, double quant, bf16 compute, uint8 storage; lm_head bf16",
+    "int8": "bitsandbytes Linear8bitLt: LLM.int8 (threshold 6.0, int8 weights); lm_head bf16",
+}
+
+
+def bitsandbytes_missing() -> str | None:
+    """Why bitsandbytes cannot quantize a base model here, or None when it imports."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken native library raising anything else
+        return f"bitsandbytes is not importable ({type(exc).__name__}: {str(exc)[:120]}): pip install bitsandbytes"
+    return None
+
+
+def quantize_linears(model: nn.Module, scheme: str, device: torch.device, skip: Sequence[str] = ("lm_head",)) -> None:
+    """Replace every plain ``nn.Linear`` of ``model`` (but the ``skip`` names) by its bitsandbytes layer of
+    ``scheme`` (:data:`QUANT_SCHEMES`) holding the same weights, quantized on ``device``, in place.
+
+    This is what a ``from_pretrained(..., quantization_config=BitsAndBytesConfig(...))`` load builds, for a
+    model that exists only in memory. Sets ``is_loaded_in_4bit`` / ``is_loaded_in_8bit`` as that load does
+    (PEFT picks its bitsandbytes LoRA layers from the flag).
+    """
+    import bitsandbytes as bnb
+
+    if scheme not in QUANT_SCHEMES:
+        raise ValueError(f"unknown quantization scheme {scheme!r}; choose from {sorted(QUANT_SCHEMES)}")
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and name.rsplit(".", 1)[-1] not in skip
+    ]
+    for name, module in targets:
+        weight = module.weight.data
+        has_bias = module.bias is not None
+        if scheme == "nf4":
+            new = bnb.nn.Linear4bit(
+                module.in_features,
+                module.out_features,
+                bias=has_bias,
+                compute_dtype=torch.bfloat16,
+                compress_statistics=True,  # double quant (bnb_4bit_use_double_quant=True)
+                quant_type="nf4",
+                quant_storage=torch.uint8,
+                device="meta",
+            )
+            new.weight = bnb.nn.Params4bit(
+                weight,
+                requires_grad=False,
+                compress_statistics=True,
+                quant_type="nf4",
+                quant_storage=torch.uint8,
+                module=new,
+            )
+            if device.type == "cpu":
+                # bnb's CPU no-grad forward repacks the weight in place for AVX512-BF16, after which a
+                # training forward and the DoRA norm (dequantize) of the same layer read it wrongly
+                new.support_avx512bf16_for_cpu = False
+        else:
+            new = bnb.nn.Linear8bitLt(
+                module.in_features, module.out_features, bias=has_bias, has_fp16_weights=False, threshold=6.0
+            )
+            # Int8Params quantizes when it moves off the CPU (a checkpoint load's path): start there
+            new.weight = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False, has_fp16_weights=False)
+        if has_bias:
+            new.bias = nn.Parameter(module.bias.data.clone(), requires_grad=False)
+        new.to(device)  # quantizes
+        new.requires_grad_(False)
+        model.set_submodule(name, new)
+    setattr(model, "is_loaded_in_4bit" if scheme == "nf4" else "is_loaded_in_8bit", True)
+
+
+def llama_base_quantized(spec: ModelSpec, device: torch.device, scheme: str, seed: int = 0) -> nn.Module:
+    """:func:`llama_base` (bf16) with its Linear layers quantized by :func:`quantize_linears` (cached per spec)."""
+    dense = llama_base(spec, device, torch.bfloat16, seed)
+
+    def make() -> nn.Module:
+        model = copy.deepcopy(dense)
+        quantize_linears(model, scheme, device)
+        return model
+
+    return _cached_base(("llama", spec, str(device), scheme, seed), make)
+
+
+def dense_weight(base_layer: nn.Module) -> torch.Tensor:
+    """The base layer's weight as a float ``[d_out, d_in]`` tensor: the parameter itself, or PEFT's
+    dequantization of a quantized one (what both DoRA implementations compute their norms from)."""
+    weight = base_layer.weight
+    if type(weight) is nn.Parameter:
+        return weight
+    from peft.utils.integrations import dequantize_module_weight
+
+    return dequantize_module_weight(base_layer)
+
+
+def weight_format(base_layer: nn.Module) -> str:
+    """``bfloat16`` / ``float32`` for a plain weight, ``nf4 (bfloat16 compute)`` / ``int8`` for bitsandbytes."""
+    weight = base_layer.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None and getattr(weight, "quant_type", None):
+        compute = str(getattr(base_layer, "compute_dtype", None)).replace("torch.", "")
+        return f"{weight.quant_type} ({compute} compute)"
+    if type(weight).__name__ == "Int8Params":
+        return "int8"
+    return str(weight.dtype).replace("torch.", "")
+
+
 class OneLinear(nn.Module):
     """A single bias-free Linear (``proj``) in a module PEFT can target."""
 
@@ -211,7 +326,7 @@ def init_adapters(model: nn.Module, seed: int) -> None:
         magnitudes = getattr(module, "lora_magnitude_vector", None)
         if magnitudes is not None and "default" in magnitudes:
             mag = magnitudes["default"].weight
-            weight = module.get_base_layer().weight
+            weight = dense_weight(module.get_base_layer())
             rows = torch.cat([chunk.float().norm(dim=1) for chunk in weight.split(4096, dim=0)])
             noise = torch.empty(mag.shape, device=mag.device, dtype=torch.float32).normal_(generator=gen)
             mag.copy_((rows * (1.0 + 0.05 * noise)).view(mag.shape))
@@ -285,7 +400,7 @@ def impl_info(model: nn.Module, provider: str, rows: int | None = None) -> dict[
         return info
     _, module = layers[0]
     info["adapter_dtype"] = str(module.lora_A["default"].weight.dtype).replace("torch.", "")
-    info["base_dtype"] = str(module.get_base_layer().weight.dtype).replace("torch.", "")
+    info["base_dtype"] = weight_format(module.get_base_layer())
     info["lora_modules"] = len(layers)
     magnitudes = getattr(module, "lora_magnitude_vector", None)
     if magnitudes is not None and "default" in magnitudes:
@@ -302,19 +417,24 @@ def _dorafactors_paths(module: nn.Module, rows: int | None = None) -> dict[str, 
     """Which implementation dorafactors' dispatch picks for this layer (public engine / fused predicates),
     for an activation of ``rows`` tokens (8 when unknown)."""
     out: dict[str, Any] = {}
+    base = module.get_base_layer()
+    try:
+        weight = dense_weight(base)
+    except Exception as exc:
+        return {"df_norm_path": f"unknown ({type(exc).__name__})"}
+    # the composition runs on the base layer's output: its weight's dtype, or a quantized layer's compute dtype
+    act_dtype = weight.dtype if type(base.weight) is nn.Parameter else getattr(base, "compute_dtype", torch.bfloat16)
     try:
         from dorafactors.norm import engine
 
-        weight = module.get_base_layer().weight
         out["df_norm_path"] = engine.norm_path(weight, module.lora_A["default"].weight, module.lora_B["default"].weight)
     except Exception as exc:
         out["df_norm_path"] = f"unknown ({type(exc).__name__})"
     try:
         from dorafactors.dispatch import rules
 
-        weight = module.get_base_layer().weight
         d_out = weight.shape[0]
-        act = torch.empty(1, d_out, device=weight.device, dtype=weight.dtype)
+        act = torch.empty(1, d_out, device=weight.device, dtype=act_dtype or torch.bfloat16)
         scale = torch.empty(d_out, device=weight.device, dtype=torch.float32)
         kernel_ok = rules.fused_compose_ok(act, act, scale)[0]
         out["df_compose_fused_infer"] = kernel_ok

@@ -282,6 +282,10 @@ TARGETS: list[tuple[str, str, Any, str, dict[str, float]]] = [
         "ms",
         {"issue 15": 1.3},
     ),
+    # QDoRA (issue 16): measured, no limit set; the ratio is to QLoRA (LoRA on the same NF4 base)
+    ("QDoRA training fwd+bwd, NF4 base (no limit)", "model", "qdora-nf4/train_fwd_bwd", "ms", {}),
+    ("QDoRA peak training memory, NF4 base (no limit)", "model", "qdora-nf4/train_fwd_bwd", "peak", {}),
+    ("QDoRA inference prefill 4096, NF4 base (no limit)", "model", "qdora-nf4/infer_prefill", "ms", {}),
 ]
 
 
@@ -620,7 +624,8 @@ def render(rows: list[dict[str, Any]], sources: Sequence[Path]) -> str:
             "### Targets",
             "",
             "Ratio of dorafactors to plain LoRA in the same run (r=384, lora_alpha=2r; `bf16` = base and adapters "
-            "bf16; `PEFT default dtypes` = bf16 base, fp32 adapters). Limits from issues 5 and 15 and from anchors.md.",
+            "bf16; `PEFT default dtypes` = bf16 base, fp32 adapters; `NF4 base` = bitsandbytes 4-bit base, fp32 adapters, "
+            "LoRA on the same base). Limits from issues 5 and 15 and from anchors.md.",
             "",
             *_targets_table(dev_rows, quick),
             "",

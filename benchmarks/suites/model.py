@@ -8,7 +8,15 @@ Dtype setups:
 * ``bf16``: all bf16 (``autocast_adapter_dtype=False``: adapters and magnitude in bf16);
 * ``peft-default``: PEFT's default (bf16 base, ``autocast_adapter_dtype=True``: fp32 adapters, magnitude);
 * ``peft-default+amp``: the same models run under ``torch.autocast(bf16)`` (what HF Trainer's ``bf16=True``
-  does).
+  does);
+* ``qdora-nf4`` (QLoRA / QDoRA): every Linear of the base but ``lm_head`` a bitsandbytes ``Linear4bit``
+  (NF4, double quant, bf16 compute: what ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)`` loads, built from the same bf16
+  weights by :func:`providers.quantize_linears`), adapters as PEFT makes them by default (fp32);
+  ``qdora-int8`` the same with ``Linear8bitLt`` (LLM.int8). No ``prepare_model_for_kbit_training``: it
+  upcasts the norms, embeddings and ``lm_head`` to fp32 and turns on gradient checkpointing, which would
+  time a different model than the other setups; the DoRA layers it wraps are the same. The rows are
+  ``skipped`` (with the reason) where bitsandbytes does not import.
 
 Cases (run order): inference prefill (``no_grad``, full logits; dorafactors reuses the norm of the frozen
 weights, ``dorafactors_cold`` is the same model with that cache defeated on every call), training forward+backward (loss on all
@@ -32,6 +40,8 @@ SETUPS: dict[str, dict[str, Any]] = {
     "bf16": {"adapters_fp32": False, "amp": False, "adapter_dtype": "bf16"},
     "peft-default": {"adapters_fp32": True, "amp": False, "adapter_dtype": "fp32"},
     "peft-default+amp": {"adapters_fp32": True, "amp": True, "adapter_dtype": "fp32 (bf16 autocast)"},
+    "qdora-nf4": {"adapters_fp32": True, "amp": False, "adapter_dtype": "fp32", "quant": "nf4"},
+    "qdora-int8": {"adapters_fp32": True, "amp": False, "adapter_dtype": "fp32", "quant": "int8"},
 }
 
 #: Priors for the time estimates only (ms per call on an H100 at default sizes; LoRA and stock from
@@ -43,9 +53,16 @@ _PRIOR_MS = {
     ("peft-default", "train"): (121.4, 194.5),
     ("peft-default+amp", "infer"): (30.0, 60.0),
     ("peft-default+amp", "train"): (70.0, 110.0),
+    # a quantized base adds a dequantization of every weight to each forward and backward GEMM (and to
+    # DoRA's norm): the PEFT-default times plus that
+    ("qdora-nf4", "infer"): (60.0, 130.0),
+    ("qdora-nf4", "train"): (150.0, 240.0),
+    ("qdora-int8", "infer"): (80.0, 150.0),
+    ("qdora-int8", "train"): (190.0, 280.0),
 }
 BUILD_S = 3.0  # one provider's PEFT model (deepcopy + get_peft_model + adapter init), prior
 BASE_S = 4.0  # the random-weight base model, prior
+QUANTIZE_S = 5.0  # a copy of it with its Linear layers quantized (int8 goes through the CPU), prior
 COMPILE_S = 75.0  # compiling the 4-layer model for inference, prior
 COMPILE_TRAIN_S = 150.0  # compiling its training graph (forward + backward), prior
 
@@ -84,7 +101,11 @@ def model_set(settings: Settings, setup: str, r: int, providers=P.BASE_PROVIDERS
     """The lora/stock/dorafactors models of one dtype setup and rank (pooled: reused by later cases)."""
     s = spec(settings)
     fp32 = SETUPS[setup]["adapters_fp32"]
-    base = P.llama_base(s, settings.device, torch.bfloat16, settings.seed)
+    quant = SETUPS[setup].get("quant")
+    if quant:
+        base = P.llama_base_quantized(s, settings.device, quant, settings.seed)
+    else:
+        base = P.llama_base(s, settings.device, torch.bfloat16, settings.seed)
 
     def build(provider: str):
         return P.build_peft(
@@ -97,7 +118,7 @@ def model_set(settings: Settings, setup: str, r: int, providers=P.BASE_PROVIDERS
             seed=settings.seed,
         )
 
-    return P.POOL.get(("llama", s, r, fp32, settings.seed), build, providers)
+    return P.POOL.get(("llama", s, r, fp32, quant, settings.seed), build, providers)
 
 
 def token_ids(settings: Settings, count: int, seq: int, salt: int = 0) -> list[torch.Tensor]:
@@ -107,6 +128,7 @@ def token_ids(settings: Settings, count: int, seq: int, salt: int = 0) -> list[t
 
 
 def model_params(settings: Settings, setup: str, r: int, workload: Workload) -> dict[str, Any]:
+    quant = SETUPS[setup].get("quant")
     return {
         "model": "llama-shaped (random init)",
         **spec(settings).as_params(),
@@ -115,7 +137,8 @@ def model_params(settings: Settings, setup: str, r: int, workload: Workload) -> 
         "lora_alpha": 2 * r,
         "targets": ",".join(t.removesuffix("_proj") for t in P.LLAMA_TARGETS),
         "setup": setup,
-        "base_dtype": "bf16",
+        "base_dtype": f"{quant} (bf16 compute)" if quant else "bf16",
+        **({"quantization": P.QUANT_SCHEMES[quant]} if quant else {}),
         "adapter_dtype": SETUPS[setup]["adapter_dtype"],
         **workload.params(),
     }
@@ -173,17 +196,22 @@ def cases(settings: Settings) -> list[Case]:
         ),
         ("peft-default+amp/infer_prefill", "peft-default+amp", Workload("infer", amp=True), 1.0, "infer"),
         ("peft-default+amp/train_fwd_bwd", "peft-default+amp", Workload("train_fwd_bwd", amp=True), 1.0, "train"),
+        ("qdora-nf4/train_fwd_bwd", "qdora-nf4", train, 1.0, "train"),
+        ("qdora-nf4/infer_prefill", "qdora-nf4", Workload("infer"), 1.0, "infer"),
+        ("qdora-int8/train_fwd_bwd", "qdora-int8", train, 1.0, "train"),
+        ("qdora-int8/infer_prefill", "qdora-int8", Workload("infer"), 1.0, "infer"),
     ]
     out: list[Case] = []
-    built: set[bool] = set()
+    built: set[tuple[bool, str | None]] = set()
     for priority, (name, setup, workload, factor, kind) in enumerate(plan):
         fp32 = SETUPS[setup]["adapters_fp32"]
+        quant = SETUPS[setup].get("quant")
         reps = settings.heavy_reps if workload.heavy else settings.reps
         providers = (*P.BASE_PROVIDERS, "dorafactors_cold") if workload.kind == "infer" else P.BASE_PROVIDERS
         est = estimate(settings, setup, kind, providers, factor=factor, reps=reps)
-        if fp32 not in built:
-            est += BASE_S * (not built) + BUILD_S * len(P.BASE_PROVIDERS)
-            built.add(fp32)
+        if (fp32, quant) not in built:
+            est += BASE_S * (not built) + QUANTIZE_S * bool(quant) + BUILD_S * len(P.BASE_PROVIDERS)
+            built.add((fp32, quant))
         out.append(
             Case(
                 suite="model",
@@ -213,8 +241,26 @@ def cases(settings: Settings) -> list[Case]:
     return out
 
 
+def unavailable(setup: str, settings: Settings) -> str | None:
+    """Why ``setup`` cannot run here (a quantized base without bitsandbytes, ...), or None."""
+    quant = SETUPS[setup].get("quant")
+    if not quant:
+        return None
+    missing = P.bitsandbytes_missing()
+    if missing:
+        return missing
+    if quant == "int8" and settings.device.type != "cuda":
+        # peft.utils.integrations.dequantize_module_weight moves a CPU Int8Params "back" to the CPU, which
+        # rebuilds it without its scales (SCB): the DoRA norm and the next forward then fail
+        return "8-bit base on the CPU: PEFT's 8-bit dequantization drops the int8 scales there (GPU only)"
+    return None
+
+
 def _runner(setup: str, r: int, seq: int, workload: Workload, providers):
     def run(settings: Settings) -> list[dict[str, Any]]:
+        missing = unavailable(setup, settings)
+        if missing:
+            return [{"provider": p, "status": "skipped", "reason": missing} for p in providers]
         models = model_set(settings, setup, r, P.models_needed(providers))
         count = workload.accum if workload.kind == "accum_step" else 1
         batches = token_ids(settings, count, seq)
