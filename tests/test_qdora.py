@@ -25,7 +25,7 @@ from torch import nn
 
 import dorafactors
 
-from ._tolerances import HALF_ERROR_FACTOR, rel_error
+from ._tolerances import StockFidelity
 
 #: The device the quantized layers live on; ``DORAFACTORS_QDORA_DEVICE=cpu`` runs the bodies on a CPU
 #: bitsandbytes build (bitsandbytes >= 0.49 has CPU kernels), for developing these tests without a GPU.
@@ -129,14 +129,6 @@ def _forward_backward(model: nn.Module, x: torch.Tensor, probe: torch.Tensor):
     return out.detach(), grads
 
 
-def _assert_not_worse(ours: torch.Tensor, stock: torch.Tensor, truth: torch.Tensor, name: str) -> None:
-    ours_err, stock_err = rel_error(ours, truth), rel_error(stock, truth)
-    floor = rel_error(truth.to(torch.bfloat16), truth)
-    assert ours_err <= HALF_ERROR_FACTOR * max(stock_err, floor), (
-        f"{name}: ours {ours_err:.3e} vs stock {stock_err:.3e}"
-    )
-
-
 def _inputs(seed: int = 11, dtype: torch.dtype = torch.bfloat16):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(3, 5, D_IN, generator=gen, dtype=torch.float64)
@@ -163,17 +155,19 @@ def _inputs(seed: int = 11, dtype: torch.dtype = torch.bfloat16):
 def test_outputs_and_all_gradients_match_stock(bits):
     stock, ours, truth = _build(bits)
     x, probe = _inputs(dtype=torch.float32 if bits == "hqq-fp32" else torch.bfloat16)
+    fidelity = StockFidelity(f"{bits}-bit")
     for train in (True, False):
         for model in (stock, ours, truth):
             model.train(train)
         out_s, grads_s = _forward_backward(stock, x, probe)
         out_o, grads_o = _forward_backward(ours, x, probe)
         out_t, grads_t = _forward_backward(truth, x.to(torch.float64), probe)
-        _assert_not_worse(out_o, out_s, out_t, f"{bits}-bit output (train={train})")
+        fidelity.add(f"output (train={train})", out_o, out_s, out_t, torch.bfloat16)
         assert grads_o.keys() == grads_s.keys() == grads_t.keys()
         assert {n for n in grads_o if "lora_" in n} == {n for n in _trainable(ours)}
         for name in grads_o:
-            _assert_not_worse(grads_o[name], grads_s[name], grads_t[name], f"{bits}-bit grad {name} (train={train})")
+            fidelity.add(f"grad {name} (train={train})", grads_o[name], grads_s[name], grads_t[name], torch.bfloat16)
+    fidelity.assert_geomean()
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -189,9 +183,11 @@ def test_merge_and_unload_matches_stock(bits):
         merged[name] = dequantize_module_weight(plain.target).to(torch.float64)
         merged[name + "_out"] = plain(x)
     truth_layer = truth.merge_and_unload().target
-    _assert_not_worse(merged["ours"], merged["stock"], truth_layer.weight, f"{bits}-bit merged weight")
+    fidelity = StockFidelity(f"{bits}-bit merged")
+    fidelity.add("weight", merged["ours"], merged["stock"], truth_layer.weight, torch.bfloat16)
     out_t = truth_layer(x.to(torch.float64))
-    _assert_not_worse(merged["ours_out"], merged["stock_out"], out_t, f"{bits}-bit merged output")
+    fidelity.add("output", merged["ours_out"], merged["stock_out"], out_t, torch.bfloat16)
+    fidelity.assert_geomean()
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -205,6 +201,7 @@ def test_norm_is_fresh_after_every_optimizer_step(bits):
     ]
     x, probe = _inputs()
     decode = x[:1, :1]
+    fidelity = StockFidelity(f"{bits}-bit training steps")
     for step in range(3):
         outs = []
         for model, optimizer, inp in zip((stock, ours, truth), optimizers, (x, x, x.to(torch.float64))):
@@ -212,7 +209,7 @@ def test_norm_is_fresh_after_every_optimizer_step(bits):
             out, _ = _forward_backward(model, inp, probe)
             optimizer.step()
             outs.append(out)
-        _assert_not_worse(outs[1], outs[0], outs[2], f"{bits}-bit step {step} output")
+        fidelity.add(f"step {step} output", outs[1], outs[0], outs[2], torch.bfloat16)
         # the cached norm must be the one a fresh computation gives, in training and in a decode call
         ours.train()
         with torch.no_grad():
@@ -229,4 +226,5 @@ def test_norm_is_fresh_after_every_optimizer_step(bits):
             truth.eval()
             exact = truth(decode.to(torch.float64))
         torch.testing.assert_close(cached, fresh, rtol=1e-6, atol=1e-6)
-        _assert_not_worse(cached, reference, exact, f"{bits}-bit step {step} decode output")
+        fidelity.add(f"step {step} decode output", cached, reference, exact, torch.bfloat16)
+    fidelity.assert_geomean()
