@@ -1,13 +1,50 @@
-"""Tolerances per dtype (one table) and a mismatch reporter for every numerical test.
+"""Tolerances per dtype (one table), a mismatch reporter, and the one fidelity criterion against stock PEFT.
 
-Comparisons against stock PEFT (same inputs, same dtype):
-  fp32: rel 1e-5; fp64: rel 1e-10 (both paths compute the same function; they differ only in the order of
-  roundings: factored vs dense norm, (g*lora)*s vs g*(s*lora)).
-Half precision is never compared to stock directly: both are compared against an fp64 ground truth and
-ours must not be worse than stock by more than ``HALF_ERROR_FACTOR`` (see ``assert_not_worse``).
+Same-dtype comparisons against stock PEFT (``TOLERANCES``): fp32 rel 1e-5, fp64 rel 1e-10 -- both paths
+compute the same function and differ only in the order of roundings (factored vs dense norm,
+``(g*lora)*s`` vs ``g*(s*lora)``).
+
+Fidelity ("ours is at least as close to fp64 as stock PEFT", every dtype): ``StockFidelity``. For each
+result tensor (an output or a gradient) both implementations are compared with an fp64 truth built from the
+same (upcast) weights, by the relative error ``e = ||x - truth|| / ||truth||`` (``rel_error``). Two checks,
+the same constants in every test:
+
+1. Per tensor (``StockFidelity.add``):  ``e_ours <= (1 + ORDER_SLACK) * e_stock + FLOOR_UNITS * u``, where
+   ``u = eps(dtype) / 2`` is the unit roundoff of the result's dtype. The floor is three roundings at the
+   tensor's scale: stock landing on the correctly rounded value by luck (``e_stock`` = the quantization floor
+   ``q``, about ``0.4 u`` for random data, and ``q`` -> 0 on tensors of a few elements) must not fail a result
+   that is one or two roundings away, and on small tensors a ratio of two rounding errors is noise
+   (measured: up to 26x on 1-element tensors, 5.7x on second-order gradients of 12 elements, where both
+   implementations quantize ``g`` to bf16 and the gradient amplifies which way it rounded). ``ORDER_SLACK``
+   covers summation-order differences where the error is accumulated rather than one final rounding:
+   fp32 reductions over ``K`` terms in another order (a GEMM's or a kernel's row loop against PyTorch's
+   pairwise sums) move the error by tens of percent either way (measured up to 1.55x per tensor on a
+   48-term fp32 magnitude gradient, whose ``e`` is ~3 u). A wrong formula (errors of order 1), a dropped
+   term, or a result computed in the wrong dtype (bf16 where fp32 was due: ~2^16 u of fp32) is far outside.
+2. Per test, over every half-precision tensor it checked (seeds x cases x outputs and gradients)
+   (``StockFidelity.assert_geomean``): the geometric mean of ``max(e_ours, q) / max(e_stock, q)`` is at most
+   ``GEOMEAN_LIMIT``. ``q = quantization_floor(truth, dtype)``: no result stored in ``dtype`` beats one
+   rounding of the truth, so errors below it count as equal. This is the "at least as close" statement: a
+   systematic extra rounding in half precision moves every ratio by ~1.4x and the mean with it, while in half
+   precision every fp32-level difference between the two paths is below 2^-13 of a rounding. Measured: 0.64-
+   0.94 where ours keeps fp32 where stock rounds to half, and 0.99996-1.00006 where both round the same fp32
+   value to half once (fp32 adapters), hence the 0.1%. A geometric mean, because a mean of errors is decided
+   by the one or two tensors where both share a large error (a cancelling batch sum). fp32 results are judged
+   per tensor only: both sum the same products in fp32 in different orders, and that noise has either sign
+   and does not average out over a handful of draws (measured 0.98-1.05 over 24 fp32 tensors); no half
+   rounding is involved for the mean to detect.
+
+``test_equivalence.test_half_close_to_truth`` (every tiny shape, hypothesis) is a gross-error band, not this
+criterion: on 1-element tensors whose exact value cancels, either side's relative error is many roundings and
+their ratio is noise (measured 3.3x); the medium shapes there state the fidelity.
+
+Tests that measure one path against the exactly rounded result (kernels against fp64, with a bound of ulps
+plus ``K`` fp32 roundings per element) state that bound where they are; they compare with no stock.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -19,12 +56,12 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float16: (2e-3, 1e-3),
 }
 
-#: Ours may exceed stock's error against fp64 by at most this factor (errors floored at the dtype's
-#: quantization floor, see ``assert_not_worse``). 1.25: both are one-rounding-dominated in half precision; random
-#: inputs put stock and ours within a few percent of each other, and ours is usually better (fp32 norm and
-#: fp32 composition instead of stock's half-precision arithmetic), so 25% headroom only absorbs draws
-#: where the two roundings land differently on a handful of elements.
-HALF_ERROR_FACTOR = 1.25
+#: Per-tensor fidelity bound: ``e_ours <= (1 + ORDER_SLACK) * e_stock + FLOOR_UNITS * u(dtype)`` (module docstring).
+ORDER_SLACK = 0.25
+FLOOR_UNITS = 3.0
+#: Per-test bound on the geometric mean of the half-precision error ratios (module docstring).
+GEOMEAN_LIMIT = 1.001
+HALF = (torch.bfloat16, torch.float16)
 
 
 def rel_error(actual: torch.Tensor, truth: torch.Tensor) -> float:
@@ -76,20 +113,71 @@ def quantization_floor(truth: torch.Tensor, dtype: torch.dtype) -> float:
     return rel_error(truth.to(dtype), truth)
 
 
-def assert_not_worse(
-    ours: torch.Tensor, stock: torch.Tensor, truth: torch.Tensor, dtype: torch.dtype, name: str = ""
-) -> tuple[float, float]:
-    """Ours must be at least as close to ``truth`` as stock, up to ``HALF_ERROR_FACTOR``.
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """``u = eps / 2``: the largest relative error of one round-to-nearest to ``dtype``."""
+    return torch.finfo(dtype).eps / 2
 
-    Both errors are floored at the quantization floor of ``dtype`` (the truth rounded once): when stock
-    happens to be exact, being one rounding away from the truth is not "worse", it is the format.
+
+class GeomeanAboveStock(AssertionError):
+    """Ours is further from fp64 than stock on average over a test's half-precision tensors."""
+
+
+class StockFidelity:
+    """The fidelity criterion of this module (its docstring) for the tensors of one test.
+
+    ``add`` checks one tensor at once (the per-tensor bound) and records its error ratio; ``assert_geomean``,
+    called once at the end of the test, checks the geometric mean over the half-precision tensors added.
     """
-    err_ours = rel_error(ours, truth)
-    err_stock = rel_error(stock, truth)
-    floor = quantization_floor(truth, dtype)
-    limit = HALF_ERROR_FACTOR * max(err_stock, floor)
-    assert err_ours <= limit, (
-        f"{name}: ours is further from fp64 truth than stock PEFT: {err_ours:.3e} > "
-        f"{HALF_ERROR_FACTOR} * max(stock {err_stock:.3e}, floor {floor:.3e})"
-    )
-    return err_ours, err_stock
+
+    def __init__(self, what: str = "") -> None:
+        self.what = what
+        self.log_ratios: list[float] = []
+
+    def add(
+        self,
+        name: str,
+        ours: torch.Tensor,
+        stock: torch.Tensor,
+        truth: torch.Tensor,
+        dtype: torch.dtype | None = None,
+    ) -> tuple[float, float]:
+        """Per-tensor bound; ``dtype`` is the result's (default ``ours.dtype``). Returns ``(e_ours, e_stock)``."""
+        dtype = dtype or ours.dtype
+        label = f"{self.what} {name}".strip()
+        err_ours, err_stock = rel_error(ours, truth), rel_error(stock, truth)
+        limit = (1 + ORDER_SLACK) * err_stock + FLOOR_UNITS * unit_roundoff(dtype)
+        assert err_ours <= limit, (
+            f"{label} ({dtype}, {ours.numel()} elements): ours is further from fp64 than stock PEFT allows: "
+            f"{err_ours:.3e} > (1 + {ORDER_SLACK}) * stock {err_stock:.3e} + {FLOOR_UNITS} u "
+            f"(u = {unit_roundoff(dtype):.2e})"
+        )
+        if dtype in HALF:
+            floor = quantization_floor(truth, dtype)
+            if max(err_stock, floor) > 0:
+                self.log_ratios.append(math.log(max(err_ours, floor) / max(err_stock, floor)))
+        return err_ours, err_stock
+
+    def geomean(self) -> float:
+        """Geometric mean of ``max(e_ours, q) / max(e_stock, q)`` over the half-precision tensors added."""
+        return math.exp(sum(self.log_ratios) / len(self.log_ratios)) if self.log_ratios else 1.0
+
+    def assert_geomean(self) -> float:
+        ratio = self.geomean()
+        if ratio > GEOMEAN_LIMIT:
+            raise GeomeanAboveStock(
+                f"{self.what}: ours further from fp64 than stock on average: geometric mean of the error ratios "
+                f"{ratio:.4f} > {GEOMEAN_LIMIT} over {len(self.log_ratios)} half-precision tensors"
+            )
+        return ratio
+
+
+def assert_as_close_as_stock(
+    triples: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    dtype: torch.dtype | None = None,
+    what: str = "",
+) -> float:
+    """The whole criterion for one set of tensors: ``{name: (ours, stock, truth)}``. Returns the geometric mean."""
+    fidelity = StockFidelity(what)
+    for name, (ours, stock, truth) in triples.items():
+        fidelity.add(name, ours, stock, truth, dtype)
+    return fidelity.assert_geomean()

@@ -26,7 +26,7 @@ from torch import nn
 import dorafactors
 
 from ._extras import require
-from ._tolerances import assert_dtype_close, assert_not_worse, rel_error
+from ._tolerances import StockFidelity
 
 D_IN, D_OUT, RANK = 128, 96, 8
 #: bitsandbytes 4-bit (NF4, FP4; double-quantized statistics, Linear4bit's default) and 8-bit (LLM.int8);
@@ -164,18 +164,6 @@ def _forward_backward(model: nn.Module, x: torch.Tensor, probe: torch.Tensor):
     return out.detach(), grads
 
 
-def _assert_not_worse(ours: torch.Tensor, stock: torch.Tensor, truth: torch.Tensor, name: str) -> None:
-    """Half precision: ours at least as close to fp64 as stock (``HALF_ERROR_FACTOR``, floored at the dtype's
-    rounding). fp32 (HQQ's fp32 compute dtype, fp32 adapter gradients): ours equals stock within the fp32
-    tolerance, as ``_tolerances.py`` prescribes; the two then differ only in the order of roundings."""
-    if ours.dtype in (torch.float32, torch.float64):
-        assert_dtype_close(ours, stock, ours.dtype, name)
-        err_ours, err_stock = rel_error(ours, truth), rel_error(stock, truth)
-    else:
-        err_ours, err_stock = assert_not_worse(ours, stock, truth, ours.dtype, name)
-    print(f"{name}: rel error vs fp64 ours {err_ours:.3e} stock {err_stock:.3e}")  # shown with pytest -s
-
-
 def _inputs(device: str, seed: int = 11, dtype: torch.dtype = torch.bfloat16):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(3, 5, D_IN, generator=gen, dtype=torch.float64)
@@ -194,6 +182,7 @@ def test_outputs_and_all_gradients_match_stock(base, train, device, kernels, mon
     """One forward and backward per freshly built model (8-bit on the CPU allows no more, see above)."""
     from dorafactors.kernels.compose import launch_counts
 
+    fidelity = StockFidelity(base)
     if kernels is not None:
         monkeypatch.setenv("PEFT_DORA_FUSED", "1" if kernels else "0")
         monkeypatch.setenv("PEFT_DORA_FUSED_BACKWARD", "1" if kernels else "0")
@@ -205,20 +194,22 @@ def test_outputs_and_all_gradients_match_stock(base, train, device, kernels, mon
     out_s, grads_s = _forward_backward(stock, x, probe)
     out_o, grads_o = _forward_backward(ours, x, probe)
     out_t, grads_t = _forward_backward(truth, x.to(torch.float64), probe)
-    _assert_not_worse(out_o, out_s, out_t, f"{base} output (train={train})")
+    fidelity.add(f"{base} output (train={train})", out_o, out_s, out_t)
     assert grads_o.keys() == grads_s.keys() == grads_t.keys()
     assert {n for n in grads_o if "lora_" in n} == {n for n in _trainable(ours)}
     for name in grads_o:
-        _assert_not_worse(grads_o[name], grads_s[name], grads_t[name], f"{base} grad {name} (train={train})")
+        fidelity.add(f"{base} grad {name} (train={train})", grads_o[name], grads_s[name], grads_t[name])
     if kernels is not None:
         ran = sum(launch_counts.values()) > launches
         assert ran == kernels, f"compose kernels ran: {ran}, expected {kernels}"
+    fidelity.assert_geomean()
 
 
 @pytest.mark.parametrize(("base", "device"), _cases(BNB_BASES, multi_forward=False))
 def test_merge_and_unload_matches_stock(base, device):
     from peft.utils.integrations import dequantize_module_weight
 
+    fidelity = StockFidelity(base)
     stock, ours, truth = _build(base, device)
     x, _ = _inputs(device)
     merged = {}
@@ -228,9 +219,10 @@ def test_merge_and_unload_matches_stock(base, device):
         merged[name] = dequantize_module_weight(plain.target).to(torch.float64)
         merged[name + "_out"] = plain(x)
     truth_layer = truth.merge_and_unload().target
-    _assert_not_worse(merged["ours"], merged["stock"], truth_layer.weight, f"{base} merged weight")
+    fidelity.add(f"{base} merged weight", merged["ours"], merged["stock"], truth_layer.weight)
     out_t = truth_layer(x.to(torch.float64))
-    _assert_not_worse(merged["ours_out"], merged["stock_out"], out_t, f"{base} merged output")
+    fidelity.add(f"{base} merged output", merged["ours_out"], merged["stock_out"], out_t)
+    fidelity.assert_geomean()
 
 
 @pytest.mark.parametrize(("base", "device"), _cases(BASES, multi_forward=True))
@@ -238,27 +230,30 @@ def test_merge_then_unmerge_matches_stock_and_is_fresh(base, device):
     """``merge_adapter`` / ``unmerge_adapter`` (dequantize, add or remove the DoRA delta, requantize): the
     merged and the unmerged outputs as close to fp64 as stock's, and after the unmerge (a new base weight)
     the output is the one a cleared norm cache gives."""
+    fidelity = StockFidelity(base)
     stock, ours, truth = _build(base, device)
     x, _ = _inputs(device, dtype=_input_dtype(base))
     for model in (stock, ours, truth):
         model.eval()
     with torch.no_grad():
         exact = truth(x.to(torch.float64))
-        _assert_not_worse(ours(x), stock(x), exact, f"{base} before merge")
+        fidelity.add(f"{base} before merge", ours(x), stock(x), exact)
         for model in (stock, ours):
             model.merge_adapter()
-        _assert_not_worse(ours(x), stock(x), exact, f"{base} merged")
+        fidelity.add(f"{base} merged", ours(x), stock(x), exact)
         for model in (stock, ours):
             model.unmerge_adapter()
         served, reference = ours(x), stock(x)
         dorafactors.clear_norm_caches(ours)
         fresh = ours(x)
     assert torch.equal(served, fresh), f"{base}: output after unmerge differs from a fresh norm"
-    _assert_not_worse(served, reference, exact, f"{base} unmerged")
+    fidelity.add(f"{base} unmerged", served, reference, exact)
+    fidelity.assert_geomean()
 
 
 @pytest.mark.parametrize(("base", "device"), _cases(BASES, multi_forward=True))
 def test_norm_is_fresh_after_every_optimizer_step(base, device):
+    fidelity = StockFidelity(base)
     stock, ours, truth = _build(base, device)
     # fused AdamW (CUDA and CPU) writes parameters without bumping their version counters
     optimizers = [
@@ -275,7 +270,7 @@ def test_norm_is_fresh_after_every_optimizer_step(base, device):
             out, _ = _forward_backward(model, inp, probe)
             optimizer.step()
             outs.append(out)
-        _assert_not_worse(outs[1], outs[0], outs[2], f"{base} step {step} output")
+        fidelity.add(f"{base} step {step} output", outs[1], outs[0], outs[2])
         # the cached norm must be the one a fresh computation gives, in training and in a decode call
         ours.train()
         with torch.no_grad():
@@ -292,7 +287,8 @@ def test_norm_is_fresh_after_every_optimizer_step(base, device):
             truth.eval()
             exact = truth(decode.to(torch.float64))
         torch.testing.assert_close(cached, fresh, rtol=1e-6, atol=1e-6)
-        _assert_not_worse(cached, reference, exact, f"{base} step {step} decode output")
+        fidelity.add(f"{base} step {step} decode output", cached, reference, exact)
+    fidelity.assert_geomean()
 
 
 def _rewrite_(tensor: torch.Tensor) -> None:
@@ -312,6 +308,7 @@ def test_norm_follows_in_place_writes_to_the_quantized_weight_and_its_state(base
     state) rewritten in place, in both models, between eval calls: ours serves the norm
     of the new weight (the output a cleared cache gives, and as close to the fp64 truth on the new
     dequantized weight as stock's), whether the layer caches its norm or recomputes it."""
+    fidelity = StockFidelity(base)
     stock, ours, truth = _build(base, device)
     x, _ = _inputs(device, dtype=_input_dtype(base))
     for model in (stock, ours, truth):
@@ -332,8 +329,9 @@ def test_norm_follows_in_place_writes_to_the_quantized_weight_and_its_state(base
                 continue
             effective += 1
             _base_layer(truth).weight.copy_(new_weight)
-            _assert_not_worse(served, reference, truth(x.to(torch.float64)), f"{base} after write {index}")
+            fidelity.add(f"{base} after write {index}", served, reference, truth(x.to(torch.float64)))
         assert effective >= 2, f"{base}: only {effective} writes changed the dequantized weight"
+    fidelity.assert_geomean()
 
 
 def _tensors_in(obj: object, depth: int = 0) -> list[torch.Tensor]:

@@ -10,8 +10,6 @@ PEFT built unpatched in the same process) for every layer kind, trainable and fr
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
@@ -22,12 +20,7 @@ from dorafactors.autograd.recompute_base import compose_recompute_base
 from dorafactors.dispatch import config
 from dorafactors.kernels import compose as kc
 from tests._models import LayerCase, build_triplet, make_input
-from tests._tolerances import (
-    assert_close_verbose,
-    assert_dtype_close,
-    quantization_floor,
-    rel_error,
-)
+from tests._tolerances import StockFidelity, assert_close_verbose, assert_dtype_close
 
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
 ON_GPU = torch.cuda.is_available()
@@ -246,10 +239,10 @@ def test_gradient_penalty_fused_matches_stock(case_name, magnitude, monkeypatch)
         assert_dtype_close(got[name], want[name], F32, name=f"{case_name} {_short(name)}")
 
 
-def _bf16_error_ratios(case_name: str, seeds: range, small: bool = True) -> list[float]:
-    """``rel_error(ours) / rel_error(stock)`` against the fp64 truth, for every final gradient and seed
-    (``small``: the case at 16 -> 12 features, else at its own size)."""
-    ratios = []
+def _bf16_fidelity(case_name: str, seeds: range, small: bool = True) -> StockFidelity:
+    """Every final gradient and seed through the fidelity criterion against the fp64 truth (the per-tensor
+    bound checked as they come; ``small``: the case at 16 -> 12 features, else at its own size)."""
+    fidelity = StockFidelity(case_name)
     for seed in seeds:
         size = {"d_in": 16, "d_out": 12} if small else {}
         case = LayerCase(**{**CASES[case_name].__dict__, **size, "seed": seed})
@@ -259,9 +252,8 @@ def _bf16_error_ratios(case_name: str, seeds: range, small: bool = True) -> list
         want = _gradient_penalty(stock, x, loss_kind="quadratic")
         got = _gradient_penalty(ours, x, loss_kind="quadratic")
         for name in want:
-            floor = quantization_floor(ref[name], BF16)
-            ratios.append(max(rel_error(got[name], ref[name]), floor) / max(rel_error(want[name], ref[name]), floor))
-    return ratios
+            fidelity.add(f"seed {seed} {_short(name)}", got[name], want[name], ref[name], BF16)
+    return fidelity
 
 
 @pytest.mark.parametrize("case_name", ["linear", "linear-dropout"])
@@ -271,18 +263,16 @@ def test_gradient_penalty_bf16_not_worse_than_stock(case_name, monkeypatch):
     A second-order gradient in bf16 passes through many roundings outside dorafactors (PEFT's bf16
     ``lora_A``/``lora_B``/base layers) and through ``g``, which both implementations quantize to bf16
     precision (stock: a bf16 norm; ours: the fp32 norm rounded to the bf16 magnitude's dtype, so that an
-    untrained adapter is the identity). Single draws therefore scatter both ways: measured 0.20x to 4.3x,
-    all four gradients of one seed moving together with the draw of ``g``'s roundings. The geometric mean
-    over 20 seeds and every gradient is the stable measure of "at least as close as stock" (0.91 and 0.94
-    here). A structural error (a missing second-order term) is not a precision question: the fp64 and fp32
+    untrained adapter is the identity). Single draws therefore scatter both ways: measured 0.20x to 5.7x,
+    all four gradients of one seed moving together with the draw of ``g``'s roundings (within the per-tensor
+    bound's 3 u floor). The geometric mean over 20 seeds and every gradient is the stable measure of "at
+    least as close as stock" (0.91 and 0.94 here). A structural error (a missing second-order term) is not a precision question: the fp64 and fp32
     tests above catch it exactly. The kernel forward rounds exactly as the reference, so the fused path is
     covered by the fp32 tests above and by the GPU test below; conv runs the same Function with
     ``channel_dim=1`` (fp64/fp32 above).
     """
     _set_env(monkeypatch, **PATH_ENV["reference"])
-    ratios = _bf16_error_ratios(case_name, range(20))
-    geomean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
-    assert geomean <= 1.0, f"ours further from fp64 than stock on average: geometric mean ratio {geomean:.3f}"
+    _bf16_fidelity(case_name, range(20)).assert_geomean()
 
 
 @pytest.mark.parametrize("path", ["reference", "fused"])
@@ -316,7 +306,7 @@ def test_compiled_double_backward_raises_or_matches_stock(path, monkeypatch):
 @pytest.mark.parametrize("case_name", ["linear", "linear-dropout", "conv1d", "conv2d-groups"])
 def test_gpu_gradient_penalty_on_the_kernels(case_name, dtype, monkeypatch):
     """CUDA kernels (forced training compose): fp32 equal to stock; bf16 at least as close to fp64 as stock,
-    as the geometric mean over 12 seeds (single draws scatter both ways: see the CPU bf16 test)."""
+    by the fidelity criterion over 12 seeds (single draws scatter both ways: see the CPU bf16 test)."""
     import tests._models as models
 
     monkeypatch.setattr(models, "DEVICE", torch.device("cuda"))
@@ -332,7 +322,6 @@ def test_gpu_gradient_penalty_on_the_kernels(case_name, dtype, monkeypatch):
         for name in want:
             assert_dtype_close(got[name], want[name], F32, name=f"{case_name} {_short(name)}")
         return
-    ratios = _bf16_error_ratios(case_name, range(12), small=False)
-    geomean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
-    print(f"\n{case_name}: geometric mean ratio {geomean:.3f}, range {min(ratios):.2f}..{max(ratios):.2f}")
-    assert geomean <= 1.0, f"ours further from fp64 than stock on average: geometric mean ratio {geomean:.3f}"
+    fidelity = _bf16_fidelity(case_name, range(12), small=False)
+    print(f"\n{case_name}: geometric mean ratio {fidelity.geomean():.3f}")
+    fidelity.assert_geomean()

@@ -18,7 +18,7 @@ from dorafactors.autograd.folded import (
 )
 from dorafactors.dispatch import config, rules
 from tests._models import LayerCase, build_triplet, layer_cases, make_input
-from tests._tolerances import assert_dtype_close, assert_not_worse, rel_error
+from tests._tolerances import StockFidelity, assert_dtype_close, rel_error
 
 TIGHT = (torch.float32, torch.float64)
 HALF = (torch.bfloat16, torch.float16)
@@ -67,7 +67,7 @@ def test_fold_matches_stock(case: LayerCase, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("kind", ["linear", "gpt2_conv1d"])
 def test_fold_half_not_worse_than_stock_or_the_unfolded_path(kind, dtype, fp32_adapters, monkeypatch) -> None:
     """bf16/fp16 decode: the fold is as close to fp64 truth as stock PEFT and as our unfolded composition."""
-    ratios_stock: list[float] = []
+    fidelity = StockFidelity(f"{kind} folded vs stock")
     ratios_unfolded: list[float] = []
     for seed in range(4):
         for extra in (dict(), dict(adapters=2, scaling=2.0), dict(bias=False)):
@@ -82,12 +82,11 @@ def test_fold_half_not_worse_than_stock_or_the_unfolded_path(kind, dtype, fp32_a
             ref = _no_grad_eval(truth, x.to(torch.float64))
             out_s = _no_grad_eval(stock, x)
             assert folded.dtype == out_s.dtype
-            assert_not_worse(folded, out_s, ref, dtype, name=f"{kind} folded vs stock")
-            err = rel_error(folded, ref)
-            ratios_stock.append(math.log(err / rel_error(out_s, ref)))
+            err, _ = fidelity.add(f"seed {seed} {extra}", folded, out_s, ref, dtype)
             ratios_unfolded.append(math.log(err / max(rel_error(unfolded, ref), 1e-300)))
-    # geometric means: the fold must not be worse than stock, and within 10% of the unfolded path
-    assert math.exp(sum(ratios_stock) / len(ratios_stock)) <= 1.001
+    fidelity.assert_geomean()
+    # Not a fidelity statement (stock is the standard): the fold rounds ``s * B`` once more than the unfolded
+    # path, measured 1.006-1.049x its error (geometric mean, all-half adapters), so it stays within 10% of it.
     assert math.exp(sum(ratios_unfolded) / len(ratios_unfolded)) <= 1.10
 
 
