@@ -32,7 +32,7 @@ from ..norm.cache import (
     same_values,
     stampable,
 )
-from ..norm.scale import magnitude_scale
+from ..norm.scale import magnitude_scale, scale_divisor
 
 __all__ = ["DoraLayerMixin", "base_weight", "norm_cache_key_tensors"]
 
@@ -90,6 +90,7 @@ _DERIVED_STATE = (
     "_df_fold_cache_obj",
     "_df_base_memo",
     "_df_scale_memo",
+    "_df_divisor_memo",
 )
 
 
@@ -128,6 +129,7 @@ class DoraLayerMixin:
         self._df_sumsq_cache.clear()
         self._df_fold_cache.clear()
         self.__dict__.pop("_df_scale_memo", None)
+        self.__dict__.pop("_df_divisor_memo", None)
         compiled = self._compiled_norm_caches()
         if compiled is not None:
             compiled.clear()
@@ -272,8 +274,12 @@ class DoraLayerMixin:
         """``g = m / norm`` (``[d_out]``, ``norm.scale.magnitude_scale``). With no autograd to record, reuse the last ``g`` while ``norm`` is
         the same cached tensor and the magnitude is unchanged (saves a launch per decode step). One memo
         per layer; never kept for inference tensors or while tracing (see ``norm/cache.py``)."""
-        if (torch.is_grad_enabled() and magnitude.requires_grad) or not caching_allowed():
+        if not caching_allowed():
             return magnitude_scale(magnitude.reshape(-1), norm)
+        if torch.is_grad_enabled() and magnitude.requires_grad:
+            # recorded for autograd on every call; the divisor is kept while the norm is the same cached tensor
+            # (gradient accumulation: several forwards per optimizer step)
+            return magnitude.reshape(-1) / self._scale_divisor(norm, magnitude)
         epoch = optimizer_steps() if magnitude.requires_grad else -1
         memo = self.__dict__.get("_df_scale_memo")
         if memo is not None and memo[0] is norm and memo[2] == epoch and memo[1].matches(magnitude):
@@ -288,6 +294,21 @@ class DoraLayerMixin:
             scale = magnitude_scale(magnitude.detach().reshape(-1), norm)
         self.__dict__["_df_scale_memo"] = (norm, TensorStamp(magnitude), epoch, scale)
         return scale
+
+    def _scale_divisor(self, norm: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+        """``norm.scale.scale_divisor`` of ``norm`` for ``magnitude``, reused while ``norm`` is the same tensor
+        object (a cached norm is never written: its divisor cannot change). One memo per layer, holding ``norm``
+        (so its identity cannot be reused by a new tensor); nothing is kept for inference tensors."""
+        dtype, device = magnitude.dtype, magnitude.device
+        memo = self.__dict__.get("_df_divisor_memo")
+        if memo is not None and memo[0] is norm and memo[1] == dtype and memo[2] == device:
+            return memo[3]
+        divisor = scale_divisor(norm, dtype, device)
+        if divisor is norm or norm.is_inference():  # nothing to keep (fp32 magnitude), or not keepable
+            self.__dict__.pop("_df_divisor_memo", None)
+        else:
+            self.__dict__["_df_divisor_memo"] = (norm, dtype, device, divisor)
+        return divisor
 
     def _norm_factors(
         self, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor

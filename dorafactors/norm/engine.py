@@ -194,16 +194,26 @@ def _dense_class_of_nonfinite_rows(
     """
     # products in B's dtype (a [d_out, r] temporary), except fp16, whose range a finite |B_ik| * ||A_k|| can
     # exceed (a false +inf would zero g); bf16 has fp32's range
+    device = norm.device
     work = norm.dtype if lora_B.dtype == torch.float16 else lora_B.dtype
-    lora_B = lora_B.to(device=norm.device, dtype=work)
-    a_rows = torch.linalg.vector_norm(lora_A.to(norm.device), dim=1, dtype=norm.dtype).to(work)  # [r]
+    if lora_B.dtype != work or lora_B.device != device:
+        lora_B = lora_B.to(device=device, dtype=work)
+    if lora_A.device != device:
+        lora_A = lora_A.to(device)
+    a_rows = torch.linalg.vector_norm(lora_A, dim=1, dtype=norm.dtype)  # [r]
+    if work != norm.dtype:
+        a_rows = a_rows.to(work)
     # elementwise, not a GEMV: BLAS may skip a zero a_k, and IEEE 0 * inf must give its NaN here
     probe = torch.linalg.vector_norm(lora_B * a_rows, ord=1, dim=1, dtype=norm.dtype)  # [d_out]
     if scaling == 0.0:
         probe = probe * 0.0
     if w_sumsq is not None:
-        probe = probe + w_sumsq.to(device=norm.device, dtype=norm.dtype)
-    return torch.where(torch.isfinite(probe), norm, probe)
+        if w_sumsq.dtype != norm.dtype or w_sumsq.device != device:
+            w_sumsq = w_sumsq.to(device=device, dtype=norm.dtype)
+        probe = probe + w_sumsq
+    # every term is >= 0, +inf or NaN (a sum of squares, an L1 norm), never -inf: "probe < inf" is
+    # isfinite(probe) in one comparison (torch.isfinite is four elementwise ops)
+    return torch.where(probe < torch.inf, norm, probe)
 
 
 def _norm(weight, lora_A, lora_B, scaling, path, cached_sumsq, out_sumsq) -> torch.Tensor:

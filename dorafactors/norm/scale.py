@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["magnitude_scale"]
+__all__ = ["magnitude_scale", "scale_divisor"]
 
 
 def magnitude_scale(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
@@ -24,15 +24,25 @@ def magnitude_scale(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor
         norm: the detached row norm ``[d_out]`` in fp32 or fp64 (moved to ``magnitude``'s device).
 
     Returns:
-        ``g`` in ``promote(m, norm)`` (fp32 for a half-precision magnitude). For a bf16/fp16 magnitude the
-        divisor is the norm rounded to that dtype. bf16 holds every norm the engine returns (fp32's exponent
-        range, clamped at ``engine.clamp_eps``); fp16 does not, so an fp16 rounding that overflows to inf or
-        underflows to zero keeps the unrounded norm rather than giving an infinite or zero divisor.
+        ``g`` in ``promote(m, norm)`` (fp32 for a half-precision magnitude): ``magnitude / scale_divisor(...)``.
     """
-    norm = norm.to(magnitude.device)
-    if magnitude.dtype == torch.bfloat16:
-        norm = norm.to(torch.bfloat16).to(norm.dtype)
-    elif magnitude.dtype == torch.float16:
+    return magnitude / scale_divisor(norm, magnitude.dtype, magnitude.device)
+
+
+def scale_divisor(norm: torch.Tensor, magnitude_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The divisor of :func:`magnitude_scale`: ``norm`` on ``device``, for a bf16/fp16 magnitude rounded to that
+    dtype and held in the norm's dtype (``norm`` itself for fp32/fp64 magnitudes on its device).
+
+    A pure function of ``norm``'s values: a caller that reuses the same (cached, never written) norm tensor may
+    keep the divisor with it. bf16 holds every norm the engine returns (fp32's exponent range, clamped at
+    ``engine.clamp_eps``); fp16 does not, so an fp16 rounding that overflows to inf or underflows to zero
+    keeps the unrounded norm rather than giving an infinite or zero divisor.
+    """
+    if norm.device != device:
+        norm = norm.to(device)
+    if magnitude_dtype == torch.bfloat16:
+        return norm.to(torch.bfloat16).to(norm.dtype)
+    if magnitude_dtype == torch.float16:
         rounded = norm.to(torch.float16).to(norm.dtype)
-        norm = torch.where((rounded > 0) & (rounded < torch.inf), rounded, norm)
-    return magnitude / norm
+        return torch.where((rounded > 0) & (rounded < torch.inf), rounded, norm)
+    return norm
