@@ -14,8 +14,7 @@ the same constants in every test:
    tensor's scale: stock landing on the correctly rounded value by luck (``e_stock`` = the quantization floor
    ``q``, about ``0.4 u`` for random data, and ``q`` -> 0 on tensors of a few elements) must not fail a result
    that is one or two roundings away, and on small tensors a ratio of two rounding errors is noise
-   (measured: up to 26x on 1-element tensors, 5.7x on second-order gradients of 12 elements, where both
-   implementations quantize ``g`` to bf16 and the gradient amplifies which way it rounded). ``ORDER_SLACK``
+   (measured: up to 26x on 1-element tensors; half-precision second-order gradients: below). ``ORDER_SLACK``
    covers summation-order differences where the error is accumulated rather than one final rounding:
    fp32 reductions over ``K`` terms in another order (a GEMM's or a kernel's row loop against PyTorch's
    pairwise sums) move the error by tens of percent either way (measured up to 1.55x per tensor on a
@@ -33,6 +32,13 @@ the same constants in every test:
    per tensor only: both sum the same products in fp32 in different orders, and that noise has either sign
    and does not average out over a handful of draws (measured 0.98-1.05 over 24 fp32 tensors); no half
    rounding is involved for the mean to detect.
+
+Half-precision second-order gradients (a gradient penalty through bf16 layers) take the geometric mean
+alone (``StockFidelity(per_tensor=False)``, over 12-20 seeds): both implementations quantize ``g`` to bf16
+and the second derivative amplifies which way each rounded, so a single draw on the H200 reached 5.4x stock
+at 4.2 u on a 10-element gradient, beyond any rounding-count floor. A structural error there (a missing
+second-order term) is not a precision question: the fp64 ``gradgradcheck`` and the fp32 tests equal to
+stock catch it exactly.
 
 ``test_equivalence.test_half_close_to_truth`` (every tiny shape, hypothesis) is a gross-error band, not this
 criterion: on 1-element tensors whose exact value cancels, either side's relative error is many roundings and
@@ -129,8 +135,10 @@ class StockFidelity:
     called once at the end of the test, checks the geometric mean over the half-precision tensors added.
     """
 
-    def __init__(self, what: str = "") -> None:
+    def __init__(self, what: str = "", *, per_tensor: bool = True) -> None:
+        """``per_tensor=False``: the geometric mean alone, for half-precision second-order gradients (below)."""
         self.what = what
+        self.per_tensor = per_tensor
         self.log_ratios: list[float] = []
 
     def add(
@@ -146,7 +154,7 @@ class StockFidelity:
         label = f"{self.what} {name}".strip()
         err_ours, err_stock = rel_error(ours, truth), rel_error(stock, truth)
         limit = (1 + ORDER_SLACK) * err_stock + FLOOR_UNITS * unit_roundoff(dtype)
-        assert err_ours <= limit, (
+        assert not self.per_tensor or err_ours <= limit, (
             f"{label} ({dtype}, {ours.numel()} elements): ours is further from fp64 than stock PEFT allows: "
             f"{err_ours:.3e} > (1 + {ORDER_SLACK}) * stock {err_stock:.3e} + {FLOOR_UNITS} u "
             f"(u = {unit_roundoff(dtype):.2e})"

@@ -43,6 +43,11 @@ INT8_CPU_SECOND_FORWARD = pytest.mark.xfail(
     raises=AttributeError,
     reason="PEFT's dequantize_module_weight drops a CPU 8-bit weight's SCB: the second forward fails in bnb",
 )
+# Requantized merges: why the tests of a merge apply the per-tensor bound of ``_tolerances.StockFidelity`` without its
+# geometric mean: the merged weight goes back to 4-bit (or int8) codes, and ours and stock's merged weights,
+# equal up to fp32 rounding, can land on codes one quantization step apart. Their distance to fp64 is then
+# a draw of the quantizer (either side, at a scale far above bf16 rounding), which a mean over a handful
+# of tensors cannot order; the geometric mean is for tensors that differ only by roundings in the dtype.
 TARGETS = (
     pytest.param("cpu", False, id="cpu-pytorch"),
     pytest.param("cpu", True, id="cpu-kernels"),
@@ -222,14 +227,17 @@ def test_merge_and_unload_matches_stock(base, device):
     fidelity.add(f"{base} merged weight", merged["ours"], merged["stock"], truth_layer.weight)
     out_t = truth_layer(x.to(torch.float64))
     fidelity.add(f"{base} merged output", merged["ours_out"], merged["stock_out"], out_t)
-    fidelity.assert_geomean()
+    # the per-tensor bound only: the merged weight is requantized ("Requantized merges" above)
 
 
 @pytest.mark.parametrize(("base", "device"), _cases(BASES, multi_forward=True))
 def test_merge_then_unmerge_matches_stock_and_is_fresh(base, device):
     """``merge_adapter`` / ``unmerge_adapter`` (dequantize, add or remove the DoRA delta, requantize): the
     merged and the unmerged outputs as close to fp64 as stock's, and after the unmerge (a new base weight)
-    the output is the one a cleared norm cache gives."""
+    the output is the one a cleared norm cache gives.
+
+    The per-tensor bound only ("Requantized merges" above): requantizing the merged weight rounds ours and stock's to
+    4-bit codes that may differ by one step, so their errors are quantization draws, not bf16 roundings."""
     fidelity = StockFidelity(base)
     stock, ours, truth = _build(base, device)
     x, _ = _inputs(device, dtype=_input_dtype(base))
@@ -248,29 +256,29 @@ def test_merge_then_unmerge_matches_stock_and_is_fresh(base, device):
         fresh = ours(x)
     assert torch.equal(served, fresh), f"{base}: output after unmerge differs from a fresh norm"
     fidelity.add(f"{base} unmerged", served, reference, exact)
-    fidelity.assert_geomean()
 
 
 @pytest.mark.parametrize(("base", "device"), _cases(BASES, multi_forward=True))
 def test_norm_is_fresh_after_every_optimizer_step(base, device):
+    """Fused AdamW steps on ours (they write parameters without bumping version counters): after each step
+    the cached norm is the one a fresh computation gives, in training and in a decode call; stock and the
+    fp64 truth then take ours' trained parameters, so every output is compared on identical weights."""
     fidelity = StockFidelity(base)
     stock, ours, truth = _build(base, device)
-    # fused AdamW (CUDA and CPU) writes parameters without bumping their version counters
-    optimizers = [
-        torch.optim.AdamW(_trainable(stock).values(), lr=1e-2, fused=True),
-        torch.optim.AdamW(_trainable(ours).values(), lr=1e-2, fused=True),
-        torch.optim.AdamW(_trainable(truth).values(), lr=1e-2),
-    ]
+    optimizer = torch.optim.AdamW(_trainable(ours).values(), lr=1e-2, fused=True)
     x, probe = _inputs(device, dtype=_input_dtype(base))
-    decode = x[:1, :1]
+    # one-token decode calls (the folded path), each token of ``x`` in turn: enough draws for the mean
+    decode_tokens = x.reshape(-1, 1, 1, x.shape[-1])
     for step in range(3):
         outs = []
-        for model, optimizer, inp in zip((stock, ours, truth), optimizers, (x, x, x.to(torch.float64))):
+        for model, inp in zip((stock, ours, truth), (x, x, x.to(torch.float64))):
             model.train()
             out, _ = _forward_backward(model, inp, probe)
-            optimizer.step()
             outs.append(out)
-        fidelity.add(f"{base} step {step} output", outs[1], outs[0], outs[2])
+        fidelity.add(f"step {step} output", outs[1], outs[0], outs[2])
+        optimizer.step()
+        optimizer.zero_grad()
+        _copy_trainable(ours, stock, truth)
         # the cached norm must be the one a fresh computation gives, in training and in a decode call
         ours.train()
         with torch.no_grad():
@@ -278,17 +286,27 @@ def test_norm_is_fresh_after_every_optimizer_step(base, device):
             dorafactors.clear_norm_caches(ours)
             fresh = ours(x)
         torch.testing.assert_close(cached, fresh, rtol=1e-6, atol=1e-6)
-        ours.eval()
-        stock.eval()
+        for model in (stock, ours, truth):
+            model.eval()
         with torch.no_grad():
-            cached, reference = ours(decode), stock(decode)
-            dorafactors.clear_norm_caches(ours)
-            fresh = ours(decode)
-            truth.eval()
-            exact = truth(decode.to(torch.float64))
-        torch.testing.assert_close(cached, fresh, rtol=1e-6, atol=1e-6)
-        fidelity.add(f"{base} step {step} decode output", cached, reference, exact)
+            for index, decode in enumerate(decode_tokens):
+                cached, reference = ours(decode), stock(decode)
+                dorafactors.clear_norm_caches(ours)
+                fresh = ours(decode)
+                torch.testing.assert_close(cached, fresh, rtol=1e-6, atol=1e-6)
+                exact = truth(decode.to(torch.float64))
+                fidelity.add(f"step {step} decode output {index}", cached, reference, exact)
     fidelity.assert_geomean()
+
+
+def _copy_trainable(source: nn.Module, *targets: nn.Module) -> None:
+    """Copy ``source``'s trainable parameters into the same-named ones of ``targets`` (each in its own dtype)."""
+    values = _trainable(source)
+    with torch.no_grad():
+        for target in targets:
+            for name, param in _trainable(target).items():
+                param.copy_(values[name].to(param.dtype))
+                param.grad = None
 
 
 def _rewrite_(tensor: torch.Tensor) -> None:
