@@ -1,4 +1,4 @@
-"""``python -m dorafactors``: the doctor report (``dorafactors/doctor.py``)."""
+"""``python -m dorafactors``: the doctor report (``dorafactors/doctor/``)."""
 
 from .doctor import main
 

@@ -1,4 +1,4 @@
-"""``python -m dorafactors`` (dorafactors/doctor.py): versions, settings and per-layer paths, on the CPU."""
+"""``python -m dorafactors`` (dorafactors/doctor/): versions, settings and per-layer paths, on the CPU."""
 
 from __future__ import annotations
 
