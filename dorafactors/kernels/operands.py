@@ -24,17 +24,19 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-_PROMOTED: dict[tuple[torch.dtype, torch.dtype], torch.dtype] = {}
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: ``torch.promote_types`` of every pair of floating dtypes, filled once at import and never written again:
+#: a table that changed at run time would be a Dynamo guard that fails once after the first compiled call.
+_PROMOTED: dict[tuple[torch.dtype, torch.dtype], torch.dtype] = {
+    (a, b): torch.promote_types(a, b) for a in _FLOAT_DTYPES for b in _FLOAT_DTYPES
+}
 
 
 def promote(a: torch.dtype, b: torch.dtype) -> torch.dtype:
-    """``torch.promote_types(a, b)``, memoized: the hot paths ask it per call, and each ``torch.promote_types``
-    is a dispatcher call."""
-    key = (a, b)
-    out = _PROMOTED.get(key)
-    if out is None:
-        out = _PROMOTED[key] = torch.promote_types(a, b)
-    return out
+    """``torch.promote_types(a, b)``, looked up in a fixed table for floating dtypes (the hot paths ask it per
+    call, and each ``torch.promote_types`` is a dispatcher call)."""
+    out = _PROMOTED.get((a, b))
+    return torch.promote_types(a, b) if out is None else out
 
 
 def compute_dtype_for(*dtypes: torch.dtype) -> torch.dtype:
