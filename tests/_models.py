@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils.checkpoint
 from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
@@ -72,6 +73,36 @@ class FixedMaskDropout(nn.Module):
         gen = torch.Generator().manual_seed(self.seed)
         keep = (torch.rand(x.shape, generator=gen) >= self.p).to(torch.float64) / (1.0 - self.p)
         return x * keep.to(device=x.device, dtype=x.dtype)
+
+
+class TinyLM(nn.Module):
+    """Blocks of q / up / down projections (no downloads), optionally activation-checkpointed in training."""
+
+    def __init__(self, width: int = 16, blocks: int = 2) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(32, width)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {"q": nn.Linear(width, width), "up": nn.Linear(width, 2 * width), "down": nn.Linear(2 * width, width)}
+            )
+            for _ in range(blocks)
+        )
+        self.head = nn.Linear(width, 32)
+        self.checkpointing = False
+
+    @staticmethod
+    def block(block, h):
+        h = h + torch.tanh(block["q"](h))
+        return h + block["down"](torch.relu(block["up"](h)))
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        for block in self.blocks:
+            if self.checkpointing and self.training:
+                h = torch.utils.checkpoint.checkpoint(self.block, block, h, use_reentrant=False)
+            else:
+                h = self.block(block, h)
+        return self.head(h)
 
 
 def make_layer(case: LayerCase) -> nn.Module:

@@ -25,6 +25,7 @@ from dorafactors.dispatch import config
 from dorafactors.norm import engine
 from dorafactors.norm.cache import NormCache, StaleNormCacheError
 from tests._lifecycle import build_pair, dora_layers, one_thread, sync_weights, trainable
+from tests._models import TinyLM
 from tests._peft import MERGE_FIXED
 from tests._tolerances import StockFidelity, assert_dtype_close
 
@@ -235,36 +236,6 @@ def test_compiled_norm_runs_the_kernels_at_run_time(path, monkeypatch):
         ours.base_model.model.lin.lora_B.default.weight.div_(1.1)
         eager = ours(ids)
     assert_dtype_close(out, eager, torch.bfloat16, name="compiled vs eager bf16 output")
-
-
-class TinyLM(nn.Module):
-    """Blocks of q / up / down projections (no downloads), optionally checkpointed."""
-
-    def __init__(self, width: int = 16, blocks: int = 2) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(32, width)
-        self.blocks = nn.ModuleList(
-            nn.ModuleDict(
-                {"q": nn.Linear(width, width), "up": nn.Linear(width, 2 * width), "down": nn.Linear(2 * width, width)}
-            )
-            for _ in range(blocks)
-        )
-        self.head = nn.Linear(width, 32)
-        self.checkpointing = False
-
-    @staticmethod
-    def block(block, h):
-        h = h + torch.tanh(block["q"](h))
-        return h + block["down"](torch.relu(block["up"](h)))
-
-    def forward(self, ids):
-        h = self.emb(ids)
-        for block in self.blocks:
-            if self.checkpointing and self.training:
-                h = torch.utils.checkpoint.checkpoint(self.block, block, h, use_reentrant=False)
-            else:
-                h = self.block(block, h)
-        return self.head(h)
 
 
 def _tiny_lm(blocks: int = 2):

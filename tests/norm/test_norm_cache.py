@@ -18,6 +18,7 @@ from torch import nn
 
 import dorafactors
 from tests._lifecycle import check_against_stock
+from tests._models import TinyLM
 from tests._peft import HAS_DORA_CACHING, MERGE_FIXED
 
 
@@ -261,35 +262,6 @@ def test_merge_hook_clears_the_cache_although_merge_writes_through_data():
         m.base_model.model.lin.base_layer.weight.data.add_(0.5)  # merged W edited while merged
         m.base_model.model.lin.unmerge()
     _check_outputs(stock, model, ids)
-
-
-class TinyLM(nn.Module):
-    """A few transformer-ish blocks with checkpointable layers (no downloads)."""
-
-    def __init__(self, width: int = 16, blocks: int = 2) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(32, width)
-        self.blocks = nn.ModuleList(
-            nn.ModuleDict(
-                {"q": nn.Linear(width, width), "up": nn.Linear(width, 2 * width), "down": nn.Linear(2 * width, width)}
-            )
-            for _ in range(blocks)
-        )
-        self.head = nn.Linear(width, 32)
-        self.checkpointing = False
-
-    def _block(self, block, h):
-        h = h + torch.tanh(block["q"](h))
-        return h + block["down"](torch.relu(block["up"](h)))
-
-    def forward(self, ids):
-        h = self.emb(ids)
-        for block in self.blocks:
-            if self.checkpointing and self.training:
-                h = torch.utils.checkpoint.checkpoint(self._block, block, h, use_reentrant=False)
-            else:
-                h = self._block(block, h)
-        return self.head(h)
 
 
 def _norm_count(model) -> int:
