@@ -39,6 +39,32 @@ from . import fused
 __all__ = ["dora_compose"]
 
 
+def reference_backward(ctx, d_out, g, inner, d_inner, need_lora, need_base, need_g):
+    """The composition's backward in plain ops (differentiable; also the ``torch.library`` op's): ``(d_lora,
+    d_base, d_g)`` by :func:`compose_backward_reference`; with only ``d_inner`` (no ``d_out``):
+    ``(s * d_inner, d_inner, None)``. ``ctx`` carries ``scaling``, ``channel_dim``, ``lora_dtype``, ``base_dtype``."""
+    if d_out is None:
+        extra = d_inner.to(compute_dtype_for(d_inner.dtype))
+        return (
+            (extra * ctx.scaling).to(ctx.lora_dtype) if need_lora else None,
+            extra.to(ctx.base_dtype) if need_base else None,
+            None,
+        )
+    return compose_backward_reference(
+        d_out,
+        g,
+        inner,
+        ctx.scaling,
+        channel_dim=ctx.channel_dim,
+        lora_dtype=ctx.lora_dtype,
+        base_dtype=ctx.base_dtype,
+        need_lora=need_lora,
+        need_base=need_base,
+        need_scale=need_g,
+        d_inner=d_inner,
+    )
+
+
 class _ComposeFunction(torch.autograd.Function):
     """Custom autograd of the composition; the forward runs the Triton kernel (``kernel=True``) or the
     PyTorch reference, and saves ``g`` plus, only when ``g`` needs a gradient, ``inner``.
@@ -97,25 +123,8 @@ class _ComposeFunction(torch.autograd.Function):
                 need_base=need_base,
                 need_scale=need_scale,
             )
-        elif d_out is None:
-            extra = d_inner.to(compute_dtype_for(d_inner.dtype))
-            d_lora = (extra * ctx.scaling).to(ctx.lora_dtype) if need_lora else None
-            d_base = extra.to(ctx.base_dtype) if need_base else None
-            grads = (d_lora, d_base, None)
         else:
-            grads = compose_backward_reference(
-                d_out,
-                scale,
-                inner,
-                ctx.scaling,
-                channel_dim=ctx.channel_dim,
-                lora_dtype=ctx.lora_dtype,
-                base_dtype=ctx.base_dtype,
-                need_lora=need_lora,
-                need_base=need_base,
-                need_scale=need_scale,
-                d_inner=d_inner,
-            )
+            grads = reference_backward(ctx, d_out, scale, inner, d_inner, need_lora, need_base, need_scale)
         return (*grads, None, None, None, None)
 
 

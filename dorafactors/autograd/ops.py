@@ -30,8 +30,7 @@ import torch
 from torch.library import triton_op
 
 from ..kernels import compose as kc
-from ..kernels.compose_reference import compose_backward_reference
-from ..kernels.operands import compute_dtype_for
+from .compose import reference_backward
 
 __all__ = ["compose", "compose_and_inner", "compose_backward"]
 
@@ -126,7 +125,7 @@ def _backward(ctx, d_out, g, inner, d_inner=None):
         # autograd ops, differentiable in d_out, g and inner (exact second-order gradients).
         if d_out is None:
             g = inner = None
-        d_lora, d_base, d_g = _reference_backward(ctx, d_out, g, inner, d_inner, need_lora, need_base, need_g)
+        d_lora, d_base, d_g = reference_backward(ctx, d_out, g, inner, d_inner, need_lora, need_base, need_g)
         return d_lora, d_base, d_g, None, None, None
     grads = iter(
         torch.ops.dorafactors.compose_backward(
@@ -146,30 +145,6 @@ def _backward(ctx, d_out, g, inner, d_inner=None):
     d_base = next(grads) if need_base else None
     d_g = next(grads) if need_g else None
     return d_lora, d_base, d_g, None, None, None
-
-
-def _reference_backward(ctx, d_out, g, inner, d_inner, need_lora, need_base, need_g):
-    """:func:`compose_backward_reference`; with only ``d_inner`` (no ``d_out``): ``(s * d_inner, d_inner, None)``."""
-    if d_out is None:
-        extra = d_inner.to(compute_dtype_for(d_inner.dtype))
-        return (
-            (extra * ctx.scaling).to(ctx.lora_dtype) if need_lora else None,
-            extra.to(ctx.base_dtype) if need_base else None,
-            None,
-        )
-    return compose_backward_reference(
-        d_out,
-        g,
-        inner,
-        ctx.scaling,
-        channel_dim=ctx.channel_dim,
-        lora_dtype=ctx.lora_dtype,
-        base_dtype=ctx.base_dtype,
-        need_lora=need_lora,
-        need_base=need_base,
-        need_scale=need_g,
-        d_inner=d_inner,
-    )
 
 
 def _backward_compose(ctx, d_out):
