@@ -45,16 +45,6 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.fixture(params=["torch", "kernels"])
-def path(request, monkeypatch):
-    """The PyTorch path, or every Triton kernel forced on (the CPU interpreter without a GPU)."""
-    if request.param == "kernels":
-        monkeypatch.setenv("PEFT_DORA_FUSED", "1")
-        monkeypatch.setenv("PEFT_DORA_FUSED_BACKWARD", "1")
-    config.invalidate_cache()
-    return request.param
-
-
 def _norm_count(model: nn.Module) -> int:
     return sum(layer.norm_computations for layer in dora_layers(model))
 

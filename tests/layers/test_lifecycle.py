@@ -43,16 +43,6 @@ F32 = torch.float32
 ON_GPU = torch.cuda.is_available()
 
 
-@pytest.fixture(params=["torch", "kernels"])
-def path(request, monkeypatch):
-    """The PyTorch path, or every Triton kernel forced on (the CPU interpreter without a GPU)."""
-    if request.param == "kernels":
-        monkeypatch.setenv("PEFT_DORA_FUSED", "1")
-        monkeypatch.setenv("PEFT_DORA_FUSED_BACKWARD", "1")
-    config.invalidate_cache()
-    return request.param
-
-
 def _ids(seed: int, shape=(2, 5), device="cpu") -> torch.Tensor:
     return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed)).to(device)
 
