@@ -39,25 +39,38 @@ from . import fused
 __all__ = ["dora_compose"]
 
 
-def reference_backward(ctx, d_out, g, inner, d_inner, need_lora, need_base, need_g):
-    """The composition's backward in plain ops (differentiable; also the ``torch.library`` op's): ``(d_lora,
-    d_base, d_g)`` by :func:`compose_backward_reference`; with only ``d_inner`` (no ``d_out``):
-    ``(s * d_inner, d_inner, None)``. ``ctx`` carries ``scaling``, ``channel_dim``, ``lora_dtype``, ``base_dtype``."""
+def reference_backward(
+    d_out: torch.Tensor | None,
+    g: torch.Tensor | None,
+    inner: torch.Tensor | None,
+    d_inner: torch.Tensor | None,
+    scaling: float,
+    *,
+    channel_dim: int,
+    lora_dtype: torch.dtype,
+    base_dtype: torch.dtype,
+    need_lora: bool,
+    need_base: bool,
+    need_g: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The composition's backward in plain (differentiable) ops, shared by the autograd Functions and the
+    ``torch.library`` op: ``(d_lora, d_base, d_g)`` by :func:`compose_backward_reference`; with only
+    ``d_inner`` (no ``d_out``: double backward through ``inner = base + s * lora``): ``(s d_inner, d_inner, None)``."""
     if d_out is None:
-        extra = d_inner.to(compute_dtype_for(d_inner.dtype))
+        extra = d_inner.to(compute_dtype_for(d_inner.dtype))  # type: ignore[union-attr]
         return (
-            (extra * ctx.scaling).to(ctx.lora_dtype) if need_lora else None,
-            extra.to(ctx.base_dtype) if need_base else None,
+            (extra * scaling).to(lora_dtype) if need_lora else None,
+            extra.to(base_dtype) if need_base else None,
             None,
         )
     return compose_backward_reference(
         d_out,
         g,
         inner,
-        ctx.scaling,
-        channel_dim=ctx.channel_dim,
-        lora_dtype=ctx.lora_dtype,
-        base_dtype=ctx.base_dtype,
+        scaling,
+        channel_dim=channel_dim,
+        lora_dtype=lora_dtype,
+        base_dtype=base_dtype,
         need_lora=need_lora,
         need_base=need_base,
         need_scale=need_g,
@@ -124,7 +137,19 @@ class _ComposeFunction(torch.autograd.Function):
                 need_scale=need_scale,
             )
         else:
-            grads = reference_backward(ctx, d_out, scale, inner, d_inner, need_lora, need_base, need_scale)
+            grads = reference_backward(
+                d_out,
+                scale,
+                inner,
+                d_inner,
+                ctx.scaling,
+                channel_dim=ctx.channel_dim,
+                lora_dtype=ctx.lora_dtype,
+                base_dtype=ctx.base_dtype,
+                need_lora=need_lora,
+                need_base=need_base,
+                need_g=need_scale,
+            )
         return (*grads, None, None, None, None)
 
 

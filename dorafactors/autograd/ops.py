@@ -125,7 +125,19 @@ def _backward(ctx, d_out, g, inner, d_inner=None):
         # autograd ops, differentiable in d_out, g and inner (exact second-order gradients).
         if d_out is None:
             g = inner = None
-        d_lora, d_base, d_g = reference_backward(ctx, d_out, g, inner, d_inner, need_lora, need_base, need_g)
+        d_lora, d_base, d_g = reference_backward(
+            d_out,
+            g,
+            inner,
+            d_inner,
+            ctx.scaling,
+            channel_dim=ctx.channel_dim,
+            lora_dtype=ctx.lora_dtype,
+            base_dtype=ctx.base_dtype,
+            need_lora=need_lora,
+            need_base=need_base,
+            need_g=need_g,
+        )
         return d_lora, d_base, d_g, None, None, None
     grads = iter(
         torch.ops.dorafactors.compose_backward(

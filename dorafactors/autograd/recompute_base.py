@@ -24,11 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from ..dispatch import config, rules
-from ..kernels.compose_reference import compose_backward_reference
-from ..kernels.operands import compute_dtype_for, promote
+from ..kernels.operands import promote
 from ..kernels.split_matmul import linear_on_parts, matmul_split, split_bf16x3
 from . import fused
-from .compose import dora_compose
+from .compose import dora_compose, reference_backward
 
 __all__ = ["BaseRecompute", "base_input_grad", "compose_recompute_base", "forward_chunk_columns"]
 
@@ -146,23 +145,19 @@ class _RecomputeBaseCompose(torch.autograd.Function):
                 need_base=need_x,
                 need_scale=need_scale,
             )
-        elif d_out is None:  # only through inner (double backward): inner = x @ W^T + s * lora
-            extra = d_inner.to(compute_dtype_for(d_inner.dtype))
-            d_lora = (extra * ctx.scaling).to(ctx.lora_dtype) if need_lora else None
-            d_base = extra.to(x.dtype) if need_x else None
-            d_scale = None
-        else:
-            d_lora, d_base, d_scale = compose_backward_reference(
+        else:  # plain ops; with only d_inner (double backward): inner = x @ W^T + s * lora
+            d_lora, d_base, d_scale = reference_backward(
                 d_out,
                 scale,
                 inner,
+                d_inner,
                 ctx.scaling,
+                channel_dim=-1,
                 lora_dtype=ctx.lora_dtype,
                 base_dtype=x.dtype,
                 need_lora=need_lora,
                 need_base=need_x,
-                need_scale=need_scale,
-                d_inner=d_inner,
+                need_g=need_scale,
             )
         d_x = base_input_grad(d_base, weight, x.dtype) if need_x else None
         return d_x, None, d_lora, d_scale, None, None, None
