@@ -199,11 +199,11 @@ def test_outputs_and_all_gradients_match_stock(base, train, device, kernels, mon
     out_s, grads_s = _forward_backward(stock, x, probe)
     out_o, grads_o = _forward_backward(ours, x, probe)
     out_t, grads_t = _forward_backward(truth, x.to(torch.float64), probe)
-    fidelity.add(f"{base} output (train={train})", out_o, out_s, out_t)
+    fidelity.add(f"output (train={train})", out_o, out_s, out_t)
     assert grads_o.keys() == grads_s.keys() == grads_t.keys()
     assert {n for n in grads_o if "lora_" in n} == {n for n in _trainable(ours)}
     for name in grads_o:
-        fidelity.add(f"{base} grad {name} (train={train})", grads_o[name], grads_s[name], grads_t[name])
+        fidelity.add(f"grad {name} (train={train})", grads_o[name], grads_s[name], grads_t[name])
     if kernels is not None:
         ran = sum(launch_counts.values()) > launches
         assert ran == kernels, f"compose kernels ran: {ran}, expected {kernels}"
@@ -224,9 +224,9 @@ def test_merge_and_unload_matches_stock(base, device):
         merged[name] = dequantize_module_weight(plain.target).to(torch.float64)
         merged[name + "_out"] = plain(x)
     truth_layer = truth.merge_and_unload().target
-    fidelity.add(f"{base} merged weight", merged["ours"], merged["stock"], truth_layer.weight)
+    fidelity.add("merged weight", merged["ours"], merged["stock"], truth_layer.weight)
     out_t = truth_layer(x.to(torch.float64))
-    fidelity.add(f"{base} merged output", merged["ours_out"], merged["stock_out"], out_t)
+    fidelity.add("merged output", merged["ours_out"], merged["stock_out"], out_t)
     # the per-tensor bound only: the merged weight is requantized ("Requantized merges" above)
 
 
@@ -245,17 +245,17 @@ def test_merge_then_unmerge_matches_stock_and_is_fresh(base, device):
         model.eval()
     with torch.no_grad():
         exact = truth(x.to(torch.float64))
-        fidelity.add(f"{base} before merge", ours(x), stock(x), exact)
+        fidelity.add("before merge", ours(x), stock(x), exact)
         for model in (stock, ours):
             model.merge_adapter()
-        fidelity.add(f"{base} merged", ours(x), stock(x), exact)
+        fidelity.add("merged", ours(x), stock(x), exact)
         for model in (stock, ours):
             model.unmerge_adapter()
         served, reference = ours(x), stock(x)
         dorafactors.clear_norm_caches(ours)
         fresh = ours(x)
     assert torch.equal(served, fresh), f"{base}: output after unmerge differs from a fresh norm"
-    fidelity.add(f"{base} unmerged", served, reference, exact)
+    fidelity.add("unmerged", served, reference, exact)
 
 
 @pytest.mark.parametrize(("base", "device"), _cases(BASES, multi_forward=True))
@@ -347,7 +347,7 @@ def test_norm_follows_in_place_writes_to_the_quantized_weight_and_its_state(base
                 continue
             effective += 1
             _base_layer(truth).weight.copy_(new_weight)
-            fidelity.add(f"{base} after write {index}", served, reference, truth(x.to(torch.float64)))
+            fidelity.add(f"after write {index}", served, reference, truth(x.to(torch.float64)))
         assert effective >= 2, f"{base}: only {effective} writes changed the dequantized weight"
     fidelity.assert_geomean()
 
