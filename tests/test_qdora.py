@@ -127,6 +127,7 @@ def _dequantized(model: nn.Module) -> torch.Tensor:
 def _build(base: str, device: str):
     """(stock, ours, truth): same adapters and magnitude; truth is stock PEFT in fp64 on the dequantized W."""
     gen = torch.Generator().manual_seed(BASES.index(base))
+    torch.manual_seed(BASES.index(base))  # PEFT draws lora_A from the global generator: the same draw every run
     weight = (0.1 * torch.randn(D_OUT, D_IN, generator=gen)).to(torch.bfloat16)
     bias = (0.1 * torch.randn(D_OUT, generator=gen)).to(torch.bfloat16)
     stock = get_peft_model(_quantized(base, weight, bias, device), _config())
