@@ -96,6 +96,39 @@ def test_compiled_dora_compose_runs_the_kernels(channel_dim, trainable_magnitude
         _close(got, want, name)
 
 
+@pytest.mark.parametrize("backward_mode", ["auto", "1"])
+def test_compiled_training_traces_the_composition_unless_forced(backward_mode, monkeypatch, compile_setup):
+    """Compiled training: by default the composition and its backward are traced as plain ops (Inductor fuses
+    them); ``PEFT_DORA_FUSED_BACKWARD=1`` keeps the Triton kernels. Both equal the eager result."""
+    monkeypatch.setenv("PEFT_DORA_FUSED", "1")
+    if backward_mode == "auto":
+        monkeypatch.delenv("PEFT_DORA_FUSED_BACKWARD", raising=False)
+    else:
+        monkeypatch.setenv("PEFT_DORA_FUSED_BACKWARD", backward_mode)
+    config.invalidate_cache()
+    device = "cuda" if ON_GPU else "cpu"
+    gen = torch.Generator().manual_seed(1)
+    lora = torch.randn(4, 48, generator=gen).to(device).requires_grad_()
+    base = torch.randn(4, 48, generator=gen).to(device).requires_grad_()
+    g = (0.6 + 0.8 * torch.rand(48, generator=gen)).to(device).requires_grad_()
+
+    def fn(lo, ba, gg):
+        return dora_compose(lo, ba, gg, 0.7) * 2.0
+
+    eager = fn(lora, base, g)
+    eager_grads = torch.autograd.grad(eager.square().sum(), (lora, base, g))
+    compiled = torch.compile(fn, fullgraph=True, backend=compile_setup)
+    before = _launches()
+    out = compiled(lora, base, g)
+    grads = torch.autograd.grad(out.square().sum(), (lora, base, g))
+    if not ON_GPU:
+        launched = _delta(before)
+        assert ("compose_fwd" in launched) == (backward_mode == "1"), launched
+    _close(out.detach(), eager.detach(), "training out")
+    for name, got, want in zip(("d_lora", "d_base", "d_g"), grads, eager_grads):
+        _close(got, want, name)
+
+
 @pytest.mark.skipif(ON_GPU, reason="interpreter-only guard")
 def test_interpreter_ops_refuse_to_be_decomposed(fused):
     """Under the interpreter a decomposed op would trace to a graph without its kernel: it must raise instead."""
