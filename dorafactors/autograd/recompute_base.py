@@ -212,9 +212,14 @@ def compose_recompute_base(
     """
     out_dtype = out_dtype or promote(lora.dtype, x.dtype)
     scaling = float(scaling)
-    if (weight.requires_grad and torch.is_grad_enabled()) or rules.plain_autograd_required():
-        # A trainable base weight needs its own gradient, and torch.func transforms and torch.jit tracing
-        # need plain ops: keep everything in plain autograd.
+    if (
+        (weight.requires_grad and torch.is_grad_enabled())
+        or rules.plain_autograd_required()
+        or torch.compiler.is_compiling()
+    ):
+        # A trainable base weight needs its own gradient, torch.func transforms and torch.jit tracing need
+        # plain ops, and under torch.compile AOTAutograd plans the activations itself (a custom Function
+        # traced by Dynamo lost its gradients on torch 2.11 CUDA): keep everything in plain autograd.
         base = F.linear(x, weight.to(x.dtype))
         return dora_compose(lora, base, scale, scaling, out_dtype=out_dtype)
     grad_enabled = torch.is_grad_enabled()

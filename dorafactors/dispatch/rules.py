@@ -261,10 +261,9 @@ def compiled_compose_ok(
 ) -> tuple[bool, str]:
     """The compose decision while ``torch.compile`` traces: device and dtypes only.
 
-    In training the kernels run only when ``PEFT_DORA_FUSED_BACKWARD=1`` forces them: by default the traced
-    composition (plain ops in an autograd Function) lets Inductor fuse the composition and its backward with
-    their neighbours, which measured faster on an H200 than the opaque kernels (model suite, compiled bf16
-    training), at the activation memory of stock PEFT; the kernels save one activation less per layer.
+    In training the kernels run only when ``PEFT_DORA_FUSED_BACKWARD=1`` forces them: by default the
+    composition is traced as plain differentiable ops, which Inductor fuses with their neighbours, forward and
+    backward, at the activation memory of stock PEFT; the kernels save one activation less per layer.
     """
     ok, reason = _kernels_enabled_on(device_type)
     if not ok:

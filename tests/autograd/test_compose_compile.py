@@ -226,6 +226,52 @@ def test_compiled_patched_peft_model(mode, fused, compile_setup):
             _close(p.grad, stock_grads[name].grad, f"grad {name}")
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.25], ids=["no-dropout", "dropout"])
+def test_compiled_training_traces_no_custom_autograd_function(dropout, monkeypatch):
+    """By default compiled training traces plain differentiable ops, not the eager path's custom autograd
+    Functions (Dynamo traces a Function's forward and backward itself; torch 2.11's trace of the composition
+    Function lost every adapter gradient on CUDA). Same gradients as eager, dropout's recompute path included."""
+    from dorafactors.autograd import compose, lora_compose, recompute_base
+
+    monkeypatch.setenv("PEFT_DORA_FUSED", "1")
+    monkeypatch.delenv("PEFT_DORA_FUSED_BACKWARD", raising=False)
+    config.invalidate_cache()
+    traced: list[str] = []
+    for cls in (compose._ComposeFunction, lora_compose._LoraComposeFunction, recompute_base._RecomputeBaseCompose):
+        original = cls.forward
+
+        def forward(ctx, *args, _original=original, _name=cls.__name__):
+            traced.append(_name)
+            return _original(ctx, *args)
+
+        monkeypatch.setattr(cls, "forward", staticmethod(forward))
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(16, 24, bias=False), torch.nn.ReLU(), torch.nn.Linear(24, 8))
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["0", "2"], use_dora=True, init_lora_weights=False
+    )
+    with dorafactors.patched():
+        model = get_peft_model(base, cfg)
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(1))
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch._dynamo.reset()
+    try:
+        with torch._functorch.config.patch(decompose_custom_triton_ops=False):
+            compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+            torch.manual_seed(2)
+            compiled(x).square().sum().backward()
+        assert traced == [], f"compiled training traced custom autograd Functions: {traced}"
+        got = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        torch.manual_seed(2)  # the same dropout mask
+        model(x).square().sum().backward()
+    finally:
+        torch._dynamo.reset()
+    for p, g in zip(params, got):
+        _close(g, p.grad, "compiled gradient")
+
+
 @pytest.mark.gpu
 def test_gpu_inductor_graph_contains_the_kernels(fused):
     from torch._inductor.utils import run_and_get_code
