@@ -12,7 +12,9 @@ Honesty rules built in:
 * each case starts from the same adapter weights (:func:`providers.init_adapters`), and each row records
   how many norms dorafactors computed per call (``df_norm_computations_per_call``; compiled rows too);
 * compiled rows record the compile time (``compile_s``: the first call), the graphs that call compiled,
-  graph breaks, and ``recompiles_after_warmup`` (graphs compiled after the first call: zero expected).
+  graph breaks, and ``recompiles_after_warmup`` (graphs compiled after the first call: zero expected);
+  compiled training rows first check their gradients against the eager model's (``compiled_grad_rel_err``;
+  a row whose compiled graph computes something else fails instead of timing it).
 """
 
 from __future__ import annotations
@@ -248,6 +250,13 @@ def measure(
             before = P.dynamo_stats()
             metrics["compile_s"] = round(P.timed_first_call(counted, device), 3)
             warm = P.dynamo_stats()
+            if workload.kind in ("train_fwd_bwd", "train_step", "accum_step"):
+                batch = ids if ids is not None else inputs["batches"][0]
+                norms = P.norm_computations(model)
+                impl["compiled_grad_rel_err"] = _compiled_grad_error(model, runner, batch, params, workload, device)
+                if norms is not None and counter["norms_after_first"] is not None:  # not the timed calls' norms
+                    counter["norms_after_first"] += P.norm_computations(model) - norms
+                P.bump_adapter_versions(adapters)  # the next call starts as after an optimizer step, not warm
         metrics.update(bench(counted, settings, reps=reps, grad_to_none=grad_to_none))
         if workload.kind in HOST_TIMED and not compile_it:
             metrics.update(
@@ -268,6 +277,49 @@ def measure(
         if first is not None and norms_end is not None and counter["calls"] > 1:
             impl["df_norm_computations_per_call"] = round((norms_end - first) / (counter["calls"] - 1), 3)
     return metrics, impl
+
+
+#: Largest relative L2 difference allowed between a compiled model's gradients and the eager model's (the
+#: same weights and batch): bf16 fusion reorders sums (differences below a percent), a dropped or wrong
+#: gradient differs by order one.
+COMPILED_GRAD_TOLERANCE = 0.05
+
+
+def _compiled_grad_error(
+    model: nn.Module,
+    runner: Callable[..., Any],
+    ids: torch.Tensor,
+    params: list[torch.Tensor],
+    workload: Workload,
+    device: torch.device,
+) -> float:
+    """Relative L2 difference of the compiled model's parameter gradients to the eager ones, worst parameter;
+    raises when it exceeds :data:`COMPILED_GRAD_TOLERANCE` (a compiled row must time the real computation:
+    a graph that drops a gradient skips its GEMMs and looks fast). Runs after the compiling first call."""
+    grads = []
+    for fn in (model, runner):
+        for p in params:
+            p.grad = None
+        with _autocast(workload.amp, device):
+            loss = _loss(fn, ids, model)
+        loss.backward()
+        grads.append([None if p.grad is None else p.grad.detach().float().clone() for p in params])
+    for p in params:
+        p.grad = None
+    worst = 0.0
+    for eager, compiled in zip(*grads):
+        if eager is None and compiled is None:
+            continue
+        if eager is None or compiled is None:
+            worst = float("inf")
+            break
+        worst = max(worst, float((compiled - eager).norm() / eager.norm().clamp_min(1e-30)))
+    if not worst <= COMPILED_GRAD_TOLERANCE:
+        raise RuntimeError(
+            f"compiled gradients differ from eager ones: relative L2 difference {worst:.3g} > "
+            f"{COMPILED_GRAD_TOLERANCE} (the compiled graph does not compute what eager does)"
+        )
+    return round(worst, 6)
 
 
 def _call_args(ids: torch.Tensor, model: nn.Module) -> dict[str, Any]:
