@@ -16,8 +16,9 @@ The key covers everything Triton specializes a compiled kernel on, per argument 
 * constexprs by value and type, the launch options (``num_warps``, ``num_stages``, ...) by value;
 
 plus the current device and the knobs ``JITFunction.run`` folds into its options (``TRITON_DEBUG``, the
-instrumentation mode). The key may be finer than Triton's (two of ours can share one compiled kernel), never
-coarser. Any other argument type, a callable grid, launch hooks (profilers), pre-run hooks, a changed global
+instrumentation mode). The key may be finer than Triton's (two of ours can share one compiled kernel, e.g.
+for a ``do_not_specialize`` parameter), never coarser: a kept kernel only ever runs on arguments Triton
+would have compiled it for. Any other argument type, a callable grid, launch hooks (profilers), pre-run hooks, a changed global
 of the kernel, ``torch.compile`` tracing, Triton's CPU interpreter or a Triton without the attributes relied
 on: the call goes through ``kernel[grid]`` as usual.
 """
@@ -30,9 +31,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from triton import knobs
 
 from ._triton_utils import is_interpreted
+
+try:  # Triton >= 3.4: launch hooks and option knobs live here; older Triton takes the plain path
+    from triton import knobs
+except ImportError:  # pragma: no cover - the CI's Triton has it
+    knobs = None
 
 __all__ = ["clear", "fast_launches", "launch", "specialization_key"]
 
@@ -168,7 +173,7 @@ def _supports_direct_launch(kernel: Any) -> bool:
         from triton.runtime.jit import JITFunction
     except ImportError:  # pragma: no cover - every supported Triton has it
         return False
-    if not isinstance(kernel, JITFunction) or is_interpreted(kernel):
+    if knobs is None or not isinstance(kernel, JITFunction) or is_interpreted(kernel):
         return False
     params = getattr(kernel, "params", None)
     if not params:
