@@ -235,7 +235,7 @@ def _plain_path_required(kernel: Any) -> bool:
     )
 
 
-def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
+def launch(kernel: Any, grid: tuple[int, ...], /, *args: Any, **kwargs: Any) -> None:
     """``kernel[grid](*args, **kwargs)``, launched directly when this specialization was compiled before.
 
     ``grid``: a tuple of one to three ints (a callable grid takes the plain path). Keyword arguments are
@@ -275,7 +275,7 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
     )
 
 
-def specialization_key(kernel: Any, *args: Any, device: int = 0, **kwargs: Any) -> tuple:
+def specialization_key(kernel: Any, /, *args: Any, device: int = 0, **kwargs: Any) -> tuple:
     """The key :func:`launch` files ``kernel[grid](*args, **kwargs)`` under (for tests); raises
     ``ValueError`` for a call the key does not cover."""
     launcher = _launcher(kernel)
