@@ -12,7 +12,8 @@ non-identity adapters):
 * ``train``: forward + backward of a 4096x4096 Linear at 4096 tokens, the adapters marked as written
   before every call (so dorafactors recomputes its norm, as after an optimizer step).
 
-Last, the host cost of single operations (a PyTorch op, the compose kernel's launch, ``dora_compose``).
+Last, the host cost of single operations (a PyTorch op, the compose kernel's host function with kept
+compiled kernels launched directly and with plain ``kernel[grid]`` launches, ``dora_compose``).
 
 Per provider: ``host_us`` (wall time of N back-to-back calls without synchronizing, divided by N: what the
 Python side costs when the GPU keeps up), ``sync_us`` (the same with the final synchronize),
@@ -119,9 +120,11 @@ def _cprofile(step, calls: int = 200) -> str:
 
 def launch_costs(calls: int = 500) -> dict[str, float]:
     """Host microseconds per call (no synchronize) of single operations, 1 x 8192 bf16: a PyTorch op, the
-    compose kernel's host function, ``dora_compose``; what a Triton launch costs on this machine."""
+    compose kernel's host function (with kept compiled kernels launched directly, and with every launch
+    through ``kernel[grid]``), ``dora_compose``; what a Triton launch costs on this machine."""
     from dorafactors.autograd.compose import dora_compose
     from dorafactors.kernels import compose as kc
+    from dorafactors.kernels.launch import fast_launches
 
     n = 128 if SMALL else 8192
     dt = torch.bfloat16
@@ -136,7 +139,14 @@ def launch_costs(calls: int = 500) -> dict[str, float]:
     if DEVICE == "cuda":
         fns["compose kernel host function"] = lambda: kc.compose_forward_unchecked(lora, base, g, 2.0, -1, dt, False)
     with torch.no_grad():
-        return {name: host_us_per_call(fn, calls, _sync, warmup=20)[0] for name, fn in fns.items()}
+        out = {name: host_us_per_call(fn, calls, _sync, warmup=20)[0] for name, fn in fns.items()}
+        if DEVICE == "cuda":
+            with fast_launches(False):
+                compose = fns["compose kernel host function"]
+                out["compose kernel host function, plain kernel[grid] launch"] = host_us_per_call(
+                    compose, calls, _sync, warmup=20
+                )[0]
+    return out
 
 
 def run(workload: str) -> dict:

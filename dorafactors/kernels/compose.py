@@ -34,6 +34,7 @@ from .compose_launch import (
     forced_config,
     launch_counts,
 )
+from .launch import launch
 from .operands import KERNEL_DTYPES
 
 __all__ = [
@@ -375,16 +376,17 @@ def _sum_partials(part: torch.Tensor, out_dtype: torch.dtype, wrap: bool) -> tor
     out = torch.empty(K, dtype=out_dtype, device=part.device)
     if wrap and _skip_launch(part):
         return out
-    fn = _sum_partials_kernel
+    block_c = 64 if INTERPRETER else 256
+    grid = (cdiv(K, block_c),)
     if wrap:
         from torch.library import wrap_triton
 
-        fn = wrap_triton(fn)
-    block_c = 64 if INTERPRETER else 256
-    index = part.get_device()
-    guard = not wrap and index >= 0 and index != torch.cuda.current_device()
-    with torch.cuda.device(index) if guard else contextlib.nullcontext():
-        fn[(cdiv(K, block_c),)](part, out, G, K, BLOCK_G=16, BLOCK_C=block_c, num_warps=4)
+        wrap_triton(_sum_partials_kernel)[grid](part, out, G, K, BLOCK_G=16, BLOCK_C=block_c, num_warps=4)
+    else:
+        index = part.get_device()
+        guard = index >= 0 and index != torch.cuda.current_device()
+        with torch.cuda.device(index) if guard else contextlib.nullcontext():
+            launch(_sum_partials_kernel, grid, part, out, G, K, BLOCK_G=16, BLOCK_C=block_c, num_warps=4)
     launch_counts["sum_partials"] += 1
     return out
 

@@ -3,7 +3,7 @@
 Launch configurations are autotuned on first use per (columns, power-of-two row bucket, dtypes, flags)
 from a small default list, or from a full grid when ``DORA_AUTOTUNE_COMPREHENSIVE=1``. After the first call
 the chosen config is looked up in a dict and the kernel is launched directly (no per-call autotuner
-bookkeeping). The in-place kernel restores its destination between autotuning trials. Under Triton's CPU
+bookkeeping; ``launch.py`` then skips Triton's per-call binding too). The in-place kernel restores its destination between autotuning trials. Under Triton's CPU
 interpreter a fixed config is used (no autotuning).
 """
 
@@ -25,6 +25,7 @@ from .compose_kernel import (
     _compose_bwd_rows_kernel,
     _compose_fwd_kernel,
 )
+from .launch import launch
 
 #: Real (non-fake) kernel launches per kernel name, for tests and benchmarks.
 launch_counts: Counter[str] = Counter()
@@ -249,7 +250,7 @@ def _launch_here(tuned: _Tuned, grid_of, args: tuple, key: tuple, R: int, K: int
     forced = _FORCED.get(tuned.family) if _FORCED else None
     if forced is not None or INTERPRETER:
         br, bc, warps, stages = forced or _interpreter_config(R, K)
-        tuned.fn[grid_of(br, bc)](*args, br, bc, num_warps=warps, num_stages=stages)
+        launch(tuned.fn, grid_of(br, bc), *args, br, bc, num_warps=warps, num_stages=stages)
         launch_counts[tuned.name] += 1
         return
     comprehensive = config.autotune_comprehensive()
@@ -257,7 +258,7 @@ def _launch_here(tuned: _Tuned, grid_of, args: tuple, key: tuple, R: int, K: int
     cfg = chosen.get(key)
     if cfg is not None:
         br, bc, warps, stages = cfg
-        tuned.fn[grid_of(br, bc)](*args, br, bc, num_warps=warps, num_stages=stages)
+        launch(tuned.fn, grid_of(br, bc), *args, br, bc, num_warps=warps, num_stages=stages)
     else:
         tuner = tuned.tuner(comprehensive)
         tuner[lambda meta: grid_of(meta["BLOCK_R"], meta["BLOCK_C"])](*args)

@@ -10,6 +10,7 @@ import torch
 import triton
 
 from ._triton_utils import is_interpreted, num_sms, ticket_buffer
+from .launch import launch
 from .operands import mm_out_dtype_available, norm_operands_problem
 from .row_norm_kernel import _row_sumsq_kernel, _weight_norm_sq_kernel
 from .row_norm_plan import (
@@ -64,7 +65,9 @@ def triton_row_sumsq(weight: torch.Tensor) -> torch.Tensor:
     block_k = 128
     if weight.stride(0) == 1 and weight.stride(1) != 1:  # transposed view: rows are the contiguous dim
         block_m, block_k = 128, 32
-    _row_sumsq_kernel[(triton.cdiv(d_out, block_m),)](
+    launch(
+        _row_sumsq_kernel,
+        (triton.cdiv(d_out, block_m),),
         weight,
         out,
         d_out,
@@ -218,7 +221,9 @@ def _launch_kernel(
     scaling, eps, d_out, d_in, rank, constants,
 ) -> None:  # fmt: skip
     """One launch of ``_weight_norm_sq_kernel`` over programs ``pid_base .. pid_base + grid - 1``."""
-    _weight_norm_sq_kernel[(grid,)](
+    launch(
+        _weight_norm_sq_kernel,
+        (grid,),
         weight,
         lora_A,
         lora_B,

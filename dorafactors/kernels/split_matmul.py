@@ -67,6 +67,7 @@ def split_bf16x3(x: torch.Tensor) -> torch.Tensor:
     if not rules.kernels_enabled(x.device)[0] or x.numel() == 0:
         return split_bf16x3_reference(x)
     from ._triton_utils import cdiv, is_interpreted
+    from .launch import launch
     from .split_matmul_kernel import _split_bf16x3_kernel
 
     R, K = x.shape
@@ -76,9 +77,9 @@ def split_bf16x3(x: torch.Tensor) -> torch.Tensor:
     index = x.get_device()
     if index >= 0 and index != torch.cuda.current_device():
         with torch.cuda.device(index):
-            _split_bf16x3_kernel[grid](x, out, R, K, x.stride(0), 3 * K, BLOCK_R=block_r, BLOCK_C=block_c)
+            launch(_split_bf16x3_kernel, grid, x, out, R, K, x.stride(0), 3 * K, BLOCK_R=block_r, BLOCK_C=block_c)
     else:
-        _split_bf16x3_kernel[grid](x, out, R, K, x.stride(0), 3 * K, BLOCK_R=block_r, BLOCK_C=block_c)
+        launch(_split_bf16x3_kernel, grid, x, out, R, K, x.stride(0), 3 * K, BLOCK_R=block_r, BLOCK_C=block_c)
     return out
 
 
