@@ -121,7 +121,8 @@ def _cprofile(step, calls: int = 200) -> str:
 def launch_costs(calls: int = 500) -> dict[str, float]:
     """Host microseconds per call (no synchronize) of single operations, 1 x 8192 bf16: a PyTorch op, the
     compose kernel's host function (with kept compiled kernels launched directly, and with every launch
-    through ``kernel[grid]``), ``dora_compose``; what a Triton launch costs on this machine."""
+    through ``kernel[grid]``), ``dora_compose``, the compiled norm op on a cache hit (8192 x 4096, r=384);
+    what a Triton launch and a DoRA layer's opaque op in a compiled graph cost on this machine."""
     from dorafactors.autograd.compose import dora_compose
     from dorafactors.kernels import compose as kc
     from dorafactors.kernels.launch import fast_launches
@@ -131,10 +132,21 @@ def launch_costs(calls: int = 500) -> dict[str, float]:
     lora = torch.randn(1, n, device=DEVICE, dtype=dt)
     base = torch.randn(1, n, device=DEVICE, dtype=dt)
     g = torch.rand(n, device=DEVICE) + 0.5
+    from dorafactors.autograd import norm_op
+
+    # the compiled norm op on a cache hit (what a compiled graph pays per DoRA layer and forward)
+    rank = 16 if SMALL else 384
+    weight = torch.nn.Parameter(torch.randn(n, n if SMALL else 4096, device=DEVICE, dtype=dt), requires_grad=False)
+    lora_A = torch.nn.Parameter(torch.randn(rank, weight.shape[1], device=DEVICE, dtype=dt))
+    lora_B = torch.nn.Parameter(torch.randn(n, rank, device=DEVICE, dtype=dt))
+    magnitude = torch.nn.Parameter(torch.rand(n, device=DEVICE, dtype=dt) + 0.5)
     fns = {
         "torch.add": lambda: torch.add(lora, base),
         "torch.empty_like": lambda: torch.empty_like(lora),
         "dora_compose (no grad)": lambda: dora_compose(lora, base, g, 2.0),
+        "cached_weight_norm op, cache hit": lambda: norm_op.cached_weight_norm(
+            magnitude, weight, lora_A, lora_B, 2.0, "linear", True
+        ),
     }
     if DEVICE == "cuda":
         fns["compose kernel host function"] = lambda: kc.compose_forward_unchecked(lora, base, g, 2.0, -1, dt, False)
