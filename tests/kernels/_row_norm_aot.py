@@ -73,8 +73,10 @@ def compile_variant(
     from_gemm: bool = False,
     unit_strides: tuple[str, ...] = ("stride_wk", "stride_ak", "stride_br"),
     capability: int = 90,
+    probe: int = 1,
 ):
-    """``triton.compile`` one specialization the way a launch with 16-byte aligned operands would."""
+    """``triton.compile`` one specialization the way a launch with 16-byte aligned operands would; ``probe`` is
+    the kernel's ``PROBE`` (default: the engine's training launch, non-finite rows repaired, W known finite)."""
     cfg = cfg or row_norm.NormKernelConfig()
     fn = row_norm._weight_norm_sq_kernel
     ptr_types = dict(
@@ -99,6 +101,7 @@ def compile_variant(
         B_MODE={"bf16": 0, "fp16": 1}.get(bdt, 2),
         EVEN_K=True,
         EVEN_MN=True,
+        PROBE=probe,
         UPCAST=False,
     )
     signature, attrs = {}, {}
