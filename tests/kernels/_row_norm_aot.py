@@ -61,6 +61,11 @@ VARIANTS = {
     # the GEMM path (U and G from GEMMs): only the B G'' dots, no d_in loop to pipeline
     "bf16_from_gemm": _GEMM_PATH,
     "fp16_from_gemm": {**_GEMM_PATH, "wdt": "fp16", "adt": "fp16", "bdt": "fp16"},
+    # the non-finite row probe with ||W||^2 (W not known finite: PROBE=2), both modes
+    "w_unchecked_fp32_adapters": dict(
+        wdt="bf16", adt="fp32", bdt="fp32", cold=False, cfg=_cfg(4096, 4096, 384, True), probe=2
+    ),
+    "w_unchecked_bf16_from_gemm": {**_GEMM_PATH, "probe": 2},
 }
 
 
