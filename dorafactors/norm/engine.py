@@ -5,22 +5,22 @@ otherwise, and reshapes conv and grouped-conv factors into the 2-D form both und
 
 Non-finite values: the norm of a row is NaN exactly where the dense IEEE evaluation of
 ``||W + s * (B @ A)||_row`` is NaN, +inf where it is +inf. The factored sum cannot give that by itself: it
-meets ``inf - inf`` and ``0 * inf`` in ``W A^T``, ``A A^T`` and the assembly that the dense form does not
-(an infinity of ``W`` turned the row's norm into NaN, hence ``g = m / norm`` NaN, and the NaN spread into
-every ``lora_A``/``lora_B``/input gradient where stock PEFT's ``+inf`` norm gives ``g = 0`` and keeps it
-local). :func:`weight_norm` therefore replaces the rows that are not finite with the class of the dense
-row, computed from small row sums: ``||W||^2`` (cached with the layer's sum of squares, and skipped while
-``W`` is known to be finite) and ``sum_k |B_ik| * ||A_k||`` (``0 * inf``: NaN, as in ``B @ A``); both are
-non-negative, so their sum is NaN if any source is, else +inf if any is. Exact whenever the non-finite
-entries do not meet in one element of ``W + s B A`` (a single one always); where two infinities of
-opposite sign meet there, or an infinite ``B_ik`` meets an exact zero of ``A_k``, the dense row is NaN and
-this gives +inf; an infinite ``B_ik`` against a row ``A_k`` whose fp32 sum of squares underflows to 0 (every
-``|A_kj| < ~2.6e-23``: bf16/fp32 ``A`` only) gives NaN where the dense row is +inf. Cost per norm computation (a cache miss: each training step, not each decode call): on
-the kernel paths nothing beyond the norm kernel itself, which forms the row sums and applies the class in
-its final store (``kernels/row_norm_kernel.py``, "Non-finite rows"; ``s == 0``, where no kernel runs, takes
-the PyTorch form); on the PyTorch path (the kernel's reference,
-:func:`~dorafactors.kernels.row_norm_reference.dense_class_of_nonfinite_rows`) five small launches (six
-with half-precision adapters) on ``[r, d_in]``, ``[d_out, r]`` and ``[d_out]`` tensors and a ``[d_out, r]``
+meets ``inf - inf`` and ``0 * inf`` in ``W A^T``, ``A A^T`` and the assembly that the dense form does not (an
+infinity of ``W`` turned the row's norm into NaN, hence ``g = m / norm`` NaN, and the NaN spread into every
+``lora_A``/``lora_B``/input gradient where stock PEFT's ``+inf`` norm gives ``g = 0`` and keeps it local).
+:func:`weight_norm` therefore replaces the rows that are not finite with the class of the dense row, computed
+from small row sums: ``||W||^2`` (cached with the layer's sum of squares, and skipped while ``W`` is known to
+be finite) and ``sum_k |B_ik| * ||A_k||`` (``0 * inf``: NaN, as in ``B @ A``); both are non-negative, so their
+sum is NaN if any source is, else +inf if any is. Exact whenever the non-finite entries do not meet in one
+element of ``W + s B A`` (a single one always); where two infinities of opposite sign meet there, or an
+infinite ``B_ik`` meets an exact zero of ``A_k``, the dense row is NaN and this gives +inf; an infinite
+``B_ik`` against a row ``A_k`` whose fp32 sum of squares underflows to 0 (every ``|A_kj| < ~2.6e-23``:
+bf16/fp32 ``A`` only) gives NaN where the dense row is +inf. Cost per norm computation (a cache miss: each
+training step, not each decode call): on the kernel paths nothing beyond the norm kernel itself, which forms
+the row sums and applies the class in its final store (``kernels/row_norm_kernel.py``, "Non-finite rows";
+``s == 0``, where no kernel runs, takes the PyTorch form); on the PyTorch path (the kernel's reference,
+:func:`~dorafactors.kernels.row_norm_reference.dense_class_of_nonfinite_rows`) five small launches (six with
+half-precision adapters) on ``[r, d_in]``, ``[d_out, r]`` and ``[d_out]`` tensors and a ``[d_out, r]``
 temporary in ``B``'s dtype (fp32 for fp16 ``B``); never a synchronization; none on the dense path, which is
 the dense form itself.
 """
