@@ -242,13 +242,11 @@ def measure_norm(quick: bool) -> dict[str, Any]:
     from dorafactors.kernels.row_norm import gemm_weight_norm_sq, triton_weight_norm_sq
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    # the engine's launch on a cached ||W||^2 of a finite W: clamp and non-finite rows' class in the kernel
-    launch = dict(eps=1e-6, dense_class=True, weight_finite=True)
     paths = []
     for d_out, d_in, rank in NORM_PATH_SHAPES[::3] if quick else NORM_PATH_SHAPES:
         W, A, B, sumsq = _norm_inputs(d_out, d_in, rank)
-        one_pass = functools.partial(triton_weight_norm_sq, W, A, B, SCALING, cached_sumsq=sumsq, **launch)
-        gemm = functools.partial(gemm_weight_norm_sq, W, A, B, SCALING, cached_sumsq=sumsq, **launch)
+        one_pass = functools.partial(triton_weight_norm_sq, W, A, B, SCALING, cached_sumsq=sumsq, eps=1e-6)
+        gemm = functools.partial(gemm_weight_norm_sq, W, A, B, SCALING, cached_sumsq=sumsq, eps=1e-6)
         row = {"d_out": d_out, "d_in": d_in, "rank": rank, "base_ms": _graph_ms(one_pass), "alt_ms": _graph_ms(gemm)}
         print(f"norm path {d_out}x{d_in} r{rank}: one-pass {row['base_ms'] * 1e3:.1f} us, GEMM path {row['alt_ms'] * 1e3:.1f} us", flush=True)  # fmt: skip
         paths.append(row)
@@ -261,7 +259,7 @@ def measure_norm(quick: bool) -> dict[str, Any]:
             key = (shape, path, dataclasses.astuple(cfg))
             if key not in timed:
                 fn = triton_weight_norm_sq if path == "one_pass" else gemm_weight_norm_sq
-                timed[key] = _graph_ms(functools.partial(fn, W, A, B, SCALING, cached_sumsq=sumsq, kernel_config=cfg, **launch))  # fmt: skip
+                timed[key] = _graph_ms(functools.partial(fn, W, A, B, SCALING, cached_sumsq=sumsq, eps=1e-6, kernel_config=cfg))  # fmt: skip
             return timed[key]
 
         for value in SPLIT_MIN_STEPS_CANDIDATES:

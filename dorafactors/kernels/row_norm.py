@@ -22,7 +22,6 @@ from .row_norm_plan import (
     pick_gemm_config,
     plan_for,
 )
-from .row_norm_reference import dense_class_of_nonfinite_rows
 
 __all__ = [
     "NormKernelConfig",
@@ -103,27 +102,6 @@ def _validate(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) 
         )
 
 
-def _probe_mode(dense_class: bool, weight_finite: bool) -> int:
-    """The kernel's ``PROBE``: 0 no non-finite row repair, 1 the adapters' probe only (``W`` known finite),
-    2 the adapters' probe plus ``||W||^2``."""
-    if not dense_class:
-        return 0
-    return 1 if weight_finite else 2
-
-
-def _without_product(weight, lora_A, lora_B, scaling, cached_sumsq, eps, probe) -> torch.Tensor:
-    """The cases with no product to compute (``s == 0``, ``r == 0``, ``d_in == 0``): ``||W||^2`` alone, finished
-    on the host; the non-finite rows (``probe``) by the PyTorch reference, as no norm kernel runs here."""
-    sumsq = cached_sumsq if cached_sumsq is not None else triton_row_sumsq(weight)
-    if eps is not None:
-        res = _norm_from_square_on_host(sumsq, eps)
-    else:
-        res = sumsq.clone() if sumsq is cached_sumsq else sumsq
-    if probe:
-        res = dense_class_of_nonfinite_rows(res, lora_A, lora_B, scaling, sumsq if probe == 2 else None)
-    return res
-
-
 def _as_sumsq(cached_sumsq: torch.Tensor | None, d_out: int, device: torch.device) -> torch.Tensor | None:
     """``cached_sumsq`` checked for shape and made a contiguous fp32 vector on ``device`` (or None)."""
     if cached_sumsq is None:
@@ -143,8 +121,6 @@ def triton_weight_norm_sq(
     *,
     cached_sumsq: torch.Tensor | None = None,
     eps: float | None = None,
-    dense_class: bool = False,
-    weight_finite: bool = False,
     kernel_config: NormKernelConfig | None = None,
 ) -> torch.Tensor:
     """Squared row norm of ``W + scaling * B @ A`` in fp32, not clamped (may hold tiny negatives).
@@ -158,11 +134,6 @@ def triton_weight_norm_sq(
             ``||W||^2``. Without it, ``||W||^2`` comes from the same pass over W that computes ``W A^T``.
         eps: if given, return the finished norm ``max(sqrt(max(n^2, 0)), eps)`` (the engine's clamp, fused
             into the same launch, NaN preserved) instead of ``n^2``.
-        dense_class: every row whose ``W + s * B @ A`` is not finite gets the dense IEEE row's class (NaN or
-            +inf), as :func:`~dorafactors.kernels.row_norm_reference.dense_class_of_nonfinite_rows` gives it,
-            in the kernel's final store (finite rows are bitwise unchanged).
-        weight_finite: with ``dense_class``, the caller knows every row of ``W`` is finite: the repair skips
-            ``||W||^2``.
         kernel_config: launch configuration override (tests, tuning); default :func:`pick_config`.
 
     Returns:
@@ -178,18 +149,18 @@ def triton_weight_norm_sq(
     cached_sumsq = _as_sumsq(cached_sumsq, d_out, device)
     scaling = float(scaling)
 
-    probe = _probe_mode(dense_class, weight_finite)
     if d_out == 0:
         return torch.zeros(0, dtype=torch.float32, device=device)
     if scaling == 0.0 or rank == 0 or d_in == 0:
-        return _without_product(weight, lora_A, lora_B, scaling, cached_sumsq, eps, probe)
+        res = cached_sumsq.clone() if cached_sumsq is not None else triton_row_sumsq(weight)
+        return res if eps is None else _norm_from_square_on_host(res, eps)
 
     a_is_fp32 = lora_A.dtype == torch.float32
     if kernel_config is None:
         plan = _one_pass_plan(d_out, d_in, rank, a_is_fp32, num_sms(device), interpret)
     else:
         plan = NormLaunchPlan.build(d_out, d_in, rank, kernel_config)
-    return _launch(plan, weight, lora_A, lora_B, None, cached_sumsq, scaling, eps, probe, interpret)
+    return _launch(plan, weight, lora_A, lora_B, None, cached_sumsq, scaling, eps, interpret)
 
 
 def _launch(
@@ -201,15 +172,13 @@ def _launch(
     cached_sumsq: torch.Tensor | None,
     scaling: float,
     eps: float | None,
-    probe: int,
     interpret: bool,
 ) -> torch.Tensor:
     """Run ``_weight_norm_sq_kernel`` for validated operands (the gram launch, then the main launch; one
     launch in ``FROM_GEMM`` mode); returns the fp32 ``[d_out]`` result.
 
     ``gemms`` (``FROM_GEMM`` mode, needs ``cached_sumsq``): the fp32 GEMM results ``(W A^T [d_out, r]
-    contiguous, A A^T [r, r] contiguous)``; the launch then has no gram programs. ``probe``: the kernel's
-    ``PROBE`` (:func:`_probe_mode`).
+    contiguous, A A^T [r, r] contiguous)``; the launch then has no gram programs.
     """
     device = weight.device
     d_out, d_in = weight.shape
@@ -226,7 +195,6 @@ def _launch(
         from_gemm,
         cold,
         eps is not None,
-        probe,
         interpret,
     )
     launch = plan.launch_cache.get(key)
@@ -300,7 +268,6 @@ def _launch_constants(
     from_gemm: bool,
     cold: bool,
     sqrt: bool,
-    probe: int,
     interpret: bool,
 ) -> tuple[int, int, dict[str, int | bool]]:
     """Grid size, workspace elements and compile-time arguments of a launch (cached per plan by ``_launch``)."""
@@ -327,12 +294,11 @@ def _launch_constants(
         B_MODE={torch.bfloat16: 0, torch.float16: 1}.get(b_dtype, 2),
         EVEN_K=d_in % cfg.block_k == 0,
         EVEN_MN=plan.d_out % cfg.block_m == 0 and rank % cfg.block_n == 0,
-        PROBE=probe,
         UPCAST=interpret,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    return programs, plan.workspace_elements(cold, from_gemm, probe != 0), constants
+    return programs, plan.workspace_elements(cold, from_gemm), constants
 
 
 def gemm_supported(device: torch.device) -> bool:
@@ -363,8 +329,6 @@ def gemm_weight_norm_sq(
     *,
     cached_sumsq: torch.Tensor | None = None,
     eps: float | None = None,
-    dense_class: bool = False,
-    weight_finite: bool = False,
     kernel_config: NormKernelConfig | None = None,
 ) -> torch.Tensor:
     """:func:`triton_weight_norm_sq` with ``W A^T`` from a GEMM: for half ``A`` and ``B`` in ``W``'s dtype.
@@ -375,8 +339,7 @@ def gemm_weight_norm_sq(
     row sums and the assembly follow exactly as in the one-pass kernel (fixed summation orders). Without
     ``cached_sumsq``, ``||W||^2`` comes from :func:`triton_row_sumsq` (a second pass over W).
 
-    Args and returns: as :func:`triton_weight_norm_sq`; ``lora_A`` and ``lora_B`` must have W's dtype. With
-    ``dense_class`` the probe's ``||A_k||^2`` is the diagonal of the GEMM's fp32 G.
+    Args and returns: as :func:`triton_weight_norm_sq`; ``lora_A`` and ``lora_B`` must have W's dtype.
     Extra memory: ``U`` and ``G`` (``4 * (d_out * r + r^2)`` bytes) besides the kernel's workspace.
     """
     interpret = _check_device(weight)
@@ -393,15 +356,15 @@ def gemm_weight_norm_sq(
     device = weight.device
     scaling = float(scaling)
     cached_sumsq = _as_sumsq(cached_sumsq, d_out, device)
-    probe = _probe_mode(dense_class, weight_finite)
     if d_out == 0:
         return torch.zeros(0, dtype=torch.float32, device=device)
-    if scaling == 0.0 or rank == 0 or d_in == 0:
-        return _without_product(weight, lora_A, lora_B, scaling, cached_sumsq, eps, probe)
     sumsq = cached_sumsq if cached_sumsq is not None else triton_row_sumsq(weight)
+    if scaling == 0.0 or rank == 0 or d_in == 0:
+        res = sumsq.clone() if sumsq is cached_sumsq else sumsq
+        return res if eps is None else _norm_from_square_on_host(res, eps)
     if kernel_config is None:
         plan = _gemm_plan(d_out, d_in, rank, num_sms(device), interpret)
     else:
         plan = NormLaunchPlan.build(d_out, d_in, rank, kernel_config)
     gemms = (matmul_fp32(weight, lora_A), matmul_fp32(lora_A, lora_A))
-    return _launch(plan, weight, lora_A, lora_B, gemms, sumsq, scaling, eps, probe, interpret)
+    return _launch(plan, weight, lora_A, lora_B, gemms, sumsq, scaling, eps, interpret)

@@ -16,10 +16,9 @@ host launches the gram programs and the main programs as two launches of the sam
   bits: fp32's own precision) and bumps a "gram done" counter.
 * **Main programs** (the rest), one per (row tile ``m`` of ``d_out``, rank tile ``n``, ``d_in`` split ``s``),
   ``n`` fastest so the ``NR`` programs reading the same W tiles run side by side and share them in L2.
-  Each checks the gram counter (complete: the gram launch ran first), then accumulates
-  ``acc = W_tile A_tile^T`` over its ``d_in`` range on tensor cores with fp32 accumulation
+  Each accumulates ``acc = W_tile A_tile^T`` over its ``d_in`` range on tensor cores with fp32 accumulation
   (half-precision W goes from global to shared memory to the MMA as is: it is never upcast in memory).
-  It then adds its share of ``sum_{k >= n} B[:, k] G''[k, n]`` (``G''`` being the scaled
+  It then checks the gram counter (complete: the gram launch ran first) and adds its share of ``sum_{k >= n} B[:, k] G''[k, n]`` (``G''`` being the scaled
   lower block triangle), so that ``rowsum(B[:, n] * acc)`` summed over ``n`` and the splits is
   ``c + (s/2) b`` with ``c = rowsum(B * (W A^T))`` and ``b = rowsum((B G) * B)``: the symmetric gram term
   costs ``NR (NR + 1) / 2`` instead of ``NR^2`` tile products. The epilogue multiplies by the fp32 B tile,
@@ -44,31 +43,14 @@ was tried first and misses the 1e-5 target by up to ~3x on small, cancellation-p
 adapter entries beyond fp16's range (|a| > 65504) on an fp16 W overflow the fp16 ``hi`` part (inf/NaN
 result, never a silently wrong finite one).
 
-Non-finite rows (``PROBE`` 1 or 2; ``dense_class=True`` on the host; the engine always sets it; reference:
-:func:`~dorafactors.kernels.row_norm_reference.dense_class_of_nonfinite_rows`). The factored sum meets
-``inf - inf`` and ``0 * inf`` that the dense ``W + s B A`` does not (``norm/engine.py``), so the final store
-puts the probe ``p_i = sum_k |B_ik| * ||A_k||`` (plus ``||W_i||^2`` with ``PROBE == 2``, i.e. unless W is known
-finite) in place of every row where ``p_i`` is not finite: NaN or +inf, the dense row's class. Finite rows
-keep their bits (only a ``where`` on the finished value). ``||A_k||^2`` has the class of
-``torch.linalg.vector_norm(A_k)`` (an unscaled fp32 sum of squares, too): in the one-pass mode the diagonal
-gram tiles add an elementwise fp32 ``sum_j A_kj^2`` per split (a ``[BN]`` partial, summed in order by the
-tile's finalizer). G's own diagonal would not do for fp32 A: its bf16 parts split an infinite ``A_kj`` into
-``(inf, inf - inf, ...) = (inf, NaN, NaN)``, a NaN where the dense row is +inf (half A's diagonal, exact
-products summed in fp32, is right). In ``FROM_GEMM`` mode (half A only) it is the fp32 GEMM G's diagonal.
-The ``s == 0`` program of each (row tile, rank tile) adds ``|B_ik| * sqrt(||A_k||^2)`` in fp32 for its rank
-tile before its main loop and stores the partial; the row tile's assembler sums the ``NR`` partials in a
-fixed order. Products in fp32 for every B dtype: no false +inf from a product rounded to fp16 (or to bf16's
-slightly smaller maximum), where the reference keeps bf16 products.
-
 Determinism: every sum has a fixed order (no floating-point atomics; the integer tickets only decide who
 does the final, ordered sum), the launch configuration is a pure function of shapes, dtypes and the SM
 count (:func:`pick_config`, no timing), and the cross and gram terms are computed by the same code whether or
 not ``cached_sumsq`` is given: a warm call differs from a cold one only by the ``||W||^2`` it adds.
 
 Working set: the kernel allocates nothing proportional to ``d_in``: fp32 partials
-``(NR * S + S + NR) * d_out`` (``S`` <= 16 splits; ``+ S`` cold only, ``+ NR`` with ``PROBE``), the gram
-partials ``S_G * NT * BN^2`` fp32 (capped at 8 MiB by the heuristic), the three ``r_pad x r_pad`` bf16 parts
-of ``G''`` and ``(S_G + 1) * r_pad`` fp32 ``||A_k||^2`` sums (``PROBE``), plus the ``[d_out]`` result
+``(NR * S + S) * d_out`` (``S`` <= 16 splits), the gram partials ``S_G * NT * BN^2`` fp32 (capped at 8 MiB
+by the heuristic) and the three ``r_pad x r_pad`` bf16 parts of ``G''``, plus the ``[d_out]`` result
 (:meth:`NormLaunchPlan.workspace_bytes`). There is therefore no ``d_in`` chunking to do:
 ``PEFT_DORA_NORM_CHUNK_MB`` bounds the PyTorch reference only.
 
@@ -220,7 +202,6 @@ def _gram_program(
     a_ptr,
     gpart_ptr,
     g3_ptr,
-    asq_ptr,
     cnt_ptr,
     d_in,
     rank,
@@ -235,15 +216,9 @@ def _gram_program(
     BK: tl.constexpr,
     A_GRAM_MODE: tl.constexpr,
     EVEN_K: tl.constexpr,
-    PROBE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """Gram tile ``t`` (lower block triangle, row-major), ``d_in`` split ``sg``; the last arrival finalizes it.
-
-    ``PROBE``: the diagonal tiles also write ``||A_k||^2`` (fp32 ``[S_G, r_pad]`` partials at ``asq_ptr``, the
-    finalizer's ordered sum ``[r_pad]`` after them), an elementwise IEEE sum of squares, not G's diagonal
-    (see "Non-finite rows").
-    """
+    """Gram tile ``t`` (lower block triangle, row-major), ``d_in`` split ``sg``; the last arrival finalizes it."""
     kb = 0
     while (kb + 1) * (kb + 2) // 2 <= t:
         kb += 1
@@ -260,12 +235,8 @@ def _gram_program(
     p1 = a_ptr + ra.to(tl.int64)[:, None] * stride_ar + k0[None, :] * stride_ak
     p2 = a_ptr + rb.to(tl.int64)[None, :] * stride_ar + k0[:, None] * stride_ak
     acc = tl.zeros((BN, BN), dtype=tl.float32)
-    a_sq = tl.zeros((BN,), dtype=tl.float32)
     for it in range(it0, it1):
         x1, x2 = _load_k_step(p1, p2, ra_ok, rb_ok, it, d_in, offs_k, BK, EVEN_K)
-        if PROBE != 0:
-            x1f = x1.to(tl.float32)
-            a_sq += tl.sum(x1f * x1f, axis=1)
         if A_GRAM_MODE == 0:
             acc = _mma(x1, x2, acc, UPCAST)
         else:
@@ -282,9 +253,6 @@ def _gram_program(
         p2 += BK * stride_ak
     tile = offs[:, None] * BN + offs[None, :]
     tl.store(gpart_ptr + (sg * NT + t).to(tl.int64) * (BN * BN) + tile, acc)
-    if PROBE != 0:  # noqa: SIM102 (compile-time branch around a run-time one)
-        if kb == nb:
-            tl.store(asq_ptr + tl.cast(sg, tl.int64) * r_pad + ra, a_sq)
     tl.debug_barrier()
     ticket = tl.atomic_add(cnt_ptr + 2 + t, 1, sem="acq_rel", scope="gpu")
     if ticket == S_G - 1:
@@ -297,12 +265,6 @@ def _gram_program(
         tl.store(g3_ptr + dst, g_hi)
         tl.store(g3_ptr + r_pad * r_pad + dst, g_mid)
         tl.store(g3_ptr + 2 * r_pad * r_pad + dst, g_lo)
-        if PROBE != 0:  # noqa: SIM102 (compile-time branch around a run-time one)
-            if kb == nb:
-                a_sq = tl.zeros((BN,), dtype=tl.float32)
-                for j in range(S_G):
-                    a_sq += tl.load(asq_ptr + j * r_pad + ra, cache_modifier=".cg")
-                tl.store(asq_ptr + tl.cast(S_G, tl.int64) * r_pad + ra, a_sq)
         tl.atomic_xchg(cnt_ptr + 2 + t, 0, sem="relaxed", scope="gpu")
         tl.debug_barrier()
         tl.atomic_add(cnt_ptr, 1, sem="release", scope="gpu")
@@ -409,14 +371,10 @@ def _add_gram_term(
 
 @triton.jit
 def _assemble_rows(
-    rows64, row_ok, sumsq_ptr, out_ptr, part_ptr, wpart_ptr, ppart_ptr, d_out, scaling, eps, NR, S,
-    BM: tl.constexpr, COLD: tl.constexpr, SQRT: tl.constexpr, PROBE: tl.constexpr,
+    rows64, row_ok, sumsq_ptr, out_ptr, part_ptr, wpart_ptr, d_out, scaling, eps, NR, S,
+    BM: tl.constexpr, COLD: tl.constexpr, SQRT: tl.constexpr,
 ):  # fmt: skip
-    """The last program of a row tile: ``||W||^2 + 2s * cross`` from the partials, summed in a fixed order.
-
-    ``PROBE``: rows whose probe (the ``NR`` partials of ``sum_k |B_ik| ||A_k||``, plus ``||W_i||^2`` when
-    ``PROBE == 2``) is not finite store the probe, the dense row's class, instead (see "Non-finite rows").
-    """
+    """The last program of a row tile: ``||W||^2 + 2s * cross`` from the partials, summed in a fixed order."""
     cross = tl.zeros((BM,), dtype=tl.float32)
     p_ptrs = part_ptr + rows64
     for _ in range(NR * S):
@@ -434,60 +392,17 @@ def _assemble_rows(
     if SQRT:  # the engine's final norm, sqrt(max(n^2, 0)) clamped below at eps, NaN kept as NaN
         res = tl.sqrt_rn(tl.maximum(res, 0.0, propagate_nan=tl.PropagateNan.ALL))
         res = tl.maximum(res, eps, propagate_nan=tl.PropagateNan.ALL)
-    if PROBE != 0:
-        probe = tl.zeros((BM,), dtype=tl.float32)
-        p_ptrs = ppart_ptr + rows64
-        for _ in range(NR):
-            probe += tl.load(p_ptrs, mask=row_ok, other=0.0, cache_modifier=".cg")
-            p_ptrs += d_out
-        if PROBE == 2:
-            probe += w
-        # every term is >= 0, +inf or NaN: "probe < inf" is "probe is finite" (NaN compares false)
-        res = tl.where(probe < float("inf"), res, probe)
     tl.store(out_ptr + rows64, res, mask=row_ok)
 
 
 @triton.jit
-def _probe_partial(
-    n, b_ptr, g3_ptr, asq_ptr, rows64, row_ok, rank, stride_bm, stride_br,
-    BM: tl.constexpr, BN: tl.constexpr, BKG: tl.constexpr, FROM_GEMM: tl.constexpr,
-):  # fmt: skip
-    """Rank tile ``n``'s share of the probe, ``sum_{k in tile n} |B_ik| * ||A_k||`` (fp32 ``[BM]``).
-
-    Elementwise products in fp32 (``0 * inf`` is NaN, as in ``B @ A``; a finite product never overflows to a
-    false +inf in a half type), ``BKG`` ranks at a time in a loop that is not unrolled or pipelined: run
-    before the main loop, it adds no register pressure to the kernel (checked on sm_90 cubins: with the
-    probe in the epilogue, or unrolled, the GEMM path's cubin spills). ``||A_k||^2``: the diagonal of the
-    fp32 G (``FROM_GEMM``) or the gram programs' elementwise sums at ``asq_ptr``.
-    """
-    probe = tl.zeros((BM,), dtype=tl.float32)
-    offs = tl.arange(0, BKG)
-    for c in tl.range(BN // BKG, num_stages=1):
-        kk = n * BN + c * BKG + offs
-        k_ok = kk < rank
-        kk64 = kk.to(tl.int64)
-        b = tl.load(
-            b_ptr + rows64[:, None] * stride_bm + kk64[None, :] * stride_br,
-            mask=row_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        if FROM_GEMM:
-            a_sq = tl.load(g3_ptr + kk64 * (rank + 1), mask=k_ok, other=0.0)
-        else:
-            a_sq = tl.load(asq_ptr + kk64, mask=k_ok, other=0.0, cache_modifier=".cg")
-        probe += tl.sum(tl.abs(b) * tl.sqrt_rn(a_sq)[None, :], axis=1)
-    return probe
-
-
-@triton.jit
 def _main_program(
-    m, n, s, w_ptr, a_ptr, b_ptr, u_ptr, sumsq_ptr, out_ptr, part_ptr, wpart_ptr, ppart_ptr, g3_ptr, asq_ptr,
-    cnt_ptr, d_out, d_in, rank, r_pad, stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br,
-    stride_um, stride_ur, scaling, eps, n_m, NR, S, NT, KT,
+    m, n, s, w_ptr, a_ptr, b_ptr, u_ptr, sumsq_ptr, out_ptr, part_ptr, wpart_ptr, g3_ptr, cnt_ptr,
+    d_out, d_in, rank, r_pad, stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br, stride_um,
+    stride_ur, scaling, eps, n_m, NR, S, NT, KT,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKG: tl.constexpr, BG_STAGES: tl.constexpr,
     FROM_GEMM: tl.constexpr, COLD: tl.constexpr, SQRT: tl.constexpr, A_MODE: tl.constexpr,
-    B_MODE: tl.constexpr, EVEN_K: tl.constexpr, EVEN_MN: tl.constexpr, PROBE: tl.constexpr,
-    UPCAST: tl.constexpr,
+    B_MODE: tl.constexpr, EVEN_K: tl.constexpr, EVEN_MN: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Row tile ``m``, rank tile ``n``, ``d_in`` split ``s``: its partial of ``c + (s/2) b`` (module docstring)."""
     rows = m * BM + tl.arange(0, BM)
@@ -497,20 +412,6 @@ def _main_program(
     rn_ok = rn < rank
     rn64 = rn.to(tl.int64)
 
-    # 0. G'' (and ||A_k||^2) are complete: the host runs the gram programs in a launch before this one, so
-    # this acquire passes at once (it would wait if both kinds shared one grid started in program-id order)
-    if not FROM_GEMM:  # FROM_GEMM: G = A A^T came from a GEMM
-        done = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
-        while done < NT:
-            done = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
-    # the non-finite rows' probe, one partial per (row tile, rank tile): the s == 0 programs store it
-    if PROBE != 0:  # noqa: SIM102 (compile-time branch around a run-time one)
-        if s == 0:
-            probe = _probe_partial(
-                n, b_ptr, g3_ptr, asq_ptr, rows64, row_ok, rank, stride_bm, stride_br, BM, BN, BKG, FROM_GEMM
-            )
-            tl.store(ppart_ptr + n.to(tl.int64) * d_out + rows64, probe, mask=row_ok)
-
     # 1. acc = W[rows, split] @ A[rn, split]^T (and ||W[rows, split]||^2 in the cold n == 0 programs)
     acc, wsq = _cross_tile(
         n, s, w_ptr, a_ptr, u_ptr, rows64, row_ok, rn64, rn_ok, d_in, stride_wm, stride_wk, stride_ar, stride_ak,
@@ -518,6 +419,12 @@ def _main_program(
     )  # fmt: skip
 
     # 2. acc += B[rows, k] @ G''[k, rn] for this split's share of the chunks k >= n*BN (lower block triangle)
+    if not FROM_GEMM:  # FROM_GEMM: G = A A^T came from a GEMM
+        # G'' is complete: the host runs the gram programs in a launch before this one, so this acquire
+        # passes at once (it would wait if both kinds shared one grid started in program-id order)
+        done = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
+        while done < NT:
+            done = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
     acc = _add_gram_term(
         acc, n, s, b_ptr, g3_ptr, rows64, row_ok, rn64, rn_ok, rank, r_pad, stride_bm, stride_br, scaling, S,
         BN, BKG, BG_STAGES, FROM_GEMM, B_MODE, UPCAST,
@@ -540,9 +447,8 @@ def _main_program(
     ticket = tl.atomic_add(cnt_ptr + 2 + NT + m, 1, sem="acq_rel", scope="gpu")
     if ticket == NR * S - 1:
         _assemble_rows(
-            rows64, row_ok, sumsq_ptr, out_ptr, part_ptr, wpart_ptr, ppart_ptr, d_out, scaling, eps, NR, S,
-            BM, COLD, SQRT, PROBE,
-        )  # fmt: skip
+            rows64, row_ok, sumsq_ptr, out_ptr, part_ptr, wpart_ptr, d_out, scaling, eps, NR, S, BM, COLD, SQRT
+        )
         tl.atomic_xchg(cnt_ptr + 2 + NT + m, 0, sem="relaxed", scope="gpu")
         finished = tl.atomic_add(cnt_ptr + 1, 1, sem="acq_rel", scope="gpu")
         if finished == n_m - 1:
@@ -597,27 +503,22 @@ def _weight_norm_sq_kernel(
     B_MODE: tl.constexpr,
     EVEN_K: tl.constexpr,
     EVEN_MN: tl.constexpr,
-    PROBE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     # the workspace's sections, laid out as NormLaunchPlan.sections() does (each 32-element aligned): cross
-    # partials [NR * S, d_out], ||W||^2 partials [S, d_out] (cold launches only), probe partials [NR, d_out]
-    # (PROBE only), gram partials [S_G * NT, BN, BN], the three bf16 parts of G'', then the ||A_k||^2
-    # partials [S_G, r_pad] and their sum [r_pad] (PROBE only). FROM_GEMM: G is the fp32 GEMM result g_ptr.
+    # partials [NR * S, d_out], ||W||^2 partials [S, d_out] (cold launches only), gram partials
+    # [S_G * NT, BN, BN], then the three bf16 parts of G''. FROM_GEMM: G is the fp32 GEMM result g_ptr.
     part_ptr = ws_ptr
     wpart_ptr = part_ptr + tl.multiple_of(_round32(tl.cast(NR, tl.int64) * S * d_out), 32)
-    ppart_ptr = wpart_ptr
+    gpart_ptr = wpart_ptr
     if COLD:
-        ppart_ptr += tl.multiple_of(_round32(tl.cast(S, tl.int64) * d_out), 32)
-    gpart_ptr = ppart_ptr
-    if PROBE != 0:
-        gpart_ptr += tl.multiple_of(_round32(tl.cast(NR, tl.int64) * d_out), 32)
-    g3_base = gpart_ptr + tl.multiple_of(_round32(tl.cast(S_G, tl.int64) * NT * (BN * BN)), 32)
-    asq_ptr = g3_base + tl.multiple_of(_round32((3 * tl.cast(r_pad, tl.int64) * r_pad + 1) // 2), 32)
-    if FROM_GEMM:  # noqa: SIM108 (constexpr branch)
+        gpart_ptr += tl.multiple_of(_round32(tl.cast(S, tl.int64) * d_out), 32)
+    if FROM_GEMM:
         g3_ptr = g_ptr
     else:
-        g3_ptr = g3_base.to(tl.pointer_type(tl.bfloat16))
+        g3_ptr = (gpart_ptr + tl.multiple_of(_round32(tl.cast(S_G, tl.int64) * NT * (BN * BN)), 32)).to(
+            tl.pointer_type(tl.bfloat16)
+        )
     pid = tl.program_id(0) + pid_base
     if FROM_GEMM:  # no gram programs, and none compiled in (their BN x BN accumulator sets the register count)
         n_gram = 0
@@ -625,8 +526,8 @@ def _weight_norm_sq_kernel(
         n_gram = NT * S_G
         if pid < n_gram:
             _gram_program(
-                pid // S_G, pid % S_G, a_ptr, gpart_ptr, g3_ptr, asq_ptr, cnt_ptr, d_in, rank, r_pad,
-                stride_ar, stride_ak, scaling, NT, S_G, KT, BN, BK, A_GRAM_MODE, EVEN_K, PROBE, UPCAST,
+                pid // S_G, pid % S_G, a_ptr, gpart_ptr, g3_ptr, cnt_ptr, d_in, rank, r_pad,
+                stride_ar, stride_ak, scaling, NT, S_G, KT, BN, BK, A_GRAM_MODE, EVEN_K, UPCAST,
             )  # fmt: skip
     if pid >= n_gram:
         q = pid - n_gram
@@ -639,10 +540,10 @@ def _weight_norm_sq_kernel(
         s = q % S
         m = q // S
         _main_program(
-            m, n, s, w_ptr, a_ptr, b_ptr, u_ptr, sumsq_ptr, out_ptr, part_ptr, wpart_ptr, ppart_ptr, g3_ptr,
-            asq_ptr + tl.cast(S_G, tl.int64) * r_pad, cnt_ptr, d_out, d_in, rank, r_pad, stride_wm, stride_wk,
-            stride_ar, stride_ak, stride_bm, stride_br, stride_um, stride_ur, scaling, eps, n_m, NR, S, NT, KT,
-            BM, BN, BK, BKG, BG_STAGES, FROM_GEMM, COLD, SQRT, A_MODE, B_MODE, EVEN_K, EVEN_MN, PROBE, UPCAST,
+            m, n, s, w_ptr, a_ptr, b_ptr, u_ptr, sumsq_ptr, out_ptr, part_ptr, wpart_ptr, g3_ptr,
+            cnt_ptr, d_out, d_in, rank, r_pad, stride_wm, stride_wk, stride_ar, stride_ak, stride_bm,
+            stride_br, stride_um, stride_ur, scaling, eps, n_m, NR, S, NT, KT, BM, BN, BK, BKG, BG_STAGES, FROM_GEMM,
+            COLD, SQRT, A_MODE, B_MODE, EVEN_K, EVEN_MN, UPCAST,
         )  # fmt: skip
 
 

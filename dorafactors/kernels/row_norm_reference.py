@@ -15,7 +15,7 @@ import torch
 
 from .operands import compute_dtype_for
 
-__all__ = ["ChunkPlan", "dense_class_of_nonfinite_rows", "factored_row_norm_sq", "plan_chunk_columns", "row_sumsq"]
+__all__ = ["ChunkPlan", "factored_row_norm_sq", "plan_chunk_columns", "row_sumsq"]
 
 
 @dataclass(frozen=True)
@@ -162,52 +162,3 @@ def factored_row_norm_sq(
     del U
     ba = torch.mm(b, gram).mul_(b).sum(dim=1)
     return sumsq + (2.0 * scaling) * cross + (scaling * scaling) * ba
-
-
-@torch.no_grad()
-def dense_class_of_nonfinite_rows(
-    norm: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    w_sumsq: torch.Tensor | None,
-) -> torch.Tensor:
-    """``norm`` with every row whose ``W + s * (B @ A)`` is not finite set to the dense row's class (NaN or
-    +inf): the reference of the Triton kernel's ``PROBE`` store (``row_norm_kernel.py``, "Non-finite rows").
-
-    ``probe_i = sum_k |B_ik| * ||A_k||`` is finite exactly when row ``i`` of ``B @ A`` is, and NaN where that
-    row has a NaN from a NaN factor or ``0 * inf`` (``norm/engine.py`` for the exceptions); ``s = 0`` makes
-    ``s * inf`` a NaN as in ``W + 0 * (B @ A)``; ``||W||^2_row`` (when ``W`` is not known to be finite) adds
-    the base weight's own class. All terms are >= 0 or NaN: no ``inf - inf`` in the probe.
-
-    Args:
-        norm: ``[d_out]`` row norms (or their squares: only the rows that are not finite change).
-        lora_A: ``A`` ``[r, d_in]``; lora_B: ``B`` ``[d_out, r]`` (any float dtypes and devices).
-        scaling: ``s``.
-        w_sumsq: ``||W||^2_row`` ``[d_out]``, or None when ``W`` is known to be finite.
-
-    Returns:
-        a new ``[d_out]`` tensor in ``norm``'s dtype: ``where(probe < inf, norm, probe)``.
-    """
-    # products in B's dtype (a [d_out, r] temporary), except fp16, whose range a finite |B_ik| * ||A_k|| can
-    # exceed (a false +inf would zero g); bf16 has fp32's range
-    device = norm.device
-    work = norm.dtype if lora_B.dtype == torch.float16 else lora_B.dtype
-    if lora_B.dtype != work or lora_B.device != device:
-        lora_B = lora_B.to(device=device, dtype=work)
-    if lora_A.device != device:
-        lora_A = lora_A.to(device)
-    a_rows = torch.linalg.vector_norm(lora_A, dim=1, dtype=norm.dtype)  # [r]
-    if work != norm.dtype:
-        a_rows = a_rows.to(work)
-    # elementwise, not a GEMV: BLAS may skip a zero a_k, and IEEE 0 * inf must give its NaN here
-    probe = torch.linalg.vector_norm(lora_B * a_rows, ord=1, dim=1, dtype=norm.dtype)  # [d_out]
-    if scaling == 0.0:
-        probe = probe * 0.0
-    if w_sumsq is not None:
-        if w_sumsq.dtype != norm.dtype or w_sumsq.device != device:
-            w_sumsq = w_sumsq.to(device=device, dtype=norm.dtype)
-        probe = probe + w_sumsq
-    # every term is >= 0, +inf or NaN (a sum of squares, an L1 norm), never -inf: "probe < inf" is
-    # isfinite(probe) in one comparison (torch.isfinite is four elementwise ops)
-    return torch.where(probe < torch.inf, norm, probe)

@@ -5,24 +5,19 @@ otherwise, and reshapes conv and grouped-conv factors into the 2-D form both und
 
 Non-finite values: the norm of a row is NaN exactly where the dense IEEE evaluation of
 ``||W + s * (B @ A)||_row`` is NaN, +inf where it is +inf. The factored sum cannot give that by itself: it
-meets ``inf - inf`` and ``0 * inf`` in ``W A^T``, ``A A^T`` and the assembly that the dense form does not (an
-infinity of ``W`` turned the row's norm into NaN, hence ``g = m / norm`` NaN, and the NaN spread into every
-``lora_A``/``lora_B``/input gradient where stock PEFT's ``+inf`` norm gives ``g = 0`` and keeps it local).
-:func:`weight_norm` therefore replaces the rows that are not finite with the class of the dense row, computed
-from small row sums: ``||W||^2`` (cached with the layer's sum of squares, and skipped while ``W`` is known to
-be finite) and ``sum_k |B_ik| * ||A_k||`` (``0 * inf``: NaN, as in ``B @ A``); both are non-negative, so their
-sum is NaN if any source is, else +inf if any is. Exact whenever the non-finite entries do not meet in one
-element of ``W + s B A`` (a single one always); where two infinities of opposite sign meet there, or an
-infinite ``B_ik`` meets an exact zero of ``A_k``, the dense row is NaN and this gives +inf; an infinite
-``B_ik`` against a row ``A_k`` whose fp32 sum of squares underflows to 0 (every ``|A_kj| < ~2.6e-23``:
-bf16/fp32 ``A`` only) gives NaN where the dense row is +inf. Cost per norm computation (a cache miss: each
-training step, not each decode call): on the kernel paths nothing beyond the norm kernel itself, which forms
-the row sums and applies the class in its final store (``kernels/row_norm_kernel.py``, "Non-finite rows";
-``s == 0``, where no kernel runs, takes the PyTorch form); on the PyTorch path (the kernel's reference,
-:func:`~dorafactors.kernels.row_norm_reference.dense_class_of_nonfinite_rows`) five small launches (six with
-half-precision adapters) on ``[r, d_in]``, ``[d_out, r]`` and ``[d_out]`` tensors and a ``[d_out, r]``
-temporary in ``B``'s dtype (fp32 for fp16 ``B``); never a synchronization; none on the dense path, which is
-the dense form itself.
+meets ``inf - inf`` and ``0 * inf`` in ``W A^T``, ``A A^T`` and the assembly that the dense form does not
+(an infinity of ``W`` turned the row's norm into NaN, hence ``g = m / norm`` NaN, and the NaN spread into
+every ``lora_A``/``lora_B``/input gradient where stock PEFT's ``+inf`` norm gives ``g = 0`` and keeps it
+local). :func:`weight_norm` therefore replaces the rows that are not finite with the class of the dense
+row, computed from small row sums: ``||W||^2`` (cached with the layer's sum of squares, and skipped while
+``W`` is known to be finite) and ``sum_k |B_ik| * ||A_k||`` (``0 * inf``: NaN, as in ``B @ A``); both are
+non-negative, so their sum is NaN if any source is, else +inf if any is. Exact whenever the non-finite
+entries do not meet in one element of ``W + s B A`` (a single one always); where two infinities of
+opposite sign meet there, or an infinite ``B_ik`` meets an exact zero of ``A_k``, the dense row is NaN and
+this gives +inf. Cost per norm computation (a cache miss: each training step, not each decode call): five
+small launches (six with half-precision adapters) on ``[r, d_in]``, ``[d_out, r]`` and ``[d_out]`` tensors
+and a ``[d_out, r]`` temporary in ``B``'s dtype (fp32 for fp16 ``B``), no synchronization; none on the dense path, which is the
+dense form itself.
 """
 
 from __future__ import annotations
@@ -33,12 +28,7 @@ import torch
 
 from ..dispatch import config, rules
 from ..kernels.operands import HALF_DTYPES, compute_dtype_for
-from ..kernels.row_norm_reference import (
-    dense_class_of_nonfinite_rows,
-    factored_row_norm_sq,
-    plan_chunk_columns,
-    row_sumsq,
-)
+from ..kernels.row_norm_reference import factored_row_norm_sq, plan_chunk_columns, row_sumsq
 from .cache import NormCache, optimizer_steps
 from .dense import dense_factor_row_norm_sq, dense_row_norm
 
@@ -148,11 +138,9 @@ def weight_norm(
         else:
             cdt = reference_compute_dtype(weight, lora_A, lora_B)
             out_sumsq = torch.empty(weight.shape[0], dtype=cdt, device=weight.device)
-    if path in ("gemm", "triton"):  # the kernel gives the non-finite rows their class in its final store
-        return _kernel_norm(weight, lora_A, lora_B, scaling, path, cached_sumsq, weight_finite=not check_w_rows)
     norm = _norm(weight, lora_A, lora_B, scaling, path, cached_sumsq, out_sumsq)
     w_sumsq = (cached_sumsq if out_sumsq is None else out_sumsq) if check_w_rows else None
-    return dense_class_of_nonfinite_rows(norm, lora_A, lora_B, scaling, w_sumsq)
+    return _dense_class_of_nonfinite_rows(norm, lora_A, lora_B, scaling, w_sumsq)
 
 
 def weight_norm_with_cached_sumsq(
@@ -190,26 +178,54 @@ def weight_norm_with_cached_sumsq(
     return weight_norm(weight, lora_A, lora_B, scaling, cached_sumsq=sumsq, weight_rows_finite=rows_finite)
 
 
-def _kernel_norm(weight, lora_A, lora_B, scaling, path, cached_sumsq, *, weight_finite: bool) -> torch.Tensor:
-    """:func:`weight_norm` on the ``"gemm"`` / ``"triton"`` paths: the kernel applies the clamp, IEEE sqrt, eps
-    clamp and the non-finite rows' dense class in its final store (``weight_finite``: ``W`` is known finite)."""
-    from ..kernels.row_norm import gemm_weight_norm_sq, triton_weight_norm_sq
+def _dense_class_of_nonfinite_rows(
+    norm: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    w_sumsq: torch.Tensor | None,
+) -> torch.Tensor:
+    """``norm`` with every row whose ``W + s * (B @ A)`` is not finite set to the dense row's class.
 
-    run = gemm_weight_norm_sq if path == "gemm" else triton_weight_norm_sq
-    return run(
-        weight,
-        lora_A,
-        lora_B,
-        scaling,
-        cached_sumsq=cached_sumsq,
-        eps=clamp_eps(weight.dtype),
-        dense_class=True,
-        weight_finite=weight_finite,
-    )
+    ``probe_i = sum_k |B_ik| * ||A_k||`` is finite exactly when row ``i`` of ``B @ A`` is, and NaN where that
+    row has a NaN from a NaN factor or ``0 * inf`` (module docstring for the exceptions); ``s = 0`` makes
+    ``s * inf`` a NaN as in ``W + 0 * (B @ A)``; ``||W||^2_row`` (when ``W`` is not known to be finite) adds
+    the base weight's own class. All terms are >= 0 or NaN: no ``inf - inf`` in the probe.
+    """
+    # products in B's dtype (a [d_out, r] temporary), except fp16, whose range a finite |B_ik| * ||A_k|| can
+    # exceed (a false +inf would zero g); bf16 has fp32's range
+    device = norm.device
+    work = norm.dtype if lora_B.dtype == torch.float16 else lora_B.dtype
+    if lora_B.dtype != work or lora_B.device != device:
+        lora_B = lora_B.to(device=device, dtype=work)
+    if lora_A.device != device:
+        lora_A = lora_A.to(device)
+    a_rows = torch.linalg.vector_norm(lora_A, dim=1, dtype=norm.dtype)  # [r]
+    if work != norm.dtype:
+        a_rows = a_rows.to(work)
+    # elementwise, not a GEMV: BLAS may skip a zero a_k, and IEEE 0 * inf must give its NaN here
+    probe = torch.linalg.vector_norm(lora_B * a_rows, ord=1, dim=1, dtype=norm.dtype)  # [d_out]
+    if scaling == 0.0:
+        probe = probe * 0.0
+    if w_sumsq is not None:
+        if w_sumsq.dtype != norm.dtype or w_sumsq.device != device:
+            w_sumsq = w_sumsq.to(device=device, dtype=norm.dtype)
+        probe = probe + w_sumsq
+    # every term is >= 0, +inf or NaN (a sum of squares, an L1 norm), never -inf: "probe < inf" is
+    # isfinite(probe) in one comparison (torch.isfinite is four elementwise ops)
+    return torch.where(probe < torch.inf, norm, probe)
 
 
 def _norm(weight, lora_A, lora_B, scaling, path, cached_sumsq, out_sumsq) -> torch.Tensor:
-    """The body of :func:`weight_norm` on the PyTorch paths: the clamped norm, with no non-finite row repair."""
+    """The body of :func:`weight_norm` on ``path``: the clamped norm, with no non-finite row repair."""
+    if path in ("gemm", "triton"):
+        from ..kernels.row_norm import gemm_weight_norm_sq, triton_weight_norm_sq
+
+        # the kernel applies the clamp, IEEE sqrt and eps clamp in its final store
+        eps = clamp_eps(weight.dtype)
+        if path == "gemm":
+            return gemm_weight_norm_sq(weight, lora_A, lora_B, scaling, cached_sumsq=cached_sumsq, eps=eps)
+        return triton_weight_norm_sq(weight, lora_A, lora_B, scaling, cached_sumsq=cached_sumsq, eps=eps)
     if path == "dense":
         cdt = reference_compute_dtype(weight, lora_A, lora_B)
         elem = torch.finfo(cdt).bits // 8

@@ -61,11 +61,6 @@ VARIANTS = {
     # the GEMM path (U and G from GEMMs): only the B G'' dots, no d_in loop to pipeline
     "bf16_from_gemm": _GEMM_PATH,
     "fp16_from_gemm": {**_GEMM_PATH, "wdt": "fp16", "adt": "fp16", "bdt": "fp16"},
-    # the non-finite row probe with ||W||^2 (W not known finite: PROBE=2), both modes
-    "w_unchecked_fp32_adapters": dict(
-        wdt="bf16", adt="fp32", bdt="fp32", cold=False, cfg=_cfg(4096, 4096, 384, True), probe=2
-    ),
-    "w_unchecked_bf16_from_gemm": {**_GEMM_PATH, "probe": 2},
 }
 
 
@@ -78,10 +73,8 @@ def compile_variant(
     from_gemm: bool = False,
     unit_strides: tuple[str, ...] = ("stride_wk", "stride_ak", "stride_br"),
     capability: int = 90,
-    probe: int = 1,
 ):
-    """``triton.compile`` one specialization the way a launch with 16-byte aligned operands would; ``probe`` is
-    the kernel's ``PROBE`` (default: the engine's training launch, non-finite rows repaired, W known finite)."""
+    """``triton.compile`` one specialization the way a launch with 16-byte aligned operands would."""
     cfg = cfg or row_norm.NormKernelConfig()
     fn = row_norm._weight_norm_sq_kernel
     ptr_types = dict(
@@ -106,7 +99,6 @@ def compile_variant(
         B_MODE={"bf16": 0, "fp16": 1}.get(bdt, 2),
         EVEN_K=True,
         EVEN_MN=True,
-        PROBE=probe,
         UPCAST=False,
     )
     signature, attrs = {}, {}

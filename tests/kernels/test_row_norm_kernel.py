@@ -504,8 +504,7 @@ def test_plan_working_set_and_grid(d_out, d_in, rank, a_is_fp32):
     plan = plan_for(d_out, d_in, rank, a_is_fp32=a_is_fp32, device="cuda", num_sms=132)
     bound = 4 * (d_out * rank + rank * rank) + 16 * 2**20  # fp32 U and G + 16 MiB: no d_in working set
     for cold in (False, True):
-        for probe in (False, True):  # probe: the non-finite rows' partials, as the engine launches it
-            assert plan.workspace_bytes(cold, probe=probe) <= bound, (plan, plan.workspace_bytes(cold), bound)
+        assert plan.workspace_bytes(cold) <= bound, (plan, plan.workspace_bytes(cold), bound)
     cfg = plan.config
     assert plan.k_steps // plan.splits >= 8 or plan.splits == 1
     main_programs = plan.row_tiles * plan.rank_tiles * plan.splits
@@ -600,7 +599,7 @@ def test_gemm_plan_working_set_and_grid(d_out, d_in, rank):
     bound = 4 * (d_out * rank + rank * rank) + 16 * 2**20
     cfg = pick_gemm_config(d_out, d_in, rank, 132, False)
     plan = row_norm.NormLaunchPlan.build(d_out, d_in, rank, cfg)
-    assert plan.workspace_bytes(False, from_gemm=True, probe=True) + 4 * (d_out * rank + rank * rank) <= bound
+    assert plan.workspace_bytes(False, from_gemm=True) + 4 * (d_out * rank + rank * rank) <= bound
     assert 1 <= plan.splits <= 4
 
 
@@ -619,8 +618,6 @@ def test_heuristic_configs_compile_for_sm90_without_spills():
         "fp32_adapters_r64_cold",
         "bf16_from_gemm",
         "fp16_from_gemm",
-        "w_unchecked_fp32_adapters",
-        "w_unchecked_bf16_from_gemm",
     ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
@@ -644,8 +641,6 @@ def test_heuristic_configs_compile_for_sm90_without_spills():
         "fp32_adapters_r64_cold": 15,
         "bf16_from_gemm": 3,
         "fp16_from_gemm": 5,
-        "w_unchecked_fp32_adapters": 15,
-        "w_unchecked_bf16_from_gemm": 3,
     }
     for name in names:
         r = report[name]
