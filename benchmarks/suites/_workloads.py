@@ -280,9 +280,10 @@ def measure(
 
 
 #: Largest relative L2 difference allowed between a compiled model's gradients and the eager model's (the
-#: same weights and batch): bf16 fusion reorders sums (differences below a percent), a dropped or wrong
-#: gradient differs by order one.
-COMPILED_GRAD_TOLERANCE = 0.05
+#: same weights and batch). Fusion reorders bf16 sums: compiled plain LoRA's gradients of the bf16 model
+#: suite differ from eager ones by about 7% on an H200 (stock PEFT's and dorafactors' alike); a dropped or
+#: wrong gradient differs by order one.
+COMPILED_GRAD_TOLERANCE = 0.3
 
 
 def _compiled_grad_error(
