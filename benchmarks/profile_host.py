@@ -123,6 +123,7 @@ def launch_costs(calls: int = 500) -> dict[str, float]:
     compose kernel's host function (with kept compiled kernels launched directly, and with every launch
     through ``kernel[grid]``), ``dora_compose``, the compiled norm op on a cache hit (8192 x 4096, r=384);
     what a Triton launch and a DoRA layer's opaque op in a compiled graph cost on this machine."""
+    from dorafactors.autograd import norm_op
     from dorafactors.autograd.compose import dora_compose
     from dorafactors.kernels import compose as kc
     from dorafactors.kernels.launch import fast_launches
@@ -132,8 +133,6 @@ def launch_costs(calls: int = 500) -> dict[str, float]:
     lora = torch.randn(1, n, device=DEVICE, dtype=dt)
     base = torch.randn(1, n, device=DEVICE, dtype=dt)
     g = torch.rand(n, device=DEVICE) + 0.5
-    from dorafactors.autograd import norm_op
-
     # the compiled norm op on a cache hit (what a compiled graph pays per DoRA layer and forward)
     rank = 16 if SMALL else 384
     weight = torch.nn.Parameter(torch.randn(n, n if SMALL else 4096, device=DEVICE, dtype=dt), requires_grad=False)
