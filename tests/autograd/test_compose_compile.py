@@ -272,6 +272,39 @@ def test_compiled_training_traces_no_custom_autograd_function(dropout, monkeypat
         _close(g, p.grad, "compiled gradient")
 
 
+def test_compiled_conv_and_linear_training_by_default_match_stock(monkeypatch, compile_setup):
+    """The default compiled training path (plain traced ops) on a Conv2d + Linear PEFT model: the same output
+    and gradients as stock PEFT."""
+    _compiled_default_training_matches_stock(monkeypatch, compile_setup)
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_conv_and_linear_training_by_default_match_stock(monkeypatch, compile_setup):
+    """The same under Inductor on CUDA (where torch 2.11's trace of the composition's autograd Function
+    dropped every adapter gradient)."""
+    _compiled_default_training_matches_stock(monkeypatch, compile_setup)
+
+
+def _compiled_default_training_matches_stock(monkeypatch, compile_setup) -> None:
+    monkeypatch.setenv("PEFT_DORA_FUSED", "1")
+    monkeypatch.delenv("PEFT_DORA_FUSED_BACKWARD", raising=False)
+    config.invalidate_cache()
+    device = "cuda" if ON_GPU else "cpu"
+    stock, ours = _peft_models(device)
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(3)).to(device)
+    stock.train()
+    ours.train()
+    want = stock(x)
+    want.square().sum().backward()
+    got = torch.compile(ours, fullgraph=True, backend=compile_setup)(x)
+    got.square().sum().backward()
+    _close(got.detach(), want.detach(), "train out")
+    stock_grads = dict(stock.named_parameters())
+    for name, p in ours.named_parameters():
+        if p.requires_grad:
+            _close(p.grad, stock_grads[name].grad, f"grad {name}")
+
+
 @pytest.mark.gpu
 def test_gpu_inductor_graph_contains_the_kernels(fused):
     from torch._inductor.utils import run_and_get_code
