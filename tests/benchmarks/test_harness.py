@@ -360,3 +360,32 @@ def test_providers_share_weights_and_adapters_not_at_identity():
     for p in P.BASE_PROVIDERS:
         assert (outs[p] - base_out).abs().max() > 1e-3, p  # every adapter changes the output
     torch.testing.assert_close(outs["stock"], outs["dorafactors"], rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_gradient_check_rejects_a_graph_that_drops_gradients():
+    """The check compiled training rows run before timing: a runner whose gradients do not reach the model's
+    adapters fails it (a compiled graph that dropped them looked fast); the model itself passes exactly."""
+    from benchmarks.suites import _workloads as W
+
+    spec = P.ModelSpec(hidden=32, intermediate=64, heads=2, kv_heads=1, layers=1, vocab=64, seq=8)
+    base = P.llama_base(spec, torch.device("cpu"), torch.float32, seed=0)
+    model = P.build_peft(
+        base, "dorafactors", r=4, alpha=8, targets=("q_proj", "v_proj"), autocast_adapter_dtype=False, seed=0
+    )
+    ids = torch.randint(0, spec.vocab, (1, spec.seq), generator=torch.Generator().manual_seed(0))
+    params = P.trainable(model)
+    workload = W.Workload("train_fwd_bwd")
+    assert W._compiled_grad_error(model, model, ids, params, workload, torch.device("cpu")) == 0.0
+
+    def dropped(**kwargs):  # the same loss, no gradient reaching the adapters (as the broken graph's)
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            out = model(**kwargs)
+            return type(out)(loss=out.loss.detach().requires_grad_(), logits=out.logits)
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
+    with pytest.raises(RuntimeError, match="compiled gradients differ"):
+        W._compiled_grad_error(model, dropped, ids, params, workload, torch.device("cpu"))
