@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""Where the time of one compiled decode call of the model suite goes, per provider: host, device, operators.
+
+    python benchmarks/profile_compiled.py                  # ~2 minutes on an H100/H200
+    python benchmarks/profile_compiled.py --tokens 1 --mode reduce-overhead
+    python benchmarks/profile_compiled.py --dry-run-cpu    # checks the script on the CPU (tiny, not a measurement)
+    OUT=/some/dir python benchmarks/profile_compiled.py     # also writes $OUT/profile_compiled.json
+
+The decode suite's ``model/bf16/tokens=N`` case (eval, ``no_grad``, N new tokens on a KV cache of 512,
+``torch.compile(dynamic=False)``) for compiled LoRA and compiled dorafactors (``--providers`` adds stock).
+Per provider: ``host_us`` (wall time of back-to-back calls without synchronizing, per call: what the Python
+side costs while the device keeps up), ``sync_us`` (the same with the final synchronize), ``device_us``
+(the sum of the CUDA kernel times of one call, from ``torch.profiler``), ``kernels`` (launches per call), and
+the operators with the most own host time per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import providers as P  # noqa: E402  (after the path set-up of a script run)
+from benchmarks.common import host_us_per_call  # noqa: E402
+from benchmarks.harness import Settings  # noqa: E402
+from benchmarks.suites import model as M  # noqa: E402
+from benchmarks.suites._workloads import Workload, _decode_fn  # noqa: E402
+
+
+def _profile(step, device: torch.device, calls: int, top: int) -> dict[str, Any]:
+    """Per-call device time, kernel launches and the operators with the most own host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    events = prof.key_averages()
+    device_us = 0.0
+    kernels = 0
+    for e in events:
+        if getattr(e, "device_type", None) is not None and "CUDA" in str(e.device_type):
+            device_us += e.self_device_time_total
+            kernels += e.count
+    host_ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {
+        "device_us": round(device_us / calls, 1),
+        "kernels": kernels / calls,
+        "top_host_ops": [
+            {"op": e.key, "calls": e.count / calls, "self_cpu_us": round(e.self_cpu_time_total / calls, 1)}
+            for e in host_ops
+        ],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=8)
+    parser.add_argument("--mode", default=None, help="torch.compile mode (default: Inductor's default)")
+    parser.add_argument("--providers", default="lora,dorafactors")
+    parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument("--top", type=int, default=14)
+    parser.add_argument("--dry-run-cpu", action="store_true")
+    args = parser.parse_args()
+    settings = Settings.make(quick=args.dry_run_cpu, device="cpu" if args.dry_run_cpu else None)
+    device = settings.device
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    names = tuple(args.providers.split(","))
+    models = M.model_set(settings, "bf16", M.rank(settings), names)
+    ctx = 32 if args.dry_run_cpu else 512
+    inputs = {
+        "context_ids": M.token_ids(settings, 1, ctx, salt=11)[0],
+        "new_ids": M.token_ids(settings, 1, args.tokens, salt=12)[0],
+    }
+    workload = Workload("decode", new_tokens=args.tokens, context=ctx)
+    rows: dict[str, Any] = {}
+    for name in names:
+        model = P.get_model(models, name)
+        model.eval()
+        runner, _ = P.compiled(model, "inductor" if device.type == "cuda" else "aot_eager", args.mode)
+        step, mode = _decode_fn(runner, model, inputs, workload)
+        for _ in range(3):
+            step()
+        sync()
+        calls = 3 if args.dry_run_cpu else args.calls
+        host, with_sync = host_us_per_call(step, calls, sync)
+        row = {"host_us": round(host, 1), "sync_us": round(with_sync, 1), "decode_mode": mode}
+        row.update(_profile(step, device, min(calls, 10), args.top))
+        rows[name] = row
+        print(
+            f"== {name}+compile ({args.mode or 'default'}), {args.tokens} tokens: host {row['host_us']} us, "
+            f"synced {row['sync_us']} us, device {row['device_us']} us, {row['kernels']:.0f} kernels"
+        )
+        for op in row["top_host_ops"]:
+            print(f"   {op['self_cpu_us']:9.1f} us  x{op['calls']:<6g} {op['op'][:90]}")
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "profile_compiled.json").write_text(
+            json.dumps({"tokens": args.tokens, "mode": args.mode, "rows": rows}, indent=1)
+        )
+
+
+if __name__ == "__main__":
+    main()
