@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--providers", default="lora,dorafactors")
     parser.add_argument("--calls", type=int, default=50)
     parser.add_argument("--top", type=int, default=14)
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager on the CPU dry run)")
     parser.add_argument("--dry-run-cpu", action="store_true")
     args = parser.parse_args()
     settings = Settings.make(quick=args.dry_run_cpu, device="cpu" if args.dry_run_cpu else None)
@@ -88,7 +89,7 @@ def main() -> None:
     for name in names:
         model = P.get_model(models, name)
         model.eval()
-        runner, _ = P.compiled(model, "inductor" if device.type == "cuda" else "aot_eager", args.mode)
+        runner, _ = P.compiled(model, args.backend, args.mode)
         step, mode = _decode_fn(runner, model, inputs, workload)
         for _ in range(3):
             step()
