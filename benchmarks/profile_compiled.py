@@ -17,8 +17,11 @@ the operators with the most own host time per call.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import sys
 from pathlib import Path
 from typing import Any
@@ -72,6 +75,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=50)
     parser.add_argument("--top", type=int, default=14)
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager on the CPU dry run)")
+    parser.add_argument("--cprofile", action="store_true", help="also the Python functions with most own time")
     parser.add_argument("--dry-run-cpu", action="store_true")
     args = parser.parse_args()
     settings = Settings.make(quick=args.dry_run_cpu, device="cpu" if args.dry_run_cpu else None)
@@ -98,6 +102,16 @@ def main() -> None:
         host, with_sync = host_us_per_call(step, calls, sync)
         row = {"host_us": round(host, 1), "sync_us": round(with_sync, 1), "decode_mode": mode}
         row.update(_profile(step, device, min(calls, 10), args.top))
+        if args.cprofile:
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(calls):
+                step()
+            prof.disable()
+            sync()
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(args.top)
+            row["cprofile"] = text.getvalue()
         rows[name] = row
         print(
             f"== {name}+compile ({args.mode or 'default'}), {args.tokens} tokens: host {row['host_us']} us, "
@@ -105,6 +119,8 @@ def main() -> None:
         )
         for op in row["top_host_ops"]:
             print(f"   {op['self_cpu_us']:9.1f} us  x{op['calls']:<6g} {op['op'][:90]}")
+        if "cprofile" in row:
+            print("\n".join(row["cprofile"].splitlines()[: args.top + 12]))
     out = os.environ.get("OUT")
     if out:
         Path(out, "profile_compiled.json").write_text(
