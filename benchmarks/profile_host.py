@@ -139,9 +139,15 @@ def launch_costs(calls: int = 500) -> dict[str, float]:
     lora_A = torch.nn.Parameter(torch.randn(rank, weight.shape[1], device=DEVICE, dtype=dt))
     lora_B = torch.nn.Parameter(torch.randn(n, rank, device=DEVICE, dtype=dt))
     magnitude = torch.nn.Parameter(torch.rand(n, device=DEVICE, dtype=dt) + 0.5)
+    norm = torch.rand(n, device=DEVICE) + 0.5
     fns = {
         "torch.add": lambda: torch.add(lora, base),
         "torch.empty_like": lambda: torch.empty_like(lora),
+        "clone of a [d_out] fp32 norm": lambda: norm.clone(),
+        "mul by 1.0 of a [d_out] fp32 norm": lambda: torch.mul(norm, 1.0),
+        "cached_weight_norm op body, cache hit, without the dispatcher": lambda: norm_op._cached_weight_norm_impl(
+            magnitude, weight, lora_A, lora_B, 2.0, "linear", True
+        ),
         "dora_compose (no grad)": lambda: dora_compose(lora, base, g, 2.0),
         "cached_weight_norm op, cache hit": lambda: norm_op.cached_weight_norm(
             magnitude, weight, lora_A, lora_B, 2.0, "linear", True
