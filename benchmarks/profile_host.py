@@ -2,6 +2,7 @@
 """Where the time of one PEFT DoRA Linear call goes, on one GPU: host clock, cProfile, device kernels.
 
     python benchmarks/profile_host.py            # ~1 minute on an H100/H200
+    python benchmarks/profile_host.py --launch-only   # only the single operations (last section below)
     python benchmarks/profile_host.py --dry-run-cpu   # checks the script on the CPU (tiny, not a measurement)
     OUT=/some/dir python benchmarks/profile_host.py   # also writes $OUT/profile_host.json
 
@@ -198,10 +199,11 @@ def main() -> int:
         DEVICE, SMALL = "cpu", True
     gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)"
     result = {"gpu": gpu, "torch": torch.__version__}
-    for workload in ("decode", "train"):
+    workloads = () if "--launch-only" in sys.argv else ("decode", "train")
+    for workload in workloads:
         result[workload] = run(workload)
     result["launch"] = launch_costs()
-    for workload in ("decode", "train"):
+    for workload in workloads:
         print(f"\n=== {workload}: us per call (host = no sync; device = sum of kernel times)")
         for name in ("lora", "stock", "dorafactors"):
             e = result[workload][name]
