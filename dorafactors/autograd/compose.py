@@ -162,6 +162,43 @@ def _compose_plain(lora, base, scale, scaling, channel_dim, out_dtype):
     return torch.addcmul((g - 1.0) * base.to(cdt), g, lora.to(cdt) * scaling).to(out_dtype)
 
 
+def _compose_saving_inner(lora, base, scale, scaling, channel_dim, out_dtype):
+    """The composition for a compiled training graph: plain ops whose backward needs only ``g`` and the
+    rounded ``inner`` (one ``[..., C]`` activation in ``out_dtype``, what :class:`_ComposeFunction` saves),
+    where :func:`_compose_plain` makes AOTAutograd save both ``base`` and ``lora``.
+
+    Forward: bitwise :func:`_compose_plain`'s output. The composition itself runs on a detached ``g``
+    (``d_lora = g s d_out``, ``d_base = (g - 1) d_out``, the same ops as there), and ``g`` enters only through
+
+        out = composition(g.detach()) - ((g.detach() - g) * inner + 0)
+
+    whose value is ``+0`` (``x - x`` is ``+0``, ``+-0 + 0`` is ``+0``, and ``x - (+0)`` is ``x`` for every ``x``,
+    ``-0``, infinities and NaN included), and whose gradient is ``d_g = sum_rows(d_out * inner)``, accumulated
+    in fp32 (fp64) like :func:`compose_backward_reference`. ``inner = (base + s lora)`` rounded to ``out_dtype``
+    exactly as the eager Function rounds it, and detached: the partitioner then saves that one tensor (it
+    recomputes everything else from it and ``g``).
+
+    Non-finite values cannot take part in a term that must be exactly zero (``0 * inf`` is NaN): a column
+    whose ``g`` is infinite or NaN (all its outputs are non-finite) gets no ``d_g`` from this term (0), a NaN
+    ``inner`` contributes 0 and an infinite one ``d_out`` times the largest finite ``cdt`` value (infinite for
+    ``|d_out| > 1``), where the eager Function's ``d_g`` is NaN / infinite. Finite values are exact.
+
+    First-order only: ``g.detach()`` cuts the dependence of ``d_lora`` / ``d_base`` on ``g``, so a second
+    derivative through them would miss terms. A compiled backward cannot be differentiated again anyway;
+    ``torch.func`` transforms and ``torch.jit`` tracing keep :func:`_compose_plain` (exact to every order).
+    """
+    cdt = compute_dtype_for(lora.dtype, base.dtype, scale.dtype)
+    g = broadcast_scale(scale.to(cdt), lora.dim(), channel_dim)
+    g_const = g.detach()
+    b = base.to(cdt)
+    s_lora = lora.to(cdt) * scaling
+    composed = torch.addcmul((g_const - 1.0) * b, g_const, s_lora)
+    inner = (b + s_lora).to(out_dtype).detach().to(cdt)
+    zero_with_g_grad = torch.where(torch.isfinite(g_const), g_const - g, 0.0)  # value +0, d/dg = -1
+    zero = zero_with_g_grad * torch.nan_to_num(inner, nan=0.0) + 0.0  # value +0 (never -0, never NaN)
+    return (composed - zero).to(out_dtype)
+
+
 def _compose_compiled(lora, base, scale, scaling, channel_dim, out_dtype, needs_grad):
     """The path taken while ``torch.compile`` traces.
 
@@ -181,6 +218,8 @@ def _compose_compiled(lora, base, scale, scaling, channel_dim, out_dtype, needs_
             out, _ = torch.ops.dorafactors.compose_and_inner(lora, base, scale, scaling, channel_dim, out_dtype)
             return out
         return torch.ops.dorafactors.compose(lora, base, scale, scaling, channel_dim, out_dtype)
+    if scale.requires_grad:
+        return _compose_saving_inner(lora, base, scale, scaling, channel_dim, out_dtype)
     return _compose_plain(lora, base, scale, scaling, channel_dim, out_dtype)
 
 
