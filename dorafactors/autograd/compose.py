@@ -193,9 +193,9 @@ def _compose_saving_inner(lora, base, scale, scaling, channel_dim, out_dtype):
     b = base.to(cdt)
     s_lora = lora.to(cdt) * scaling
     composed = torch.addcmul((g_const - 1.0) * b, g_const, s_lora)
-    inner = (b + s_lora).to(out_dtype).detach().to(cdt)
+    inner = torch.nan_to_num((b + s_lora).to(out_dtype).detach(), nan=0.0)  # the saved tensor: finite
     zero_with_g_grad = torch.where(torch.isfinite(g_const), g_const - g, 0.0)  # value +0, d/dg = -1
-    zero = zero_with_g_grad * torch.nan_to_num(inner, nan=0.0) + 0.0  # value +0 (never -0, never NaN)
+    zero = zero_with_g_grad * inner.to(cdt) + 0.0  # value +0 (never -0, never NaN)
     return (composed - zero).to(out_dtype)
 
 

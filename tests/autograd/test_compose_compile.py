@@ -10,7 +10,9 @@ kernels.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 
 import pytest
 import torch
@@ -325,3 +327,85 @@ def test_gpu_inductor_graph_contains_the_kernels(fused):
     for kernel in ("_compose_fwd_kernel", "_compose_bwd_cols_kernel", "_sum_partials_kernel"):
         assert kernel in source, f"{kernel} is not in the Inductor output"
     torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------- saved activations (memory)
+
+
+def _saved_for_backward(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of every tensor the compiled training graph keeps for its backward, as Inductor's own
+    decompositions and partitioner decide (``compile_fx``); the partitioned graphs then run uncompiled (no
+    C++ / Triton build), since only the partition is asked."""
+    from functorch.compile import make_boxed_func
+    from torch._inductor.compile_fx import compile_fx
+
+    saved: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+    def record(gm, example_inputs, **kwargs):
+        if kwargs.get("is_backward"):
+            for node in gm.graph.find_nodes(op="placeholder"):
+                val = node.meta.get("val")
+                if isinstance(val, torch.Tensor) and not node.name.startswith("tangents"):
+                    saved.append((tuple(val.shape), val.dtype))
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, backend=lambda gm, ex: compile_fx(gm, ex, inner_compile=record), fullgraph=True)
+        compiled(x).float().square().sum().backward()
+    finally:
+        torch._dynamo.reset()
+    assert saved, "no backward graph was compiled"
+    return saved
+
+
+class _TwoHeads(torch.nn.Module):
+    """Two Linear layers of different widths on one input (biased), outputs concatenated: each DoRA module's
+    saved tensors are its own (no activation between them for the partitioner to trade)."""
+
+    def __init__(self, d_in: int, widths: dict[str, int]):
+        super().__init__()
+        self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(d_in, width) for name, width in widths.items()})
+
+    def forward(self, x):
+        return torch.cat([head(x) for head in self.heads.values()], dim=-1)
+
+
+def _activations(saved, tokens: int) -> list[tuple[int, torch.dtype]]:
+    """The saved ``[tokens, width]`` activations as sorted (width, dtype); weights ``[d_out, r]`` and vectors do
+    not have ``tokens`` rows (the shapes below keep every weight dimension different from ``tokens``)."""
+    acts = [(shape[-1], dtype) for shape, dtype in saved if len(shape) >= 2 and math.prod(shape[:-1]) == tokens]
+    return sorted(acts, key=str)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("fp32_adapters", [False, True], ids=["bf16", "fp32-adapters"])
+def test_compiled_training_saves_one_activation_per_dora_module(fp32_adapters, dropout):
+    """Compiled training (default path: plain traced ops) keeps what LoRA keeps plus one ``[tokens, d_out]``
+    activation per DoRA module, the rounded ``inner`` in the composition's output dtype (bf16 for an all-bf16
+    model: the base output's dtype; fp32 with fp32 adapters, as the eager Function), not ``base`` and
+    ``lora`` both. Inductor's partitioner, on the CPU."""
+    widths = {"wide": 24, "narrow": 8}  # d_out of the DoRA modules; 10 tokens, rank 4, d_in 16: no weight has 10 rows
+    tokens = 10
+
+    def build(use_dora: bool) -> torch.nn.Module:
+        torch.manual_seed(0)
+        base = _TwoHeads(16, widths).to(torch.bfloat16)
+        cfg = LoraConfig(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=dropout,
+            target_modules=list(widths),
+            use_dora=use_dora,
+            init_lora_weights=False,
+        )
+        with dorafactors.patched() if use_dora else contextlib.nullcontext():
+            model = get_peft_model(base, cfg, autocast_adapter_dtype=fp32_adapters)
+        return model.train()
+
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    lora = _activations(_saved_for_backward(build(False), x), tokens)
+    dora = _activations(_saved_for_backward(build(True), x), tokens)
+    inner_dtype = torch.float32 if fp32_adapters else torch.bfloat16
+    expected = sorted(lora + [(width, inner_dtype) for width in widths.values()], key=str)
+    assert dora == expected, f"DoRA saves {dora}, LoRA {lora}: expected LoRA's plus {widths} in {inner_dtype}"
