@@ -178,10 +178,11 @@ def _compose_saving_inner(lora, base, scale, scaling, channel_dim, out_dtype):
     exactly as the eager Function rounds it, and detached: the partitioner then saves that one tensor (it
     recomputes everything else from it and ``g``).
 
-    Non-finite values cannot take part in a term that must be exactly zero (``0 * inf`` is NaN): a column
-    whose ``g`` is infinite or NaN (all its outputs are non-finite) gets no ``d_g`` from this term (0), a NaN
-    ``inner`` contributes 0 and an infinite one ``d_out`` times the largest finite ``cdt`` value (infinite for
-    ``|d_out| > 1``), where the eager Function's ``d_g`` is NaN / infinite. Finite values are exact.
+    Non-finite values cannot take part in a term that must be exactly zero (``0 * inf`` is NaN), so the saved
+    ``inner`` is made finite (NaN -> 0, +-inf -> the largest finite ``out_dtype`` value): a NaN ``inner``
+    contributes 0 to ``d_g`` and an infinite one ``d_out`` times that value, and a column whose ``g`` is
+    infinite or NaN (all its outputs are non-finite) gets ``d_g = 0``; the eager Function's ``d_g`` is non-finite
+    in the first two cases and ``sum_rows(d_out * inner)`` in the last. Finite values are exact.
 
     First-order only: ``g.detach()`` cuts the dependence of ``d_lora`` / ``d_base`` on ``g``, so a second
     derivative through them would miss terms. A compiled backward cannot be differentiated again anyway;

@@ -409,3 +409,93 @@ def test_compiled_training_saves_one_activation_per_dora_module(fp32_adapters, d
     inner_dtype = torch.float32 if fp32_adapters else torch.bfloat16
     expected = sorted(lora + [(width, inner_dtype) for width in widths.values()], key=str)
     assert dora == expected, f"DoRA saves {dora}, LoRA {lora}: expected LoRA's plus {widths} in {inner_dtype}"
+
+
+# ------------------------------------------------------------------------------- compiled training numerics
+
+#: (lora dtype, base dtype, scale dtype): all-bf16, all-fp16, fp32 adapters over a bf16 base, fp32, fp64.
+DTYPE_SETUPS = {
+    "bf16": (torch.bfloat16, torch.bfloat16, F32),
+    "fp16": (torch.float16, torch.float16, F32),
+    "fp32-over-bf16": (F32, torch.bfloat16, F32),
+    "fp32": (F32, F32, F32),
+    "fp64": (torch.float64, torch.float64, torch.float64),
+}
+
+
+@pytest.mark.parametrize("channel_dim", [-1, 1])
+@pytest.mark.parametrize("setup", sorted(DTYPE_SETUPS))
+def test_compiled_training_gradients_equal_the_eager_function(setup, channel_dim, monkeypatch):
+    """The compiled training composition against the eager reference Function (``_ComposeFunction``, which
+    saves ``inner`` rounded to the output dtype): the same output bit for bit, ``d_lora`` / ``d_base`` to fp32
+    rounding order, and ``d_g`` from the *rounded* ``inner`` as eager computes it (plain ``base + s lora`` in
+    fp32 differs from it by half-precision roundings)."""
+    monkeypatch.setenv("PEFT_DORA_FUSED", "0")
+    config.invalidate_cache()
+    lora_dtype, base_dtype, scale_dtype = DTYPE_SETUPS[setup]
+    gen = torch.Generator().manual_seed(4)
+    shape = (6, 5, 40) if channel_dim == -1 else (3, 24, 4, 5)
+    lora = (3.0 * torch.randn(shape, generator=gen)).to(lora_dtype).requires_grad_()
+    base = (3.0 * torch.randn(shape, generator=gen)).to(base_dtype).requires_grad_()
+    g = (0.5 + torch.rand(shape[channel_dim], generator=gen)).to(scale_dtype).requires_grad_()
+    probe = torch.randn(shape, generator=gen, dtype=torch.float64)
+
+    def fn(lo, ba, gg):
+        return dora_compose(lo, ba, gg, 0.7, channel_dim=channel_dim)
+
+    def run(f):
+        out = f(lora, base, g)
+        return (out.detach(), *torch.autograd.grad((out.double() * probe).sum(), (lora, base, g)))
+
+    want = run(fn)
+    torch._dynamo.reset()
+    try:
+        got = run(torch.compile(fn, fullgraph=True, backend="aot_eager"))
+    finally:
+        torch._dynamo.reset()
+    assert got[0].dtype == want[0].dtype and torch.equal(got[0].view(-1), want[0].view(-1)), "forward output"
+    assert torch.equal(torch.signbit(got[0]), torch.signbit(want[0])), "forward output signs (zeros)"
+    for name, a, b in zip(("d_lora", "d_base", "d_g"), got[1:], want[1:]):
+        assert a.dtype == b.dtype, name
+        rtol = 1e-12 if a.dtype == torch.float64 else 2e-6 if a.dtype == F32 else TOLERANCES[a.dtype][0] / 8
+        assert_close_verbose(a, b, rtol=rtol, atol=rtol * b.abs().max().item(), name=f"{setup} {name}")
+
+
+def test_compiled_training_composition_keeps_the_plain_output_on_special_values():
+    """Signed zeros, infinities, NaN and a sum that overflows the output dtype: the compiled training
+    composition's output is :func:`_compose_plain`'s bit for bit (its ``g``-gradient term is an exact ``+0``),
+    ``d_lora`` / ``d_base`` are too, and ``d_g`` equals ``sum_rows(d_out * inner)`` wherever that is finite."""
+    from dorafactors.autograd.compose import _compose_plain, _compose_saving_inner
+
+    nan, inf = float("nan"), float("inf")
+    base = torch.tensor(
+        [[0.0, -0.0, 0.0, 1.0, inf, 40000.0], [-0.0, 0.0, -inf, nan, 2.0, -3.0], [0.0, 5.0, 1.0, -1.0, 3.0, 7.0]]
+    )
+    lora = torch.tensor(
+        [[-0.0, -0.0, 0.0, 2.0, 1.0, 40000.0], [0.0, -0.0, 3.0, 1.0, inf, 4.0], [0.0, -5.0, 2.0, 1.0, -2.0, 0.5]]
+    )
+    g = torch.tensor([0.5, 1.5, 1.0, 2.0, 0.9, 0.95])
+    for dtype in (torch.float16, torch.bfloat16, F32):
+        g_inf = g.clone()
+        g_inf[3] = inf  # column 3: +inf outputs (not NaN) in the plain composition
+        for scale in (g, g_inf):
+            outs, grads = [], []
+            for fn in (_compose_plain, _compose_saving_inner):
+                lo, ba, gg = (lora.to(dtype).requires_grad_(), base.to(dtype).requires_grad_(), scale.clone())
+                gg.requires_grad_()
+                out = fn(lo, ba, gg, 1.0, -1, dtype)
+                d_out = torch.linspace(-1.0, 1.0, out.numel()).view(out.shape).to(dtype)
+                outs.append(out.detach())
+                grads.append(torch.autograd.grad(out, (lo, ba, gg), d_out))
+            label = f"{dtype} g={scale.tolist()}"
+            assert torch.equal(
+                outs[0].view(torch.int16 if dtype != F32 else torch.int32),
+                outs[1].view(torch.int16 if dtype != F32 else torch.int32),
+            ), label
+            for name, a, b in zip(("d_lora", "d_base"), grads[0][:2], grads[1][:2]):
+                assert torch.equal(torch.nan_to_num(a, nan=123.0), torch.nan_to_num(b, nan=123.0)), f"{label} {name}"
+            inner = (base.to(dtype).float() + lora.to(dtype).float()).to(dtype).float()
+            want = (d_out.float() * inner).sum(0)
+            finite = torch.isfinite(want) & torch.isfinite(scale)
+            torch.testing.assert_close(grads[1][2][finite], want[finite], msg=label)
+            assert torch.isfinite(grads[1][2]).all(), label
