@@ -11,8 +11,9 @@ Paths (``dispatch/rules.py`` decides):
 * eager, kernels available: inference launches the forward kernel directly; training goes through
   :class:`_ComposeFunction` with ``kernel=True`` (forward kernel that also writes ``inner`` when ``g``
   needs a gradient, one-pass backward kernel);
-* while ``torch.compile`` traces: inference and (by default) training trace plain ops that Inductor fuses;
-  with ``PEFT_DORA_FUSED_BACKWARD=1`` training runs the ``torch.library`` Triton ops of :mod:`.ops`
+* while ``torch.compile`` traces: inference and (by default) training trace plain ops that Inductor fuses
+  (training with a trainable magnitude through :func:`_compose_saving_inner`, whose backward needs only the
+  rounded ``inner``, as eager saves); with ``PEFT_DORA_FUSED_BACKWARD=1`` training runs the ``torch.library`` Triton ops of :mod:`.ops`
   (kernels inside the compiled graph, no graph break);
 * inside a ``torch.func`` transform or while ``torch.jit`` traces: plain differentiable PyTorch ops
   (:func:`_compose_plain`; functorch cannot run these custom Functions, a trace cannot record a kernel);
@@ -207,9 +208,10 @@ def _compose_compiled(lora, base, scale, scaling, channel_dim, out_dtype, needs_
     fuses into one pointwise kernel together with what follows (PEFT's ``result + extra``), instead of an
     opaque op whose output must be written out and read back. In training: the Triton ops where
     ``rules.compiled_compose_ok`` runs the kernels (``PEFT_DORA_FUSED_BACKWARD=1``), else plain differentiable
-    ops that AOTAutograd differentiates itself. Never :class:`_ComposeFunction`: Dynamo traces a custom
-    Function's ``forward`` and ``backward`` itself, and torch 2.11's trace of this one lost its gradients on
-    CUDA (every adapter gradient zero); plain ops leave nothing to that machinery.
+    ops that AOTAutograd differentiates itself (:func:`_compose_saving_inner` when ``g`` needs a gradient).
+    Never :class:`_ComposeFunction`: Dynamo traces a custom Function's ``forward`` and ``backward`` itself, and
+    torch 2.11's trace of this one lost its gradients on CUDA (every adapter gradient zero); plain ops leave
+    nothing to that machinery.
     """
     if not needs_grad:
         out, _ = compose_forward_reference(lora, base, scale, scaling, channel_dim=channel_dim, out_dtype=out_dtype)
