@@ -13,8 +13,8 @@ Paths (``dispatch/rules.py`` decides):
   needs a gradient, one-pass backward kernel);
 * while ``torch.compile`` traces: inference and (by default) training trace plain ops that Inductor fuses
   (training with a trainable magnitude through :func:`_compose_saving_inner`, whose backward needs only the
-  rounded ``inner``, as eager saves); with ``PEFT_DORA_FUSED_BACKWARD=1`` training runs the ``torch.library`` Triton ops of :mod:`.ops`
-  (kernels inside the compiled graph, no graph break);
+  rounded ``inner``, as eager saves); with ``PEFT_DORA_FUSED_BACKWARD=1`` training runs the ``torch.library``
+  Triton ops of :mod:`.ops` (kernels inside the compiled graph, no graph break);
 * inside a ``torch.func`` transform or while ``torch.jit`` traces: plain differentiable PyTorch ops
   (:func:`_compose_plain`; functorch cannot run these custom Functions, a trace cannot record a kernel);
 * otherwise the PyTorch reference (:class:`_ComposeFunction` with ``kernel=False`` in training).
