@@ -11,9 +11,10 @@ Paths (``dispatch/rules.py`` decides):
 * eager, kernels available: inference launches the forward kernel directly; training goes through
   :class:`_ComposeFunction` with ``kernel=True`` (forward kernel that also writes ``inner`` when ``g``
   needs a gradient, one-pass backward kernel);
-* while ``torch.compile`` traces: inference and (by default) training trace plain ops that Inductor fuses;
-  with ``PEFT_DORA_FUSED_BACKWARD=1`` training runs the ``torch.library`` Triton ops of :mod:`.ops`
-  (kernels inside the compiled graph, no graph break);
+* while ``torch.compile`` traces: inference and (by default) training trace plain ops that Inductor fuses
+  (training with a trainable magnitude through :func:`_compose_saving_inner`, whose backward needs only the
+  rounded ``inner``, as eager saves); with ``PEFT_DORA_FUSED_BACKWARD=1`` training runs the ``torch.library``
+  Triton ops of :mod:`.ops` (kernels inside the compiled graph, no graph break);
 * inside a ``torch.func`` transform or while ``torch.jit`` traces: plain differentiable PyTorch ops
   (:func:`_compose_plain`; functorch cannot run these custom Functions, a trace cannot record a kernel);
 * otherwise the PyTorch reference (:class:`_ComposeFunction` with ``kernel=False`` in training).
@@ -162,6 +163,44 @@ def _compose_plain(lora, base, scale, scaling, channel_dim, out_dtype):
     return torch.addcmul((g - 1.0) * base.to(cdt), g, lora.to(cdt) * scaling).to(out_dtype)
 
 
+def _compose_saving_inner(lora, base, scale, scaling, channel_dim, out_dtype):
+    """The composition for a compiled training graph: plain ops whose backward needs only ``g`` and the
+    rounded ``inner`` (one ``[..., C]`` activation in ``out_dtype``, what :class:`_ComposeFunction` saves),
+    where :func:`_compose_plain` makes AOTAutograd save both ``base`` and ``lora``.
+
+    Forward: bitwise :func:`_compose_plain`'s output. The composition itself runs on a detached ``g``
+    (``d_lora = g s d_out``, ``d_base = (g - 1) d_out``, the same ops as there), and ``g`` enters only through
+
+        out = composition(g.detach()) - ((g.detach() - g) * inner + 0)
+
+    whose value is ``+0`` (``x - x`` is ``+0``, ``+-0 + 0`` is ``+0``, and ``x - (+0)`` is ``x`` for every ``x``,
+    ``-0``, infinities and NaN included), and whose gradient is ``d_g = sum_rows(d_out * inner)``, accumulated
+    in fp32 (fp64) like :func:`compose_backward_reference`. ``inner = (base + s lora)`` rounded to ``out_dtype``
+    exactly as the eager Function rounds it, and detached: the partitioner then saves that one tensor (it
+    recomputes everything else from it and ``g``).
+
+    Non-finite values cannot take part in a term that must be exactly zero (``0 * inf`` is NaN), so the saved
+    ``inner`` is made finite (NaN -> 0, +-inf -> the largest finite ``out_dtype`` value): a NaN ``inner``
+    contributes 0 to ``d_g`` and an infinite one ``d_out`` times that value, and a column whose ``g`` is
+    infinite or NaN (all its outputs are non-finite) gets ``d_g = 0``; the eager Function's ``d_g`` is non-finite
+    in the first two cases and ``sum_rows(d_out * inner)`` in the last. Finite values are exact.
+
+    First-order only: ``g.detach()`` cuts the dependence of ``d_lora`` / ``d_base`` on ``g``, so a second
+    derivative through them would miss terms. A compiled backward cannot be differentiated again anyway;
+    ``torch.func`` transforms and ``torch.jit`` tracing keep :func:`_compose_plain` (exact to every order).
+    """
+    cdt = compute_dtype_for(lora.dtype, base.dtype, scale.dtype)
+    g = broadcast_scale(scale.to(cdt), lora.dim(), channel_dim)
+    g_const = g.detach()
+    b = base.to(cdt)
+    s_lora = lora.to(cdt) * scaling
+    composed = torch.addcmul((g_const - 1.0) * b, g_const, s_lora)
+    inner = torch.nan_to_num((b + s_lora).to(out_dtype).detach(), nan=0.0)  # the saved tensor: finite
+    zero_with_g_grad = torch.where(torch.isfinite(g_const), g_const - g, 0.0)  # value +0, d/dg = -1
+    zero = zero_with_g_grad * inner.to(cdt) + 0.0  # value +0 (never -0, never NaN)
+    return (composed - zero).to(out_dtype)
+
+
 def _compose_compiled(lora, base, scale, scaling, channel_dim, out_dtype, needs_grad):
     """The path taken while ``torch.compile`` traces.
 
@@ -169,9 +208,10 @@ def _compose_compiled(lora, base, scale, scaling, channel_dim, out_dtype, needs_
     fuses into one pointwise kernel together with what follows (PEFT's ``result + extra``), instead of an
     opaque op whose output must be written out and read back. In training: the Triton ops where
     ``rules.compiled_compose_ok`` runs the kernels (``PEFT_DORA_FUSED_BACKWARD=1``), else plain differentiable
-    ops that AOTAutograd differentiates itself. Never :class:`_ComposeFunction`: Dynamo traces a custom
-    Function's ``forward`` and ``backward`` itself, and torch 2.11's trace of this one lost its gradients on
-    CUDA (every adapter gradient zero); plain ops leave nothing to that machinery.
+    ops that AOTAutograd differentiates itself (:func:`_compose_saving_inner` when ``g`` needs a gradient).
+    Never :class:`_ComposeFunction`: Dynamo traces a custom Function's ``forward`` and ``backward`` itself, and
+    torch 2.11's trace of this one lost its gradients on CUDA (every adapter gradient zero); plain ops leave
+    nothing to that machinery.
     """
     if not needs_grad:
         out, _ = compose_forward_reference(lora, base, scale, scaling, channel_dim=channel_dim, out_dtype=out_dtype)
@@ -181,6 +221,8 @@ def _compose_compiled(lora, base, scale, scaling, channel_dim, out_dtype, needs_
             out, _ = torch.ops.dorafactors.compose_and_inner(lora, base, scale, scaling, channel_dim, out_dtype)
             return out
         return torch.ops.dorafactors.compose(lora, base, scale, scaling, channel_dim, out_dtype)
+    if scale.requires_grad:
+        return _compose_saving_inner(lora, base, scale, scaling, channel_dim, out_dtype)
     return _compose_plain(lora, base, scale, scaling, channel_dim, out_dtype)
 
 

@@ -10,17 +10,21 @@ kernels.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
 import dorafactors
+from dorafactors.autograd import compose
 from dorafactors.autograd.compose import dora_compose
 from dorafactors.dispatch import config, rules
 from dorafactors.kernels import compose as kc
-from tests._tolerances import TOLERANCES, assert_close_verbose
+from tests._models import LayerCase, build_triplet, make_input, run_forward_backward
+from tests._tolerances import HALF, TOLERANCES, StockFidelity, assert_close_verbose
 
 F32 = torch.float32
 ON_GPU = torch.cuda.is_available()
@@ -325,3 +329,270 @@ def test_gpu_inductor_graph_contains_the_kernels(fused):
     for kernel in ("_compose_fwd_kernel", "_compose_bwd_cols_kernel", "_sum_partials_kernel"):
         assert kernel in source, f"{kernel} is not in the Inductor output"
     torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------- saved activations (memory)
+
+
+def _saved_for_backward(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of every tensor the compiled training graph keeps for its backward, as Inductor's own
+    decompositions and partitioner decide (``compile_fx``); the partitioned graphs then run uncompiled (no
+    C++ / Triton build), since only the partition is asked."""
+    from functorch.compile import make_boxed_func
+    from torch._inductor.compile_fx import compile_fx
+
+    saved: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+    def record(gm, example_inputs, **kwargs):
+        if kwargs.get("is_backward"):
+            for node in gm.graph.find_nodes(op="placeholder"):
+                val = node.meta.get("val")
+                if isinstance(val, torch.Tensor) and not node.name.startswith("tangents"):
+                    saved.append((tuple(val.shape), val.dtype))
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, backend=lambda gm, ex: compile_fx(gm, ex, inner_compile=record), fullgraph=True)
+        compiled(x).float().square().sum().backward()
+    finally:
+        torch._dynamo.reset()
+    assert saved, "no backward graph was compiled"
+    return saved
+
+
+class _TwoHeads(torch.nn.Module):
+    """Two Linear layers of different widths on one input (biased), outputs concatenated: each DoRA module's
+    saved tensors are its own (no activation between them for the partitioner to trade)."""
+
+    def __init__(self, d_in: int, widths: dict[str, int]):
+        super().__init__()
+        self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(d_in, width) for name, width in widths.items()})
+
+    def forward(self, x):
+        return torch.cat([head(x) for head in self.heads.values()], dim=-1)
+
+
+def _activations(saved, tokens: int) -> list[tuple[int, torch.dtype]]:
+    """The saved ``[tokens, width]`` activations as sorted (width, dtype); weights ``[d_out, r]`` and vectors do
+    not have ``tokens`` rows (the shapes below keep every weight dimension different from ``tokens``)."""
+    acts = [(shape[-1], dtype) for shape, dtype in saved if len(shape) >= 2 and math.prod(shape[:-1]) == tokens]
+    return sorted(acts, key=str)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("fp32_adapters", [False, True], ids=["bf16", "fp32-adapters"])
+def test_compiled_training_saves_one_activation_per_dora_module(fp32_adapters, dropout):
+    """Compiled training (default path: plain traced ops) keeps what LoRA keeps plus one ``[tokens, d_out]``
+    activation per DoRA module, the rounded ``inner`` in the composition's output dtype (bf16 for an all-bf16
+    model: the base output's dtype; fp32 with fp32 adapters, as the eager Function), not ``base`` and
+    ``lora`` both. Inductor's partitioner, on the CPU."""
+    widths = {"wide": 24, "narrow": 8}  # d_out of the DoRA modules; 10 tokens, rank 4, d_in 16: no weight has 10 rows
+    tokens = 10
+
+    def build(use_dora: bool) -> torch.nn.Module:
+        torch.manual_seed(0)
+        base = _TwoHeads(16, widths).to(torch.bfloat16)
+        cfg = LoraConfig(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=dropout,
+            target_modules=list(widths),
+            use_dora=use_dora,
+            init_lora_weights=False,
+        )
+        with dorafactors.patched() if use_dora else contextlib.nullcontext():
+            model = get_peft_model(base, cfg, autocast_adapter_dtype=fp32_adapters)
+        return model.train()
+
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    lora = _activations(_saved_for_backward(build(False), x), tokens)
+    dora = _activations(_saved_for_backward(build(True), x), tokens)
+    inner_dtype = torch.float32 if fp32_adapters else torch.bfloat16
+    expected = sorted(lora + [(width, inner_dtype) for width in widths.values()], key=str)
+    assert dora == expected, f"DoRA saves {dora}, LoRA {lora}: expected LoRA's plus {widths} in {inner_dtype}"
+
+
+# ------------------------------------------------------------------------------- compiled training numerics
+
+#: (lora dtype, base dtype, scale dtype): all-bf16, all-fp16, fp32 adapters over a bf16 base, fp32, fp64.
+DTYPE_SETUPS = {
+    "bf16": (torch.bfloat16, torch.bfloat16, F32),
+    "fp16": (torch.float16, torch.float16, F32),
+    "fp32-over-bf16": (F32, torch.bfloat16, F32),
+    "fp32": (F32, F32, F32),
+    "fp64": (torch.float64, torch.float64, torch.float64),
+}
+
+
+@pytest.mark.parametrize("channel_dim", [-1, 1])
+@pytest.mark.parametrize("setup", sorted(DTYPE_SETUPS))
+def test_compiled_training_gradients_equal_the_eager_function(setup, channel_dim, monkeypatch):
+    """The compiled training composition against the eager reference Function (``_ComposeFunction``, which
+    saves ``inner`` rounded to the output dtype): the same output bit for bit, ``d_lora`` / ``d_base`` to fp32
+    rounding order, and ``d_g`` from the *rounded* ``inner`` as eager computes it (plain ``base + s lora`` in
+    fp32 differs from it by half-precision roundings)."""
+    monkeypatch.setenv("PEFT_DORA_FUSED", "0")
+    config.invalidate_cache()
+    lora_dtype, base_dtype, scale_dtype = DTYPE_SETUPS[setup]
+    gen = torch.Generator().manual_seed(4)
+    shape = (6, 5, 40) if channel_dim == -1 else (3, 24, 4, 5)
+    lora = (3.0 * torch.randn(shape, generator=gen)).to(lora_dtype).requires_grad_()
+    base = (3.0 * torch.randn(shape, generator=gen)).to(base_dtype).requires_grad_()
+    g = (0.5 + torch.rand(shape[channel_dim], generator=gen)).to(scale_dtype).requires_grad_()
+    probe = torch.randn(shape, generator=gen, dtype=torch.float64)
+
+    def fn(lo, ba, gg):
+        return dora_compose(lo, ba, gg, 0.7, channel_dim=channel_dim)
+
+    def run(f):
+        out = f(lora, base, g)
+        return (out.detach(), *torch.autograd.grad((out.double() * probe).sum(), (lora, base, g)))
+
+    want = run(fn)
+    torch._dynamo.reset()
+    try:
+        got = run(torch.compile(fn, fullgraph=True, backend="aot_eager"))
+    finally:
+        torch._dynamo.reset()
+    assert got[0].dtype == want[0].dtype and torch.equal(got[0].view(-1), want[0].view(-1)), "forward output"
+    assert torch.equal(torch.signbit(got[0]), torch.signbit(want[0])), "forward output signs (zeros)"
+    for name, a, b in zip(("d_lora", "d_base", "d_g"), got[1:], want[1:]):
+        assert a.dtype == b.dtype, name
+        rtol = 1e-12 if a.dtype == torch.float64 else 2e-6 if a.dtype == F32 else TOLERANCES[a.dtype][0] / 8
+        assert_close_verbose(a, b, rtol=rtol, atol=rtol * b.abs().max().item(), name=f"{setup} {name}")
+
+
+def test_compiled_training_composition_keeps_the_plain_output_on_special_values():
+    """Signed zeros, infinities, NaN and a sum that overflows the output dtype: the compiled training
+    composition's output is :func:`_compose_plain`'s bit for bit (its ``g``-gradient term is an exact ``+0``),
+    ``d_lora`` / ``d_base`` are too, and ``d_g`` equals ``sum_rows(d_out * inner)`` wherever that is finite."""
+    nan, inf = float("nan"), float("inf")
+    base = torch.tensor(
+        [[0.0, -0.0, 0.0, 1.0, inf, 40000.0], [-0.0, 0.0, -inf, nan, 2.0, -3.0], [0.0, 5.0, 1.0, -1.0, 3.0, 7.0]]
+    )
+    lora = torch.tensor(
+        [[-0.0, -0.0, 0.0, 2.0, 1.0, 40000.0], [0.0, -0.0, 3.0, 1.0, inf, 4.0], [0.0, -5.0, 2.0, 1.0, -2.0, 0.5]]
+    )
+    g = torch.tensor([0.5, 1.5, 1.0, 2.0, 0.9, 0.95])
+    for dtype in (torch.float16, torch.bfloat16, F32):
+        g_inf = g.clone()
+        g_inf[3] = inf  # column 3: +inf outputs (not NaN) in the plain composition
+        for scale in (g, g_inf):
+            outs, grads = [], []
+            for fn in (compose._compose_plain, compose._compose_saving_inner):
+                lo, ba, gg = (lora.to(dtype).requires_grad_(), base.to(dtype).requires_grad_(), scale.clone())
+                gg.requires_grad_()
+                out = fn(lo, ba, gg, 1.0, -1, dtype)
+                d_out = torch.linspace(-1.0, 1.0, out.numel()).view(out.shape).to(dtype)
+                outs.append(out.detach())
+                grads.append(torch.autograd.grad(out, (lo, ba, gg), d_out))
+            label = f"{dtype} g={scale.tolist()}"
+            assert torch.equal(
+                outs[0].view(torch.int16 if dtype != F32 else torch.int32),
+                outs[1].view(torch.int16 if dtype != F32 else torch.int32),
+            ), label
+            for name, a, b in zip(("d_lora", "d_base"), grads[0][:2], grads[1][:2]):
+                assert torch.equal(torch.nan_to_num(a, nan=123.0), torch.nan_to_num(b, nan=123.0)), f"{label} {name}"
+            inner = (base.to(dtype).float() + lora.to(dtype).float()).to(dtype).float()
+            want = (d_out.float() * inner).sum(0)
+            finite = torch.isfinite(want) & torch.isfinite(scale)
+            torch.testing.assert_close(grads[1][2][finite], want[finite], msg=label)
+            assert torch.isfinite(grads[1][2]).all(), label
+
+
+#: (model dtype, fp32 adapters) per dtype setup of a PEFT model.
+MODEL_SETUPS = {
+    "bf16": (torch.bfloat16, False),
+    "fp16": (torch.float16, False),
+    "fp32-adapters-over-bf16": (torch.bfloat16, True),
+    "fp32": (F32, False),
+    "fp64": (torch.float64, False),
+}
+
+
+@pytest.mark.parametrize("setup", sorted(MODEL_SETUPS))
+def test_compiled_training_as_close_to_fp64_as_stock(setup, monkeypatch):
+    """Patched PEFT models (Linear with and without dropout, Conv2d) trained through ``torch.compile``: output
+    and every gradient at least as close to the fp64 truth as stock PEFT's (``StockFidelity``); fp64 equal to
+    the truth at fp64 tolerance."""
+    monkeypatch.setenv("PEFT_DORA_FUSED", "0")
+    config.invalidate_cache()
+    traced: list[int] = []
+
+    def counted(*args, _original=compose._compose_saving_inner):
+        traced.append(1)
+        return _original(*args)
+
+    monkeypatch.setattr(compose, "_compose_saving_inner", counted)
+    dtype, fp32_adapters = MODEL_SETUPS[setup]
+    cases = [
+        LayerCase(kind="linear", d_in=24, d_out=40, rank=4, batch=(2, 12), scaling=1.5, seed=1),
+        LayerCase(kind="linear", d_in=24, d_out=40, rank=4, batch=(2, 12), dropout=True, seed=2),
+        LayerCase(kind="conv2d", d_in=4, d_out=12, rank=4, batch=(2,), spatial=6, seed=3),
+    ]
+    fidelity = StockFidelity(f"compiled {setup}")
+    for case in cases:
+        stock, ours, truth = build_triplet(case, dtype, fp32_adapters=fp32_adapters)
+        x = make_input(case, dtype)
+        out_s, grads_s = run_forward_backward(stock, x, train=True)
+        out_t, grads_t = run_forward_backward(truth, x.to(torch.float64), train=True)
+        torch._dynamo.reset()
+        try:
+            # (not fullgraph: the test dropout draws its fixed mask with a torch.Generator, a graph break)
+            ours.forward = torch.compile(ours.forward, backend="aot_eager")
+            traced.clear()
+            out_o, grads_o = run_forward_backward(ours, x, train=True)
+        finally:
+            torch._dynamo.reset()
+        assert traced, f"{case.kind}: the compiled training graph did not trace the composition saving inner"
+        assert grads_o.keys() == grads_s.keys() == grads_t.keys()
+        results = {"output": (out_o, out_s, out_t)}
+        results.update({name: (grads_o[name], grads_s[name], grads_t[name]) for name in grads_t})
+        for name, (o, s, t) in results.items():
+            label = f"{case.kind} dropout={case.dropout} {name}"
+            if dtype == torch.float64:
+                assert_close_verbose(o, t, rtol=1e-10, atol=1e-12 * max(1.0, t.abs().max().item()), name=label)
+            else:  # fp32 adapter gradients from half activations are judged at the model's precision
+                fidelity.add(label, o, s, t, o.dtype if o.dtype in HALF else dtype)
+    fidelity.assert_geomean()
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_training_holds_one_activation_per_dora_module(monkeypatch):
+    """Inductor on CUDA: the memory a compiled training forward leaves allocated for its backward is LoRA's
+    plus one bf16 ``[tokens, d_out]`` activation per DoRA module (two heads, 4096 tokens), within 1 MiB + 2%."""
+    monkeypatch.delenv("PEFT_DORA_FUSED_BACKWARD", raising=False)
+    config.invalidate_cache()
+    widths = {"wide": 2048, "narrow": 1024}
+    tokens, d_in = 4096, 1024
+
+    def build(use_dora: bool) -> torch.nn.Module:
+        torch.manual_seed(0)
+        base = _TwoHeads(d_in, widths).to("cuda", torch.bfloat16)
+        cfg = LoraConfig(r=64, lora_alpha=64, target_modules=list(widths), use_dora=use_dora, init_lora_weights=False)
+        with dorafactors.patched() if use_dora else contextlib.nullcontext():
+            model = get_peft_model(base, cfg, autocast_adapter_dtype=False)
+        return model.train()
+
+    x = torch.randn(2, tokens // 2, d_in, device="cuda", dtype=torch.bfloat16)
+
+    def held_by_forward(model: torch.nn.Module) -> int:
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True)
+        compiled(x).float().square().sum().backward()  # compile, and allocate the .grad tensors
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        out = compiled(x)
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated() - before - out.numel() * out.element_size()
+        out.float().square().sum().backward()
+        del out
+        torch._dynamo.reset()
+        return held
+
+    lora, dora = held_by_forward(build(False)), held_by_forward(build(True))
+    expected = tokens * sum(widths.values()) * 2
+    assert abs((dora - lora) - expected) <= 2**20 + 0.02 * expected, (
+        f"DoRA holds {dora - lora} bytes more than LoRA after the forward; one bf16 activation per module is {expected}"
+    )
