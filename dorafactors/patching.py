@@ -203,10 +203,12 @@ def _apply() -> None:
 
 
 def _drop_derived_state(instance: Any) -> None:
+    from .autograd.norm_op import NORM_STORE
     from .layers._common import _DERIVED_STATE
 
     for name in _DERIVED_STATE:
         instance.__dict__.pop(name, None)
+    instance.__dict__.pop(NORM_STORE, None)  # stock layers have no norm store
 
 
 def _restore() -> None:
@@ -232,6 +234,7 @@ def _convert(model: torch.nn.Module) -> int:
         original = type(module)
         module.__class__ = target
         module.__dict__.setdefault("_dora_cache", {})
+        module._add_norm_store()
         _converted.append((weakref.ref(module), original))
         count += 1
     return count

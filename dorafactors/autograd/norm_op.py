@@ -1,5 +1,6 @@
-"""``dorafactors::cached_weight_norm``: the forward norm as one opaque ``torch.library`` op, so that a
-``torch.compile`` graph runs the norm kernels *and* the never-stale norm cache at run time.
+"""``dorafactors::cached_weight_norm`` and ``dorafactors::refresh_weight_norm``: the forward norm as opaque
+``torch.library`` ops, so that a ``torch.compile`` graph runs the norm kernels *and* the never-stale norm cache
+at run time.
 
 Why an opaque op: the cache decides at run time, from the stamps of the live tensors and the optimizer step
 (``norm/cache.py``), whether the norm of the last call is still exact. Traced ops cannot do that (a traced
@@ -29,14 +30,27 @@ detached; ``g = m / norm`` stays in the graph. The op has no autograd formula: t
 graph partitioning keeps it out of captured CUDA graphs (``mode="reduce-overhead"``), and moves it, whose
 inputs are all graph inputs, ahead of the captured partition.
 
-It is registered through ``torch.library.Library`` directly rather than ``torch.library.custom_op``: it runs
-once per DoRA layer per forward, and the direct registration costs a fraction of ``custom_op``'s Python
+The copy costs a launch and an allocation on every call, which decode cannot afford (one call per layer and
+token). Where no autograd is recorded, the layers call the second op instead::
+
+    refresh_weight_norm(Tensor(a!) store, Tensor owner, Tensor weight, Tensor lora_A, Tensor lora_B,
+                        float scaling, str layout, bool cache) -> ()
+
+It leaves the same norm in the layer's *norm store* (``NORM_STORE``: a ``[d_out]`` int32 tensor holding the
+fp32 bits, int64 for fp64, that the layer keeps as a plain attribute) and writes it only when it changed; the
+graph reads the norm from the store, a graph input, which Inductor never hands to another buffer (it
+re-inplaces the functionalized mutation, so the op works on the store itself). Not where autograd records:
+a graph may save the norm for its backward, and a later write into the store would change it.
+
+Both are registered through ``torch.library.Library`` directly rather than ``torch.library.custom_op``: they
+run once per DoRA layer per forward, and the direct registration costs a fraction of ``custom_op``'s Python
 dispatch wrapper per call.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 from torch import nn
@@ -55,7 +69,16 @@ from ..norm.cache import (
     stampable,
 )
 
-__all__ = ["LAYOUTS", "cached_weight_norm", "norm_factors"]
+__all__ = [
+    "LAYOUTS",
+    "NORM_STORE",
+    "cached_weight_norm",
+    "new_norm_store",
+    "norm_factors",
+    "norm_store_fits",
+    "refresh_weight_norm",
+    "static_store",
+]
 
 #: The values of the op's ``layout`` argument.
 LAYOUTS = ("linear", "transposed", "conv")
@@ -65,9 +88,23 @@ _SCHEMA = (
     f"{_OP_NAME}(Tensor owner, Tensor weight, Tensor lora_A, Tensor lora_B, float scaling, str layout, "
     "bool cache) -> Tensor"
 )
+_STORE_OP_NAME = "refresh_weight_norm"
+_STORE_SCHEMA = (
+    f"{_STORE_OP_NAME}(Tensor(a!) store, Tensor owner, Tensor weight, Tensor lora_A, Tensor lora_B, float scaling, "
+    "str layout, bool cache) -> ()"
+)
 _unsafe_tag = getattr(torch.Tag, "cudagraph_unsafe", None)  # PyTorch >= 2.8
+_tags = (_unsafe_tag,) if _unsafe_tag is not None else ()
 _lib = torch.library.Library("dorafactors", "FRAGMENT")
-_lib.define(_SCHEMA, tags=(_unsafe_tag,) if _unsafe_tag is not None else ())
+_lib.define(_SCHEMA, tags=_tags)
+_lib.define(_STORE_SCHEMA, tags=_tags)
+
+#: Attribute name of a DoRA layer's norm store: a tensor holding the bits of its forward norm.
+NORM_STORE = "_df_norm_bits"
+#: The integer dtype whose bits a store holds, per norm dtype (integers: ``module.half()`` / ``.to(dtype)``
+#: leave them alone, so the fp32 norm is never rounded by a model-wide cast).
+_STORE_BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
+_STORE_VALUES = {bits: value for value, bits in _STORE_BITS.items()}
 
 
 def norm_factors(
@@ -173,6 +210,44 @@ def _raise_if_stale(what: str, cached: torch.Tensor, fresh: torch.Tensor) -> Non
     )
 
 
+def _norm_value(
+    caches: OwnedNormCaches,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    layout: str,
+    cache: bool,
+) -> tuple[torch.Tensor, bool]:
+    """``(norm, kept)``: the row norm from the layer's cache or computed (and cached where allowed); ``kept``
+    says that ``norm`` is the cached tensor itself, which the caller must not hand out for writing."""
+    inputs = (weight, lora_A, lora_B)
+    mode = config.norm_cache_mode()
+    if cache and mode != "off":
+        signature = (
+            scaling,
+            layout,
+            config.get_dora_norm_threshold_mb(),
+            config.fused_mode(),
+            optimizer_steps() if _step_keyed(inputs) else -1,
+        )
+        hit = caches.norm.get(None, signature, inputs)  # counts the miss
+        if hit is not None:
+            if mode == "verify":
+                with _norm_context(weight.device.type):
+                    _raise_if_stale("weight norm", hit, _compute(weight, lora_A, lora_B, scaling, layout, caches))
+            return hit, True
+        if _may_store(inputs):
+            with _norm_context(weight.device.type), normal_tensors():
+                norm = _compute(weight, lora_A, lora_B, scaling, layout, caches)
+            caches.norm.put(None, signature, inputs, norm)
+            return norm, True
+    else:
+        caches.norm.misses += 1  # an uncached call computes the norm every time: counted like a miss
+    with _norm_context(weight.device.type):
+        return _compute(weight, lora_A, lora_B, scaling, layout, None), False
+
+
 def _cached_weight_norm_impl(
     owner: torch.Tensor,
     weight: torch.Tensor,
@@ -183,31 +258,85 @@ def _cached_weight_norm_impl(
     cache: bool,
 ) -> torch.Tensor:
     """The op's body (eager, on every call of a compiled graph). A hit costs the stamp checks and one copy."""
+    norm, kept = _norm_value(owned_norm_caches(owner), weight, lora_A, lora_B, scaling, layout, cache)
+    return norm.clone() if kept else norm
+
+
+def new_norm_store(rows: int, norm_dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A zeroed norm store for ``rows`` norms of ``norm_dtype`` (fp32 or fp64): ``[rows]`` int32 / int64."""
+    return static_store(torch.zeros(rows, dtype=_STORE_BITS[norm_dtype], device=device))
+
+
+def static_store(store: torch.Tensor) -> torch.Tensor:
+    """``store``, marked as an input whose address stays put (``torch._dynamo.mark_static_address``): a
+    captured CUDA graph (``mode="reduce-overhead"``) then reads it in place instead of copying it into a
+    static input buffer on every replay (a store that moves makes the graph re-record, never read stale)."""
+    torch._dynamo.mark_static_address(store)
+    return store
+
+
+def norm_store_fits(
+    store: torch.Tensor | None, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, layout: str
+) -> bool:
+    """Can ``store`` receive the norm of these factors (device, row count, bit width)? Static metadata only,
+    so a traced graph decides it once."""
+    if store is None or store.dim() != 1 or store.device != weight.device:
+        return False
+    rows = weight.shape[1] if layout == "transposed" else weight.shape[0]
+    norm_dtype = compute_dtype_for(weight.dtype, lora_A.dtype, lora_B.dtype)
+    return store.shape[0] == rows and store.dtype == _STORE_BITS.get(norm_dtype)
+
+
+def refresh_weight_norm(
+    store: torch.Tensor,
+    owner: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    layout: str,
+    cache: bool,
+) -> torch.Tensor:
+    """Call ``dorafactors::refresh_weight_norm`` (module docstring) and return the norm it left in ``store``:
+    a ``[d_out]`` fp32 (fp64) view of the store's bits."""
+    torch.ops.dorafactors.refresh_weight_norm(store, owner, weight, lora_A, lora_B, scaling, layout, cache)
+    return store.view(_STORE_VALUES[store.dtype])
+
+
+def _refresh_weight_norm_impl(
+    store: torch.Tensor,
+    owner: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    layout: str,
+    cache: bool,
+) -> None:
+    """The op's body: the norm as :func:`_cached_weight_norm_impl` finds it, written into ``store`` unless the
+    op already wrote that very cached tensor into this very store (same object, same memory: a device move,
+    a re-materialized or replaced store is written again).
+
+    The store's version counter cannot tell: the dispatcher bumps it after every call of an op that declares
+    a mutation, written or not. So a write into the store from outside (it is private: only this op and
+    ``Module._apply`` touch it) goes unseen, like a ``.data`` write into a parameter; ``clear_norm_caches``
+    forgets what the store holds, and ``PEFT_DORA_NORM_CACHE=verify`` compares it with the cached norm."""
     caches = owned_norm_caches(owner)
-    inputs = (weight, lora_A, lora_B)
-    if cache and config.norm_cache_enabled():
-        signature = (
-            scaling,
-            layout,
-            config.get_dora_norm_threshold_mb(),
-            config.fused_mode(),
-            optimizer_steps() if _step_keyed(inputs) else -1,
+    norm, kept = _norm_value(caches, weight, lora_A, lora_B, scaling, layout, cache)
+    if store.dtype != _STORE_BITS.get(norm.dtype) or store.shape != norm.shape or store.device != norm.device:
+        raise ValueError(
+            f"dorafactors: the norm store {store.dtype} {tuple(store.shape)} on {store.device} cannot hold a "
+            f"{norm.dtype} norm {tuple(norm.shape)} on {norm.device}; the layer must check norm_store_fits()"
         )
-        hit = caches.norm.get(None, signature, inputs)  # counts the miss
-        if hit is not None:
-            if config.norm_cache_verify():
-                with _norm_context(weight.device.type):
-                    _raise_if_stale("weight norm", hit, _compute(weight, lora_A, lora_B, scaling, layout, caches))
-            return hit.clone()
-        if _may_store(inputs):
-            with _norm_context(weight.device.type), normal_tensors():
-                norm = _compute(weight, lora_A, lora_B, scaling, layout, caches)
-            caches.norm.put(None, signature, inputs, norm)
-            return norm.clone()
-    else:
-        caches.norm.misses += 1  # an uncached call computes the norm every time: counted like a miss
-    with _norm_context(weight.device.type):
-        return _compute(weight, lora_A, lora_B, scaling, layout, None)
+    served = caches.served
+    if kept and served is not None and served[2] is norm and served[0]() is store and served[1] == store.data_ptr():
+        if config.norm_cache_verify():
+            _raise_if_stale("norm in the layer's store", norm, store.view(norm.dtype))
+        return
+    caches.served = None
+    store.view(norm.dtype).copy_(norm)
+    if kept:
+        caches.served = (weakref.ref(store), store.data_ptr(), norm)
 
 
 def _cached_weight_norm_fake(owner, weight, lora_A, lora_B, scaling, layout, cache):
@@ -217,5 +346,12 @@ def _cached_weight_norm_fake(owner, weight, lora_A, lora_B, scaling, layout, cac
     return weight.new_empty((rows,), dtype=dtype)
 
 
+def _refresh_weight_norm_fake(store, owner, weight, lora_A, lora_B, scaling, layout, cache):
+    """Nothing to return: the op writes ``store`` in place."""
+    return None
+
+
 _lib.impl(_OP_NAME, _cached_weight_norm_impl, "CompositeExplicitAutograd")
 torch.library.register_fake(f"dorafactors::{_OP_NAME}", _cached_weight_norm_fake, lib=_lib)
+_lib.impl(_STORE_OP_NAME, _refresh_weight_norm_impl, "CompositeExplicitAutograd")
+torch.library.register_fake(f"dorafactors::{_STORE_OP_NAME}", _refresh_weight_norm_fake, lib=_lib)

@@ -245,6 +245,29 @@ class DoraLayerMixin:
         if place_on_cpu:
             norm = norm.to("cpu")
         self.weight = nn.Parameter(norm, requires_grad=True)
+        self._add_norm_store()
+
+    def _add_norm_store(self) -> None:
+        """Give the layer the norm store of its compiled no-grad forward (``autograd/norm_op.py``): ``[d_out]``
+        int32 holding fp32 bits (int64 for an fp64 magnitude), on the magnitude's device.
+
+        A plain attribute, not a buffer: the layer's parameters, buffers and state dict stay stock PEFT's.
+        :meth:`_apply` moves it with the module (``.to()``, ``.cuda()``); model-wide dtype casts leave integers
+        alone. A store that no longer fits (moved by other means, cast by ``Module.type``) only costs the
+        compiled forward its fast path (``norm_op.norm_store_fits``)."""
+        magnitude = self._parameters.get("weight")
+        if magnitude is None:
+            return
+        norm_dtype = torch.float64 if magnitude.dtype == torch.float64 else torch.float32
+        self.__dict__[norm_op.NORM_STORE] = norm_op.new_norm_store(magnitude.numel(), norm_dtype, magnitude.device)
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        """``nn.Module._apply``, and the same conversion for the norm store, as for a buffer."""
+        result = super()._apply(fn, recurse)  # type: ignore[misc]
+        store = self.__dict__.get(norm_op.NORM_STORE)
+        if store is not None:
+            self.__dict__[norm_op.NORM_STORE] = norm_op.static_store(fn(store))
+        return result
 
     # ------------------------------------------------------------------ the forward norm
     def _base_tensors(self, base_layer: nn.Module) -> tuple[torch.Tensor, ...]:
@@ -334,13 +357,16 @@ class DoraLayerMixin:
         ``gather_modules`` are the modules or tensors the distributed helpers must gather first.
         """
         scaling = float(scaling)
+        recording = torch.is_grad_enabled()
         with torch.no_grad():
             if not distributed.process_group_active():  # nothing can be sharded: no gather context at all
                 return self._norm_in_scope(
-                    distributed.NOT_SHARDED, base_layer, lora_A, lora_B, scaling, adapter_name, dequantize
+                    distributed.NOT_SHARDED, base_layer, lora_A, lora_B, scaling, adapter_name, dequantize, recording
                 )
             with distributed.gathered_for_norm(base_layer, *gather_modules) as gathered:
-                return self._norm_in_scope(gathered, base_layer, lora_A, lora_B, scaling, adapter_name, dequantize)
+                return self._norm_in_scope(
+                    gathered, base_layer, lora_A, lora_B, scaling, adapter_name, dequantize, recording
+                )
 
     def _norm_in_scope(
         self,
@@ -351,15 +377,18 @@ class DoraLayerMixin:
         scaling: float,
         adapter_name: str,
         dequantize: bool,
+        recording: bool = False,
     ) -> torch.Tensor:
-        """The body of :meth:`_forward_norm`, run with the parameters gathered (under ``no_grad``).
+        """The body of :meth:`_forward_norm`, run with the parameters gathered (under ``no_grad``);
+        ``recording``: grad mode was on in the caller (autograd records what the norm feeds).
 
         Two caches, each with one entry: the norm (slot: the adapter) and the base weight's row sum of
         squares (one slot). Neither is used while tracing or for inference tensors (``norm/cache.py``);
         while ``torch.compile`` traces, the norm is the op of :meth:`_compiled_norm`, which caches at run time.
         """
         if torch.compiler.is_compiling() and rules.compiled_norm_op_ok()[0]:
-            return self._compiled_norm(gathered, base_layer, lora_A, lora_B, scaling, dequantize)
+            use_store = not recording and not self._stock_caching_on(adapter_name)
+            return self._compiled_norm(gathered, base_layer, lora_A, lora_B, scaling, dequantize, use_store)
         lora_A, lora_B = gathered.full(lora_A), gathered.full(lora_B)
         base_tensors = self._base_tensors(base_layer)
         inputs = (*base_tensors, lora_A, lora_B)
@@ -404,18 +433,29 @@ class DoraLayerMixin:
         lora_B: torch.Tensor | nn.Module,
         scaling: float,
         dequantize: bool,
+        use_store: bool = False,
     ) -> torch.Tensor:
-        """While ``torch.compile`` traces: the norm as the opaque op ``dorafactors::cached_weight_norm``, which
-        the compiled graph runs eagerly on every call (kernels, cache and norm count at run time).
+        """While ``torch.compile`` traces: the norm as an opaque op that the compiled graph runs eagerly on
+        every call (kernels, cache and norm count at run time).
 
         The op receives the tensors the eager path stamps and identifies this layer's caches by its
         magnitude parameter. No cache for sharded parameters or a dequantized base weight (a new tensor
-        every call), as in eager mode.
+        every call), as in eager mode. With ``use_store`` (nothing recorded for autograd) and a norm store
+        that fits, ``dorafactors::refresh_weight_norm`` keeps the norm in the layer's store (a graph input,
+        which Inductor never reuses for another buffer), written only when it changes, and the graph reads it there: no copy
+        and no allocation per call. Otherwise ``dorafactors::cached_weight_norm`` returns a fresh copy (a
+        graph that records autograd may save the norm for its backward, which a later write must not
+        change).
         """
         lora_A, lora_B = gathered.full(lora_A), gathered.full(lora_B)
         weight = gathered.full(base_weight(base_layer) if dequantize else base_layer.weight)
         cache = gathered.backend is None and type(weight) is nn.Parameter
-        return norm_op.cached_weight_norm(self.weight, weight, lora_A, lora_B, scaling, self._norm_layout(), cache)
+        layout = self._norm_layout()
+        if use_store:
+            store = self.__dict__.get(norm_op.NORM_STORE)
+            if norm_op.norm_store_fits(store, weight, lora_A, lora_B, layout):
+                return norm_op.refresh_weight_norm(store, self.weight, weight, lora_A, lora_B, scaling, layout, cache)
+        return norm_op.cached_weight_norm(self.weight, weight, lora_A, lora_B, scaling, layout, cache)
 
     def _compute_norm(
         self,

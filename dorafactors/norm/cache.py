@@ -253,7 +253,8 @@ class NormCache:
 
 class OwnedNormCaches:
     """The caches of one DoRA layer's compiled norm (``autograd/norm_op.py``): the norm (``norm``) and the base
-    weight's row sum of squares (``sumsq``), each a :class:`NormCache` with one slot.
+    weight's row sum of squares (``sumsq``), each a :class:`NormCache` with one slot, and what the layer's norm
+    store holds (``served``).
 
     A compiled graph cannot hold a reference to the layer (a per-instance constant would specialize the
     graph to one layer: one recompile per layer for a block compiled once and reused, as regional
@@ -262,15 +263,19 @@ class OwnedNormCaches:
     and to clear.
     """
 
-    __slots__ = ("norm", "sumsq")
+    __slots__ = ("norm", "served", "sumsq")
 
     def __init__(self) -> None:
         self.norm = NormCache()
         self.sumsq = NormCache()
+        #: ``(weak reference to the layer's norm store, its data_ptr, the cached norm written into it)`` after
+        #: ``dorafactors::refresh_weight_norm`` wrote it, or None: the op skips the write while these match.
+        self.served: tuple[weakref.ref, int, torch.Tensor] | None = None
 
     def clear(self) -> None:
         self.norm.clear()
         self.sumsq.clear()
+        self.served = None
 
 
 #: ``id(owner) -> (weak reference to the owner, its caches)``; an entry is dropped when its owner is freed.

@@ -1,5 +1,6 @@
-"""The norm under ``torch.compile``: the opaque op ``dorafactors::cached_weight_norm`` (kernels and the never-stale
-norm cache at run time), with ``fullgraph=True`` and no recompile.
+"""The norm under ``torch.compile``: the opaque ops ``dorafactors::cached_weight_norm`` (a fresh copy, where
+autograd records) and ``dorafactors::refresh_weight_norm`` (no grad: the norm kept in the layer's store), with
+the kernels and the never-stale norm cache at run time, ``fullgraph=True`` and no recompile.
 
 CPU: the ``aot_eager`` backend (the op's body runs eagerly when the compiled graph runs, as under Inductor),
 on the PyTorch path and on the Triton kernels (interpreter, ``PEFT_DORA_FUSED=1``). The same norm-count and
@@ -471,7 +472,9 @@ def test_gpu_inductor_graph_calls_the_op_and_caches():
     compiled = torch.compile(ours, fullgraph=True)
     with torch.no_grad():
         out, code = run_and_get_code(compiled, ids)
-        assert "torch.ops.dorafactors.cached_weight_norm.default" in "\n".join(code)
+        # no grad: the norm lives in each layer's store, which the op refreshes in place (no copy)
+        assert "torch.ops.dorafactors.refresh_weight_norm.default" in "\n".join(code)
+        assert "cached_weight_norm" not in "\n".join(code)
         first = _norm_count(ours)
         for _ in range(3):
             out = compiled(ids)
@@ -598,3 +601,127 @@ def test_torch_export_traces_the_reference_norm_not_the_op(strict):
     sync_weights(ours, stock)
     with torch.no_grad():
         assert_dtype_close(program.module()(ids), stock(ids), F32, name="exported program after an edit")
+
+
+# ------------------------------------------------------------------------------------ the no-grad norm store
+
+STORE_OP = torch.ops.dorafactors.refresh_weight_norm.default
+
+
+def _store_calls(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The graph's calls of the store op (functionalized: ``auto_functionalized`` nodes naming it)."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and STORE_OP in (n.target, *n.args[:1])]
+
+
+def _stores(model: nn.Module) -> list[torch.Tensor]:
+    return [layer.__dict__[norm_op.NORM_STORE] for layer in dora_layers(model)]
+
+
+def _eager_norms(model: nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Each layer's forward norm as the eager path computes it (read from its cache after an eager call)."""
+    with torch.no_grad():
+        model(ids)
+    return [next(iter(layer._df_norm_cache._entries.values()))[2] for layer in dora_layers(model)]
+
+
+def test_compiled_no_grad_forward_reads_the_norm_from_the_layers_store():
+    """No autograd to record: every layer's graph calls ``refresh_weight_norm`` on its store (a graph input)
+    and reads the norm there, never ``cached_weight_norm``'s copy; the store holds the eager norm's bits, and
+    the compiled output equals the eager one. With grad mode on, the graph keeps the copying op."""
+    model = _tiny_lm().eval()
+    graphs = _Graphs()
+    compiled = graphs.compile(model)
+    ids = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = compiled(ids)
+    layers = dora_layers(model)
+    forward = graphs.forward[-1]
+    assert len(_store_calls(forward)) == len(layers) and not _norm_nodes(forward)
+    for store, norm in zip(_stores(model), _eager_norms(model, ids)):
+        assert store.dtype == torch.int32 and torch.equal(store.view(torch.float32), norm)
+    with torch.no_grad():
+        assert_dtype_close(out, model(ids), F32, name="compiled no-grad output")
+    model.train()
+    compiled(ids).sum().backward()
+    training = graphs.forward[-1]
+    assert not _store_calls(training) and len(_norm_nodes(training)) == len(layers)
+
+
+def test_inductor_calls_the_store_op_in_place_without_a_copy():
+    """Under Inductor the store op runs on the store itself (Inductor re-inplaces the functionalized
+    mutation of a graph input) and nothing copies the norm: no ``cached_weight_norm``, no ``copy_``; after the
+    first call a hit writes nothing (what each layer's caches record as written stays the same record)."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = _tiny_lm(blocks=1).eval()
+    compiled = torch.compile(model, backend="inductor", fullgraph=True)
+    ids = torch.randint(0, 32, (1, 4), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out, code = run_and_get_code(compiled, ids)
+        written = [layer._compiled_norm_caches().served for layer in dora_layers(model)]
+        again = compiled(ids)
+        eager = model(ids)
+    source = "\n".join(code)
+    assert source.count("torch.ops.dorafactors.refresh_weight_norm.default(") == len(dora_layers(model))
+    assert "cached_weight_norm" not in source and "copy_" not in source
+    assert all(written), "the first call left a store unrecorded"
+    assert [layer._compiled_norm_caches().served for layer in dora_layers(model)] == written, "a hit wrote"
+    assert_dtype_close(out, eager, F32, name="inductor output")
+    assert torch.equal(out, again)
+
+
+def test_the_store_is_rewritten_after_a_move_a_replacement_or_clear_norm_caches():
+    """The op skips its write only into the very store object (same memory) it last wrote that very cached
+    norm into: a replaced store and one written from outside followed by ``clear_norm_caches`` (the remedy
+    for writes no stamp sees, as for ``.data`` writes) are written again; a model-wide dtype cast leaves the
+    integer store and its bits alone, and a norm that no longer fits it (fp64) is served by the copying op."""
+    model = _tiny_lm().eval()
+    compiled = _Graphs().compile(model)
+    ids = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = compiled(ids)  # the same graph on the same norm bits: bitwise the same output
+        assert_dtype_close(want, model(ids), F32, name="compiled no-grad output")
+        for layer in dora_layers(model):
+            layer.__dict__[norm_op.NORM_STORE] = torch.full_like(layer.__dict__[norm_op.NORM_STORE], 7)
+        assert torch.equal(compiled(ids), want), "a replaced store was served"
+        for store in _stores(model):
+            store.zero_()
+        dorafactors.clear_norm_caches(model)
+        assert torch.equal(compiled(ids), want), "a zeroed store was served after clear_norm_caches"
+    model.to(torch.bfloat16)
+    assert all(store.dtype == torch.int32 for store in _stores(model))
+    with torch.no_grad():
+        assert_dtype_close(compiled(ids), model(ids), torch.bfloat16, name="compiled after a bf16 cast")
+    model.to(torch.float64)  # an fp64 norm does not fit an int32 store: the copying op serves it
+    with torch.no_grad():
+        assert_dtype_close(compiled(ids), model(ids), torch.float64, name="compiled after an fp64 cast")
+
+
+def test_verify_mode_compares_the_store_with_the_cached_norm(monkeypatch):
+    """``PEFT_DORA_NORM_CACHE=verify``: a store written from outside is caught on the next compiled call
+    (Inductor: the op works on the store itself, where ``aot_eager`` hands it a functionalized copy)."""
+    monkeypatch.setenv("PEFT_DORA_NORM_CACHE", "verify")
+    config.invalidate_cache()
+    model = _tiny_lm(blocks=1).eval()
+    compiled = torch.compile(model, backend="inductor", fullgraph=True)  # the op receives the store itself
+    ids = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        compiled(ids)
+        _stores(model)[0].zero_()
+        with pytest.raises(StaleNormCacheError, match="store"):
+            compiled(ids)
+
+
+def test_patching_gives_converted_layers_a_store_and_unpatching_takes_it_away():
+    """``patch(model)`` on an existing stock model adds each converted layer's store; leaving the scope takes
+    it away again, so the stock layer is left as it was (and neither touches the state dict)."""
+    torch.manual_seed(0)
+    model = get_peft_model(
+        TinyLM(blocks=1), LoraConfig(r=4, target_modules=["q"], use_dora=True, init_lora_weights=False)
+    )
+    keys = list(model.state_dict())
+    with dorafactors.patched(model):
+        layers = dora_layers(model)
+        assert layers and all(norm_op.NORM_STORE in layer.__dict__ for layer in layers)
+        assert list(model.state_dict()) == keys and not list(layers[0].buffers())
+    assert all(norm_op.NORM_STORE not in layer.__dict__ for layer in layers)
