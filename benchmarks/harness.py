@@ -429,8 +429,9 @@ def collect_metadata(settings: Settings, argv: Sequence[str] | None = None) -> d
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
-        # A copy of the tree without .git (a remote GPU machine) passes the commit in DORAFACTORS_GIT_COMMIT.
-        "git_commit": _git("rev-parse", "HEAD") or os.environ.get("DORAFACTORS_GIT_COMMIT") or None,
+        # A copy of the tree on a remote GPU machine passes the commit in DORAFACTORS_GIT_COMMIT, which wins:
+        # such a copy may carry a stale .git of its own.
+        "git_commit": os.environ.get("DORAFACTORS_GIT_COMMIT") or _git("rev-parse", "HEAD") or None,
         "git_dirty": None,
         "source_sha": _source_sha(),
         "reps": settings.reps,
@@ -442,9 +443,8 @@ def collect_metadata(settings: Settings, argv: Sequence[str] | None = None) -> d
         "argv": list(argv) if argv is not None else sys.argv[1:],
         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(_ENV_PREFIXES)},
     }
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    if meta["git_commit"] is not None:
-        meta["git_dirty"] = bool(status)
+    if meta["git_commit"] is not None and not os.environ.get("DORAFACTORS_GIT_COMMIT"):
+        meta["git_dirty"] = bool(_git("status", "--porcelain", "--untracked-files=no"))
     if settings.cuda:
         props = torch.cuda.get_device_properties(settings.device)
         meta["gpu"] = props.name
