@@ -2,7 +2,7 @@
 """Where the time of one compiled decode call of the model suite goes, per provider: host, device, operators.
 
     python benchmarks/profile_compiled.py                  # ~2 minutes on an H100/H200
-    python benchmarks/profile_compiled.py --tokens 1 --mode reduce-overhead
+    python benchmarks/profile_compiled.py --tokens 1 --mode max-autotune-no-cudagraphs
     python benchmarks/profile_compiled.py --dry-run-cpu    # checks the script on the CPU (tiny, not a measurement)
     OUT=/some/dir python benchmarks/profile_compiled.py     # also writes $OUT/profile_compiled.json
 
@@ -70,7 +70,12 @@ def _profile(step, device: torch.device, calls: int, top: int) -> dict[str, Any]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=8)
-    parser.add_argument("--mode", default=None, help="torch.compile mode (default: Inductor's default)")
+    parser.add_argument(
+        "--mode",
+        default=None,
+        help="torch.compile mode (default: Inductor's default); not a CUDA-graph mode: the decode step's "
+        "DynamicCache keeps the previous call's graph outputs, which a CUDA graph replay overwrites",
+    )
     parser.add_argument("--providers", default="lora,dorafactors")
     parser.add_argument("--calls", type=int, default=50)
     parser.add_argument("--top", type=int, default=14)
@@ -78,6 +83,8 @@ def main() -> None:
     parser.add_argument("--cprofile", action="store_true", help="also the Python functions with most own time")
     parser.add_argument("--dry-run-cpu", action="store_true")
     args = parser.parse_args()
+    if args.mode == "reduce-overhead":
+        parser.error("--mode reduce-overhead: the decode step's DynamicCache cannot be replayed in a CUDA graph")
     settings = Settings.make(quick=args.dry_run_cpu, device="cpu" if args.dry_run_cpu else None)
     device = settings.device
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
