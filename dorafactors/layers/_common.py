@@ -377,7 +377,7 @@ class DoraLayerMixin:
         scaling: float,
         adapter_name: str,
         dequantize: bool,
-        recording: bool = False,
+        recording: bool = True,
     ) -> torch.Tensor:
         """The body of :meth:`_forward_norm`, run with the parameters gathered (under ``no_grad``);
         ``recording``: grad mode was on in the caller (autograd records what the norm feeds).
@@ -442,10 +442,10 @@ class DoraLayerMixin:
         magnitude parameter. No cache for sharded parameters or a dequantized base weight (a new tensor
         every call), as in eager mode. With ``use_store`` (nothing recorded for autograd) and a norm store
         that fits, ``dorafactors::refresh_weight_norm`` keeps the norm in the layer's store (a graph input,
-        which Inductor never reuses for another buffer), written only when it changes, and the graph reads it there: no copy
-        and no allocation per call. Otherwise ``dorafactors::cached_weight_norm`` returns a fresh copy (a
-        graph that records autograd may save the norm for its backward, which a later write must not
-        change).
+        which Inductor never reuses for another buffer), written only when it changes, and the graph reads
+        it there: no copy and no allocation per call. Otherwise ``dorafactors::cached_weight_norm`` returns
+        a fresh copy (a graph that records autograd may save the norm for its backward, which a later write
+        must not change).
         """
         lora_A, lora_B = gathered.full(lora_A), gathered.full(lora_B)
         weight = gathered.full(base_weight(base_layer) if dequantize else base_layer.weight)

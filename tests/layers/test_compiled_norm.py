@@ -33,6 +33,7 @@ from tests._tolerances import StockFidelity, assert_dtype_close
 F32 = torch.float32
 ON_GPU = torch.cuda.is_available()
 OP = torch.ops.dorafactors.cached_weight_norm.default
+STORE_OP = torch.ops.dorafactors.refresh_weight_norm.default
 
 
 @pytest.fixture(autouse=True)
@@ -117,6 +118,26 @@ def test_the_op_is_registered_cudagraph_unsafe_and_passes_opcheck(layout):
         for cache in (False, True):
             # schema (no mutation, no aliasing of the result), fake tensor and AOT dispatch of the op
             torch.library.opcheck(OP, (owner, w.detach(), a.detach(), b.detach(), 0.7, layout, cache))
+
+
+@pytest.mark.parametrize("layout", norm_op.LAYOUTS)
+def test_the_store_op_is_registered_cudagraph_unsafe_and_passes_opcheck(layout):
+    """The store op: cudagraph-unsafe, and it mutates exactly its declared ``store`` (opcheck), which then
+    holds the bits of the norm the copying op serves."""
+    assert torch.Tag.cudagraph_unsafe in STORE_OP.tags
+    w, a, b = _factors(layout, torch.Generator().manual_seed(0))
+    rows = w.shape[1] if layout == "transposed" else w.shape[0]
+    owner = torch.ones(rows)
+    with torch.no_grad():
+        for cache in (False, True):
+            store = norm_op.new_norm_store(rows, torch.float32, "cpu")
+            args = (store, owner, w.detach(), a.detach(), b.detach(), 0.7, layout, cache)
+            torch.library.opcheck(STORE_OP, args)
+            STORE_OP(*args)
+            want = OP(owner, w.detach(), a.detach(), b.detach(), 0.7, layout, cache)
+            assert torch.equal(store.view(torch.float32), want)
+        with pytest.raises(ValueError, match="norm_store_fits"):
+            STORE_OP(torch.zeros(rows + 1, dtype=torch.int32), owner, w, a, b, 0.7, layout, True)
 
 
 @pytest.mark.parametrize("layout", norm_op.LAYOUTS)
@@ -604,8 +625,6 @@ def test_torch_export_traces_the_reference_norm_not_the_op(strict):
 
 
 # ------------------------------------------------------------------------------------ the no-grad norm store
-
-STORE_OP = torch.ops.dorafactors.refresh_weight_norm.default
 
 
 def _store_calls(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
