@@ -17,11 +17,8 @@ the operators with the most own host time per call.
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
 import json
 import os
-import pstats
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,7 +30,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import providers as P  # noqa: E402  (after the path set-up of a script run)
-from benchmarks.common import host_us_per_call  # noqa: E402
+from benchmarks.common import cprofile_text, host_us_per_call  # noqa: E402
 from benchmarks.harness import Settings  # noqa: E402
 from benchmarks.suites import model as M  # noqa: E402
 from benchmarks.suites._workloads import Workload, _decode_fn  # noqa: E402
@@ -110,15 +107,7 @@ def main() -> None:
         row = {"host_us": round(host, 1), "sync_us": round(with_sync, 1), "decode_mode": mode}
         row.update(_profile(step, device, min(calls, 10), args.top))
         if args.cprofile:
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(calls):
-                step()
-            prof.disable()
-            sync()
-            text = io.StringIO()
-            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(args.top)
-            row["cprofile"] = text.getvalue()
+            row["cprofile"] = cprofile_text(step, calls, sync, args.top)
         rows[name] = row
         print(
             f"== {name}+compile ({args.mode or 'default'}), {args.tokens} tokens: host {row['host_us']} us, "

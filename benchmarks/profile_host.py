@@ -24,11 +24,8 @@ top cProfile entries by own time and the kernels of one call.
 
 from __future__ import annotations
 
-import cProfile
-import io
 import json
 import os
-import pstats
 import sys
 from pathlib import Path
 
@@ -39,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import host_us_per_call  # noqa: E402  (after the path set-up of a script run)
+from benchmarks.common import cprofile_text, host_us_per_call  # noqa: E402  (after the path set-up of a script run)
 
 #: "cpu" only to check the script without a GPU (``--dry-run-cpu``: tiny shapes, PyTorch paths).
 DEVICE = "cuda"
@@ -105,18 +102,8 @@ def _kernels(step, calls: int = 5) -> tuple[float, list[tuple[str, float, int]]]
 
 
 def _cprofile(step, calls: int = 200) -> str:
-    """cProfile of ``calls`` steps; backward runs on this thread (autograd multithreading off) so that the
-    Python side of backward Functions shows up too (cProfile sees only the thread it runs on)."""
-    pr = cProfile.Profile()
-    with torch.autograd.set_multithreading_enabled(False):
-        pr.enable()
-        for _ in range(calls):
-            step()
-        pr.disable()
-    _sync()
-    buf = io.StringIO()
-    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(18)
-    return buf.getvalue()
+    """cProfile of ``calls`` steps, the 18 functions with the most own time (``common.cprofile_text``)."""
+    return cprofile_text(step, calls, _sync, top=18)
 
 
 def launch_costs(calls: int = 500) -> dict[str, float]:
