@@ -718,6 +718,30 @@ def test_the_store_is_rewritten_after_a_move_a_replacement_or_clear_norm_caches(
         assert_dtype_close(compiled(ids), model(ids), torch.float64, name="compiled after an fp64 cast")
 
 
+def test_the_store_under_inference_mode_and_in_a_deep_copy():
+    """Inductor: a compiled forward under ``inference_mode`` writes the store (a normal tensor, never an
+    inference tensor) and matches ``no_grad``; a deep copy gets its own store, which its compiled forward
+    fills from the copy's weights without touching the original's."""
+    model = _tiny_lm(blocks=1).eval()
+    ids = torch.randint(0, 32, (1, 4), generator=torch.Generator().manual_seed(8))
+    compiled = torch.compile(model, backend="inductor", fullgraph=True)
+    with torch.no_grad():
+        want = compiled(ids)
+    with torch.inference_mode():
+        got = compiled(ids)
+    assert torch.equal(got, want)
+    assert not any(store.is_inference() for store in _stores(model))
+    original = [store.clone() for store in _stores(model)]
+    copied = copy.deepcopy(model)
+    assert all(a is not b for a, b in zip(_stores(copied), _stores(model)))
+    with torch.no_grad():
+        copied.base_model.model.blocks[0]["q"].lora_B.default.weight.mul_(2.0)
+        out = torch.compile(copied, backend="inductor", fullgraph=True)(ids)
+        eager = copied(ids)
+    assert_dtype_close(out, eager, F32, name="compiled deep copy vs its eager forward")
+    assert all(torch.equal(a, b) for a, b in zip(_stores(model), original)), "the copy wrote the original's store"
+
+
 def test_verify_mode_compares_the_store_with_the_cached_norm(monkeypatch):
     """``PEFT_DORA_NORM_CACHE=verify``: a store written from outside is caught on the next compiled call
     (Inductor: the op works on the store itself, where ``aot_eager`` hands it a functionalized copy)."""
