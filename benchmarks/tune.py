@@ -4,7 +4,8 @@ Each part times what one decision depends on, derives the value that fits the me
 it beside the value in the code (it edits nothing; copy a value over by hand, then re-run the tests):
 
 * ``norm``: ``dispatch/rules.py`` ``NORM_GEMM_MIN_DIN_RANK`` / ``NORM_GEMM_MIN_MACS`` (the one-pass kernel
-  against the GEMM path, per shape) and ``kernels/row_norm_plan.py`` ``SPLIT_MIN_STEPS``, ``GRAM_SHARE``,
+  against the GEMM path, per shape, bf16 adapters), ``NORM_GEMM_FP32_MIN_MACS`` (the same for fp32 adapters
+  on a bf16 W) and ``kernels/row_norm_plan.py`` ``SPLIT_MIN_STEPS``, ``GRAM_SHARE``,
   ``GEMM_PATH_LOOP`` (the configs each candidate value gives, summed over the shapes). Device time from a
   CUDA-graph replay: the norm runs once per optimizer step beside the GPU-bound GEMMs of the model.
 * ``compose``: ``dispatch/rules.py`` ``FUSED_BACKWARD_MIN_COLS`` / ``FUSED_BACKWARD_MIN_ELEMENTS`` (the fused
@@ -45,6 +46,17 @@ NORM_PATH_SHAPES = (
     (4096, 14336, 384),
     (8192, 8192, 768),
     (8192, 28672, 16),
+    (8192, 28672, 384),
+)
+#: Shapes of the fp32-adapter path choice (bf16 W, fp32 A and B: PEFT's default dtypes).
+NORM_FP32_PATH_SHAPES = (
+    (1024, 1024, 16),
+    (2048, 2048, 64),
+    (1024, 4096, 384),
+    *((4096, 4096, r) for r in (16, 64, 384)),
+    (14336, 4096, 384),
+    (4096, 14336, 384),
+    (8192, 8192, 384),
     (8192, 28672, 384),
 )
 #: Shapes of the config choices (128-wide rank tiles: what SPLIT_MIN_STEPS and GRAM_SHARE govern).
@@ -117,6 +129,17 @@ def fit_thresholds(
     return _pick(pairs, cost, current, sum(min(s["alt_ms"], s["base_ms"]) for s in samples))
 
 
+def fit_min_threshold(samples: Sequence[dict[str, float]], current: int) -> tuple[int, float]:
+    """``T`` of the rule "alternative path for ``y >= T``" (one size threshold), fitted to ``{y, base_ms,
+    alt_ms}``: the power of two (or the current value) that loses the least time against the per-sample best."""
+    candidates = sorted({*powers_of_two_around(s["y"] for s in samples), current})
+
+    def cost(t: int) -> float:
+        return regret(samples, lambda s: s["y"] >= t)
+
+    return _pick(candidates, cost, current, sum(min(s["alt_ms"], s["base_ms"]) for s in samples))
+
+
 def fit_max_rows(samples: Sequence[dict[str, float]], current: int) -> tuple[int, float]:
     """``T`` of the rule "alternative path for ``rows <= T``" (the inference fold), fitted to ``{rows, ...}``."""
     candidates = sorted({0, current, *(int(s["rows"]) for s in samples)})
@@ -143,6 +166,12 @@ def derive(measurements: dict[str, Any], current: dict[str, Any]) -> list[Decisi
         note = f"one-pass vs GEMM path on {len(samples)} shapes; {lost * 1e3:.1f} us lost to the rule"
         out.append(Decision("NORM_GEMM_MIN_DIN_RANK", "dispatch/rules.py", cur[0], tx, note))
         out.append(Decision("NORM_GEMM_MIN_MACS", "dispatch/rules.py", cur[1], ty, note))
+        if norm.get("fp32_paths"):
+            samples = [dict(s, y=s["d_out"] * s["d_in"] * s["rank"]) for s in norm["fp32_paths"]]
+            cur_fp32 = current["NORM_GEMM_FP32_MIN_MACS"]
+            value, lost = fit_min_threshold(samples, cur_fp32)
+            note = f"fp32 adapters, one-pass vs GEMM path on {len(samples)} shapes; {lost * 1e3:.1f} us lost to the rule"  # fmt: skip
+            out.append(Decision("NORM_GEMM_FP32_MIN_MACS", "dispatch/rules.py", cur_fp32, value, note))
         for name in ("SPLIT_MIN_STEPS", "GRAM_SHARE", "GEMM_PATH_LOOP"):
             times = {_as_value(k): v for k, v in norm["configs"][name].items()}
             value, total = best_value(times, current[name])
@@ -191,7 +220,13 @@ def current_values() -> dict[str, Any]:
     from dorafactors.dispatch import rules
     from dorafactors.kernels import compose, row_norm_plan
 
-    names = ("NORM_GEMM_MIN_DIN_RANK", "NORM_GEMM_MIN_MACS", "FUSED_BACKWARD_MIN_COLS", "FUSED_BACKWARD_MIN_ELEMENTS")
+    names = (
+        "NORM_GEMM_MIN_DIN_RANK",
+        "NORM_GEMM_MIN_MACS",
+        "NORM_GEMM_FP32_MIN_MACS",
+        "FUSED_BACKWARD_MIN_COLS",
+        "FUSED_BACKWARD_MIN_ELEMENTS",
+    )
     out = {n: getattr(rules, n) for n in (*names, "INFERENCE_FOLD_MAX_ROWS")}
     out.update({n: getattr(row_norm_plan, n) for n in ("SPLIT_MIN_STEPS", "GRAM_SHARE", "GEMM_PATH_LOOP")})
     out["BACKWARD_PROGRAMS_PER_SM"] = compose.BACKWARD_PROGRAMS_PER_SM
@@ -223,15 +258,16 @@ def _bench_ms(fn: Callable[[], Any]) -> float:
     return float(do_bench(fn, warmup=10, rep=40, return_mode="median"))
 
 
-def _norm_inputs(d_out: int, d_in: int, rank: int):
+def _norm_inputs(d_out: int, d_in: int, rank: int, adapter_dtype=None):
     import torch
 
     from dorafactors.kernels.row_norm import triton_row_sumsq
 
+    dtype = torch.bfloat16 if adapter_dtype is None else adapter_dtype
     g = torch.Generator(device="cuda").manual_seed(d_out + d_in + rank)
     W = (torch.randn(d_out, d_in, device="cuda", generator=g) * 0.02).bfloat16()
-    A = (torch.randn(rank, d_in, device="cuda", generator=g) / math.sqrt(d_in)).bfloat16()
-    B = (torch.randn(d_out, rank, device="cuda", generator=g) * 0.01).bfloat16()
+    A = (torch.randn(rank, d_in, device="cuda", generator=g) / math.sqrt(d_in)).to(dtype)
+    B = (torch.randn(d_out, rank, device="cuda", generator=g) * 0.01).to(dtype)
     return W, A, B, triton_row_sumsq(W)
 
 
@@ -250,6 +286,14 @@ def measure_norm(quick: bool) -> dict[str, Any]:
         row = {"d_out": d_out, "d_in": d_in, "rank": rank, "base_ms": _graph_ms(one_pass), "alt_ms": _graph_ms(gemm)}
         print(f"norm path {d_out}x{d_in} r{rank}: one-pass {row['base_ms'] * 1e3:.1f} us, GEMM path {row['alt_ms'] * 1e3:.1f} us", flush=True)  # fmt: skip
         paths.append(row)
+    fp32_paths = []
+    for d_out, d_in, rank in NORM_FP32_PATH_SHAPES[::3] if quick else NORM_FP32_PATH_SHAPES:
+        W, A, B, sumsq = _norm_inputs(d_out, d_in, rank, torch.float32)
+        one_pass = functools.partial(triton_weight_norm_sq, W, A, B, SCALING, cached_sumsq=sumsq, eps=1e-6)
+        gemm = functools.partial(gemm_weight_norm_sq, W, A, B, SCALING, cached_sumsq=sumsq, eps=1e-6)
+        row = {"d_out": d_out, "d_in": d_in, "rank": rank, "base_ms": _graph_ms(one_pass), "alt_ms": _graph_ms(gemm)}
+        print(f"norm path, fp32 adapters {d_out}x{d_in} r{rank}: one-pass {row['base_ms'] * 1e3:.1f} us, GEMM path {row['alt_ms'] * 1e3:.1f} us", flush=True)  # fmt: skip
+        fp32_paths.append(row)
     configs: dict[str, dict[str, float]] = {"SPLIT_MIN_STEPS": {}, "GRAM_SHARE": {}, "GEMM_PATH_LOOP": {}}
     timed: dict[tuple, float] = {}  # one timing per (shape, path, config): candidates often give the same config
     for shape in NORM_CONFIG_SHAPES[:2] if quick else NORM_CONFIG_SHAPES:
@@ -272,7 +316,7 @@ def measure_norm(quick: bool) -> dict[str, Any]:
             cfg = row_norm_plan.gemm_path_config(*shape, sms, loop=value)
             _add(configs["GEMM_PATH_LOOP"], value, time_config("gemm", cfg))
         print(f"norm configs {shape}: {len(timed)} configs timed so far", flush=True)
-    return {"paths": paths, "configs": configs}
+    return {"paths": paths, "fp32_paths": fp32_paths, "configs": configs}
 
 
 def _add(table: dict, key: Any, ms: float) -> None:

@@ -31,13 +31,14 @@ from collections.abc import Iterator
 
 import torch
 
-from ..kernels.operands import KERNEL_DTYPES, mm_out_dtype_available, norm_operands_problem
+from ..kernels.operands import KERNEL_DTYPES, gemm_dtypes_supported, mm_out_dtype_available, norm_operands_problem
 from . import config
 
 __all__ = [
     "FUSED_BACKWARD_MIN_COLS",
     "FUSED_BACKWARD_MIN_ELEMENTS",
     "INFERENCE_FOLD_MAX_ROWS",
+    "NORM_GEMM_FP32_MIN_MACS",
     "NORM_GEMM_MIN_DIN_RANK",
     "NORM_GEMM_MIN_MACS",
     "SPLIT_MATMUL_MIN_MACS",
@@ -84,6 +85,12 @@ INFERENCE_FOLD_MAX_ROWS = 256
 #: and prints the thresholds that fit the measurements best.
 NORM_GEMM_MIN_DIN_RANK = 4 * 1024 * 1024
 NORM_GEMM_MIN_MACS = 2**34
+#: fp32 adapters on a bf16 W (PEFT's default dtypes) take the GEMM path from this many multiply-adds
+#: ``d_out * d_in * r`` on: there ``U = W A^T`` is one cuBLAS GEMM over A's three exact bf16 parts
+#: (``kernels/row_norm.py::fp32_adapter_gemms``), the same products the one-pass kernel's in-register split
+#: makes, at cuBLAS's rate; below it the one-pass kernel's two launches cost less than the split, the two
+#: GEMMs and their sums. ``python -m benchmarks tune --only norm`` times both paths per shape.
+NORM_GEMM_FP32_MIN_MACS = 2**32
 
 #: An fp32 input times a bf16 weight (PEFT's dropout path with its default dtypes) takes the bf16x3 split GEMM
 #: (``kernels/split_matmul.py``) from this many multiply-adds on. Below it both forms are bound by launch
@@ -332,13 +339,17 @@ def inference_fold_ok(rows: int) -> tuple[bool, str]:
 def norm_gemm_ok(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[bool, str]:
     """Among the Triton norm paths: the GEMM path (``gemm_weight_norm_sq``) rather than the
     one-pass kernel? For half ``A`` and ``B`` in W's dtype, ``d_in * r >= NORM_GEMM_MIN_DIN_RANK`` or
-    ``d_out * d_in * r >= NORM_GEMM_MIN_MACS``, where an fp32-output GEMM is available (CUDA:
-    ``mm_out_dtype_available``; the CPU interpreter multiplies fp32 upcasts). fp32 adapters keep the one-pass
-    kernel, whose in-register bf16x3 split of A a GEMM would need three passes for."""
-    if lora_A.dtype != weight.dtype or lora_B.dtype != weight.dtype:
+    ``d_out * d_in * r >= NORM_GEMM_MIN_MACS``; for fp32 ``A`` and ``B`` on a bf16 W,
+    ``d_out * d_in * r >= NORM_GEMM_FP32_MIN_MACS``; where an fp32-output GEMM is available (CUDA:
+    ``mm_out_dtype_available``; the CPU interpreter multiplies fp32 upcasts). Other dtype mixes keep the
+    one-pass kernel."""
+    if not gemm_dtypes_supported(weight.dtype, lora_A.dtype, lora_B.dtype):
         return _reject("norm GEMM", f"adapters {lora_A.dtype}/{lora_B.dtype} with W {weight.dtype}")
     din_rank = weight.shape[1] * lora_A.shape[0]
-    if din_rank < NORM_GEMM_MIN_DIN_RANK and weight.shape[0] * din_rank < NORM_GEMM_MIN_MACS:
+    if lora_A.dtype == torch.float32:
+        if weight.shape[0] * din_rank < NORM_GEMM_FP32_MIN_MACS:
+            return _reject("norm GEMM", "fp32 adapters below NORM_GEMM_FP32_MIN_MACS (one-pass is cheaper)")
+    elif din_rank < NORM_GEMM_MIN_DIN_RANK and weight.shape[0] * din_rank < NORM_GEMM_MIN_MACS:
         return _reject("norm GEMM", "below NORM_GEMM_MIN_DIN_RANK and NORM_GEMM_MIN_MACS (one-pass is cheaper)")
     if weight.device.type == "cuda" and not mm_out_dtype_available():
         return _reject("norm GEMM", "torch.mm has no out_dtype (PyTorch < 2.9)")

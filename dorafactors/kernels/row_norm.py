@@ -11,7 +11,7 @@ import triton
 
 from ._triton_utils import is_interpreted, num_sms, ticket_buffer
 from .launch import launch
-from .operands import mm_out_dtype_available, norm_operands_problem
+from .operands import gemm_dtypes_supported, mm_out_dtype_available, norm_operands_problem
 from .row_norm_kernel import _row_sumsq_kernel, _weight_norm_sq_kernel
 from .row_norm_plan import (
     NormKernelConfig,
@@ -26,6 +26,8 @@ from .row_norm_plan import (
 __all__ = [
     "NormKernelConfig",
     "NormLaunchPlan",
+    "fp32_adapter_gemms",
+    "gemm_dtypes_supported",
     "gemm_supported",
     "gemm_weight_norm_sq",
     "matmul_fp32",
@@ -321,6 +323,26 @@ def matmul_fp32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.mm(x.float(), y.float().t())
 
 
+def fp32_adapter_gemms(weight: torch.Tensor, lora_A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U = W A^T [d_out, r], G = A A^T [r, r])`` in fp32 for a bf16 ``W`` and an fp32 ``A``, with exact
+    products on bf16 tensor cores.
+
+    ``A`` splits exactly into three bf16 parts (``kernels/split_matmul.py``: ``lo + mid + hi == A``), laid out
+    as ``3r`` rows (row ``3k + p`` holds part ``p`` of A's row ``k``, a free view of the split's output), so one
+    GEMM against W reads W once: ``U3 = W parts^T`` ``[d_out, 3r]`` and ``G9 = parts parts^T`` ``[3r, 3r]``, each
+    product of bf16 parts exact in fp32, fp32 accumulation (the one-pass kernel's in-register split does the
+    same products). ``U`` sums each row's three part columns and ``G`` the nine part pairs of each entry in
+    fp32: two and eight roundings of values already rounded by a sum over ``d_in``.
+    """
+    from .split_matmul import split_bf16x3
+
+    rank, d_in = lora_A.shape
+    parts = split_bf16x3(lora_A).view(3 * rank, d_in)
+    u3 = matmul_fp32(weight, parts).view(weight.shape[0], rank, 3)
+    g9 = matmul_fp32(parts, parts).view(rank, 3, rank, 3)
+    return u3.sum(dim=2), g9.sum(dim=(1, 3))
+
+
 def gemm_weight_norm_sq(
     weight: torch.Tensor,
     lora_A: torch.Tensor,
@@ -331,23 +353,26 @@ def gemm_weight_norm_sq(
     eps: float | None = None,
     kernel_config: NormKernelConfig | None = None,
 ) -> torch.Tensor:
-    """:func:`triton_weight_norm_sq` with ``W A^T`` from a GEMM: for half ``A`` and ``B`` in ``W``'s dtype.
+    """:func:`triton_weight_norm_sq` with ``W A^T`` from a GEMM: for half ``A`` and ``B`` in ``W``'s dtype, or
+    fp32 ``A`` and ``B`` on a bf16 ``W`` (PEFT's default dtypes).
 
-    Two GEMMs (:func:`matmul_fp32`: the fp32 ``U = W A^T`` and ``G = A A^T``), then one launch of the norm
-    kernel in its ``FROM_GEMM`` mode: each (row, rank) tile loads its U tile, adds ``B G''`` on
-    tensor cores (``G''``: the scaled lower block triangle of G, split into bf16 parts in registers), and the
-    row sums and the assembly follow exactly as in the one-pass kernel (fixed summation orders). Without
-    ``cached_sumsq``, ``||W||^2`` comes from :func:`triton_row_sumsq` (a second pass over W).
+    Two GEMMs (:func:`matmul_fp32`: the fp32 ``U = W A^T`` and ``G = A A^T``; fp32 ``A``:
+    :func:`fp32_adapter_gemms`), then one launch of the norm kernel in its ``FROM_GEMM`` mode: each (row,
+    rank) tile loads its U tile, adds ``B G''`` on tensor cores (``G''``: the scaled lower block triangle of
+    G, split into bf16 parts in registers; an fp32 ``B`` is split there too), and the row sums and the
+    assembly follow exactly as in the one-pass kernel (fixed summation orders). Without ``cached_sumsq``,
+    ``||W||^2`` comes from :func:`triton_row_sumsq` (a second pass over W).
 
-    Args and returns: as :func:`triton_weight_norm_sq`; ``lora_A`` and ``lora_B`` must have W's dtype.
-    Extra memory: ``U`` and ``G`` (``4 * (d_out * r + r^2)`` bytes) besides the kernel's workspace.
+    Args and returns: as :func:`triton_weight_norm_sq`; see :func:`gemm_dtypes_supported` for the dtypes.
+    Extra memory: ``U`` and ``G`` (``4 * (d_out * r + r^2)`` bytes) besides the kernel's workspace; fp32
+    ``A`` adds its bf16 parts and the parts' products (``6 r d_in + 12 d_out r + 36 r^2`` bytes).
     """
     interpret = _check_device(weight)
     _validate(weight, lora_A, lora_B)
-    if lora_A.dtype != weight.dtype or lora_B.dtype != weight.dtype:
+    if not gemm_dtypes_supported(weight.dtype, lora_A.dtype, lora_B.dtype):
         raise ValueError(
-            f"gemm_weight_norm_sq takes A and B in W's dtype ({weight.dtype}); got {lora_A.dtype}/{lora_B.dtype} "
-            "(fp32 adapters: use triton_weight_norm_sq)"
+            f"gemm_weight_norm_sq takes A and B in W's dtype, or fp32 A and B on a bf16 W; got W {weight.dtype}, "
+            f"A/B {lora_A.dtype}/{lora_B.dtype} (use triton_weight_norm_sq)"
         )
     if not gemm_supported(weight.device):
         raise RuntimeError("torch.mm(..., out_dtype=torch.float32) needs PyTorch >= 2.9; use triton_weight_norm_sq")
@@ -366,5 +391,8 @@ def gemm_weight_norm_sq(
         plan = _gemm_plan(d_out, d_in, rank, num_sms(device), interpret)
     else:
         plan = NormLaunchPlan.build(d_out, d_in, rank, kernel_config)
-    gemms = (matmul_fp32(weight, lora_A), matmul_fp32(lora_A, lora_A))
+    if lora_A.dtype == torch.float32:
+        gemms = fp32_adapter_gemms(weight, lora_A)
+    else:
+        gemms = (matmul_fp32(weight, lora_A), matmul_fp32(lora_A, lora_A))
     return _launch(plan, weight, lora_A, lora_B, gemms, sumsq, scaling, eps, interpret)

@@ -51,9 +51,9 @@ def clamp_eps(weight_dtype: torch.dtype) -> float:
 
 def norm_path(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> str:
     """Which implementation :func:`weight_norm` uses: ``"dense"`` (``d_in <= r``), ``"gemm"`` (fp32-output
-    GEMMs for ``W A^T`` and ``A A^T`` + the Triton kernel's ``FROM_GEMM`` mode; half adapters at the sizes of
-    ``rules.norm_gemm_ok``), ``"triton"`` (the one-pass Triton kernel: fp32 adapters, smaller half-adapter shapes) or ``"torch"``
-    (the PyTorch reference)."""
+    GEMMs for ``W A^T`` and ``A A^T`` + the Triton kernel's ``FROM_GEMM`` mode; half adapters, or fp32 adapters
+    on a bf16 W, at the sizes of ``rules.norm_gemm_ok``), ``"triton"`` (the one-pass Triton kernel: the
+    smaller shapes, fp32 adapters on an fp16 W) or ``"torch"`` (the PyTorch reference)."""
     if weight.shape[1] <= lora_A.shape[0]:
         return "dense"
     ok, _ = rules.fused_norm_ok(weight, lora_A, lora_B)

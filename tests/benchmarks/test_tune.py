@@ -26,6 +26,7 @@ def _current(**overrides):
     values = {
         "NORM_GEMM_MIN_DIN_RANK": 4 << 20,
         "NORM_GEMM_MIN_MACS": 1 << 34,
+        "NORM_GEMM_FP32_MIN_MACS": 1 << 32,
         "SPLIT_MIN_STEPS": 64,
         "GRAM_SHARE": 4,
         "GEMM_PATH_LOOP": (4, 32, 3),
@@ -60,6 +61,23 @@ def test_norm_thresholds_recover_the_crossover_from_any_start():
         for s in samples:
             takes_gemm = s["d_in"] * s["rank"] >= tx or s["d_out"] * s["d_in"] * s["rank"] >= ty
             assert takes_gemm == wins(s["d_out"], s["d_in"], s["rank"]), (s, tx, ty)
+
+
+def test_fp32_adapter_threshold_recovers_the_crossover_from_any_start():
+    """fp32 adapters: one size threshold on d_out * d_in * r. The GEMM path wins from 2**33 multiply-adds on;
+    started below and above, the fit sends exactly the winning shapes to it (and leaves the bf16 rule alone
+    when only the fp32 paths moved)."""
+    wins = lambda d_out, d_in, r: d_out * d_in * r >= 1 << 33  # noqa: E731
+    fp32 = _norm_samples(wins, shapes=tune.NORM_FP32_PATH_SHAPES)
+    assert {s["alt_ms"] < s["base_ms"] for s in fp32} == {True, False}
+    for start in (1, 1 << 50):
+        norm = {"paths": _norm_samples(lambda *s: False), "fp32_paths": fp32, "configs": _configs()}
+        got = _decisions({"norm": norm}, _current(NORM_GEMM_FP32_MIN_MACS=start))
+        threshold = got["NORM_GEMM_FP32_MIN_MACS"].derived
+        for s in fp32:
+            assert (s["d_out"] * s["d_in"] * s["rank"] >= threshold) == wins(s["d_out"], s["d_in"], s["rank"])
+    without = _decisions({"norm": {"paths": _norm_samples(lambda *s: False), "configs": _configs()}}, _current())
+    assert "NORM_GEMM_FP32_MIN_MACS" not in without  # an older tune.json: no fp32 measurements, no decision
 
 
 def test_current_thresholds_stay_when_they_fit_or_the_gain_is_noise():

@@ -158,6 +158,40 @@ def test_gpu_gemm_path_accuracy_memory_determinism(d_out, d_in, rank):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("d_out,d_in,rank", [(1024, 4096, 384), *TARGET_SHAPES[:6]])
+def test_gpu_fp32_adapter_gemm_path_accuracy_memory_determinism(d_out, d_in, rank):
+    """fp32 adapters on a bf16 W (PEFT's default dtypes) through the GEMM path (U and G from A's exact bf16
+    parts): as close to fp64 truth as the one-pass kernel's in-register split (1e-5, and within 2e-6 of it),
+    repeatable bitwise, peak transient memory within the bound with the parts and their products."""
+    from dorafactors.dispatch import rules
+
+    W, A, B = _gpu_inputs(d_out, d_in, rank, torch.float32)
+    expected = "gemm" if d_out * d_in * rank >= rules.NORM_GEMM_FP32_MIN_MACS else "triton"
+    assert engine.norm_path(W, A, B) == expected
+    sumsq = triton_row_sumsq(W)
+    first = gemm_weight_norm_sq(W, A, B, 2.0, cached_sumsq=sumsq)  # compiles outside the measurement
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    again = gemm_weight_norm_sq(W, A, B, 2.0, cached_sumsq=sumsq)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    # U, G, the bf16 parts of A, U3 [d_out, 3r] and G9 [3r, 3r] (fp32), plus the kernel's workspace
+    bound = 4 * (4 * d_out * rank + 10 * rank * rank) + 6 * rank * d_in + 16 * 2**20
+    assert peak <= bound, f"peak transient {peak / 2**20:.1f} MiB > bound {bound / 2**20:.1f} MiB"
+    assert torch.equal(first, again)
+    truth = truth_sq(W, A, B, 2.0)
+    err = assert_norm_close(again, truth, f"fp32-adapter gemm {d_out}x{d_in} r{rank}")
+    one_pass = triton_weight_norm_sq(W, A, B, 2.0, cached_sumsq=sumsq)
+    err_one_pass = assert_norm_close(one_pass, truth, f"fp32-adapter one-pass {d_out}x{d_in} r{rank}")
+    assert_norm_close(again, one_pass.double(), "gemm vs one-pass", rtol=2e-6)
+    print(f"\nfp32-adapter gemm {d_out}x{d_in} r{rank}: rel error {err:.3e} (one-pass {err_one_pass:.3e}), "
+          f"peak {peak / 2**20:.2f} MiB")  # fmt: skip
+    assert torch.equal(gemm_weight_norm_sq(W, A, B, 2.0), again)
+    assert counters_are_zero()
+
+
+@pytest.mark.gpu
 def test_gpu_gemm_exact_inputs_bitwise_and_cuda_graph():
     """Exact data: the GPU GEMM path returns the fp64 truth bitwise, also replayed from a CUDA graph."""
     W, A, B = make_exact(4096, 2048, 384, torch.bfloat16, torch.bfloat16, seed=7, device="cuda")

@@ -27,6 +27,7 @@ import torch
 from dorafactors.dispatch import config
 from dorafactors.kernels import row_norm
 from dorafactors.kernels._triton_utils import tickets_all_zero
+from dorafactors.kernels.operands import gemm_dtypes_supported
 from dorafactors.kernels.row_norm import (
     NormKernelConfig,
     gemm_weight_norm_sq,
@@ -425,6 +426,7 @@ def test_engine_takes_the_kernel_and_matches_the_torch_path(monkeypatch, ad_dtyp
 
     if gemm_from is not None:
         monkeypatch.setattr(rules, "NORM_GEMM_MIN_DIN_RANK", gemm_from)
+        monkeypatch.setattr(rules, "NORM_GEMM_FP32_MIN_MACS", gemm_from)
     W, A, B = make_random(40, 72, 12, torch.bfloat16, ad_dtype, seed=8)
     monkeypatch.setenv("PEFT_DORA_FUSED", "0")
     config.invalidate_cache()
@@ -436,7 +438,7 @@ def test_engine_takes_the_kernel_and_matches_the_torch_path(monkeypatch, ad_dtyp
     config.invalidate_cache()
     if DEVICE == "cpu":
         assert config.triton_interpreter_active()
-    gemm = ad_dtype != torch.float32 and gemm_from is not None  # 72 * 12 is far below the size rule
+    gemm = gemm_from is not None  # 40 * 72 * 12 is far below the size rules
     assert engine.norm_path(W, A, B) == ("gemm" if gemm else "triton")
     fused_norm = engine.weight_norm(W, A, B, 1.7)
     fused_sumsq = engine.weight_sumsq(W)
@@ -468,7 +470,10 @@ def test_norm_path_rules_at_the_measured_shapes(d_out, d_in, rank, gemm):
     A = torch.empty(rank, d_in, dtype=torch.bfloat16, device="meta")
     B = torch.empty(d_out, rank, dtype=torch.bfloat16, device="meta")
     assert rules.norm_gemm_ok(W, A, B)[0] == gemm
-    assert not rules.norm_gemm_ok(W, A.float(), B.float())[0], "fp32 adapters keep the one-pass kernel"
+    fp32_gemm = d_out * d_in * rank >= rules.NORM_GEMM_FP32_MIN_MACS
+    assert rules.norm_gemm_ok(W, A.float(), B.float())[0] == fp32_gemm, "fp32 adapters on a bf16 W"
+    assert not rules.norm_gemm_ok(W.half(), A.float(), B.float())[0], "fp16 W with fp32 adapters: one-pass"
+    assert not rules.norm_gemm_ok(W, A.float(), B)[0], "mixed adapter dtypes: one-pass"
 
 
 def test_engine_uses_the_torch_path_under_compile(monkeypatch):
@@ -517,8 +522,9 @@ def test_plan_working_set_and_grid(d_out, d_in, rank, a_is_fp32):
 # ---------------------------------------------------------------------------------------------
 # the GEMM path: fp32 W A^T from a GEMM (cuBLAS on GPUs), the rest in the kernel's FROM_GEMM mode
 
-GEMM_EXACT = [c for c in EXACT_CASES if c[3] == c[4]]
-GEMM_RANDOM = [c for c in RANDOM_CASES if c[3] == c[4]]
+# half adapters in W's dtype, and fp32 adapters on a bf16 W (U and G from A's exact bf16 parts)
+GEMM_EXACT = [c for c in EXACT_CASES if gemm_dtypes_supported(c[3], c[4], c[4])]
+GEMM_RANDOM = [c for c in RANDOM_CASES if gemm_dtypes_supported(c[3], c[4], c[4])]
 
 
 @pytest.mark.parametrize("d_out,d_in,rank,w_dtype,ad_dtype,scaling,cfg", GEMM_EXACT)
@@ -587,7 +593,9 @@ def test_gemm_strided_zero_scaling_eps_and_validation():
     finished = gemm_weight_norm_sq(W, A, B, 0.7, eps=1e-6)
     assert torch.equal(finished, ours.double().clamp_min(0).sqrt().float().clamp_min(1e-6))
     with pytest.raises(ValueError, match="W's dtype"):
-        gemm_weight_norm_sq(W, A.float(), B.float(), 1.0)
+        gemm_weight_norm_sq(W, A.float(), B, 1.0)
+    with pytest.raises(ValueError, match="W's dtype"):
+        gemm_weight_norm_sq(W.half(), A.float(), B.float(), 1.0)
     with pytest.raises(ValueError, match="shape mismatch"):
         gemm_weight_norm_sq(W, A[:, :9], B, 1.0)
     assert gemm_weight_norm_sq(W[:0], A, B[:0], 1.0).shape == (0,)
