@@ -33,17 +33,26 @@ __all__ = ["BaseRecompute", "base_input_grad", "compose_recompute_base", "forwar
 
 #: Bytes per weight element of the split GEMM's tripled bf16 weight (``kernels/split_matmul.py``).
 _SPLIT_WEIGHT_BYTES = 6
+#: Column chunks start at multiples of this many columns (256 bytes of fp32): a GEMM writing into a column
+#: slice of the whole output needs an aligned start for cuBLAS's fast kernels (an unaligned one falls back
+#: to kernels with 4-byte loads, several times slower on an H200).
+CHUNK_COLUMN_ALIGN = 64
 
 
 def forward_chunk_columns(rows: int, d_out: int, d_in: int, act_bytes: int, weight_bytes: int) -> int:
-    """Output columns per chunk so that one chunk's temporaries fit ``PEFT_DORA_FWD_CHUNK_MB``.
+    """Output columns per chunk so that one chunk's temporaries fit ``PEFT_DORA_FWD_CHUNK_MB``: all of
+    ``d_out``, or a multiple of ``CHUNK_COLUMN_ALIGN`` where the budget allows one.
 
     Per column: the cast weight column (``d_in``), the base chunk, and the fp32 compose temporaries of
     the PyTorch path (three fp32 values per element) for every one of ``rows``.
     """
     per_column = d_in * weight_bytes + rows * (act_bytes + 12)
     cols = config.get_dora_fwd_threshold_bytes() // max(1, per_column)
-    return int(max(1, min(d_out, cols)))
+    if cols >= d_out:
+        return int(max(1, d_out))
+    if cols >= CHUNK_COLUMN_ALIGN:
+        cols -= cols % CHUNK_COLUMN_ALIGN
+    return int(max(1, cols))
 
 
 class BaseRecompute:

@@ -299,6 +299,25 @@ def test_recompute_base_path_uses_kernels_and_matches_reference(requires_scale, 
         assert_close_verbose(got, want, rtol=rtol, atol=atol * max(1.0, want.abs().max().item()), name="grad")
 
 
+@pytest.mark.parametrize("budget_mb", [16, 256, 4096])
+def test_base_recompute_chunks_start_at_aligned_columns(budget_mb, monkeypatch):
+    """A chunked base recompute writes each chunk's GEMM into a column slice of the whole output: every chunk
+    must start at a multiple of ``CHUNK_COLUMN_ALIGN`` columns (cuBLAS's fast kernels need the aligned start;
+    PEFT's default dtypes at 4096 tokens x 14336 columns gave 2978-column chunks) and still fit the budget."""
+    monkeypatch.setenv("PEFT_DORA_FWD_CHUNK_MB", str(budget_mb))
+    config.invalidate_cache()
+    align = recompute_base.CHUNK_COLUMN_ALIGN
+    for rows, d_out, d_in, act, weight in ((4096, 14336, 4096, 4, 6), (4096, 4096, 14336, 4, 6), (512, 1000, 64, 2, 2)):
+        cols = recompute_base.forward_chunk_columns(rows, d_out, d_in, act, weight)
+        per_column = d_in * weight + rows * (act + 12)
+        assert 1 <= cols <= d_out
+        assert cols * per_column <= max(per_column, budget_mb * 2**20), (rows, d_out, cols)
+        if cols < d_out:
+            assert cols % align == 0 or cols < align, (rows, d_out, cols)
+            assert cols > budget_mb * 2**20 // per_column - align  # rounded down by less than one step
+    config.invalidate_cache()
+
+
 def test_recompute_base_respects_fused_backward_off(monkeypatch):
     monkeypatch.setattr(recompute_base, "forward_chunk_columns", lambda *a: 16)
     _set_env(monkeypatch, PEFT_DORA_FUSED="1", PEFT_DORA_FUSED_BACKWARD="0")
