@@ -46,6 +46,7 @@ __all__ = [
     "compiled_norm_op_ok",
     "constant_while_compiling",
     "forced_split_matmul",
+    "fp32_adapter_gemm_bytes",
     "fused_backward_enabled",
     "fused_backward_ok",
     "fused_compose_backward_ok",
@@ -340,7 +341,9 @@ def norm_gemm_ok(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tenso
     """Among the Triton norm paths: the GEMM path (``gemm_weight_norm_sq``) rather than the
     one-pass kernel? For half ``A`` and ``B`` in W's dtype, ``d_in * r >= NORM_GEMM_MIN_DIN_RANK`` or
     ``d_out * d_in * r >= NORM_GEMM_MIN_MACS``; for fp32 ``A`` and ``B`` on a bf16 W,
-    ``d_out * d_in * r >= NORM_GEMM_FP32_MIN_MACS``; where an fp32-output GEMM is available (CUDA:
+    ``d_out * d_in * r >= NORM_GEMM_FP32_MIN_MACS`` and the split's temporaries
+    (:func:`fp32_adapter_gemm_bytes`) within ``PEFT_DORA_NORM_CHUNK_MB`` (the one-pass kernel has no
+    ``d_in``-sized temporaries); where an fp32-output GEMM is available (CUDA:
     ``mm_out_dtype_available``; the CPU interpreter multiplies fp32 upcasts). Other dtype mixes keep the
     one-pass kernel."""
     if not gemm_dtypes_supported(weight.dtype, lora_A.dtype, lora_B.dtype):
@@ -349,11 +352,24 @@ def norm_gemm_ok(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tenso
     if lora_A.dtype == torch.float32:
         if weight.shape[0] * din_rank < NORM_GEMM_FP32_MIN_MACS:
             return _reject("norm GEMM", "fp32 adapters below NORM_GEMM_FP32_MIN_MACS (one-pass is cheaper)")
+        if (
+            fp32_adapter_gemm_bytes(weight.shape[0], weight.shape[1], lora_A.shape[0])
+            > config.get_dora_norm_threshold_bytes()
+        ):
+            return _reject(
+                "norm GEMM", "fp32 adapters: A's bf16 parts and their products exceed PEFT_DORA_NORM_CHUNK_MB"
+            )
     elif din_rank < NORM_GEMM_MIN_DIN_RANK and weight.shape[0] * din_rank < NORM_GEMM_MIN_MACS:
         return _reject("norm GEMM", "below NORM_GEMM_MIN_DIN_RANK and NORM_GEMM_MIN_MACS (one-pass is cheaper)")
     if weight.device.type == "cuda" and not mm_out_dtype_available():
         return _reject("norm GEMM", "torch.mm has no out_dtype (PyTorch < 2.9)")
     return True, ""
+
+
+def fp32_adapter_gemm_bytes(d_out: int, d_in: int, rank: int) -> int:
+    """Temporaries of the GEMM norm path with fp32 adapters (``kernels/row_norm.py::fp32_adapter_gemms``): A's
+    bf16 parts ``[3r, d_in]``, the fp32 products ``[d_out, 3r]`` and ``[3r, 3r]``, and the summed ``U``, ``G``."""
+    return 6 * rank * d_in + 4 * (3 * d_out * rank + 9 * rank * rank) + 4 * (d_out * rank + rank * rank)
 
 
 _split_matmul_forced: list[bool | None] = [None]

@@ -471,9 +471,32 @@ def test_norm_path_rules_at_the_measured_shapes(d_out, d_in, rank, gemm):
     B = torch.empty(d_out, rank, dtype=torch.bfloat16, device="meta")
     assert rules.norm_gemm_ok(W, A, B)[0] == gemm
     fp32_gemm = d_out * d_in * rank >= rules.NORM_GEMM_FP32_MIN_MACS
+    assert rules.fp32_adapter_gemm_bytes(d_out, d_in, rank) <= config.get_dora_norm_threshold_bytes()
     assert rules.norm_gemm_ok(W, A.float(), B.float())[0] == fp32_gemm, "fp32 adapters on a bf16 W"
     assert not rules.norm_gemm_ok(W.half(), A.float(), B.float())[0], "fp16 W with fp32 adapters: one-pass"
     assert not rules.norm_gemm_ok(W, A.float(), B)[0], "mixed adapter dtypes: one-pass"
+
+
+def test_fp32_adapter_gemm_path_keeps_within_the_norm_budget(monkeypatch):
+    """The fp32-adapter GEMM path splits A into bf16 parts ``[3r, d_in]``, a ``d_in``-sized temporary the
+    one-pass kernel does not have: a layer whose split exceeds ``PEFT_DORA_NORM_CHUNK_MB`` (a 128k-token
+    vocabulary's embedding at r=384: 6 * 384 * 128256 bytes) keeps the one-pass kernel, and a larger budget
+    lets it take the GEMM path."""
+    from dorafactors.dispatch import rules
+
+    W = torch.empty(4096, 128256, dtype=torch.bfloat16, device="meta")
+    A = torch.empty(384, 128256, dtype=torch.float32, device="meta")
+    B = torch.empty(4096, 384, dtype=torch.float32, device="meta")
+    need = rules.fp32_adapter_gemm_bytes(4096, 128256, 384)
+    assert need > 256 * 2**20
+    monkeypatch.setenv("PEFT_DORA_NORM_CHUNK_MB", "256")
+    config.invalidate_cache()
+    ok, reason = rules.norm_gemm_ok(W, A, B)
+    assert not ok and "PEFT_DORA_NORM_CHUNK_MB" in reason
+    monkeypatch.setenv("PEFT_DORA_NORM_CHUNK_MB", str(need // 2**20 + 1))
+    config.invalidate_cache()
+    assert rules.norm_gemm_ok(W, A, B)[0]
+    config.invalidate_cache()
 
 
 def test_engine_uses_the_torch_path_under_compile(monkeypatch):
