@@ -75,9 +75,9 @@ def mm_out_dtype_available() -> bool:
 
 
 def gemm_dtypes_supported(w_dtype: torch.dtype, a_dtype: torch.dtype, b_dtype: torch.dtype) -> bool:
-    """The dtypes ``kernels/row_norm.py::gemm_weight_norm_sq`` takes: half ``A`` and ``B`` in ``W``'s dtype, or fp32 ``A`` and ``B``
-    on a bf16 ``W`` (fp32 parts of A split into bf16 multiply a bf16 W; fp16 W would need fp16 parts, which
-    lose the low bits of A to fp16's exponent range)."""
+    """The dtypes ``kernels/row_norm.py::gemm_weight_norm_sq`` takes: half ``A`` and ``B`` in ``W``'s dtype, or
+    fp32 ``A`` and ``B`` on a bf16 ``W`` (A's exact bf16 parts then multiply W; an fp16 W would need fp16 parts,
+    whose exponent range loses A's low bits)."""
     if w_dtype in (torch.bfloat16, torch.float16) and a_dtype == w_dtype and b_dtype == w_dtype:
         return True
     return w_dtype == torch.bfloat16 and a_dtype == torch.float32 and b_dtype == torch.float32
