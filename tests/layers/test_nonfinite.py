@@ -203,10 +203,12 @@ def _dense_norm(w, a, b, scaling):
 
 
 ENGINE_PATHS = {
-    # name: (device, weight dtype, env, forced GEMM thresholds)
-    "torch": ("cpu", torch.float32, {"PEFT_DORA_FUSED": "0"}, False),
-    "triton": ("cuda" if ON_GPU else "cpu", torch.bfloat16, {"PEFT_DORA_FUSED": "1"}, False),
-    "gemm": ("cuda" if ON_GPU else "cpu", torch.bfloat16, {"PEFT_DORA_FUSED": "1"}, True),
+    # name: (device, weight dtype, adapter dtype (None: W's), env, forced GEMM thresholds)
+    "torch": ("cpu", torch.float32, None, {"PEFT_DORA_FUSED": "0"}, False),
+    "triton": ("cuda" if ON_GPU else "cpu", torch.bfloat16, None, {"PEFT_DORA_FUSED": "1"}, False),
+    "gemm": ("cuda" if ON_GPU else "cpu", torch.bfloat16, None, {"PEFT_DORA_FUSED": "1"}, True),
+    # PEFT's default dtypes: A's exact bf16 parts through the GEMMs (kernels/row_norm.py::fp32_adapter_gemms)
+    "gemm-fp32-adapters": ("cuda" if ON_GPU else "cpu", torch.bfloat16, torch.float32, {"PEFT_DORA_FUSED": "1"}, True),
 }
 
 
@@ -215,12 +217,13 @@ ENGINE_PATHS = {
 def test_engine_norm_has_the_dense_class_for_one_nonfinite_entry(path, cached, monkeypatch) -> None:
     """Every single NaN / +Inf / -Inf position in W, A and B, scaling 0.7 and 0: the norm is finite, NaN or
     +Inf exactly where the dense norm is (and equal to it where finite)."""
-    device, dtype, env, force_gemm = ENGINE_PATHS[path]
+    device, dtype, adapter_dtype, env, force_gemm = ENGINE_PATHS[path]
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     config.invalidate_cache()
     if force_gemm:
         monkeypatch.setattr(rules, "NORM_GEMM_MIN_DIN_RANK", 0)
+        monkeypatch.setattr(rules, "NORM_GEMM_FP32_MIN_MACS", 0)
     d_out, d_in, rank = 5, 9, 3  # d_in > r: the factored paths
     for scaling in (0.7, 0.0):
         for source in ("W", "A", "B"):
@@ -229,10 +232,11 @@ def test_engine_norm_has_the_dense_class_for_one_nonfinite_entry(path, cached, m
             indices = range(numel) if device == "cuda" or path == "torch" else (0, numel // 2, numel - 1)
             for value in (NAN, INF, -INF):
                 for index in indices:
-                    w, a, b = _engine_factors(d_out, d_in, rank, dtype, seed=index)
+                    w, a, b = _engine_factors(d_out, d_in, rank, adapter_dtype or dtype, seed=index)
+                    w = w.to(dtype)
                     {"W": w, "A": a, "B": b}[source].view(-1)[index] = value
                     w, a, b = w.to(device), a.to(device), b.to(device)
-                    assert engine.norm_path(w, a, b) == path
+                    assert engine.norm_path(w, a, b) == path.removesuffix("-fp32-adapters")
                     sumsq = engine.weight_sumsq(w) if cached else None
                     finite = None if sumsq is None else engine.weight_rows_finite(sumsq)
                     got = engine.weight_norm(w, a, b, scaling, cached_sumsq=sumsq, weight_rows_finite=finite)
