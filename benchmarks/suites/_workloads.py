@@ -103,8 +103,20 @@ def _autocast(enabled: bool, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _decode_fn(model: Callable[..., Any], base_model: nn.Module, inputs: dict[str, torch.Tensor], workload: Workload):
-    """A decode step with a KV cache cropped back after each call; plain forward if the cache API fails."""
+def _decode_fn(
+    model: Callable[..., Any],
+    base_model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    workload: Workload,
+    static: bool = False,
+):
+    """A decode step with a KV cache cropped back after each call; plain forward if the cache API fails.
+
+    ``static``: a ``StaticCache`` of ``context + new`` positions instead (:func:`_static_decode_fn`), for
+    CUDA-graph replays (``--compile-mode reduce-overhead``), which a ``DynamicCache`` cannot serve.
+    """
+    if static:
+        return _static_decode_fn(model, base_model, inputs)
     context, new = inputs["context_ids"], inputs["new_ids"]
     with torch.no_grad():
         cache = base_model(input_ids=context, use_cache=True).past_key_values
@@ -127,6 +139,58 @@ def _decode_fn(model: Callable[..., Any], base_model: nn.Module, inputs: dict[st
                 model(input_ids=new, use_cache=False)
 
         return plain, reason
+
+
+def _static_decode_fn(model: Callable[..., Any], base_model: nn.Module, inputs: dict[str, torch.Tensor]):
+    """The decode step on a ``StaticCache``: the context fills positions ``0..ctx-1`` once, and every call
+    writes the same new tokens into positions ``ctx..ctx+n-1``, so every call sees the same context, as the
+    cropped ``DynamicCache`` gives, with tensors that never move or change shape.
+
+    The positions go in as ``position_ids`` and ``cache_position`` (older transformers index the static cache
+    by the latter); newer releases keep a per-layer ``cumulative_length`` instead, which the step sets back to
+    ``ctx`` after each call. One eager call twice in a row checks that the step repeats itself exactly. A
+    captured CUDA graph (``mode="reduce-overhead"``) overwrites the previous replay's outputs: the step keeps
+    none.
+    """
+    from transformers import StaticCache
+
+    context, new = inputs["context_ids"], inputs["new_ids"]
+    ctx, n = context.shape[1], new.shape[1]
+    device = context.device
+    cache = StaticCache(config=base_model.config, max_cache_len=ctx + n)
+    prompt = torch.arange(ctx, device=device)
+    positions = torch.arange(ctx, ctx + n, device=device)
+
+    def rewind() -> None:
+        for layer in getattr(cache, "layers", ()):
+            length = getattr(layer, "cumulative_length", None)
+            if isinstance(length, torch.Tensor):
+                length.fill_(ctx)
+            elif isinstance(length, int):
+                layer.cumulative_length = ctx
+
+    def call(runner: Callable[..., Any]) -> Any:
+        return runner(
+            input_ids=new, past_key_values=cache, use_cache=True, position_ids=positions[None], cache_position=positions
+        )
+
+    with torch.no_grad():
+        base_model(
+            input_ids=context, past_key_values=cache, use_cache=True, position_ids=prompt[None], cache_position=prompt
+        )
+        first = call(base_model).logits.clone()
+        rewind()
+        again = call(base_model).logits
+        rewind()
+    if not torch.equal(first, again):
+        raise RuntimeError("the StaticCache decode step does not repeat itself with this transformers release")
+
+    def step() -> None:
+        with torch.no_grad():
+            call(model)
+        rewind()
+
+    return step, "static_cache"
 
 
 def measure(
@@ -203,8 +267,10 @@ def measure(
 
         elif workload.kind == "decode":
             tokens = inputs["new_ids"].numel()
+            # CUDA-graph replays need tensors that stay put: a StaticCache instead of the cropped DynamicCache
+            static = compile_it and settings.compile_mode == "reduce-overhead"
             with _autocast(workload.amp, device):
-                step, mode = _decode_fn(runner, model, inputs, workload)
+                step, mode = _decode_fn(runner, model, inputs, workload, static=static)
             impl["decode_mode"] = mode
 
             def fn() -> None:

@@ -13,7 +13,7 @@ Providers: lora, stock, stock with PEFT's opt-in ``ENABLE_DORA_CACHING`` (``stoc
 (its norm cache is on by default and legitimately reused: the weights are frozen while decoding).
 Optional: the model cases compiled (``lora+compile``, ``stock+compile``, ``dorafactors+compile``;
 :data:`COMPILED_ORDER`), one compile per provider and case, ``--compile-mode`` selects e.g.
-``reduce-overhead`` (CUDA graphs).
+``reduce-overhead`` (CUDA graphs; those decode on a ``StaticCache``, ``_workloads._static_decode_fn``).
 """
 
 from __future__ import annotations

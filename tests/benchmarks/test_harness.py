@@ -389,3 +389,42 @@ def test_compiled_gradient_check_rejects_a_graph_that_drops_gradients():
 
     with pytest.raises(RuntimeError, match="compiled gradients differ"):
         W._compiled_grad_error(model, dropped, ids, params, workload, torch.device("cpu"))
+
+
+def test_static_cache_decode_step_matches_the_cropped_dynamic_cache():
+    """``--compile-mode reduce-overhead`` decode runs on a ``StaticCache`` (a CUDA-graph replay cannot use the
+    cropped ``DynamicCache``): every call of its step sees the same context as the cropped cache gives, so
+    both steps compute the same logits, call after call."""
+    from benchmarks.suites import _workloads as W
+
+    spec = P.ModelSpec(hidden=32, intermediate=64, heads=2, kv_heads=1, layers=2, vocab=64, seq=8)
+    base = P.llama_base(spec, torch.device("cpu"), torch.float32, seed=0)
+    model = P.build_peft(
+        base, "dorafactors", r=4, alpha=8, targets=P.LLAMA_TARGETS, autocast_adapter_dtype=False, seed=0
+    )
+    model.eval()
+    gen = torch.Generator().manual_seed(1)
+    inputs = {
+        "context_ids": torch.randint(0, 64, (1, 6), generator=gen),
+        "new_ids": torch.randint(0, 64, (1, 3), generator=gen),
+    }
+    logits: dict[str, list[torch.Tensor]] = {"dynamic": [], "static": []}
+
+    def recording(into):
+        def call(**kwargs):
+            out = model(**kwargs)
+            into.append(out.logits.detach().clone())
+            return out
+
+        return call
+
+    workload = W.Workload("decode", new_tokens=3, context=6)
+    for kind in ("dynamic", "static"):
+        step, mode = W._decode_fn(recording(logits[kind]), model, inputs, workload, static=kind == "static")
+        assert mode == ("static_cache" if kind == "static" else "kv_cache")
+        for _ in range(3):
+            step()
+    assert len(logits["dynamic"]) == 4 and len(logits["static"]) == 3  # the dynamic check call, then 3 steps
+    for got in logits["static"]:
+        torch.testing.assert_close(got, logits["dynamic"][-1], rtol=1e-5, atol=1e-5)
+        assert torch.equal(got, logits["static"][0])
