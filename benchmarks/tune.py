@@ -31,7 +31,10 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 #: A candidate must beat the current value by more than this share of the best total time to replace it.
 NOISE = 0.02
@@ -258,7 +261,7 @@ def _bench_ms(fn: Callable[[], Any]) -> float:
     return float(do_bench(fn, warmup=10, rep=40, return_mode="median"))
 
 
-def _norm_inputs(d_out: int, d_in: int, rank: int, adapter_dtype=None):
+def _norm_inputs(d_out: int, d_in: int, rank: int, adapter_dtype: torch.dtype | None = None):
     import torch
 
     from dorafactors.kernels.row_norm import triton_row_sumsq
