@@ -274,6 +274,25 @@ def _norm_inputs(d_out: int, d_in: int, rank: int, adapter_dtype: torch.dtype | 
     return W, A, B, triton_row_sumsq(W)
 
 
+def _time_norm_paths(
+    shapes: Iterable[tuple[int, int, int]], adapter_dtype: torch.dtype | None
+) -> list[dict[str, float]]:
+    """The one-pass kernel (``base_ms``) against the GEMM path (``alt_ms``) per shape, adapters in
+    ``adapter_dtype`` (None: bf16) on a bf16 W; device time from CUDA-graph replays."""
+    from dorafactors.kernels.row_norm import gemm_weight_norm_sq, triton_weight_norm_sq
+
+    label = "" if adapter_dtype is None else f", {str(adapter_dtype).removeprefix('torch.')} adapters"
+    rows = []
+    for d_out, d_in, rank in shapes:
+        W, A, B, sumsq = _norm_inputs(d_out, d_in, rank, adapter_dtype)
+        one_pass = functools.partial(triton_weight_norm_sq, W, A, B, SCALING, cached_sumsq=sumsq, eps=1e-6)
+        gemm = functools.partial(gemm_weight_norm_sq, W, A, B, SCALING, cached_sumsq=sumsq, eps=1e-6)
+        row = {"d_out": d_out, "d_in": d_in, "rank": rank, "base_ms": _graph_ms(one_pass), "alt_ms": _graph_ms(gemm)}
+        print(f"norm path{label} {d_out}x{d_in} r{rank}: one-pass {row['base_ms'] * 1e3:.1f} us, GEMM path {row['alt_ms'] * 1e3:.1f} us", flush=True)  # fmt: skip
+        rows.append(row)
+    return rows
+
+
 def measure_norm(quick: bool) -> dict[str, Any]:
     import torch
 
@@ -281,22 +300,8 @@ def measure_norm(quick: bool) -> dict[str, Any]:
     from dorafactors.kernels.row_norm import gemm_weight_norm_sq, triton_weight_norm_sq
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    paths = []
-    for d_out, d_in, rank in NORM_PATH_SHAPES[::3] if quick else NORM_PATH_SHAPES:
-        W, A, B, sumsq = _norm_inputs(d_out, d_in, rank)
-        one_pass = functools.partial(triton_weight_norm_sq, W, A, B, SCALING, cached_sumsq=sumsq, eps=1e-6)
-        gemm = functools.partial(gemm_weight_norm_sq, W, A, B, SCALING, cached_sumsq=sumsq, eps=1e-6)
-        row = {"d_out": d_out, "d_in": d_in, "rank": rank, "base_ms": _graph_ms(one_pass), "alt_ms": _graph_ms(gemm)}
-        print(f"norm path {d_out}x{d_in} r{rank}: one-pass {row['base_ms'] * 1e3:.1f} us, GEMM path {row['alt_ms'] * 1e3:.1f} us", flush=True)  # fmt: skip
-        paths.append(row)
-    fp32_paths = []
-    for d_out, d_in, rank in NORM_FP32_PATH_SHAPES[::3] if quick else NORM_FP32_PATH_SHAPES:
-        W, A, B, sumsq = _norm_inputs(d_out, d_in, rank, torch.float32)
-        one_pass = functools.partial(triton_weight_norm_sq, W, A, B, SCALING, cached_sumsq=sumsq, eps=1e-6)
-        gemm = functools.partial(gemm_weight_norm_sq, W, A, B, SCALING, cached_sumsq=sumsq, eps=1e-6)
-        row = {"d_out": d_out, "d_in": d_in, "rank": rank, "base_ms": _graph_ms(one_pass), "alt_ms": _graph_ms(gemm)}
-        print(f"norm path, fp32 adapters {d_out}x{d_in} r{rank}: one-pass {row['base_ms'] * 1e3:.1f} us, GEMM path {row['alt_ms'] * 1e3:.1f} us", flush=True)  # fmt: skip
-        fp32_paths.append(row)
+    paths = _time_norm_paths(NORM_PATH_SHAPES[::3] if quick else NORM_PATH_SHAPES, None)
+    fp32_paths = _time_norm_paths(NORM_FP32_PATH_SHAPES[::3] if quick else NORM_FP32_PATH_SHAPES, torch.float32)
     configs: dict[str, dict[str, float]] = {"SPLIT_MIN_STEPS": {}, "GRAM_SHARE": {}, "GEMM_PATH_LOOP": {}}
     timed: dict[tuple, float] = {}  # one timing per (shape, path, config): candidates often give the same config
     for shape in NORM_CONFIG_SHAPES[:2] if quick else NORM_CONFIG_SHAPES:

@@ -128,6 +128,18 @@ def test_gpu_exact_inputs_bitwise_at_size(ad_dtype):
     assert counters_are_zero()
 
 
+def _gemm_twice_with_peak(W, A, B, sumsq):
+    """``gemm_weight_norm_sq`` (s = 2) twice: the first call compiles and allocates outside the measurement;
+    returns both results and the second call's peak transient memory in bytes."""
+    first = gemm_weight_norm_sq(W, A, B, 2.0, cached_sumsq=sumsq)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    again = gemm_weight_norm_sq(W, A, B, 2.0, cached_sumsq=sumsq)
+    torch.cuda.synchronize()
+    return first, again, torch.cuda.max_memory_allocated() - base
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("d_out,d_in,rank", TARGET_SHAPES[:6])
 def test_gpu_gemm_path_accuracy_memory_determinism(d_out, d_in, rank):
@@ -140,13 +152,7 @@ def test_gpu_gemm_path_accuracy_memory_determinism(d_out, d_in, rank):
     expected = "gemm" if gemm else "triton"
     assert engine.norm_path(W, A, B) == expected
     sumsq = triton_row_sumsq(W)
-    first = gemm_weight_norm_sq(W, A, B, 2.0, cached_sumsq=sumsq)  # compiles outside the measurement
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    again = gemm_weight_norm_sq(W, A, B, 2.0, cached_sumsq=sumsq)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
+    first, again, peak = _gemm_twice_with_peak(W, A, B, sumsq)
     bound = 4 * (d_out * rank + rank * rank) + 16 * 2**20
     assert peak <= bound, f"peak transient {peak / 2**20:.1f} MiB > bound {bound / 2**20:.1f} MiB"
     assert torch.equal(first, again)
@@ -169,13 +175,7 @@ def test_gpu_fp32_adapter_gemm_path_accuracy_memory_determinism(d_out, d_in, ran
     expected = "gemm" if d_out * d_in * rank >= rules.NORM_GEMM_FP32_MIN_MACS else "triton"
     assert engine.norm_path(W, A, B) == expected
     sumsq = triton_row_sumsq(W)
-    first = gemm_weight_norm_sq(W, A, B, 2.0, cached_sumsq=sumsq)  # compiles outside the measurement
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    again = gemm_weight_norm_sq(W, A, B, 2.0, cached_sumsq=sumsq)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
+    first, again, peak = _gemm_twice_with_peak(W, A, B, sumsq)
     # U, G, the bf16 parts of A, U3 [d_out, 3r] and G9 [3r, 3r] (fp32), plus the kernel's workspace
     bound = 4 * (4 * d_out * rank + 10 * rank * rank) + 6 * rank * d_in + 16 * 2**20
     assert peak <= bound, f"peak transient {peak / 2**20:.1f} MiB > bound {bound / 2**20:.1f} MiB"
