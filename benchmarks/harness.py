@@ -84,6 +84,11 @@ class Settings:
     def cuda(self) -> bool:
         return self.device.type == "cuda"
 
+    def compiled_case_name(self, name: str) -> str:
+        """The name of a compiled case: ``name``, with ``/mode=<mode>`` under a non-default ``--compile-mode``
+        (a CUDA-graph row is another measurement than the default mode's, and must not replace it in reports)."""
+        return name if self.compile_mode is None else f"{name}/mode={self.compile_mode}"
+
     @classmethod
     def make(
         cls,

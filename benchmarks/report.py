@@ -301,6 +301,20 @@ COMPILED_TARGETS: list[tuple[str, str, str, float]] = [
     ("decode 1 token, bf16", "decode", "model/bf16/tokens=1", 1.10),
     ("decode 8 tokens, PEFT default dtypes", "decode", "model/peft-default/tokens=8", 1.10),
     ("decode 1 token, PEFT default dtypes", "decode", "model/peft-default/tokens=1", 1.10),
+    ("decode 8 tokens, bf16, CUDA graphs", "decode", "model/bf16/tokens=8/mode=reduce-overhead", 1.10),
+    ("decode 1 token, bf16, CUDA graphs", "decode", "model/bf16/tokens=1/mode=reduce-overhead", 1.10),
+    (
+        "decode 8 tokens, PEFT default dtypes, CUDA graphs",
+        "decode",
+        "model/peft-default/tokens=8/mode=reduce-overhead",
+        1.10,
+    ),
+    (
+        "decode 1 token, PEFT default dtypes, CUDA graphs",
+        "decode",
+        "model/peft-default/tokens=1/mode=reduce-overhead",
+        1.10,
+    ),
 ]
 
 

@@ -109,7 +109,7 @@ def cases(settings: Settings) -> list[Case]:
         out.append(
             Case(
                 suite="decode",
-                name=f"model/{setup}/tokens={tokens}",
+                name=settings.compiled_case_name(f"model/{setup}/tokens={tokens}"),
                 params=M.model_params(settings, setup, r, workload),
                 providers=M.COMPILED,
                 run=_model_runner(setup, r, tokens, ctx, workload, M.COMPILED),

@@ -228,7 +228,7 @@ def cases(settings: Settings) -> list[Case]:
         out.append(
             Case(
                 suite="model",
-                name=name,
+                name=settings.compiled_case_name(name),
                 params=model_params(settings, setup, r, workload),
                 providers=COMPILED,
                 run=_runner(setup, r, seq, workload, COMPILED),

@@ -428,3 +428,19 @@ def test_static_cache_decode_step_matches_the_cropped_dynamic_cache():
     for got in logits["static"]:
         torch.testing.assert_close(got, logits["dynamic"][-1], rtol=1e-5, atol=1e-5)
         assert torch.equal(got, logits["static"][0])
+
+
+def test_compiled_cases_under_another_compile_mode_have_their_own_names():
+    from benchmarks.report import COMPILED_TARGETS
+    from benchmarks.suites import build_cases
+
+    default = build_cases(["model", "decode"], Settings(quick=True))
+    graphs = build_cases(["model", "decode"], Settings(quick=True, compile_mode="reduce-overhead"))
+    compiled_default = {c.key for c in default if c.optional}
+    compiled_graphs = {c.key for c in graphs if c.optional}
+    assert compiled_default and len(compiled_graphs) == len(compiled_default)
+    assert compiled_graphs.isdisjoint(compiled_default)  # a CUDA-graph row never replaces a default-mode row
+    assert all(k.endswith("/mode=reduce-overhead#compile") for k in compiled_graphs)
+    assert {c.key for c in default if not c.optional} == {c.key for c in graphs if not c.optional}
+    targets = {f"{suite}:{name}#compile" for _, suite, name, _ in COMPILED_TARGETS}
+    assert {"decode:model/bf16/tokens=1/mode=reduce-overhead#compile"} <= targets & compiled_graphs
