@@ -12,7 +12,7 @@ The decode suite's ``model/bf16/tokens=N`` case (eval, ``no_grad``, N new tokens
 Per provider: ``host_us`` (wall time of back-to-back calls without synchronizing, per call: what the Python
 side costs while the device keeps up), ``sync_us`` (the same with the final synchronize), ``device_us``
 (the sum of the CUDA kernel times of one call, from ``torch.profiler``), ``kernels`` (launches per call), and
-the operators with the most own host time per call.
+the operators with the most own host time and the most device time per call.
 """
 
 from __future__ import annotations
@@ -55,12 +55,18 @@ def _profile(step, device: torch.device, calls: int, top: int) -> dict[str, Any]
             device_us += e.self_device_time_total
             kernels += e.count
     host_ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    device_ops = sorted(events, key=lambda e: getattr(e, "self_device_time_total", 0.0), reverse=True)[:top]
     return {
         "device_us": round(device_us / calls, 1),
         "kernels": kernels / calls,
         "top_host_ops": [
             {"op": e.key, "calls": e.count / calls, "self_cpu_us": round(e.self_cpu_time_total / calls, 1)}
             for e in host_ops
+        ],
+        "top_device_ops": [
+            {"op": e.key, "calls": e.count / calls, "self_device_us": round(e.self_device_time_total / calls, 1)}
+            for e in device_ops
+            if getattr(e, "self_device_time_total", 0.0) > 0
         ],
     }
 
@@ -114,6 +120,8 @@ def main() -> None:
         )
         for op in row["top_host_ops"]:
             print(f"   {op['self_cpu_us']:9.1f} us  x{op['calls']:<6g} {op['op'][:90]}")
+        for op in row["top_device_ops"]:
+            print(f"   device {op['self_device_us']:9.1f} us  x{op['calls']:<6g} {op['op'][:90]}")
         if "cprofile" in row:
             print("\n".join(row["cprofile"].splitlines()[: args.top + 12]))
     out = os.environ.get("OUT")

@@ -5,6 +5,9 @@
 * ``peft.tuners.lora.variants.Dora{Linear,Embedding,Conv1d,Conv2d,Conv3d}Layer``: the names PEFT's DoRA
   variants look up each time they build a layer (so every layer built afterwards is ours);
 * the same five names in ``peft.tuners.lora.dora``, for code that imports them later;
+* ``peft.tuners.lora.variants.DoraLinearVariant``, the variant class PEFT instantiates per Linear adapter, with
+  our subclass: in training with PEFT's dropout it tells our layer when the dropped-out input is an exact fp32
+  copy of a bf16 activation (``layers/linear.py::DoraLinearVariant``); every other call is PEFT's forward;
 * ``check_adapters_to_merge`` in the ``peft.tuners.lora`` submodules that imported it (and in
   ``peft.tuners.tuners_utils``): every PEFT ``merge()`` calls it first. The wrapper clears the norm caches
   of that module's DoRA layers, because merge/unmerge write base weights through ``.data``, which PyTorch's
@@ -55,6 +58,8 @@ TESTED_PEFT = "0.18.x to 0.21.x"
 #: transformers releases the examples and tests run with (PEFT itself leaves transformers unpinned).
 TESTED_TRANSFORMERS = ">=4.57"
 _LAYER_NAMES = ("DoraLinearLayer", "DoraEmbeddingLayer", "DoraConv1dLayer", "DoraConv2dLayer", "DoraConv3dLayer")
+#: Variant classes rebound in ``peft.tuners.lora.variants`` only (PEFT builds one instance per adapter from them).
+_VARIANT_NAMES = ("DoraLinearVariant",)
 _MERGE_HOOK_MODULES = (
     "peft.tuners.tuners_utils",
     "peft.tuners.lora.layer",
@@ -156,6 +161,12 @@ def _replacements() -> dict[str, type]:
     return {name: getattr(layers, name) for name in _LAYER_NAMES}
 
 
+def _variant_replacements() -> dict[str, type]:
+    from . import layers
+
+    return {name: getattr(layers, name) for name in _VARIANT_NAMES}
+
+
 def _stock_classes() -> dict[type, type]:
     """stock PEFT DoRA class -> our subclass of it (each of ours lists the stock class last)."""
     return {cls.__bases__[-1]: cls for cls in _replacements().values()}
@@ -191,6 +202,9 @@ def _apply() -> None:
         for name, cls in ours.items():
             _applied.append((namespace, name, getattr(namespace, name)))
             setattr(namespace, name, cls)
+    for name, cls in _variant_replacements().items():
+        _applied.append((variants, name, getattr(variants, name)))
+        setattr(variants, name, cls)
     for module_name in _MERGE_HOOK_MODULES:
         namespace = sys.modules.get(module_name)
         if namespace is None and module_name in ("peft.tuners.tuners_utils", "peft.tuners.lora.layer"):
@@ -224,10 +238,19 @@ def _restore() -> None:
 
 
 def _convert(model: torch.nn.Module) -> int:
-    """Swap the class of every stock DoRA layer in ``model``; returns how many were converted."""
+    """Swap the class of every stock DoRA layer in ``model`` (and of the stock variants of its LoRA layers);
+    returns how many layers were converted."""
     mapping = _stock_classes()
+    variant_mapping = {cls.__bases__[-1]: cls for cls in _variant_replacements().values()}
     count = 0
     for module in model.modules():
+        lora_variant = module.__dict__.get("lora_variant")
+        if isinstance(lora_variant, dict):
+            for variant in lora_variant.values():
+                ours = variant_mapping.get(type(variant))
+                if ours is not None:
+                    _converted.append((weakref.ref(variant), type(variant)))
+                    variant.__class__ = ours
         target = mapping.get(type(module))
         if target is None:
             continue

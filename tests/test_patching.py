@@ -29,6 +29,7 @@ def _snapshot():
     objs.update(
         {(ns.__name__, "check_adapters_to_merge"): ns.check_adapters_to_merge for ns in (tuners_utils, peft_layer)}
     )
+    objs[variants.__name__, "DoraLinearVariant"] = variants.DoraLinearVariant
     return objs
 
 

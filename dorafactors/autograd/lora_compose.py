@@ -25,7 +25,8 @@ memory), ``B``, ``g``, and the base output when ``g`` needs a gradient. With a t
 one ``[tokens, d_out]`` activation in the base output's dtype per layer (the floor), with a frozen one none.
 
 ``base=None`` (PEFT's dropout path): the base output is recomputed from the dropped-out input ``x``
-(``recompute_base.BaseRecompute``: the bf16x3 split GEMM for an fp32 ``x`` on a bf16 ``W``), saved in
+(``recompute_base.BaseRecompute``: the bf16x3 split GEMM for an fp32 ``x`` on a bf16 ``W``, or one bf16 GEMM
+where ``x`` is known to be PEFT's dropout of a bf16 activation), saved in
 ``x``'s dtype when ``g`` needs a gradient, and ``d_x = d_base @ W`` (``recompute_base.base_input_grad``).
 
 Second-order gradients (``create_graph=True``): the backward is then :func:`lora_compose_backward_reference`,
@@ -162,7 +163,7 @@ class _LoraComposeFunction(torch.autograd.Function):
     """``(g - 1) * base + g * s * (h @ B^T)``; ``base`` given, or recomputed as ``x @ W^T`` (``W`` constant)."""
 
     @staticmethod
-    def forward(ctx, h, weight_b, base, x, weight, scale, scaling, out_dtype):  # type: ignore[override]
+    def forward(ctx, h, weight_b, base, x, weight, scale, scaling, out_dtype, origin_scale):  # type: ignore[override]
         need_h, need_b, _, need_x, _, need_g = ctx.needs_input_grad[:6]
         n = weight_b.shape[0]
         lora = F.linear(h, weight_b)
@@ -181,7 +182,7 @@ class _LoraComposeFunction(torch.autograd.Function):
         else:
             rows = lora.numel() // n if n else 0
             lora2 = lora.view(rows, n)
-            recomputer = BaseRecompute(x.reshape(rows, x.shape[-1]), weight)
+            recomputer = BaseRecompute(x.reshape(rows, x.shape[-1]), weight, origin_scale)
             if need_g or recomputer.chunk >= n:
                 base2 = recomputer.full()
                 out2 = _compose_whole(lora2, base2, g, scaling, out_dtype, kernel)
@@ -217,7 +218,7 @@ class _LoraComposeFunction(torch.autograd.Function):
     def backward(ctx, d_out):  # type: ignore[override]
         need_h, need_b, need_base, need_x, _, need_g = ctx.needs_input_grad[:6]
         if d_out is None:
-            return None, None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None, None
         h, weight_b, base, x, weight, scale = ctx.saved_tensors
         need_base_grad = need_x if ctx.recompute else need_base
         if torch.is_grad_enabled():
@@ -246,7 +247,7 @@ class _LoraComposeFunction(torch.autograd.Function):
         if ctx.recompute:
             d_x = base_input_grad(d_base, weight, ctx.base_dtype) if need_x else None
             d_base = None
-        return d_h, d_b, d_base, d_x, None, d_g, None, None
+        return d_h, d_b, d_base, d_x, None, d_g, None, None, None
 
 
 def dora_linear_compose(
@@ -259,6 +260,7 @@ def dora_linear_compose(
     x: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    bf16_origin_scale: float | None = None,
 ) -> torch.Tensor:
     """DoRA's extra output ``(g - 1) * base + g * s * (h @ B^T)`` for training, ``lora_B`` folded into the node.
 
@@ -271,6 +273,8 @@ def dora_linear_compose(
         x: PEFT's dropped-out input ``[..., d_in]`` and ``weight``: ``W`` ``[d_out, d_in]`` (a constant; a
             trainable ``W`` needs plain autograd: use :func:`compose.dora_compose`).
         out_dtype: default ``promote(h, B, base or x)``, stock PEFT's.
+        bf16_origin_scale: ``c`` where ``x`` is known to be ``fp32(x0 * c)`` of a bf16 ``x0`` (PEFT's dropout of
+            its fp32 cast): the forward recompute then takes one bf16 GEMM (``recompute_base.BaseRecompute``).
 
     Returns:
         ``[..., d_out]`` in ``out_dtype``.
@@ -281,4 +285,4 @@ def dora_linear_compose(
         raise ValueError("dora_linear_compose takes a constant base weight; a trainable one needs dora_compose")
     activation = base if base is not None else x
     out_dtype = out_dtype or promote(promote(h.dtype, weight_b.dtype), activation.dtype)  # type: ignore[union-attr]
-    return _LoraComposeFunction.apply(h, weight_b, base, x, weight, scale, float(scaling), out_dtype)
+    return _LoraComposeFunction.apply(h, weight_b, base, x, weight, scale, float(scaling), out_dtype, bf16_origin_scale)

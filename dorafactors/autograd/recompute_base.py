@@ -9,6 +9,14 @@ materializes the full ``base``. Here (:class:`BaseRecompute`, :func:`base_input_
   on bf16 tensor cores at fp32 precision: the fp32 operand is split exactly into three bf16 parts
   (``kernels/split_matmul.py``), where ``dispatch/rules.py::split_matmul_ok`` allows (CUDA, sizes above
   launch overhead); otherwise ``W`` is cast to the input dtype per chunk, as stock does as a whole;
+* the forward GEMM needs only one of those bf16 GEMMs when the caller knows where the input came from
+  (``bf16_origin_scale``: ``layers/linear.py::dropout_variant_forward`` establishes it for PEFT's own
+  dropout path). PEFT casts a bf16 activation ``x0`` to fp32 and its ``nn.Dropout`` returns
+  ``x = fp32(x0 * c)`` or 0, with ``c = 1 / (1 - p)`` in fp32. Then ``bf16(x / c)`` is ``x0`` (or 0) exactly:
+  ``x / c`` is within a few fp32 ulps of the bf16 value ``x0``, and rounding to bf16 lands on it. So
+  ``x @ W^T = c * (bf16(x / c) @ W^T)`` up to the fp32 rounding of ``x0 * c`` per element (relative
+  ``2^-24``, the size of an fp32 GEMM's own accumulation error): one bf16 GEMM with exact products and an
+  fp32 result, scaled by ``c`` in fp32;
 * the weight copies (the cast, or the tripled bf16 weight of the split GEMM) are made per chunk of output
   columns, sized so one chunk's temporaries fit ``PEFT_DORA_FWD_CHUNK_MB``.
 
@@ -25,11 +33,17 @@ import torch.nn.functional as F
 
 from ..dispatch import config, rules
 from ..kernels.operands import promote
-from ..kernels.split_matmul import linear_on_parts, matmul_split, split_bf16x3
+from ..kernels.split_matmul import linear_on_parts, matmul_split, mm_exact_products, split_bf16x3, split_counts
 from . import fused
 from .compose import dora_compose, reference_backward
 
-__all__ = ["BaseRecompute", "base_input_grad", "compose_recompute_base", "forward_chunk_columns"]
+__all__ = [
+    "BaseRecompute",
+    "base_input_grad",
+    "bf16_from_dropped",
+    "compose_recompute_base",
+    "forward_chunk_columns",
+]
 
 #: Bytes per weight element of the split GEMM's tripled bf16 weight (``kernels/split_matmul.py``).
 _SPLIT_WEIGHT_BYTES = 6
@@ -55,32 +69,53 @@ def forward_chunk_columns(rows: int, d_out: int, d_in: int, act_bytes: int, weig
     return int(max(1, cols))
 
 
+def bf16_from_dropped(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``bf16(x / scale)`` ``[rows, d_in]``: the bf16 activation behind ``x = fp32(x0 * scale)`` (module docstring).
+
+    Exact for every finite ``x0`` whose product with ``scale`` stays finite; a non-finite ``x`` stays
+    non-finite of its class. Two passes of PyTorch ops (the fp32 quotient, then the cast).
+    """
+    return torch.div(x, scale).to(torch.bfloat16)
+
+
 class BaseRecompute:
     """``x @ W^T`` of one forward, column chunk by column chunk, in ``x``'s dtype.
 
     Args:
         x2: the dropped-out input as ``[rows, d_in]``.
         weight: ``W`` ``[d_out, d_in]`` (any float dtype; a constant).
+        bf16_origin_scale: ``c`` when ``x2`` is known to be ``fp32(x0 * c)`` (or 0) for a bf16 ``x0`` (module
+            docstring); None when nothing is known about it.
 
-    With the split GEMM (fp32 ``x2``, bf16 ``W``, ``rules.split_matmul_ok``) ``x2``'s bf16 parts are made
-    once (``6 * rows * d_in`` bytes) and every chunk is one exact-product bf16 GEMM; otherwise each chunk
-    casts its rows of ``W`` to ``x2``'s dtype (no copy when the dtypes agree).
+    Where the split GEMM may run (fp32 ``x2``, bf16 ``W``, ``rules.split_matmul_ok``): with
+    ``bf16_origin_scale``, ``x0 = bf16(x2 / c)`` is made once (``2 * rows * d_in`` bytes) and every chunk is
+    one exact-product bf16 GEMM scaled by ``c``; without it ``x2``'s three bf16 parts are made once
+    (``6 * rows * d_in`` bytes) and every chunk is one GEMM over them. Otherwise each chunk casts its rows of
+    ``W`` to ``x2``'s dtype (no copy when the dtypes agree).
     """
 
-    def __init__(self, x2: torch.Tensor, weight: torch.Tensor) -> None:
+    def __init__(self, x2: torch.Tensor, weight: torch.Tensor, bf16_origin_scale: float | None = None) -> None:
         rows, d_in = x2.shape
         d_out = weight.shape[0]
         self.x2 = x2
         self.weight = weight
         self.split = x2.dtype != weight.dtype and rules.split_matmul_ok(x2, weight, rows * d_in * d_out)[0]
-        self.parts = split_bf16x3(x2) if self.split else None
-        self.weight_bytes = _SPLIT_WEIGHT_BYTES if self.split else x2.element_size()
+        self.origin_scale = bf16_origin_scale if self.split else None
+        self.recovered = bf16_from_dropped(x2, bf16_origin_scale) if self.origin_scale is not None else None
+        self.parts = split_bf16x3(x2) if self.split and self.recovered is None else None
+        if self.recovered is not None:
+            self.weight_bytes = weight.element_size()  # W is used as it is: no copy
+        else:
+            self.weight_bytes = _SPLIT_WEIGHT_BYTES if self.split else x2.element_size()
         self.chunk = forward_chunk_columns(rows, d_out, d_in, x2.element_size(), self.weight_bytes)
 
     def columns(self, c0: int, c1: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """``(x @ W^T)[:, c0:c1]`` ``[rows, c1 - c0]`` in ``x``'s dtype: a new tensor, or written into ``out``
         (a row-strided view, e.g. a column slice of the whole output)."""
         rows_of_w = self.weight[c0:c1]
+        if self.recovered is not None:
+            split_counts["recovered"] += 1
+            return mm_exact_products(self.recovered, rows_of_w.t(), out).mul_(self.origin_scale)
         if self.parts is not None:
             return linear_on_parts(self.parts, rows_of_w, out)
         cast = rows_of_w.to(self.x2.dtype)
@@ -91,7 +126,8 @@ class BaseRecompute:
     def full(self) -> torch.Tensor:
         """The whole ``[rows, d_out]`` base output, each column chunk's GEMM writing straight into it."""
         d_out = self.weight.shape[0]
-        no_copy = self.weight.dtype == self.x2.dtype  # F.linear on W itself: no temporary but the output
+        # F.linear (or the recovered input's GEMM) on W itself: no temporary but the output
+        no_copy = self.weight.dtype == self.x2.dtype or self.recovered is not None
         if no_copy or self.chunk >= d_out:
             return self.columns(0, d_out)
         base = torch.empty((self.x2.shape[0], d_out), dtype=self.x2.dtype, device=self.x2.device)
@@ -110,9 +146,9 @@ class _RecomputeBaseCompose(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, lora, scale, scaling, out_dtype, grad_enabled):  # type: ignore[override]
+    def forward(ctx, x, weight, lora, scale, scaling, out_dtype, grad_enabled, origin_scale):  # type: ignore[override]
         d_out, d_in = weight.shape
-        recompute = BaseRecompute(x.reshape(-1, d_in), weight)
+        recompute = BaseRecompute(x.reshape(-1, d_in), weight, origin_scale)
         chunk = recompute.chunk
         # needs_input_grad stays True under no_grad: inner is only worth writing when autograd records.
         save_inner = grad_enabled and ctx.needs_input_grad[3]
@@ -140,7 +176,7 @@ class _RecomputeBaseCompose(torch.autograd.Function):
     def backward(ctx, d_out, d_inner):  # type: ignore[override]
         need_x, _, need_lora, need_scale = ctx.needs_input_grad[:4]
         if d_out is None and d_inner is None:
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         x, weight, scale, inner = ctx.saved_tensors
         if d_inner is None and not torch.is_grad_enabled():
             d_lora, d_base, d_scale = fused.compose_backward(
@@ -169,7 +205,7 @@ class _RecomputeBaseCompose(torch.autograd.Function):
                 need_g=need_scale,
             )
         d_x = base_input_grad(d_base, weight, x.dtype) if need_x else None
-        return d_x, None, d_lora, d_scale, None, None, None
+        return d_x, None, d_lora, d_scale, None, None, None, None
 
 
 def base_input_grad(d_base: torch.Tensor, weight: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
@@ -208,6 +244,7 @@ def compose_recompute_base(
     scaling: float,
     *,
     out_dtype: torch.dtype | None = None,
+    bf16_origin_scale: float | None = None,
 ) -> torch.Tensor:
     """``(g - 1) * (x @ W^T) + g * (s * lora)`` with the base recomputed chunk by chunk.
 
@@ -218,6 +255,7 @@ def compose_recompute_base(
         scale: ``g`` ``[d_out]``.
         scaling: ``s``.
         out_dtype: default ``promote(lora.dtype, x.dtype)``.
+        bf16_origin_scale: ``c`` where ``x`` is known to be ``fp32(x0 * c)`` of a bf16 ``x0`` (``BaseRecompute``).
     """
     out_dtype = out_dtype or promote(lora.dtype, x.dtype)
     scaling = float(scaling)
@@ -232,4 +270,6 @@ def compose_recompute_base(
         base = F.linear(x, weight.to(x.dtype))
         return dora_compose(lora, base, scale, scaling, out_dtype=out_dtype)
     grad_enabled = torch.is_grad_enabled()
-    return _RecomputeBaseCompose.apply(x, weight.detach(), lora, scale, scaling, out_dtype, grad_enabled)[0]
+    return _RecomputeBaseCompose.apply(
+        x, weight.detach(), lora, scale, scaling, out_dtype, grad_enabled, bf16_origin_scale
+    )[0]

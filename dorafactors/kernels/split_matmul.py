@@ -35,7 +35,14 @@ import torch
 
 from ..dispatch import rules
 
-__all__ = ["linear_on_parts", "matmul_split", "split_bf16x3", "split_bf16x3_reference", "split_counts"]
+__all__ = [
+    "linear_on_parts",
+    "matmul_split",
+    "mm_exact_products",
+    "split_bf16x3",
+    "split_bf16x3_reference",
+    "split_counts",
+]
 
 #: Calls per entry point (``split`` = inputs split, ``linear`` / ``matmul`` = GEMMs); for tests and benchmarks.
 split_counts: Counter[str] = Counter()
@@ -83,7 +90,7 @@ def split_bf16x3(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _mm_exact_products(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def mm_exact_products(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ b`` of bf16 operands with fp32 accumulation and an fp32 result (into ``out`` when given)."""
     if a.device.type == "cuda":
         if out is None:
@@ -104,7 +111,7 @@ def linear_on_parts(parts: torch.Tensor, weight: torch.Tensor, out: torch.Tensor
     """
     split_counts["linear"] += 1
     tripled = torch.cat([weight, weight, weight], dim=1)  # [n, 3K]
-    return _mm_exact_products(parts, tripled.t(), out)
+    return mm_exact_products(parts, tripled.t(), out)
 
 
 def matmul_split(d: torch.Tensor, weight: torch.Tensor, *, budget_bytes: int) -> torch.Tensor:
@@ -123,7 +130,7 @@ def matmul_split(d: torch.Tensor, weight: torch.Tensor, *, budget_bytes: int) ->
         columns = weight[:, j0:j1]
         tripled = torch.cat([columns, columns, columns], dim=0)  # [3n, j1 - j0]
         if step >= K:
-            _mm_exact_products(parts, tripled, out)
+            mm_exact_products(parts, tripled, out)
         else:
-            out[:, j0:j1] = _mm_exact_products(parts, tripled)
+            out[:, j0:j1] = mm_exact_products(parts, tripled)
     return out

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import struct
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora import dora as peft_dora
+from peft.tuners.lora import variants as peft_variants
 from peft.utils.other import transpose
 from torch import nn
 from torch.nn.modules import module as module_mod
@@ -21,7 +25,7 @@ from ..norm.dense import dense_norm_rows
 from ..norm.scale import magnitude_scale
 from ._common import DoraLayerMixin, base_weight
 
-__all__ = ["DoraLinearLayer"]
+__all__ = ["DoraLinearLayer", "DoraLinearVariant", "bf16_dropout_scale"]
 
 
 class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
@@ -82,8 +86,14 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
         base_layer: nn.Module,
         base_result: torch.Tensor | None = None,
         adapter_name: str = "default",
+        bf16_dropout_scale: float | None = None,
     ) -> torch.Tensor:
-        """Extra output of DoRA on top of ``base_result`` (the variant adds it): ``[..., d_out]``."""
+        """Extra output of DoRA on top of ``base_result`` (the variant adds it): ``[..., d_out]``.
+
+        ``bf16_dropout_scale``: ``c = 1 / (1 - p)`` where the caller knows that ``x`` is PEFT's ``nn.Dropout`` of
+        the fp32 cast of a bf16 activation (:class:`DoraLinearVariant`); the base output is then
+        recomputed with one bf16 GEMM (``autograd/recompute_base.py``). Ignored where it does not apply.
+        """
         if base_result is not None:
             folded = self._folded_lora_B(x, lora_A, lora_B, scaling, base_layer, base_result, adapter_name)
             if folded is not None:
@@ -105,7 +115,9 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
                     return dora_linear_compose(h, weight_b, scale, scaling, base=base)
                 weight = transpose(base_weight(base_layer), self.fan_in_fan_out)
                 if not weight.requires_grad:
-                    return dora_linear_compose(h, weight_b, scale, scaling, x=x, weight=weight)
+                    return dora_linear_compose(
+                        h, weight_b, scale, scaling, x=x, weight=weight, bf16_origin_scale=bf16_dropout_scale
+                    )
             lora_out = F.linear(h, weight_b)
         if base_result is not None:
             bias = base_layer.bias
@@ -114,7 +126,7 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
             # In inference the kernel may write the result over lora_out (a fresh temporary of ours).
             return dora_compose(lora_out, base_result, scale, scaling, inplace=True)
         weight = transpose(base_weight(base_layer), self.fan_in_fan_out)
-        return compose_recompute_base(x, weight, lora_out, scale, scaling)
+        return compose_recompute_base(x, weight, lora_out, scale, scaling, bf16_origin_scale=bf16_dropout_scale)
 
     def _folded_lora_B(
         self,
@@ -267,3 +279,69 @@ def _has_hooks(module: nn.Module) -> bool:
         or module_mod._global_backward_hooks
         or module_mod._global_backward_pre_hooks
     )
+
+
+def bf16_dropout_scale(module: nn.Module, active_adapter: str, x: torch.Tensor, result: torch.Tensor) -> float | None:
+    """``c = fp32(1 / (1 - p))`` when PEFT's DoRA variant is about to recompute the base output from
+    ``dropout(x)`` and ``x`` is exactly an fp32 copy of a bf16 activation; else None.
+
+    Called with the variant's arguments: ``module`` (PEFT's LoRA ``Linear``), ``x`` (its input after PEFT's
+    cast to the adapter dtype), ``result`` (the base layer's output on the *uncast* input). The proof that the
+    uncast input was bf16: ``result`` is bf16 and came from a plain ``nn.Linear`` with a bf16 weight, run
+    without autocast and without hooks or an instance ``forward`` that could have cast its input, and
+    ``F.linear`` accepts no other input dtype with a bf16 weight. A later adapter of the same module sees an
+    fp32 ``result`` (PEFT adds the fp32 extra output to it) and is not accelerated. The dropout must be a plain
+    ``nn.Dropout`` in training mode with ``0 < p < 1``, on a plain tensor, and the DoRA layer ours; never while
+    ``torch.compile`` traces (that path recomputes with plain ops).
+    """
+    if not module.training or x.dtype != torch.float32 or result.dtype != torch.bfloat16:
+        return None
+    if type(x) is not torch.Tensor or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
+        return None
+    dropout = module.lora_dropout[active_adapter]
+    if type(dropout) is not nn.Dropout or not dropout.training or not 0.0 < dropout.p < 1.0:
+        return None
+    if not isinstance(module.lora_magnitude_vector[active_adapter], DoraLinearLayer):
+        return None
+    base_layer = module.get_base_layer()
+    if type(base_layer) is not nn.Linear or _has_hooks(base_layer) or "forward" in base_layer.__dict__:
+        return None
+    weight = _linear_param(base_layer, "weight")
+    if type(weight) not in (nn.Parameter, torch.Tensor) or weight.dtype != torch.bfloat16:
+        return None
+    return struct.unpack("f", struct.pack("f", 1.0 / (1.0 - dropout.p)))[0]  # the fp32 factor nn.Dropout uses
+
+
+#: PEFT's own variant class, bound when this module loads (``patching.py`` later rebinds PEFT's name to ours).
+_StockDoraLinearVariant = peft_variants.DoraLinearVariant
+
+
+class DoraLinearVariant(_StockDoraLinearVariant):
+    """PEFT's DoRA variant of ``lora.Linear`` (a drop-in subclass): the same forward, except that in training
+    with PEFT's dropout it tells our layer when the dropped-out input is an exact fp32 copy of a bf16
+    activation (:func:`bf16_dropout_scale`), so the layer recomputes the base output with one bf16 GEMM.
+
+    PEFT keeps one variant instance per adapter (``module.lora_variant``), built from the class name it looks
+    up in ``peft.tuners.lora.variants``: ``patching.py`` rebinds that name, so a model built while patched
+    keeps these variants, as it keeps our layers.
+    """
+
+    @staticmethod
+    def forward(
+        module: nn.Module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
+        """PEFT's ``forward`` where the scale does not apply; else its dropout branch with the scale passed on."""
+        scale = bf16_dropout_scale(module, active_adapter, x, result)
+        if scale is None:
+            return _StockDoraLinearVariant.forward(module, active_adapter, x, result, **kwargs)
+        extra = module.lora_magnitude_vector[active_adapter](
+            module.lora_dropout[active_adapter](x),
+            lora_A=module.lora_A[active_adapter],
+            lora_B=module.lora_B[active_adapter],
+            scaling=module.scaling[active_adapter],
+            base_layer=module.get_base_layer(),
+            base_result=None,
+            adapter_name=active_adapter,
+            bf16_dropout_scale=scale,
+        )
+        return result + extra

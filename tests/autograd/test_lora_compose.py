@@ -173,10 +173,10 @@ def _stock_formula(x, weight, lora_a, lora_b, scale, base, scaling):
     return (scale - 1) * base + scale * lora * scaling
 
 
-def _ours(x, weight, lora_a, lora_b, scale, base, scaling):
+def _ours(x, weight, lora_a, lora_b, scale, base, scaling, bf16_origin_scale=None):
     h = F.linear(x, lora_a)
     if base is None:
-        return dora_linear_compose(h, lora_b, scale, scaling, x=x, weight=weight)
+        return dora_linear_compose(h, lora_b, scale, scaling, x=x, weight=weight, bf16_origin_scale=bf16_origin_scale)
     return dora_linear_compose(h, lora_b, scale, scaling, base=base)
 
 
@@ -226,6 +226,56 @@ def test_node_at_least_as_close_to_fp64_as_stock(path, setup, dropout, split, mo
             assert got.dtype == ref.dtype, name
             fidelity.add(f"seed {seed} {name}", got, ref, want)
     fidelity.assert_geomean()
+
+
+#: ``nn.Dropout``'s fp32 factor for ``p = 0.1``, as ``_operands`` applies it.
+_DROPOUT_SCALE = float(torch.tensor(1 / 0.9, dtype=F32))
+
+
+@pytest.mark.parametrize("path", ["reference", "kernels"])
+def test_recovered_bf16_input_at_least_as_close_to_fp64_as_stock(path, monkeypatch):
+    """PEFT's default dtypes with dropout, the input known to be ``fp32(x0 * c)`` of a bf16 ``x0``: the forward
+    recompute is one bf16 GEMM on ``bf16(x / c)`` (no split of ``x``; ``d_base`` is still split), and the output
+    and every gradient are at least as close to fp64 as stock's fp32 recompute."""
+    _set_env(monkeypatch, path)
+    scaling = 1.7
+    fidelity = StockFidelity(f"{path} recovered bf16 input")
+    for seed in range(4):
+        operands = _operands("peft-default", dropout=True, seed=seed)
+        operands = tuple(None if t is None else t.to(_device(path)) for t in operands)
+        probe = torch.randn((*operands[0].shape[:-1], operands[3].shape[0]), generator=torch.Generator().manual_seed(9))
+        probe = probe.to(F64).to(_device(path))
+        before = dict(sm.split_counts)
+        with rules.forced_split_matmul(True):
+            ours = _run(lambda *args: _ours(*args, bf16_origin_scale=_DROPOUT_SCALE), operands, probe, scaling)
+        ran = {k: v - before.get(k, 0) for k, v in sm.split_counts.items() if v != before.get(k, 0)}
+        assert ran == {"recovered": 1, "split": 1, "matmul": 1}, ran  # forward: one GEMM; backward: d_base split
+        stock = _run(_stock_formula, operands, probe, scaling)
+        truth = _run(_stock_formula, operands, probe, scaling, upcast=True)
+        for name, want in truth.items():
+            assert ours[name].dtype == stock[name].dtype, name
+            fidelity.add(f"seed {seed} {name}", ours[name], stock[name], want)
+    fidelity.assert_geomean()
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.3, 0.5, 0.9])
+def test_bf16_input_is_recovered_exactly_from_torch_dropout(p):
+    """``bf16(dropout(fp32(x0)) / c)`` is ``x0`` or 0 bit for bit, for bf16 values across the whole range
+    (subnormals, the largest finite values whose product with ``c`` stays finite, both signs), with PyTorch's
+    own dropout."""
+    from dorafactors.autograd.recompute_base import bf16_from_dropped
+
+    gen = torch.Generator().manual_seed(3)
+    bits = torch.randint(-(2**15), 2**15, (64, 512), generator=gen, dtype=torch.int32).to(torch.int16)
+    x0 = bits.view(BF16)
+    c = float(torch.tensor(1 / (1 - p), dtype=F32))
+    x0 = torch.where(torch.isfinite(x0.float() * c), x0, torch.zeros((), dtype=BF16))
+    dropped = nn.Dropout(p).train()(x0.float())
+    kept = dropped != 0
+    recovered = bf16_from_dropped(dropped, c)
+    assert torch.equal(recovered[kept].view(torch.int16), x0[kept].view(torch.int16))
+    assert torch.equal(recovered[~kept].float().abs(), torch.zeros_like(recovered[~kept].float()))
+    assert kept.float().mean().item() == pytest.approx(1 - p, abs=0.02)
 
 
 @pytest.mark.parametrize("requires_scale", [True, False], ids=["trainable-g", "frozen-g"])
@@ -421,22 +471,54 @@ def test_saved_for_backward_is_the_floor(setup, dropout, magnitude, extra_bytes_
     assert floor <= extra <= floor + vectors, f"DoRA saves {extra} bytes beyond LoRA, floor {floor}"
 
 
-def test_one_training_call_launches(monkeypatch):
-    """PEFT default dtypes with dropout, on the kernels: in-place compose, the split of the fp32 input and of
-    d_base, one backward launch for d_base, d_B, (g s) B and d_g; no d_lora, no inner, no second launch."""
+@pytest.mark.parametrize("bf16_input", [True, False], ids=["bf16-activation", "fp32-activation-cast-by-a-hook"])
+def test_one_training_call_launches(bf16_input, monkeypatch):
+    """PEFT default dtypes with dropout, on the kernels: in-place compose, the base output recomputed from the
+    recovered bf16 input (one GEMM; the split of the fp32 input where the input's origin is unknown, here
+    an fp32 activation that a hook on the base layer casts to bf16), the split of d_base, one backward launch for d_base, d_B, (g s) B and d_g; no d_lora, no
+    inner, no second launch."""
     _set_env(monkeypatch, "kernels")
     model = _peft_model(64, 96, BF16, dora=True, autocast=True, dropout=0.1).to(KERNEL_DEVICE)
     x = torch.randn(32, 64).to(KERNEL_DEVICE, BF16).requires_grad_()
+    if not bf16_input:
+        model.base_model.model.proj.base_layer.register_forward_pre_hook(lambda _, args: (args[0].to(BF16),))
+        x = x.detach().float().requires_grad_()  # an fp32 activation the base layer's hook casts to bf16
     before, splits = dict(kc.launch_counts), dict(sm.split_counts)
     with rules.forced_split_matmul(True):
         model(x).float().sum().backward()
     launched = {k: v - before.get(k, 0) for k, v in kc.launch_counts.items() if v != before.get(k, 0)}
     assert launched == {"compose_fwd_inplace": 1, "compose_bwd_lora_b": 1}, launched
     split = {k: v - splits.get(k, 0) for k, v in sm.split_counts.items() if v != splits.get(k, 0)}
-    assert split == {"split": 2, "linear": 1, "matmul": 1}, split
+    if bf16_input:
+        assert split == {"recovered": 1, "split": 1, "matmul": 1}, split
+    else:
+        assert split == {"split": 2, "linear": 1, "matmul": 1}, split
 
 
 # ------------------------------------------------------------------------------------------------ GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+def test_gpu_recovered_bf16_input_at_least_as_close_to_fp64_as_stock(monkeypatch):
+    """CUDA, default dispatch, PEFT's default dtypes with the input known to come from bf16: the forward
+    recompute is one cuBLAS bf16 GEMM with an fp32 result, and the output and every gradient are at least as
+    close to fp64 as stock's formula (fp32 GEMMs with TF32 off)."""
+    _set_env(monkeypatch, "kernels")
+    scaling = 1.7
+    fidelity = StockFidelity("recovered bf16 input")
+    for seed in range(2):
+        operands = _operands("peft-default", dropout=True, seed=seed, tokens=(4, 512), d_in=1024, d_out=1536, rank=64)
+        operands = tuple(None if t is None else t.cuda() for t in operands)
+        probe = torch.randn(4, 512, 1536, device="cuda").to(F64)
+        before = sm.split_counts["recovered"]
+        ours = _run(lambda *args: _ours(*args, bf16_origin_scale=_DROPOUT_SCALE), operands, probe, scaling)
+        assert sm.split_counts["recovered"] > before, "the recovered input's GEMM ran"
+        stock = _run(_stock_formula, operands, probe, scaling)
+        truth = _run(_stock_formula, operands, probe, scaling, upcast=True)
+        for name, want in truth.items():
+            fidelity.add(f"seed {seed} {name}", ours[name], stock[name], want)
+    fidelity.assert_geomean()
 
 
 @pytest.mark.gpu
