@@ -288,7 +288,8 @@ def bf16_dropout_scale(module: nn.Module, active_adapter: str, x: torch.Tensor, 
     Called with the variant's arguments: ``module`` (PEFT's LoRA ``Linear``), ``x`` (its input after PEFT's
     cast to the adapter dtype), ``result`` (the base layer's output on the *uncast* input). The proof that the
     uncast input was bf16: ``result`` is bf16 and came from a plain ``nn.Linear`` with a bf16 weight, run
-    without autocast and without hooks or an instance ``forward`` that could have cast its input, and
+    without autocast, torch-function modes, hooks, an instance ``forward`` or a replaced ``nn.Linear.forward``
+    that could have cast its input, and
     ``F.linear`` accepts no other input dtype with a bf16 weight. A later adapter of the same module sees an
     fp32 ``result`` (PEFT adds the fp32 extra output to it) and is not accelerated. The dropout must be a plain
     ``nn.Dropout`` in training mode with ``0 < p < 1``, on a plain tensor, and the DoRA layer ours; never while
@@ -306,12 +307,16 @@ def bf16_dropout_scale(module: nn.Module, active_adapter: str, x: torch.Tensor, 
     base_layer = module.get_base_layer()
     if type(base_layer) is not nn.Linear or _has_hooks(base_layer) or "forward" in base_layer.__dict__:
         return None
+    if nn.Linear.forward is not _LINEAR_FORWARD or torch._C._is_torch_function_mode_enabled():
+        return None  # nn.Linear's forward replaced, or a torch-function mode that may cast F.linear's input
     weight = _linear_param(base_layer, "weight")
     if type(weight) not in (nn.Parameter, torch.Tensor) or weight.dtype != torch.bfloat16:
         return None
     return struct.unpack("f", struct.pack("f", 1.0 / (1.0 - dropout.p)))[0]  # the fp32 factor nn.Dropout uses
 
 
+#: ``nn.Linear.forward`` as PyTorch defines it (``bf16_dropout_scale`` relies on its dtype check).
+_LINEAR_FORWARD = nn.Linear.forward
 #: PEFT's own variant class, bound when this module loads (``patching.py`` later rebinds PEFT's name to ours).
 _StockDoraLinearVariant = peft_variants.DoraLinearVariant
 

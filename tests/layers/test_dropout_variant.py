@@ -125,6 +125,12 @@ def test_the_scale_is_given_only_where_the_input_is_proven_bf16(monkeypatch):
     layer.base_layer.forward = layer.base_layer.forward  # an instance forward may cast its input
     assert rejected()
     del layer.base_layer.forward
+    with torch.device(x.device):  # a torch-function mode
+        assert rejected()
+    monkeypatch.setattr(nn.Linear, "forward", lambda self, inp: torch.nn.functional.linear(inp.to(BF16), self.weight))
+    assert rejected()
+    monkeypatch.undo()
+    assert not rejected()
     original = layer.lora_dropout[adapter]
     for other in (nn.Dropout(0.0), nn.Dropout(1.0), type("MyDropout", (nn.Dropout,), {})(P), nn.Identity()):
         layer.lora_dropout[adapter] = other.train()
