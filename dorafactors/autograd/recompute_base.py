@@ -10,8 +10,8 @@ materializes the full ``base``. Here (:class:`BaseRecompute`, :func:`base_input_
   (``kernels/split_matmul.py``), where ``dispatch/rules.py::split_matmul_ok`` allows (CUDA, sizes above
   launch overhead); otherwise ``W`` is cast to the input dtype per chunk, as stock does as a whole;
 * the forward GEMM needs only one of those bf16 GEMMs when the caller knows where the input came from
-  (``bf16_origin_scale``: ``layers/linear.py::dropout_variant_forward`` establishes it for PEFT's own
-  dropout path). PEFT casts a bf16 activation ``x0`` to fp32 and its ``nn.Dropout`` returns
+  (``bf16_origin_scale``: ``layers/linear.py::DoraLinearVariant`` establishes it for PEFT's own dropout
+  path). PEFT casts a bf16 activation ``x0`` to fp32 and its ``nn.Dropout`` returns
   ``x = fp32(x0 * c)`` or 0, with ``c = 1 / (1 - p)`` in fp32. Then ``bf16(x / c)`` is ``x0`` (or 0) exactly:
   ``x / c`` is within a few fp32 ulps of the bf16 value ``x0``, and rounding to bf16 lands on it. So
   ``x @ W^T = c * (bf16(x / c) @ W^T)`` up to the fp32 rounding of ``x0 * c`` per element (relative

@@ -286,14 +286,14 @@ def bf16_dropout_scale(module: nn.Module, active_adapter: str, x: torch.Tensor, 
     ``dropout(x)`` and ``x`` is exactly an fp32 copy of a bf16 activation; else None.
 
     Called with the variant's arguments: ``module`` (PEFT's LoRA ``Linear``), ``x`` (its input after PEFT's
-    cast to the adapter dtype), ``result`` (the base layer's output on the *uncast* input). The proof that the
-    uncast input was bf16: ``result`` is bf16 and came from a plain ``nn.Linear`` with a bf16 weight, run
-    without autocast, torch-function modes, hooks, an instance ``forward`` or a replaced ``nn.Linear.forward``
-    that could have cast its input, and
-    ``F.linear`` accepts no other input dtype with a bf16 weight. A later adapter of the same module sees an
-    fp32 ``result`` (PEFT adds the fp32 extra output to it) and is not accelerated. The dropout must be a plain
-    ``nn.Dropout`` in training mode with ``0 < p < 1``, on a plain tensor, and the DoRA layer ours; never while
-    ``torch.compile`` traces (that path recomputes with plain ops).
+    cast to the adapter dtype), ``result`` (the base layer's output on the *uncast* input).
+
+    The proof that the uncast input was bf16: ``result`` is bf16 and came from a plain ``nn.Linear`` with a bf16
+    weight, and ``F.linear`` accepts no other input dtype with a bf16 weight; nothing could have cast the input
+    on its way (no autocast, torch-function mode, hook, instance ``forward`` or replaced ``nn.Linear.forward``).
+    A later adapter of the same module sees an fp32 ``result`` (PEFT added an fp32 extra output to it) and is not
+    accelerated. The dropout must be a plain ``nn.Dropout`` in training mode with ``0 < p < 1``, ``x`` a plain
+    tensor, the DoRA layer ours; never while ``torch.compile`` traces (that path recomputes with plain ops).
     """
     if not module.training or x.dtype != torch.float32 or result.dtype != torch.bfloat16:
         return None
