@@ -336,8 +336,8 @@ class DoraLinearVariant(_StockDoraLinearVariant):
         module: nn.Module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any
     ) -> torch.Tensor:
         """PEFT's ``forward`` where the scale does not apply; else its dropout branch with the scale passed on."""
-        scale = bf16_dropout_scale(module, active_adapter, x, result)
-        if scale is None:
+        scale = bf16_dropout_scale(module, active_adapter, x, result) if module.training else None
+        if scale is None:  # evaluation and decode: straight to PEFT's forward
             return _StockDoraLinearVariant.forward(module, active_adapter, x, result, **kwargs)
         extra = module.lora_magnitude_vector[active_adapter](
             module.lora_dropout[active_adapter](x),
