@@ -42,7 +42,10 @@ graph reads the norm from the store, a graph input, which Inductor never hands t
 re-inplaces the functionalized mutation, so the op works on the store itself). Not where autograd records:
 a graph may save the norm for its backward, and a later write into the store would change it.
 
-Both are registered through ``torch.library.Library`` directly rather than ``torch.library.custom_op``: they
+Under Inductor a graph runs one call for all its layers instead: ``refresh_weight_norms`` takes the same
+arguments as lists, and a graph pass merges the layers' calls into it (``autograd/norm_batching.py``).
+
+All three are registered through ``torch.library.Library`` directly rather than ``torch.library.custom_op``: they
 run once per DoRA layer per forward, and the direct registration costs a fraction of ``custom_op``'s Python
 dispatch wrapper per call.
 """
@@ -95,9 +98,15 @@ _STORE_SCHEMA = (
 )
 _unsafe_tag = getattr(torch.Tag, "cudagraph_unsafe", None)  # PyTorch >= 2.8
 _tags = (_unsafe_tag,) if _unsafe_tag is not None else ()
+_BATCH_OP_NAME = "refresh_weight_norms"
+_BATCH_SCHEMA = (
+    f"{_BATCH_OP_NAME}(Tensor(a!)[] stores, Tensor[] owners, Tensor[] weights, Tensor[] lora_As, Tensor[] lora_Bs, "
+    "float[] scalings, str[] layouts, bool[] caches) -> ()"
+)
 _lib = torch.library.Library("dorafactors", "FRAGMENT")
 _lib.define(_SCHEMA, tags=_tags)
 _lib.define(_STORE_SCHEMA, tags=_tags)
+_lib.define(_BATCH_SCHEMA, tags=_tags)
 
 #: Attribute name of a DoRA layer's norm store: a tensor holding the bits of its forward norm.
 NORM_STORE = "_df_norm_bits"
@@ -339,6 +348,22 @@ def _refresh_weight_norm_impl(
         caches.served = (weakref.ref(store), store.data_ptr(), norm)
 
 
+def _refresh_weight_norms_impl(
+    stores: list[torch.Tensor],
+    owners: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    lora_As: list[torch.Tensor],
+    lora_Bs: list[torch.Tensor],
+    scalings: list[float],
+    layouts: list[str],
+    caches: list[bool],
+) -> None:
+    """``dorafactors::refresh_weight_norms``: :func:`_refresh_weight_norm_impl` for each layer, in order. A compiled
+    graph calls it once in place of its layers' ``refresh_weight_norm`` calls (``autograd/norm_batching.py``)."""
+    for args in zip(stores, owners, weights, lora_As, lora_Bs, scalings, layouts, caches, strict=True):
+        _refresh_weight_norm_impl(*args)
+
+
 def _cached_weight_norm_fake(owner, weight, lora_A, lora_B, scaling, layout, cache):
     """Shape and dtype of the result: ``[d_out]`` on ``weight``'s device, fp64 if an input is fp64, else fp32."""
     rows = weight.shape[1] if layout == "transposed" else weight.shape[0]
@@ -347,7 +372,16 @@ def _cached_weight_norm_fake(owner, weight, lora_A, lora_B, scaling, layout, cac
 
 
 def _refresh_weight_norm_fake(store, owner, weight, lora_A, lora_B, scaling, layout, cache):
-    """Nothing to return: the op writes ``store`` in place."""
+    """Nothing to return: the op writes ``store`` in place. Runs while a graph is traced, which is when the
+    graph pass that batches these calls is installed (``norm_batching.install``)."""
+    from .norm_batching import install
+
+    install()
+    return None
+
+
+def _refresh_weight_norms_fake(stores, owners, weights, lora_As, lora_Bs, scalings, layouts, caches):
+    """Nothing to return: the op writes ``stores`` in place."""
     return None
 
 
@@ -355,3 +389,5 @@ _lib.impl(_OP_NAME, _cached_weight_norm_impl, "CompositeExplicitAutograd")
 torch.library.register_fake(f"dorafactors::{_OP_NAME}", _cached_weight_norm_fake, lib=_lib)
 _lib.impl(_STORE_OP_NAME, _refresh_weight_norm_impl, "CompositeExplicitAutograd")
 torch.library.register_fake(f"dorafactors::{_STORE_OP_NAME}", _refresh_weight_norm_fake, lib=_lib)
+_lib.impl(_BATCH_OP_NAME, _refresh_weight_norms_impl, "CompositeExplicitAutograd")
+torch.library.register_fake(f"dorafactors::{_BATCH_OP_NAME}", _refresh_weight_norms_fake, lib=_lib)

@@ -1,0 +1,160 @@
+"""One norm op per compiled graph: an Inductor graph pass that merges the layers' ``refresh_weight_norm`` calls.
+
+In a compiled forward without autograd every DoRA layer calls ``dorafactors::refresh_weight_norm`` (``norm_op.py``):
+an opaque op whose host side checks the layer's norm cache and rewrites its norm store when the norm changed.
+Each call costs a dispatch on the host, once per layer and forward, which is what separates compiled decode
+from compiled LoRA. This pass replaces all of a graph's calls with one ``dorafactors::refresh_weight_norms`` call
+that takes the same arguments as lists and runs the same body per layer, in the same order; the layers read
+their stores afterwards exactly as before.
+
+The merged call sits where the first layer's call was, so the later layers' refreshes run earlier than they
+would have. That is the same computation when nothing in between writes a tensor they read, so the pass
+merges only when
+
+* every tensor argument is a graph input (a placeholder or an attribute: a layer's parameters and its store)
+  defined before the first call,
+* every call has the op's eight positional arguments (the schema the layers call it with),
+* no node between the first and the last call may write in place (a mutating op, an in-place method or
+  function, ``out=``, item assignment, or a submodule call whose body the pass cannot see).
+
+Otherwise the graph is left as it is: correct, one call per layer. The pass runs on Inductor's pre-grad graph
+(``torch._inductor.config.pre_grad_custom_pass``), which the norm ops install while the first graph with one
+is traced (:func:`install`). A pass the user had set there runs after this one. PyTorch before
+:data:`MIN_TORCH` keeps the calls per layer. This module imports Inductor's pass interface: it is imported
+when a graph with a norm op is traced, not with the package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import operator
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from . import norm_op  # noqa: F401  (registers the dorafactors ops this pass reads and writes)
+
+__all__ = ["MIN_TORCH", "BatchNormRefreshes", "batch_refreshes", "install"]
+
+#: The oldest PyTorch the merged op was tested on (its list-of-mutable-tensors schema under functionalization).
+MIN_TORCH = (2, 11)
+_ARITY = 8  # refresh_weight_norm(store, owner, weight, lora_A, lora_B, scaling, layout, cache)
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def _is_refresh(node: torch.fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    op = torch.ops.dorafactors.refresh_weight_norm
+    return node.target is op or node.target is op.default
+
+
+def _may_write(node: torch.fx.Node) -> bool:
+    """Could ``node`` write into a tensor in place (conservative: unknown means yes)?"""
+    if node.op in ("placeholder", "get_attr", "output"):
+        return False
+    if node.op == "call_module":
+        return True
+    if "out" in node.kwargs:
+        return True
+    target = node.target
+    if node.op == "call_method":
+        return isinstance(target, str) and target.endswith("_") and not target.endswith("__")
+    if target is operator.setitem:
+        return True
+    schema = getattr(target, "_schema", None)
+    if schema is None and isinstance(target, torch._ops.OpOverloadPacket):
+        schema = target.default._schema
+    if schema is not None:
+        return schema.is_mutable
+    name = getattr(target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__")
+
+
+def batch_refreshes(graph: torch.fx.Graph) -> int:
+    """Merge ``graph``'s ``refresh_weight_norm`` calls into one ``refresh_weight_norms`` call where it is safe
+    (module docstring). Returns how many calls were merged (0: the graph is unchanged)."""
+    nodes = list(graph.nodes)
+    refreshes = [i for i, node in enumerate(nodes) if _is_refresh(node)]
+    if len(refreshes) < 2:
+        return 0
+    for i in refreshes:
+        node = nodes[i]
+        if node.kwargs or len(node.args) != _ARITY:
+            return 0
+        for arg in node.args[:5]:
+            if not isinstance(arg, torch.fx.Node) or arg.op not in ("placeholder", "get_attr"):
+                return 0
+        if any(isinstance(arg, torch.fx.Node) for arg in node.args[5:]):
+            return 0
+    position = {node: i for i, node in enumerate(nodes)}
+    if any(position[arg] > refreshes[0] for i in refreshes for arg in nodes[i].args[:5]):
+        return 0  # an argument defined after the first call: the merged call cannot sit there
+    between = nodes[refreshes[0] + 1 : refreshes[-1]]
+    if any(not _is_refresh(node) and _may_write(node) for node in between):
+        return 0
+    calls = [nodes[i] for i in refreshes]
+    columns = tuple(list(column) for column in zip(*(node.args for node in calls)))
+    with graph.inserting_before(calls[0]):
+        graph.call_function(torch.ops.dorafactors.refresh_weight_norms.default, columns)
+    for node in calls:
+        graph.erase_node(node)
+    return len(calls)
+
+
+def _source_hash() -> str:
+    return hashlib.sha256(inspect.getsource(sys.modules[__name__]).encode()).hexdigest()[:16]
+
+
+class BatchNormRefreshes(CustomGraphPass):
+    """The pass as Inductor takes it; ``then``: the pre-grad pass that was set before (run after this one)."""
+
+    def __init__(self, then: Any = None) -> None:
+        self.then = then
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        batch_refreshes(graph)
+        for other in _passes(self.then):
+            other(graph)
+
+    def uuid(self) -> Any:
+        others = [getattr(p, "uuid", lambda: None)() for p in _passes(self.then)]
+        if any(u is None for u in others):
+            return None  # a pass without an id: Inductor then does not cache (as without this pass)
+        return ("dorafactors-batch-norm-refreshes", _source_hash(), *others)
+
+
+def _passes(value: Any) -> tuple[Callable[[torch.fx.Graph], None], ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    return (value,)
+
+
+_installed: list[Any] = []  # the pass object this process installed (at most one)
+
+
+def install() -> bool:
+    """Set the pass as Inductor's pre-grad custom pass (chaining one that is already set), once per process; a
+    no-op before :data:`MIN_TORCH` or when Inductor was never imported (nothing compiles with it then). Returns
+    whether the pass is in place."""
+    config = sys.modules.get("torch._inductor.config")
+    if config is None or _torch_version() < MIN_TORCH or not hasattr(config, "pre_grad_custom_pass"):
+        return False
+    current = config.pre_grad_custom_pass
+    if _installed and (current is _installed[0] or _installed[0] in _passes(current)):
+        return True
+    pass_ = BatchNormRefreshes(then=current)
+    config.pre_grad_custom_pass = pass_
+    _installed[:] = [pass_]
+    return True

@@ -1,0 +1,153 @@
+"""One norm op per compiled graph (``autograd/norm_batching.py``).
+
+* the pass on hand-built graphs: merges every ``refresh_weight_norm`` call into one ``refresh_weight_norms`` call
+  with the arguments as lists, in order, where the first call was; leaves the graph alone where moving a
+  call earlier could change what it reads (a computed argument, an in-place write in between) or where
+  there is nothing to merge;
+* end to end under Inductor (CPU): a compiled patched model runs the merged op once per forward and no
+  per-layer op, gives bitwise the output of the same compile without the pass, and follows adapter edits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx
+from peft import LoraConfig, get_peft_model
+
+import dorafactors
+from dorafactors.autograd import norm_batching
+from tests._models import TinyLM
+
+REFRESH = torch.ops.dorafactors.refresh_weight_norm.default
+MERGED = torch.ops.dorafactors.refresh_weight_norms.default
+
+
+def _graph(layers: int, between=None, computed_weight: bool = False, late_attribute: bool = False) -> torch.fx.Graph:
+    """``layers`` refresh calls on placeholders, each followed by a read of its store; ``between(graph, x)``
+    adds nodes after the first call."""
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    inputs = [[graph.placeholder(f"{n}{i}") for n in ("store", "owner", "w", "a", "b")] for i in range(layers)]
+    outs = []
+    for i in range(layers):
+        store, owner, weight, a, b = inputs[i]
+        if late_attribute and i == 1:
+            weight = graph.get_attr("late_weight")
+        if computed_weight and i == 1:
+            weight = graph.call_function(torch.ops.aten.clone.default, (weight,))
+        graph.call_function(REFRESH, (store, owner, weight, a, b, 0.5 + i, "linear", True))
+        outs.append(graph.call_function(torch.ops.aten.add.Tensor, (x, store)))
+        if i == 0 and between is not None:
+            between(graph, x)
+    graph.output(tuple(outs))
+    return graph
+
+
+def _targets(graph: torch.fx.Graph) -> list:
+    return [n.target for n in graph.nodes if n.op == "call_function" and n.target in (REFRESH, MERGED)]
+
+
+def test_calls_merge_into_one_in_order_where_the_first_was():
+    graph = _graph(3)
+    assert norm_batching.batch_refreshes(graph) == 3
+    assert _targets(graph) == [MERGED]
+    merged = next(n for n in graph.nodes if n.target is MERGED)
+    stores, _, weights, _, _, scalings, layouts, caches = merged.args
+    assert [s.name for s in stores] == ["store0", "store1", "store2"]
+    assert [w.name for w in weights] == ["w0", "w1", "w2"]
+    assert scalings == [0.5, 1.5, 2.5] and layouts == ["linear"] * 3 and caches == [True] * 3
+    first_read = next(n for n in graph.nodes if n.target is torch.ops.aten.add.Tensor)
+    order = list(graph.nodes)
+    assert order.index(merged) < order.index(first_read)  # every store is refreshed before any is read
+    graph.lint()
+
+
+@pytest.mark.parametrize(
+    "between",
+    [
+        lambda g, x: g.call_method("mul_", (x, 2.0)),
+        lambda g, x: g.call_function(torch.ops.aten.add_.Tensor, (x, x)),
+        lambda g, x: g.call_function(torch.add, (x, x), {"out": x}),
+        lambda g, x: g.call_module("sub", (x,)),
+    ],
+    ids=["method_", "mutating-op", "out=", "submodule"],
+)
+def test_an_in_place_write_between_the_calls_keeps_them(between):
+    graph = _graph(2, between=between)
+    assert norm_batching.batch_refreshes(graph) == 0
+    assert _targets(graph) == [REFRESH, REFRESH]
+
+
+def test_a_computed_or_late_argument_or_a_single_call_keeps_the_graph():
+    graph = _graph(3, computed_weight=True)
+    assert norm_batching.batch_refreshes(graph) == 0
+    assert _targets(graph) == [REFRESH] * 3
+    graph = _graph(1)
+    assert norm_batching.batch_refreshes(graph) == 0
+    assert _targets(graph) == [REFRESH]
+    graph = _graph(2, late_attribute=True)  # an attribute read after the first call
+    assert norm_batching.batch_refreshes(graph) == 0
+    assert _targets(graph) == [REFRESH] * 2
+
+
+def test_a_pass_set_before_runs_after_this_one():
+    seen = []
+
+    class Theirs:
+        def __call__(self, graph):
+            seen.append(_targets(graph))
+
+        def uuid(self):
+            return "theirs"
+
+    ours = norm_batching.BatchNormRefreshes(then=Theirs())
+    ours(_graph(2))
+    assert seen == [[MERGED]]
+    assert ours.uuid()[-1] == "theirs"
+    assert norm_batching.BatchNormRefreshes(then=lambda graph: None).uuid() is None  # theirs has no id
+
+
+def _op_calls(fn) -> dict[str, int]:
+    """Dispatches of the two norm ops during ``fn()`` (from the profiler's operator events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    counts = {e.key: e.count for e in prof.key_averages()}
+    return {
+        "layer": counts.get("dorafactors::refresh_weight_norm", 0),
+        "merged": counts.get("dorafactors::refresh_weight_norms", 0),
+    }
+
+
+@pytest.mark.skipif(norm_batching._torch_version() < norm_batching.MIN_TORCH, reason="PyTorch before MIN_TORCH")
+def test_a_compiled_model_runs_one_norm_op_per_forward_and_follows_edits(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "pre_grad_custom_pass", None)
+    torch.manual_seed(0)
+    with dorafactors.patched():
+        model = get_peft_model(
+            TinyLM(width=32, blocks=2).to(torch.bfloat16),
+            LoraConfig(r=4, target_modules=["q", "up", "down"], use_dora=True, init_lora_weights=False),
+        )
+    model.eval()
+    x = torch.randint(0, 32, (1, 8))
+    outputs, compiled = {}, None
+    with torch.no_grad():
+        for merged in (False, True):
+            torch._dynamo.reset()
+            with monkeypatch.context() as scoped:
+                if not merged:
+                    scoped.setattr(norm_batching, "install", lambda: False)
+                compiled = torch.compile(model, backend="inductor", fullgraph=True)
+                compiled(x)
+            calls = _op_calls(lambda fn=compiled, key=merged: outputs.__setitem__(key, fn(x)))
+            assert calls == ({"layer": 0, "merged": 1} if merged else {"layer": 6, "merged": 0}), (merged, calls)
+        assert isinstance(inductor_config.pre_grad_custom_pass, norm_batching.BatchNormRefreshes)
+        assert torch.equal(outputs[True], outputs[False])
+        model.base_model.model.blocks[0]["q"].lora_B["default"].weight.mul_(1.5)
+        edited, eager = compiled(x), model(x)
+        assert not torch.equal(edited, outputs[True])  # the edit is seen: the norm and the output follow it
+        torch.testing.assert_close(edited.float(), eager.float(), atol=0.05, rtol=0.05)
