@@ -125,7 +125,11 @@ def _op_calls(fn) -> dict[str, int]:
 def test_a_compiled_model_runs_one_norm_op_per_forward_and_follows_edits(monkeypatch):
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "pre_grad_custom_pass", None)
+    with inductor_config.patch(pre_grad_custom_pass=None):  # restored afterwards, the pass included
+        _compiled_model_check(monkeypatch, inductor_config)
+
+
+def _compiled_model_check(monkeypatch, inductor_config) -> None:
     torch.manual_seed(0)
     with dorafactors.patched():
         model = get_peft_model(
