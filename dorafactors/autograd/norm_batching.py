@@ -14,8 +14,12 @@ merges only when
 * every tensor argument is a graph input (a placeholder or an attribute: a layer's parameters and its store)
   defined before the first call,
 * every call has the op's eight positional arguments (the schema the layers call it with),
-* no node between the first and the last call may write in place (a mutating op, an in-place method or
-  function, ``out=``, item assignment, or a submodule call whose body the pass cannot see).
+* no node between the first and the last call may write in place into the memory of a tensor the calls
+  read or write (a mutating op, an in-place method or function, ``out=``, ``inplace=True``, item
+  assignment), judged by the storages of the traced example values, so a write into a view counts as a
+  write into its base. A static KV cache written between the layers (``index_copy_``) is other memory and
+  does not block the merge; a submodule call whose body the pass cannot see, or a tensor without a traced
+  value, does.
 
 Otherwise the graph is left as it is: correct, one call per layer. The pass runs on Inductor's pre-grad graph
 (``torch._inductor.config.pre_grad_custom_pass``), which the norm ops install while the first graph with one
@@ -36,6 +40,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from . import norm_op  # noqa: F401  (registers the dorafactors ops this pass reads and writes)
 
@@ -58,26 +63,73 @@ def _is_refresh(node: torch.fx.Node) -> bool:
     return node.target is op or node.target is op.default
 
 
-def _may_write(node: torch.fx.Node) -> bool:
-    """Could ``node`` write into a tensor in place (conservative: unknown means yes)?"""
+def _written_arguments(node: torch.fx.Node) -> list[Any] | None:
+    """The arguments ``node`` may write in place: ``[]`` for none, None when unknown (a submodule call)."""
     if node.op in ("placeholder", "get_attr", "output"):
-        return False
+        return []
     if node.op == "call_module":
-        return True
-    if "out" in node.kwargs:
-        return True
+        return None
+    written = [node.kwargs["out"]] if "out" in node.kwargs else []
+    if node.kwargs.get("inplace") is True and node.args:
+        written.append(node.args[0])
     target = node.target
     if node.op == "call_method":
-        return isinstance(target, str) and target.endswith("_") and not target.endswith("__")
+        if isinstance(target, str) and target.endswith("_") and not target.endswith("__"):
+            written.append(node.args[0])
+        return written
     if target is operator.setitem:
-        return True
+        return [*written, node.args[0]]
     schema = getattr(target, "_schema", None)
     if schema is None and isinstance(target, torch._ops.OpOverloadPacket):
         schema = target.default._schema
     if schema is not None:
-        return schema.is_mutable
+        for i, argument in enumerate(schema.arguments):
+            if argument.alias_info is not None and argument.alias_info.is_write:
+                if argument.kwarg_only or i >= len(node.args):
+                    written.append(node.kwargs.get(argument.name))
+                else:
+                    written.append(node.args[i])
+        return written
     name = getattr(target, "__name__", "")
-    return name.endswith("_") and not name.endswith("__")
+    if name.endswith("_") and not name.endswith("__") and node.args:
+        written.append(node.args[0])
+    return written
+
+
+def _storages(value: Any) -> set[StorageWeakRef] | None:
+    """The storages of a node's traced example value(s) (Dynamo's ``example_value`` or Inductor's ``val``
+    fake tensors, which share a storage exactly where the real tensors do); None when unknown."""
+    if isinstance(value, (list, tuple)):
+        found: set[StorageWeakRef] = set()
+        for item in value:
+            part = _storages(item)
+            if part is None:
+                return None
+            found |= part
+        return found
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return set()
+    if not isinstance(value, torch.fx.Node):
+        return None
+    example = value.meta.get("example_value", value.meta.get("val"))
+    if not isinstance(example, torch.Tensor):
+        return None
+    try:
+        return {StorageWeakRef(example.untyped_storage())}
+    except Exception:  # a tensor subclass without a storage: unknown
+        return None
+
+
+def _may_write_into(node: torch.fx.Node, read: set[StorageWeakRef]) -> bool:
+    """Could ``node`` write into one of the storages ``read``? Unknown means yes."""
+    written = _written_arguments(node)
+    if written is None:
+        return True
+    for argument in written:
+        storages = _storages(argument)
+        if storages is None or storages & read:
+            return True
+    return False
 
 
 def batch_refreshes(graph: torch.fx.Graph) -> int:
@@ -99,8 +151,11 @@ def batch_refreshes(graph: torch.fx.Graph) -> int:
     position = {node: i for i, node in enumerate(nodes)}
     if any(position[arg] > refreshes[0] for i in refreshes for arg in nodes[i].args[:5]):
         return 0  # an argument defined after the first call: the merged call cannot sit there
+    read = _storages([arg for i in refreshes for arg in nodes[i].args[:5]])
+    if read is None:
+        return 0  # the calls' tensors have no traced values: no way to tell what a write in between reaches
     between = nodes[refreshes[0] + 1 : refreshes[-1]]
-    if any(not _is_refresh(node) and _may_write(node) for node in between):
+    if any(not _is_refresh(node) and _may_write_into(node, read) for node in between):
         return 0
     calls = [nodes[i] for i in refreshes]
     columns = tuple(list(column) for column in zip(*(node.args for node in calls)))

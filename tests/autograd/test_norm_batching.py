@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 import torch.fx
@@ -24,11 +26,20 @@ MERGED = torch.ops.dorafactors.refresh_weight_norms.default
 
 
 def _graph(layers: int, between=None, computed_weight: bool = False, late_attribute: bool = False) -> torch.fx.Graph:
-    """``layers`` refresh calls on placeholders, each followed by a read of its store; ``between(graph, x)``
-    adds nodes after the first call."""
+    """``layers`` refresh calls on placeholders, each followed by a read of its store; ``between(graph, nodes)``
+    adds nodes after the first call (``nodes``: the placeholders by name). Every placeholder carries a traced
+    example value with a storage of its own, as Dynamo's graphs do; a static KV cache ``cache`` is one more."""
     graph = torch.fx.Graph()
-    x = graph.placeholder("x")
-    inputs = [[graph.placeholder(f"{n}{i}") for n in ("store", "owner", "w", "a", "b")] for i in range(layers)]
+
+    def placeholder(name: str) -> torch.fx.Node:
+        node = graph.placeholder(name)
+        node.meta["example_value"] = torch.zeros(4)
+        return node
+
+    x = placeholder("x")
+    nodes = {"x": x, "cache": placeholder("cache")}
+    inputs = [[placeholder(f"{n}{i}") for n in ("store", "owner", "w", "a", "b")] for i in range(layers)]
+    nodes.update({node.name: node for row in inputs for node in row})
     outs = []
     for i in range(layers):
         store, owner, weight, a, b = inputs[i]
@@ -39,9 +50,16 @@ def _graph(layers: int, between=None, computed_weight: bool = False, late_attrib
         graph.call_function(REFRESH, (store, owner, weight, a, b, 0.5 + i, "linear", True))
         outs.append(graph.call_function(torch.ops.aten.add.Tensor, (x, store)))
         if i == 0 and between is not None:
-            between(graph, x)
+            between(graph, nodes)
     graph.output(tuple(outs))
     return graph
+
+
+def _view_of(graph: torch.fx.Graph, base: torch.fx.Node) -> torch.fx.Node:
+    """A traced view of ``base``: its example value shares the base's storage."""
+    view = graph.call_method("view", (base, 2, 2))
+    view.meta["example_value"] = base.meta["example_value"].view(2, 2)
+    return view
 
 
 def _targets(graph: torch.fx.Graph) -> list:
@@ -66,17 +84,40 @@ def test_calls_merge_into_one_in_order_where_the_first_was():
 @pytest.mark.parametrize(
     "between",
     [
-        lambda g, x: g.call_method("mul_", (x, 2.0)),
-        lambda g, x: g.call_function(torch.ops.aten.add_.Tensor, (x, x)),
-        lambda g, x: g.call_function(torch.add, (x, x), {"out": x}),
-        lambda g, x: g.call_module("sub", (x,)),
+        lambda g, n: g.call_method("mul_", (n["w1"], 2.0)),
+        lambda g, n: g.call_function(torch.ops.aten.add_.Tensor, (n["a1"], n["a1"])),
+        lambda g, n: g.call_function(torch.add, (n["x"], n["x"]), {"out": n["b1"]}),
+        lambda g, n: g.call_function(torch.nn.functional.relu, (n["owner1"],), {"inplace": True}),
+        lambda g, n: g.call_function(operator.setitem, (n["store1"], 0, 1.0)),
+        lambda g, n: g.call_method("index_copy_", (_view_of(g, n["w1"]), 0, n["x"], n["x"])),
+        lambda g, n: g.call_method("mul_", (g.call_method("view", (n["w1"], 2, 2)), 2.0)),  # no traced value
+        lambda g, n: g.call_module("sub", (n["x"],)),
     ],
-    ids=["method_", "mutating-op", "out=", "submodule"],
+    ids=["method_", "mutating-op", "out=", "inplace=True", "setitem", "into-a-view", "untraced", "submodule"],
 )
-def test_an_in_place_write_between_the_calls_keeps_them(between):
+def test_a_write_into_what_the_calls_read_keeps_them(between):
+    """A later layer's argument written in place between the calls (directly, through a view, or possibly: a
+    value the pass cannot trace, a submodule it cannot see) would be read before the write if merged."""
     graph = _graph(2, between=between)
     assert norm_batching.batch_refreshes(graph) == 0
     assert _targets(graph) == [REFRESH, REFRESH]
+
+
+@pytest.mark.parametrize(
+    "between",
+    [
+        lambda g, n: g.call_method("index_copy_", (n["cache"], 0, n["x"], n["x"])),
+        lambda g, n: g.call_function(torch.ops.aten.add_.Tensor, (n["x"], n["x"])),
+        lambda g, n: g.call_method("mul_", (_view_of(g, n["cache"]), 2.0)),
+    ],
+    ids=["kv-cache-index_copy_", "mutating-op", "into-a-view"],
+)
+def test_a_write_into_other_memory_does_not_keep_them(between):
+    """A static KV cache written between the layers (``StaticCache.update``) is memory no call reads."""
+    graph = _graph(2, between=between)
+    assert norm_batching.batch_refreshes(graph) == 2
+    assert _targets(graph) == [MERGED]
+    graph.lint()
 
 
 def test_a_computed_or_late_argument_or_a_single_call_keeps_the_graph():

@@ -486,6 +486,8 @@ def _gpu_pair(dtype=torch.float32):
 def test_gpu_inductor_graph_calls_the_op_and_caches():
     from torch._inductor.utils import run_and_get_code
 
+    from dorafactors.autograd import norm_batching
+
     stock, ours = _gpu_pair()
     ours.eval()
     stock.eval()
@@ -493,8 +495,13 @@ def test_gpu_inductor_graph_calls_the_op_and_caches():
     compiled = torch.compile(ours, fullgraph=True)
     with torch.no_grad():
         out, code = run_and_get_code(compiled, ids)
-        # no grad: the norm lives in each layer's store, which the op refreshes in place (no copy)
-        assert "torch.ops.dorafactors.refresh_weight_norm.default" in "\n".join(code)
+        # no grad: the norm lives in each layer's store, which the op refreshes in place (no copy); one op for
+        # the graph's layers where Inductor's pre-grad pass merges them (autograd/norm_batching.py)
+        merged = norm_batching._torch_version() >= norm_batching.MIN_TORCH
+        op = "refresh_weight_norms" if merged else "refresh_weight_norm"
+        assert "\n".join(code).count(f"torch.ops.dorafactors.{op}.default(") == (
+            1 if merged else len(dora_layers(ours))
+        )
         assert "cached_weight_norm" not in "\n".join(code)
         first = _norm_count(ours)
         for _ in range(3):
