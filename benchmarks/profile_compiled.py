@@ -4,11 +4,13 @@
     python benchmarks/profile_compiled.py                  # ~2 minutes on an H100/H200
     python benchmarks/profile_compiled.py --tokens 1 --mode max-autotune-no-cudagraphs
     python benchmarks/profile_compiled.py --mode reduce-overhead   # CUDA graphs, on a StaticCache
+    python benchmarks/profile_compiled.py --setup peft-default     # bf16 base, fp32 adapters
     python benchmarks/profile_compiled.py --dry-run-cpu    # checks the script on the CPU (tiny, not a measurement)
     OUT=/some/dir python benchmarks/profile_compiled.py     # also writes $OUT/profile_compiled.json
 
-The decode suite's ``model/bf16/tokens=N`` case (eval, ``no_grad``, N new tokens on a KV cache of 512,
-``torch.compile(dynamic=False)``) for compiled LoRA and compiled dorafactors (``--providers`` adds stock).
+The decode suite's ``model/<setup>/tokens=N`` case (``--setup``, default bf16; eval, ``no_grad``, N new tokens
+on a KV cache of 512, ``torch.compile(dynamic=False)``) for compiled LoRA and compiled dorafactors
+(``--providers`` adds stock).
 Per provider: ``host_us`` (wall time of back-to-back calls without synchronizing, per call: what the Python
 side costs while the device keeps up), ``sync_us`` (the same with the final synchronize), ``device_us``
 (the sum of the CUDA kernel times of one call, from ``torch.profiler``), ``kernels`` (launches per call), and
@@ -80,6 +82,7 @@ def main() -> None:
         help="torch.compile mode (default: Inductor's default); reduce-overhead (CUDA graphs) decodes on a "
         "StaticCache, as the decode suite does",
     )
+    parser.add_argument("--setup", default="bf16", choices=sorted(M.SETUPS), help="dtype setup of the model suite")
     parser.add_argument("--providers", default="lora,dorafactors")
     parser.add_argument("--calls", type=int, default=50)
     parser.add_argument("--top", type=int, default=14)
@@ -91,7 +94,7 @@ def main() -> None:
     device = settings.device
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     names = tuple(args.providers.split(","))
-    models = M.model_set(settings, "bf16", M.rank(settings), names)
+    models = M.model_set(settings, args.setup, M.rank(settings), names)
     ctx = 32 if args.dry_run_cpu else 512
     inputs = {
         "context_ids": M.token_ids(settings, 1, ctx, salt=11)[0],
@@ -127,7 +130,7 @@ def main() -> None:
     out = os.environ.get("OUT")
     if out:
         Path(out, "profile_compiled.json").write_text(
-            json.dumps({"tokens": args.tokens, "mode": args.mode, "rows": rows}, indent=1)
+            json.dumps({"tokens": args.tokens, "mode": args.mode, "setup": args.setup, "rows": rows}, indent=1)
         )
 
 
