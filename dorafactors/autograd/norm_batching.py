@@ -18,8 +18,8 @@ merges only when
   read or write (a mutating op, an in-place method or function, ``out=``, ``inplace=True``, item
   assignment), judged by the storages of the traced example values, so a write into a view counts as a
   write into its base. A static KV cache written between the layers (``index_copy_``) is other memory and
-  does not block the merge; a submodule call whose body the pass cannot see, or a tensor without a traced
-  value, does.
+  does not block the merge; a submodule call or a function from outside PyTorch whose body the pass cannot
+  see, or a tensor without a traced value, does.
 
 Otherwise the graph is left as it is: correct, one call per layer. The pass runs on Inductor's pre-grad graph
 (``torch._inductor.config.pre_grad_custom_pass``), which the norm ops install while the first graph with one
@@ -63,8 +63,13 @@ def _is_refresh(node: torch.fx.Node) -> bool:
     return node.target is op or node.target is op.default
 
 
+#: Modules whose plain functions write in place only by the trailing-underscore convention (``torch.relu_``).
+_KNOWN_MODULES = frozenset({"torch", "operator", "_operator", "builtins", "math"})
+
+
 def _written_arguments(node: torch.fx.Node) -> list[Any] | None:
-    """The arguments ``node`` may write in place: ``[]`` for none, None when unknown (a submodule call)."""
+    """The arguments ``node`` may write in place: ``[]`` for none, None when unknown (a submodule call, a
+    function from outside PyTorch and the standard operators)."""
     if node.op in ("placeholder", "get_attr", "output"):
         return []
     if node.op == "call_module":
@@ -90,6 +95,9 @@ def _written_arguments(node: torch.fx.Node) -> list[Any] | None:
                 else:
                     written.append(node.args[i])
         return written
+    module = getattr(target, "__module__", None) or ""
+    if module.split(".")[0] not in _KNOWN_MODULES:
+        return None  # a callable of the user's (``allow_in_graph``): its writes cannot be seen
     name = getattr(target, "__name__", "")
     if name.endswith("_") and not name.endswith("__") and node.args:
         written.append(node.args[0])

@@ -55,6 +55,11 @@ def _graph(layers: int, between=None, computed_weight: bool = False, late_attrib
     return graph
 
 
+def _opaque_user_function(tensor: torch.Tensor) -> None:
+    """Stands for a user's ``allow_in_graph`` function: the graph cannot show what it writes."""
+    tensor.mul_(2.0)
+
+
 def _view_of(graph: torch.fx.Graph, base: torch.fx.Node) -> torch.fx.Node:
     """A traced view of ``base``: its example value shares the base's storage."""
     view = graph.call_method("view", (base, 2, 2))
@@ -92,8 +97,19 @@ def test_calls_merge_into_one_in_order_where_the_first_was():
         lambda g, n: g.call_method("index_copy_", (_view_of(g, n["w1"]), 0, n["x"], n["x"])),
         lambda g, n: g.call_method("mul_", (g.call_method("view", (n["w1"], 2, 2)), 2.0)),  # no traced value
         lambda g, n: g.call_module("sub", (n["x"],)),
+        lambda g, n: g.call_function(_opaque_user_function, (n["w1"],)),
     ],
-    ids=["method_", "mutating-op", "out=", "inplace=True", "setitem", "into-a-view", "untraced", "submodule"],
+    ids=[
+        "method_",
+        "mutating-op",
+        "out=",
+        "inplace=True",
+        "setitem",
+        "into-a-view",
+        "untraced",
+        "submodule",
+        "user-function",
+    ],
 )
 def test_a_write_into_what_the_calls_read_keeps_them(between):
     """A later layer's argument written in place between the calls (directly, through a view, or possibly: a
