@@ -674,8 +674,8 @@ def test_compiled_no_grad_forward_reads_the_norm_from_the_layers_store():
 
 
 def test_inductor_calls_the_store_op_in_place_without_a_copy():
-    """Under Inductor the store op (one for the graph's layers) runs on the store itself (Inductor re-inplaces the functionalized
-    mutation of a graph input) and nothing copies the norm: no ``cached_weight_norm``, no ``copy_``; after the
+    """Under Inductor the store op (one for the graph's layers) runs on the store itself (Inductor re-inplaces
+    the functionalized mutation of a graph input) and nothing copies the norm: no ``cached_weight_norm``, no ``copy_``; after the
     first call a hit writes nothing (what each layer's caches record as written stays the same record)."""
     from torch._inductor.utils import run_and_get_code
 
@@ -687,10 +687,16 @@ def test_inductor_calls_the_store_op_in_place_without_a_copy():
         written = [layer._compiled_norm_caches().served for layer in dora_layers(model)]
         again = compiled(ids)
         eager = model(ids)
+    from dorafactors.autograd import norm_batching
+
     source = "\n".join(code)
-    # one call for the graph's layers (autograd/norm_batching.py), working on the stores themselves
-    assert source.count("torch.ops.dorafactors.refresh_weight_norms.default(") == 1
-    assert "torch.ops.dorafactors.refresh_weight_norm.default(" not in source
+    # one call for the graph's layers where the pass merges them (autograd/norm_batching.py), else one per
+    # layer; either way working on the stores themselves
+    merged = norm_batching._torch_version() >= norm_batching.MIN_TORCH
+    assert source.count("torch.ops.dorafactors.refresh_weight_norms.default(") == (1 if merged else 0)
+    assert source.count("torch.ops.dorafactors.refresh_weight_norm.default(") == (
+        0 if merged else len(dora_layers(model))
+    )
     assert "cached_weight_norm" not in source and "copy_" not in source
     assert all(written), "the first call left a store unrecorded"
     assert [layer._compiled_norm_caches().served for layer in dora_layers(model)] == written, "a hit wrote"
