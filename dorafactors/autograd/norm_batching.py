@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 import torch.fx
+from packaging.version import Version
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.multiprocessing.reductions import StorageWeakRef
 
@@ -51,9 +52,9 @@ MIN_TORCH = (2, 11)
 _ARITY = 8  # refresh_weight_norm(store, owner, weight, lora_A, lora_B, scaling, layout, cache)
 
 
-def _torch_version() -> tuple[int, int]:
-    major, minor = torch.__version__.split(".")[:2]
-    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+def _torch_version() -> tuple[int, ...]:
+    """``(major, minor)`` of the installed PyTorch (parsed as ``patching.py`` parses PEFT's version)."""
+    return Version(torch.__version__).release[:2]
 
 
 def _is_refresh(node: torch.fx.Node) -> bool:
