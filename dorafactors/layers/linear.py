@@ -15,7 +15,7 @@ from torch.nn.modules import module as module_mod
 
 from .. import distributed
 from ..autograd.compose import dora_compose
-from ..autograd.folded import FoldedLoraB, fold_scale_into_lora_B, folded_dora_extra
+from ..autograd.folded import FoldedLoraB, fold_scale_into_lora_B, folded_dora_extra, folded_dora_output
 from ..autograd.lora_compose import dora_linear_compose
 from ..autograd.recompute_base import compose_recompute_base
 from ..dispatch import config, rules
@@ -335,9 +335,18 @@ class DoraLinearVariant(_StockDoraLinearVariant):
     def forward(
         module: nn.Module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any
     ) -> torch.Tensor:
-        """PEFT's ``forward`` where the scale does not apply; else its dropout branch with the scale passed on."""
-        scale = bf16_dropout_scale(module, active_adapter, x, result) if module.training else None
-        if scale is None:  # evaluation and decode: straight to PEFT's forward
+        """PEFT's ``forward``, except: in evaluation, the folded output where the fold applies
+        (:func:`_folded_output`); in training, its dropout branch with the bf16 scale passed on where that
+        applies."""
+        if not module.training:
+            # PEFT passes its variant keywords (``VARIANT_KWARG_KEYS``) on every call, None unless set
+            plain = not kwargs or all(value is None for value in kwargs.values())
+            out = _folded_output(module, active_adapter, x, result) if plain else None
+            if out is not None:
+                return out
+            return _StockDoraLinearVariant.forward(module, active_adapter, x, result, **kwargs)
+        scale = bf16_dropout_scale(module, active_adapter, x, result)
+        if scale is None:
             return _StockDoraLinearVariant.forward(module, active_adapter, x, result, **kwargs)
         extra = module.lora_magnitude_vector[active_adapter](
             module.lora_dropout[active_adapter](x),
@@ -350,3 +359,28 @@ class DoraLinearVariant(_StockDoraLinearVariant):
             bf16_dropout_scale=scale,
         )
         return result + extra
+
+
+def _folded_output(
+    module: nn.Module, active_adapter: str, x: torch.Tensor, result: torch.Tensor
+) -> torch.Tensor | None:
+    """``result + extra`` of PEFT's DoRA variant in evaluation, on the folded path, in one ``addcmul_``
+    (``autograd/folded.py::folded_dora_output``); None where the variant must run PEFT's forward instead.
+
+    PEFT's evaluation forward calls the magnitude module with ``base_result=result`` and the undropped
+    ``x``, then adds its output to ``result``. Here that module is called directly, so only where calling it
+    would run nothing else: our ``DoraLinearLayer`` with no hooks (its own or global) and no instance
+    ``forward``; the fold then decides as on the module path (``DoraLinearLayer._folded_lora_B``). This saves
+    the module call and PEFT's final ``+``: a decode step's host time is what bounds it.
+    """
+    layer = module.lora_magnitude_vector._modules.get(active_adapter)
+    if not isinstance(layer, DoraLinearLayer) or _has_hooks(layer) or "forward" in layer.__dict__:
+        return None
+    lora_A = module.lora_A._modules[active_adapter]
+    lora_B = module.lora_B._modules[active_adapter]
+    folded = layer._folded_lora_B(
+        x, lora_A, lora_B, module.scaling[active_adapter], module.get_base_layer(), result, active_adapter
+    )
+    if folded is None:
+        return None
+    return folded_dora_output(_lora_A_call(lora_A, x), folded, result)

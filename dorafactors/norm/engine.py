@@ -200,9 +200,12 @@ def _dense_class_of_nonfinite_rows(
         lora_B = lora_B.to(device=device, dtype=work)
     if lora_A.device != device:
         lora_A = lora_A.to(device)
-    a_rows = torch.linalg.vector_norm(lora_A, dim=1, dtype=norm.dtype)  # [r]
-    if work != norm.dtype:
-        a_rows = a_rows.to(work)
+    if lora_A.dtype == work:
+        # one launch: a bf16 A's norm accumulates in fp32 and is rounded once to bf16, as the fp32 norm cast
+        # to bf16 would be (only the class of each probe matters: finite, +inf or NaN)
+        a_rows = torch.linalg.vector_norm(lora_A, dim=1)  # [r]
+    else:
+        a_rows = torch.linalg.vector_norm(lora_A, dim=1, dtype=norm.dtype).to(work)
     # elementwise, not a GEMV: BLAS may skip a zero a_k, and IEEE 0 * inf must give its NaN here
     probe = torch.linalg.vector_norm(lora_B * a_rows, ord=1, dim=1, dtype=norm.dtype)  # [d_out]
     if scaling == 0.0:

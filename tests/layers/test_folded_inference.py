@@ -14,6 +14,7 @@ from dorafactors.autograd.folded import (
     FOLD_BIAS_ERROR_ULPS,
     fold_scale_into_lora_B,
     folded_dora_extra,
+    folded_dora_output,
     max_fold_gain,
 )
 from dorafactors.dispatch import config, rules
@@ -174,6 +175,45 @@ def test_fold_not_taken_where_it_does_not_apply(monkeypatch) -> None:
         ours.train()
 
 
+def test_eval_variant_composes_the_output_without_calling_the_magnitude_module(monkeypatch) -> None:
+    """In evaluation our variant returns ``result + extra`` itself (``folded_dora_output``: no call of the
+    magnitude module, no separate ``+``), equal to stock's within rounding; a forward hook on the magnitude
+    module, or a PEFT variant keyword that is set, sends the call through PEFT's forward (the module runs)."""
+    from dorafactors.layers.linear import DoraLinearLayer
+
+    calls = []
+    module_forward = DoraLinearLayer.forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(kwargs.get("base_result") is not None)
+        return module_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(DoraLinearLayer, "forward", counted)
+    for bias in (True, False):
+        stock, ours, x = _linear_pair(bias=bias)
+        out = _no_grad_eval(ours, x)
+        assert calls == [] and _folds(ours) == 1, bias
+        assert_dtype_close(out, _no_grad_eval(stock, x), torch.float32, name=f"variant output, bias={bias}")
+
+        target = ours.base_model.model.target
+        seen = []
+        handle = target.lora_magnitude_vector["default"].register_forward_hook(lambda *args, seen=seen: seen.append(1))
+        hooked = _no_grad_eval(ours, x)
+        handle.remove()
+        assert calls == [True] and seen == [1]  # the module ran, on the fold (base_result given)
+        assert_dtype_close(hooked, out, torch.float32, name="module path")
+        calls.clear()
+
+        variant = target.lora_variant["default"]
+        args = dict(active_adapter="default", x=x, result=target.base_layer(x))
+        with torch.no_grad():
+            variant.forward(target, **args, alora_offsets=None)
+            assert calls == []
+            variant.forward(target, **args, alora_offsets=[0])
+            assert calls == [True]
+        calls.clear()
+
+
 def test_a_hook_on_lora_B_still_runs() -> None:
     """The fold bypasses ``lora_B``'s module call, so a hooked ``lora_B`` keeps the unfolded path."""
     stock, ours, x = _linear_pair()
@@ -308,9 +348,10 @@ def test_fold_declines_exactly_beyond_its_error_bound(lora_dtype, bias_dtype) ->
     folded = fold_scale_into_lora_B(lora_B, g, 0.7, bias)
     assert folded is not None
     result = bias.unsqueeze(0)  # W x + bias at x = 0
-    out = result + folded_dora_extra(torch.zeros(1, 2, dtype=lora_dtype), folded, result)
-    err = (out.to(torch.float64) - bias.to(torch.float64)).abs()
-    assert (err <= FOLD_BIAS_ERROR_ULPS * torch.finfo(bias_dtype).eps * bias.to(torch.float64).abs()).all()
+    hidden = torch.zeros(1, 2, dtype=lora_dtype)
+    for out in (result + folded_dora_extra(hidden, folded, result), folded_dora_output(hidden, folded, result)):
+        err = (out.to(torch.float64) - bias.to(torch.float64)).abs()
+        assert (err <= FOLD_BIAS_ERROR_ULPS * torch.finfo(bias_dtype).eps * bias.to(torch.float64).abs()).all()
     beyond = g.clone()
     beyond[7] = 1 + 1.01 * limit
     assert fold_scale_into_lora_B(lora_B, beyond, 0.7, bias) is None

@@ -121,3 +121,34 @@ def test_dense_delta_norm_gives_unchanged_rows_the_forwards_norm(monkeypatch, ke
     assert merge[6] == forward[6] == torch.tensor(engine.clamp_eps(w_dtype), dtype=torch.float32)
     assert torch.equal(merge[~unchanged], dense_row_norm(w, delta, 0.7)[~unchanged])
     assert torch.equal(engine.dense_delta_norm(w, delta, 0.0, rank=rank), engine.weight_norm(w, a, b, 0.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_nonfinite_probe_casts_nothing_when_the_adapters_share_its_dtype(dtype):
+    """With ``A`` and ``B`` in the probe's working dtype (bf16 or fp32 adapters) the non-finite row repair
+    runs no cast (one launch less per norm computation), and still gives each row the dense class: +inf
+    for an infinite ``B_ik`` against a non-zero ``A_k``, NaN for a NaN of ``B``, finite rows untouched."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(0)
+    lora_A = torch.randn(4, 16, generator=gen).to(dtype)
+    lora_B = torch.randn(8, 4, generator=gen).to(dtype)
+    lora_B[2, 1] = torch.inf
+    lora_B[6, 3] = torch.nan
+    norm = torch.rand(8, generator=gen) + 0.5
+    ops = Ops()
+    with ops:
+        out = engine._dense_class_of_nonfinite_rows(norm, lora_A, lora_B, 0.5, None)
+    assert "_to_copy" not in ops.names and ops.names.count("linalg_vector_norm") == 2
+    assert out[2] == torch.inf and out[6].isnan()
+    finite = [i for i in range(8) if i not in (2, 6)]
+    assert torch.equal(out[finite], norm[finite])
