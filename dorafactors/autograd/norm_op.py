@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -219,6 +220,22 @@ def _raise_if_stale(what: str, cached: torch.Tensor, fresh: torch.Tensor) -> Non
     )
 
 
+class _CallSettings(NamedTuple):
+    """The settings one call of the ops reads, read once: the merged op's layers share them (they cannot change
+    during one call), which keeps the per-layer work of a cache hit to the stamp comparisons."""
+
+    cache_mode: str
+    threshold_mb: float
+    fused_mode: bool | None
+    optimizer_step: int
+
+    @classmethod
+    def now(cls) -> _CallSettings:
+        return cls(
+            config.norm_cache_mode(), config.get_dora_norm_threshold_mb(), config.fused_mode(), optimizer_steps()
+        )
+
+
 def _norm_value(
     caches: OwnedNormCaches,
     weight: torch.Tensor,
@@ -227,18 +244,22 @@ def _norm_value(
     scaling: float,
     layout: str,
     cache: bool,
+    settings: _CallSettings | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """``(norm, kept)``: the row norm from the layer's cache or computed (and cached where allowed); ``kept``
-    says that ``norm`` is the cached tensor itself, which the caller must not hand out for writing."""
+    says that ``norm`` is the cached tensor itself, which the caller must not hand out for writing.
+    ``settings``: the call's :class:`_CallSettings` (read here when None)."""
     inputs = (weight, lora_A, lora_B)
-    mode = config.norm_cache_mode()
+    if settings is None:
+        settings = _CallSettings.now()
+    mode = settings.cache_mode
     if cache and mode != "off":
         signature = (
             scaling,
             layout,
-            config.get_dora_norm_threshold_mb(),
-            config.fused_mode(),
-            optimizer_steps() if _step_keyed(inputs) else -1,
+            settings.threshold_mb,
+            settings.fused_mode,
+            settings.optimizer_step if _step_keyed(inputs) else -1,
         )
         hit = caches.norm.get(None, signature, inputs)  # counts the miss
         if hit is not None:
@@ -330,8 +351,23 @@ def _refresh_weight_norm_impl(
     a mutation, written or not. So a write into the store from outside (it is private: only this op and
     ``Module._apply`` touch it) goes unseen, like a ``.data`` write into a parameter; ``clear_norm_caches``
     forgets what the store holds, and ``PEFT_DORA_NORM_CACHE=verify`` compares it with the cached norm."""
+    _refresh_one(store, owner, weight, lora_A, lora_B, scaling, layout, cache, _CallSettings.now())
+
+
+def _refresh_one(
+    store: torch.Tensor,
+    owner: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    layout: str,
+    cache: bool,
+    settings: _CallSettings,
+) -> None:
+    """:func:`_refresh_weight_norm_impl` under the call's ``settings``."""
     caches = owned_norm_caches(owner)
-    norm, kept = _norm_value(caches, weight, lora_A, lora_B, scaling, layout, cache)
+    norm, kept = _norm_value(caches, weight, lora_A, lora_B, scaling, layout, cache, settings)
     if store.dtype != _STORE_BITS.get(norm.dtype) or store.shape != norm.shape or store.device != norm.device:
         raise ValueError(
             f"dorafactors: the norm store {store.dtype} {tuple(store.shape)} on {store.device} cannot hold a "
@@ -339,7 +375,7 @@ def _refresh_weight_norm_impl(
         )
     served = caches.served
     if kept and served is not None and served[2] is norm and served[0]() is store and served[1] == store.data_ptr():
-        if config.norm_cache_verify():
+        if settings.cache_mode == "verify":
             _raise_if_stale("norm in the layer's store", norm, store.view(norm.dtype))
         return
     caches.served = None
@@ -360,8 +396,9 @@ def _refresh_weight_norms_impl(
 ) -> None:
     """``dorafactors::refresh_weight_norms``: :func:`_refresh_weight_norm_impl` for each layer, in order. A compiled
     graph calls it once in place of its layers' ``refresh_weight_norm`` calls (``autograd/norm_batching.py``)."""
+    settings = _CallSettings.now()
     for args in zip(stores, owners, weights, lora_As, lora_Bs, scalings, layouts, caches, strict=True):
-        _refresh_weight_norm_impl(*args)
+        _refresh_one(*args, settings)
 
 
 def _cached_weight_norm_fake(owner, weight, lora_A, lora_B, scaling, layout, cache):
