@@ -11,12 +11,10 @@ the extra output DoRA adds on top of ``result`` is
 scaling do, so the layer caches them (``layers/linear.py``) and a decode step costs one ``F.linear`` in place
 of ``lora_B`` plus one ``addcmul_``: the same number of launches as plain LoRA's ``* scaling`` and ``+``.
 Where the caller also owns the final ``result + extra`` (``layers/linear.py``'s ``DoraLinearVariant`` in
-evaluation), :func:`folded_dora_output` returns the layer's whole output in the same ``addcmul_``:
-
-    result + extra = F.linear(A x, B', c) + g * result
-
-one elementwise launch fewer than LoRA's, and one rounding of the output instead of two (``extra``, then the
-sum).
+evaluation), :func:`folded_dora_output` adds ``result`` into ``extra``'s own temporary: stock's sum, bitwise,
+without a new tensor. (``F.linear(A x, B', c) + g * result`` would save that launch but not stock's
+non-finite pattern: an infinite ``result`` gives ``inf - inf = NaN`` in stock's ``result + (g - 1) * result``
+for ``g < 1``, and ``inf`` in ``g * result``.)
 
 Precision: ``g - 1`` is fp32 (fp64 for fp64 operands), ``B'`` and ``c`` are computed in fp32 and rounded
 once to ``B``'s dtype, and ``addcmul_`` computes ``lora + (g - 1) * result`` in fp32 with one rounding to the
@@ -60,8 +58,8 @@ __all__ = [
 #: the bias's dtype); see the module docstring.
 FOLD_BIAS_ERROR_ULPS = 4
 
-#: ``(B' [d_out, r] in B's dtype, c [d_out] in B's dtype or None, g - 1 [d_out] fp32/fp64, g [d_out] likewise)``
-FoldedLoraB = tuple[torch.Tensor, "torch.Tensor | None", torch.Tensor, torch.Tensor]
+#: ``(B' [d_out, r] in B's dtype, c [d_out] in B's dtype or None, g - 1 [d_out] fp32/fp64)``
+FoldedLoraB = tuple[torch.Tensor, "torch.Tensor | None", torch.Tensor]
 
 
 def max_fold_gain(lora_dtype: torch.dtype, bias_dtype: torch.dtype, compute_dtype: torch.dtype) -> float:
@@ -76,7 +74,7 @@ def max_fold_gain(lora_dtype: torch.dtype, bias_dtype: torch.dtype, compute_dtyp
 def fold_scale_into_lora_B(
     lora_B: torch.Tensor, scale: torch.Tensor, scaling: float, bias: torch.Tensor | None
 ) -> FoldedLoraB | None:
-    """``(B', c, g - 1, g)`` for :func:`folded_dora_extra` and :func:`folded_dora_output`, or None where the fold would not be accurate (a row
+    """``(B', c, g - 1)`` for :func:`folded_dora_extra` and :func:`folded_dora_output`, or None where the fold would not be accurate (a row
     with a bias and a large ``|g - 1|``, or a non-finite ``g - 1`` / ``B'`` / ``c``; see the module docstring).
 
     Args:
@@ -98,7 +96,7 @@ def fold_scale_into_lora_B(
         ok = ok & torch.isfinite(c).all() & well_conditioned.all()
     if not bool(ok):  # one synchronization per fold build
         return None
-    return b_folded, c, g_minus_1, g
+    return b_folded, c, g_minus_1
 
 
 def folded_dora_extra(lora_hidden: torch.Tensor, folded: FoldedLoraB, result: torch.Tensor) -> torch.Tensor:
@@ -109,23 +107,18 @@ def folded_dora_extra(lora_hidden: torch.Tensor, folded: FoldedLoraB, result: to
         folded: from :func:`fold_scale_into_lora_B`.
         result: the base layer's output ``[..., d_out]`` (bias included).
     """
-    b_folded, c, g_minus_1, _ = folded
-    return _lora_plus_scaled(F.linear(lora_hidden, b_folded, c), g_minus_1, result)
+    b_folded, c, g_minus_1 = folded
+    lora = F.linear(lora_hidden, b_folded, c)
+    out_dtype = promote(lora.dtype, result.dtype)
+    if out_dtype == lora.dtype:
+        return lora.addcmul_(g_minus_1, result)  # a fresh temporary of ours: written in place
+    return torch.addcmul(lora, g_minus_1, result).to(out_dtype)
 
 
 def folded_dora_output(lora_hidden: torch.Tensor, folded: FoldedLoraB, result: torch.Tensor) -> torch.Tensor:
-    """``result + extra = F.linear(A x, B', c) + g * result`` (the layer's whole output, stock's
-    ``result + folded_dora_extra(...)`` with one rounding instead of two), in ``promote(B.dtype, result.dtype)``.
+    """``result + extra``, bitwise stock's sum (non-finite pattern included), with ``result`` added into the
+    fresh temporary :func:`folded_dora_extra` returns (``result`` itself is not written).
 
-    Args as :func:`folded_dora_extra`; ``result`` is not written.
+    Args as :func:`folded_dora_extra`.
     """
-    b_folded, c, _, g = folded
-    return _lora_plus_scaled(F.linear(lora_hidden, b_folded, c), g, result)
-
-
-def _lora_plus_scaled(lora: torch.Tensor, factor: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-    """``lora + factor * result`` in ``promote(lora, result)``, computed in fp32 (fp64) with one rounding."""
-    out_dtype = promote(lora.dtype, result.dtype)
-    if out_dtype == lora.dtype:
-        return lora.addcmul_(factor, result)  # a fresh temporary of ours: written in place
-    return torch.addcmul(lora, factor, result).to(out_dtype)
+    return folded_dora_extra(lora_hidden, folded, result).add_(result)

@@ -364,14 +364,15 @@ class DoraLinearVariant(_StockDoraLinearVariant):
 def _folded_output(
     module: nn.Module, active_adapter: str, x: torch.Tensor, result: torch.Tensor
 ) -> torch.Tensor | None:
-    """``result + extra`` of PEFT's DoRA variant in evaluation, on the folded path, in one ``addcmul_``
+    """``result + extra`` of PEFT's DoRA variant in evaluation, on the folded path
     (``autograd/folded.py::folded_dora_output``); None where the variant must run PEFT's forward instead.
 
     PEFT's evaluation forward calls the magnitude module with ``base_result=result`` and the undropped
     ``x``, then adds its output to ``result``. Here that module is called directly, so only where calling it
     would run nothing else: our ``DoraLinearLayer`` with no hooks (its own or global) and no instance
     ``forward``; the fold then decides as on the module path (``DoraLinearLayer._folded_lora_B``). This saves
-    the module call and PEFT's final ``+``: a decode step's host time is what bounds it.
+    the module call and PEFT's keyword plumbing, and the sum lands in the fold's own temporary: a decode
+    step's host time is what bounds it.
     """
     layer = module.lora_magnitude_vector._modules.get(active_adapter)
     if not isinstance(layer, DoraLinearLayer) or _has_hooks(layer) or "forward" in layer.__dict__:

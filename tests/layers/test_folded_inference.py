@@ -177,8 +177,8 @@ def test_fold_not_taken_where_it_does_not_apply(monkeypatch) -> None:
 
 def test_eval_variant_composes_the_output_without_calling_the_magnitude_module(monkeypatch) -> None:
     """In evaluation our variant returns ``result + extra`` itself (``folded_dora_output``: no call of the
-    magnitude module, no separate ``+``), equal to stock's within rounding; a forward hook on the magnitude
-    module, or a PEFT variant keyword that is set, sends the call through PEFT's forward (the module runs)."""
+    magnitude module), equal to stock's within rounding; a forward hook on the magnitude module, or a PEFT
+    variant keyword that is set, sends the call through PEFT's forward (the module runs)."""
     from dorafactors.layers.linear import DoraLinearLayer
 
     calls = []
@@ -212,6 +212,28 @@ def test_eval_variant_composes_the_output_without_calling_the_magnitude_module(m
             variant.forward(target, **args, alora_offsets=[0])
             assert calls == [True]
         calls.clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fold_keeps_stocks_nonfinite_pattern_for_an_infinite_input(dtype) -> None:
+    """An infinite input makes ``result`` infinite; stock's ``result + (g - 1) * result + ...`` is then NaN
+    where ``g < 1`` and infinite where ``g > 1``. The variant's folded sum keeps that pattern exactly (a
+    ``g * result`` form would give inf on every such row)."""
+    stock, ours, x = _linear_pair(dtype=dtype, bias=False)
+    with torch.no_grad():
+        for model in (stock, ours):  # g < 1 on even rows, g > 1 on odd ones
+            magnitude = model.base_model.model.target.lora_magnitude_vector["default"].weight
+            factor = torch.tensor([0.5, 1.5], dtype=magnitude.dtype).repeat(magnitude.numel() // 2)
+            magnitude.mul_(factor)
+    x = x.clone()
+    x[0, 0, 3] = torch.inf
+    out_s = _no_grad_eval(stock, x)
+    out_o = _no_grad_eval(ours, x)
+    assert _folds(ours) == 1
+    assert out_s[0, 0].isnan().any() and out_s[0, 0].isinf().any()  # the case has both patterns
+    assert torch.equal(out_o.isnan(), out_s.isnan()) and torch.equal(out_o.isinf(), out_s.isinf())
+    finite = out_s.isfinite()
+    assert_dtype_close(out_o[finite], out_s[finite], dtype, name="finite entries")
 
 
 def test_a_hook_on_lora_B_still_runs() -> None:
