@@ -13,6 +13,11 @@ non-identity adapters):
 * ``train``: forward + backward of a 4096x4096 Linear at 4096 tokens, the adapters marked as written
   before every call (so dorafactors recomputes its norm, as after an optimizer step).
 
+For the train workload also the host time of its phases, per provider (``phases``): the forward with the
+adapters marked as written (dorafactors recomputes its norm), the forward without (the norm served from the
+cache), the backward (the whole call less the first forward) and, for dorafactors, the norm recomputation
+alone (the layer's ``_forward_norm`` after the mark).
+
 Last, the host cost of single operations (a PyTorch op, the compose kernel's host function with kept
 compiled kernels launched directly and with plain ``kernel[grid]`` launches, ``dora_compose``).
 
@@ -154,6 +159,41 @@ def launch_costs(calls: int = 500) -> dict[str, float]:
     return out
 
 
+def _train_phases(model: nn.Module, x: torch.Tensor, whole_us: float, calls: int) -> dict[str, float]:
+    """Host microseconds of the phases of one train call (module docstring); ``whole_us``: the whole call's."""
+    from benchmarks import providers
+
+    adapters = providers.adapter_tensors(model)
+
+    def forward_written():
+        providers.bump_adapter_versions(adapters)
+        model(x)
+
+    phases = {
+        "forward, adapters written": host_us_per_call(forward_written, calls, _sync)[0],
+        "forward, adapters unchanged": host_us_per_call(lambda: model(x), calls, _sync)[0],
+    }
+    phases["backward"] = whole_us - phases["forward, adapters written"]
+    layer = next((m for m in model.modules() if hasattr(m, "lora_magnitude_vector")), None)
+    dora = None if layer is None else layer.lora_magnitude_vector._modules.get("default")  # LoRA: none
+    if dora is not None and hasattr(dora, "_forward_norm"):  # a dorafactors layer
+
+        def norm():
+            providers.bump_adapter_versions(adapters)
+            with torch.no_grad():
+                dora._forward_norm(
+                    layer.base_layer,
+                    layer.lora_A["default"],
+                    layer.lora_B["default"],
+                    layer.scaling["default"],
+                    "default",
+                    gather_modules=(),
+                )
+
+        phases["norm recomputation"] = host_us_per_call(norm, calls, _sync)[0]
+    return phases
+
+
 def run(workload: str) -> dict:
     dtype = torch.bfloat16
     if workload == "decode":
@@ -171,6 +211,8 @@ def run(workload: str) -> dict:
         host, sync = host_us_per_call(step, calls, _sync)
         device, kernels = _kernels(step)
         entry = {"host_us": host, "sync_us": sync, "device_us": device, "kernels": kernels}
+        if train:
+            entry["phases"] = _train_phases(model, x, host, calls)
         if name == "dorafactors":
             entry["cprofile"] = _cprofile(step, max(50, calls // 2))
         out[name] = entry
@@ -195,6 +237,8 @@ def main() -> int:
         for name in ("lora", "stock", "dorafactors"):
             e = result[workload][name]
             print(f"{name:>12}: host {e['host_us']:8.1f}  +sync {e['sync_us']:8.1f}  device {e['device_us']:8.1f}")
+            for phase, us in e.get("phases", {}).items():
+                print(f"{'':>14}host {us:8.1f}  {phase}")
         for name in ("lora", "dorafactors"):
             print(f"--- kernels of one {workload} call, {name} (us, launches)")
             for key, us, n in result[workload][name]["kernels"]:
