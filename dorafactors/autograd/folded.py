@@ -74,8 +74,9 @@ def max_fold_gain(lora_dtype: torch.dtype, bias_dtype: torch.dtype, compute_dtyp
 def fold_scale_into_lora_B(
     lora_B: torch.Tensor, scale: torch.Tensor, scaling: float, bias: torch.Tensor | None
 ) -> FoldedLoraB | None:
-    """``(B', c, g - 1)`` for :func:`folded_dora_extra` and :func:`folded_dora_output`, or None where the fold would not be accurate (a row
-    with a bias and a large ``|g - 1|``, or a non-finite ``g - 1`` / ``B'`` / ``c``; see the module docstring).
+    """``(B', c, g - 1)`` for :func:`folded_dora_extra` and :func:`folded_dora_output`, or None where the fold
+    would not be accurate (a row with a bias and a large ``|g - 1|``, or a non-finite ``g - 1`` / ``B'`` /
+    ``c``; see the module docstring).
 
     Args:
         lora_B: ``B`` ``[d_out, r]`` (any float dtype).
