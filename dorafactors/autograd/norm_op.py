@@ -342,30 +342,19 @@ def _refresh_weight_norm_impl(
     scaling: float,
     layout: str,
     cache: bool,
+    settings: _CallSettings | None = None,
 ) -> None:
     """The op's body: the norm as :func:`_cached_weight_norm_impl` finds it, written into ``store`` unless the
     op already wrote that very cached tensor into this very store (same object, same memory: a device move,
-    a re-materialized or replaced store is written again).
+    a re-materialized or replaced store is written again). ``settings``: the call's :class:`_CallSettings`
+    (the merged op reads them once for all its layers; read here when None).
 
     The store's version counter cannot tell: the dispatcher bumps it after every call of an op that declares
     a mutation, written or not. So a write into the store from outside (it is private: only this op and
     ``Module._apply`` touch it) goes unseen, like a ``.data`` write into a parameter; ``clear_norm_caches``
     forgets what the store holds, and ``PEFT_DORA_NORM_CACHE=verify`` compares it with the cached norm."""
-    _refresh_one(store, owner, weight, lora_A, lora_B, scaling, layout, cache, _CallSettings.now())
-
-
-def _refresh_one(
-    store: torch.Tensor,
-    owner: torch.Tensor,
-    weight: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    layout: str,
-    cache: bool,
-    settings: _CallSettings,
-) -> None:
-    """:func:`_refresh_weight_norm_impl` under the call's ``settings``."""
+    if settings is None:
+        settings = _CallSettings.now()
     caches = owned_norm_caches(owner)
     norm, kept = _norm_value(caches, weight, lora_A, lora_B, scaling, layout, cache, settings)
     if store.dtype != _STORE_BITS.get(norm.dtype) or store.shape != norm.shape or store.device != norm.device:
@@ -398,7 +387,7 @@ def _refresh_weight_norms_impl(
     graph calls it once in place of its layers' ``refresh_weight_norm`` calls (``autograd/norm_batching.py``)."""
     settings = _CallSettings.now()
     for args in zip(stores, owners, weights, lora_As, lora_Bs, scalings, layouts, caches, strict=True):
-        _refresh_one(*args, settings)
+        _refresh_weight_norm_impl(*args, settings)
 
 
 def _cached_weight_norm_fake(owner, weight, lora_A, lora_B, scaling, layout, cache):

@@ -675,8 +675,9 @@ def test_compiled_no_grad_forward_reads_the_norm_from_the_layers_store():
 
 def test_inductor_calls_the_store_op_in_place_without_a_copy():
     """Under Inductor the store op (one for the graph's layers) runs on the store itself (Inductor re-inplaces
-    the functionalized mutation of a graph input) and nothing copies the norm: no ``cached_weight_norm``, no ``copy_``; after the
-    first call a hit writes nothing (what each layer's caches record as written stays the same record)."""
+    the functionalized mutation of a graph input) and nothing copies the norm: no ``cached_weight_norm``, no
+    ``copy_``; after the first call a hit writes nothing (what each layer's caches record as written stays the
+    same record)."""
     from torch._inductor.utils import run_and_get_code
 
     model = _tiny_lm(blocks=1).eval()
