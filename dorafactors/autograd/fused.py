@@ -111,11 +111,17 @@ def compose(
     return out
 
 
-def compose_inplace(lora: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, scaling: float) -> torch.Tensor:
+def compose_inplace(
+    lora: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, scaling: float, add_base: bool = False
+) -> torch.Tensor:
     """Training forward of the Linear node on the kernel, written over ``lora`` (its own temporary), ``g``
-    along the last dim; the caller checked :func:`available_for` and that ``lora``'s dtype is the output's."""
+    along the last dim; the caller checked :func:`available_for` and that ``lora``'s dtype is the output's.
+    ``add_base``: ``base + composition`` (the kernel for contiguous operands, else the reference)."""
     if lora.is_contiguous() and base.is_contiguous() and scale.is_contiguous():
-        return _k().compose_forward_contiguous_(lora, base, scale, scaling)
+        return _k().compose_forward_contiguous_(lora, base, scale, scaling, add_base)
+    if add_base:
+        out, _ = compose_forward_reference(lora, base, scale, scaling, out_dtype=lora.dtype, add_base=True)
+        return out
     return compose(lora, base, scale, scaling, channel_dim=-1, out_dtype=lora.dtype, inplace=True)
 
 
@@ -243,11 +249,13 @@ def compose_backward_lora_b(
     scaled_b_dtype: torch.dtype | None,
     need_g: bool,
     kernel: bool | None = None,
+    add_base: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(d_base, d_B, (g s) B, d_g)`` of the Linear node (``lora_compose``) from ``d_out`` and ``M = d_out^T h``:
     one kernel launch where the training compose takes the kernels (``rules.fused_compose_backward_ok``, or
     ``kernel``: the forward's :func:`available_for` on the same activations), else the references
-    (``compose_backward_reference`` and ``lora_b_grads_reference``). ``scale`` is fp32 (fp64)."""
+    (``compose_backward_reference`` and ``lora_b_grads_reference``). ``scale`` is fp32 (fp64). ``add_base``:
+    the node returned ``base + composition`` (``d_base = d_out + (g - 1) d_out``)."""
     dtypes_ok = weight_b.dtype in KERNEL_DTYPES and (scaled_b_dtype is None or scaled_b_dtype in KERNEL_DTYPES)
     if dtypes_ok and not torch.compiler.is_compiling():
         ok = kernel
@@ -267,6 +275,7 @@ def compose_backward_lora_b(
                 need_b=need_b,
                 scaled_b_dtype=scaled_b_dtype,
                 need_g=need_g,
+                add_base=add_base,
             )
     d_base = d_g_base = None
     if need_base or need_g:
@@ -280,6 +289,7 @@ def compose_backward_lora_b(
             need_lora=False,
             need_base=need_base,
             need_scale=need_g,
+            add_base=add_base,
         )
     d2 = d_out.reshape(-1, d_out.shape[-1])
     d_b, scaled_b, d_g = lora_b_grads_reference(

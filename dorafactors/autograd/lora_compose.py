@@ -29,6 +29,11 @@ one ``[tokens, d_out]`` activation in the base output's dtype per layer (the flo
 where ``x`` is known to be PEFT's dropout of a bf16 activation), saved in
 ``x``'s dtype when ``g`` needs a gradient, and ``d_x = d_base @ W`` (``recompute_base.base_input_grad``).
 
+``add_base=True`` (given ``base``; ``layers/linear.py``'s training variant without dropout): the node returns
+PEFT's whole variant output ``base + out`` instead of ``out``, composed in the same kernel pass, and
+``d_base = d_out + (g - 1) * d_out``: PEFT's ``result + extra`` in the forward and autograd's sum of the two
+gradients reaching ``result`` in the backward cost no launch and no ``[tokens, d_out]`` pass of their own.
+
 Second-order gradients (``create_graph=True``): the backward is then :func:`lora_compose_backward_reference`,
 plain autograd ops on the saved inputs (the recomputed base output is rebuilt from ``x`` differentiably), so
 double backward is exact. Precision: one rounding per result, fp32 (fp64) arithmetic, products of the GEMMs
@@ -75,17 +80,23 @@ def lora_compose_backward_reference(
     need_g: bool,
     base_dtype: torch.dtype,
     h_dtype: torch.dtype,
+    add_base: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(d_h, d_B, d_base, d_g)`` of the node, in plain autograd ops (differentiable in every argument).
 
-    ``d_base = (g - 1) d_out``; ``M = d_out^T h``; ``d_B = (g s) M``; ``d_g = sum_t d_out * base +
+    ``d_base = (g - 1) d_out`` (``add_base``: ``d_out + (g - 1) d_out``); ``M = d_out^T h``; ``d_B = (g s) M``; ``d_g = sum_t d_out * base +
     s * rowsum(B * M)``; ``d_h = d_out @ ((g s) B)`` (a GEMM in ``promote(d_out, B)``).
     """
     n = scale.shape[0]
     cdt = compute_dtype_for(d_out.dtype, scale.dtype)
     d2 = d_out.reshape(-1, n)
     g = scale.to(cdt)
-    d_base = (d2.to(cdt) * (g - 1.0)).to(base_dtype).view(d_out.shape) if need_base else None
+    d_base = None
+    if need_base:
+        d_base = d2.to(cdt) * (g - 1.0)
+        if add_base:
+            d_base = d2.to(cdt) + d_base
+        d_base = d_base.to(base_dtype).view(d_out.shape)
     h2 = h.reshape(-1, h.shape[-1]) if h is not None else None
     m = _mm_fp32(d2.t(), h2, cdt) if (need_b or need_g) else None  # type: ignore[arg-type]
     d_g_base = (base.reshape(-1, n).to(cdt) * d2.to(cdt)).sum(0) if need_g else None  # type: ignore[union-attr]
@@ -136,6 +147,7 @@ def _backward_fast(ctx, d_out, h, weight_b, base, scale, need_h, need_b, need_ba
         scaled_b_dtype=gemm_dtype if need_h else None,
         need_g=need_g,
         kernel=ctx.kernel,
+        add_base=ctx.add_base,
     )
     if need_g and d_g.dtype != scale.dtype:
         d_g = d_g.to(scale.dtype)
@@ -149,21 +161,24 @@ def _backward_fast(ctx, d_out, h, weight_b, base, scale, need_h, need_b, need_ba
     return d_h, d_b, d_base, d_g
 
 
-def _compose_whole(lora, base, g, scaling, out_dtype, kernel: bool):
-    """``(g - 1) base + g s lora`` of same-shaped operands; in place into ``lora`` on the kernel path."""
+def _compose_whole(lora, base, g, scaling, out_dtype, kernel: bool, add_base: bool = False):
+    """``(g - 1) base + g s lora`` of same-shaped operands (``add_base``: plus ``base``); in place into ``lora``
+    on the kernel path."""
     if kernel:
         if out_dtype == lora.dtype:
-            return fused.compose_inplace(lora, base, g, scaling)
-        return fused.compose(lora, base, g, scaling, channel_dim=-1, out_dtype=out_dtype)
-    out, _ = compose_forward_reference(lora, base, g, scaling, out_dtype=out_dtype)
+            return fused.compose_inplace(lora, base, g, scaling, add_base)
+        if not add_base:
+            return fused.compose(lora, base, g, scaling, channel_dim=-1, out_dtype=out_dtype)
+    out, _ = compose_forward_reference(lora, base, g, scaling, out_dtype=out_dtype, add_base=add_base)
     return out
 
 
 class _LoraComposeFunction(torch.autograd.Function):
-    """``(g - 1) * base + g * s * (h @ B^T)``; ``base`` given, or recomputed as ``x @ W^T`` (``W`` constant)."""
+    """``(g - 1) * base + g * s * (h @ B^T)`` (``add_base``: plus ``base``); ``base`` given, or recomputed as
+    ``x @ W^T`` (``W`` constant)."""
 
     @staticmethod
-    def forward(ctx, h, weight_b, base, x, weight, scale, scaling, out_dtype, origin_scale):  # type: ignore[override]
+    def forward(ctx, h, weight_b, base, x, weight, scale, scaling, out_dtype, origin_scale, add_base):  # type: ignore[override]
         need_h, need_b, _, need_x, _, need_g = ctx.needs_input_grad[:6]
         n = weight_b.shape[0]
         lora = F.linear(h, weight_b)
@@ -177,7 +192,7 @@ class _LoraComposeFunction(torch.autograd.Function):
         backward_kernel = kernel or fused.available_for(lora, proxy, g, -1, training=False, out_dtype=out_dtype)
         backward_kernel = backward_kernel and rules.fused_backward_enabled()[0]
         if not recompute:
-            out = _compose_whole(lora, base, g, scaling, out_dtype, kernel)
+            out = _compose_whole(lora, base, g, scaling, out_dtype, kernel, add_base)
             saved_base = base if need_g else None
         else:
             rows = lora.numel() // n if n else 0
@@ -209,6 +224,7 @@ class _LoraComposeFunction(torch.autograd.Function):
         )
         ctx.scaling = scaling
         ctx.recompute = recompute
+        ctx.add_base = add_base and not recompute
         ctx.base_dtype = x.dtype if recompute else base.dtype
         ctx.h_dtype = h.dtype
         ctx.kernel = backward_kernel and (not recompute or x.dtype in KERNEL_DTYPES)
@@ -218,7 +234,7 @@ class _LoraComposeFunction(torch.autograd.Function):
     def backward(ctx, d_out):  # type: ignore[override]
         need_h, need_b, need_base, need_x, _, need_g = ctx.needs_input_grad[:6]
         if d_out is None:
-            return None, None, None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None, None, None
         h, weight_b, base, x, weight, scale = ctx.saved_tensors
         need_base_grad = need_x if ctx.recompute else need_base
         if torch.is_grad_enabled():
@@ -238,6 +254,7 @@ class _LoraComposeFunction(torch.autograd.Function):
                 need_g=need_g,
                 base_dtype=ctx.base_dtype,
                 h_dtype=ctx.h_dtype,
+                add_base=ctx.add_base,
             )
         else:
             d_h, d_b, d_base, d_g = _backward_fast(
@@ -247,7 +264,7 @@ class _LoraComposeFunction(torch.autograd.Function):
         if ctx.recompute:
             d_x = base_input_grad(d_base, weight, ctx.base_dtype) if need_x else None
             d_base = None
-        return d_h, d_b, d_base, d_x, None, d_g, None, None, None
+        return d_h, d_b, d_base, d_x, None, d_g, None, None, None, None
 
 
 def dora_linear_compose(
@@ -261,6 +278,7 @@ def dora_linear_compose(
     weight: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     bf16_origin_scale: float | None = None,
+    add_base: bool = False,
 ) -> torch.Tensor:
     """DoRA's extra output ``(g - 1) * base + g * s * (h @ B^T)`` for training, ``lora_B`` folded into the node.
 
@@ -275,14 +293,19 @@ def dora_linear_compose(
         out_dtype: default ``promote(h, B, base or x)``, stock PEFT's.
         bf16_origin_scale: ``c`` where ``x`` is known to be ``fp32(x0 * c)`` of a bf16 ``x0`` (PEFT's dropout of
             its fp32 cast): the forward recompute then takes one bf16 GEMM (``recompute_base.BaseRecompute``).
+        add_base: return ``base + extra`` (PEFT's variant output where ``base`` is its ``result``); needs ``base``.
 
     Returns:
         ``[..., d_out]`` in ``out_dtype``.
     """
     if base is None and (x is None or weight is None):
         raise ValueError("dora_linear_compose needs the base output, or x and the base weight to recompute it")
+    if add_base and base is None:
+        raise ValueError("dora_linear_compose(add_base=True) needs the base output")
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("dora_linear_compose takes a constant base weight; a trainable one needs dora_compose")
     activation = base if base is not None else x
     out_dtype = out_dtype or promote(promote(h.dtype, weight_b.dtype), activation.dtype)  # type: ignore[union-attr]
-    return _LoraComposeFunction.apply(h, weight_b, base, x, weight, scale, float(scaling), out_dtype, bf16_origin_scale)
+    return _LoraComposeFunction.apply(
+        h, weight_b, base, x, weight, scale, float(scaling), out_dtype, bf16_origin_scale, add_base
+    )

@@ -4,6 +4,12 @@
     inner = base + s * lora                           also written when the magnitude needs a gradient
     d_lora = (g * s) * d_out;  d_base = (g - 1) * d_out;  d_g = sum_rows(inner * d_out)
 
+``ADD_BASE`` (the forward kernel and the Linear node's backward): the composition returns PEFT's whole
+variant output ``base + ((g - 1) * base + g * (s * lora))`` instead of the extra part, and ``d_base = d_out +
+(g - 1) * d_out``. Both are evaluated in that order, in fp32, so that a non-finite value lands where PEFT's
+``result + extra`` (and autograd's sum of the two ``d_base`` contributions) puts it: an infinite ``base``
+with ``g < 1`` gives NaN, not ``g * inf``.
+
 With ``lora = h B^T`` inside the autograd node (``autograd/lora_compose.py``), ``_compose_bwd_lora_b_kernel``
 takes the base output in place of ``inner`` and, in the same launch, finishes from ``M = d_out^T h``:
 ``d_B = (g * s) M``, ``(g * s) B`` (for ``d_h``) and ``d_g += s * rowsum(B * M)``.
@@ -60,6 +66,7 @@ def _compose_fwd_kernel(
     R_BUCKET,  # autotune key only
     G_ON_ROWS: tl.constexpr,
     WRITE_INNER: tl.constexpr,
+    ADD_BASE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -80,6 +87,8 @@ def _compose_fwd_kernel(
     base = tl.load(base_ptr + (r64 * stride_base + c), mask=mask, other=0.0).to(tl.float32)
     s_lora = lora * scaling
     out = (g - 1.0) * base + g * s_lora
+    if ADD_BASE:
+        out = base + out
     tl.store(out_ptr + (r64 * stride_out + c), _to_dtype(out, out_ptr.dtype.element_ty), mask=mask)
     if WRITE_INNER:
         tl.store(inner_ptr + (r64 * stride_inner + c), _to_dtype(base + s_lora, inner_ptr.dtype.element_ty), mask=mask)
@@ -104,11 +113,13 @@ def _bwd_row_loop(
     NEED_LORA: tl.constexpr,
     NEED_BASE: tl.constexpr,
     NEED_G: tl.constexpr,
+    ADD_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Rows ``[r_start, r_end)`` of one column tile: stores ``d_lora`` / ``d_base`` and returns the ``[BLOCK_R,
-    BLOCK_C]`` fp32 accumulator of ``inner * d_out`` (zeros without ``NEED_G``)."""
+    """Rows ``[r_start, r_end)`` of one column tile: stores ``d_lora`` / ``d_base`` (``d_out + (g - 1) d_out``
+    with ``ADD_D``) and returns the ``[BLOCK_R, BLOCK_C]`` fp32 accumulator of ``inner * d_out`` (zeros
+    without ``NEED_G``)."""
     c = cols[None, :]
     acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     for r0 in range(r_start, r_end, BLOCK_R):
@@ -119,7 +130,10 @@ def _bwd_row_loop(
         if NEED_LORA:
             tl.store(dlora_ptr + (r64 * stride_dlora + c), _to_dtype(d * gs, dlora_ptr.dtype.element_ty), mask=mask)
         if NEED_BASE:
-            tl.store(dbase_ptr + (r64 * stride_dbase + c), _to_dtype(d * gm1, dbase_ptr.dtype.element_ty), mask=mask)
+            d_base = d * gm1
+            if ADD_D:
+                d_base = d + d_base
+            tl.store(dbase_ptr + (r64 * stride_dbase + c), _to_dtype(d_base, dbase_ptr.dtype.element_ty), mask=mask)
         if NEED_G:
             x = tl.load(inner_ptr + (r64 * stride_inner + c), mask=mask, other=0.0).to(tl.float32)
             acc += x * d
@@ -199,6 +213,7 @@ def _compose_bwd_cols_kernel(
         NEED_LORA,
         NEED_BASE,
         NEED_G,
+        False,
         BLOCK_R,
         BLOCK_C,
     )
@@ -304,13 +319,14 @@ def _compose_bwd_lora_b_kernel(
     NEED_G: tl.constexpr,
     NEED_DB: tl.constexpr,
     NEED_BS: tl.constexpr,
+    ADD_BASE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """The one-pass backward of the Linear node with ``lora_B`` inside (``autograd/lora_compose.py``).
 
     Rows ``[0, R)`` of ``d_out`` as ``_compose_bwd_cols_kernel`` with the base output as ``inner``: ``d_base =
-    (g - 1) d_out`` and the partials of ``sum_t d_out * base``. Column ``j`` of ``d_out`` is row ``j`` of
+    (g - 1) d_out`` (``ADD_BASE``: ``d_out + (g - 1) d_out``) and the partials of ``sum_t d_out * base``. Column ``j`` of ``d_out`` is row ``j`` of
     ``M = d_out^T h`` and of ``B``, so the program that finishes a column tile (the last of its ``groups`` to
     arrive, by integer ticket, when ``NEED_G``; group 0 otherwise) also writes that tile's ``d_B``, ``(g s) B``
     and ``d_g`` (``_finish_lora_b``): one launch for what needed two.
@@ -340,6 +356,7 @@ def _compose_bwd_lora_b_kernel(
         False,
         NEED_BASE,
         NEED_G,
+        ADD_BASE,
         BLOCK_R,
         BLOCK_C,
     )

@@ -163,10 +163,9 @@ class _Tuned:
         self.chosen = {False: {}, True: {}}
 
 
-_FWD = _Tuned(_compose_fwd_kernel, "compose_fwd", "fwd", ["K", "R_BUCKET", "G_ON_ROWS", "WRITE_INNER"])
-_FWD_INPLACE = _Tuned(
-    _compose_fwd_kernel, "compose_fwd_inplace", "fwd", ["K", "R_BUCKET", "G_ON_ROWS", "WRITE_INNER"], ("out_ptr",)
-)
+_FWD_KEY = ["K", "R_BUCKET", "G_ON_ROWS", "WRITE_INNER", "ADD_BASE"]
+_FWD = _Tuned(_compose_fwd_kernel, "compose_fwd", "fwd", _FWD_KEY)
+_FWD_INPLACE = _Tuned(_compose_fwd_kernel, "compose_fwd_inplace", "fwd", _FWD_KEY, ("out_ptr",))
 _BWD_COLS = _Tuned(
     _compose_bwd_cols_kernel, "compose_bwd", "bwd", ["K", "R_BUCKET", "NEED_LORA", "NEED_BASE", "NEED_G"]
 )
@@ -177,7 +176,7 @@ _BWD_LORA_B = _Tuned(
     _compose_bwd_lora_b_kernel,
     "compose_bwd_lora_b",
     "bwd",
-    ["K", "RANK", "R_BUCKET", "NEED_BASE", "NEED_G", "NEED_DB", "NEED_BS"],
+    ["K", "RANK", "R_BUCKET", "NEED_BASE", "NEED_G", "NEED_DB", "NEED_BS", "ADD_BASE"],
 )
 
 

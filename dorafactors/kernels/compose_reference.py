@@ -4,6 +4,9 @@
     inner = base + s * lora                         # what the magnitude gradient needs
     d_lora = g * s * d_out;  d_base = (g - 1) * d_out;  d_g = sum_rows(inner * d_out)
 
+``add_base`` (the Linear node's whole-output mode, ``compose_kernel.py``): ``out = base + ((g - 1) * base +
+g * (s * lora))`` and ``d_base = d_out + (g - 1) * d_out``, evaluated in that order.
+
 The backward is itself plain autograd ops, so it also serves as the differentiable backward of the custom
 Functions in ``autograd/`` when a graph is being created (``create_graph=True``: second-order gradients).
 
@@ -42,6 +45,7 @@ def compose_forward_reference(
     channel_dim: int = -1,
     out_dtype: torch.dtype | None = None,
     save_inner: bool = False,
+    add_base: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Reference forward.
 
@@ -52,13 +56,15 @@ def compose_forward_reference(
         channel_dim: the dimension ``g`` runs along.
         out_dtype: dtype of ``out`` and ``inner`` (default: ``promote(lora, base)``).
         save_inner: also return ``inner = base + s * lora`` (rounded to ``out_dtype``).
+        add_base: return ``base + out`` (one rounding).
     """
     out_dtype = out_dtype or torch.promote_types(lora.dtype, base.dtype)
     cdt = compute_dtype_for(lora.dtype, base.dtype, scale.dtype)
     g = broadcast_scale(scale.detach().to(cdt), lora.dim(), channel_dim)
     s_lora = lora.detach().to(cdt) * scaling
     b = base.detach().to(cdt)
-    out = torch.addcmul((g - 1.0) * b, g, s_lora).to(out_dtype)
+    out = torch.addcmul((g - 1.0) * b, g, s_lora)
+    out = (b + out if add_base else out).to(out_dtype)
     inner = (b + s_lora).to(out_dtype) if save_inner else None
     return out, inner
 
@@ -76,8 +82,10 @@ def compose_backward_reference(
     need_base: bool = True,
     need_scale: bool = True,
     d_inner: torch.Tensor | None = None,
+    add_base: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Reference backward: ``(d_lora, d_base, d_g)``; ``d_g`` is ``[C]`` in ``scale.dtype``.
+    """Reference backward: ``(d_lora, d_base, d_g)``; ``d_g`` is ``[C]`` in ``scale.dtype``; ``add_base``: the
+    forward returned ``base + out``, so ``d_base = d_out + (g - 1) * d_out``.
 
     Plain autograd ops on the tensors as given (nothing is detached): called with grad mode on (the
     backward of a ``create_graph=True`` pass), the results are differentiable in ``d_out``, ``scale`` and
@@ -100,7 +108,10 @@ def compose_backward_reference(
             [None if grad is None else grad * (g * scaling), None if extra is None else extra * scaling]
         ).to(lora_dtype)
     if need_base:
-        d_base = _sum_present([None if grad is None else grad * (g - 1.0), extra]).to(base_dtype)
+        through = None if grad is None else grad * (g - 1.0)
+        if add_base and grad is not None:
+            through = grad + through
+        d_base = _sum_present([through, extra]).to(base_dtype)
     if need_scale and grad is not None:
         if inner is None:
             raise RuntimeError("the magnitude gradient needs `inner`, which the forward did not save")

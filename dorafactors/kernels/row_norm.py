@@ -124,6 +124,8 @@ def triton_weight_norm_sq(
     cached_sumsq: torch.Tensor | None = None,
     eps: float | None = None,
     kernel_config: NormKernelConfig | None = None,
+    repair_nonfinite: bool = False,
+    weight_known_finite: bool = False,
 ) -> torch.Tensor:
     """Squared row norm of ``W + scaling * B @ A`` in fp32, not clamped (may hold tiny negatives).
 
@@ -137,6 +139,10 @@ def triton_weight_norm_sq(
         eps: if given, return the finished norm ``max(sqrt(max(n^2, 0)), eps)`` (the engine's clamp, fused
             into the same launch, NaN preserved) instead of ``n^2``.
         kernel_config: launch configuration override (tests, tuning); default :func:`pick_config`.
+        repair_nonfinite: (needs ``eps``, ``s != 0``, ``r > 0``, ``d_in > 0``) give every row whose
+            ``W + s B A`` is not finite the dense row's class, NaN or +inf, in the same launches: the
+            engine's ``_dense_class_of_nonfinite_rows`` (``norm/engine.py``), with ``||W||^2`` left out of
+            the probe where ``weight_known_finite``.
 
     Returns:
         fp32 ``[d_out]``. Two kernel launches, the gram programs then the main programs (plus a one-time
@@ -150,6 +156,8 @@ def triton_weight_norm_sq(
     device = weight.device
     cached_sumsq = _as_sumsq(cached_sumsq, d_out, device)
     scaling = float(scaling)
+    if repair_nonfinite:
+        _check_repair(d_out, d_in, rank, scaling, eps)
 
     if d_out == 0:
         return torch.zeros(0, dtype=torch.float32, device=device)
@@ -162,7 +170,20 @@ def triton_weight_norm_sq(
         plan = _one_pass_plan(d_out, d_in, rank, a_is_fp32, num_sms(device), interpret)
     else:
         plan = NormLaunchPlan.build(d_out, d_in, rank, kernel_config)
-    return _launch(plan, weight, lora_A, lora_B, None, cached_sumsq, scaling, eps, interpret)
+    repair = None
+    if repair_nonfinite:  # the gram programs sum half A's squares; fp32 A's come from A itself (IEEE fp32)
+        a_norms = torch.linalg.vector_norm(lora_A, dim=1, dtype=torch.float32) if a_is_fp32 else None
+        repair = (not weight_known_finite, a_norms)
+    return _launch(plan, weight, lora_A, lora_B, None, cached_sumsq, scaling, eps, interpret, repair)
+
+
+def _check_repair(d_out: int, d_in: int, rank: int, scaling: float, eps: float | None) -> None:
+    """The in-kernel non-finite row repair runs in the kernel's final store: it needs a launch and the norm."""
+    if eps is None or scaling == 0.0 or 0 in (d_out, d_in, rank):
+        raise ValueError(
+            "repair_nonfinite needs eps (the finished norm), a non-zero scaling and non-empty factors "
+            "(the engine repairs the other cases itself)"
+        )
 
 
 def _launch(
@@ -175,12 +196,15 @@ def _launch(
     scaling: float,
     eps: float | None,
     interpret: bool,
+    repair: tuple[bool, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Run ``_weight_norm_sq_kernel`` for validated operands (the gram launch, then the main launch; one
     launch in ``FROM_GEMM`` mode); returns the fp32 ``[d_out]`` result.
 
     ``gemms`` (``FROM_GEMM`` mode, needs ``cached_sumsq``): the fp32 GEMM results ``(W A^T [d_out, r]
     contiguous, A A^T [r, r] contiguous)``; the launch then has no gram programs.
+    ``repair``: the kernel's ``PROBE`` mode, ``(add ||W||^2 to the probe, ||A_k|| fp32 [r] or None)``; None:
+    the gram programs compute ``||A_k||`` (half ``A`` without ``FROM_GEMM`` only).
     """
     device = weight.device
     d_out, d_in = weight.shape
@@ -198,29 +222,35 @@ def _launch(
         cold,
         eps is not None,
         interpret,
+        repair is not None,
     )
     launch = plan.launch_cache.get(key)
     if launch is None:
         launch = plan.launch_cache[key] = _launch_constants(plan, *key)
-    programs, ws_elements, constants = launch
+    programs, ws_elements, constants, probe_at = launch
     ws = torch.empty(ws_elements, dtype=torch.float32, device=device)
     out = torch.empty(d_out, dtype=torch.float32, device=device)
     counters = ticket_buffer(device, 2 + plan.gram_tiles + plan.row_tiles)
     u_mat = gemms[0] if from_gemm else out
     gram = gemms[1] if from_gemm else ws
+    probe = (out, out, out, 0)  # (probe partials, ||A_k||^2 partials, ||A_k||, add ||W||^2): unused
+    if repair is not None:
+        p0, p1, p2 = probe_at
+        a_norms = repair[1] if repair[1] is not None else ws[p2:]
+        probe = (ws[p0:p1], ws[p1:p2] if p2 > p1 else out, a_norms, int(repair[0]))
     gram_programs = 0 if from_gemm else plan.gram_tiles * plan.gram_splits
     # the gram programs first, in a launch of their own, then the main programs: no program ever waits on
     # another of its own launch (see row_norm_kernel's "Synchronization")
     for pid_base, grid in ((0, gram_programs), (gram_programs, programs - gram_programs)):
         if grid:
             _launch_kernel(grid, pid_base, plan, weight, lora_A, lora_B, u_mat, cold, cached_sumsq, out, ws, gram,
-                           counters, from_gemm, scaling, eps, d_out, d_in, rank, constants)  # fmt: skip
+                           counters, probe, from_gemm, scaling, eps, d_out, d_in, rank, constants)  # fmt: skip
     return out
 
 
 def _launch_kernel(
-    grid, pid_base, plan, weight, lora_A, lora_B, u_mat, cold, cached_sumsq, out, ws, gram, counters, from_gemm,
-    scaling, eps, d_out, d_in, rank, constants,
+    grid, pid_base, plan, weight, lora_A, lora_B, u_mat, cold, cached_sumsq, out, ws, gram, counters, probe,
+    from_gemm, scaling, eps, d_out, d_in, rank, constants,
 ) -> None:  # fmt: skip
     """One launch of ``_weight_norm_sq_kernel`` over programs ``pid_base .. pid_base + grid - 1``."""
     launch(
@@ -235,6 +265,7 @@ def _launch_kernel(
         ws,
         gram,
         counters,
+        *probe,
         d_out,
         d_in,
         rank,
@@ -271,8 +302,10 @@ def _launch_constants(
     cold: bool,
     sqrt: bool,
     interpret: bool,
-) -> tuple[int, int, dict[str, int | bool]]:
-    """Grid size, workspace elements and compile-time arguments of a launch (cached per plan by ``_launch``)."""
+    probe: bool,
+) -> tuple[int, int, dict[str, int | bool], tuple[int, int, int]]:
+    """Grid size, workspace elements, compile-time arguments and the probe sections' offsets in the
+    workspace (probe partials, ``||A_k||^2`` partials, ``||A_k||``) of a launch (cached per plan by ``_launch``)."""
     cfg = plan.config
     if a_dtype == w_dtype:
         a_mode = 0
@@ -297,10 +330,16 @@ def _launch_constants(
         EVEN_K=d_in % cfg.block_k == 0,
         EVEN_MN=plan.d_out % cfg.block_m == 0 and rank % cfg.block_n == 0,
         UPCAST=interpret,
+        PROBE=probe,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    return programs, plan.workspace_elements(cold, from_gemm), constants
+    a_norms_here = probe and not from_gemm and a_dtype != torch.float32  # by the gram programs
+    sections = plan.sections(cold, from_gemm, probe, a_norms_here)
+    p0 = sum(sections[:4])
+    p1 = p0 + (sections[4] if probe else 0)
+    p2 = p1 + (sections[5] if a_norms_here else 0)
+    return programs, sum(sections), constants, (p0, p1, p2)
 
 
 def gemm_supported(device: torch.device) -> bool:
@@ -352,6 +391,8 @@ def gemm_weight_norm_sq(
     cached_sumsq: torch.Tensor | None = None,
     eps: float | None = None,
     kernel_config: NormKernelConfig | None = None,
+    repair_nonfinite: bool = False,
+    weight_known_finite: bool = False,
 ) -> torch.Tensor:
     """:func:`triton_weight_norm_sq` with ``W A^T`` from a GEMM: for half ``A`` and ``B`` in ``W``'s dtype, or
     fp32 ``A`` and ``B`` on a bf16 ``W`` (PEFT's default dtypes).
@@ -363,7 +404,8 @@ def gemm_weight_norm_sq(
     assembly follow exactly as in the one-pass kernel (fixed summation orders). Without ``cached_sumsq``,
     ``||W||^2`` comes from :func:`triton_row_sumsq` (a second pass over W).
 
-    Args and returns: as :func:`triton_weight_norm_sq`; see :func:`gemm_dtypes_supported` for the dtypes.
+    Args and returns: as :func:`triton_weight_norm_sq`; see :func:`gemm_dtypes_supported` for the dtypes. With
+    ``repair_nonfinite`` one more launch: ``||A_k||`` in fp32 for the kernel's probe.
     Extra memory: ``U`` and ``G`` (``4 * (d_out * r + r^2)`` bytes) besides the kernel's workspace; fp32
     ``A`` adds its bf16 parts and the parts' products (``6 r d_in + 12 d_out r + 36 r^2`` bytes).
     """
@@ -381,6 +423,8 @@ def gemm_weight_norm_sq(
     device = weight.device
     scaling = float(scaling)
     cached_sumsq = _as_sumsq(cached_sumsq, d_out, device)
+    if repair_nonfinite:
+        _check_repair(d_out, d_in, rank, scaling, eps)
     if d_out == 0:
         return torch.zeros(0, dtype=torch.float32, device=device)
     sumsq = cached_sumsq if cached_sumsq is not None else triton_row_sumsq(weight)
@@ -395,4 +439,7 @@ def gemm_weight_norm_sq(
         gemms = fp32_adapter_gemms(weight, lora_A)
     else:
         gemms = (matmul_fp32(weight, lora_A), matmul_fp32(lora_A, lora_A))
-    return _launch(plan, weight, lora_A, lora_B, gemms, sumsq, scaling, eps, interpret)
+    repair = None
+    if repair_nonfinite:  # ||A_k|| from A itself (IEEE fp32 squares): G's diagonal may come from split parts
+        repair = (not weight_known_finite, torch.linalg.vector_norm(lora_A, dim=1, dtype=torch.float32))
+    return _launch(plan, weight, lora_A, lora_B, gemms, sumsq, scaling, eps, interpret, repair)

@@ -32,6 +32,12 @@ GEMMs (cuBLAS). There are no gram programs (none compiled in); the main programs
 of looping over ``d_in``, run longest first (``n == 0``), and load, scale and split their chunks of the fp32
 G in registers.
 
+``PROBE`` mode (with the final ``SQRT``): the engine's non-finite row repair (``norm/engine.py``) in the same
+launches, instead of five small PyTorch launches after them. The gram programs of the diagonal tiles also sum
+the squares of their ``A`` rows (``FROM_GEMM`` or fp32 ``A``: ``||A_k||`` is given), the ``s == 0`` main programs store
+their tile's ``sum_k |B_ik| ||A_k||``, and the row assembly adds those partials in a fixed order (and
+``||W||^2`` where ``W`` is not known to be finite) and keeps the norm only where that probe is finite.
+
 Precision: products of half-precision operands are exact and accumulate in fp32. fp32 operands are split in
 registers into bf16 parts and multiplied part by part, keeping every product whose part orders sum to < 3
 (the "bf16x3 / bf16x6" schemes): fp32 A against bf16 W is ``hi + mid + lo`` (3 dots), fp32 A against fp16
@@ -203,6 +209,8 @@ def _gram_program(
     gpart_ptr,
     g3_ptr,
     cnt_ptr,
+    apart_ptr,
+    arow_ptr,
     d_in,
     rank,
     r_pad,
@@ -217,8 +225,14 @@ def _gram_program(
     A_GRAM_MODE: tl.constexpr,
     EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr,
+    PROBE: tl.constexpr,
 ):
-    """Gram tile ``t`` (lower block triangle, row-major), ``d_in`` split ``sg``; the last arrival finalizes it."""
+    """Gram tile ``t`` (lower block triangle, row-major), ``d_in`` split ``sg``; the last arrival finalizes it.
+
+    ``PROBE`` with half-precision ``A`` (``A_GRAM_MODE == 0``; for fp32 ``A`` the host gives ``||A_k||``: the
+    squares beside the six split dots spill registers): a diagonal tile also sums the squares of its ``A``
+    rows over the split (IEEE fp32, from the loaded values, not the tensor cores), and its last arrival
+    writes ``||A_k||`` to ``arow_ptr``."""
     kb = 0
     while (kb + 1) * (kb + 2) // 2 <= t:
         kb += 1
@@ -235,8 +249,12 @@ def _gram_program(
     p1 = a_ptr + ra.to(tl.int64)[:, None] * stride_ar + k0[None, :] * stride_ak
     p2 = a_ptr + rb.to(tl.int64)[None, :] * stride_ar + k0[:, None] * stride_ak
     acc = tl.zeros((BN, BN), dtype=tl.float32)
+    asq = tl.zeros((BN,), dtype=tl.float32)
     for it in range(it0, it1):
         x1, x2 = _load_k_step(p1, p2, ra_ok, rb_ok, it, d_in, offs_k, BK, EVEN_K)
+        if PROBE and A_GRAM_MODE == 0:  # every tile pays these BN * BK products (1 / BN of its MMA work)
+            x1f = x1.to(tl.float32)
+            asq += tl.sum(x1f * x1f, axis=1)
         if A_GRAM_MODE == 0:
             acc = _mma(x1, x2, acc, UPCAST)
         else:
@@ -253,6 +271,9 @@ def _gram_program(
         p2 += BK * stride_ak
     tile = offs[:, None] * BN + offs[None, :]
     tl.store(gpart_ptr + (sg * NT + t).to(tl.int64) * (BN * BN) + tile, acc)
+    if PROBE and A_GRAM_MODE == 0:  # noqa: SIM102 (compile-time branch around a run-time one)
+        if kb == nb:  # the diagonal tiles keep their squares
+            tl.store(apart_ptr + sg * r_pad + ra, asq, mask=ra_ok)
     tl.debug_barrier()
     ticket = tl.atomic_add(cnt_ptr + 2 + t, 1, sem="acq_rel", scope="gpu")
     if ticket == S_G - 1:
@@ -265,6 +286,12 @@ def _gram_program(
         tl.store(g3_ptr + dst, g_hi)
         tl.store(g3_ptr + r_pad * r_pad + dst, g_mid)
         tl.store(g3_ptr + 2 * r_pad * r_pad + dst, g_lo)
+        if PROBE and A_GRAM_MODE == 0:  # noqa: SIM102
+            if kb == nb:
+                a_sq = tl.zeros((BN,), dtype=tl.float32)
+                for j in range(S_G):
+                    a_sq += tl.load(apart_ptr + j * r_pad + ra, mask=ra_ok, other=0.0, cache_modifier=".cg")
+                tl.store(arow_ptr + ra, tl.sqrt_rn(a_sq), mask=ra_ok)
         tl.atomic_xchg(cnt_ptr + 2 + t, 0, sem="relaxed", scope="gpu")
         tl.debug_barrier()
         tl.atomic_add(cnt_ptr, 1, sem="release", scope="gpu")
@@ -371,10 +398,15 @@ def _add_gram_term(
 
 @triton.jit
 def _assemble_rows(
-    rows64, row_ok, sumsq_ptr, out_ptr, part_ptr, wpart_ptr, d_out, scaling, eps, NR, S,
-    BM: tl.constexpr, COLD: tl.constexpr, SQRT: tl.constexpr,
+    rows64, row_ok, sumsq_ptr, out_ptr, part_ptr, wpart_ptr, pprobe_ptr, probe_w, d_out, scaling, eps, NR, S,
+    BM: tl.constexpr, COLD: tl.constexpr, SQRT: tl.constexpr, PROBE: tl.constexpr,
 ):  # fmt: skip
-    """The last program of a row tile: ``||W||^2 + 2s * cross`` from the partials, summed in a fixed order."""
+    """The last program of a row tile: ``||W||^2 + 2s * cross`` from the partials, summed in a fixed order.
+
+    ``PROBE`` (with ``SQRT``): rows whose ``W + s B A`` is not finite get the dense row's class, the engine's
+    ``_dense_class_of_nonfinite_rows`` in the same store: ``probe = sum_k |B_ik| ||A_k||`` (the ``NR`` partials
+    of the ``s == 0`` programs, in a fixed order), plus ``||W||^2`` where ``probe_w`` says ``W`` is not known
+    to be finite; a probe that is not ``< inf`` (+inf or NaN) replaces the norm."""
     cross = tl.zeros((BM,), dtype=tl.float32)
     p_ptrs = part_ptr + rows64
     for _ in range(NR * S):
@@ -392,17 +424,29 @@ def _assemble_rows(
     if SQRT:  # the engine's final norm, sqrt(max(n^2, 0)) clamped below at eps, NaN kept as NaN
         res = tl.sqrt_rn(tl.maximum(res, 0.0, propagate_nan=tl.PropagateNan.ALL))
         res = tl.maximum(res, eps, propagate_nan=tl.PropagateNan.ALL)
+    if PROBE:
+        probe = tl.zeros((BM,), dtype=tl.float32)
+        q_ptrs = pprobe_ptr + rows64
+        for _ in range(NR):
+            probe += tl.load(q_ptrs, mask=row_ok, other=0.0, cache_modifier=".cg")
+            q_ptrs += d_out
+        if probe_w != 0:
+            probe += w
+        # every term is >= 0, +inf or NaN: "probe < inf" is "probe is finite" (NaN compares false)
+        res = tl.where(probe < float("inf"), res, probe)
     tl.store(out_ptr + rows64, res, mask=row_ok)
 
 
 @triton.jit
 def _main_program(
     m, n, s, w_ptr, a_ptr, b_ptr, u_ptr, sumsq_ptr, out_ptr, part_ptr, wpart_ptr, g3_ptr, cnt_ptr,
+    pprobe_ptr, arow_ptr, probe_w,
     d_out, d_in, rank, r_pad, stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br, stride_um,
     stride_ur, scaling, eps, n_m, NR, S, NT, KT,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKG: tl.constexpr, BG_STAGES: tl.constexpr,
     FROM_GEMM: tl.constexpr, COLD: tl.constexpr, SQRT: tl.constexpr, A_MODE: tl.constexpr,
     B_MODE: tl.constexpr, EVEN_K: tl.constexpr, EVEN_MN: tl.constexpr, UPCAST: tl.constexpr,
+    PROBE: tl.constexpr,
 ):  # fmt: skip
     """Row tile ``m``, rank tile ``n``, ``d_in`` split ``s``: its partial of ``c + (s/2) b`` (module docstring)."""
     rows = m * BM + tl.arange(0, BM)
@@ -411,6 +455,20 @@ def _main_program(
     rn = n * BN + tl.arange(0, BN)
     rn_ok = rn < rank
     rn64 = rn.to(tl.int64)
+
+    # 0. PROBE: this rank tile's share of sum_k |B_ik| ||A_k|| (elementwise: 0 * inf stays NaN), first, while
+    # no accumulator holds registers (in the epilogue beside acc it spills)
+    if PROBE:  # noqa: SIM102 (compile-time branch around a run-time one)
+        if s == 0:
+            b_abs = tl.abs(
+                tl.load(
+                    b_ptr + rows64[:, None] * stride_bm + rn64[None, :] * stride_br,
+                    mask=row_ok[:, None] & rn_ok[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+            )
+            a_norm = tl.load(arow_ptr + rn64, mask=rn_ok, other=0.0)
+            tl.store(pprobe_ptr + n.to(tl.int64) * d_out + rows64, tl.sum(b_abs * a_norm[None, :], axis=1), mask=row_ok)
 
     # 1. acc = W[rows, split] @ A[rn, split]^T (and ||W[rows, split]||^2 in the cold n == 0 programs)
     acc, wsq = _cross_tile(
@@ -447,8 +505,9 @@ def _main_program(
     ticket = tl.atomic_add(cnt_ptr + 2 + NT + m, 1, sem="acq_rel", scope="gpu")
     if ticket == NR * S - 1:
         _assemble_rows(
-            rows64, row_ok, sumsq_ptr, out_ptr, part_ptr, wpart_ptr, d_out, scaling, eps, NR, S, BM, COLD, SQRT
-        )
+            rows64, row_ok, sumsq_ptr, out_ptr, part_ptr, wpart_ptr, pprobe_ptr, probe_w, d_out, scaling, eps,
+            NR, S, BM, COLD, SQRT, PROBE,
+        )  # fmt: skip
         tl.atomic_xchg(cnt_ptr + 2 + NT + m, 0, sem="relaxed", scope="gpu")
         finished = tl.atomic_add(cnt_ptr + 1, 1, sem="acq_rel", scope="gpu")
         if finished == n_m - 1:
@@ -458,7 +517,7 @@ def _main_program(
 
 
 # the launch-plan integers are read as scalars only: no 1/16-divisibility specializations (fewer compiles)
-@triton.jit(do_not_specialize=["n_m", "NR", "S", "NT", "S_G", "KT", "pid_base"])
+@triton.jit(do_not_specialize=["probe_w", "n_m", "NR", "S", "NT", "S_G", "KT", "pid_base"])
 def _weight_norm_sq_kernel(
     w_ptr,
     a_ptr,
@@ -469,6 +528,10 @@ def _weight_norm_sq_kernel(
     ws_ptr,
     g_ptr,
     cnt_ptr,
+    pprobe_ptr,
+    apart_ptr,
+    arow_ptr,
+    probe_w,
     d_out,
     d_in,
     rank,
@@ -504,7 +567,11 @@ def _weight_norm_sq_kernel(
     EVEN_K: tl.constexpr,
     EVEN_MN: tl.constexpr,
     UPCAST: tl.constexpr,
+    PROBE: tl.constexpr,
 ):
+    # ``PROBE``: the non-finite row repair in the same launches (``_assemble_rows``); ``pprobe_ptr`` [NR, d_out]
+    # probe partials, ``apart_ptr`` [S_G, r_pad] and ``arow_ptr`` [r_pad] the gram programs' ||A_k||^2 partials
+    # and ||A_k|| (FROM_GEMM or fp32 A: ``arow_ptr`` is given). Unused (any pointer) without PROBE.
     # the workspace's sections, laid out as NormLaunchPlan.sections() does (each 32-element aligned): cross
     # partials [NR * S, d_out], ||W||^2 partials [S, d_out] (cold launches only), gram partials
     # [S_G * NT, BN, BN], then the three bf16 parts of G''. FROM_GEMM: G is the fp32 GEMM result g_ptr.
@@ -526,8 +593,8 @@ def _weight_norm_sq_kernel(
         n_gram = NT * S_G
         if pid < n_gram:
             _gram_program(
-                pid // S_G, pid % S_G, a_ptr, gpart_ptr, g3_ptr, cnt_ptr, d_in, rank, r_pad,
-                stride_ar, stride_ak, scaling, NT, S_G, KT, BN, BK, A_GRAM_MODE, EVEN_K, UPCAST,
+                pid // S_G, pid % S_G, a_ptr, gpart_ptr, g3_ptr, cnt_ptr, apart_ptr, arow_ptr, d_in, rank, r_pad,
+                stride_ar, stride_ak, scaling, NT, S_G, KT, BN, BK, A_GRAM_MODE, EVEN_K, UPCAST, PROBE,
             )  # fmt: skip
     if pid >= n_gram:
         q = pid - n_gram
@@ -541,9 +608,9 @@ def _weight_norm_sq_kernel(
         m = q // S
         _main_program(
             m, n, s, w_ptr, a_ptr, b_ptr, u_ptr, sumsq_ptr, out_ptr, part_ptr, wpart_ptr, g3_ptr,
-            cnt_ptr, d_out, d_in, rank, r_pad, stride_wm, stride_wk, stride_ar, stride_ak, stride_bm,
-            stride_br, stride_um, stride_ur, scaling, eps, n_m, NR, S, NT, KT, BM, BN, BK, BKG, BG_STAGES, FROM_GEMM,
-            COLD, SQRT, A_MODE, B_MODE, EVEN_K, EVEN_MN, UPCAST,
+            cnt_ptr, pprobe_ptr, arow_ptr, probe_w, d_out, d_in, rank, r_pad, stride_wm, stride_wk, stride_ar,
+            stride_ak, stride_bm, stride_br, stride_um, stride_ur, scaling, eps, n_m, NR, S, NT, KT, BM, BN, BK, BKG,
+            BG_STAGES, FROM_GEMM, COLD, SQRT, A_MODE, B_MODE, EVEN_K, EVEN_MN, UPCAST, PROBE,
         )  # fmt: skip
 
 

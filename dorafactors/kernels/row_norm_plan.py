@@ -236,24 +236,34 @@ class NormLaunchPlan:
     def programs(self) -> int:
         return self.gram_tiles * self.gram_splits + self.row_tiles * self.rank_tiles * self.splits
 
-    def sections(self, cold: bool, from_gemm: bool = False) -> tuple[int, int, int, int]:
-        """fp32 elements of the workspace's four sections, in order (the kernel derives the same offsets):
-        cross partials, ``||W||^2`` partials (cold only), gram partials and the bf16 ``G''`` parts (both
-        absent in ``FROM_GEMM`` mode, whose G comes from a GEMM). Each starts 128-byte aligned."""
+    def sections(
+        self, cold: bool, from_gemm: bool = False, probe: bool = False, a_norms: bool = False
+    ) -> tuple[int, ...]:
+        """fp32 elements of the workspace's sections, in order (the kernel derives the first four offsets, the
+        host passes the probe's): cross partials, ``||W||^2`` partials (cold only), gram partials and the bf16
+        ``G''`` parts (both absent in ``FROM_GEMM`` mode, whose G comes from a GEMM); with ``probe`` (the
+        non-finite row repair) the probe partials ``[NR, d_out]``, and with ``a_norms`` (the gram programs
+        compute ``||A_k||``) the ``||A_k||^2`` partials ``[S_G, r_pad]`` and ``||A_k||`` ``[r_pad]``. Each
+        starts 128-byte aligned."""
         bn = self.config.block_n
         n_part = self.rank_tiles * self.splits * self.d_out
         n_wpart = self.splits * self.d_out if cold else 0
         n_gpart = 0 if from_gemm else self.gram_splits * self.gram_tiles * bn * bn
         n_g = 0 if from_gemm else (3 * self.r_pad * self.r_pad + 1) // 2  # three bf16 matrices (hi, mid, lo)
-        return tuple(-(-n // 32) * 32 for n in (n_part, n_wpart, n_gpart, n_g))
+        sizes = [n_part, n_wpart, n_gpart, n_g]
+        if probe:
+            sizes.append(self.rank_tiles * self.d_out)
+            if a_norms:
+                sizes += [self.gram_splits * self.r_pad, self.r_pad]
+        return tuple(-(-n // 32) * 32 for n in sizes)
 
-    def workspace_elements(self, cold: bool, from_gemm: bool = False) -> int:
-        """fp32 elements of the one workspace a launch allocates (besides the ``[d_out]`` result)."""
-        return sum(self.sections(cold, from_gemm))
+    def workspace_elements(self, cold: bool, from_gemm: bool = False, probe: bool = False) -> int:
+        """fp32 elements of the one workspace a launch allocates (besides the ``[d_out]`` result), at most."""
+        return sum(self.sections(cold, from_gemm, probe, probe and not from_gemm))
 
-    def workspace_bytes(self, cold: bool, from_gemm: bool = False) -> int:
-        """Bytes a launch allocates: the workspace plus the fp32 ``[d_out]`` result (no ``d_in`` term)."""
-        return 4 * (self.workspace_elements(cold, from_gemm) + self.d_out)
+    def workspace_bytes(self, cold: bool, from_gemm: bool = False, probe: bool = False) -> int:
+        """Bytes a launch allocates, at most: the workspace plus the fp32 ``[d_out]`` result (no ``d_in`` term)."""
+        return 4 * (self.workspace_elements(cold, from_gemm, probe) + self.d_out)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -87,16 +87,24 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
         base_result: torch.Tensor | None = None,
         adapter_name: str = "default",
         bf16_dropout_scale: float | None = None,
+        add_base_result: bool = False,
     ) -> torch.Tensor:
         """Extra output of DoRA on top of ``base_result`` (the variant adds it): ``[..., d_out]``.
 
         ``bf16_dropout_scale``: ``c = 1 / (1 - p)`` where the caller knows that ``x`` is PEFT's ``nn.Dropout`` of
         the fp32 cast of a bf16 activation (:class:`DoraLinearVariant`); the base output is then
         recomputed with one bf16 GEMM (``autograd/recompute_base.py``). Ignored where it does not apply.
+
+        ``add_base_result`` (with ``base_result``): return PEFT's variant output ``base_result + extra`` instead
+        (:class:`DoraLinearVariant` in training without dropout). The training node composes it in its own
+        kernel pass where ``base_layer`` has no bias (``autograd/lora_compose.py``); elsewhere it is the sum.
         """
+        result = base_result
         if base_result is not None:
             folded = self._folded_lora_B(x, lora_A, lora_B, scaling, base_layer, base_result, adapter_name)
             if folded is not None:
+                if add_base_result:
+                    return folded_dora_output(_lora_A_call(lora_A, x), folded, base_result)
                 return folded_dora_extra(_lora_A_call(lora_A, x), folded, base_result)
         magnitude = self.weight
         norm = self._forward_norm(base_layer, lora_A, lora_B, scaling, adapter_name, gather_modules=(lora_A, lora_B))
@@ -111,8 +119,14 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
                 # training: lora_B runs inside the composition's autograd node (autograd/lora_compose.py)
                 if base_result is not None:
                     bias = base_layer.bias
-                    base = base_result if bias is None else base_result - bias.to(base_result.dtype)
-                    return dora_linear_compose(h, weight_b, scale, scaling, base=base)
+                    if bias is None:
+                        return dora_linear_compose(
+                            h, weight_b, scale, scaling, base=base_result, add_base=add_base_result
+                        )
+                    extra = dora_linear_compose(
+                        h, weight_b, scale, scaling, base=base_result - bias.to(base_result.dtype)
+                    )
+                    return result + extra if add_base_result else extra
                 weight = transpose(base_weight(base_layer), self.fan_in_fan_out)
                 if not weight.requires_grad:
                     return dora_linear_compose(
@@ -124,7 +138,8 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
             if bias is not None:
                 base_result = base_result - bias.to(base_result.dtype)
             # In inference the kernel may write the result over lora_out (a fresh temporary of ours).
-            return dora_compose(lora_out, base_result, scale, scaling, inplace=True)
+            extra = dora_compose(lora_out, base_result, scale, scaling, inplace=True)
+            return result + extra if add_base_result else extra
         weight = transpose(base_weight(base_layer), self.fan_in_fan_out)
         return compose_recompute_base(x, weight, lora_out, scale, scaling, bf16_origin_scale=bf16_dropout_scale)
 
@@ -324,7 +339,9 @@ _StockDoraLinearVariant = peft_variants.DoraLinearVariant
 class DoraLinearVariant(_StockDoraLinearVariant):
     """PEFT's DoRA variant of ``lora.Linear`` (a drop-in subclass): the same forward, except that in training
     with PEFT's dropout it tells our layer when the dropped-out input is an exact fp32 copy of a bf16
-    activation (:func:`bf16_dropout_scale`), so the layer recomputes the base output with one bf16 GEMM.
+    activation (:func:`bf16_dropout_scale`), so the layer recomputes the base output with one bf16 GEMM;
+    in training without dropout it has the layer return ``result + extra`` itself (:func:`_training_output`);
+    in evaluation it takes the folded decode path (:func:`_folded_output`).
 
     PEFT keeps one variant instance per adapter (``module.lora_variant``), built from the class name it looks
     up in ``peft.tuners.lora.variants``: ``patching.py`` rebinds that name, so a model built while patched
@@ -336,12 +353,18 @@ class DoraLinearVariant(_StockDoraLinearVariant):
         module: nn.Module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any
     ) -> torch.Tensor:
         """PEFT's ``forward``, except: in evaluation, the folded output where the fold applies
-        (:func:`_folded_output`); in training, its dropout branch with the bf16 scale passed on where that
-        applies."""
+        (:func:`_folded_output`); in training without dropout, the sum composed by the layer
+        (:func:`_training_output`); in training with dropout, its dropout branch with the bf16 scale passed on
+        where that applies."""
+        # PEFT passes its variant keywords (``VARIANT_KWARG_KEYS``) on every call, None unless set
+        plain = not kwargs or all(value is None for value in kwargs.values())
         if not module.training:
-            # PEFT passes its variant keywords (``VARIANT_KWARG_KEYS``) on every call, None unless set
-            plain = not kwargs or all(value is None for value in kwargs.values())
             out = _folded_output(module, active_adapter, x, result) if plain else None
+            if out is not None:
+                return out
+            return _StockDoraLinearVariant.forward(module, active_adapter, x, result, **kwargs)
+        if isinstance(module.lora_dropout[active_adapter], nn.Identity):
+            out = _training_output(module, active_adapter, x, result) if plain else None
             if out is not None:
                 return out
             return _StockDoraLinearVariant.forward(module, active_adapter, x, result, **kwargs)
@@ -374,8 +397,8 @@ def _folded_output(
     the module call and PEFT's keyword plumbing, and the sum lands in the fold's own temporary: a decode
     step's host time is what bounds it.
     """
-    layer = module.lora_magnitude_vector._modules.get(active_adapter)
-    if not isinstance(layer, DoraLinearLayer) or _has_hooks(layer) or "forward" in layer.__dict__:
+    layer = _plain_dora_layer(module, active_adapter)
+    if layer is None:
         return None
     lora_A = module.lora_A._modules[active_adapter]
     lora_B = module.lora_B._modules[active_adapter]
@@ -385,3 +408,39 @@ def _folded_output(
     if folded is None:
         return None
     return folded_dora_output(_lora_A_call(lora_A, x), folded, result)
+
+
+def _training_output(
+    module: nn.Module, active_adapter: str, x: torch.Tensor, result: torch.Tensor
+) -> torch.Tensor | None:
+    """``result + extra`` of PEFT's DoRA variant in training without dropout (``lora_dropout`` an
+    ``nn.Identity``, so PEFT passes ``base_result=result``), returned by our layer itself
+    (``DoraLinearLayer.forward(add_base_result=True)``); None where PEFT's forward must run instead.
+
+    Where the training node applies (``autograd/lora_compose.py``) the sum is composed in the node's kernel
+    pass: PEFT's add of ``result`` and ``extra`` costs no launch and no ``[tokens, d_out]`` pass, and the two
+    gradients reaching ``result`` arrive already summed. The layer is called directly, so only where calling
+    it as a module would run nothing else (:func:`_plain_dora_layer`).
+    """
+    layer = _plain_dora_layer(module, active_adapter)
+    if layer is None:
+        return None
+    return layer.forward(
+        x,
+        lora_A=module.lora_A._modules[active_adapter],
+        lora_B=module.lora_B._modules[active_adapter],
+        scaling=module.scaling[active_adapter],
+        base_layer=module.get_base_layer(),
+        base_result=result,
+        adapter_name=active_adapter,
+        add_base_result=True,
+    )
+
+
+def _plain_dora_layer(module: nn.Module, active_adapter: str) -> DoraLinearLayer | None:
+    """The adapter's magnitude module where calling its ``forward`` directly is what calling the module would
+    do: our ``DoraLinearLayer`` with no hooks (its own or global) and no instance ``forward``; else None."""
+    layer = module.lora_magnitude_vector._modules.get(active_adapter)
+    if not isinstance(layer, DoraLinearLayer) or _has_hooks(layer) or "forward" in layer.__dict__:
+        return None
+    return layer

@@ -9,15 +9,17 @@ meets ``inf - inf`` and ``0 * inf`` in ``W A^T``, ``A A^T`` and the assembly tha
 (an infinity of ``W`` turned the row's norm into NaN, hence ``g = m / norm`` NaN, and the NaN spread into
 every ``lora_A``/``lora_B``/input gradient where stock PEFT's ``+inf`` norm gives ``g = 0`` and keeps it
 local). :func:`weight_norm` therefore replaces the rows that are not finite with the class of the dense
-row, computed from small row sums: ``||W||^2`` (cached with the layer's sum of squares, and skipped while
+row, computed from small row sums (on the kernel paths inside the norm kernel's own launches, its ``PROBE``
+mode; :func:`_dense_class_of_nonfinite_rows` is the PyTorch form): ``||W||^2`` (cached with the layer's sum of squares, and skipped while
 ``W`` is known to be finite) and ``sum_k |B_ik| * ||A_k||`` (``0 * inf``: NaN, as in ``B @ A``); both are
 non-negative, so their sum is NaN if any source is, else +inf if any is. Exact whenever the non-finite
 entries do not meet in one element of ``W + s B A`` (a single one always); where two infinities of
 opposite sign meet there, or an infinite ``B_ik`` meets an exact zero of ``A_k``, the dense row is NaN and
-this gives +inf. Cost per norm computation (a cache miss: each training step, not each decode call): five
-small launches (six with half-precision adapters) on ``[r, d_in]``, ``[d_out, r]`` and ``[d_out]`` tensors
-and a ``[d_out, r]`` temporary in ``B``'s dtype (fp32 for fp16 ``B``), no synchronization; none on the dense path, which is the
-dense form itself.
+this gives +inf. Cost per norm computation (a cache miss: each training step, not each decode call): on the
+one-pass kernel path nothing but a few fp32 vectors in the kernel's workspace, on the GEMM path one more
+launch (``||A_k||``); on the PyTorch path five small launches (six with half-precision adapters) on ``[r,
+d_in]``, ``[d_out, r]`` and ``[d_out]`` tensors and a ``[d_out, r]`` temporary in ``B``'s dtype (fp32 for fp16
+``B``). No synchronization; nothing on the dense path, which is the dense form itself.
 """
 
 from __future__ import annotations
@@ -129,6 +131,9 @@ def weight_norm(
     if path == "dense":  # B @ A formed in row blocks: the dense IEEE evaluation itself
         return _norm(weight, lora_A, lora_B, scaling, path, cached_sumsq, None)
     check_w_rows = weight_rows_finite is not True
+    if path in ("gemm", "triton") and scaling != 0.0 and lora_A.shape[0] > 0 and weight.shape[0] > 0:
+        # the repair in the kernel's own launches (its ||W||^2 included: no pass of its own for the check)
+        return _norm(weight, lora_A, lora_B, scaling, path, cached_sumsq, None, repair_w_rows=check_w_rows)
     out_sumsq = None
     if check_w_rows and cached_sumsq is None:
         # the row check needs ||W||^2: the reference writes it out of its own pass over W; the kernels have
@@ -219,16 +224,24 @@ def _dense_class_of_nonfinite_rows(
     return torch.where(probe < torch.inf, norm, probe)
 
 
-def _norm(weight, lora_A, lora_B, scaling, path, cached_sumsq, out_sumsq) -> torch.Tensor:
-    """The body of :func:`weight_norm` on ``path``: the clamped norm, with no non-finite row repair."""
+def _norm(weight, lora_A, lora_B, scaling, path, cached_sumsq, out_sumsq, repair_w_rows=None) -> torch.Tensor:
+    """The body of :func:`weight_norm` on ``path``: the clamped norm, with no non-finite row repair, except on
+    the kernel paths with ``repair_w_rows`` given (the kernel's repair; True: ``W`` is not known finite)."""
     if path in ("gemm", "triton"):
         from ..kernels.row_norm import gemm_weight_norm_sq, triton_weight_norm_sq
 
         # the kernel applies the clamp, IEEE sqrt and eps clamp in its final store
-        eps = clamp_eps(weight.dtype)
-        if path == "gemm":
-            return gemm_weight_norm_sq(weight, lora_A, lora_B, scaling, cached_sumsq=cached_sumsq, eps=eps)
-        return triton_weight_norm_sq(weight, lora_A, lora_B, scaling, cached_sumsq=cached_sumsq, eps=eps)
+        kernel = gemm_weight_norm_sq if path == "gemm" else triton_weight_norm_sq
+        return kernel(
+            weight,
+            lora_A,
+            lora_B,
+            scaling,
+            cached_sumsq=cached_sumsq,
+            eps=clamp_eps(weight.dtype),
+            repair_nonfinite=repair_w_rows is not None,
+            weight_known_finite=repair_w_rows is False,
+        )
     if path == "dense":
         cdt = reference_compute_dtype(weight, lora_A, lora_B)
         elem = torch.finfo(cdt).bits // 8

@@ -228,6 +228,91 @@ def test_node_at_least_as_close_to_fp64_as_stock(path, setup, dropout, split, mo
     fidelity.assert_geomean()
 
 
+def _ours_whole(x, weight, lora_a, lora_b, scale, base, scaling):
+    return dora_linear_compose(F.linear(x, lora_a), lora_b, scale, scaling, base=base, add_base=True)
+
+
+def _stock_whole(x, weight, lora_a, lora_b, scale, base, scaling):
+    """PEFT's variant output ``result + extra`` (a bias-free base layer: ``result`` is the base output)."""
+    return base + _stock_formula(x, weight, lora_a, lora_b, scale, base, scaling)
+
+
+@pytest.mark.parametrize("setup", sorted(SETUPS))
+@pytest.mark.parametrize("path", ["reference", "kernels"])
+def test_whole_output_at_least_as_close_to_fp64_as_stock(path, setup, monkeypatch):
+    """``add_base=True``: the node's ``result + extra`` and every gradient, ``result``'s (the sum of its two
+    paths, ``base`` here) included, against fp64 by the fidelity criterion; on the kernel path the forward
+    kernel writes the sum (one launch, no add)."""
+    _set_env(monkeypatch, path)
+    scaling = 1.7
+    fidelity = StockFidelity(f"whole {path} {setup}")
+    for seed in range(4):
+        operands = _operands(setup, dropout=False, seed=seed)
+        operands = tuple(t.to(_device(path)) for t in operands)
+        out_dtype = torch.promote_types(operands[2].dtype, operands[5].dtype)
+        probe = torch.randn((*operands[0].shape[:-1], operands[3].shape[0]), generator=torch.Generator().manual_seed(9))
+        probe = probe.to(out_dtype).to(F64).to(_device(path))
+        before = kc.launch_counts["compose_fwd_inplace"]
+        ours = _run(_ours_whole, operands, probe, scaling)
+        launched = kc.launch_counts["compose_fwd_inplace"] - before
+        assert launched == (1 if path == "kernels" else 0), launched
+        stock = _run(_stock_whole, operands, probe, scaling)
+        truth = _run(_stock_whole, operands, probe, scaling, upcast=True)
+        for name, want in truth.items():
+            got, ref = ours[name], stock[name]
+            assert got.dtype == ref.dtype, name
+            fidelity.add(f"seed {seed} {name}", got, ref, want)
+    fidelity.assert_geomean()
+
+
+@pytest.mark.parametrize("path", ["reference", "kernels"])
+def test_whole_output_keeps_stocks_non_finite_classes(path, monkeypatch):
+    """An infinite ``result`` where ``g < 1`` is NaN in PEFT's ``result + extra`` (``inf - inf``), and an infinite
+    ``d_out`` there is NaN in ``result``'s gradient (autograd sums ``d_out`` and ``(g - 1) d_out``): the whole
+    output keeps both, where ``g * result`` and ``g * d_out`` would give +-inf."""
+    _set_env(monkeypatch, path)
+    operands = [t.to(_device(path)) for t in _operands("fp32", dropout=False, seed=3)]
+    base, scale = operands[5].clone(), operands[4].clone()
+    scale[:24] = 0.5  # g < 1 on half of the columns, g > 1 on most of the rest
+    scale[24:] = 1.5
+    base[0, 1, 20:28] = float("inf")
+    base[1, 2, 20:28] = float("-inf")
+    operands[4], operands[5] = scale, base
+    probe = torch.randn(2, 24, 48, generator=torch.Generator().manual_seed(1), dtype=F64)
+    probe[0, 3, 20:28] = float("inf")
+    probe[1, 4, 20:28] = float("-inf")
+    probe = probe.to(_device(path))
+    ours = _run(_ours_whole, operands, probe, 0.5)
+    stock = _run(_stock_whole, operands, probe, 0.5)
+    for name in ("output", "base"):
+        assert torch.equal(ours[name].isnan(), stock[name].isnan()), (path, name)
+        assert torch.equal(ours[name].isinf(), stock[name].isinf()), (path, name)
+    assert ours["output"][0, 1, 20:24].isnan().all() and ours["output"][0, 1, 24:28].isinf().all()
+    assert ours["base"][0, 3, 20:24].isnan().all() and ours["base"][0, 3, 24:28].isinf().all()
+
+
+def test_whole_output_gradgradcheck_fp64(monkeypatch):
+    """First and second derivatives of the whole-output node are exact (fp64) in base, h, B and g."""
+    _set_env(monkeypatch, "reference")
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(2, 3, 7, generator=gen, dtype=F64).requires_grad_()
+    h = torch.randn(2, 3, 4, generator=gen, dtype=F64).requires_grad_()
+    lora_b = torch.randn(7, 4, generator=gen, dtype=F64).requires_grad_()
+    scale = (0.5 + torch.rand(7, generator=gen, dtype=F64)).requires_grad_()
+
+    def fn(base, h, lora_b, scale):
+        return dora_linear_compose(h, lora_b, scale, 0.7, base=base, add_base=True)
+
+    assert gradcheck(fn, (base, h, lora_b, scale))
+    assert gradgradcheck(fn, (base, h, lora_b, scale))
+
+
+def test_whole_output_needs_the_base_output():
+    h, lora_b, scale = torch.randn(3, 4), torch.randn(5, 4), torch.ones(5)
+    with pytest.raises(ValueError, match="add_base=True"):
+        dora_linear_compose(h, lora_b, scale, 1.0, x=torch.randn(3, 6), weight=torch.randn(5, 6), add_base=True)
+
+
 #: ``nn.Dropout``'s fp32 factor for ``p = 0.1``, as ``_operands`` applies it.
 _DROPOUT_SCALE = float(torch.tensor(1 / 0.9, dtype=F32))
 
@@ -370,20 +455,25 @@ def test_backward_kernel_matches_the_references_across_tiles(need_base, need_b, 
 # ------------------------------------------------------------------------------------------------ layer level
 
 
-def _layer_case(setup: str, dropout: bool) -> tuple[LayerCase, torch.dtype, bool]:
+def _layer_case(setup: str, dropout: bool, bias: bool = True) -> tuple[LayerCase, torch.dtype, bool]:
     w_dtype, a_dtype = SETUPS[setup]
-    case = LayerCase(kind="linear", d_in=40, d_out=48, rank=6, batch=(2, 16), dropout=dropout, scaling=1.5)
+    case = LayerCase(kind="linear", d_in=40, d_out=48, rank=6, batch=(2, 16), dropout=dropout, scaling=1.5, bias=bias)
     return case, w_dtype, a_dtype != w_dtype
 
 
-@pytest.mark.parametrize("dropout", [False, True], ids=["base_result", "dropout"])
+@pytest.mark.parametrize(
+    ("dropout", "bias"),
+    [(False, True), (False, False), (True, True)],
+    ids=["base_result", "base_result-whole-output", "dropout"],
+)
 @pytest.mark.parametrize("setup", sorted(SETUPS))
-def test_layer_on_the_kernels_matches_stock(setup, dropout, monkeypatch):
+def test_layer_on_the_kernels_matches_stock(setup, dropout, bias, monkeypatch):
     """A patched PEFT model through the kernels (interpreter; the split GEMM forced where its dtypes allow)
-    against stock PEFT and fp64: fp32 equal to stock, half precision at least as close to fp64 as stock."""
+    against stock PEFT and fp64: fp32 equal to stock, half precision at least as close to fp64 as stock. A
+    bias-free base layer without dropout takes the whole-output node (PEFT's sum composed in the kernel)."""
     _set_env(monkeypatch, "kernels")
     monkeypatch.setattr(tests._models, "DEVICE", KERNEL_DEVICE)
-    case, dtype, fp32_adapters = _layer_case(setup, dropout)
+    case, dtype, fp32_adapters = _layer_case(setup, dropout, bias)
     stock, ours, truth = build_triplet(case, dtype, fp32_adapters=fp32_adapters)
     x = make_input(case, dtype)
     before = dict(kc.launch_counts)
@@ -401,6 +491,40 @@ def test_layer_on_the_kernels_matches_stock(setup, dropout, monkeypatch):
     triples = {"output": (out_o, out_s, out_t)}
     triples.update({name: (grads_o[name], grads_s[name], grads_t[name]) for name in grads_t})
     assert_as_close_as_stock(triples, dtype, what=setup)
+
+
+def _node_under(out: torch.Tensor) -> str:
+    """Name of the autograd node that produced ``out``, looking through PEFT's final dtype cast."""
+    fn = out.grad_fn
+    if type(fn).__name__ == "ToCopyBackward0":
+        fn = fn.next_functions[0][0]
+    return type(fn).__name__
+
+
+@pytest.mark.parametrize("setup", sorted(SETUPS))
+def test_training_variant_returns_the_nodes_whole_output(setup, monkeypatch):
+    """Training without dropout on a bias-free base layer: PEFT's ``result + extra`` is the training node's
+    own output (no ``AddBackward0``). A hook on the magnitude module or a bias on the base layer takes the
+    sum as PEFT does it, with the same values."""
+    _set_env(monkeypatch, "reference")
+    w_dtype, a_dtype = SETUPS[setup]
+    x = torch.randn(2, 16, 64).to(w_dtype).requires_grad_()
+    model = _peft_model(64, 96, w_dtype, dora=True, autocast=a_dtype != w_dtype, dropout=0.0)
+    with torch.no_grad():
+        model.base_model.model.proj.lora_B["default"].weight.normal_(0.0, 0.1)
+    whole = model(x)
+    assert _node_under(whole) == "_LoraComposeFunctionBackward"
+    layer = model.base_model.model.proj.lora_magnitude_vector["default"]
+    handle = layer.register_forward_hook(lambda module, args, output: None)
+    summed = model(x)
+    handle.remove()
+    assert _node_under(summed) == "AddBackward0"
+    assert_dtype_close(whole, summed, w_dtype, name="output")
+    proj = model.base_model.model.proj.base_layer
+    proj.bias = nn.Parameter(torch.zeros(96, dtype=w_dtype), requires_grad=False)
+    with_bias = model(x)
+    assert _node_under(with_bias) == "AddBackward0"
+    assert_dtype_close(with_bias, summed, w_dtype, name="output with a zero bias")
 
 
 class _Net(nn.Module):

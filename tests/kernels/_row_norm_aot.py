@@ -22,7 +22,7 @@ from triton.compiler import ASTSource
 
 from dorafactors.kernels import row_norm
 
-_RUNTIME_INTS = ("n_m", "NR", "S", "NT", "S_G", "KT")
+_RUNTIME_INTS = ("n_m", "NR", "S", "NT", "S_G", "KT", "probe_w")
 
 
 def _cfg(d_out: int, d_in: int, rank: int, a_is_fp32: bool) -> row_norm.NormKernelConfig:
@@ -62,6 +62,13 @@ VARIANTS = {
     "bf16_from_gemm": _GEMM_PATH,
     "fp16_from_gemm": {**_GEMM_PATH, "wdt": "fp16", "adt": "fp16", "bdt": "fp16"},
 }
+# the non-finite row repair in the kernel (PROBE), on the variants the engine runs in training
+VARIANTS.update(
+    {
+        f"{name}_probe": {**VARIANTS[name], "probe": True}
+        for name in ("bf16_warm", "bf16_cold", "bf16_w_fp32_adapters", "bf16_from_gemm")
+    }
+)
 
 
 def compile_variant(
@@ -71,6 +78,7 @@ def compile_variant(
     cold: bool,
     cfg: row_norm.NormKernelConfig | None = None,
     from_gemm: bool = False,
+    probe: bool = False,
     unit_strides: tuple[str, ...] = ("stride_wk", "stride_ak", "stride_br"),
     capability: int = 90,
 ):
@@ -100,6 +108,7 @@ def compile_variant(
         EVEN_K=True,
         EVEN_MN=True,
         UPCAST=False,
+        PROBE=probe,
     )
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):

@@ -206,6 +206,14 @@ ENGINE_PATHS = {
     # name: (device, weight dtype, adapter dtype (None: W's), env, forced GEMM thresholds)
     "torch": ("cpu", torch.float32, None, {"PEFT_DORA_FUSED": "0"}, False),
     "triton": ("cuda" if ON_GPU else "cpu", torch.bfloat16, None, {"PEFT_DORA_FUSED": "1"}, False),
+    # fp32 A on the one-pass kernel: ||A_k|| for the in-kernel repair comes from the host, not the gram programs
+    "triton-fp32-adapters": (
+        "cuda" if ON_GPU else "cpu",
+        torch.bfloat16,
+        torch.float32,
+        {"PEFT_DORA_FUSED": "1"},
+        False,
+    ),
     "gemm": ("cuda" if ON_GPU else "cpu", torch.bfloat16, None, {"PEFT_DORA_FUSED": "1"}, True),
     # PEFT's default dtypes: A's exact bf16 parts through the GEMMs (kernels/row_norm.py::fp32_adapter_gemms)
     "gemm-fp32-adapters": ("cuda" if ON_GPU else "cpu", torch.bfloat16, torch.float32, {"PEFT_DORA_FUSED": "1"}, True),
@@ -216,8 +224,14 @@ ENGINE_PATHS = {
 @pytest.mark.parametrize("path", sorted(ENGINE_PATHS))
 def test_engine_norm_has_the_dense_class_for_one_nonfinite_entry(path, cached, monkeypatch) -> None:
     """Every single NaN / +Inf / -Inf position in W, A and B, scaling 0.7 and 0: the norm is finite, NaN or
-    +Inf exactly where the dense norm is (and equal to it where finite)."""
+    +Inf exactly where the dense norm is (and equal to it where finite). On the kernel paths with a non-zero
+    scaling the repair runs inside the norm kernel (the PyTorch repair is never called)."""
     device, dtype, adapter_dtype, env, force_gemm = ENGINE_PATHS[path]
+    torch_repairs = []
+    repair = engine._dense_class_of_nonfinite_rows
+    monkeypatch.setattr(
+        engine, "_dense_class_of_nonfinite_rows", lambda *args: torch_repairs.append(args[3]) or repair(*args)
+    )
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     config.invalidate_cache()
@@ -245,6 +259,9 @@ def test_engine_norm_has_the_dense_class_for_one_nonfinite_entry(path, cached, m
                     _assert_same_pattern(got, want, label)
                     ok = torch.isfinite(want)
                     torch.testing.assert_close(got.double().cpu()[ok], want[ok], rtol=1e-5, atol=1e-6, msg=label)
+        in_kernel = path != "torch" and scaling != 0.0
+        assert bool(torch_repairs) != in_kernel, (path, scaling, len(torch_repairs))
+        torch_repairs.clear()
 
 
 def test_engine_where_two_infinities_meet_gives_inf() -> None:
