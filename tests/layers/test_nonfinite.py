@@ -18,6 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import tests._models
 from dorafactors.dispatch import config, rules
 from dorafactors.kernels import compose as kc
 from dorafactors.norm import engine
@@ -145,6 +146,8 @@ def test_nonfinite_pattern_matches_stock(drawn, dtype) -> None:
 
 KERNEL_CASES = {
     "linear": LayerCase(kind="linear", d_in=6, d_out=5, rank=2, batch=(3,), scaling=0.7),
+    # a bias-free base layer without dropout: the training node composes PEFT's result + extra itself
+    "linear-no-bias": LayerCase(kind="linear", d_in=6, d_out=5, rank=2, batch=(3,), scaling=0.7, bias=False),
     "linear-dropout": LayerCase(kind="linear", d_in=6, d_out=5, rank=2, batch=(3,), dropout=True),
     "conv1d": LayerCase(kind="conv1d", d_in=2, d_out=3, rank=2, batch=(2,), spatial=4),
 }
@@ -157,8 +160,9 @@ KERNEL_CASES = {
 )
 @pytest.mark.parametrize("case_name", sorted(KERNEL_CASES))
 def test_nonfinite_pattern_matches_stock_on_the_kernels(case_name, source, value, monkeypatch) -> None:
-    """The same through the Triton norm and compose kernels (CPU interpreter; bf16, since the norm kernel
-    takes half-precision weights), training forward and backward."""
+    """The same through the Triton norm and compose kernels (the GPU, else the CPU interpreter; bf16, since the
+    norm kernel takes half-precision weights), training forward and backward."""
+    monkeypatch.setattr(tests._models, "DEVICE", torch.device("cuda" if ON_GPU else "cpu"))
     monkeypatch.setenv("PEFT_DORA_FUSED", "1")
     monkeypatch.setenv("PEFT_DORA_FUSED_BACKWARD", "1")
     config.invalidate_cache()
