@@ -84,8 +84,8 @@ def lora_compose_backward_reference(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(d_h, d_B, d_base, d_g)`` of the node, in plain autograd ops (differentiable in every argument).
 
-    ``d_base = (g - 1) d_out`` (``add_base``: ``d_out + (g - 1) d_out``); ``M = d_out^T h``; ``d_B = (g s) M``; ``d_g = sum_t d_out * base +
-    s * rowsum(B * M)``; ``d_h = d_out @ ((g s) B)`` (a GEMM in ``promote(d_out, B)``).
+    ``d_base = (g - 1) d_out`` (``add_base``: ``d_out + (g - 1) d_out``); ``M = d_out^T h``; ``d_B = (g s) M``;
+    ``d_g = sum_t d_out * base + s * rowsum(B * M)``; ``d_h = d_out @ ((g s) B)`` (a GEMM in ``promote(d_out, B)``).
     """
     n = scale.shape[0]
     cdt = compute_dtype_for(d_out.dtype, scale.dtype)

@@ -99,6 +99,8 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
         (:class:`DoraLinearVariant` in training without dropout). The training node composes it in its own
         kernel pass where ``base_layer`` has no bias (``autograd/lora_compose.py``); elsewhere it is the sum.
         """
+        if add_base_result and base_result is None:
+            raise ValueError("add_base_result=True needs base_result (PEFT's result)")
         result = base_result
         if base_result is not None:
             folded = self._folded_lora_B(x, lora_A, lora_B, scaling, base_layer, base_result, adapter_name)
