@@ -527,8 +527,8 @@ def test_training_variant_returns_the_nodes_whole_output(setup, monkeypatch):
     assert_dtype_close(with_bias, summed, w_dtype, name="output with a zero bias")
     proj = model.base_model.model.proj
     with pytest.raises(ValueError, match="needs base_result"):
-        layer(x, lora_A=proj.lora_A["default"], lora_B=proj.lora_B["default"], scaling=1.0, base_layer=proj.base_layer,
-              add_base_result=True)  # fmt: skip
+        adapters = {"lora_A": proj.lora_A["default"], "lora_B": proj.lora_B["default"]}
+        layer(x, **adapters, scaling=1.0, base_layer=proj.base_layer, add_base_result=True)
 
 
 class _Net(nn.Module):
