@@ -9,15 +9,15 @@ meets ``inf - inf`` and ``0 * inf`` in ``W A^T``, ``A A^T`` and the assembly tha
 (an infinity of ``W`` turned the row's norm into NaN, hence ``g = m / norm`` NaN, and the NaN spread into
 every ``lora_A``/``lora_B``/input gradient where stock PEFT's ``+inf`` norm gives ``g = 0`` and keeps it
 local). :func:`weight_norm` therefore replaces the rows that are not finite with the class of the dense
-row, computed from small row sums (on the kernel paths inside the norm kernel's own launches, its ``PROBE``
-mode; :func:`_dense_class_of_nonfinite_rows` is the PyTorch form): ``||W||^2`` (cached with the layer's sum of squares, and skipped while
-``W`` is known to be finite) and ``sum_k |B_ik| * ||A_k||`` (``0 * inf``: NaN, as in ``B @ A``); both are
+row, computed from small row sums (on the kernel paths in the norm kernel's own launches, its ``PROBE``
+mode; :func:`_dense_class_of_nonfinite_rows` is the PyTorch form): ``||W||^2`` (cached with the layer's sum
+of squares, and skipped while ``W`` is known to be finite) and ``sum_k |B_ik| * ||A_k||`` (``0 * inf``: NaN, as in ``B @ A``); both are
 non-negative, so their sum is NaN if any source is, else +inf if any is. Exact whenever the non-finite
 entries do not meet in one element of ``W + s B A`` (a single one always); where two infinities of
 opposite sign meet there, or an infinite ``B_ik`` meets an exact zero of ``A_k``, the dense row is NaN and
 this gives +inf. Cost per norm computation (a cache miss: each training step, not each decode call): on the
-one-pass kernel path nothing but a few fp32 vectors in the kernel's workspace, on the GEMM path one more
-launch (``||A_k||``); on the PyTorch path five small launches (six with half-precision adapters) on ``[r,
+one-pass kernel path with half-precision adapters nothing but a few fp32 vectors in the kernel's workspace,
+with fp32 adapters or on the GEMM path one more launch (``||A_k||``); on the PyTorch path five small launches (six with half-precision adapters) on ``[r,
 d_in]``, ``[d_out, r]`` and ``[d_out]`` tensors and a ``[d_out, r]`` temporary in ``B``'s dtype (fp32 for fp16
 ``B``). No synchronization; nothing on the dense path, which is the dense form itself.
 """
