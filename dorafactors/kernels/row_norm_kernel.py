@@ -438,6 +438,16 @@ def _assemble_rows(
 
 
 @triton.jit
+def _load_b_tile(b_ptr, rows64, row_ok, rn64, rn_ok, stride_bm, stride_br):
+    """``B[rows, rn]`` as fp32 ``[BM, BN]``, zero outside ``d_out x rank``."""
+    return tl.load(
+        b_ptr + rows64[:, None] * stride_bm + rn64[None, :] * stride_br,
+        mask=row_ok[:, None] & rn_ok[None, :],
+        other=0.0,
+    ).to(tl.float32)
+
+
+@triton.jit
 def _main_program(
     m, n, s, w_ptr, a_ptr, b_ptr, u_ptr, sumsq_ptr, out_ptr, part_ptr, wpart_ptr, g3_ptr, cnt_ptr,
     pprobe_ptr, arow_ptr, probe_w,
@@ -460,13 +470,7 @@ def _main_program(
     # no accumulator holds registers (in the epilogue beside acc it spills)
     if PROBE:  # noqa: SIM102 (compile-time branch around a run-time one)
         if s == 0:
-            b_abs = tl.abs(
-                tl.load(
-                    b_ptr + rows64[:, None] * stride_bm + rn64[None, :] * stride_br,
-                    mask=row_ok[:, None] & rn_ok[None, :],
-                    other=0.0,
-                ).to(tl.float32)
-            )
+            b_abs = tl.abs(_load_b_tile(b_ptr, rows64, row_ok, rn64, rn_ok, stride_bm, stride_br))
             a_norm = tl.load(arow_ptr + rn64, mask=rn_ok, other=0.0)
             tl.store(pprobe_ptr + n.to(tl.int64) * d_out + rows64, tl.sum(b_abs * a_norm[None, :], axis=1), mask=row_ok)
 
@@ -489,11 +493,7 @@ def _main_program(
     )  # fmt: skip
 
     # 3. epilogue: rowsum(B[rows, rn] * acc) -> partial (n, s); no atomics on data
-    bt = tl.load(
-        b_ptr + rows64[:, None] * stride_bm + rn64[None, :] * stride_br,
-        mask=row_ok[:, None] & rn_ok[None, :],
-        other=0.0,
-    ).to(tl.float32)
+    bt = _load_b_tile(b_ptr, rows64, row_ok, rn64, rn_ok, stride_bm, stride_br)
     part = tl.sum(acc * bt, axis=1)
     tl.store(part_ptr + (n * S + s).to(tl.int64) * d_out + rows64, part, mask=row_ok)
     if COLD:  # noqa: SIM102 (compile-time branch around a run-time one)

@@ -196,6 +196,24 @@ def _run(fn, operands, probe, scaling, upcast: bool = False):
     return dict(zip(names, [out.detach(), *(t.grad for t in leaves)]))
 
 
+def _fidelity_case(setup: str, path: str, *, dropout: bool, seed: int) -> tuple[tuple, torch.Tensor]:
+    """One seed's operands on the path's device and an fp64 ``d_out`` probe exactly representable in the
+    node's output dtype."""
+    operands = _operands(setup, dropout=dropout, seed=seed)
+    operands = tuple(None if t is None else t.to(_device(path)) for t in operands)
+    out_dtype = torch.promote_types(operands[2].dtype, (operands[0] if dropout else operands[5]).dtype)
+    probe = torch.randn((*operands[0].shape[:-1], operands[3].shape[0]), generator=torch.Generator().manual_seed(9))
+    return operands, probe.to(out_dtype).to(F64).to(_device(path))
+
+
+def _add_seed(fidelity: StockFidelity, seed: int, ours: dict, stock: dict, truth: dict) -> None:
+    """Adds one seed's output and gradients (ours, stock's, fp64's) to the fidelity record; dtypes must match."""
+    for name, want in truth.items():
+        got, ref = ours[name], stock[name]
+        assert got.dtype == ref.dtype, name
+        fidelity.add(f"seed {seed} {name}", got, ref, want)
+
+
 @pytest.mark.parametrize("split", [None, True], ids=["rule", "split-forced"])
 @pytest.mark.parametrize("dropout", [False, True], ids=["base_result", "dropout"])
 @pytest.mark.parametrize("setup", sorted(SETUPS))
@@ -209,11 +227,7 @@ def test_node_at_least_as_close_to_fp64_as_stock(path, setup, dropout, split, mo
     scaling = 1.7
     fidelity = StockFidelity(f"{path} {setup}")
     for seed in range(4):
-        operands = _operands(setup, dropout=dropout, seed=seed)
-        operands = tuple(None if t is None else t.to(_device(path)) for t in operands)
-        out_dtype = torch.promote_types(operands[2].dtype, (operands[0] if dropout else operands[5]).dtype)
-        probe = torch.randn((*operands[0].shape[:-1], operands[3].shape[0]), generator=torch.Generator().manual_seed(9))
-        probe = probe.to(out_dtype).to(F64).to(_device(path))  # d_out exactly representable in the output dtype
+        operands, probe = _fidelity_case(setup, path, dropout=dropout, seed=seed)
         splits_before = sm.split_counts["linear"]
         with _split_mode(split):
             ours = _run(_ours, operands, probe, scaling)
@@ -221,10 +235,7 @@ def test_node_at_least_as_close_to_fp64_as_stock(path, setup, dropout, split, mo
         assert split_ran == (bool(split) and dropout and setup == "peft-default"), "the split GEMM ran iff allowed"
         stock = _run(_stock_formula, operands, probe, scaling)
         truth = _run(_stock_formula, operands, probe, scaling, upcast=True)
-        for name, want in truth.items():
-            got, ref = ours[name], stock[name]
-            assert got.dtype == ref.dtype, name
-            fidelity.add(f"seed {seed} {name}", got, ref, want)
+        _add_seed(fidelity, seed, ours, stock, truth)
     fidelity.assert_geomean()
 
 
@@ -247,21 +258,14 @@ def test_whole_output_at_least_as_close_to_fp64_as_stock(path, setup, monkeypatc
     scaling = 1.7
     fidelity = StockFidelity(f"whole {path} {setup}")
     for seed in range(4):
-        operands = _operands(setup, dropout=False, seed=seed)
-        operands = tuple(t.to(_device(path)) for t in operands)
-        out_dtype = torch.promote_types(operands[2].dtype, operands[5].dtype)
-        probe = torch.randn((*operands[0].shape[:-1], operands[3].shape[0]), generator=torch.Generator().manual_seed(9))
-        probe = probe.to(out_dtype).to(F64).to(_device(path))
+        operands, probe = _fidelity_case(setup, path, dropout=False, seed=seed)
         before = kc.launch_counts["compose_fwd_inplace"]
         ours = _run(_ours_whole, operands, probe, scaling)
         launched = kc.launch_counts["compose_fwd_inplace"] - before
         assert launched == (1 if path == "kernels" else 0), launched
         stock = _run(_stock_whole, operands, probe, scaling)
         truth = _run(_stock_whole, operands, probe, scaling, upcast=True)
-        for name, want in truth.items():
-            got, ref = ours[name], stock[name]
-            assert got.dtype == ref.dtype, name
-            fidelity.add(f"seed {seed} {name}", got, ref, want)
+        _add_seed(fidelity, seed, ours, stock, truth)
     fidelity.assert_geomean()
 
 
