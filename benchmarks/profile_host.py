@@ -4,6 +4,7 @@
     python benchmarks/profile_host.py            # ~1 minute on an H100/H200
     python benchmarks/profile_host.py --launch-only   # only the single operations (last section below)
     python benchmarks/profile_host.py --dry-run-cpu   # checks the script on the CPU (tiny, not a measurement)
+    python benchmarks/profile_host.py --ops           # also the host operators with most own time, per provider
     OUT=/some/dir python benchmarks/profile_host.py   # also writes $OUT/profile_host.json
 
 Two workloads, each for plain LoRA, stock PEFT DoRA and dorafactors (bf16 base and adapters, r=384,
@@ -24,7 +25,9 @@ compiled kernels launched directly and with plain ``kernel[grid]`` launches, ``d
 Per provider: ``host_us`` (wall time of N back-to-back calls without synchronizing, divided by N: what the
 Python side costs when the GPU keeps up), ``sync_us`` (the same with the final synchronize),
 ``device_us`` (sum of the CUDA kernel times of one call, from ``torch.profiler``), and for dorafactors the
-top cProfile entries by own time and the kernels of one call.
+top cProfile entries by own time and the kernels of one call. ``--ops``: per provider and workload, the
+operators and autograd nodes with the most own host time per call (``torch.profiler``, CPU activity only; the
+profiler's own overhead inflates every entry alike).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from benchmarks.common import cprofile_text, host_us_per_call  # noqa: E402  (af
 #: "cpu" only to check the script without a GPU (``--dry-run-cpu``: tiny shapes, PyTorch paths).
 DEVICE = "cuda"
 SMALL = False
+OPS = False  # --ops
 
 
 def _sync() -> None:
@@ -104,6 +108,25 @@ def _kernels(step, calls: int = 5) -> tuple[float, list[tuple[str, float, int]]]
         total += dev / calls
     rows.sort(key=lambda r: -r[1])
     return total, rows[:12]
+
+
+def _host_ops(step, calls: int = 20, top: int = 24) -> list[tuple[str, float, float, int]]:
+    """The ``top`` host events by own CPU time per call: ``(name, self_us, total_us, count)`` per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    _sync()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            step()
+        _sync()
+    rows = [
+        (e.key[:80], e.self_cpu_time_total / calls, e.cpu_time_total / calls, e.count // calls)
+        for e in prof.key_averages()
+        if not e.key.startswith("ProfilerStep")
+    ]
+    rows.sort(key=lambda r: -r[1])
+    return rows[:top]
 
 
 def _cprofile(step, calls: int = 200) -> str:
@@ -213,6 +236,8 @@ def run(workload: str) -> dict:
         entry = {"host_us": host, "sync_us": sync, "device_us": device, "kernels": kernels}
         if train:
             entry["phases"] = _train_phases(model, x, host, calls)
+        if OPS:
+            entry["host_ops"] = _host_ops(step)
         if name == "dorafactors":
             entry["cprofile"] = _cprofile(step, max(50, calls // 2))
         out[name] = entry
@@ -223,7 +248,8 @@ def run(workload: str) -> dict:
 
 
 def main() -> int:
-    global DEVICE, SMALL
+    global DEVICE, SMALL, OPS
+    OPS = "--ops" in sys.argv
     if "--dry-run-cpu" in sys.argv:
         DEVICE, SMALL = "cpu", True
     gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)"
@@ -243,6 +269,10 @@ def main() -> int:
             print(f"--- kernels of one {workload} call, {name} (us, launches)")
             for key, us, n in result[workload][name]["kernels"]:
                 print(f"  {us:8.1f} {n:3d}  {key}")
+        for name in ("lora", "dorafactors") if OPS else ():
+            print(f"--- host ops of one {workload} call, {name} (own us, total us, count)")
+            for key, own, total, n in result[workload][name]["host_ops"]:
+                print(f"  {own:8.1f} {total:8.1f} {n:3d}  {key}")
         print(f"--- cProfile, dorafactors {workload}")
         print(result[workload]["dorafactors"]["cprofile"])
     print("\n=== host us per call of single operations (1 x 8192 bf16, no synchronize)")

@@ -142,7 +142,7 @@ def triton_weight_norm_sq(
         repair_nonfinite: (needs ``eps``, ``s != 0``, ``r > 0``, ``d_in > 0``) give every row whose
             ``W + s B A`` is not finite the dense row's class, NaN or +inf, in the same launches: the
             engine's ``_dense_class_of_nonfinite_rows`` (``norm/engine.py``), with ``||W||^2`` left out of
-            the probe where ``weight_known_finite``.
+            the probe where ``weight_known_finite`` (one more launch: ``||A_k||`` in fp32).
 
     Returns:
         fp32 ``[d_out]``. Two kernel launches, the gram programs then the main programs (plus a one-time
@@ -171,9 +171,8 @@ def triton_weight_norm_sq(
     else:
         plan = NormLaunchPlan.build(d_out, d_in, rank, kernel_config)
     repair = None
-    if repair_nonfinite:  # the gram programs sum half A's squares; fp32 A's come from A itself (IEEE fp32)
-        a_norms = torch.linalg.vector_norm(lora_A, dim=1, dtype=torch.float32) if a_is_fp32 else None
-        repair = (not weight_known_finite, a_norms)
+    if repair_nonfinite:  # ||A_k|| from A itself (IEEE fp32 squares), one launch
+        repair = (not weight_known_finite, torch.linalg.vector_norm(lora_A, dim=1, dtype=torch.float32))
     return _launch(plan, weight, lora_A, lora_B, None, cached_sumsq, scaling, eps, interpret, repair)
 
 
@@ -203,8 +202,7 @@ def _launch(
 
     ``gemms`` (``FROM_GEMM`` mode, needs ``cached_sumsq``): the fp32 GEMM results ``(W A^T [d_out, r]
     contiguous, A A^T [r, r] contiguous)``; the launch then has no gram programs.
-    ``repair``: the kernel's ``PROBE`` mode, ``(add ||W||^2 to the probe, ||A_k|| fp32 [r] or None)``; None:
-    the gram programs compute ``||A_k||`` (half ``A`` without ``FROM_GEMM`` only).
+    ``repair``: the kernel's ``PROBE`` mode, ``(add ||W||^2 to the probe, ||A_k|| fp32 [r])``.
     """
     device = weight.device
     d_out, d_in = weight.shape
@@ -233,11 +231,9 @@ def _launch(
     counters = ticket_buffer(device, 2 + plan.gram_tiles + plan.row_tiles)
     u_mat = gemms[0] if from_gemm else out
     gram = gemms[1] if from_gemm else ws
-    probe = (out, out, out, 0)  # (probe partials, ||A_k||^2 partials, ||A_k||, add ||W||^2): unused
+    probe = (out, out, 0)  # (probe partials, ||A_k||, add ||W||^2): unused
     if repair is not None:
-        p0, p1, p2 = probe_at
-        a_norms = repair[1] if repair[1] is not None else ws[p2:]
-        probe = (ws[p0:p1], ws[p1:p2] if p2 > p1 else out, a_norms, int(repair[0]))
+        probe = (ws[probe_at:], repair[1], int(repair[0]))
     gram_programs = 0 if from_gemm else plan.gram_tiles * plan.gram_splits
     # the gram programs first, in a launch of their own, then the main programs: no program ever waits on
     # another of its own launch (see row_norm_kernel's "Synchronization")
@@ -303,9 +299,9 @@ def _launch_constants(
     sqrt: bool,
     interpret: bool,
     probe: bool,
-) -> tuple[int, int, dict[str, int | bool], tuple[int, int, int]]:
-    """Grid size, workspace elements, compile-time arguments and the probe sections' offsets in the
-    workspace (probe partials, ``||A_k||^2`` partials, ``||A_k||``) of a launch (cached per plan by ``_launch``)."""
+) -> tuple[int, int, dict[str, int | bool], int]:
+    """Grid size, workspace elements, compile-time arguments and the probe partials' offset in the workspace
+    of a launch (cached per plan by ``_launch``)."""
     cfg = plan.config
     if a_dtype == w_dtype:
         a_mode = 0
@@ -334,12 +330,8 @@ def _launch_constants(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    a_norms_here = probe and not from_gemm and a_dtype != torch.float32  # by the gram programs
-    sections = plan.sections(cold, from_gemm, probe, a_norms_here)
-    p0 = sum(sections[:4])
-    p1 = p0 + (sections[4] if probe else 0)
-    p2 = p1 + (sections[5] if a_norms_here else 0)
-    return programs, sum(sections), constants, (p0, p1, p2)
+    sections = plan.sections(cold, from_gemm, probe)
+    return programs, sum(sections), constants, sum(sections[:4])
 
 
 def gemm_supported(device: torch.device) -> bool:

@@ -33,10 +33,10 @@ of looping over ``d_in``, run longest first (``n == 0``), and load, scale and sp
 G in registers.
 
 ``PROBE`` mode (with the final ``SQRT``): the engine's non-finite row repair (``norm/engine.py``) in the same
-launches, instead of five small PyTorch launches after them. The gram programs of the diagonal tiles also sum
-the squares of their ``A`` rows (``FROM_GEMM`` or fp32 ``A``: ``||A_k||`` is given), the ``s == 0`` main programs store
-their tile's ``sum_k |B_ik| ||A_k||``, and the row assembly adds those partials in a fixed order (and
-``||W||^2`` where ``W`` is not known to be finite) and keeps the norm only where that probe is finite.
+launches, instead of five small PyTorch launches after them. The host gives ``||A_k||`` (fp32, one launch), the
+``s == 0`` main programs store their tile's ``sum_k |B_ik| ||A_k||``, and the row assembly adds those partials
+in a fixed order (and ``||W||^2`` where ``W`` is not known to be finite) and keeps the norm only where that
+probe is finite.
 
 Precision: products of half-precision operands are exact and accumulate in fp32. fp32 operands are split in
 registers into bf16 parts and multiplied part by part, keeping every product whose part orders sum to < 3
@@ -209,8 +209,6 @@ def _gram_program(
     gpart_ptr,
     g3_ptr,
     cnt_ptr,
-    apart_ptr,
-    arow_ptr,
     d_in,
     rank,
     r_pad,
@@ -225,14 +223,12 @@ def _gram_program(
     A_GRAM_MODE: tl.constexpr,
     EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr,
-    PROBE: tl.constexpr,
 ):
     """Gram tile ``t`` (lower block triangle, row-major), ``d_in`` split ``sg``; the last arrival finalizes it.
 
-    ``PROBE`` with half-precision ``A`` (``A_GRAM_MODE == 0``; for fp32 ``A`` the host gives ``||A_k||``: the
-    squares beside the six split dots spill registers): a diagonal tile also sums the squares of its ``A``
-    rows over the split (IEEE fp32, from the loaded values, not the tensor cores), and its last arrival
-    writes ``||A_k||`` to ``arow_ptr``."""
+    No work beside the tile's dots in the pipelined loop: summing the squares of the loaded ``A`` tile there
+    (for the non-finite row probe's ``||A_k||``) made the one-pass norm wrong and non-deterministic on sm_90
+    (a tile read by the MMA and by a register computation at once); the host computes ``||A_k||`` instead."""
     kb = 0
     while (kb + 1) * (kb + 2) // 2 <= t:
         kb += 1
@@ -249,12 +245,8 @@ def _gram_program(
     p1 = a_ptr + ra.to(tl.int64)[:, None] * stride_ar + k0[None, :] * stride_ak
     p2 = a_ptr + rb.to(tl.int64)[None, :] * stride_ar + k0[:, None] * stride_ak
     acc = tl.zeros((BN, BN), dtype=tl.float32)
-    asq = tl.zeros((BN,), dtype=tl.float32)
     for it in range(it0, it1):
         x1, x2 = _load_k_step(p1, p2, ra_ok, rb_ok, it, d_in, offs_k, BK, EVEN_K)
-        if PROBE and A_GRAM_MODE == 0:  # every tile pays these BN * BK products (1 / BN of its MMA work)
-            x1f = x1.to(tl.float32)
-            asq += tl.sum(x1f * x1f, axis=1)
         if A_GRAM_MODE == 0:
             acc = _mma(x1, x2, acc, UPCAST)
         else:
@@ -271,9 +263,6 @@ def _gram_program(
         p2 += BK * stride_ak
     tile = offs[:, None] * BN + offs[None, :]
     tl.store(gpart_ptr + (sg * NT + t).to(tl.int64) * (BN * BN) + tile, acc)
-    if PROBE and A_GRAM_MODE == 0:  # noqa: SIM102 (compile-time branch around a run-time one)
-        if kb == nb:  # the diagonal tiles keep their squares
-            tl.store(apart_ptr + sg * r_pad + ra, asq, mask=ra_ok)
     tl.debug_barrier()
     ticket = tl.atomic_add(cnt_ptr + 2 + t, 1, sem="acq_rel", scope="gpu")
     if ticket == S_G - 1:
@@ -286,12 +275,6 @@ def _gram_program(
         tl.store(g3_ptr + dst, g_hi)
         tl.store(g3_ptr + r_pad * r_pad + dst, g_mid)
         tl.store(g3_ptr + 2 * r_pad * r_pad + dst, g_lo)
-        if PROBE and A_GRAM_MODE == 0:  # noqa: SIM102
-            if kb == nb:
-                a_sq = tl.zeros((BN,), dtype=tl.float32)
-                for j in range(S_G):
-                    a_sq += tl.load(apart_ptr + j * r_pad + ra, mask=ra_ok, other=0.0, cache_modifier=".cg")
-                tl.store(arow_ptr + ra, tl.sqrt_rn(a_sq), mask=ra_ok)
         tl.atomic_xchg(cnt_ptr + 2 + t, 0, sem="relaxed", scope="gpu")
         tl.debug_barrier()
         tl.atomic_add(cnt_ptr, 1, sem="release", scope="gpu")
@@ -529,7 +512,6 @@ def _weight_norm_sq_kernel(
     g_ptr,
     cnt_ptr,
     pprobe_ptr,
-    apart_ptr,
     arow_ptr,
     probe_w,
     d_out,
@@ -570,8 +552,7 @@ def _weight_norm_sq_kernel(
     PROBE: tl.constexpr,
 ):
     # ``PROBE``: the non-finite row repair in the same launches (``_assemble_rows``); ``pprobe_ptr`` [NR, d_out]
-    # probe partials, ``apart_ptr`` [S_G, r_pad] and ``arow_ptr`` [r_pad] the gram programs' ||A_k||^2 partials
-    # and ||A_k|| (FROM_GEMM or fp32 A: ``arow_ptr`` is given). Unused (any pointer) without PROBE.
+    # probe partials, ``arow_ptr`` [r] the host's fp32 ||A_k||. Unused (any pointer) without PROBE.
     # the workspace's sections, laid out as NormLaunchPlan.sections() does (each 32-element aligned): cross
     # partials [NR * S, d_out], ||W||^2 partials [S, d_out] (cold launches only), gram partials
     # [S_G * NT, BN, BN], then the three bf16 parts of G''. FROM_GEMM: G is the fp32 GEMM result g_ptr.
@@ -593,8 +574,8 @@ def _weight_norm_sq_kernel(
         n_gram = NT * S_G
         if pid < n_gram:
             _gram_program(
-                pid // S_G, pid % S_G, a_ptr, gpart_ptr, g3_ptr, cnt_ptr, apart_ptr, arow_ptr, d_in, rank, r_pad,
-                stride_ar, stride_ak, scaling, NT, S_G, KT, BN, BK, A_GRAM_MODE, EVEN_K, UPCAST, PROBE,
+                pid // S_G, pid % S_G, a_ptr, gpart_ptr, g3_ptr, cnt_ptr, d_in, rank, r_pad, stride_ar, stride_ak,
+                scaling, NT, S_G, KT, BN, BK, A_GRAM_MODE, EVEN_K, UPCAST,
             )  # fmt: skip
     if pid >= n_gram:
         q = pid - n_gram

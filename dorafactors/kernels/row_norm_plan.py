@@ -236,15 +236,11 @@ class NormLaunchPlan:
     def programs(self) -> int:
         return self.gram_tiles * self.gram_splits + self.row_tiles * self.rank_tiles * self.splits
 
-    def sections(
-        self, cold: bool, from_gemm: bool = False, probe: bool = False, a_norms: bool = False
-    ) -> tuple[int, ...]:
+    def sections(self, cold: bool, from_gemm: bool = False, probe: bool = False) -> tuple[int, ...]:
         """fp32 elements of the workspace's sections, in order (the kernel derives the first four offsets, the
         host passes the probe's): cross partials, ``||W||^2`` partials (cold only), gram partials and the bf16
         ``G''`` parts (both absent in ``FROM_GEMM`` mode, whose G comes from a GEMM); with ``probe`` (the
-        non-finite row repair) the probe partials ``[NR, d_out]``, and with ``a_norms`` (the gram programs
-        compute ``||A_k||``) the ``||A_k||^2`` partials ``[S_G, r_pad]`` and ``||A_k||`` ``[r_pad]``. Each
-        starts 128-byte aligned."""
+        non-finite row repair) the probe partials ``[NR, d_out]``. Each starts 128-byte aligned."""
         bn = self.config.block_n
         n_part = self.rank_tiles * self.splits * self.d_out
         n_wpart = self.splits * self.d_out if cold else 0
@@ -253,13 +249,11 @@ class NormLaunchPlan:
         sizes = [n_part, n_wpart, n_gpart, n_g]
         if probe:
             sizes.append(self.rank_tiles * self.d_out)
-            if a_norms:
-                sizes += [self.gram_splits * self.r_pad, self.r_pad]
         return tuple(-(-n // 32) * 32 for n in sizes)
 
     def workspace_elements(self, cold: bool, from_gemm: bool = False, probe: bool = False) -> int:
         """fp32 elements of the one workspace a launch allocates (besides the ``[d_out]`` result), at most."""
-        return sum(self.sections(cold, from_gemm, probe, probe and not from_gemm))
+        return sum(self.sections(cold, from_gemm, probe))
 
     def workspace_bytes(self, cold: bool, from_gemm: bool = False, probe: bool = False) -> int:
         """Bytes a launch allocates, at most: the workspace plus the fp32 ``[d_out]`` result (no ``d_in`` term)."""

@@ -16,8 +16,8 @@ non-negative, so their sum is NaN if any source is, else +inf if any is. Exact w
 entries do not meet in one element of ``W + s B A`` (a single one always); where two infinities of
 opposite sign meet there, or an infinite ``B_ik`` meets an exact zero of ``A_k``, the dense row is NaN and
 this gives +inf. Cost per norm computation (a cache miss: each training step, not each decode call): on the
-one-pass kernel path with half-precision adapters nothing but a few fp32 vectors in the kernel's workspace,
-with fp32 adapters or on the GEMM path one more launch (``||A_k||``); on the PyTorch path five small launches (six with half-precision adapters) on ``[r,
+kernel paths one more launch (``||A_k||`` in fp32) and a few fp32 vectors in the kernel's workspace; on the
+PyTorch path five small launches (six with half-precision adapters) on ``[r,
 d_in]``, ``[d_out, r]`` and ``[d_out]`` tensors and a ``[d_out, r]`` temporary in ``B``'s dtype (fp32 for fp16
 ``B``). No synchronization; nothing on the dense path, which is the dense form itself.
 """

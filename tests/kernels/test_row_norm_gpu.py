@@ -53,6 +53,26 @@ def test_gpu_target_shapes_accuracy_determinism(d_out, d_in, rank, ad_dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("d_out,d_in,rank", TARGET_SHAPES[:6])
+@pytest.mark.parametrize("ad_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kernel", [triton_weight_norm_sq, gemm_weight_norm_sq], ids=["one-pass", "gemm"])
+def test_gpu_repair_leaves_finite_rows_bitwise(d_out, d_in, rank, ad_dtype, kernel):
+    """The in-kernel non-finite repair (``PROBE``) on finite factors: bitwise the norm without it, in every one
+    of three runs (a probe computed beside the tiles' dots once made every row wrong and run-dependent)."""
+    W, A, B = _gpu_inputs(d_out, d_in, rank, ad_dtype, seed=1)
+    sumsq = triton_row_sumsq(W)
+    plain = kernel(W, A, B, 2.0, cached_sumsq=sumsq, eps=1e-6)
+    for known_finite in (True, False):
+        for _ in range(3):
+            repaired = kernel(
+                W, A, B, 2.0, cached_sumsq=sumsq, eps=1e-6, repair_nonfinite=True, weight_known_finite=known_finite
+            )
+            assert torch.equal(repaired, plain), (d_out, d_in, rank, ad_dtype, known_finite)
+    torch.cuda.synchronize()
+    assert counters_are_zero()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d_out,d_in,rank", TARGET_SHAPES[:6])
 def test_gpu_peak_transient_memory(d_out, d_in, rank):
     W, A, B = _gpu_inputs(d_out, d_in, rank, torch.bfloat16)
     sumsq = triton_row_sumsq(W)
