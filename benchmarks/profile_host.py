@@ -17,7 +17,8 @@ non-identity adapters):
 For the train workload also the host time of its phases, per provider (``phases``): the forward with the
 adapters marked as written (dorafactors recomputes its norm), the forward without (the norm served from the
 cache), the backward (the whole call less the first forward) and, for dorafactors, the norm recomputation
-alone (the layer's ``_forward_norm`` after the mark).
+alone (the layer's ``_forward_norm`` after the mark), and it and the whole call with the norm's CUDA-graph
+replay off (``norm/replay.py``).
 
 Last, the host cost of single operations (a PyTorch op, the compose kernel's host function with kept
 compiled kernels launched directly and with plain ``kernel[grid]`` launches, ``dora_compose``).
@@ -214,6 +215,17 @@ def _train_phases(model: nn.Module, x: torch.Tensor, whole_us: float, calls: int
                 )
 
         phases["norm recomputation"] = host_us_per_call(norm, calls, _sync)[0]
+        from dorafactors.norm.replay import replay_disabled
+
+        with replay_disabled():
+            phases["norm recomputation, replay off"] = host_us_per_call(norm, calls, _sync)[0]
+
+            def whole():
+                providers.bump_adapter_versions(adapters)
+                out = model(x)
+                out.backward(torch.ones_like(out))
+
+            phases["whole call, replay off"] = host_us_per_call(whole, calls, _sync)[0]
     return phases
 
 

@@ -32,6 +32,7 @@ from ..norm.cache import (
     same_values,
     stampable,
 )
+from ..norm.replay import NormReplay
 from ..norm.scale import magnitude_scale, scale_divisor
 
 __all__ = ["DoraLayerMixin", "base_weight", "norm_cache_key_tensors"]
@@ -91,6 +92,7 @@ _DERIVED_STATE = (
     "_df_base_memo",
     "_df_scale_memo",
     "_df_divisor_memo",
+    "_df_norm_replays",
 )
 
 
@@ -130,6 +132,7 @@ class DoraLayerMixin:
         self._df_fold_cache.clear()
         self.__dict__.pop("_df_scale_memo", None)
         self.__dict__.pop("_df_divisor_memo", None)
+        self.__dict__.pop("_df_norm_replays", None)
         compiled = self._compiled_norm_caches()
         if compiled is not None:
             compiled.clear()
@@ -414,7 +417,15 @@ class DoraLayerMixin:
             reuse = use_norm_cache = False
         with normal_tensors() if reuse else contextlib.nullcontext():
             norm = self._compute_norm(
-                base_layer, gathered, lora_A, lora_B, scaling, dequantize, "cached" if reuse else "inline", base_tensors
+                base_layer,
+                gathered,
+                lora_A,
+                lora_B,
+                scaling,
+                dequantize,
+                "cached" if reuse else "inline",
+                base_tensors,
+                replay_slot=adapter_name if reuse and self._norm_replay_ok else None,
             )
         if use_norm_cache:
             self._df_norm_cache.put(adapter_name, signature, inputs, norm)
@@ -467,11 +478,15 @@ class DoraLayerMixin:
         dequantize: bool,
         sumsq_from: str,
         base_tensors: tuple[torch.Tensor, ...] = (),
+        *,
+        replay_slot: str | None = None,
     ) -> torch.Tensor:
         """The norm from scratch. ``sumsq_from`` says where the base weight's row sum of squares comes from:
         ``"inline"``: the norm computes it itself; ``"cached"``: the sum-of-squares cache (filled on a miss),
         validated by the stamps of ``base_tensors``; ``"fresh"``: recomputed the way the cache computes it, so
-        that a recomputation under ``verify`` is bitwise the cached norm when nothing changed."""
+        that a recomputation under ``verify`` is bitwise the cached norm when nothing changed.
+        ``replay_slot`` (with ``"cached"``): the computation may be replayed from a CUDA graph, under this
+        slot's :class:`~dorafactors.norm.replay.NormReplay` (``norm/replay.py``)."""
         weight = gathered.full(base_weight(base_layer) if dequantize else base_layer.weight)
         if torch.jit.is_tracing():  # a trace does not record no_grad: detach, as stock PEFT does its norm
             weight, lora_A, lora_B = weight.detach(), lora_A.detach(), lora_B.detach()
@@ -483,17 +498,52 @@ class DoraLayerMixin:
                 sumsq = engine.weight_sumsq(w2)
                 rows_finite = engine.weight_rows_finite(sumsq)
             else:
-                return engine.weight_norm_with_cached_sumsq(
+                sumsq, rows_finite = engine.cached_weight_sumsq(
                     w2,
-                    a2,
-                    b2,
-                    scaling,
                     base_tensors=base_tensors,
                     base_trainable=any(t.requires_grad for t in base_tensors),
                     sumsq_cache=self._df_sumsq_cache,
                     check=lambda what, cached, fresh: self._check_cached(what, None, cached, fresh),
                 )
+                if replay_slot is not None:
+                    return self._replayed_norm(replay_slot, w2, a2, b2, scaling, sumsq, rows_finite)
             return engine.weight_norm(w2, a2, b2, scaling, cached_sumsq=sumsq, weight_rows_finite=rows_finite)
+
+    #: Linear layers set this: their norm factors are the parameters themselves (or a transposed view), the
+    #: same tensors at every call, which is what a replayed graph needs (``norm/replay.py``)
+    _norm_replay_ok = False
+
+    def _replayed_norm(
+        self,
+        slot: str,
+        w2: torch.Tensor,
+        a2: torch.Tensor,
+        b2: torch.Tensor,
+        scaling: float,
+        sumsq: torch.Tensor,
+        rows_finite: bool,
+    ) -> torch.Tensor:
+        """:func:`engine.weight_norm` on the cached sum of squares, through the slot's ``NormReplay``."""
+        replays = self.__dict__.get("_df_norm_replays")
+        if replays is None:
+            replays = self.__dict__["_df_norm_replays"] = {}
+        replay = replays.get(slot)
+        if replay is None:
+            replay = replays[slot] = NormReplay()
+
+        def compute() -> torch.Tensor:
+            return engine.weight_norm(w2, a2, b2, scaling, cached_sumsq=sumsq, weight_rows_finite=rows_finite)
+
+        values = (
+            scaling,
+            rows_finite,
+            config.fused_mode(),
+            config.get_dora_norm_threshold_mb(),
+            config.autotune_comprehensive(),
+        )
+        return replay.run(
+            compute, (w2, a2, b2, sumsq), values, lambda: engine.norm_path(w2, a2, b2) in ("gemm", "triton")
+        )
 
     def _mirror_stock_cache(self, adapter_name: str, norm: torch.Tensor) -> None:
         """Keep PEFT's ``_dora_cache`` observable exactly as stock fills and clears it during forward."""

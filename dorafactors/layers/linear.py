@@ -68,6 +68,8 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
 
         return self._stock_cached("lora-weight", adapter_name, compute)
 
+    _norm_replay_ok = True  # the factors are the parameters (W.T a view of one): see norm/replay.py
+
     def _norm_factors(self, weight, lora_A, lora_B):
         # a plain view: PEFT's transpose() wraps a Parameter in a new Parameter, which tracing cannot record
         return (weight.T if self.fan_in_fan_out else weight), lora_A, lora_B

@@ -189,6 +189,17 @@ class TensorStamp:
             )
         )
 
+    def same_layout(self, tensor: torch.Tensor) -> bool:
+        """:meth:`matches` without the version: the same object in the same memory with the same layout,
+        written or not since the stamp (what a computation captured with the tensor's address relies on)."""
+        base = tensor._base
+        return (
+            self._root_ref() is (tensor if base is None else base)
+            and self._storage_ref() is tensor.untyped_storage()
+            and self._key[1:]
+            == (tensor.data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride(), tensor.dtype)
+        )
+
     def __getstate__(self) -> None:  # pragma: no cover - guarded by NormCache.__getstate__
         raise TypeError("TensorStamp holds weak references and is not picklable")
 

@@ -35,6 +35,7 @@ from .cache import NormCache, optimizer_steps
 from .dense import dense_factor_row_norm_sq, dense_row_norm
 
 __all__ = [
+    "cached_weight_sumsq",
     "clamp_eps",
     "conv_factors",
     "dense_delta_norm",
@@ -167,6 +168,22 @@ def weight_norm_with_cached_sumsq(
     by the optimizer step. ``check(what, cached, fresh)`` is called under ``PEFT_DORA_NORM_CACHE=verify``
     with the cached and a recomputed sum of squares.
     """
+    sumsq, rows_finite = cached_weight_sumsq(
+        weight, base_tensors=base_tensors, base_trainable=base_trainable, sumsq_cache=sumsq_cache, check=check
+    )
+    return weight_norm(weight, lora_A, lora_B, scaling, cached_sumsq=sumsq, weight_rows_finite=rows_finite)
+
+
+def cached_weight_sumsq(
+    weight: torch.Tensor,
+    *,
+    base_tensors: tuple[torch.Tensor, ...],
+    base_trainable: bool,
+    sumsq_cache: NormCache,
+    check: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
+) -> tuple[torch.Tensor, bool]:
+    """``(||W||^2 per row, every row finite)`` from ``sumsq_cache`` (:func:`weight_norm_with_cached_sumsq`'s
+    arguments), computed and stored on a miss: the same tensor object while ``W`` is unchanged."""
     signature = (
         config.get_dora_norm_threshold_mb(),
         config.fused_mode(),
@@ -179,8 +196,7 @@ def weight_norm_with_cached_sumsq(
         sumsq_cache.put(None, signature, base_tensors, cached)
     elif check is not None and config.norm_cache_verify():
         check("base weight sum of squares", cached[0], weight_sumsq(weight))
-    sumsq, rows_finite = cached
-    return weight_norm(weight, lora_A, lora_B, scaling, cached_sumsq=sumsq, weight_rows_finite=rows_finite)
+    return cached
 
 
 def _dense_class_of_nonfinite_rows(
