@@ -22,7 +22,8 @@ the PyTorch paths, the CPU, a ``torch.compile`` trace, another capture in progre
 ``torch.jit`` keep the eager computation. A layer whose layout keeps changing (a new tensor every step) stops
 capturing after ``MAX_CAPTURES`` graphs. A capture that fails anyway keeps the eager value and turns
 capturing off in the whole process (:func:`capture_failure` says why): PyTorch's caching allocator keeps
-the state of a failed capture, so no later capture is attempted.
+the state of a failed capture, so no later capture is attempted; a small capture that completes then takes
+the CUDA generators out of the capture state the failed one left them in.
 
 Graph memory: the graphs replayed on one stream of a device share one memory pool (their temporaries are
 dead once a replay ends, and replays on one stream never overlap), so the pool holds one computation's
@@ -91,6 +92,22 @@ def _pool(device: int, stream: int) -> Any:
             keeper.capture_end()
         entry = _pools[(device, stream)] = (handle, keeper, kept)
     return entry[0]
+
+
+def _end_failed_capture(side: torch.cuda.Stream, device: int) -> None:
+    """A capture that raised leaves the CUDA generators in their capture state (every later random op then
+    raises "Offset increment outside graph capture"); a capture of one small fill that completes, in a pool
+    of its own, takes them out of it."""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.stream(side):
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                torch.zeros(1, device=torch.device("cuda", device))
+            finally:
+                graph.capture_end()
+    except RuntimeError:  # pragma: no cover - nothing more to undo
+        pass
 
 
 class NormReplay:
@@ -173,6 +190,7 @@ class NormReplay:
                         graph.capture_end()
             except RuntimeError as error:  # not capturable after all: eager, and no capture any more
                 _failure = f"{type(error).__name__}: {error}"
+                _end_failed_capture(side, index)
                 return
             finally:
                 current.wait_stream(side)
