@@ -2,7 +2,7 @@
 
 In training the norm is recomputed after every optimizer step, always from the same tensors: the optimizer
 writes ``lora_A`` and ``lora_B`` in place, and ``W`` and its cached row sums of squares do not move. Eagerly
-each recomputation costs the host the engine's dispatch and two to four kernel launches, which is most of a
+each recomputation costs the host the engine's dispatch and three to five kernel launches, a large part of a
 DoRA layer's extra host time per training call where the layer is host-bound (small layers, fast GPUs). A
 :class:`NormReplay` (one per layer and adapter) turns the repeats into replays of a CUDA graph:
 
@@ -11,7 +11,8 @@ DoRA layer's extra host time per training call where the layer is host-bound (sm
   and dtype, whatever their values) and the plain values that select its kernels (scaling, whether ``W`` is
   known finite, the dispatch settings, the device and the current stream);
 * the second recomputation with the same layout runs eagerly too, then captures the same computation on a
-  side stream (a warm-up run there first, so no scratch buffer is first allocated inside the capture);
+  side stream of the current stream's own (a warm-up run there first, so no scratch buffer is first
+  allocated inside the capture);
 * from then on a recomputation with that layout is one graph replay on the current stream and a copy of its
   output (the cache and autograd get a tensor no later replay writes). A different layout drops the graph.
 
@@ -36,7 +37,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -49,7 +50,10 @@ MAX_CAPTURES = 4
 
 _enabled = True
 _failure = ""  # why a capture failed: no capture is attempted after one
-_side_streams: dict[int, torch.cuda.Stream] = {}
+#: ``(device, replay stream) -> capture stream``: each replay stream's graphs bake in the scratch buffers
+#: (per-stream ticket counters and partials) of a capture stream of their own, so graphs replayed on two
+#: streams at once never share them, as eager launches on two streams do not
+_side_streams: dict[tuple[int, int], torch.cuda.Stream] = {}
 #: ``(device, replay stream) -> (pool handle, keeper graph, keeper's tensor)``
 _pools: dict[tuple[int, int], tuple[Any, torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
@@ -71,11 +75,11 @@ def capture_failure() -> str:
     return _failure
 
 
-def _side_stream(device: int) -> torch.cuda.Stream:
-    stream = _side_streams.get(device)
-    if stream is None:
-        stream = _side_streams[device] = torch.cuda.Stream(device)
-    return stream
+def _side_stream(device: int, replay_stream: int) -> torch.cuda.Stream:
+    side = _side_streams.get((device, replay_stream))
+    if side is None:
+        side = _side_streams[(device, replay_stream)] = torch.cuda.Stream(device)
+    return side
 
 
 def _pool(device: int, stream: int) -> Any:
@@ -110,19 +114,27 @@ def _end_failed_capture(side: torch.cuda.Stream, device: int) -> None:
         pass
 
 
+class _Layout(NamedTuple):
+    """What one :class:`NormReplay` last saw, replaced as a whole (a layer shared between threads, as
+    ``nn.DataParallel`` replicas share their ``__dict__``, never pairs one layout's stamps with another's
+    graph)."""
+
+    stamps: tuple[TensorStamp, ...]
+    values: tuple
+    graph: torch.cuda.CUDAGraph | None = None
+    out: torch.Tensor | None = None
+
+
 class NormReplay:
     """One layer's (one adapter's) norm computation, replayed from a CUDA graph while its layout is unchanged.
 
     ``captures`` and ``replays`` count graphs captured and replays run (tests, benchmarks).
     """
 
-    __slots__ = ("_graph", "_out", "_stamps", "_values", "captures", "replays")
+    __slots__ = ("_layout", "captures", "replays")
 
     def __init__(self) -> None:
-        self._stamps: tuple[TensorStamp, ...] = ()
-        self._values: tuple | None = None
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._out: torch.Tensor | None = None
+        self._layout: _Layout | None = None
         self.captures = 0
         self.replays = 0
 
@@ -151,32 +163,37 @@ class NormReplay:
         index = device.index
         stream = torch._C._cuda_getCurrentRawStream(index)
         values = (*values, index, stream)
-        same = values == self._values and len(tensors) == len(self._stamps)
+        layout = self._layout
+        same = layout is not None and values == layout.values and len(tensors) == len(layout.stamps)
         if same:
-            for stamp, tensor in zip(self._stamps, tensors):
+            for stamp, tensor in zip(layout.stamps, tensors):  # type: ignore[union-attr]
                 if not stamp.same_layout(tensor):
                     same = False
                     break
-        if same and self._graph is not None:
-            self._graph.replay()
-            self.replays += 1
-            return self._out.clone()  # type: ignore[union-attr]
-        if not same:  # a new layout: stamp it, drop the graph of the old one
-            self._graph = self._out = None
-            self._stamps = tuple(TensorStamp(t) for t in tensors)
-            self._values = values
+        if not same:  # a new layout: stamp it (the old one's graph goes with it)
+            self._layout = _Layout(tuple(TensorStamp(t) for t in tensors), values)
             return compute()
+        if layout.graph is not None:  # type: ignore[union-attr]
+            layout.graph.replay()  # type: ignore[union-attr]
+            self.replays += 1
+            return layout.out.clone()  # type: ignore[union-attr]
         out = compute()  # the second run with this layout: capture it for the next ones
         if self.captures < MAX_CAPTURES and capturable():
-            self._capture(compute, index, stream)
+            captured = self._capture(compute, index, stream)
+            if captured is not None:
+                self._layout = layout._replace(graph=captured[0], out=captured[1])  # type: ignore[union-attr]
         return out
 
-    def _capture(self, compute: Callable[[], torch.Tensor], index: int, stream: int) -> None:
+    def _capture(
+        self, compute: Callable[[], torch.Tensor], index: int, stream: int
+    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
+        """``(graph, its output)`` of ``compute``, captured on the side stream of the replay ``stream``; None
+        when the capture failed."""
         global _failure
         self.captures += 1
         with torch.cuda.device(index):
             current = torch.cuda.current_stream()
-            side = _side_stream(index)
+            side = _side_stream(index, stream)
             side.wait_stream(current)
             graph = torch.cuda.CUDAGraph()
             try:
@@ -191,12 +208,11 @@ class NormReplay:
             except RuntimeError as error:  # not capturable after all: eager, and no capture any more
                 _failure = f"{type(error).__name__}: {error}"
                 _end_failed_capture(side, index)
-                return
+                return None
             finally:
                 current.wait_stream(side)
-        self._graph, self._out = graph, out
+        return graph, out
 
     def clear(self) -> None:
         """Forget the layout and drop the graph (its memory returns to the pool)."""
-        self._stamps, self._values = (), None
-        self._graph = self._out = None
+        self._layout = None
