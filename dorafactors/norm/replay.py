@@ -114,6 +114,14 @@ def _end_failed_capture(side: torch.cuda.Stream, device: int) -> None:
         pass
 
 
+def _replay_stream(device: torch.device) -> int | None:
+    """The raw current stream of a CUDA ``device`` a graph may be replayed on; None off CUDA and while the
+    current stream is being captured (the computation then joins that capture)."""
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return None
+    return torch._C._cuda_getCurrentRawStream(device.index)
+
+
 class _Layout(NamedTuple):
     """What one :class:`NormReplay` last saw, replaced as a whole (a layer shared between threads, as
     ``nn.DataParallel`` replicas share their ``__dict__``, never pairs one layout's stamps with another's
@@ -156,12 +164,12 @@ class NormReplay:
                 synchronization, no branch on tensor values).
         """
         device = tensors[0].device
-        if not _enabled or _failure or device.type != "cuda" or not caching_allowed():
+        if not _enabled or _failure or not caching_allowed():
             return compute()
-        if torch.cuda.is_current_stream_capturing():
+        stream = _replay_stream(device)
+        if stream is None:
             return compute()
         index = device.index
-        stream = torch._C._cuda_getCurrentRawStream(index)
         values = (*values, index, stream)
         layout = self._layout
         same = layout is not None and values == layout.values and len(tensors) == len(layout.stamps)

@@ -43,6 +43,67 @@ def test_no_replay_off_cuda():
     assert (replay.captures, replay.replays) == (0, 0)
 
 
+class _FakeGraph:
+    """Stands in for a captured CUDA graph on the CPU: a replay reruns the captured computation into the
+    output it returned at capture, reading the tensors' current values as a graph does."""
+
+    def __init__(self, compute):
+        self.compute = compute
+        self.out = compute()
+
+    def replay(self):
+        self.out.copy_(self.compute())
+
+
+def test_layout_state_machine(monkeypatch):
+    """Eager, eager + capture, then replays while the layout holds; a new tensor, value or stream starts over;
+    at most MAX_CAPTURES graphs. Replays serve the current values and a tensor no later replay writes."""
+    from dorafactors.norm import replay as rp
+
+    stream = [7]
+    monkeypatch.setattr(rp, "_replay_stream", lambda device: stream[0])
+
+    def fake_capture(self, compute, index, stream):
+        self.captures += 1
+        graph = _FakeGraph(compute)
+        return graph, graph.out
+
+    monkeypatch.setattr(rp.NormReplay, "_capture", fake_capture)
+    x = torch.randn(8)
+    replay = rp.NormReplay()
+
+    def call(t, scaling=2.0):
+        with torch.no_grad():
+            t.add_(1.0)
+        out = replay.run(lambda: t * scaling, (t,), (scaling,), lambda: True)
+        assert torch.equal(out, t * scaling)
+        return out
+
+    call(x), call(x)
+    assert (replay.captures, replay.replays) == (1, 0)
+    first = call(x)
+    second = call(x)
+    assert (replay.captures, replay.replays) == (1, 2)
+    assert not torch.equal(first, second) and first.data_ptr() != second.data_ptr()  # copies, current values
+    call(x, scaling=3.0)  # another value: a new layout, eager
+    assert replay.replays == 2
+    stream[0] = 8  # another stream: a new layout
+    call(x, scaling=3.0), call(x, scaling=3.0), call(x, scaling=3.0)
+    assert (replay.captures, replay.replays) == (2, 3)
+    y = x.clone()  # another tensor: a new layout
+    call(y), call(y), call(y)
+    assert (replay.captures, replay.replays) == (3, 4)
+    for _ in range(3):  # a new tensor every time: captures stop at MAX_CAPTURES
+        fresh = torch.randn(8)
+        call(fresh), call(fresh)
+    assert replay.captures == rp.MAX_CAPTURES
+    with replay_disabled():
+        call(y), call(y)
+    replay.clear()
+    call(y)
+    assert replay.replays == 4
+
+
 # ---------------------------------------------------------------------------------------------------- GPU
 
 
