@@ -225,7 +225,7 @@ def _launch(
     launch = plan.launch_cache.get(key)
     if launch is None:
         launch = plan.launch_cache[key] = _launch_constants(plan, *key)
-    programs, ws_elements, constants, probe_at = launch
+    programs, ws_elements, constants, probe_offset = launch
     ws = torch.empty(ws_elements, dtype=torch.float32, device=device)
     out = torch.empty(d_out, dtype=torch.float32, device=device)
     counters = ticket_buffer(device, 2 + plan.gram_tiles + plan.row_tiles)
@@ -233,7 +233,7 @@ def _launch(
     gram = gemms[1] if from_gemm else ws
     probe = (out, out, 0)  # (probe partials, ||A_k||, add ||W||^2): unused
     if repair is not None:
-        probe = (ws[probe_at:], repair[1], int(repair[0]))
+        probe = (ws[probe_offset:], repair[1], int(repair[0]))
     gram_programs = 0 if from_gemm else plan.gram_tiles * plan.gram_splits
     # the gram programs first, in a launch of their own, then the main programs: no program ever waits on
     # another of its own launch (see row_norm_kernel's "Synchronization")
