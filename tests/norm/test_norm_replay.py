@@ -1,12 +1,15 @@
 """The norm recomputation replayed from a CUDA graph (``norm/replay.py``) is the eager computation, bitwise,
 after every optimizer step and every change of what it reads; it captures once per layout and never replays a
-graph for other tensors, another scaling or another stream. The layout stamp and the CPU (no replay) run
-everywhere; the rest needs a CUDA GPU (``gpu``-marked).
+graph for other tensors, another scaling or another stream. The layout stamp, the CPU path (no replay) and
+the layout state machine (with a stand-in graph) run everywhere; the rest needs a CUDA GPU (``gpu``-marked).
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -284,10 +287,6 @@ print("ok")
 @pytest.mark.gpu
 def test_a_failed_capture_keeps_the_eager_values_and_turns_capturing_off():
     """Run in a process of its own: a failed capture leaves state in PyTorch's allocator."""
-    import os
-    import subprocess
-    import sys
-
     done = subprocess.run(
         [sys.executable, "-c", _FAILING_CAPTURE], capture_output=True, text=True, timeout=300, env=dict(os.environ)
     )
