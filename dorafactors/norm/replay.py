@@ -88,28 +88,28 @@ def _pool(device: int, stream: int) -> Any:
     entry = _pools.get((device, stream))
     if entry is None:
         handle = torch.cuda.graph_pool_handle()
-        keeper = torch.cuda.CUDAGraph()
-        keeper.capture_begin(pool=handle, capture_error_mode="thread_local")
-        try:
-            kept = torch.zeros(1, device=torch.device("cuda", device))
-        finally:
-            keeper.capture_end()
-        entry = _pools[(device, stream)] = (handle, keeper, kept)
+        entry = _pools[(device, stream)] = (handle, *_capture_fill(device, handle))
     return entry[0]
+
+
+def _capture_fill(device: int, pool: Any = None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """A graph of one small fill on the current (capture) stream, into ``pool`` (None: a pool of its own)."""
+    graph = torch.cuda.CUDAGraph()
+    graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+    try:
+        filled = torch.zeros(1, device=torch.device("cuda", device))
+    finally:
+        graph.capture_end()
+    return graph, filled
 
 
 def _end_failed_capture(side: torch.cuda.Stream, device: int) -> None:
     """A capture that raised leaves the CUDA generators in their capture state (every later random op then
     raises "Offset increment outside graph capture"); a capture of one small fill that completes, in a pool
     of its own, takes them out of it."""
-    graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.stream(side):
-            graph.capture_begin(capture_error_mode="thread_local")
-            try:
-                torch.zeros(1, device=torch.device("cuda", device))
-            finally:
-                graph.capture_end()
+            _capture_fill(device)
     except RuntimeError:  # pragma: no cover - nothing more to undo
         pass
 
