@@ -46,6 +46,33 @@ def test_no_replay_off_cuda():
     assert (replay.captures, replay.replays) == (0, 0)
 
 
+def test_replay_state_is_per_adapter_and_derived():
+    """One NormReplay per adapter of a Linear layer (bounded), dropped by deepcopy, pickling and
+    clear_norm_caches like the layer's other derived state (a graph cannot be copied)."""
+    import pickle
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["0"], use_dora=True, init_lora_weights=False)
+    with dorafactors.patched():
+        model = get_peft_model(nn.Sequential(nn.Linear(12, 10)), config)
+        model.add_adapter("other", config)
+    dora = model.base_model.model[0].lora_magnitude_vector
+    for adapter in ("default", "other", "default"):
+        model.set_adapter(adapter)
+        for _ in range(3):
+            with torch.no_grad():
+                model.base_model.model[0].lora_B[adapter].weight.add_(0.01)
+            model(torch.randn(3, 12)).sum().backward()
+    replays = dora["default"].__dict__["_df_norm_replays"]
+    assert set(replays) == {"default"} and set(dora["other"].__dict__["_df_norm_replays"]) == {"other"}
+    assert all(isinstance(r, NormReplay) for r in replays.values())
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        layer = copied.base_model.model[0].lora_magnitude_vector["default"]
+        assert "_df_norm_replays" not in layer.__dict__
+    dorafactors.clear_norm_caches(model)
+    assert "_df_norm_replays" not in dora["default"].__dict__
+
+
 class _FakeGraph:
     """Stands in for a captured CUDA graph on the CPU: a replay reruns the captured computation into the
     output it returned at capture, reading the tensors' current values as a graph does."""
