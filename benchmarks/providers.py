@@ -9,6 +9,9 @@ Providers:
 * ``stock_cached``: the ``stock`` model with PEFT's opt-in ``ENABLE_DORA_CACHING`` on (decode only);
 * ``dorafactors_cold``: the ``dorafactors`` model with its norm cache defeated on every call (the adapter
   weights' version counters are bumped, as an optimizer step would);
+* ``lora_dropout_floor``: (``lora_dropout > 0`` training) the ``lora`` model plus, in every adapted layer, the
+  work DoRA cannot avoid there: the base GEMM on the dropped-out input, added to the output, so its
+  input-gradient GEMM runs in the backward too (:func:`dropout_floor_hooks`);
 * ``<p>+compile``: ``torch.compile`` of provider ``p``'s model (compile time recorded separately).
 
 Every model is a ``deepcopy`` of one base model; after ``get_peft_model`` the adapters are overwritten
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import dorafactors
@@ -45,6 +49,7 @@ __all__ = [
     "bump_adapter_versions",
     "compiled",
     "dense_weight",
+    "dropout_floor_hooks",
     "dynamo_stats",
     "impl_info",
     "llama_base",
@@ -485,6 +490,53 @@ def clear_stock_caches(model: nn.Module) -> None:
                 clear()
 
 
+class _KeepOutput(nn.Module):
+    """Runs ``inner`` and keeps its last output (the dropped-out input of one LoRA layer)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.last: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.last = self.inner(x)
+        return self.last
+
+
+@contextlib.contextmanager
+def dropout_floor_hooks(model: nn.Module) -> Iterator[None]:
+    """Turn a LoRA model with ``lora_dropout > 0`` into the floor of DoRA's dropout path (``lora_dropout_floor``).
+
+    With dropout, DoRA's output needs ``W @ dropout(x)`` besides LoRA's ``W @ x`` (PEFT's variant recomputes
+    it), and its backward needs that GEMM's input gradient. Here every adapted ``nn.Linear`` adds
+    ``W @ dropout(x)`` (one bf16 GEMM on the dropped-out input, cast to ``W``'s dtype where PEFT's fp32 adapters
+    made it fp32) to LoRA's output: LoRA plus exactly those two GEMMs and one add, and none of DoRA's
+    elementwise work. The values are not DoRA's; only the time is compared. Undone on exit.
+    """
+    handles = []
+    swapped: list[tuple[nn.Module, nn.Module]] = []
+    for _, module in _lora_layers(model):
+        base_layer = module.get_base_layer()
+        if type(base_layer) is not nn.Linear:
+            continue
+        keeper = _KeepOutput(module.lora_dropout["default"])
+        swapped.append((module, keeper.inner))
+        module.lora_dropout["default"] = keeper
+
+        def add_base_on_dropped(_mod, _args, output, keeper=keeper, weight=base_layer.weight):
+            dropped, keeper.last = keeper.last, None
+            return output + F.linear(dropped.to(weight.dtype), weight).to(output.dtype)
+
+        handles.append(module.register_forward_hook(add_base_on_dropped))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, inner in swapped:
+            module.lora_dropout["default"] = inner
+
+
 def set_lora_dropout(model: nn.Module, p: float) -> None:
     """Swap every adapter's dropout module the way PEFT builds it (``nn.Dropout(p)`` if p > 0 else Identity)."""
     for _, module in _lora_layers(model):
@@ -580,7 +632,7 @@ POOL = ModelPool(slots=2)
 def model_of(provider: str) -> str:
     """The built model a provider runs on: ``stock_cached`` -> stock, ``dorafactors_cold+compile`` -> dorafactors."""
     name = provider.removesuffix("+compile")
-    return {"dorafactors_cold": "dorafactors", "stock_cached": "stock"}.get(name, name)
+    return {"dorafactors_cold": "dorafactors", "stock_cached": "stock", "lora_dropout_floor": "lora"}.get(name, name)
 
 
 def models_needed(providers: Sequence[str]) -> tuple[str, ...]:

@@ -38,6 +38,7 @@ __all__ = ["TARGETS", "add_ratios", "latest_rows", "render", "write_report"]
 
 PROVIDER_ORDER = (
     "lora",
+    "lora_dropout_floor",
     "stock",
     "stock_cached",
     "dorafactors",
@@ -48,6 +49,7 @@ PROVIDER_ORDER = (
 )
 PROVIDER_LABEL = {
     "lora": "LoRA",
+    "lora_dropout_floor": "LoRA + base GEMM on dropped input (DoRA's dropout floor)",
     "stock": "stock DoRA",
     "stock_cached": "stock + ENABLE_DORA_CACHING",
     "dorafactors": "dorafactors",

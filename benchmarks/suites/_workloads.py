@@ -208,7 +208,14 @@ def measure(
     model = P.get_model(models, P.model_of(provider))
     device = settings.device
     impl: dict[str, Any] = {}
-    with _model_state(model, workload, settings.seed), P.stock_caching(cached):
+    floor = base_provider == "lora_dropout_floor"
+    if floor and not workload.dropout > 0:
+        raise ValueError("the lora_dropout_floor provider times training with lora_dropout > 0 only")
+    with (
+        _model_state(model, workload, settings.seed),
+        P.stock_caching(cached),
+        P.dropout_floor_hooks(model) if floor else contextlib.nullcontext(),
+    ):
         runner: Callable[..., Any] = model
         if compile_it:
             runner, info = P.compiled(model, settings.compile_backend, settings.compile_mode)

@@ -21,7 +21,8 @@ Dtype setups:
 Cases (run order): inference prefill (``no_grad``, full logits; dorafactors reuses the norm of the frozen
 weights, ``dorafactors_cold`` is the same model with that cache defeated on every call), training forward+backward (loss on all
 tokens), one training step with gradient accumulation 8 (8 micro-batches fwd+bwd, then AdamW), gradient
-checkpointing, ``lora_dropout=0.05``; then, optional, ``torch.compile`` of LoRA, stock and dorafactors
+checkpointing, ``lora_dropout=0.05`` (with ``lora_dropout_floor``: LoRA plus the base GEMM on the dropped-out
+input and its input gradient, the work DoRA adds there at the least); then, optional, ``torch.compile`` of LoRA, stock and dorafactors
 (:data:`COMPILED_PLAN`: prefill, training fwd+bwd, the accumulation step, both dtype setups), with the
 compile time, graph breaks and recompiles after the warm-up call in each row.
 """
@@ -207,7 +208,11 @@ def cases(settings: Settings) -> list[Case]:
         fp32 = SETUPS[setup]["adapters_fp32"]
         quant = SETUPS[setup].get("quant")
         reps = settings.heavy_reps if workload.heavy else settings.reps
-        providers = (*P.BASE_PROVIDERS, "dorafactors_cold") if workload.kind == "infer" else P.BASE_PROVIDERS
+        providers = P.BASE_PROVIDERS
+        if workload.kind == "infer":
+            providers = (*P.BASE_PROVIDERS, "dorafactors_cold")
+        elif workload.dropout > 0:
+            providers = (*P.BASE_PROVIDERS, "lora_dropout_floor")  # what DoRA cannot avoid with dropout
         est = estimate(settings, setup, kind, providers, factor=factor, reps=reps)
         if (fp32, quant) not in built:
             est += BASE_S * (not built) + QUANTIZE_S * bool(quant) + BUILD_S * len(P.BASE_PROVIDERS)

@@ -362,6 +362,42 @@ def test_providers_share_weights_and_adapters_not_at_identity():
     torch.testing.assert_close(outs["stock"], outs["dorafactors"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fp32_adapters", [False, True], ids=["bf16", "peft-default"])
+def test_dropout_floor_adds_the_base_gemm_on_the_dropped_input_and_its_gradient(fp32_adapters):
+    """``lora_dropout_floor`` is LoRA plus ``W @ dropout(x)`` (same dropout mask as LoRA's branch, the GEMM in
+    ``W``'s dtype), with that GEMM's input gradient in the backward; the hooks are gone on exit."""
+    base = P.one_linear_base(48, 40, torch.device("cpu"), torch.bfloat16, seed=5)
+    model = P.build_peft(base, "lora", r=4, alpha=8, targets=("proj",), autocast_adapter_dtype=fp32_adapters, seed=5)
+    P.set_lora_dropout(model, 0.3)
+    model.train()
+    layer = model.base_model.model.proj
+    weight = layer.base_layer.weight
+    x = torch.randn(6, 48, dtype=torch.bfloat16, requires_grad=True)
+    grad_out = torch.randn(6, 40, dtype=torch.bfloat16)
+    with P.dropout_floor_hooks(model):
+        torch.manual_seed(11)
+        out = model(x)
+        out.backward(grad_out)
+    floor_grad = x.grad.clone()
+    x.grad = None
+    torch.manual_seed(11)  # the same dropout mask, without the hooks
+    plain = model(x)
+    plain.backward(grad_out)
+    lora_in = layer.lora_dropout["default"]
+    assert type(lora_in) is torch.nn.Dropout and not layer._forward_hooks  # undone
+    torch.manual_seed(11)
+    adapter_dtype = torch.float32 if fp32_adapters else torch.bfloat16
+    dropped = torch.nn.functional.dropout(x.detach().to(adapter_dtype), 0.3, training=True)
+    extra = torch.nn.functional.linear(dropped.to(torch.bfloat16), weight)
+    torch.testing.assert_close(out, (plain + extra).to(out.dtype), rtol=2e-2, atol=2e-2)
+    assert (out - plain).abs().max() > 0.1  # the GEMM's output is in the sum
+    # the extra input gradient: (mask * c) * (grad_out @ W), the dropped positions get none of it
+    mask_scale = (dropped != 0).float() / (1.0 - 0.3)
+    extra_grad = mask_scale * (grad_out.float() @ weight.float())
+    torch.testing.assert_close(floor_grad.float() - x.grad.float(), extra_grad, rtol=5e-2, atol=5e-2)
+    assert extra_grad.abs().max() > 0.1
+
+
 def test_compiled_gradient_check_rejects_a_graph_that_drops_gradients():
     """The check compiled training rows run before timing: a runner whose gradients do not reach the model's
     adapters fails it (a compiled graph that dropped them looked fast); the model itself passes exactly."""
