@@ -98,8 +98,9 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
         recomputed with one bf16 GEMM (``autograd/recompute_base.py``). Ignored where it does not apply.
 
         ``add_base_result`` (with ``base_result``): return PEFT's variant output ``base_result + extra`` instead
-        (:class:`DoraLinearVariant` in training without dropout). The training node composes it in its own
-        kernel pass where ``base_layer`` has no bias (``autograd/lora_compose.py``); elsewhere it is the sum.
+        (:class:`DoraLinearVariant` wherever PEFT passes ``base_result=result``). The decode fold adds it into
+        its own temporary, the training node composes it in its own kernel pass where ``base_layer`` has no
+        bias (``autograd/lora_compose.py``); elsewhere it is the sum.
         """
         if add_base_result and base_result is None:
             raise ValueError("add_base_result=True needs base_result (PEFT's result)")
@@ -341,11 +342,12 @@ _StockDoraLinearVariant = peft_variants.DoraLinearVariant
 
 
 class DoraLinearVariant(_StockDoraLinearVariant):
-    """PEFT's DoRA variant of ``lora.Linear`` (a drop-in subclass): the same forward, except that in training
-    with PEFT's dropout it tells our layer when the dropped-out input is an exact fp32 copy of a bf16
-    activation (:func:`bf16_dropout_scale`), so the layer recomputes the base output with one bf16 GEMM;
-    in training without dropout it has the layer return ``result + extra`` itself (:func:`_training_output`);
-    in evaluation it takes the folded decode path (:func:`_folded_output`).
+    """PEFT's DoRA variant of ``lora.Linear`` (a drop-in subclass): the same forward, except that where PEFT
+    passes ``base_result=result`` (evaluation, or training without dropout) our layer returns PEFT's
+    ``result + extra`` itself (:func:`_layer_output`: the decode fold, the training node's composed sum),
+    and in training with PEFT's dropout it tells our layer when the dropped-out input is an exact fp32 copy
+    of a bf16 activation (:func:`bf16_dropout_scale`), so the layer recomputes the base output with one bf16
+    GEMM.
 
     PEFT keeps one variant instance per adapter (``module.lora_variant``), built from the class name it looks
     up in ``peft.tuners.lora.variants``: ``patching.py`` rebinds that name, so a model built while patched
@@ -356,19 +358,13 @@ class DoraLinearVariant(_StockDoraLinearVariant):
     def forward(
         module: nn.Module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any
     ) -> torch.Tensor:
-        """PEFT's ``forward``, except: in evaluation, the folded output where the fold applies
-        (:func:`_folded_output`); in training without dropout, the sum composed by the layer
-        (:func:`_training_output`); in training with dropout, its dropout branch with the bf16 scale passed on
-        where that applies."""
+        """PEFT's ``forward``, except: where PEFT would pass ``base_result=result`` (evaluation, or
+        ``lora_dropout`` an ``nn.Identity``), the whole output from our layer (:func:`_layer_output`); in
+        training with dropout, its dropout branch with the bf16 scale passed on where that applies."""
         # PEFT passes its variant keywords (``VARIANT_KWARG_KEYS``) on every call, None unless set
         plain = not kwargs or all(value is None for value in kwargs.values())
-        if not module.training:
-            out = _folded_output(module, active_adapter, x, result) if plain else None
-            if out is not None:
-                return out
-            return _StockDoraLinearVariant.forward(module, active_adapter, x, result, **kwargs)
-        if isinstance(module.lora_dropout[active_adapter], nn.Identity):
-            out = _training_output(module, active_adapter, x, result) if plain else None
+        if not module.training or isinstance(module.lora_dropout[active_adapter], nn.Identity):
+            out = _layer_output(module, active_adapter, x, result) if plain else None
             if out is not None:
                 return out
             return _StockDoraLinearVariant.forward(module, active_adapter, x, result, **kwargs)
@@ -388,43 +384,17 @@ class DoraLinearVariant(_StockDoraLinearVariant):
         return result + extra
 
 
-def _folded_output(
-    module: nn.Module, active_adapter: str, x: torch.Tensor, result: torch.Tensor
-) -> torch.Tensor | None:
-    """``result + extra`` of PEFT's DoRA variant in evaluation, on the folded path
-    (``autograd/folded.py::folded_dora_output``); None where the variant must run PEFT's forward instead.
-
-    PEFT's evaluation forward calls the magnitude module with ``base_result=result`` and the undropped
-    ``x``, then adds its output to ``result``. Here that module is called directly, so only where calling it
-    would run nothing else: our ``DoraLinearLayer`` with no hooks (its own or global) and no instance
-    ``forward``; the fold then decides as on the module path (``DoraLinearLayer._folded_lora_B``). This saves
-    the module call and PEFT's keyword plumbing, and the sum lands in the fold's own temporary: a decode
-    step's host time is what bounds it.
-    """
-    layer = _plain_dora_layer(module, active_adapter)
-    if layer is None:
-        return None
-    lora_A = module.lora_A._modules[active_adapter]
-    lora_B = module.lora_B._modules[active_adapter]
-    folded = layer._folded_lora_B(
-        x, lora_A, lora_B, module.scaling[active_adapter], module.get_base_layer(), result, active_adapter
-    )
-    if folded is None:
-        return None
-    return folded_dora_output(_lora_A_call(lora_A, x), folded, result)
-
-
-def _training_output(
-    module: nn.Module, active_adapter: str, x: torch.Tensor, result: torch.Tensor
-) -> torch.Tensor | None:
-    """``result + extra`` of PEFT's DoRA variant in training without dropout (``lora_dropout`` an
-    ``nn.Identity``, so PEFT passes ``base_result=result``), returned by our layer itself
+def _layer_output(module: nn.Module, active_adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor | None:
+    """``result + extra`` of PEFT's DoRA variant where PEFT passes ``base_result=result`` (evaluation, or
+    training with ``lora_dropout`` an ``nn.Identity``), returned by our layer itself
     (``DoraLinearLayer.forward(add_base_result=True)``); None where PEFT's forward must run instead.
 
-    Where the training node applies (``autograd/lora_compose.py``) the sum is composed in the node's kernel
-    pass: PEFT's add of ``result`` and ``extra`` costs no launch and no ``[tokens, d_out]`` pass, and the two
-    gradients reaching ``result`` arrive already summed. The layer is called directly, so only where calling
-    it as a module would run nothing else (:func:`_plain_dora_layer`).
+    The layer then adds ``result`` where that costs nothing: into the decode fold's own temporary
+    (``autograd/folded.py``), inside the training node's kernel pass (``autograd/lora_compose.py``; the two
+    gradients reaching ``result`` arrive already summed), else as PEFT's ``result + extra``. Calling the layer
+    directly also saves PEFT's variant plumbing and a module call per layer and call, which is what bounds a
+    decode step's host time. Only where calling it as a module would run nothing else
+    (:func:`_plain_dora_layer`).
     """
     layer = _plain_dora_layer(module, active_adapter)
     if layer is None:
@@ -434,11 +404,27 @@ def _training_output(
         lora_A=module.lora_A._modules[active_adapter],
         lora_B=module.lora_B._modules[active_adapter],
         scaling=module.scaling[active_adapter],
-        base_layer=module.get_base_layer(),
+        base_layer=_base_layer_of(module),
         base_result=result,
         adapter_name=active_adapter,
         add_base_result=True,
     )
+
+
+def _base_layer_of(module: nn.Module) -> nn.Module:
+    """``module.get_base_layer()`` (PEFT: follow ``base_layer`` attributes down), answered from ``_modules``
+    where the base layer is a plain ``nn.Linear`` with nothing named ``base_layer`` (PEFT's ``hasattr`` walk
+    ends there through ``nn.Module.__getattr__``'s miss, microseconds per decode step and layer)."""
+    base = module._modules.get("base_layer")
+    if (
+        type(base) is nn.Linear
+        and "base_layer" not in base.__dict__
+        and "base_layer" not in base._modules
+        and "base_layer" not in base._parameters
+        and "base_layer" not in base._buffers
+    ):
+        return base
+    return module.get_base_layer()
 
 
 def _plain_dora_layer(module: nn.Module, active_adapter: str) -> DoraLinearLayer | None:

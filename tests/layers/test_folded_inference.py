@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from hypothesis import given
+from torch import nn
 
 from dorafactors.autograd.folded import (
     FOLD_BIAS_ERROR_ULPS,
@@ -176,24 +177,30 @@ def test_fold_not_taken_where_it_does_not_apply(monkeypatch) -> None:
 
 
 def test_eval_variant_composes_the_output_without_calling_the_magnitude_module(monkeypatch) -> None:
-    """In evaluation our variant returns ``result + extra`` itself (``folded_dora_output``: no call of the
-    magnitude module), equal to stock's within rounding; a forward hook on the magnitude module, or a PEFT
-    variant keyword that is set, sends the call through PEFT's forward (the module runs)."""
+    """In evaluation our variant returns ``result + extra`` itself (the layer's ``forward`` called directly, on
+    ``folded_dora_output`` or, above the fold's rows, the composition: no call of the magnitude module), equal
+    to stock's within rounding; a forward hook
+    on the magnitude module, or a PEFT variant keyword that is set, sends the call through PEFT's forward (the
+    module runs)."""
     from dorafactors.layers.linear import DoraLinearLayer
 
     calls = []
-    module_forward = DoraLinearLayer.forward
 
-    def counted(self, *args, **kwargs):
+    def counted(self, *args, **kwargs):  # a call of the module (nn.Module.__call__: hooks run)
         calls.append(kwargs.get("base_result") is not None)
-        return module_forward(self, *args, **kwargs)
+        return nn.Module.__call__(self, *args, **kwargs)
 
-    monkeypatch.setattr(DoraLinearLayer, "forward", counted)
+    monkeypatch.setattr(DoraLinearLayer, "__call__", counted)
     for bias in (True, False):
         stock, ours, x = _linear_pair(bias=bias)
         out = _no_grad_eval(ours, x)
         assert calls == [] and _folds(ours) == 1, bias
         assert_dtype_close(out, _no_grad_eval(stock, x), torch.float32, name=f"variant output, bias={bias}")
+        # more rows than the fold takes: the layer's composition, still without a module call
+        wide = torch.randn(rules.INFERENCE_FOLD_MAX_ROWS + 1, x.shape[-1], generator=torch.Generator().manual_seed(4))
+        wide_out = _no_grad_eval(ours, wide)
+        assert calls == [] and _folds(ours) == 1, bias
+        assert_dtype_close(wide_out, _no_grad_eval(stock, wide), torch.float32, name=f"composed output, bias={bias}")
 
         target = ours.base_model.model.target
         seen = []

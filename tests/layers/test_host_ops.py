@@ -102,3 +102,32 @@ def test_divisor_memo_is_dropped_with_the_caches():
     assert "_df_divisor_memo" in layer.__dict__
     dorafactors.clear_norm_caches(model)
     assert "_df_divisor_memo" not in layer.__dict__
+
+
+def test_base_layer_shortcut_is_pefts_get_base_layer():
+    """The decode path's ``_base_layer_of`` answers PEFT's ``get_base_layer()`` from ``_modules`` for a plain
+    ``nn.Linear`` base, and defers to PEFT wherever the walk could go further (a base that has a
+    ``base_layer`` of its own, as a wrapped layer does, or is not a plain ``nn.Linear``)."""
+    from dorafactors.layers.linear import _base_layer_of
+
+    lora_layer = _model(torch.float32).base_model.model[0]
+    assert _base_layer_of(lora_layer) is lora_layer.get_base_layer() is lora_layer._modules["base_layer"]
+
+    inner = nn.Linear(DIM, DIM)
+    for name in ("module", "buffer", "attribute"):
+        wrapped = nn.Linear(DIM, DIM)
+        if name == "module":
+            wrapped.base_layer = inner
+        elif name == "buffer":
+            wrapped.register_buffer("base_layer", torch.zeros(1))
+        else:
+            wrapped.__dict__["base_layer"] = inner
+        lora_layer._modules["base_layer"] = wrapped
+        assert _base_layer_of(lora_layer) is lora_layer.get_base_layer(), name
+        assert _base_layer_of(lora_layer) is not wrapped, name
+
+    class Subclassed(nn.Linear):
+        pass
+
+    lora_layer._modules["base_layer"] = Subclassed(DIM, DIM)
+    assert _base_layer_of(lora_layer) is lora_layer.get_base_layer() is lora_layer._modules["base_layer"]
