@@ -418,6 +418,7 @@ def _base_layer_of(module: nn.Module) -> nn.Module:
     base = module._modules.get("base_layer")
     if (
         type(base) is nn.Linear
+        and "base_layer" not in module.__dict__  # an instance attribute would shadow the registered module
         and "base_layer" not in base.__dict__
         and "base_layer" not in base._modules
         and "base_layer" not in base._parameters
