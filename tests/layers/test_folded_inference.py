@@ -179,9 +179,8 @@ def test_fold_not_taken_where_it_does_not_apply(monkeypatch) -> None:
 def test_eval_variant_composes_the_output_without_calling_the_magnitude_module(monkeypatch) -> None:
     """In evaluation our variant returns ``result + extra`` itself (the layer's ``forward`` called directly, on
     ``folded_dora_output`` or, above the fold's rows, the composition: no call of the magnitude module), equal
-    to stock's within rounding; a forward hook
-    on the magnitude module, or a PEFT variant keyword that is set, sends the call through PEFT's forward (the
-    module runs)."""
+    to stock's within rounding; a forward hook on the magnitude module, or a PEFT variant keyword that is set,
+    sends the call through PEFT's forward (the module runs)."""
     from dorafactors.layers.linear import DoraLinearLayer
 
     calls = []
