@@ -413,8 +413,9 @@ def _layer_output(module: nn.Module, active_adapter: str, x: torch.Tensor, resul
 
 def _base_layer_of(module: nn.Module) -> nn.Module:
     """``module.get_base_layer()`` (PEFT: follow ``base_layer`` attributes down), answered from ``_modules``
-    where the base layer is a plain ``nn.Linear`` with nothing named ``base_layer`` (PEFT's ``hasattr`` walk
-    ends there through ``nn.Module.__getattr__``'s miss, microseconds per decode step and layer)."""
+    where the base layer is a plain ``nn.Linear`` with nothing named ``base_layer``: PEFT's ``hasattr`` walk
+    ends there through a raised and caught ``AttributeError`` of ``nn.Module.__getattr__``, on every call of
+    every layer."""
     base = module._modules.get("base_layer")
     if (
         type(base) is nn.Linear
