@@ -16,11 +16,13 @@ import triton
 __all__ = [
     "LaunchConfig",
     "cdiv",
+    "current_raw_stream",
     "is_fake",
     "is_interpreted",
     "next_pow2",
     "num_sms",
     "partials_buffer",
+    "raw_stream",
     "ticket_buffer",
     "to_triton_configs",
 ]
@@ -103,6 +105,24 @@ def tile_grid(
     return out
 
 
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def raw_stream(index: int) -> int:
+    """The raw ``cudaStream_t`` of CUDA device ``index``'s current stream (what Triton launches on), without
+    building a ``torch.cuda.Stream`` object (which costs about as much host time as a small kernel launch)."""
+    if _raw_stream is not None:
+        return _raw_stream(index)
+    return torch.cuda.current_stream(index).cuda_stream
+
+
+def current_raw_stream(device: torch.device) -> int:
+    """:func:`raw_stream` of ``device`` (its current device when it has no index); 0 off CUDA."""
+    if device.type != "cuda":
+        return 0
+    return raw_stream(device.index if device.index is not None else torch.cuda.current_device())
+
+
 # ticket counters: one zeroed int32 buffer per (device, stream), shared by every kernel that takes integer
 # tickets (the norm kernel, the one-pass backward); each launch resets what it used to zero before it ends,
 # and launches on one stream never overlap, so the next launch finds zeros without a memset
@@ -114,7 +134,7 @@ _retired_tickets: list[torch.Tensor] = []  # outgrown buffers a captured CUDA gr
 
 def ticket_buffer(device: torch.device, needed: int) -> torch.Tensor:
     """A zeroed int32 buffer of at least ``needed`` counters for launches on ``device``'s current stream."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    stream = current_raw_stream(device)
     key = (device, stream)
     buf = _tickets.get(key)
     if buf is not None and buf.numel() >= needed:
@@ -144,7 +164,7 @@ _retired_partials: list[torch.Tensor] = []  # outgrown buffers a captured CUDA g
 
 def partials_buffer(device: torch.device, needed: int) -> torch.Tensor:
     """A flat fp32 scratch buffer of at least ``needed`` elements for launches on ``device``'s current stream."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    stream = current_raw_stream(device)
     key = (device, stream)
     buf = _partials.get(key)
     if buf is not None and buf.numel() >= needed:

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ._triton_utils import is_interpreted
+from ._triton_utils import is_interpreted, raw_stream
 
 try:  # Triton >= 3.4: launch hooks and option knobs live here; older Triton takes the plain path
     from triton import knobs
@@ -53,14 +53,8 @@ _OPTION_KNOBS = (
 
 #: The current CUDA device (what Triton compiles and launches for).
 _current_device = torch.cuda.current_device
-_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-
-
-def _current_stream(device: int) -> int:
-    """The raw ``cudaStream_t`` of ``device``'s current stream (what Triton's driver launches on)."""
-    if _raw_stream is not None:
-        return _raw_stream(device)
-    return torch.cuda.current_stream(device).cuda_stream
+#: The raw current stream of a device index (what Triton's driver launches on).
+_current_stream = raw_stream
 
 
 class _Unsupported(Exception):

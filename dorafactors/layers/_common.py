@@ -21,6 +21,7 @@ from torch import nn
 from .. import distributed
 from ..autograd import norm_op
 from ..dispatch import config, rules
+from ..kernels.operands import HALF_DTYPES
 from ..norm import NormCache, engine
 from ..norm.cache import (
     StaleNormCacheError,
@@ -304,8 +305,10 @@ class DoraLayerMixin:
             return magnitude_scale(magnitude.reshape(-1), norm)
         if torch.is_grad_enabled() and magnitude.requires_grad:
             # recorded for autograd on every call; the divisor is kept while the norm is the same cached tensor
-            # (gradient accumulation: several forwards per optimizer step)
-            return magnitude.reshape(-1) / self._scale_divisor(norm, magnitude)
+            # (gradient accumulation: several forwards per optimizer step). A 1-D magnitude (Linear,
+            # Embedding) divides as it is: a reshape would add a view and its backward node per call.
+            flat = magnitude if magnitude.dim() == 1 else magnitude.reshape(-1)
+            return flat / self._scale_divisor(norm, magnitude)
         epoch = optimizer_steps() if magnitude.requires_grad else -1
         memo = self.__dict__.get("_df_scale_memo")
         if memo is not None and memo[0] is norm and memo[2] == epoch and memo[1].matches(magnitude):
@@ -523,16 +526,29 @@ class DoraLayerMixin:
         sumsq: torch.Tensor,
         rows_finite: bool,
     ) -> torch.Tensor:
-        """:func:`engine.weight_norm` on the cached sum of squares, through the slot's ``NormReplay``."""
+        """:func:`engine.weight_norm` on the cached sum of squares, through the slot's ``NormReplay``.
+
+        On CUDA, with a half-precision magnitude on the norm's device, the replayed computation also rounds
+        the norm to the magnitude's dtype (``norm.scale.scale_divisor``, what every training forward divides
+        by) and the divisor memo is filled with it: the rounding is then part of the replayed graph, not two
+        launches per training call. Both come from one ``[2, d_out]`` output (one copy per replay); the norm
+        returned is its first row."""
         replays = self.__dict__.get("_df_norm_replays")
         if replays is None:
             replays = self.__dict__["_df_norm_replays"] = {}
         replay = replays.get(slot)
         if replay is None:
             replay = replays[slot] = NormReplay()
+        magnitude = self.__dict__["_parameters"].get("weight")
+        divisor_dtype = None
+        if w2.is_cuda and magnitude is not None and magnitude.dtype in HALF_DTYPES and magnitude.device == w2.device:
+            divisor_dtype = magnitude.dtype
 
         def compute() -> torch.Tensor:
-            return engine.weight_norm(w2, a2, b2, scaling, cached_sumsq=sumsq, weight_rows_finite=rows_finite)
+            norm = engine.weight_norm(w2, a2, b2, scaling, cached_sumsq=sumsq, weight_rows_finite=rows_finite)
+            if divisor_dtype is None:
+                return norm
+            return torch.stack((norm, scale_divisor(norm, divisor_dtype, norm.device)))
 
         values = (
             scaling,
@@ -540,10 +556,16 @@ class DoraLayerMixin:
             config.fused_mode(),
             config.get_dora_norm_threshold_mb(),
             config.autotune_comprehensive(),
+            divisor_dtype,
         )
-        return replay.run(
+        out = replay.run(
             compute, (w2, a2, b2, sumsq), values, lambda: engine.norm_path(w2, a2, b2) in ("gemm", "triton")
         )
+        if divisor_dtype is None:
+            return out
+        norm, divisor = out.unbind(0)
+        self.__dict__["_df_divisor_memo"] = (norm, divisor_dtype, norm.device, divisor)
+        return norm
 
     def _mirror_stock_cache(self, adapter_name: str, norm: torch.Tensor) -> None:
         """Keep PEFT's ``_dora_cache`` observable exactly as stock fills and clears it during forward."""

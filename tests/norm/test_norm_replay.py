@@ -20,6 +20,7 @@ import dorafactors
 from dorafactors.norm import engine
 from dorafactors.norm.cache import TensorStamp
 from dorafactors.norm.replay import NormReplay, capture_failure, replay_disabled
+from dorafactors.norm.scale import scale_divisor
 
 
 def test_same_layout_ignores_the_version_not_the_memory():
@@ -220,6 +221,30 @@ def test_training_with_replayed_norms_is_bitwise_the_eager_run(adapter_dtype):
         assert (replay.captures, replay.replays) == (1, steps - 2), capture_failure()
     for p, q in zip(ours.parameters(), twin.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.mark.gpu
+def test_the_replay_also_rounds_the_norm_for_a_half_precision_magnitude():
+    """With a bf16 magnitude the replayed graph also computes the divisor of ``g = m / divisor`` (the norm
+    rounded to bf16): the layer's divisor memo holds it for the norm the forward serves, bitwise the eager
+    ``scale_divisor`` of the eager norm, and the training forward's ``g`` divides by exactly that."""
+    model = _model(torch.bfloat16)
+    x = torch.randn(2, 16, 256, device="cuda", dtype=torch.bfloat16)
+    for _ in range(4):  # new layout, capture, then replays
+        with torch.no_grad():
+            for layer in _dora_layers(model):
+                layer.lora_B["default"].weight.add_(0.01)
+        model(x).float().square().mean().backward()
+    for layer in _dora_layers(model):
+        dora = layer.lora_magnitude_vector["default"]
+        assert _replay(layer).replays >= 1, capture_failure()
+        norm = _served_norm(layer)
+        memo = dora.__dict__["_df_divisor_memo"]
+        divisor = scale_divisor(_eager_norm(layer), torch.bfloat16, norm.device)
+        assert memo[0] is norm and memo[1] == torch.bfloat16 and torch.equal(memo[3], divisor)
+        assert torch.equal(norm, _eager_norm(layer))
+        g = dora._magnitude_scale(dora.weight, norm)
+        assert g.requires_grad and torch.equal(g, dora.weight / divisor)
 
 
 @pytest.mark.gpu
