@@ -16,9 +16,10 @@ non-identity adapters):
 
 For the train workload also the host time of its phases, per provider (``phases``): the forward with the
 adapters marked as written (dorafactors recomputes its norm), the forward without (the norm served from the
-cache), the backward (the whole call less the first forward) and, for dorafactors, the norm recomputation
-alone (the layer's ``_forward_norm`` after the mark), and it and the whole call with the norm's CUDA-graph
-replay off (``norm/replay.py``).
+cache), the backward (the whole call less the first forward), the whole call with autograd's multithreading
+off (the backward then runs on the calling thread: the difference is what the device thread's handoff and
+its slower Python cost) and, for dorafactors, the norm recomputation alone (the layer's ``_forward_norm``
+after the mark), and it and the whole call with the norm's CUDA-graph replay off (``norm/replay.py``).
 
 Last, the host cost of single operations (a PyTorch op, the compose kernel's host function with kept
 compiled kernels launched directly and with plain ``kernel[grid]`` launches, ``dora_compose``).
@@ -198,6 +199,10 @@ def _train_phases(model: nn.Module, x: torch.Tensor, whole_us: float, calls: int
         "forward, adapters unchanged": host_us_per_call(lambda: model(x), calls, _sync)[0],
     }
     phases["backward"] = whole_us - phases["forward, adapters written"]
+    # PyTorch runs a CUDA backward on autograd's device thread, where Python (a custom Function's backward)
+    # runs slower than on the main thread: the same call with that thread handoff off shows what it costs
+    with torch.autograd.set_multithreading_enabled(False):
+        phases["whole call, autograd multithreading off"] = host_us_per_call(_step_fn(model, x, True), calls, _sync)[0]
     layer = next((m for m in model.modules() if hasattr(m, "lora_magnitude_vector")), None)
     dora = None if layer is None else layer.lora_magnitude_vector._modules.get("default")  # LoRA: none
     if dora is not None and hasattr(dora, "_forward_norm"):  # a dorafactors layer
