@@ -10,7 +10,10 @@
 
 The decode suite's ``model/<setup>/tokens=N`` case (``--setup``, default bf16; eval, ``no_grad``, N new tokens
 on a KV cache of 512, ``torch.compile(dynamic=False)``) for compiled LoRA and compiled dorafactors
-(``--providers`` adds stock).
+(``--providers`` adds stock). ``--layer D``: instead, the layer suite's one bias-free ``D x D`` bf16 Linear
+(r=384), a ``no_grad`` call of ``--tokens`` rows (``--layer 4096 --tokens 4096``: the compiled
+``layer:4096->4096/infer`` case), with the norms each dorafactors layer computed during the profiled calls
+(0 when every call is served from the layer's cache).
 Per provider: ``host_us`` (wall time of back-to-back calls without synchronizing, per call: what the Python
 side costs while the device keeps up), ``sync_us`` (the same with the final synchronize), ``device_us``
 (the sum of the CUDA kernel times of one call, from ``torch.profiler``), ``kernels`` (launches per call), and
@@ -35,6 +38,7 @@ if str(ROOT) not in sys.path:
 from benchmarks import providers as P  # noqa: E402  (after the path set-up of a script run)
 from benchmarks.common import cprofile_text, host_us_per_call  # noqa: E402
 from benchmarks.harness import Settings  # noqa: E402
+from benchmarks.suites import layer as L  # noqa: E402
 from benchmarks.suites import model as M  # noqa: E402
 from benchmarks.suites._workloads import Workload, _decode_fn  # noqa: E402
 
@@ -73,6 +77,19 @@ def _profile(step, device: torch.device, calls: int, top: int) -> dict[str, Any]
     }
 
 
+def _no_grad_call(runner, x: torch.Tensor):
+    def step() -> None:
+        with torch.no_grad():
+            runner(x)
+
+    return step
+
+
+def _norm_computations(model: torch.nn.Module) -> int:
+    """Norms the model's dorafactors DoRA layers computed so far (0 for other providers)."""
+    return sum(m.norm_computations for m in model.modules() if hasattr(m, "norm_computations"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=8)
@@ -89,37 +106,48 @@ def main() -> None:
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager on the CPU dry run)")
     parser.add_argument("--cprofile", action="store_true", help="also the Python functions with most own time")
     parser.add_argument("--dry-run-cpu", action="store_true")
+    parser.add_argument("--layer", type=int, default=None, help="profile one D x D Linear's no-grad call instead")
     args = parser.parse_args()
     settings = Settings.make(quick=args.dry_run_cpu, device="cpu" if args.dry_run_cpu else None)
     device = settings.device
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     names = tuple(args.providers.split(","))
-    models = M.model_set(settings, args.setup, M.rank(settings), names)
-    ctx = 32 if args.dry_run_cpu else 512
-    inputs = {
-        "context_ids": M.token_ids(settings, 1, ctx, salt=11)[0],
-        "new_ids": M.token_ids(settings, 1, args.tokens, salt=12)[0],
-    }
-    workload = Workload("decode", new_tokens=args.tokens, context=ctx)
+    if args.layer:
+        models = L.layer_set(settings, args.layer, args.layer, L.rank(settings), names)
+        x = torch.randn(args.tokens, args.layer, device=device, dtype=torch.bfloat16)
+    else:
+        models = M.model_set(settings, args.setup, M.rank(settings), names)
+        ctx = 32 if args.dry_run_cpu else 512
+        inputs = {
+            "context_ids": M.token_ids(settings, 1, ctx, salt=11)[0],
+            "new_ids": M.token_ids(settings, 1, args.tokens, salt=12)[0],
+        }
+        workload = Workload("decode", new_tokens=args.tokens, context=ctx)
     rows: dict[str, Any] = {}
     for name in names:
         model = P.get_model(models, name)
         model.eval()
         runner, _ = P.compiled(model, args.backend, args.mode)
-        step, mode = _decode_fn(runner, model, inputs, workload, static=args.mode == "reduce-overhead")
+        if args.layer:
+            step, mode = _no_grad_call(runner, x), f"layer {args.layer}, {args.tokens} rows"
+        else:
+            step, mode = _decode_fn(runner, model, inputs, workload, static=args.mode == "reduce-overhead")
         for _ in range(3):
             step()
         sync()
         calls = 3 if args.dry_run_cpu else args.calls
+        norms_before = _norm_computations(model)
         host, with_sync = host_us_per_call(step, calls, sync)
         row = {"host_us": round(host, 1), "sync_us": round(with_sync, 1), "decode_mode": mode}
         row.update(_profile(step, device, min(calls, 10), args.top))
+        row["norms_computed"] = _norm_computations(model) - norms_before
         if args.cprofile:
             row["cprofile"] = cprofile_text(step, calls, sync, args.top)
         rows[name] = row
         print(
             f"== {name}+compile ({args.mode or 'default'}), {args.tokens} tokens: host {row['host_us']} us, "
-            f"synced {row['sync_us']} us, device {row['device_us']} us, {row['kernels']:.0f} kernels"
+            f"synced {row['sync_us']} us, device {row['device_us']} us, {row['kernels']:.0f} kernels, "
+            f"{row['norms_computed']} norms computed in the timed and profiled calls"
         )
         for op in row["top_host_ops"]:
             print(f"   {op['self_cpu_us']:9.1f} us  x{op['calls']:<6g} {op['op'][:90]}")
@@ -130,7 +158,10 @@ def main() -> None:
     out = os.environ.get("OUT")
     if out:
         Path(out, "profile_compiled.json").write_text(
-            json.dumps({"tokens": args.tokens, "mode": args.mode, "setup": args.setup, "rows": rows}, indent=1)
+            json.dumps(
+                {"tokens": args.tokens, "mode": args.mode, "setup": args.setup, "layer": args.layer, "rows": rows},
+                indent=1,
+            )
         )
 
 

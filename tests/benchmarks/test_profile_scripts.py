@@ -1,0 +1,27 @@
+"""The profiling scripts run end to end on the CPU (``--dry-run-cpu``: tiny shapes, not a measurement) and
+report what they claim: per provider, host time, and for a compiled eval model the norms its dorafactors
+layers computed while it was timed (none: a frozen model's norm is served from the layer's cache)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_profile_compiled_layer_mode_reports_each_provider_and_no_norm_per_call(tmp_path):
+    command = [sys.executable, "benchmarks/profile_compiled.py", "--dry-run-cpu", "--backend", "aot_eager"]
+    command += ["--layer", "64", "--tokens", "8"]
+    done = subprocess.run(
+        command, cwd=ROOT, env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "profile_compiled.json").read_text())
+    assert report["layer"] == 64 and set(report["rows"]) == {"lora", "dorafactors"}
+    for name, row in report["rows"].items():
+        assert row["host_us"] > 0 and row["norms_computed"] == 0, (name, row)
+        assert row["decode_mode"] == "layer 64, 8 rows"
