@@ -528,11 +528,12 @@ class DoraLayerMixin:
     ) -> torch.Tensor:
         """:func:`engine.weight_norm` on the cached sum of squares, through the slot's ``NormReplay``.
 
-        On CUDA, with a half-precision magnitude on the norm's device, the replayed computation also rounds
-        the norm to the magnitude's dtype (``norm.scale.scale_divisor``, what every training forward divides
-        by) and the divisor memo is filled with it: the rounding is then part of the replayed graph, not two
+        With a half-precision magnitude on the norm's device, the computation also rounds the norm to the
+        magnitude's dtype (``norm.scale.scale_divisor``, what every training forward divides by) and the
+        divisor memo is filled with it: on CUDA the rounding is then part of the replayed graph, not two
         launches per training call. Both come from one ``[2, d_out]`` output (one copy per replay); the norm
-        returned is its first row."""
+        returned is its first row. (The CPU, which replays nothing, takes the same path, so that CPU tests
+        cover it.)"""
         replays = self.__dict__.get("_df_norm_replays")
         if replays is None:
             replays = self.__dict__["_df_norm_replays"] = {}
@@ -541,7 +542,7 @@ class DoraLayerMixin:
             replay = replays[slot] = NormReplay()
         magnitude = self.__dict__["_parameters"].get("weight")
         divisor_dtype = None
-        if w2.is_cuda and magnitude is not None and magnitude.dtype in HALF_DTYPES and magnitude.device == w2.device:
+        if magnitude is not None and magnitude.dtype in HALF_DTYPES and magnitude.device == w2.device:
             divisor_dtype = magnitude.dtype
 
         def compute() -> torch.Tensor:

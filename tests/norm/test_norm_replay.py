@@ -138,11 +138,11 @@ def test_layout_state_machine(monkeypatch):
 # ---------------------------------------------------------------------------------------------------- GPU
 
 
-def _model(adapter_dtype: torch.dtype, seed: int = 0) -> nn.Module:
-    """Two bias-free bf16 Linear layers with DoRA, non-zero lora_B and perturbed magnitudes, on CUDA."""
+def _model(adapter_dtype: torch.dtype, seed: int = 0, device: str = "cuda") -> nn.Module:
+    """Two bias-free bf16 Linear layers with DoRA, non-zero lora_B and perturbed magnitudes (on CUDA)."""
     torch.manual_seed(seed)
     base = nn.Sequential(nn.Linear(256, 384, bias=False), nn.GELU(), nn.Linear(384, 320, bias=False))
-    base = base.to("cuda", torch.bfloat16)
+    base = base.to(device, torch.bfloat16)
     config = LoraConfig(r=24, lora_alpha=48, target_modules=["0", "2"], use_dora=True, init_lora_weights=False)
     with dorafactors.patched():
         model = get_peft_model(base, config, autocast_adapter_dtype=False)
@@ -223,25 +223,28 @@ def test_training_with_replayed_norms_is_bitwise_the_eager_run(adapter_dtype):
         assert torch.equal(p, q)
 
 
-@pytest.mark.gpu
-def test_the_replay_also_rounds_the_norm_for_a_half_precision_magnitude():
-    """With a bf16 magnitude the replayed graph also computes the divisor of ``g = m / divisor`` (the norm
-    rounded to bf16): the layer's divisor memo holds it for the norm the forward serves, bitwise the eager
-    ``scale_divisor`` of the eager norm, and the training forward's ``g`` divides by exactly that."""
-    model = _model(torch.bfloat16)
-    x = torch.randn(2, 16, 256, device="cuda", dtype=torch.bfloat16)
-    for _ in range(4):  # new layout, capture, then replays
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_the_norm_computation_also_rounds_the_norm_for_a_half_precision_magnitude(device):
+    """With a bf16 magnitude the norm computation (on CUDA: the replayed graph) also computes the divisor of
+    ``g = m / divisor`` (the norm rounded to bf16): the layer's divisor memo holds it for the norm the forward
+    serves, bitwise the eager ``scale_divisor`` of the eager norm, and the training forward's ``g`` divides by
+    exactly that."""
+    model = _model(torch.bfloat16, device=device)
+    x = torch.randn(2, 16, 256, device=device, dtype=torch.bfloat16)
+    for _ in range(4):  # on CUDA: a new layout, its capture, then replays
         with torch.no_grad():
             for layer in _dora_layers(model):
                 layer.lora_B["default"].weight.add_(0.01)
         model(x).float().square().mean().backward()
     for layer in _dora_layers(model):
         dora = layer.lora_magnitude_vector["default"]
-        assert _replay(layer).replays >= 1, capture_failure()
+        if device == "cuda":
+            assert _replay(layer).replays >= 1, capture_failure()
         norm = _served_norm(layer)
         memo = dora.__dict__["_df_divisor_memo"]
         divisor = scale_divisor(_eager_norm(layer), torch.bfloat16, norm.device)
         assert memo[0] is norm and memo[1] == torch.bfloat16 and torch.equal(memo[3], divisor)
+        assert norm._base is not None and memo[3]._base is norm._base  # both rows of the computation's output
         assert torch.equal(norm, _eager_norm(layer))
         g = dora._magnitude_scale(dora.weight, norm)
         assert g.requires_grad and torch.equal(g, dora.weight / divisor)
