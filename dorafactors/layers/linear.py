@@ -324,7 +324,7 @@ def bf16_dropout_scale(module: nn.Module, active_adapter: str, x: torch.Tensor, 
         return None
     if not isinstance(module.lora_magnitude_vector[active_adapter], DoraLinearLayer):
         return None
-    base_layer = module.get_base_layer()
+    base_layer = _base_layer_of(module)
     if type(base_layer) is not nn.Linear or _has_hooks(base_layer) or "forward" in base_layer.__dict__:
         return None
     if nn.Linear.forward is not _LINEAR_FORWARD or torch._C._is_torch_function_mode_enabled():
@@ -376,7 +376,7 @@ class DoraLinearVariant(_StockDoraLinearVariant):
             lora_A=module.lora_A[active_adapter],
             lora_B=module.lora_B[active_adapter],
             scaling=module.scaling[active_adapter],
-            base_layer=module.get_base_layer(),
+            base_layer=_base_layer_of(module),
             base_result=None,
             adapter_name=active_adapter,
             bf16_dropout_scale=scale,

@@ -28,8 +28,9 @@ the CUDA generators out of the capture state the failed one left them in.
 
 Graph memory: the graphs replayed on one stream of a device share one memory pool (their temporaries are
 dead once a replay ends, and replays on one stream never overlap), so the pool holds one computation's
-temporaries plus every graph's ``[d_out]`` output. A keeper graph holds each pool for the process: a pool
-whose graphs were all freed cannot be captured into again (an internal assertion of the allocator).
+temporaries plus every graph's output (``[d_out]``, or ``[2, d_out]`` with the magnitude's divisor row). A
+keeper graph holds each pool for the process: a pool whose graphs were all freed cannot be captured into again
+(an internal assertion of the allocator).
 :func:`replay_disabled` turns replays off inside a block (tests and benchmarks compare the two paths).
 """
 
@@ -157,7 +158,7 @@ class NormReplay:
 
         Args:
             compute: the norm computation; reads exactly ``tensors`` (and no other tensor) and returns a new
-                ``[d_out]`` tensor.
+                tensor (a Linear layer's: the ``[d_out]`` norm, or ``[2, d_out]``: the norm and its divisor).
             tensors: every tensor ``compute`` reads, CUDA tensors of one device (the first one's).
             values: every plain value ``compute`` depends on besides the tensors (hashable, comparable).
             capturable: called before a capture: True when ``compute`` launches only capturable work (no host
