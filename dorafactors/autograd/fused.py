@@ -35,6 +35,7 @@ __all__ = [
     "compose_inplace",
     "compose_into",
     "forward",
+    "kernel_divides",
 ]
 
 _kernels = None
@@ -112,17 +113,38 @@ def compose(
 
 
 def compose_inplace(
-    lora: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, scaling: float, add_base: bool = False
+    lora: torch.Tensor,
+    base: torch.Tensor,
+    scale: torch.Tensor,
+    scaling: float,
+    add_base: bool = False,
+    divisor: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Training forward of the Linear node on the kernel, written over ``lora`` (its own temporary), ``g``
     along the last dim; the caller checked :func:`available_for` and that ``lora``'s dtype is the output's.
-    ``add_base``: ``base + composition`` (the kernel for contiguous operands, else the reference)."""
-    if lora.is_contiguous() and base.is_contiguous() and scale.is_contiguous():
-        return _k().compose_forward_contiguous_(lora, base, scale, scaling, add_base)
+    ``add_base``: ``base + composition`` (the kernel for contiguous operands, else the reference).
+    ``divisor``: ``scale`` is the magnitude ``m`` and ``g = m / divisor`` (inside the kernel where it takes
+    the division: :func:`kernel_divides`)."""
+    contiguous = lora.is_contiguous() and base.is_contiguous() and scale.is_contiguous()
+    if contiguous and (divisor is None or kernel_divides(scale, divisor)):
+        return _k().compose_forward_contiguous_(lora, base, scale, scaling, add_base, divisor)
+    if divisor is not None:
+        scale = scale / divisor
     if add_base:
         out, _ = compose_forward_reference(lora, base, scale, scaling, out_dtype=lora.dtype, add_base=True)
         return out
     return compose(lora, base, scale, scaling, channel_dim=-1, out_dtype=lora.dtype, inplace=True)
+
+
+def kernel_divides(magnitude: torch.Tensor, divisor: torch.Tensor) -> bool:
+    """True when the kernels take ``g = magnitude / divisor`` themselves: a contiguous fp16/bf16/fp32
+    magnitude and a contiguous fp32 divisor (the division is then fp32, as PyTorch's)."""
+    return (
+        divisor.dtype == torch.float32
+        and magnitude.dtype in KERNEL_DTYPES
+        and magnitude.is_contiguous()
+        and divisor.is_contiguous()
+    )
 
 
 def forward(
@@ -250,13 +272,20 @@ def compose_backward_lora_b(
     need_g: bool,
     kernel: bool | None = None,
     add_base: bool = False,
+    divisor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(d_base, d_B, (g s) B, d_g)`` of the Linear node (``lora_compose``) from ``d_out`` and ``M = d_out^T h``:
     one kernel launch where the training compose takes the kernels (``rules.fused_compose_backward_ok``, or
     ``kernel``: the forward's :func:`available_for` on the same activations), else the references
     (``compose_backward_reference`` and ``lora_b_grads_reference``). ``scale`` is fp32 (fp64). ``add_base``:
-    the node returned ``base + composition`` (``d_base = d_out + (g - 1) d_out``)."""
+    the node returned ``base + composition`` (``d_base = d_out + (g - 1) d_out``).
+
+    ``divisor``: ``scale`` is the magnitude ``m`` (any float dtype), ``g = m / divisor``, and the last result
+    is ``m``'s gradient ``d_g / divisor`` in ``m``'s dtype: autograd's division node and its cast to the
+    parameter's dtype, bitwise (fp32 division rounded to nearest, one rounding to ``m``'s dtype)."""
     dtypes_ok = weight_b.dtype in KERNEL_DTYPES and (scaled_b_dtype is None or scaled_b_dtype in KERNEL_DTYPES)
+    if divisor is not None and not kernel_divides(scale, divisor):
+        dtypes_ok = False
     if dtypes_ok and not torch.compiler.is_compiling():
         ok = kernel
         if ok is None:
@@ -276,7 +305,11 @@ def compose_backward_lora_b(
                 scaled_b_dtype=scaled_b_dtype,
                 need_g=need_g,
                 add_base=add_base,
+                divisor=divisor,
             )
+    magnitude = scale
+    if divisor is not None:
+        scale = magnitude / divisor
     d_base = d_g_base = None
     if need_base or need_g:
         _, d_base, d_g_base = compose_backward_reference(
@@ -304,4 +337,6 @@ def compose_backward_lora_b(
         scaled_b_dtype=scaled_b_dtype,
         need_g=need_g,
     )
+    if divisor is not None and d_g is not None:
+        d_g = (d_g / divisor).to(magnitude.dtype)
     return d_base, d_b, scaled_b, d_g

@@ -34,6 +34,12 @@ PEFT's whole variant output ``base + out`` instead of ``out``, composed in the s
 ``d_base = d_out + (g - 1) * d_out``: PEFT's ``result + extra`` in the forward and autograd's sum of the two
 gradients reaching ``result`` in the backward cost no launch and no ``[tokens, d_out]`` pass of their own.
 
+``divisor`` given (``layers/linear.py`` with a trainable magnitude): ``scale`` is the magnitude ``m`` and the
+node takes ``g = m / divisor`` itself, in its kernels where they run (the forward kernel divides each column's
+magnitude, the backward kernel writes ``d_g / divisor`` in ``m``'s dtype), else with PyTorch ops inside the
+node: no division launch, no division node and no cast to the parameter's dtype per training call, with the
+values of autograd's division (``div_rn``: IEEE fp32 division, one rounding to ``m``'s dtype).
+
 Second-order gradients (``create_graph=True``): the backward is then :func:`lora_compose_backward_reference`,
 plain autograd ops on the saved inputs (the recomputed base output is rebuilt from ``x`` differentiably), so
 double backward is exact. Precision: one rounding per result, fp32 (fp64) arithmetic, products of the GEMMs
@@ -119,13 +125,17 @@ def lora_compose_backward_reference(
     return d_h, d_b, d_base, d_g
 
 
-def _backward_fast(ctx, d_out, h, weight_b, base, scale, need_h, need_b, need_base, need_g):
+def _backward_fast(ctx, d_out, h, weight_b, base, scale, divisor, need_h, need_b, need_base, need_g):
     """The node's backward with no graph to create: the ``M`` GEMM, one kernel launch for ``d_base``, ``d_B``,
     ``(g s) B`` and ``d_g`` (``fused.compose_backward_lora_b``: the Triton kernel wherever the kernels may run,
     as the forward decided in ``ctx.kernel``, else the references), the ``d_h`` GEMM. Tensors keep their rank
-    where the kernel takes them as they are (no view per call)."""
+    where the kernel takes them as they are (no view per call). With ``divisor``, ``scale`` is the magnitude
+    and the last result its gradient (in its dtype)."""
     n = scale.shape[0]
-    g = scale if scale.dtype in (torch.float32, torch.float64) else scale.float()  # d_g rounds once, at the end
+    # with a divisor, the magnitude as it is (the kernel divides and returns its gradient); else an fp32 g, so
+    # that d_g rounds once, at the end
+    fp32_or_wider = scale.dtype in (torch.float32, torch.float64)
+    g = scale if divisor is not None or fp32_or_wider else scale.float()
     d2 = d_out if d_out.dim() == 2 else d_out.reshape(-1, n)
     h2 = None
     m = None
@@ -148,6 +158,7 @@ def _backward_fast(ctx, d_out, h, weight_b, base, scale, need_h, need_b, need_ba
         need_g=need_g,
         kernel=ctx.kernel,
         add_base=ctx.add_base,
+        divisor=divisor,
     )
     if need_g and d_g.dtype != scale.dtype:
         d_g = d_g.to(scale.dtype)
@@ -161,24 +172,27 @@ def _backward_fast(ctx, d_out, h, weight_b, base, scale, need_h, need_b, need_ba
     return d_h, d_b, d_base, d_g
 
 
-def _compose_whole(lora, base, g, scaling, out_dtype, kernel: bool, add_base: bool = False):
+def _compose_whole(lora, base, g, scaling, out_dtype, kernel: bool, add_base: bool = False, divisor=None):
     """``(g - 1) base + g s lora`` of same-shaped operands (``add_base``: plus ``base``); in place into ``lora``
-    on the kernel path."""
-    if kernel:
-        if out_dtype == lora.dtype:
-            return fused.compose_inplace(lora, base, g, scaling, add_base)
-        if not add_base:
-            return fused.compose(lora, base, g, scaling, channel_dim=-1, out_dtype=out_dtype)
+    on the kernel path. ``divisor``: ``g`` is the magnitude, divided by ``divisor`` first (inside the kernel
+    where it can)."""
+    if kernel and out_dtype == lora.dtype:
+        return fused.compose_inplace(lora, base, g, scaling, add_base, divisor)
+    if divisor is not None:
+        g = g / divisor
+    if kernel and not add_base:
+        return fused.compose(lora, base, g, scaling, channel_dim=-1, out_dtype=out_dtype)
     out, _ = compose_forward_reference(lora, base, g, scaling, out_dtype=out_dtype, add_base=add_base)
     return out
 
 
 class _LoraComposeFunction(torch.autograd.Function):
     """``(g - 1) * base + g * s * (h @ B^T)`` (``add_base``: plus ``base``); ``base`` given, or recomputed as
-    ``x @ W^T`` (``W`` constant)."""
+    ``x @ W^T`` (``W`` constant). ``g`` is ``scale``, or ``scale / divisor`` (``scale`` the magnitude) where
+    ``divisor`` is given."""
 
     @staticmethod
-    def forward(ctx, h, weight_b, base, x, weight, scale, scaling, out_dtype, origin_scale, add_base):  # type: ignore[override]
+    def forward(ctx, h, weight_b, base, x, weight, scale, scaling, out_dtype, origin_scale, add_base, divisor):  # type: ignore[override]
         need_h, need_b, _, need_x, _, need_g = ctx.needs_input_grad[:6]
         n = weight_b.shape[0]
         lora = F.linear(h, weight_b)
@@ -192,9 +206,11 @@ class _LoraComposeFunction(torch.autograd.Function):
         backward_kernel = kernel or fused.available_for(lora, proxy, g, -1, training=False, out_dtype=out_dtype)
         backward_kernel = backward_kernel and rules.fused_backward_enabled()[0]
         if not recompute:
-            out = _compose_whole(lora, base, g, scaling, out_dtype, kernel, add_base)
+            out = _compose_whole(lora, base, g, scaling, out_dtype, kernel, add_base, divisor)
             saved_base = base if need_g else None
         else:
+            if divisor is not None:
+                g = g / divisor
             rows = lora.numel() // n if n else 0
             lora2 = lora.view(rows, n)
             recomputer = BaseRecompute(x.reshape(rows, x.shape[-1]), weight, origin_scale)
@@ -221,6 +237,7 @@ class _LoraComposeFunction(torch.autograd.Function):
             x if (recompute and need_g and need_x) else None,  # rebuilds base differentiably (create_graph)
             weight if (recompute and need_x) else None,
             scale,
+            divisor,
         )
         ctx.scaling = scaling
         ctx.recompute = recompute
@@ -234,19 +251,20 @@ class _LoraComposeFunction(torch.autograd.Function):
     def backward(ctx, d_out):  # type: ignore[override]
         need_h, need_b, need_base, need_x, _, need_g = ctx.needs_input_grad[:6]
         if d_out is None:
-            return None, None, None, None, None, None, None, None, None, None
-        h, weight_b, base, x, weight, scale = ctx.saved_tensors
+            return None, None, None, None, None, None, None, None, None, None, None
+        h, weight_b, base, x, weight, scale, divisor = ctx.saved_tensors
         need_base_grad = need_x if ctx.recompute else need_base
         if torch.is_grad_enabled():
             # a graph is being created (create_graph=True): plain autograd ops on the saved inputs
             if ctx.recompute and need_g and x is not None:
                 base = F.linear(x, weight.to(x.dtype))
+            g = scale if divisor is None else scale / divisor
             d_h, d_b, d_base, d_g = lora_compose_backward_reference(
                 d_out,
                 h,
                 weight_b,
                 base,
-                scale,
+                g,
                 ctx.scaling,
                 need_h=need_h,
                 need_b=need_b,
@@ -256,15 +274,17 @@ class _LoraComposeFunction(torch.autograd.Function):
                 h_dtype=ctx.h_dtype,
                 add_base=ctx.add_base,
             )
+            if divisor is not None and d_g is not None:
+                d_g = d_g / divisor  # the magnitude's gradient (autograd casts it to the magnitude's dtype)
         else:
             d_h, d_b, d_base, d_g = _backward_fast(
-                ctx, d_out, h, weight_b, base, scale, need_h, need_b, need_base_grad, need_g
+                ctx, d_out, h, weight_b, base, scale, divisor, need_h, need_b, need_base_grad, need_g
             )
         d_x = None
         if ctx.recompute:
             d_x = base_input_grad(d_base, weight, ctx.base_dtype) if need_x else None
             d_base = None
-        return d_h, d_b, d_base, d_x, None, d_g, None, None, None, None
+        return d_h, d_b, d_base, d_x, None, d_g, None, None, None, None, None
 
 
 def dora_linear_compose(
@@ -279,13 +299,14 @@ def dora_linear_compose(
     out_dtype: torch.dtype | None = None,
     bf16_origin_scale: float | None = None,
     add_base: bool = False,
+    divisor: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DoRA's extra output ``(g - 1) * base + g * s * (h @ B^T)`` for training, ``lora_B`` folded into the node.
 
     Args:
         h: ``lora_A``'s output ``[..., r]``.
         weight_b: ``lora_B.weight`` ``[d_out, r]`` (``h``'s dtype).
-        scale: ``g = m / ||W + s B A||`` ``[d_out]``.
+        scale: ``g = m / ||W + s B A||`` ``[d_out]``; with ``divisor``, the magnitude ``m`` itself.
         scaling: ``s``.
         base: the base output without bias ``[..., d_out]``; or None with ``x`` and ``weight``:
         x: PEFT's dropped-out input ``[..., d_in]`` and ``weight``: ``W`` ``[d_out, d_in]`` (a constant; a
@@ -294,6 +315,10 @@ def dora_linear_compose(
         bf16_origin_scale: ``c`` where ``x`` is known to be ``fp32(x0 * c)`` of a bf16 ``x0`` (PEFT's dropout of
             its fp32 cast): the forward recompute then takes one bf16 GEMM (``recompute_base.BaseRecompute``).
         add_base: return ``base + extra`` (PEFT's variant output where ``base`` is its ``result``); needs ``base``.
+        divisor: the detached ``[d_out]`` divisor of the magnitude (``norm.scale.scale_divisor``): the node then
+            computes ``g = m / divisor`` and ``m``'s gradient itself, inside its kernels where they run (no
+            division launch and no division node of autograd's), with the values of ``m / divisor`` recorded
+            by autograd, bitwise.
 
     Returns:
         ``[..., d_out]`` in ``out_dtype``.
@@ -306,6 +331,8 @@ def dora_linear_compose(
         raise ValueError("dora_linear_compose takes a constant base weight; a trainable one needs dora_compose")
     activation = base if base is not None else x
     out_dtype = out_dtype or promote(promote(h.dtype, weight_b.dtype), activation.dtype)  # type: ignore[union-attr]
+    if divisor is not None and (divisor.requires_grad or divisor.shape != scale.shape or scale.dim() != 1):
+        raise ValueError("dora_linear_compose's divisor is a detached [d_out] tensor, shaped like the magnitude")
     return _LoraComposeFunction.apply(
-        h, weight_b, base, x, weight, scale, float(scaling), out_dtype, bf16_origin_scale, add_base
+        h, weight_b, base, x, weight, scale, float(scaling), out_dtype, bf16_origin_scale, add_base, divisor
     )

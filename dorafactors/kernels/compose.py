@@ -103,24 +103,56 @@ def _check_dtypes(*tensors: torch.Tensor) -> None:
 
 
 def _fwd_launch(
-    lora, base, g, out, inner, R, K, C, strides, scaling, g_on_rows, tuned, wrap, add_base: bool = False
+    lora,
+    base,
+    g,
+    out,
+    inner,
+    R,
+    K,
+    C,
+    strides,
+    scaling,
+    g_on_rows,
+    tuned,
+    wrap,
+    add_base: bool = False,
+    divisor: torch.Tensor | None = None,
 ) -> None:
     """The forward kernel on ``[R, K]`` operands with row strides ``strides`` (lora, base, out, inner);
-    ``add_base``: write ``base + composition`` (the kernel's ``ADD_BASE``)."""
+    ``add_base``: write ``base + composition`` (the kernel's ``ADD_BASE``); ``divisor`` (last-dim ``g``
+    only): ``g`` is the magnitude and the kernel divides it by ``divisor`` (its ``DIVIDE``)."""
     _check_size(R, K)
     bucket = _row_bucket(R)
     write_inner = inner is not None
-    args = (lora, base, g, out, inner, R, K, C, *strides, scaling, bucket, g_on_rows, write_inner, add_base)
-    key = (K, bucket, g_on_rows, write_inner, add_base, lora.dtype, base.dtype, g.dtype, out.dtype)
+    divide = divisor is not None
+    args = (lora, base, g, divisor if divide else g, out, inner, R, K, C, *strides, scaling, bucket, g_on_rows)
+    args += (write_inner, add_base, divide)
+    key = (K, bucket, g_on_rows, write_inner, add_base, divide, lora.dtype, base.dtype, g.dtype, out.dtype)
     _launch(tuned, lambda br, bc: (cdiv(R, br), cdiv(K, bc)), args, key, R, K, wrap)
 
 
 def _fwd_cols(
-    lora, base, g, out, inner, R, K, s_lora, s_base, s_out, s_inner, scaling, tuned, wrap, add_base: bool = False
+    lora,
+    base,
+    g,
+    out,
+    inner,
+    R,
+    K,
+    s_lora,
+    s_base,
+    s_out,
+    s_inner,
+    scaling,
+    tuned,
+    wrap,
+    add_base: bool = False,
+    divisor: torch.Tensor | None = None,
 ) -> None:
     """``g`` along the columns of ``[R, K]`` operands with the given row strides."""
     strides = (s_lora, s_base, s_out, s_inner)
-    _fwd_launch(lora, base, g, out, inner, R, K, K, strides, scaling, False, tuned, wrap, add_base)
+    _fwd_launch(lora, base, g, out, inner, R, K, K, strides, scaling, False, tuned, wrap, add_base, divisor)
 
 
 def _fwd_rows(lora3, base3, g, out3, inner3, scaling: float, wrap: bool) -> None:
@@ -279,13 +311,21 @@ def compose_forward_into(
 
 
 def compose_forward_contiguous_(
-    lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, scaling: float, add_base: bool = False
+    lora: torch.Tensor,
+    base: torch.Tensor,
+    g: torch.Tensor,
+    scaling: float,
+    add_base: bool = False,
+    divisor: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """In-place forward for contiguous ``lora`` and ``base`` of one shape (any rank), ``g`` contiguous along the
     last dim: one launch on the tensors as they are (no views). The caller validated dtypes and sizes.
-    ``add_base``: ``lora <- base + ((g - 1) * base + g * (s * lora))``, PEFT's whole variant output."""
+    ``add_base``: ``lora <- base + ((g - 1) * base + g * (s * lora))``, PEFT's whole variant output.
+    ``divisor`` (fp32 ``[C]``, contiguous): ``g`` is the magnitude ``m`` and the kernel uses ``m / divisor``,
+    rounded as PyTorch's division (no launch of its own)."""
     C = lora.shape[-1]
-    _fwd_cols(lora, base, g, lora, None, lora.numel() // C, C, C, C, C, 0, scaling, _FWD_INPLACE, False, add_base)
+    R = lora.numel() // C
+    _fwd_cols(lora, base, g, lora, None, R, C, C, C, C, 0, scaling, _FWD_INPLACE, False, add_base, divisor)
     return lora
 
 
@@ -319,6 +359,7 @@ def compose_backward_lora_b(
     scaled_b_dtype: torch.dtype | None,
     need_g: bool,
     add_base: bool = False,
+    divisor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The Linear node's backward in one launch (``_compose_bwd_lora_b_kernel``): ``(d_base, d_B, (g s) B, d_g)``.
 
@@ -331,6 +372,9 @@ def compose_backward_lora_b(
             neither ``d_B`` nor ``d_g`` is needed).
         scaled_b_dtype: dtype of ``(g s) B`` (None: not needed).
         add_base: the forward returned ``base + composition``: ``d_base = d_out + (g - 1) d_out``.
+        divisor: fp32 ``[K]``: ``g`` is then the magnitude ``m`` (fp16/bf16/fp32), the kernel uses ``g = m /
+            divisor``, and the last result is ``m``'s gradient ``d_g / divisor`` in ``m``'s dtype (what autograd's
+            division node and the cast to the parameter's dtype give), not ``d_g``.
     """
     K = d_out.shape[-1]
     T = d_out.numel() // K
@@ -354,12 +398,13 @@ def compose_backward_lora_b(
     part = partials_buffer(device, groups * K) if need_g else None
     tickets = ticket_buffer(device, K) if need_g else None
     bucket = _row_bucket(rows)
-    args = (d2, g, x2, d_base if need_base else d2, part, d_g if need_g else g, tickets, m_arg, b)
-    args += (d_b if need_b else b, scaled_b if need_bs else b, h_arg)
+    divide = divisor is not None
+    args = (d2, g, divisor if divide else g, x2, d_base if need_base else d2, part, d_g if need_g else g, tickets)
+    args += (m_arg, b, d_b if need_b else b, scaled_b if need_bs else b, h_arg)
     args += (rows, K, rank, T, groups, per_group, s_d, s_x, K, s_h, scaling, bucket, need_base, need_g, need_b, need_bs)
-    args += (add_base,)
+    args += (add_base, divide)
     key = (K, rank, bucket, need_base, need_g, need_b, need_bs, d2.dtype, g.dtype, x2.dtype, b.dtype, scaled_b_dtype)
-    key += (base_dtype if need_base else None, add_base)
+    key += (base_dtype if need_base else None, add_base, divide)
     _launch(_BWD_LORA_B, lambda br, bc: (groups, cdiv(K, bc)), args, key, per_group or 1, K, False)
     return d_base, d_b, scaled_b, d_g
 

@@ -49,10 +49,21 @@ def _to_dtype(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def _magnitude_over(m_ptr, div_ptr, cols, cmask):
+    """``g = fp32(m) / div`` of columns ``cols`` (fp32), rounded once to nearest as PyTorch's division of
+    the magnitude by its fp32 divisor (``norm/scale.py::magnitude_scale``): ``div_rn``, not Triton's
+    approximate fp32 ``/``, so that ``g`` is bitwise the same as the eager division's."""
+    m = tl.load(m_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    div = tl.load(div_ptr + cols, mask=cmask, other=1.0).to(tl.float32)
+    return tl.math.div_rn(m, div)
+
+
+@triton.jit
 def _compose_fwd_kernel(
     lora_ptr,
     base_ptr,
     g_ptr,
+    div_ptr,
     out_ptr,
     inner_ptr,
     R,
@@ -67,9 +78,12 @@ def _compose_fwd_kernel(
     G_ON_ROWS: tl.constexpr,
     WRITE_INNER: tl.constexpr,
     ADD_BASE: tl.constexpr,
+    DIVIDE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    """The forward; ``DIVIDE`` (last-dim ``g`` only): ``g_ptr`` holds the magnitude ``m`` and ``g = m / div``
+    (``_magnitude_over``)."""
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -79,6 +93,8 @@ def _compose_fwd_kernel(
     mask = rmask[:, None] & cmask[None, :]
     if G_ON_ROWS:
         g = tl.load(g_ptr + rows % C, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    elif DIVIDE:
+        g = _magnitude_over(g_ptr, div_ptr, cols, cmask)[None, :]
     else:
         g = tl.load(g_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     r64 = rows.to(tl.int64)[:, None]
@@ -235,6 +251,7 @@ def _finish_lora_b(
     db_ptr,
     bs_ptr,
     dg_ptr,
+    div_ptr,
     dout_ptr,
     h_ptr,
     cols,
@@ -249,12 +266,14 @@ def _finish_lora_b(
     NEED_DB: tl.constexpr,
     NEED_BS: tl.constexpr,
     NEED_G: tl.constexpr,
+    DIVIDE: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """Rows ``cols`` of ``M = d_out^T h`` and ``B`` (``[K, RANK]``, contiguous): ``d_B = (g s) M``, ``(g s) B`` and
     ``d_g = d_g_base + s * rowsum(B * M)``. A row whose ``g s`` is infinite (an infinite magnitude) gets ``d_B``
     as ``sum_t (g s d[t]) h[t]``, the non-finite class of the unfactored sum (NaN where infinite terms of
-    both signs meet), from ``d_out`` (``[T, K]``) and ``h`` (``[T, RANK]``): a branch only such tiles take."""
+    both signs meet), from ``d_out`` (``[T, K]``) and ``h`` (``[T, RANK]``): a branch only such tiles take.
+    ``DIVIDE``: ``d_g / div`` is stored in place of ``d_g``."""
     FIN_K: tl.constexpr = 4096 // BLOCK_C  # >= 1: BLOCK_C <= 4096
     gs_rows = g * scaling
     gs = gs_rows[:, None]
@@ -286,6 +305,8 @@ def _finish_lora_b(
                 acc += b * m
     if NEED_G:
         total = d_g_base + scaling * tl.sum(acc, axis=1)
+        if DIVIDE:
+            total = tl.math.div_rn(total, tl.load(div_ptr + cols, mask=cmask, other=1.0).to(tl.float32))
         tl.store(dg_ptr + cols, _to_dtype(total, dg_ptr.dtype.element_ty), mask=cmask)
 
 
@@ -293,6 +314,7 @@ def _finish_lora_b(
 def _compose_bwd_lora_b_kernel(
     dout_ptr,
     g_ptr,
+    div_ptr,
     base_ptr,
     dbase_ptr,
     part_ptr,
@@ -320,6 +342,7 @@ def _compose_bwd_lora_b_kernel(
     NEED_DB: tl.constexpr,
     NEED_BS: tl.constexpr,
     ADD_BASE: tl.constexpr,
+    DIVIDE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -330,12 +353,19 @@ def _compose_bwd_lora_b_kernel(
     ``M = d_out^T h`` and of ``B``, so the program that finishes a column tile (the last of its ``groups`` to
     arrive, by integer ticket, when ``NEED_G``; group 0 otherwise) also writes that tile's ``d_B``, ``(g s) B``
     and ``d_g`` (``_finish_lora_b``): one launch for what needed two.
+
+    ``DIVIDE``: ``g_ptr`` holds the magnitude ``m``, ``g = m / div`` (``_magnitude_over``), and ``dg_ptr``
+    receives the magnitude's gradient ``d_g / div`` in its own dtype (what autograd's division node and its
+    cast to the parameter's dtype give) instead of ``d_g``.
     """
     pid_g = tl.program_id(0)
     pid_c = tl.program_id(1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < K
-    g = tl.load(g_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    if DIVIDE:
+        g = _magnitude_over(g_ptr, div_ptr, cols, cmask)
+    else:
+        g = tl.load(g_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     r_start = pid_g * rows_per_group
     r_end = tl.minimum(r_start + rows_per_group, R)
     acc = _bwd_row_loop(
@@ -377,6 +407,7 @@ def _compose_bwd_lora_b_kernel(
             db_ptr,
             bs_ptr,
             dg_ptr,
+            div_ptr,
             dout_ptr,
             h_ptr,
             cols,
@@ -391,6 +422,7 @@ def _compose_bwd_lora_b_kernel(
             NEED_DB,
             NEED_BS,
             NEED_G,
+            DIVIDE,
             BLOCK_C,
         )
 

@@ -163,7 +163,7 @@ class _Tuned:
         self.chosen = {False: {}, True: {}}
 
 
-_FWD_KEY = ["K", "R_BUCKET", "G_ON_ROWS", "WRITE_INNER", "ADD_BASE"]
+_FWD_KEY = ["K", "R_BUCKET", "G_ON_ROWS", "WRITE_INNER", "ADD_BASE", "DIVIDE"]
 _FWD = _Tuned(_compose_fwd_kernel, "compose_fwd", "fwd", _FWD_KEY)
 _FWD_INPLACE = _Tuned(_compose_fwd_kernel, "compose_fwd_inplace", "fwd", _FWD_KEY, ("out_ptr",))
 _BWD_COLS = _Tuned(
@@ -176,7 +176,7 @@ _BWD_LORA_B = _Tuned(
     _compose_bwd_lora_b_kernel,
     "compose_bwd_lora_b",
     "bwd",
-    ["K", "RANK", "R_BUCKET", "NEED_BASE", "NEED_G", "NEED_DB", "NEED_BS", "ADD_BASE"],
+    ["K", "RANK", "R_BUCKET", "NEED_BASE", "NEED_G", "NEED_DB", "NEED_BS", "ADD_BASE", "DIVIDE"],
 )
 
 

@@ -324,6 +324,13 @@ class DoraLayerMixin:
         self.__dict__["_df_scale_memo"] = (norm, TensorStamp(magnitude), epoch, scale)
         return scale
 
+    def _magnitude_divisor(self, magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        """The divisor of ``g = m / divisor`` where the training node divides the magnitude itself
+        (``autograd/lora_compose.py``): the divisor :meth:`_magnitude_scale` divides by in grad mode."""
+        if not caching_allowed():
+            return scale_divisor(norm, magnitude.dtype, magnitude.device)
+        return self._scale_divisor(norm, magnitude)
+
     def _scale_divisor(self, norm: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
         """``norm.scale.scale_divisor`` of ``norm`` for ``magnitude``, reused while ``norm`` is the same tensor
         object (a cached norm is never written: its divisor cannot change). One memo per layer, holding ``norm``

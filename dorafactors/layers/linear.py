@@ -114,29 +114,45 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
         magnitude = self.weight
         norm = self._forward_norm(base_layer, lora_A, lora_B, scaling, adapter_name, gather_modules=(lora_A, lora_B))
         self._mirror_stock_cache(adapter_name, norm)
-        scale = self._magnitude_scale(magnitude, norm)
         weight_b = _lora_B_weight_for_node(lora_B, x)
         if weight_b is None:
+            scale = self._magnitude_scale(magnitude, norm)
             lora_out = lora_B(lora_A(x))
         else:
             h = _lora_A_call(lora_A, x)
+            if magnitude.requires_grad and magnitude.dim() == 1:
+                # training a magnitude: the node divides it by its divisor itself (m / divisor and m's gradient
+                # inside its kernels: no division launch, no division node), with the values autograd's
+                # division would give
+                scale, divisor = magnitude, self._magnitude_divisor(magnitude, norm)
+            else:
+                scale, divisor = self._magnitude_scale(magnitude, norm), None
             if h.requires_grad or weight_b.requires_grad or scale.requires_grad:
                 # training: lora_B runs inside the composition's autograd node (autograd/lora_compose.py)
                 if base_result is not None:
                     bias = base_layer.bias
                     if bias is None:
                         return dora_linear_compose(
-                            h, weight_b, scale, scaling, base=base_result, add_base=add_base_result
+                            h, weight_b, scale, scaling, base=base_result, add_base=add_base_result, divisor=divisor
                         )
                     extra = dora_linear_compose(
-                        h, weight_b, scale, scaling, base=base_result - bias.to(base_result.dtype)
+                        h, weight_b, scale, scaling, base=base_result - bias.to(base_result.dtype), divisor=divisor
                     )
                     return result + extra if add_base_result else extra
                 weight = transpose(base_weight(base_layer), self.fan_in_fan_out)
                 if not weight.requires_grad:
                     return dora_linear_compose(
-                        h, weight_b, scale, scaling, x=x, weight=weight, bf16_origin_scale=bf16_dropout_scale
+                        h,
+                        weight_b,
+                        scale,
+                        scaling,
+                        x=x,
+                        weight=weight,
+                        bf16_origin_scale=bf16_dropout_scale,
+                        divisor=divisor,
                     )
+            if divisor is not None:
+                scale = self._magnitude_scale(magnitude, norm)
             lora_out = F.linear(h, weight_b)
         if base_result is not None:
             bias = base_layer.bias

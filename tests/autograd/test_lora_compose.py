@@ -367,34 +367,37 @@ def test_bf16_input_is_recovered_exactly_from_torch_dropout(p):
     assert kept.float().mean().item() == pytest.approx(1 - p, abs=0.02)
 
 
+@pytest.mark.parametrize("divisor", [False, True], ids=["g", "magnitude-and-divisor"])
 @pytest.mark.parametrize("requires_scale", [True, False], ids=["trainable-g", "frozen-g"])
 @pytest.mark.parametrize(
     ("dropout", "weight_dtype"),
     [(False, F64), (True, F64), (True, F32)],
     ids=["base_result", "dropout", "dropout-W-fp32"],
 )
-def test_node_gradgradcheck_fp64(dropout, weight_dtype, requires_scale, monkeypatch):
-    """First and second derivatives of the node are exact (fp64), in x / base, h, B and g; with an fp32 ``W`` the
-    recomputed base output is built in column chunks (the weight cast per chunk)."""
+def test_node_gradgradcheck_fp64(dropout, weight_dtype, requires_scale, divisor, monkeypatch):
+    """First and second derivatives of the node are exact (fp64), in x / base, h, B and g (or the magnitude,
+    divided inside the node); with an fp32 ``W`` the recomputed base output is built in column chunks (the
+    weight cast per chunk)."""
     _set_env(monkeypatch, "reference")
     monkeypatch.setattr("dorafactors.autograd.recompute_base.forward_chunk_columns", lambda *a: 3)
     gen = torch.Generator().manual_seed(4)
     h = torch.randn(2, 3, 4, generator=gen, dtype=F64).requires_grad_()
     lora_b = torch.randn(7, 4, generator=gen, dtype=F64).requires_grad_()
     scale = (0.5 + torch.rand(7, generator=gen, dtype=F64)).requires_grad_(requires_scale)
+    div = (0.5 + torch.rand(7, generator=gen, dtype=F64)) if divisor else None
     if dropout:
         x = torch.randn(2, 3, 5, generator=gen, dtype=F64).requires_grad_()
         weight = (torch.randn(7, 5, generator=gen, dtype=F64) / 3).to(weight_dtype)
 
         def fn(first, h, lora_b, scale):
-            return dora_linear_compose(h, lora_b, scale, 0.7, x=first, weight=weight)
+            return dora_linear_compose(h, lora_b, scale, 0.7, x=first, weight=weight, divisor=div)
 
         first = x
     else:
         first = torch.randn(2, 3, 7, generator=gen, dtype=F64).requires_grad_()
 
         def fn(first, h, lora_b, scale):
-            return dora_linear_compose(h, lora_b, scale, 0.7, base=first)
+            return dora_linear_compose(h, lora_b, scale, 0.7, base=first, divisor=div)
 
     inputs = (first, h, lora_b, scale)
     assert gradcheck(fn, inputs)
@@ -454,6 +457,89 @@ def test_backward_kernel_matches_the_references_across_tiles(need_base, need_b, 
         if a is not None:
             assert a.dtype == e.dtype, name
             torch.testing.assert_close(a, e, rtol=2e-6, atol=2e-6 * e.abs().max().item(), msg=name)
+
+
+# ------------------------------------------------------------------------------------------------ the division
+
+
+def _magnitude_and_divisor(d_out: int, dtype: torch.dtype, seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A trained-looking magnitude and its divisor (``scale_divisor`` of a row norm): inexact quotients, and a
+    few rows where the magnitude is its divisor (``g == 1`` exactly)."""
+    from dorafactors.norm.scale import scale_divisor
+
+    gen = torch.Generator().manual_seed(seed)
+    norm = (0.5 + 3 * torch.rand(d_out, generator=gen, dtype=F64)).to(F32)
+    divisor = scale_divisor(norm, dtype, norm.device)
+    magnitude = (norm * (1 + 0.2 * torch.randn(d_out, generator=gen))).to(dtype)
+    magnitude[:4] = divisor[:4].to(dtype)
+    return magnitude.to(device), divisor.to(device)
+
+
+def _node_grads(operands, magnitude, divisor, probe, scaling, *, inside: bool, add_base: bool):
+    """Output and gradients of the node with ``g = magnitude / divisor`` divided inside it (``inside``) or by
+    autograd before it (what the layer did before the node took the division)."""
+    x, weight, lora_a, lora_b, _, base = operands
+    leaves = [t.detach().clone().requires_grad_() for t in (x, lora_a, lora_b, magnitude)]
+    x, lora_a, lora_b, magnitude = leaves
+    if base is not None:
+        base = base.detach().clone().requires_grad_()
+        leaves.append(base)
+    h = F.linear(x, lora_a)
+    scale, div = (magnitude, divisor) if inside else (magnitude / divisor, None)
+    kwargs = dict(base=base, add_base=add_base) if base is not None else dict(x=x, weight=weight)
+    out = dora_linear_compose(h, lora_b, scale, scaling, divisor=div, **kwargs)
+    (out.to(F64) * probe).sum().backward()
+    names = ("output", "x", "lora_A", "lora_B", "magnitude", "base")
+    return dict(zip(names, [out.detach(), *(t.grad for t in leaves)]))
+
+
+@pytest.mark.parametrize("magnitude_dtype", [BF16, torch.float16, F32], ids=str)
+@pytest.mark.parametrize(
+    ("dropout", "add_base"), [(False, False), (False, True), (True, False)], ids=["extra", "whole", "dropout"]
+)
+@pytest.mark.parametrize("setup", sorted(SETUPS))
+@pytest.mark.parametrize("path", ["reference", "kernels"])
+def test_node_divides_the_magnitude_bitwise_as_autograd(path, setup, dropout, add_base, magnitude_dtype, monkeypatch):
+    """``divisor=``: the node's output and every gradient, the magnitude's in its own dtype, are bitwise those
+    of autograd's ``m / divisor`` handed to the node as ``g``: the kernels divide in fp32 rounded to nearest
+    (on a GPU ``div_rn``, not Triton's approximate ``/``) and round the magnitude's gradient once.
+
+    Both runs take the same tiles: the fp32 sums of ``d_g`` follow the tile shape, and each kernel variant is
+    autotuned on its own (so an fp32 magnitude's gradient may differ in its last bits between the two)."""
+    _set_env(monkeypatch, path)
+    device = _device(path)
+    operands = tuple(None if t is None else t.to(device) for t in _operands(setup, dropout=dropout, seed=3))
+    out_dtype = torch.promote_types(operands[2].dtype, (operands[0] if dropout else operands[5]).dtype)
+    probe = torch.randn((2, 24, 48), generator=torch.Generator().manual_seed(4)).to(out_dtype).to(F64).to(device)
+    magnitude, divisor = _magnitude_and_divisor(48, magnitude_dtype, seed=5, device=device)
+    before = dict(kc.launch_counts)
+    with kc.forced_config(fwd=(4, 32, 4, 1), bwd=(8, 32, 4, 1)):
+        inside = _node_grads(operands, magnitude, divisor, probe, 1.7, inside=True, add_base=add_base)
+    launched = {k: v - before.get(k, 0) for k, v in kc.launch_counts.items() if v != before.get(k, 0)}
+    if path == "kernels":
+        assert launched.get("compose_bwd_lora_b") == 1, launched
+        if not dropout:
+            assert launched.get("compose_fwd_inplace") == 1, launched
+    else:
+        assert not launched, launched
+    with kc.forced_config(fwd=(4, 32, 4, 1), bwd=(8, 32, 4, 1)):
+        outside = _node_grads(operands, magnitude, divisor, probe, 1.7, inside=False, add_base=add_base)
+    assert inside.keys() == outside.keys()
+    assert inside["magnitude"].dtype == magnitude_dtype
+    for name, got in inside.items():
+        want = outside[name]
+        assert got.dtype == want.dtype, name
+        assert torch.equal(got, want), f"{name}: max |diff| {(got.double() - want.double()).abs().max().item():.3e}"
+
+
+def test_node_divisor_must_be_a_detached_vector_like_the_magnitude():
+    operands = _operands("fp32", dropout=False, seed=0)
+    x, _, lora_a, lora_b, _, base = operands
+    magnitude = torch.ones(48, requires_grad=True)
+    h = F.linear(x, lora_a)
+    for divisor in (torch.ones(48, requires_grad=True), torch.ones(47), torch.ones(1, 48)):
+        with pytest.raises(ValueError, match="divisor is a detached"):
+            dora_linear_compose(h, lora_b, magnitude, 1.0, base=base, divisor=divisor)
 
 
 # ------------------------------------------------------------------------------------------------ layer level

@@ -173,7 +173,10 @@ def _recorded_scales(monkeypatch, model):
 
         def node_spy(*args, **kwargs):
             path = "compose" if kwargs.get("base") is not None else "recompute_base"
-            scales.setdefault(path, []).append(args[2].detach().clone())
+            g = args[2].detach()
+            if kwargs.get("divisor") is not None:  # the node divides the magnitude itself, bitwise as here
+                g = g / kwargs["divisor"]
+            scales.setdefault(path, []).append(g.clone())
             return node(*args, **kwargs)
 
         patcher.setattr(linear_layers, "dora_linear_compose", node_spy)
