@@ -331,8 +331,12 @@ def dora_linear_compose(
         raise ValueError("dora_linear_compose takes a constant base weight; a trainable one needs dora_compose")
     activation = base if base is not None else x
     out_dtype = out_dtype or promote(promote(h.dtype, weight_b.dtype), activation.dtype)  # type: ignore[union-attr]
-    if divisor is not None and (divisor.requires_grad or divisor.shape != scale.shape or scale.dim() != 1):
-        raise ValueError("dora_linear_compose's divisor is a detached [d_out] tensor, shaped like the magnitude")
+    if divisor is not None and (
+        divisor.requires_grad or divisor.shape != scale.shape or scale.dim() != 1 or divisor.device != scale.device
+    ):
+        raise ValueError(
+            "dora_linear_compose's divisor is a detached [d_out] tensor, shaped like the magnitude and on its device"
+        )
     return _LoraComposeFunction.apply(
         h, weight_b, base, x, weight, scale, float(scaling), out_dtype, bf16_origin_scale, add_base, divisor
     )

@@ -126,6 +126,8 @@ def _fwd_launch(
     bucket = _row_bucket(R)
     write_inner = inner is not None
     divide = divisor is not None
+    if divide and g_on_rows:
+        raise ValueError("the forward kernel divides a magnitude along the last dim only")
     args = (lora, base, g, divisor if divide else g, out, inner, R, K, C, *strides, scaling, bucket, g_on_rows)
     args += (write_inner, add_base, divide)
     key = (K, bucket, g_on_rows, write_inner, add_base, divide, lora.dtype, base.dtype, g.dtype, out.dtype)

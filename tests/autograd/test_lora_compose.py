@@ -537,7 +537,8 @@ def test_node_divisor_must_be_a_detached_vector_like_the_magnitude():
     x, _, lora_a, lora_b, _, base = operands
     magnitude = torch.ones(48, requires_grad=True)
     h = F.linear(x, lora_a)
-    for divisor in (torch.ones(48, requires_grad=True), torch.ones(47), torch.ones(1, 48)):
+    wrong = [torch.ones(48, requires_grad=True), torch.ones(47), torch.ones(1, 48), torch.ones(48, device="meta")]
+    for divisor in wrong:
         with pytest.raises(ValueError, match="divisor is a detached"):
             dora_linear_compose(h, lora_b, magnitude, 1.0, base=base, divisor=divisor)
 
