@@ -19,7 +19,9 @@ adapters marked as written (dorafactors recomputes its norm), the forward withou
 cache), the backward (the whole call less the first forward), the whole call with autograd's multithreading
 off (the backward then runs on the calling thread: the difference is what the device thread's handoff and
 its slower Python cost) and, for dorafactors, the norm recomputation alone (the layer's ``_forward_norm``
-after the mark), and it and the whole call with the norm's CUDA-graph replay off (``norm/replay.py``).
+after the mark), it and the whole call with the norm's CUDA-graph replay off (``norm/replay.py``), and the
+whole call with the magnitude divided by autograd before the training node instead of inside it
+(``rules.magnitude_division_outside_node``).
 
 Last, the host cost of single operations (a PyTorch op, the compose kernel's host function with kept
 compiled kernels launched directly and with plain ``kernel[grid]`` launches, ``dora_compose``).
@@ -225,6 +227,12 @@ def _train_phases(model: nn.Module, x: torch.Tensor, whole_us: float, calls: int
         with replay_disabled():
             phases["norm recomputation, replay off"] = host_us_per_call(norm, calls, _sync)[0]
             phases["whole call, replay off"] = host_us_per_call(_step_fn(model, x, True), calls, _sync)[0]
+        from dorafactors.dispatch.rules import magnitude_division_outside_node
+
+        with magnitude_division_outside_node():
+            step = _step_fn(model, x, True)
+            phases["whole call, division outside the node"] = host_us_per_call(step, calls, _sync)[0]
+        phases["whole call, again"] = host_us_per_call(_step_fn(model, x, True), calls, _sync)[0]
     return phases
 
 

@@ -54,6 +54,8 @@ __all__ = [
     "fused_norm_ok",
     "inference_fold_ok",
     "kernels_enabled",
+    "magnitude_division_outside_node",
+    "node_divides_magnitude",
     "norm_gemm_ok",
     "plain_autograd_required",
     "split_matmul_ok",
@@ -370,6 +372,27 @@ def fp32_adapter_gemm_bytes(d_out: int, d_in: int, rank: int) -> int:
     """Temporaries of the GEMM norm path with fp32 adapters (``kernels/row_norm.py::fp32_adapter_gemms``): A's
     bf16 parts ``[3r, d_in]``, the fp32 products ``[d_out, 3r]`` and ``[3r, 3r]``, and the summed ``U``, ``G``."""
     return 6 * rank * d_in + 4 * (3 * d_out * rank + 9 * rank * rank) + 4 * (d_out * rank + rank * rank)
+
+
+_node_division_off: list[bool] = [False]
+
+
+def node_divides_magnitude() -> bool:
+    """May the Linear training node take ``g = m / divisor`` of a trainable magnitude itself
+    (``autograd/lora_compose.py``)? Yes, unless inside :func:`magnitude_division_outside_node`."""
+    return not _node_division_off[0]
+
+
+@contextlib.contextmanager
+def magnitude_division_outside_node() -> Iterator[None]:
+    """Tests and benchmarks: divide the magnitude with autograd before the training node, as before the node
+    took the division (the values are bitwise the same; the host time is not)."""
+    saved = _node_division_off[0]
+    _node_division_off[0] = True
+    try:
+        yield
+    finally:
+        _node_division_off[0] = saved
 
 
 _split_matmul_forced: list[bool | None] = [None]

@@ -120,7 +120,7 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
             lora_out = lora_B(lora_A(x))
         else:
             h = _lora_A_call(lora_A, x)
-            if magnitude.requires_grad and magnitude.dim() == 1:
+            if magnitude.requires_grad and magnitude.dim() == 1 and rules.node_divides_magnitude():
                 # training a magnitude: the node divides it by its divisor itself (m / divisor and m's gradient
                 # inside its kernels: no division launch, no division node), with the values autograd's
                 # division would give

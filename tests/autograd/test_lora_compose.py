@@ -622,6 +622,54 @@ def test_training_variant_returns_the_nodes_whole_output(setup, monkeypatch):
         layer(x, **adapters, scaling=1.0, base_layer=proj.base_layer, add_base_result=True)
 
 
+def _graph_node_names(out: torch.Tensor) -> set[str]:
+    """Names of every autograd node ``out`` was computed through."""
+    seen, stack, names = set(), [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("setup", sorted(SETUPS))
+@pytest.mark.parametrize("path", ["reference", "kernels"])
+def test_layer_divides_the_magnitude_in_the_node_bitwise_as_autograd(path, setup, dropout, monkeypatch):
+    """A patched PEFT model's training call: the node takes ``m / divisor`` (no ``DivBackward0`` in the graph),
+    and the output and every gradient (the input's, the adapters', the magnitude's) are bitwise those of the
+    magnitude divided by autograd before the node (``rules.magnitude_division_outside_node``)."""
+    _set_env(monkeypatch, path)
+    device = _device(path)
+    w_dtype, a_dtype = SETUPS[setup]
+    model = _peft_model(64, 96, w_dtype, dora=True, autocast=a_dtype != w_dtype, dropout=dropout).to(device)
+    proj = model.base_model.model.proj
+    with torch.no_grad():
+        magnitude = proj.lora_magnitude_vector["default"].weight
+        magnitude.mul_(1 + 0.2 * torch.randn(magnitude.shape, generator=torch.Generator().manual_seed(3)).to(device))
+    x = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(4)).to(device, w_dtype).requires_grad_()
+    results = {}
+    for outside in (False, True):
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        torch.manual_seed(1)  # the same dropout mask
+        with rules.magnitude_division_outside_node() if outside else contextlib.nullcontext():
+            out = model(x)
+        assert ("DivBackward0" in _graph_node_names(out)) == outside
+        out.float().square().sum().backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        assert any("lora_magnitude_vector" in name for name in grads)
+        results[outside] = {"output": out.detach(), "x": x.grad, **grads}
+    inside, outside = results[False], results[True]
+    assert inside.keys() == outside.keys()
+    for name, got in inside.items():
+        assert got.dtype == outside[name].dtype, name
+        assert torch.equal(got, outside[name]), name
+
+
 class _Net(nn.Module):
     def __init__(self, d_in: int, d_out: int) -> None:
         super().__init__()

@@ -25,3 +25,20 @@ def test_profile_compiled_layer_mode_reports_each_provider_and_no_norm_per_call(
     for name, row in report["rows"].items():
         assert row["host_us"] > 0 and row["norms_computed"] == 0, (name, row)
         assert row["decode_mode"] == "layer 64, 8 rows"
+
+
+def test_profile_host_reports_the_training_phases_of_each_provider(tmp_path):
+    """The training call's phases per provider, and for dorafactors the A/B pair of the magnitude divided
+    inside the training node and by autograd before it (``rules.magnitude_division_outside_node``)."""
+    command = [sys.executable, "benchmarks/profile_host.py", "--dry-run-cpu"]
+    done = subprocess.run(
+        command, cwd=ROOT, env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    train = json.loads((tmp_path / "profile_host.json").read_text())["train"]
+    assert set(train) == {"lora", "stock", "dorafactors"}
+    for name, row in train.items():
+        assert row["host_us"] > 0 and row["phases"]["backward"] > 0, (name, row)
+    phases = train["dorafactors"]["phases"]
+    for phase in ("norm recomputation", "whole call, division outside the node", "whole call, again"):
+        assert phases[phase] > 0, phase
