@@ -15,8 +15,9 @@
 #                       `python -m benchmarks report` and `python -m benchmarks plot <file>`
 #   tune [PARTS]        python -m benchmarks tune --only PARTS       -> $OUT/tune.json (+ .log)
 #
-# Time boxes, in seconds: TEST_BOX bounds each test step (coreutils timeout; a cut run is logged as such,
-# never as passed), BENCH_BUDGET is the benchmark's --time-budget. A .whl/ folder of wheels, for a machine
+# Time boxes, in seconds: TEST_BOX bounds each test step (coreutils timeout with SIGINT: a cut run is logged
+# as such, "KeyboardInterrupt", never as passed, and still reports the tests that ran and the slowest 20 of
+# them, so the next call can split the step), BENCH_BUDGET is the benchmark's --time-budget. A .whl/ folder of wheels, for a machine
 # without network access, is installed into /tmp/site first.
 set -uo pipefail
 OUT=${OUT:?set OUT to the folder that receives the logs and results}
@@ -33,7 +34,7 @@ RESULTS="$OUT/${GPU}-$(date +%Y%m%d).json"
 TEST_BOX=${TEST_BOX:-600}
 BENCH_BUDGET=${BENCH_BUDGET:-420}
 
-summary() { grep -E "passed|failed|FAILED|ERROR" | tail -25; }
+summary() { grep -E "passed|failed|FAILED|ERROR|KeyboardInterrupt|^[0-9.]+s (call|setup|teardown) |^=+ .* in [0-9.]+s" | tail -45; }
 
 while [ $# -gt 0 ]; do
     step=$1
@@ -45,11 +46,12 @@ while [ $# -gt 0 ]; do
             python3 -c "import torch, triton, peft, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/env.txt"
             ;;
         gpu-tests)
-            timeout "$TEST_BOX" python3 -m pytest -v -p no:cacheprovider -rs -m gpu tests 2>&1 \
+            timeout -s INT -k 30 "$TEST_BOX" python3 -m pytest -v -p no:cacheprovider -rs --durations=20 -m gpu tests 2>&1 \
                 | tee "$OUT/gpu_tests.log" | summary
             ;;
         cuda-props)
-            DORAFACTORS_TEST_DEVICE=cuda timeout "$TEST_BOX" python3 -m pytest -v -p no:cacheprovider -rs \
+            DORAFACTORS_TEST_DEVICE=cuda timeout -s INT -k 30 "$TEST_BOX" python3 -m pytest -v -p no:cacheprovider -rs \
+                --durations=20 \
                 tests/autograd tests/layers tests/norm 2>&1 | tee "$OUT/cuda_props.log" | summary
             ;;
         bench)
