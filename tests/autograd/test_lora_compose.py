@@ -29,7 +29,7 @@ from dorafactors.autograd.lora_compose import dora_linear_compose
 from dorafactors.dispatch import config, rules
 from dorafactors.kernels import compose as kc
 from dorafactors.kernels import split_matmul as sm
-from tests._models import LayerCase, build_triplet, make_input, run_forward_backward
+from tests._models import LayerCase, TinyLM, build_triplet, make_input, run_forward_backward
 from tests._tolerances import StockFidelity, assert_as_close_as_stock, assert_dtype_close
 
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
@@ -668,6 +668,41 @@ def test_layer_divides_the_magnitude_in_the_node_bitwise_as_autograd(path, setup
     for name, got in inside.items():
         assert got.dtype == outside[name].dtype, name
         assert torch.equal(got, outside[name]), name
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@pytest.mark.parametrize("path", ["reference", "kernels"])
+def test_training_with_the_node_division_is_bitwise_autograds(path, dtype, dropout, checkpointing, monkeypatch):
+    """Three AdamW steps of two accumulated micro-batches (activation checkpointing on and off): every parameter
+    after training is bitwise the same whether the node divides the magnitude or autograd does."""
+    _set_env(monkeypatch, path)
+    device = _device(path)
+    config_ = LoraConfig(
+        r=4, target_modules=["q", "up", "down"], use_dora=True, init_lora_weights=False, lora_dropout=dropout
+    )
+    finals = []
+    for outside in (False, True):
+        torch.manual_seed(0)
+        with dorafactors.patched():
+            model = get_peft_model(TinyLM().to(dtype), config_).to(device)
+        model.base_model.model.checkpointing = checkpointing
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        model.train()
+        with rules.magnitude_division_outside_node() if outside else contextlib.nullcontext():
+            for step in range(3):
+                for micro in range(2):
+                    ids = torch.randint(0, 32, (2, 7), generator=torch.Generator().manual_seed(step * 2 + micro))
+                    (model(ids.to(device)).float().logsumexp(-1).mean() / 2).backward()
+                opt.step()
+                opt.zero_grad()
+        finals.append({name: p.detach().clone() for name, p in model.named_parameters()})
+    trained, reference = finals
+    moved = [name for name in trained if "lora_magnitude_vector" in name]
+    assert moved, "no magnitude was trained"
+    for name, value in trained.items():
+        assert torch.equal(value, reference[name]), name
 
 
 class _Net(nn.Module):
