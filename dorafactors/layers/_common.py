@@ -301,14 +301,14 @@ class DoraLayerMixin:
         """``g = m / norm`` (``[d_out]``, ``norm.scale.magnitude_scale``). With no autograd to record, reuse the last ``g`` while ``norm`` is
         the same cached tensor and the magnitude is unchanged (saves a launch per decode step). One memo
         per layer; never kept for inference tensors or while tracing (see ``norm/cache.py``)."""
-        if not caching_allowed():
-            return magnitude_scale(magnitude.reshape(-1), norm)
         if torch.is_grad_enabled() and magnitude.requires_grad:
             # recorded for autograd on every call; the divisor is kept while the norm is the same cached tensor
             # (gradient accumulation: several forwards per optimizer step). A 1-D magnitude (Linear,
             # Embedding) divides as it is: a reshape would add a view and its backward node per call.
             flat = magnitude if magnitude.dim() == 1 else magnitude.reshape(-1)
-            return flat / self._scale_divisor(norm, magnitude)
+            return flat / self._magnitude_divisor(magnitude, norm)
+        if not caching_allowed():
+            return magnitude_scale(magnitude.reshape(-1), norm)
         epoch = optimizer_steps() if magnitude.requires_grad else -1
         memo = self.__dict__.get("_df_scale_memo")
         if memo is not None and memo[0] is norm and memo[2] == epoch and memo[1].matches(magnitude):
@@ -325,8 +325,9 @@ class DoraLayerMixin:
         return scale
 
     def _magnitude_divisor(self, magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-        """The divisor of ``g = m / divisor`` where the training node divides the magnitude itself
-        (``autograd/lora_compose.py``): the divisor :meth:`_magnitude_scale` divides by in grad mode."""
+        """The divisor of a trained magnitude's ``g = m / divisor`` (:meth:`_magnitude_scale` in grad mode, or the
+        training node, which divides the magnitude itself: ``autograd/lora_compose.py``); kept with the cached
+        norm where caching is allowed."""
         if not caching_allowed():
             return scale_divisor(norm, magnitude.dtype, magnitude.device)
         return self._scale_divisor(norm, magnitude)
