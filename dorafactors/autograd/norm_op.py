@@ -143,17 +143,14 @@ def cached_weight_norm(
     return torch.ops.dorafactors.cached_weight_norm(owner, weight, lora_A, lora_B, scaling, layout, cache)
 
 
-def _root(tensor: torch.Tensor) -> torch.Tensor:
-    base = tensor._base
-    return tensor if base is None else base
-
-
 def _step_keyed(inputs: tuple[torch.Tensor, ...]) -> bool:
     """Must an entry also be keyed by the optimizer step? Yes when a tensor behind it requires a gradient (a
     fused optimizer writes it without a version bump) or is not a parameter (its ``requires_grad`` says
     nothing about the parameter it may alias)."""
     for tensor in inputs:
-        root = _root(tensor)
+        root = tensor._base  # _root(tensor), inlined: this runs for every layer on every compiled call
+        if root is None:
+            root = tensor
         if root.requires_grad or not isinstance(root, nn.Parameter):
             return True
     return False
@@ -231,9 +228,8 @@ class _CallSettings(NamedTuple):
 
     @classmethod
     def now(cls) -> _CallSettings:
-        return cls(
-            config.norm_cache_mode(), config.get_dora_norm_threshold_mb(), config.fused_mode(), optimizer_steps()
-        )
+        settings = config.cache_settings()
+        return cls(settings.norm_cache, settings.norm_chunk_mb, settings.fused, optimizer_steps())
 
 
 def _norm_value(
@@ -357,16 +353,17 @@ def _refresh_weight_norm_impl(
         settings = _CallSettings.now()
     caches = owned_norm_caches(owner)
     norm, kept = _norm_value(caches, weight, lora_A, lora_B, scaling, layout, cache, settings)
+    served = caches.served
+    if kept and served is not None and served[2] is norm and served[0]() is store and served[1] == store.data_ptr():
+        # the very store this cached norm was written into (dtype, shape and device checked then)
+        if settings.cache_mode == "verify":
+            _raise_if_stale("norm in the layer's store", norm, store.view(norm.dtype))
+        return
     if store.dtype != _STORE_BITS.get(norm.dtype) or store.shape != norm.shape or store.device != norm.device:
         raise ValueError(
             f"dorafactors: the norm store {store.dtype} {tuple(store.shape)} on {store.device} cannot hold a "
             f"{norm.dtype} norm {tuple(norm.shape)} on {norm.device}; the layer must check norm_store_fits()"
         )
-    served = caches.served
-    if kept and served is not None and served[2] is norm and served[0]() is store and served[1] == store.data_ptr():
-        if settings.cache_mode == "verify":
-            _raise_if_stale("norm in the layer's store", norm, store.view(norm.dtype))
-        return
     caches.served = None
     store.view(norm.dtype).copy_(norm)
     if kept:

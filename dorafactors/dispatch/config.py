@@ -23,13 +23,14 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 __all__ = [
     "MAX_THRESHOLD_MB",
     "MIN_THRESHOLD_MB",
     "allow_partial_gather",
     "autotune_comprehensive",
+    "cache_settings",
     "force_gather",
     "fused_backward_mode",
     "fused_mode",
@@ -54,7 +55,7 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 _BOOL_HELP = "one of 1/true/yes/on or 0/false/no/off (case-insensitive)"
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant: a combined value (cache_settings) resolves its parts under it
 _cache: dict[str, Any] = {}
 _T = TypeVar("_T")
 
@@ -182,6 +183,25 @@ def norm_cache_verify() -> bool:
     return norm_cache_mode() == "verify"
 
 
+class CacheSettings(NamedTuple):
+    """What every cached-value lookup on a layer's hot path reads (part of its entries' signatures)."""
+
+    norm_cache: str  #: :func:`norm_cache_mode`
+    norm_chunk_mb: int  #: :func:`get_dora_norm_threshold_mb`
+    fused: bool | None  #: :func:`fused_mode`
+
+
+_CACHE_SETTINGS = "cache settings"
+
+
+def cache_settings() -> CacheSettings:
+    """:func:`norm_cache_mode`, :func:`get_dora_norm_threshold_mb` and :func:`fused_mode` in one cached read
+    (a decode step reads them once per layer); reset with each of them."""
+    return _cached(
+        _CACHE_SETTINGS, lambda: CacheSettings(norm_cache_mode(), get_dora_norm_threshold_mb(), fused_mode())
+    )
+
+
 def deepspeed_zero_stage_env() -> str | None:
     """``DS_ZERO_STAGE`` as set by DeepSpeed launchers (read uncached: it may appear late)."""
     return _raw("DS_ZERO_STAGE")
@@ -209,6 +229,7 @@ def set_dora_norm_threshold_mb(mb: int) -> None:
     os.environ["PEFT_DORA_NORM_CHUNK_MB"] = str(_check_mb(mb))
     with _lock:
         _cache.pop("PEFT_DORA_NORM_CHUNK_MB", None)
+        _cache.pop(_CACHE_SETTINGS, None)
 
 
 def get_dora_norm_threshold_mb() -> int:
@@ -247,4 +268,5 @@ def validate_all() -> None:
     force_gather()
     norm_cache_enabled()
     get_dora_norm_threshold_mb()
+    cache_settings()
     get_dora_fwd_threshold_mb()

@@ -332,9 +332,10 @@ def inference_fold_ok(rows: int) -> tuple[bool, str]:
     """
     if rows > INFERENCE_FOLD_MAX_ROWS:
         return False, "more rows than INFERENCE_FOLD_MAX_ROWS"
-    if config.fused_mode() is True:
+    settings = config.cache_settings()
+    if settings.fused is True:
         return False, "PEFT_DORA_FUSED=1"
-    if not config.norm_cache_enabled():
+    if settings.norm_cache == "off":
         return False, "PEFT_DORA_NORM_CACHE=0"
     return True, ""
 

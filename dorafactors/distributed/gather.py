@@ -110,8 +110,11 @@ class _NoOp:
 _NOOP = _NoOp()
 
 
+_DIST_AVAILABLE = torch.distributed.is_available()  # a property of the PyTorch build
+
+
 def _dist_initialized() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+    return _DIST_AVAILABLE and torch.distributed.is_initialized()
 
 
 #: What the norm path uses when no process group exists (nothing can be sharded then).

@@ -407,18 +407,19 @@ class DoraLayerMixin:
         base_tensors = self._base_tensors(base_layer)
         inputs = (*base_tensors, lora_A, lora_B)
         reuse = caching_allowed() and distributed.norm_cache_allowed(gathered, inputs)[0]
-        use_norm_cache = reuse and (config.norm_cache_enabled() or self._stock_caching_on(adapter_name))
+        settings = config.cache_settings() if reuse else None  # (never read while tracing: reuse is False)
+        use_norm_cache = reuse and (settings.norm_cache != "off" or self._stock_caching_on(adapter_name))
         if use_norm_cache:
             trainable = any(t.requires_grad for t in inputs)
             signature = (
                 scaling,
-                config.get_dora_norm_threshold_mb(),
-                config.fused_mode(),
+                settings.norm_chunk_mb,
+                settings.fused,
                 optimizer_steps() if trainable else -1,
             )
             hit = self._df_norm_cache.get(adapter_name, signature, inputs)
             if hit is not None:
-                if config.norm_cache_verify():
+                if settings.norm_cache == "verify":
                     fresh = self._compute_norm(base_layer, gathered, lora_A, lora_B, scaling, dequantize, "fresh")
                     self._check_cached("weight norm", adapter_name, hit, fresh)
                 return hit

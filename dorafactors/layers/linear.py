@@ -199,11 +199,9 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
         if type(lora_B) is not nn.Linear or _has_hooks(lora_B):
             return None
         weight_b = _linear_param(lora_B, "weight")
-        if _linear_param(lora_B, "bias") is not None:
+        if _linear_param(lora_B, "bias") is not None or weight_b.device != base_result.device:
             return None
         weight_a = _linear_param(lora_A, "weight")
-        if weight_a.dtype != weight_b.dtype or weight_b.device != base_result.device:
-            return None
         magnitude = _own_weight(self)
         bias = _linear_param(base_layer, "bias")
         inputs = (*self._base_tensors(base_layer), weight_a, weight_b, magnitude)
@@ -214,22 +212,18 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
             if tensor.requires_grad:
                 trainable = True
                 break
-        scaling = float(scaling)
-        signature = (
-            scaling,
-            config.get_dora_norm_threshold_mb(),
-            config.fused_mode(),
-            optimizer_steps() if trainable else -1,
-        )
+        settings = config.cache_settings()
+        signature = (float(scaling), settings, optimizer_steps() if trainable else -1)
         fold_cache = self.__dict__.get("_df_fold_cache_obj")
         folded = None if fold_cache is None else fold_cache.get(adapter_name, signature, inputs)
         if folded is None:
-            if not stampable(inputs):  # inference tensors: nothing is cached for them
+            # (a hit needs no dtype check: the stamps hold the dtypes this one passed)
+            if weight_a.dtype != weight_b.dtype or not stampable(inputs):  # inference tensors: nothing is cached
                 return None
             with normal_tensors():
                 folded = self._fold(lora_A, lora_B, weight_b, magnitude, bias, scaling, base_layer, adapter_name)
             self._df_fold_cache.put(adapter_name, signature, inputs, folded)  # a declined fold is remembered too
-        elif config.norm_cache_verify():
+        elif settings.norm_cache == "verify":
             fresh = self._fold(lora_A, lora_B, weight_b, magnitude, bias, scaling, base_layer, adapter_name)
             self._check_cached("folded lora_B (g * s) B", adapter_name, folded, fresh)
         if self.__dict__.get("_dora_cache"):
@@ -378,8 +372,12 @@ class DoraLinearVariant(_StockDoraLinearVariant):
         ``lora_dropout`` an ``nn.Identity``), the whole output from our layer (:func:`_layer_output`); in
         training with dropout, its dropout branch with the bf16 scale passed on where that applies."""
         # PEFT passes its variant keywords (``VARIANT_KWARG_KEYS``) on every call, None unless set
-        plain = not kwargs or all(value is None for value in kwargs.values())
-        if not module.training or isinstance(module.lora_dropout[active_adapter], nn.Identity):
+        plain = True
+        for value in kwargs.values():
+            if value is not None:
+                plain = False
+                break
+        if not module.training or isinstance(_adapter_module(module, "lora_dropout", active_adapter), nn.Identity):
             out = _layer_output(module, active_adapter, x, result) if plain else None
             if out is not None:
                 return out
@@ -417,14 +415,28 @@ def _layer_output(module: nn.Module, active_adapter: str, x: torch.Tensor, resul
         return None
     return layer.forward(
         x,
-        lora_A=module.lora_A._modules[active_adapter],
-        lora_B=module.lora_B._modules[active_adapter],
+        lora_A=_adapter_module(module, "lora_A", active_adapter),
+        lora_B=_adapter_module(module, "lora_B", active_adapter),
         scaling=module.scaling[active_adapter],
         base_layer=_base_layer_of(module),
         base_result=result,
         adapter_name=active_adapter,
         add_base_result=True,
     )
+
+
+def _adapter_module(module: nn.Module, name: str, adapter: str) -> nn.Module | None:
+    """``module.<name>[adapter]`` of one of PEFT's per-adapter ``ModuleDict`` s (``lora_A``, ``lora_dropout``...)
+    read from ``_modules`` on both levels (no ``nn.Module.__getattr__``: about a microsecond per layer and
+    decode step); None where the adapter has none. Falls back to attribute access where an instance
+    attribute shadows the registered module or the container is not a plain ``ModuleDict``."""
+    container = module._modules.get(name)
+    if type(container) is not nn.ModuleDict or name in module.__dict__:
+        container = getattr(module, name)  # a ModuleDict has no .get
+        if adapter not in container:
+            return None
+        return container[adapter]
+    return container._modules.get(adapter)
 
 
 def _base_layer_of(module: nn.Module) -> nn.Module:
@@ -448,7 +460,7 @@ def _base_layer_of(module: nn.Module) -> nn.Module:
 def _plain_dora_layer(module: nn.Module, active_adapter: str) -> DoraLinearLayer | None:
     """The adapter's magnitude module where calling its ``forward`` directly is what calling the module would
     do: our ``DoraLinearLayer`` with no hooks (its own or global) and no instance ``forward``; else None."""
-    layer = module.lora_magnitude_vector._modules.get(active_adapter)
+    layer = _adapter_module(module, "lora_magnitude_vector", active_adapter)
     if not isinstance(layer, DoraLinearLayer) or _has_hooks(layer) or "forward" in layer.__dict__:
         return None
     return layer

@@ -65,6 +65,7 @@ __all__ = [
     "NormCache",
     "OwnedNormCaches",
     "StaleNormCacheError",
+    "StampSet",
     "TensorStamp",
     "caching_allowed",
     "normal_tensors",
@@ -209,6 +210,56 @@ def stamp(*tensors: torch.Tensor) -> tuple[TensorStamp, ...]:
     return tuple(TensorStamp(t) for t in tensors)
 
 
+def _layout_key(tensor: torch.Tensor) -> tuple[Any, ...]:
+    return (
+        tensor._version,
+        tensor.data_ptr(),
+        tensor.storage_offset(),
+        tensor.shape,
+        tensor.stride(),
+        tensor.dtype,
+    )
+
+
+class StampSet:
+    """The :class:`TensorStamp` of each of several tensors, held flat: what a cache entry checks on every hit.
+
+    :meth:`matches` compares exactly what ``TensorStamp.matches`` compares for each tensor, in one loop without
+    a method call or a stamp object per tensor (a cache hit is on the path of every decode step and every
+    compiled call)."""
+
+    __slots__ = ("_keys", "_refs")
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        self._refs = tuple((weakref.ref(_root(t)), weakref.ref(t.untyped_storage())) for t in tensors)
+        self._keys = tuple(_layout_key(t) for t in tensors)
+
+    def matches(self, tensors: tuple[torch.Tensor, ...]) -> bool:
+        """True when every tensor is the same object, in the same storage, unchanged since the stamps."""
+        if len(tensors) != len(self._keys):
+            return False
+        for (root_ref, storage_ref), key, tensor in zip(self._refs, self._keys, tensors):
+            base = tensor._base  # _root(tensor), inlined
+            if (
+                root_ref() is not (tensor if base is None else base)
+                or storage_ref() is not tensor.untyped_storage()
+                or key
+                != (
+                    tensor._version,
+                    tensor.data_ptr(),
+                    tensor.storage_offset(),
+                    tensor.shape,
+                    tensor.stride(),
+                    tensor.dtype,
+                )
+            ):
+                return False
+        return True
+
+    def __getstate__(self) -> None:  # pragma: no cover - guarded by NormCache.__getstate__
+        raise TypeError("StampSet holds weak references and is not picklable")
+
+
 class NormCache:
     """At most one cached value per slot, valid while its signature is the caller's and its inputs' stamps
     match.
@@ -221,7 +272,7 @@ class NormCache:
     """
 
     def __init__(self) -> None:
-        self._entries: dict[Any, tuple[Any, tuple[TensorStamp, ...], Any]] = {}
+        self._entries: dict[Any, tuple[Any, StampSet, Any]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -229,19 +280,15 @@ class NormCache:
         entry = self._entries.get(slot)
         if entry is not None:
             entry_signature, stamps, value = entry
-            if entry_signature == signature and len(stamps) == len(inputs):
-                for stamp_, tensor in zip(stamps, inputs):
-                    if not stamp_.matches(tensor):
-                        break
-                else:
-                    self.hits += 1
-                    return value
+            if entry_signature == signature and stamps.matches(inputs):
+                self.hits += 1
+                return value
             del self._entries[slot]
         self.misses += 1
         return None
 
     def put(self, slot: Any, signature: Any, inputs: tuple[torch.Tensor, ...], value: Any) -> None:
-        self._entries[slot] = (signature, stamp(*inputs), value)
+        self._entries[slot] = (signature, StampSet(inputs), value)
 
     def clear(self) -> None:
         self._entries.clear()

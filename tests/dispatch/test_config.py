@@ -175,3 +175,30 @@ def test_malformed_norm_cache_value_names_every_accepted_value(monkeypatch, raw)
         assert "'verify'" in str(err.value)
     with pytest.raises(ValueError, match="PEFT_DORA_NORM_CACHE"):
         dorafactors.patch()  # patch() validates every variable up front
+
+
+def test_cache_settings_follow_their_variables(monkeypatch):
+    """The combined read of the hot path (``cache_settings``) is each variable's own value, and is reset with
+    each of them: by ``invalidate_cache`` and by the norm-budget setter."""
+    monkeypatch.setenv("PEFT_DORA_NORM_CACHE", "verify")
+    monkeypatch.setenv("PEFT_DORA_FUSED", "0")
+    monkeypatch.setenv("PEFT_DORA_NORM_CHUNK_MB", "64")
+    config.invalidate_cache()
+    assert config.cache_settings() == ("verify", 64, False)
+    assert config.cache_settings() == (
+        config.norm_cache_mode(),
+        config.get_dora_norm_threshold_mb(),
+        config.fused_mode(),
+    )
+    monkeypatch.setenv("PEFT_DORA_FUSED", "1")
+    assert config.cache_settings().fused is False  # read once, like every variable
+    config.invalidate_cache()
+    assert config.cache_settings().fused is True
+    dorafactors.set_dora_norm_threshold_mb(96)
+    assert config.cache_settings().norm_chunk_mb == 96
+    monkeypatch.setenv("PEFT_DORA_NORM_CACHE", "sometimes")
+    config.invalidate_cache()
+    with pytest.raises(ValueError, match="PEFT_DORA_NORM_CACHE"):
+        config.cache_settings()
+    monkeypatch.delenv("PEFT_DORA_NORM_CACHE")
+    config.invalidate_cache()

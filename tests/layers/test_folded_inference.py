@@ -392,3 +392,24 @@ def test_fold_declines_exactly_beyond_its_error_bound(lora_dtype, bias_dtype) ->
     assert fold_scale_into_lora_B(lora_B * 0, huge, 0.7, None) is not None
     if lora_dtype == torch.float16:  # (g * s) B overflows fp16
         assert fold_scale_into_lora_B(lora_B, huge, 0.7, None) is None
+
+
+def test_adapter_modules_are_read_as_attribute_access_would() -> None:
+    """The eval path reads PEFT's per-adapter modules from ``_modules`` (no ``nn.Module.__getattr__``): the very
+    modules attribute access gives, None for an adapter a container lacks, and attribute access itself where
+    an instance attribute shadows the registered container."""
+    from dorafactors.layers.linear import _adapter_module
+
+    _, ours, _ = _linear_pair()
+    target = ours.base_model.model.target
+    for name in ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector"):
+        assert _adapter_module(target, name, "default") is getattr(target, name)["default"]
+        assert _adapter_module(target, name, "absent") is None
+    shadow = nn.ModuleDict({"default": nn.Identity()})
+    object.__setattr__(target, "lora_dropout", shadow)  # bypasses nn.Module.__setattr__: shadows _modules
+    try:
+        assert _adapter_module(target, "lora_dropout", "default") is shadow["default"]
+        assert _adapter_module(target, "lora_dropout", "absent") is None
+    finally:
+        del target.__dict__["lora_dropout"]
+    assert _adapter_module(target, "lora_dropout", "default") is target.lora_dropout["default"]

@@ -347,3 +347,56 @@ def test_pefts_enable_dora_caching_flag_keeps_its_observable_semantics():
         model(ids)
     model.train()
     assert not any(caches)
+
+
+def _stamp_set_changes():
+    """``(name, change, seen)``: a change to a stamped tensor and whether its stamp must see it."""
+
+    def write(t):
+        with torch.no_grad():
+            t.mul_(2.0)
+
+    def swap_data(t):
+        t.data = torch.randn_like(t)
+
+    def same_storage_view(t):
+        t.data = t.data.t()  # same storage, address and version: only the layout tells
+
+    def dtype_view(t):
+        t.data = t.data.view(torch.bfloat16)  # fp16 bits read as bf16: only the dtype tells
+
+    def set_storage(t):
+        with torch.no_grad():
+            t.set_(torch.randn_like(t))
+
+    return [
+        ("write", write, True),
+        ("swap .data", swap_data, True),
+        ("same-storage view", same_storage_view, True),
+        ("dtype view", dtype_view, True),
+        ("set_", set_storage, True),
+        ("nothing", lambda t: None, False),
+    ]
+
+
+@pytest.mark.parametrize("position", [0, 1, 2])
+@pytest.mark.parametrize("case", range(6))
+def test_a_stamp_set_sees_exactly_what_each_tensors_stamp_sees(position, case):
+    """``StampSet`` (the cache entries' flat stamps) against a ``TensorStamp`` per tensor: after every kind of
+    change to one tensor (in place, ``.data`` swaps, same-storage layouts and dtypes, ``set_``) both answer
+    alike, a change to a parameter is seen whichever position it holds, a transposed view follows its base's
+    writes; another tensor object or a different count never matches."""
+    from dorafactors.norm.cache import StampSet, TensorStamp
+
+    name, change, seen = _stamp_set_changes()[case]
+    params = [nn.Parameter(torch.randn(4, 4, dtype=torch.float16)) for _ in range(3)]
+    tensors = (params[0], params[1].T, params[2])  # a view is stamped through its base (PEFT's embedding .T)
+    stamps, each = StampSet(tensors), [TensorStamp(t) for t in tensors]
+    assert stamps.matches(tensors) and all(s.matches(t) for s, t in zip(each, tensors))
+    change(params[position])
+    expected = all(s.matches(t) for s, t in zip(each, tensors))
+    assert stamps.matches(tensors) is expected, name
+    if position != 1 or name == "write":  # a .data swap of the base leaves the existing view where it was
+        assert expected is not seen, name
+    assert not stamps.matches(tensors[:2])
+    assert not stamps.matches((tensors[0].detach(), *tensors[1:]))
