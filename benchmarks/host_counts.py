@@ -3,6 +3,7 @@
     python -m benchmarks.host_counts                       # PyTorch paths (what runs on a CPU)
     TRITON_INTERPRET=1 PEFT_DORA_FUSED=1 python -m benchmarks.host_counts   # the Triton kernel paths
     python -m benchmarks.host_counts --json out.json
+    python -m benchmarks.host_counts --time                # also wall time per call on this CPU
 
 Counts do not depend on the machine (only on the code path), so they are measured on the CPU with tiny
 shapes; host *time* per call is a GPU-machine number (the ``host_us`` column of the ``layer`` and
@@ -11,6 +12,11 @@ shapes; host *time* per call is a GPU-machine number (the ``host_us`` column of 
 * ``train``: one bias-free Linear, forward + backward in train mode, ``x`` requiring a gradient, the adapter
   weights marked as written before the call (dorafactors recomputes its norm, as after an optimizer step);
 * ``decode``: eval, ``no_grad``, one token.
+
+``--time`` also times one call per provider on this CPU (wall microseconds, the providers interleaved in every
+round so that a drift of the machine's speed reaches them alike; the median over the rounds). With these tiny
+shapes a call is mostly host work, so the times and their ratios show the host-time gap of the code path on
+this CPU; what a GPU host pays is the ``host_us`` column of the GPU suites.
 
 Per call: ``python_calls`` (function calls cProfile sees, backward included: autograd runs on this thread),
 ``torch_ops`` (ATen operators that reach the dispatcher below autograd: ``TorchDispatchMode``),
@@ -25,7 +31,9 @@ import contextlib
 import cProfile
 import json
 import pstats
+import statistics
 import sys
+import time
 from collections import Counter
 from typing import Any
 
@@ -119,6 +127,10 @@ def count_call(step, calls: int = 3) -> dict[str, Any]:
     }
 
 
+_WORKLOADS = (("train", 64), ("decode", 1))
+_PROVIDERS = ("lora", "stock", "dorafactors")
+
+
 def _step(provider: str, workload: str, dim: int, rank: int, tokens: int):
     from benchmarks import providers
 
@@ -147,11 +159,29 @@ def _step(provider: str, workload: str, dim: int, rank: int, tokens: int):
     return step
 
 
+def time_calls(steps: dict[str, Any], rounds: int = 7, calls: int = 2000) -> dict[str, float]:
+    """Wall microseconds per call of each step: per round, the mean over ``calls`` calls of each step in turn
+    (the steps interleaved); the median over ``rounds`` rounds. Autograd's multithreading is off, as for
+    the counts (the backward then runs on this thread), and the interpreter's launches are stubbed."""
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    with torch.autograd.set_multithreading_enabled(False), _interpreted_kernels_stubbed():
+        for step in steps.values():
+            for _ in range(max(1, calls // 10)):
+                step()
+        for _ in range(rounds):
+            for name, step in steps.items():
+                start = time.perf_counter()
+                for _ in range(calls):
+                    step()
+                samples[name].append((time.perf_counter() - start) / calls * 1e6)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def run(dim: int = 128, rank: int = 16) -> dict[str, dict[str, dict[str, Any]]]:
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    for workload, tokens in (("train", 64), ("decode", 1)):
+    for workload, tokens in _WORKLOADS:
         out[workload] = {}
-        for provider in ("lora", "stock", "dorafactors"):
+        for provider in _PROVIDERS:
             out[workload][provider] = count_call(_step(provider, workload, dim, rank, tokens))
     return out
 
@@ -159,6 +189,8 @@ def run(dim: int = 128, rank: int = 16) -> dict[str, dict[str, dict[str, Any]]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the counts to this file")
+    parser.add_argument("--time", action="store_true", help="also time one call per provider on this CPU")
+    parser.add_argument("--calls", type=int, default=2000, help="calls per provider and round of --time")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     result = run()
@@ -169,6 +201,14 @@ def main(argv: list[str] | None = None) -> int:
         for provider, counts in by_provider.items():
             print(f"{provider:>12} " + " ".join(f"{counts[k]:16.1f}" for k in keys))
         print(f"    dorafactors ops: {by_provider['dorafactors']['top_ops']}")
+    if args.time:
+        for workload, tokens in _WORKLOADS:
+            steps = {provider: _step(provider, workload, 128, 16, tokens) for provider in _PROVIDERS}
+            times = time_calls(steps, calls=args.calls)
+            print(f"=== {workload}: wall us per call on this CPU (median of rounds; ratio to LoRA)")
+            for provider, us in times.items():
+                print(f"{provider:>12} {us:10.2f} us  {us / times['lora']:5.2f}x")
+                result[workload][provider]["cpu_us"] = us
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)

@@ -42,3 +42,19 @@ def test_profile_host_reports_the_training_phases_of_each_provider(tmp_path):
     phases = train["dorafactors"]["phases"]
     for phase in ("norm recomputation", "whole call, division outside the node", "whole call, again"):
         assert phases[phase] > 0, phase
+
+
+def test_host_counts_times_each_provider_interleaved(tmp_path):
+    """``python -m benchmarks.host_counts --time``: the counts, and a CPU wall time per call for every provider
+    and workload, written to the JSON too."""
+    out = tmp_path / "counts.json"
+    command = [sys.executable, "-m", "benchmarks.host_counts", "--time", "--calls", "5", "--json", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report) == {"train", "decode"}
+    for workload, rows in report.items():
+        assert set(rows) == {"lora", "stock", "dorafactors"}
+        for name, row in rows.items():
+            assert row["cpu_us"] > 0 and row["python_calls"] > 0, (workload, name, row)
+    assert "wall us per call on this CPU" in done.stdout
