@@ -217,8 +217,9 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
         fold_cache = self.__dict__.get("_df_fold_cache_obj")
         folded = None if fold_cache is None else fold_cache.get(adapter_name, signature, inputs)
         if folded is None:
-            # (a hit needs no dtype check: the stamps hold the dtypes this one passed)
-            if weight_a.dtype != weight_b.dtype or not stampable(inputs):  # inference tensors: nothing is cached
+            # checked on a miss only: a hit's stamps hold the dtypes that passed this check when it was stored;
+            # inference tensors cannot be stamped, so nothing is cached for them
+            if weight_a.dtype != weight_b.dtype or not stampable(inputs):
                 return None
             with normal_tensors():
                 folded = self._fold(lora_A, lora_B, weight_b, magnitude, bias, scaling, base_layer, adapter_name)

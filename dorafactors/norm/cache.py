@@ -72,7 +72,6 @@ __all__ = [
     "optimizer_steps",
     "owned_norm_caches",
     "same_values",
-    "stamp",
     "stampable",
 ]
 
@@ -156,6 +155,19 @@ def _root(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if base is None else base
 
 
+def _layout_key(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """What a stamp records of a tensor besides its identity and storage: version, address, layout, dtype
+    (``TensorStamp.matches`` and ``StampSet.matches`` build the same tuple inline, on every cache hit)."""
+    return (
+        tensor._version,
+        tensor.data_ptr(),
+        tensor.storage_offset(),
+        tensor.shape,
+        tensor.stride(),
+        tensor.dtype,
+    )
+
+
 class TensorStamp:
     """Identity + layout + version of one tensor at one moment (see module docstring)."""
 
@@ -164,14 +176,7 @@ class TensorStamp:
     def __init__(self, tensor: torch.Tensor) -> None:
         self._root_ref = weakref.ref(_root(tensor))
         self._storage_ref = weakref.ref(tensor.untyped_storage())  # the device is the storage's
-        self._key = (
-            tensor._version,
-            tensor.data_ptr(),
-            tensor.storage_offset(),
-            tensor.shape,
-            tensor.stride(),
-            tensor.dtype,
-        )
+        self._key = _layout_key(tensor)
 
     def matches(self, tensor: torch.Tensor) -> bool:
         """True when ``tensor`` is the same object, in the same storage, unchanged since the stamp."""
@@ -203,22 +208,6 @@ class TensorStamp:
 
     def __getstate__(self) -> None:  # pragma: no cover - guarded by NormCache.__getstate__
         raise TypeError("TensorStamp holds weak references and is not picklable")
-
-
-def stamp(*tensors: torch.Tensor) -> tuple[TensorStamp, ...]:
-    """Stamps of several tensors, in order."""
-    return tuple(TensorStamp(t) for t in tensors)
-
-
-def _layout_key(tensor: torch.Tensor) -> tuple[Any, ...]:
-    return (
-        tensor._version,
-        tensor.data_ptr(),
-        tensor.storage_offset(),
-        tensor.shape,
-        tensor.stride(),
-        tensor.dtype,
-    )
 
 
 class StampSet:
