@@ -560,11 +560,12 @@ class DoraLayerMixin:
                 return norm
             return torch.stack((norm, scale_divisor(norm, divisor_dtype, norm.device)))
 
+        settings = config.cache_settings()
         values = (
             scaling,
             rows_finite,
-            config.fused_mode(),
-            config.get_dora_norm_threshold_mb(),
+            settings.fused,
+            settings.norm_chunk_mb,
             config.autotune_comprehensive(),
             divisor_dtype,
         )

@@ -184,17 +184,14 @@ def cached_weight_sumsq(
 ) -> tuple[torch.Tensor, bool]:
     """``(||W||^2 per row, every row finite)`` from ``sumsq_cache`` (:func:`weight_norm_with_cached_sumsq`'s
     arguments), computed and stored on a miss: the same tensor object while ``W`` is unchanged."""
-    signature = (
-        config.get_dora_norm_threshold_mb(),
-        config.fused_mode(),
-        optimizer_steps() if base_trainable else -1,
-    )
+    settings = config.cache_settings()
+    signature = (settings.norm_chunk_mb, settings.fused, optimizer_steps() if base_trainable else -1)
     cached = sumsq_cache.get(None, signature, base_tensors)
     if cached is None:
         sumsq = weight_sumsq(weight)
         cached = (sumsq, weight_rows_finite(sumsq))
         sumsq_cache.put(None, signature, base_tensors, cached)
-    elif check is not None and config.norm_cache_verify():
+    elif check is not None and settings.norm_cache == "verify":
         check("base weight sum of squares", cached[0], weight_sumsq(weight))
     return cached
 
