@@ -24,6 +24,7 @@ def _settings(args: argparse.Namespace):
         compile_mode=args.compile_mode,
         device=args.device,
         seed=args.seed,
+        rounds=args.rounds,
     )
 
 
@@ -181,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
             type=int,
             default=None,
             help="timed calls of the gradient-accumulation steps (default 8; 3 with --quick)",
+        )
+        p.add_argument(
+            "--rounds",
+            type=int,
+            default=None,
+            help="interleaved rounds of the host-bound cases (eager layer, decode layer; median round kept; "
+            "default 3, 1 with --quick)",
         )
         p.add_argument("--no-compile", action="store_true", help="skip the optional torch.compile cases")
         p.add_argument(

@@ -79,6 +79,9 @@ class Settings:
     compile_backend: str = "inductor"
     compile_mode: str | None = None
     seed: int = 0
+    #: Interleaved rounds of the host-bound cases (``provider_rows(rounds=)``: the eager layer and decode-layer
+    #: cases); 1 in the --quick smoke run.
+    rounds: int = 1
 
     @property
     def cuda(self) -> bool:
@@ -100,6 +103,7 @@ class Settings:
         compile_mode: str | None = None,
         device: str | None = None,
         seed: int = 0,
+        rounds: int | None = None,
     ) -> Settings:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if reps is None:
@@ -117,6 +121,7 @@ class Settings:
             compile_backend=backend,
             compile_mode=compile_mode if backend == "inductor" and compile_mode != "default" else None,
             seed=seed,
+            rounds=max(1, rounds if rounds is not None else (1 if quick else 3)),
         )
 
 
@@ -341,21 +346,56 @@ def provider_rows(
     providers: Iterable[str],
     measure: Callable[[str], tuple[dict[str, Any], dict[str, Any]]],
     device: torch.device,
+    *,
+    rounds: int = 1,
 ) -> list[dict[str, Any]]:
-    """Run ``measure(provider) -> (metrics, impl)`` for each provider; an exception becomes an error row."""
-    rows: list[dict[str, Any]] = []
-    for provider in providers:
-        if _DEADLINE and time.perf_counter() >= _DEADLINE[0]:
-            rows.append({"provider": provider, "status": "skipped", "reason": "hard deadline of --time-budget passed"})
-            continue
-        try:
-            metrics, impl = measure(provider)
-            rows.append({"provider": provider, "status": "ok", "metrics": metrics, "impl": impl})
-        except Exception as exc:  # one provider failing (OOM, missing kernel...) must not end the run
-            rows.append({"provider": provider, "status": "error", "error": error_text(exc)})
-        finally:
-            free_memory(device)
-    return rows
+    """Run ``measure(provider) -> (metrics, impl)`` for each provider; an exception becomes an error row.
+
+    ``rounds > 1`` measures every provider that many times, interleaved (round ``i`` in the given order,
+    the next reversed), and keeps each provider's median round (:func:`_median_round`): for host-bound cases,
+    whose times follow the host CPU's speed, so that a drift of that speed during the case reaches every
+    provider alike instead of whichever ran while it lasted.
+    """
+    providers = tuple(providers)
+    measured: dict[str, list[dict[str, Any]]] = {p: [] for p in providers}
+    for i in range(max(1, rounds)):
+        for provider in providers if i % 2 == 0 else providers[::-1]:
+            if measured[provider] and measured[provider][-1]["status"] != "ok":
+                continue  # an error or a skip ends that provider's rounds
+            measured[provider].append(_provider_row(provider, measure, device))
+    return [_median_round(measured[p]) for p in providers]
+
+
+def _provider_row(
+    provider: str, measure: Callable[[str], tuple[dict[str, Any], dict[str, Any]]], device: torch.device
+) -> dict[str, Any]:
+    if _DEADLINE and time.perf_counter() >= _DEADLINE[0]:
+        return {"provider": provider, "status": "skipped", "reason": "hard deadline of --time-budget passed"}
+    try:
+        metrics, impl = measure(provider)
+        return {"provider": provider, "status": "ok", "metrics": metrics, "impl": impl}
+    except Exception as exc:  # one provider failing (OOM, missing kernel...) must not end the run
+        return {"provider": provider, "status": "error", "error": error_text(exc)}
+    finally:
+        free_memory(device)
+
+
+def _median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One provider's row from its rounds: the first that is not ok (an error is never averaged away), else
+    the round with the median ``ms`` (the lower middle of an even count), its metrics extended with every
+    round's ``ms`` and ``host_us`` in run order (``ms_rounds``, ``host_us_rounds``)."""
+    for row in rounds:
+        if row["status"] != "ok":
+            return row
+    if len(rounds) == 1:
+        return rounds[0]
+    ordered = sorted(rounds, key=lambda row: row["metrics"].get("ms", float("inf")))
+    chosen = ordered[(len(ordered) - 1) // 2]
+    metrics = dict(chosen["metrics"])
+    metrics["ms_rounds"] = [row["metrics"].get("ms") for row in rounds]
+    if all("host_us" in row["metrics"] for row in rounds):
+        metrics["host_us_rounds"] = [row["metrics"]["host_us"] for row in rounds]
+    return {**chosen, "metrics": metrics}
 
 
 # --------------------------------------------------------------------------------------------- metadata
@@ -441,6 +481,7 @@ def collect_metadata(settings: Settings, argv: Sequence[str] | None = None) -> d
         "source_sha": _source_sha(),
         "reps": settings.reps,
         "heavy_reps": settings.heavy_reps,
+        "rounds": settings.rounds,
         "compile_backend": settings.compile_backend,
         "compile_mode": settings.compile_mode,
         "float32_matmul_precision": torch.get_float32_matmul_precision(),

@@ -385,7 +385,8 @@ def _runs_table(rows: list[dict[str, Any]]) -> list[str]:
             f"| `{run_id}` | {m.get('timestamp', '')} | {m.get('gpu') or m.get('device', '')} | {m.get('driver') or '—'} "
             f"| {m.get('cuda') or '—'} | {m.get('torch')} | {m.get('triton') or '—'} | {m.get('peft')} "
             f"| {m.get('transformers')} | {m.get('dorafactors')} | {commit} | {', '.join(order)} "
-            f"| {m.get('reps')} (heavy {m.get('heavy_reps')}) |"
+            f"| {m.get('reps')} (heavy {m.get('heavy_reps')}"
+            f"{', rounds ' + str(m['rounds']) if m.get('rounds', 1) > 1 else ''}) |"
         )
     return lines
 

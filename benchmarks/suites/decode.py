@@ -4,7 +4,8 @@
   tokens (``DynamicCache``, cropped back with ``crop(-n)`` after every call, so every call sees the same
   context); if the installed transformers cannot crop, the row says so (``impl.decode_mode``) and the
   new tokens are run as a plain forward without a cache.
-* layer: one 8192x8192 Linear (bf16 adapters, as anchors.md), 1 and 16 tokens; one 4096x4096 Linear, 1 token.
+* layer: one 8192x8192 Linear (bf16 adapters, as anchors.md), 1 and 16 tokens; one 4096x4096 Linear, 1 token;
+  the providers measured in ``--rounds`` interleaved rounds, the median round kept (``layer.runner``).
 
 Every row also records the host time to enqueue one call (``host_us``, ``harness.host_us``): a decode call is
 short enough that the host, not the GPU, can bound it.
@@ -88,7 +89,7 @@ def cases(settings: Settings) -> list[Case]:
             d = L.decode_shape(settings, small)
             workload = Workload("layer_infer")
             lora, stock = _PRIOR_LAYER_MS
-            est = 4 * stock * (L.MICRO_CALLS) / 1e3 + L.BUILD_S
+            est = 4 * stock * (L.MICRO_CALLS) / 1e3 * settings.rounds + L.BUILD_S
             out.append(
                 Case(
                     suite="decode",

@@ -6,6 +6,10 @@
 * ``infer``: eval, ``no_grad``. ``dorafactors`` may serve its cached norm (weights frozen);
   ``dorafactors_cold`` is the same model with the cache defeated on every call.
 
+The eager cases measure their providers in ``--rounds`` interleaved rounds (default 3) and keep each
+provider's median round (``harness.provider_rows``): a single layer's call is host-bound at the smaller
+shapes, and the host CPU's speed drifts.
+
 Optional: ``torch.compile`` of LoRA, stock and dorafactors on the 4096x4096 layer (compile time recorded as
 ``compile_s``).
 """
@@ -105,11 +109,22 @@ def _inputs(settings: Settings, d_in: int, d_out: int, n_tokens: int) -> dict[st
     }
 
 
+def rounds(settings: Settings, providers) -> int:
+    """Interleaved rounds of a single-layer case: ``settings.rounds`` for eager providers (a single layer's
+    call is short enough for the host to bound it), 1 for compiled ones (each round would compile again)."""
+    return 1 if any(p.endswith("+compile") for p in providers) else settings.rounds
+
+
 def runner(d_in: int, d_out: int, n_tokens: int, r: int, workload: Workload, providers):
     def run(settings: Settings) -> list[dict[str, Any]]:
         models = layer_set(settings, d_in, d_out, r, P.models_needed(providers))
         inputs = _inputs(settings, d_in, d_out, n_tokens)
-        return provider_rows(providers, lambda p: measure(settings, models, p, workload, inputs), settings.device)
+        return provider_rows(
+            providers,
+            lambda p: measure(settings, models, p, workload, inputs),
+            settings.device,
+            rounds=rounds(settings, providers),
+        )
 
     return run
 
@@ -125,7 +140,10 @@ def cases(settings: Settings) -> list[Case]:
             providers = eager[mode]
             workload = Workload("layer_fwd_bwd" if mode == "fwd_bwd" else "layer_infer")
             lora, stock = _PRIOR_MS[(prior, mode)]
-            est = sum((lora, stock, (lora + stock) / 2, stock)[: len(providers)]) * MICRO_CALLS / 1e3 + BUILD_S
+            est = (
+                sum((lora, stock, (lora + stock) / 2, stock)[: len(providers)]) * MICRO_CALLS / 1e3 * settings.rounds
+                + BUILD_S
+            )
             out.append(
                 Case(
                     suite="layer",

@@ -480,3 +480,48 @@ def test_compiled_cases_under_another_compile_mode_have_their_own_names():
     assert {c.key for c in default if not c.optional} == {c.key for c in graphs if not c.optional}
     targets = {f"{suite}:{name}#compile" for _, suite, name, _ in COMPILED_TARGETS}
     assert {"decode:model/bf16/tokens=1/mode=reduce-overhead#compile"} <= targets & compiled_graphs
+
+
+def test_provider_rows_interleaves_rounds_and_keeps_each_providers_median_round():
+    from benchmarks.harness import provider_rows
+
+    calls: list[str] = []
+    times = {"a": iter([5.0, 1.0, 3.0]), "b": iter([2.0, 4.0, 9.0]), "c": iter([7.0, 7.5, 6.0])}
+
+    def measure(provider):
+        calls.append(provider)
+        ms = next(times[provider])
+        return {"ms": ms, "host_us": ms * 10}, {"round_ms": ms}
+
+    rows = provider_rows(("a", "b", "c"), measure, torch.device("cpu"), rounds=3)
+    assert calls == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
+    by = {r["provider"]: r for r in rows}
+    assert [r["provider"] for r in rows] == ["a", "b", "c"]
+    assert by["a"]["metrics"]["ms"] == 3.0 and by["a"]["impl"] == {"round_ms": 3.0}
+    assert by["b"]["metrics"]["ms"] == 4.0 and by["b"]["metrics"]["host_us"] == 40.0
+    assert by["c"]["metrics"]["ms"] == 7.0
+    assert by["a"]["metrics"]["ms_rounds"] == [5.0, 1.0, 3.0]
+    assert by["c"]["metrics"]["host_us_rounds"] == [70.0, 75.0, 60.0]
+
+
+def test_provider_rows_rounds_report_an_error_and_stop_that_provider():
+    from benchmarks.harness import provider_rows
+
+    calls: list[str] = []
+
+    def measure(provider):
+        calls.append(provider)
+        if provider == "b" and calls.count("b") == 2:
+            raise RuntimeError("out of memory in round 2")
+        return {"ms": 1.0}, {}
+
+    rows = provider_rows(("a", "b"), measure, torch.device("cpu"), rounds=3)
+    assert calls == ["a", "b", "b", "a", "a"]
+    assert rows[0]["status"] == "ok" and rows[0]["metrics"]["ms_rounds"] == [1.0, 1.0, 1.0]
+    assert rows[1]["status"] == "error" and "round 2" in rows[1]["error"]
+
+
+def test_settings_rounds_default_three_on_full_runs_one_in_the_quick_run():
+    assert Settings.make(quick=False, device="cpu").rounds == 3
+    assert Settings.make(quick=True).rounds == 1
+    assert Settings.make(quick=True, rounds=5).rounds == 5
