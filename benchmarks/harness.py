@@ -381,20 +381,24 @@ def _provider_row(
 
 
 def _median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """One provider's row from its rounds: the first that is not ok (an error is never averaged away), else
-    the round with the median ``ms`` (the lower middle of an even count), its metrics extended with every
-    round's ``ms`` and ``host_us`` in run order (``ms_rounds``, ``host_us_rounds``)."""
+    """One provider's row from its rounds: an error if a round failed (never averaged away); else the ok
+    round with the median ``ms`` (the lower middle of an even count), its metrics extended with every ok
+    round's ``ms`` and ``host_us`` in run order (``ms_rounds``, ``host_us_rounds``); a skip (the hard deadline
+    passed) only where no round finished."""
     for row in rounds:
-        if row["status"] != "ok":
+        if row["status"] == "error":
             return row
-    if len(rounds) == 1:
+    done = [row for row in rounds if row["status"] == "ok"]
+    if not done:
         return rounds[0]
-    ordered = sorted(rounds, key=lambda row: row["metrics"].get("ms", float("inf")))
+    if len(done) == 1:
+        return done[0]
+    ordered = sorted(done, key=lambda row: row["metrics"].get("ms", float("inf")))
     chosen = ordered[(len(ordered) - 1) // 2]
     metrics = dict(chosen["metrics"])
-    metrics["ms_rounds"] = [row["metrics"].get("ms") for row in rounds]
-    if all("host_us" in row["metrics"] for row in rounds):
-        metrics["host_us_rounds"] = [row["metrics"]["host_us"] for row in rounds]
+    metrics["ms_rounds"] = [row["metrics"].get("ms") for row in done]
+    if all("host_us" in row["metrics"] for row in done):
+        metrics["host_us_rounds"] = [row["metrics"]["host_us"] for row in done]
     return {**chosen, "metrics": metrics}
 
 

@@ -521,6 +521,24 @@ def test_provider_rows_rounds_report_an_error_and_stop_that_provider():
     assert rows[1]["status"] == "error" and "round 2" in rows[1]["error"]
 
 
+def test_provider_rows_rounds_keep_the_finished_rounds_when_the_deadline_passes(monkeypatch):
+    import benchmarks.harness as H
+
+    calls: list[str] = []
+
+    def measure(provider):
+        calls.append(provider)
+        if len(calls) == 3:  # the deadline passes during round 2 ("b" then "a" are left)
+            monkeypatch.setattr(H, "_DEADLINE", [0.0])
+        return {"ms": float(len(calls))}, {}
+
+    rows = H.provider_rows(("a", "b"), measure, torch.device("cpu"), rounds=3)
+    assert calls == ["a", "b", "b"]
+    assert rows[0]["status"] == "ok" and rows[0]["metrics"]["ms"] == 1.0 and "ms_rounds" not in rows[0]["metrics"]
+    assert rows[1]["status"] == "ok" and rows[1]["metrics"]["ms_rounds"] == [2.0, 3.0]
+    assert rows[1]["metrics"]["ms"] == 2.0  # the lower middle of two
+
+
 def test_settings_rounds_default_three_on_full_runs_one_in_the_quick_run():
     assert Settings.make(quick=False, device="cpu").rounds == 3
     assert Settings.make(quick=True).rounds == 1
