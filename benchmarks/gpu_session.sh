@@ -2,12 +2,15 @@
 # Run the GPU tests, benchmark suites and the tune command on one CUDA machine; logs and results go to $OUT.
 #
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh env gpu-tests cuda-props
+#   OUT=/tmp/out bash benchmarks/gpu_session.sh gpu-tests tests/kernels            # one part of the GPU tests
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh bench model,decode bench layer,norm,compose,ranks
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh tune norm,compose,fold
 #
 # Steps run in the order given (from the repository root):
 #   env                 GPU, driver and package versions            -> $OUT/env.txt
-#   gpu-tests           every test marked `gpu` (pytest -m gpu)      -> $OUT/gpu_tests.log
+#   gpu-tests [PATHS]   every test marked `gpu` (pytest -m gpu), or those under the test paths that
+#                       follow (tests/...; the whole set takes about 10 minutes on an H200, more than
+#                       one device call allows with a start)           -> $OUT/gpu_tests.log (appended)
 #   cuda-props          the autograd, layer and norm tests on CUDA tensors, kernels on
 #                       (DORAFACTORS_TEST_DEVICE=cuda)               -> $OUT/cuda_props.log
 #   bench SUITES        python -m benchmarks run --suite SUITES      -> $OUT/<gpu>-<date>.json (+ .log); calls
@@ -46,8 +49,14 @@ while [ $# -gt 0 ]; do
             python3 -c "import torch, triton, peft, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/env.txt"
             ;;
         gpu-tests)
-            timeout -s INT -k 30 "$TEST_BOX" python3 -m pytest -v -p no:cacheprovider -rs --durations=20 -m gpu tests 2>&1 \
-                | tee "$OUT/gpu_tests.log" | summary
+            paths=()
+            while [ $# -gt 0 ] && [[ $1 == tests* ]]; do
+                paths+=("$1")
+                shift
+            done
+            [ ${#paths[@]} -gt 0 ] || paths=(tests)
+            timeout -s INT -k 30 "$TEST_BOX" python3 -m pytest -v -p no:cacheprovider -rs --durations=20 -m gpu "${paths[@]}" 2>&1 \
+                | tee -a "$OUT/gpu_tests.log" | summary
             ;;
         cuda-props)
             DORAFACTORS_TEST_DEVICE=cuda timeout -s INT -k 30 "$TEST_BOX" python3 -m pytest -v -p no:cacheprovider -rs \
@@ -69,7 +78,7 @@ while [ $# -gt 0 ]; do
             python3 -m benchmarks tune --only "$parts" 2>&1 | tee "$OUT/tune.log" | tail -30
             ;;
         *)
-            echo "unknown step $step (env, gpu-tests, cuda-props, bench SUITES, tune [PARTS])" >&2
+            echo "unknown step $step (env, gpu-tests [PATHS], cuda-props, bench SUITES, tune [PARTS])" >&2
             exit 2
             ;;
     esac
