@@ -9,7 +9,7 @@
 # Steps run in the order given (from the repository root):
 #   env                 GPU, driver and package versions            -> $OUT/env.txt
 #   gpu-tests [PATHS]   every test marked `gpu` (pytest -m gpu), or those under the test paths that
-#                       follow (tests/...; the whole set takes about 10 minutes on an H200, more than
+#                       follow (tests/...; the whole set takes more than 10 minutes on an H200, more than
 #                       one device call allows with a start)           -> $OUT/gpu_tests.log (appended)
 #   cuda-props          the autograd, layer and norm tests on CUDA tensors, kernels on
 #                       (DORAFACTORS_TEST_DEVICE=cuda)               -> $OUT/cuda_props.log
