@@ -66,6 +66,7 @@ from ..norm import engine
 from ..norm.cache import (
     OwnedNormCaches,
     StaleNormCacheError,
+    StampSet,
     normal_tensors,
     optimizer_steps,
     owned_norm_caches,
@@ -381,10 +382,96 @@ def _refresh_weight_norms_impl(
     caches: list[bool],
 ) -> None:
     """``dorafactors::refresh_weight_norms``: :func:`_refresh_weight_norm_impl` for each layer, in order. A compiled
-    graph calls it once in place of its layers' ``refresh_weight_norm`` calls (``autograd/norm_batching.py``)."""
+    graph calls it once in place of its layers' ``refresh_weight_norm`` calls (``autograd/norm_batching.py``).
+
+    A call that finds every layer's store holding its cached norm leaves a :class:`_MergedMemo` with its first
+    layer; the next call with the same arguments, all unchanged, returns after checking it (one pass over the
+    stamps of all the layers' tensors, without the per-layer lookups, signatures and calls)."""
     settings = _CallSettings.now()
+    first = owned_norm_caches(owners[0], create=False) if owners else None
+    if first is not None and first.merged is not None:
+        if _merged_memo_holds(first.merged, settings, stores, owners, weights, lora_As, lora_Bs, scalings, layouts):
+            return
+        first.merged = None
     for args in zip(stores, owners, weights, lora_As, lora_Bs, scalings, layouts, caches, strict=True):
         _refresh_weight_norm_impl(*args, settings)
+    if settings.cache_mode == "on" and False not in caches:
+        memo = _merged_memo(settings, stores, owners, weights, lora_As, lora_Bs, scalings, layouts)
+        if memo is not None:
+            owned_norm_caches(owners[0]).merged = memo
+
+
+class _MergedMemo(NamedTuple):
+    """What a merged refresh call left behind when every layer's store held its cached norm: the call's settings
+    and plain arguments, per layer ``(owner ref, store ref, store data_ptr, caches, caches.served,
+    caches.norm.changes)``, and the stamps of every layer's weight, ``lora_A`` and ``lora_B``.
+
+    While all of that is unchanged, each layer's own check (:func:`_refresh_weight_norm_impl`) would find the
+    same cache entry valid (same tensors, unchanged; same signature; no optimizer step since) and its store
+    already holding it, so the call has nothing to do."""
+
+    settings: _CallSettings
+    scalings: tuple[float, ...]
+    layouts: tuple[str, ...]
+    rows: tuple[tuple[weakref.ref, weakref.ref, int, OwnedNormCaches, tuple, int], ...]
+    stamps: StampSet
+
+
+def _merged_memo(
+    settings: _CallSettings,
+    stores: list[torch.Tensor],
+    owners: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    lora_As: list[torch.Tensor],
+    lora_Bs: list[torch.Tensor],
+    scalings: list[float],
+    layouts: list[str],
+) -> _MergedMemo | None:
+    """The memo of a merged call just made, or None when a layer's store does not hold its cached norm."""
+    rows = []
+    for owner, store in zip(owners, stores):
+        caches = owned_norm_caches(owner, create=False)
+        served = None if caches is None else caches.served
+        if served is None or served[0]() is not store or served[1] != store.data_ptr():
+            return None
+        if served[2] is not caches.norm.peek(None):  # type: ignore[union-attr]
+            return None
+        rows.append((weakref.ref(owner), served[0], served[1], caches, served, caches.norm.changes))  # type: ignore[union-attr]
+    return _MergedMemo(settings, tuple(scalings), tuple(layouts), tuple(rows), StampSet((*weights, *lora_As, *lora_Bs)))
+
+
+def _merged_memo_holds(
+    memo: _MergedMemo,
+    settings: _CallSettings,
+    stores: list[torch.Tensor],
+    owners: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    lora_As: list[torch.Tensor],
+    lora_Bs: list[torch.Tensor],
+    scalings: list[float],
+    layouts: list[str],
+) -> bool:
+    """True when a merged call with these arguments has nothing to do (:class:`_MergedMemo`); counts each layer's
+    cache hit then, as its own check would. The settings hold the optimizer step: any step ends the memo."""
+    rows = memo.rows
+    if settings != memo.settings or len(owners) != len(rows) or len(stores) != len(rows):
+        return False
+    if tuple(scalings) != memo.scalings or tuple(layouts) != memo.layouts:
+        return False
+    for (owner_ref, store_ref, store_ptr, caches, served, changes), owner, store in zip(rows, owners, stores):
+        if (
+            owner_ref() is not owner
+            or store_ref() is not store
+            or store.data_ptr() != store_ptr
+            or caches.served is not served
+            or caches.norm.changes != changes
+        ):
+            return False
+    if not memo.stamps.matches((*weights, *lora_As, *lora_Bs)):
+        return False
+    for row in rows:
+        row[3].norm.hits += 1
+    return True
 
 
 def _cached_weight_norm_fake(owner, weight, lora_A, lora_B, scaling, layout, cache):

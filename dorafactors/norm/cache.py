@@ -264,6 +264,9 @@ class NormCache:
         self._entries: dict[Any, tuple[Any, StampSet, Any]] = {}
         self.hits = 0
         self.misses = 0
+        #: Bumped whenever an entry is stored, dropped or cleared: a caller that remembers it knows the entries
+        #: are the ones it saw while it is unchanged (the merged norm op's memo: ``autograd/norm_op.py``).
+        self.changes = 0
 
     def get(self, slot: Any, signature: Any, inputs: tuple[torch.Tensor, ...]) -> Any | None:
         entry = self._entries.get(slot)
@@ -273,14 +276,23 @@ class NormCache:
                 self.hits += 1
                 return value
             del self._entries[slot]
+            self.changes += 1
         self.misses += 1
         return None
 
+    def peek(self, slot: Any) -> Any | None:
+        """The value stored in ``slot``, unvalidated (None when empty): for a caller that validates it by other
+        means (:attr:`changes`), never to serve."""
+        entry = self._entries.get(slot)
+        return None if entry is None else entry[2]
+
     def put(self, slot: Any, signature: Any, inputs: tuple[torch.Tensor, ...], value: Any) -> None:
         self._entries[slot] = (signature, StampSet(inputs), value)
+        self.changes += 1
 
     def clear(self) -> None:
         self._entries.clear()
+        self.changes += 1
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -310,7 +322,7 @@ class OwnedNormCaches:
     and to clear.
     """
 
-    __slots__ = ("norm", "served", "sumsq")
+    __slots__ = ("merged", "norm", "served", "sumsq")
 
     def __init__(self) -> None:
         self.norm = NormCache()
@@ -318,11 +330,15 @@ class OwnedNormCaches:
         #: ``(weak reference to the layer's norm store, its data_ptr, the cached norm written into it)`` after
         #: ``dorafactors::refresh_weight_norm`` wrote it, or None: the op skips the write while these match.
         self.served: tuple[weakref.ref, int, torch.Tensor] | None = None
+        #: What a merged ``dorafactors::refresh_weight_norms`` call whose first layer this is left behind (its
+        #: memo: ``autograd/norm_op.py``), or None.
+        self.merged: Any = None
 
     def clear(self) -> None:
         self.norm.clear()
         self.sumsq.clear()
         self.served = None
+        self.merged = None
 
 
 #: ``id(owner) -> (weak reference to the owner, its caches)``; an entry is dropped when its owner is freed.

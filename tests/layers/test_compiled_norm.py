@@ -189,6 +189,103 @@ def test_the_op_caches_nothing_when_told_not_to_or_switched_off(monkeypatch):
     assert caches.norm.misses == 5 and caches.norm.hits == 0 and len(caches.norm) == 0
 
 
+MERGED_OP = torch.ops.dorafactors.refresh_weight_norms.default
+
+
+def test_the_merged_op_skips_its_layers_only_while_nothing_they_read_changed(monkeypatch):
+    """``refresh_weight_norms`` on three layers (one per layout): after a call that leaves every store holding
+    its cached norm, a repeat returns early (the layers' hits counted, nothing computed, nothing written);
+    every change a layer's own check would see makes the next call check each layer again, and the stores
+    then hold the current norms: in-place writes of ``A``, ``B`` and ``W``, an optimizer step (a write no
+    version counter sees, as fused optimizers make), a replaced parameter or store, ``clear_norm_caches``
+    after a ``.data`` write, another scaling, and ``verify`` mode."""
+    gen = torch.Generator().manual_seed(11)
+    layers = []
+    for layout in norm_op.LAYOUTS:
+        w, a, b = _factors(layout, gen)
+        rows = w.shape[1] if layout == "transposed" else w.shape[0]
+        layers.append([norm_op.new_norm_store(rows, F32, "cpu"), nn.Parameter(torch.ones(rows)), w, a, b])
+    scalings = [0.7, 1.3, 0.4]
+
+    def call(scales=None):
+        columns = [list(column) for column in zip(*layers)]
+        MERGED_OP(*columns, scales or scalings, list(norm_op.LAYOUTS), [True] * len(layers))
+
+    def caches(i):
+        return dorafactors.norm.cache.owned_norm_caches(layers[i][1], create=False)
+
+    def counts():
+        return [(caches(i).norm.misses, caches(i).norm.hits) for i in range(len(layers))]
+
+    def assert_stores_current(what, scales=None):
+        for (store, _, w, a, b), layout, scale in zip(layers, norm_op.LAYOUTS, scales or scalings):
+            w2, a2, b2 = norm_op.norm_factors(layout, w, a, b)
+            want = engine.weight_norm(w2, a2, b2, scale)
+            assert_dtype_close(store.view(F32), want, F32, name=f"{what}: store of the {layout} layer")
+
+    with torch.no_grad():
+        call()
+        assert caches(0).merged is not None, "a call that left every store current leaves its memo"
+        assert_stores_current("first call")
+        before = counts()
+        written = [caches(i).served for i in range(len(layers))]
+        for _ in range(3):
+            call()
+        assert counts() == [(misses, hits + 3) for misses, hits in before], "repeats: hits, no computation"
+        assert [caches(i).served for i in range(len(layers))] == written, "a repeat wrote a store"
+
+        def changed(what, edit, scales=None, recomputes=True):
+            before = [(caches(i), caches(i).norm.misses) for i in range(len(layers))]  # kept alive: no id reuse
+            edit()
+            call(scales)
+            assert_stores_current(what, scales)
+            recomputed = False
+            for i in range(len(layers)):
+                seen = [misses for cache, misses in before if cache is caches(i)]
+                recomputed |= caches(i).norm.misses > (seen[0] if seen else 0)
+            assert recomputed == recomputes, f"{what}: recomputed {recomputed}"
+            assert caches(0).merged is not None, f"{what}: the memo was not renewed"
+            hits = sum(h for _, h in counts())
+            call(scales)  # and the renewed memo serves the repeat
+            assert sum(h for _, h in counts()) == hits + len(layers)
+
+        changed("lora_A written", lambda: layers[1][3].mul_(1.5))
+        changed("lora_B written", lambda: layers[2][4].add_(0.25))
+        changed("base weight written", lambda: layers[0][2].mul_(0.5))
+        step = torch.optim.SGD([layers[1][3]], lr=0.0)
+        layers[1][3].grad = torch.zeros_like(layers[1][3])
+
+        def blind_step():
+            layers[1][3].data.mul_(2.0)  # a write no version counter sees, then the step that made it
+            step.step()
+
+        changed("optimizer step", blind_step)
+        changed("parameter replaced", lambda: layers[2].__setitem__(4, nn.Parameter(layers[2][4].detach() * 3)))
+        new_owner = nn.Parameter(torch.ones(len(layers[1][1])))  # a new magnitude: the layer's caches start empty
+        changed("magnitude replaced", lambda: layers[1].__setitem__(1, new_owner))
+        new_store = norm_op.new_norm_store(len(layers[0][0]), F32, "cpu")  # zeros: it must be written
+        changed("store replaced", lambda: layers[0].__setitem__(0, new_store), recomputes=False)
+
+        def data_write_and_clear():
+            layers[2][2].data.mul_(1.25)
+            caches(2).clear()  # what clear_norm_caches does for the layer
+
+        changed("clear after a .data write", data_write_and_clear)
+
+        def data_write_and_entry_dropped():
+            layers[1][3].data.mul_(1.25)  # lora_A: behind the norm entry only (W is behind the sum of squares too)
+            caches(1).norm.clear()  # the entry alone dropped, as another op of the layer may replace it
+
+        changed("norm entry dropped after a .data write", data_write_and_entry_dropped)
+        changed("scaling", lambda: None, scales=[0.7, 1.3, 0.9])
+        monkeypatch.setenv("PEFT_DORA_NORM_CACHE", "verify")
+        config.invalidate_cache()
+        for store, *_ in layers:
+            store.zero_()  # a write into the stores from outside: verify compares them with the cached norms
+        with pytest.raises(StaleNormCacheError, match="store"):
+            call([0.7, 1.3, 0.9])
+
+
 # --------------------------------------------------------------------------------------------- compiled models
 
 
