@@ -395,7 +395,7 @@ def _refresh_weight_norms_impl(
         first.merged = None
     for args in zip(stores, owners, weights, lora_As, lora_Bs, scalings, layouts, caches, strict=True):
         _refresh_weight_norm_impl(*args, settings)
-    if settings.cache_mode == "on" and False not in caches:
+    if owners and settings.cache_mode == "on" and False not in caches:
         memo = _merged_memo(settings, stores, owners, weights, lora_As, lora_Bs, scalings, layouts)
         if memo is not None:
             owned_norm_caches(owners[0]).merged = memo
