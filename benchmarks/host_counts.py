@@ -4,6 +4,7 @@
     TRITON_INTERPRET=1 PEFT_DORA_FUSED=1 python -m benchmarks.host_counts   # the Triton kernel paths
     python -m benchmarks.host_counts --json out.json
     python -m benchmarks.host_counts --time                # also wall time per call on this CPU
+    python -m benchmarks.host_counts --compiled 28         # also a compiled decode call of 28 layers
 
 Counts do not depend on the machine (only on the code path), so they are measured on the CPU with tiny
 shapes; host *time* per call is a GPU-machine number (the ``host_us`` column of the ``layer`` and
@@ -12,6 +13,10 @@ shapes; host *time* per call is a GPU-machine number (the ``host_us`` column of 
 * ``train``: one bias-free Linear, forward + backward in train mode, ``x`` requiring a gradient, the adapter
   weights marked as written before the call (dorafactors recomputes its norm, as after an optimizer step);
 * ``decode``: eval, ``no_grad``, one token.
+
+``--compiled N`` also times, per provider, an Inductor-compiled one-token ``no_grad`` call of ``N`` stacked bf16
+Linear layers (the host work of compiled decode, here with the CPU doing the tiny matmuls too), and reports the
+host time of dorafactors' norm op (``dorafactors::refresh_weight_norms``) per call.
 
 ``--time`` also times one call per provider on this CPU (wall microseconds, the providers interleaved in every
 round so that a drift of the machine's speed reaches them alike; the median over the rounds). With these tiny
@@ -177,6 +182,60 @@ def time_calls(steps: dict[str, Any], rounds: int = 7, calls: int = 2000) -> dic
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+class _LinearStack(torch.nn.Module):
+    """``layers`` bias-free ``dim x dim`` Linear layers applied in turn (``layers.<i>``)."""
+
+    def __init__(self, layers: int, dim: int) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(dim, dim, bias=False) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def compiled_decode_steps(layers: int, dim: int = 128, rank: int = 16) -> dict[str, Any]:
+    """Per provider, a no-grad one-token call of ``layers`` stacked bf16 Linear layers (DoRA/LoRA on each)
+    compiled by Inductor (``dynamic=False``) and warmed up: the host work of compiled decode
+    on this CPU. Each provider's call is a function of its own code object, so that Dynamo keeps one cache
+    entry per provider (a shared code object would have each call check the other models' guards first)."""
+    from benchmarks import providers
+
+    torch._dynamo.reset()
+    steps: dict[str, Any] = {}
+    base = _LinearStack(layers, dim).to(torch.bfloat16)
+    targets = tuple(f"layers.{i}" for i in range(layers))
+    for provider in _PROVIDERS:
+        model = providers.build_peft(
+            base, provider, r=rank, alpha=2 * rank, targets=targets, autocast_adapter_dtype=False, seed=0
+        ).eval()
+        namespace: dict[str, Any] = {"model": model}
+        exec(f"def decode_{provider}(x):\n    return model(x)\n", namespace)  # a code object per provider
+        # stock PEFT's forward breaks the graph (its dequantize check): no fullgraph=True
+        compiled = torch.compile(namespace[f"decode_{provider}"], dynamic=False)
+        x = torch.randn(1, dim, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+
+        def step(compiled=compiled, x=x) -> None:
+            with torch.no_grad():
+                compiled(x)
+
+        for _ in range(3):
+            step()
+        steps[provider] = step
+    return steps
+
+
+def merged_norm_op_us(step, calls: int = 200) -> float:
+    """Own host microseconds per call of ``dorafactors::refresh_weight_norms`` in ``step`` (``torch.profiler``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            step()
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if "refresh_weight_norm" in e.key) / calls
+
+
 def run(dim: int = 128, rank: int = 16) -> dict[str, dict[str, dict[str, Any]]]:
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for workload, tokens in _WORKLOADS:
@@ -191,6 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the counts to this file")
     parser.add_argument("--time", action="store_true", help="also time one call per provider on this CPU")
     parser.add_argument("--calls", type=int, default=2000, help="calls per provider and round of --time")
+    parser.add_argument(
+        "--compiled",
+        type=int,
+        metavar="LAYERS",
+        help="also time a compiled (Inductor) one-token no-grad call of LAYERS stacked Linear layers per provider",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     result = run()
@@ -209,6 +274,16 @@ def main(argv: list[str] | None = None) -> int:
             for provider, us in times.items():
                 print(f"{provider:>12} {us:10.2f} us  {us / times['lora']:5.2f}x")
                 result[workload][provider]["cpu_us"] = us
+    if args.compiled:
+        steps = compiled_decode_steps(args.compiled)
+        times = time_calls(steps, calls=max(1, args.calls // 10))
+        op_us = merged_norm_op_us(steps["dorafactors"])
+        print(f"=== compiled decode, {args.compiled} layers: wall us per call on this CPU (ratio to LoRA)")
+        for provider, us in times.items():
+            print(f"{provider:>12} {us:10.2f} us  {us / times['lora']:5.2f}x")
+        print(f"    dorafactors' norm op: {op_us:.2f} us of host time per call")
+        result["compiled_decode"] = {p: {"cpu_us": us} for p, us in times.items()}
+        result["compiled_decode"]["dorafactors"]["norm_op_us"] = op_us
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)

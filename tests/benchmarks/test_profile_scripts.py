@@ -58,3 +58,17 @@ def test_host_counts_times_each_provider_interleaved(tmp_path):
         for name, row in rows.items():
             assert row["cpu_us"] > 0 and row["python_calls"] > 0, (workload, name, row)
     assert "wall us per call on this CPU" in done.stdout
+
+
+def test_host_counts_times_a_compiled_decode_call(tmp_path):
+    """``python -m benchmarks.host_counts --compiled N``: an Inductor-compiled one-token call of N stacked
+    layers per provider, timed on the CPU, and the host time of dorafactors' norm op inside it (it ran)."""
+    out = tmp_path / "counts.json"
+    command = [sys.executable, "-m", "benchmarks.host_counts", "--compiled", "2", "--calls", "20", "--json", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["compiled_decode"]
+    assert set(rows) == {"lora", "stock", "dorafactors"}
+    assert all(row["cpu_us"] > 0 for row in rows.values()), rows
+    assert rows["dorafactors"]["norm_op_us"] > 0, "the compiled call ran no norm op"
+    assert "compiled decode, 2 layers" in done.stdout
