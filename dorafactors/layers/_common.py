@@ -616,11 +616,9 @@ def _module_path(layer: nn.Module) -> str:
     return ".".join(reversed(names)) or type(layer).__name__
 
 
-@contextlib.contextmanager
-def _autocast_off(device_type: str):
-    """The norm controls its own precision: no autocast inside it."""
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """The norm controls its own precision: no autocast inside it (a plain ``nullcontext`` where autocast is
+    off, which is every training call without AMP: no generator-based context per norm)."""
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
-        with torch.autocast(device_type=device_type, enabled=False):
-            yield
-    else:
-        yield
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
