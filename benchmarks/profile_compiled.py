@@ -6,6 +6,7 @@
     python benchmarks/profile_compiled.py --mode reduce-overhead   # CUDA graphs, on a StaticCache
     python benchmarks/profile_compiled.py --setup peft-default     # bf16 base, fp32 adapters
     python benchmarks/profile_compiled.py --dry-run-cpu    # checks the script on the CPU (tiny, not a measurement)
+    python benchmarks/profile_compiled.py --tokens 1 --rounds 7   # host time in 7 interleaved rounds
     OUT=/some/dir python benchmarks/profile_compiled.py     # also writes $OUT/profile_compiled.json
 
 The decode suite's ``model/<setup>/tokens=N`` case (``--setup``, default bf16; eval, ``no_grad``, N new tokens
@@ -18,6 +19,12 @@ Per provider: ``host_us`` (wall time of back-to-back calls without synchronizing
 side costs while the device keeps up), ``sync_us`` (the same with the final synchronize), ``device_us``
 (the sum of the CUDA kernel times of one call, from ``torch.profiler``), ``kernels`` (launches per call), and
 the operators with the most own host time and the most device time per call.
+
+``--rounds N`` (N > 1): every provider is compiled first (kept warm side by side: ``providers.compiled_alongside``;
+LoRA and dorafactors only, whose models compile without graph breaks), then ``host_us`` and ``sync_us`` are
+timed in N rounds, the providers interleaved (round ``i`` in the given order, the next reversed), and each row
+keeps its median round and every round (``host_us_rounds``): the host's speed drifts by up to 2x within
+seconds on some GPU machines, which a single back-to-back timing per provider attributes to whichever ran then.
 """
 
 from __future__ import annotations
@@ -107,7 +114,12 @@ def main() -> None:
     parser.add_argument("--cprofile", action="store_true", help="also the Python functions with most own time")
     parser.add_argument("--dry-run-cpu", action="store_true")
     parser.add_argument("--layer", type=int, default=None, help="profile one D x D Linear's no-grad call instead")
+    parser.add_argument("--rounds", type=int, default=1, help="time the host in this many interleaved rounds")
     args = parser.parse_args()
+    if args.rounds > 1 and "stock" in args.providers.split(","):
+        parser.error(
+            "--rounds keeps the providers compiled side by side: lora and dorafactors only (stock breaks the graph)"
+        )
     settings = Settings.make(quick=args.dry_run_cpu, device="cpu" if args.dry_run_cpu else None)
     device = settings.device
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -123,11 +135,16 @@ def main() -> None:
             "new_ids": M.token_ids(settings, 1, args.tokens, salt=12)[0],
         }
         workload = Workload("decode", new_tokens=args.tokens, context=ctx)
-    rows: dict[str, Any] = {}
-    for name in names:
+    calls = 3 if args.dry_run_cpu else args.calls
+    rounds = max(1, args.rounds)
+
+    def compiled_step(name: str):
         model = P.get_model(models, name)
         model.eval()
-        runner, _ = P.compiled(model, args.backend, args.mode)
+        if rounds > 1:
+            runner, _ = P.compiled_alongside(model, name, args.backend, args.mode)
+        else:
+            runner, _ = P.compiled(model, args.backend, args.mode)
         if args.layer:
             step, mode = _no_grad_call(runner, x), f"layer {args.layer}, {args.tokens} rows"
         else:
@@ -135,10 +152,32 @@ def main() -> None:
         for _ in range(3):
             step()
         sync()
-        calls = 3 if args.dry_run_cpu else args.calls
+        return model, step, mode
+
+    timed: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    built: dict[str, tuple[Any, Any, str]] = {}
+    if rounds > 1:
+        torch._dynamo.reset()
+        for name in names:
+            built[name] = compiled_step(name)
+        before = P.dynamo_stats()
+        for i in range(rounds):
+            for name in names if i % 2 == 0 else names[::-1]:
+                timed[name].append(host_us_per_call(built[name][1], calls, sync))
+        after = P.dynamo_stats()
+        if before and after:  # a provider recompiling during the rounds would time compilation, not calls
+            print(f"graphs compiled during the rounds: {after['graphs'] - before['graphs']} (0 expected)")
+    rows: dict[str, Any] = {}
+    for name in names:
+        model, step, mode = built[name] if rounds > 1 else compiled_step(name)
         norms_before = _norm_computations(model)
-        host, with_sync = host_us_per_call(step, calls, sync)
+        if rounds == 1:
+            timed[name].append(host_us_per_call(step, calls, sync))
+        host, with_sync = sorted(timed[name])[(len(timed[name]) - 1) // 2]  # the median round by host time
         row = {"host_us": round(host, 1), "sync_us": round(with_sync, 1), "decode_mode": mode}
+        if rounds > 1:
+            row["host_us_rounds"] = [round(h, 1) for h, _ in timed[name]]
+            row["sync_us_rounds"] = [round(s, 1) for _, s in timed[name]]
         row.update(_profile(step, device, min(calls, 10), args.top))
         row["norms_computed"] = _norm_computations(model) - norms_before
         if args.cprofile:
@@ -149,6 +188,8 @@ def main() -> None:
             f"synced {row['sync_us']} us, device {row['device_us']} us, {row['kernels']:.0f} kernels, "
             f"{row['norms_computed']} norms computed in the timed and profiled calls"
         )
+        if rounds > 1:
+            print(f"   host us per round: {row['host_us_rounds']}")
         for op in row["top_host_ops"]:
             print(f"   {op['self_cpu_us']:9.1f} us  x{op['calls']:<6g} {op['op'][:90]}")
         for op in row["top_device_ops"]:
@@ -159,7 +200,14 @@ def main() -> None:
     if out:
         Path(out, "profile_compiled.json").write_text(
             json.dumps(
-                {"tokens": args.tokens, "mode": args.mode, "setup": args.setup, "layer": args.layer, "rows": rows},
+                {
+                    "tokens": args.tokens,
+                    "mode": args.mode,
+                    "setup": args.setup,
+                    "layer": args.layer,
+                    "rounds": rounds,
+                    "rows": rows,
+                },
                 indent=1,
             )
         )

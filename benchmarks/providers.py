@@ -565,6 +565,27 @@ def compiled(model: nn.Module, backend: str, mode: str | None = None) -> tuple[C
     return torch.compile(model, backend=backend, mode=mode, dynamic=False), info
 
 
+def compiled_alongside(
+    model: nn.Module, tag: str, backend: str, mode: str | None = None
+) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """Like :func:`compiled`, but without a Dynamo reset, so that several providers' compiled models stay warm
+    in one process and can be timed in interleaved rounds (``benchmarks/profile_compiled.py --rounds``).
+
+    Dynamo keeps its compiled graphs per code object, and the providers' models share theirs (PEFT's and
+    transformers' ``forward``): the model is called from a function of its own code object (named after
+    ``tag``), so that each provider's graph is an entry of its own and no call checks another provider's
+    guards first. Only for models that compile without graph breaks (LoRA, dorafactors): a frame Dynamo gives
+    up on is run eagerly for every model that shares its code."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    name = "call_" + "".join(c if c.isalnum() else "_" for c in tag)
+    namespace: dict[str, Any] = {"model": model}
+    exec(f"def {name}(*args, **kwargs):\n    return model(*args, **kwargs)\n", namespace)
+    info: dict[str, Any] = {"compile_backend": backend, "compile_mode": mode or "default"}
+    return torch.compile(namespace[name], backend=backend, mode=mode, dynamic=False), info
+
+
 def dynamo_stats() -> dict[str, int]:
     """Process-wide Dynamo counters: graphs compiled (``unique_graphs``) and graph breaks, for per-row deltas."""
     try:

@@ -27,6 +27,27 @@ def test_profile_compiled_layer_mode_reports_each_provider_and_no_norm_per_call(
         assert row["decode_mode"] == "layer 64, 8 rows"
 
 
+def test_profile_compiled_times_the_providers_in_interleaved_rounds_without_recompiling(tmp_path):
+    """``--rounds 3``: both providers compiled side by side, then timed in three interleaved rounds; each row
+    keeps its median round and all three, and no graph was compiled during the rounds."""
+    command = [sys.executable, "benchmarks/profile_compiled.py", "--dry-run-cpu", "--backend", "aot_eager"]
+    command += ["--tokens", "1", "--rounds", "3"]
+    done = subprocess.run(
+        command, cwd=ROOT, env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "profile_compiled.json").read_text())
+    assert report["rounds"] == 3 and set(report["rows"]) == {"lora", "dorafactors"}
+    for name, row in report["rows"].items():
+        assert len(row["host_us_rounds"]) == 3 and row["host_us"] == sorted(row["host_us_rounds"])[1], (name, row)
+        assert row["norms_computed"] == 0, (name, row)
+    assert "graphs compiled during the rounds: 0" in done.stdout
+    refused = subprocess.run(
+        [*command, "--providers", "lora,stock"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert refused.returncode != 0 and "stock breaks the graph" in refused.stderr
+
+
 def test_profile_host_reports_the_training_phases_of_each_provider(tmp_path):
     """The training call's phases per provider, and for dorafactors the A/B pair of the magnitude divided
     inside the training node and by autograd before it (``rules.magnitude_division_outside_node``)."""
