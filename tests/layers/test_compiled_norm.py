@@ -802,6 +802,50 @@ def test_inductor_calls_the_store_op_in_place_without_a_copy():
     assert torch.equal(out, again)
 
 
+def test_inductor_merged_norm_op_follows_every_write_between_decode_calls():
+    """Under Inductor (one merged norm op per graph where the pass merges, else one per layer), no-grad calls
+    repeated while nothing changes are served without a norm computation; after each write the next compiled
+    call equals the eager model's: in-place writes of ``lora_A``, ``lora_B`` and a base weight, an optimizer
+    step of a fused AdamW (no version bump), ``clear_norm_caches`` after a ``.data`` write, and a repeat."""
+    model = _tiny_lm(blocks=2).eval()
+    compiled = torch.compile(model, backend="inductor", fullgraph=True)
+    ids = torch.randint(0, 32, (1, 4), generator=torch.Generator().manual_seed(9))
+    params = dict(model.named_parameters())
+    lora_a = [p for n, p in params.items() if "lora_A" in n]
+    lora_b = [p for n, p in params.items() if "lora_B" in n]
+    base = [p for n, p in params.items() if "base_layer.weight" in n]
+    optimizer = torch.optim.AdamW([*lora_a, *lora_b], lr=0.05, fused=True)
+
+    def fused_step():
+        for p in (*lora_a, *lora_b):
+            p.grad = torch.full_like(p, 0.5)
+        optimizer.step()
+
+    def data_write_and_clear():
+        base[1].data.mul_(1.1)
+        dorafactors.clear_norm_caches(model)
+
+    writes = [
+        ("lora_A", lambda: lora_a[0].mul_(1.5)),
+        ("lora_B", lambda: lora_b[-1].add_(0.1)),
+        ("base weight", lambda: base[0].mul_(0.75)),
+        ("fused AdamW step", fused_step),
+        ("clear after a .data write", data_write_and_clear),
+        ("nothing", lambda: None),
+    ]
+    with torch.no_grad():
+        compiled(ids)
+        norms = _norm_count(model)
+        for _ in range(3):
+            assert torch.equal(compiled(ids), compiled(ids))
+        assert _norm_count(model) == norms, "a repeat without a write computed a norm"
+        for what, write in writes:
+            write()
+            got, again = compiled(ids), compiled(ids)
+            assert_dtype_close(got, model(ids), F32, name=f"compiled after a write of {what}")
+            assert torch.equal(got, again), f"{what}: the repeat differs"
+
+
 #: PyTorch older than 2.12 serves a stale compiled graph after ``Module.to`` casts parameters in place (the
 #: same ``Parameter`` objects, a new dtype): Dynamo's dict-tag guard fast path skips their tensor guards
 #: (pytorch/pytorch#163064, fixed by #177525; seen with torch 2.11 on any model, LoRA alike). Tests that cast
