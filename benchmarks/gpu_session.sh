@@ -5,6 +5,7 @@
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh gpu-tests tests/kernels            # one part of the GPU tests
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh bench model,decode bench layer,norm,compose,ranks
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh tune norm,compose,fold
+#   OUT=/tmp/out bash benchmarks/gpu_session.sh compiled-decode
 #
 # Steps run in the order given (from the repository root):
 #   env                 GPU, driver and package versions            -> $OUT/env.txt
@@ -17,6 +18,9 @@
 #                       in one session append to the same file; copy it to benchmarks/results/, then run
 #                       `python -m benchmarks report` and `python -m benchmarks plot <file>`
 #   tune [PARTS]        python -m benchmarks tune --only PARTS       -> $OUT/tune.json (+ .log)
+#   compiled-decode     benchmarks/profile_compiled.py --tokens 1 --rounds 7, both dtype setups: compiled
+#                       LoRA and dorafactors side by side, host time in interleaved rounds
+#                                                    -> $OUT/compiled_decode_<setup>.json (+ .log)
 #
 # Time boxes, in seconds: TEST_BOX bounds each test step (coreutils timeout with SIGINT: a cut run is logged
 # as such, "KeyboardInterrupt", never as passed, and still reports the tests that ran and the slowest 20 of
@@ -77,8 +81,17 @@ while [ $# -gt 0 ]; do
             fi
             python3 -m benchmarks tune --only "$parts" 2>&1 | tee "$OUT/tune.log" | tail -30
             ;;
+        compiled-decode)
+            for setup in bf16 peft-default; do
+                mkdir -p "$OUT/compiled_decode_$setup"
+                OUT="$OUT/compiled_decode_$setup" timeout 540 python3 benchmarks/profile_compiled.py --tokens 1 \
+                    --rounds 7 --setup "$setup" 2>&1 | tee "$OUT/compiled_decode_$setup.log" | grep -E "^(==|   host|graphs)"
+                mv "$OUT/compiled_decode_$setup/profile_compiled.json" "$OUT/compiled_decode_$setup.json" 2>/dev/null
+                rmdir "$OUT/compiled_decode_$setup" 2>/dev/null
+            done
+            ;;
         *)
-            echo "unknown step $step (env, gpu-tests [PATHS], cuda-props, bench SUITES, tune [PARTS])" >&2
+            echo "unknown step $step (env, gpu-tests [PATHS], cuda-props, bench SUITES, tune [PARTS], compiled-decode)" >&2
             exit 2
             ;;
     esac
