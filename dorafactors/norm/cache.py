@@ -305,6 +305,7 @@ class NormCache:
         self._entries = {}
         self.hits = state.get("hits", 0)
         self.misses = state.get("misses", 0)
+        self.changes = 0
 
     def __deepcopy__(self, memo: dict[int, Any]) -> NormCache:
         return NormCache()

@@ -400,3 +400,21 @@ def test_a_stamp_set_sees_exactly_what_each_tensors_stamp_sees(position, case):
         assert expected is not seen, name
     assert not stamps.matches(tensors[:2])
     assert not stamps.matches((tensors[0].detach(), *tensors[1:]))
+
+
+def test_a_pickled_or_copied_norm_cache_starts_empty_and_keeps_working():
+    """A ``NormCache`` travels as an empty cache (weak references cannot): after ``pickle`` or ``copy.copy`` it
+    stores, serves and counts its changes as a new one does."""
+    import pickle
+
+    from dorafactors.norm.cache import NormCache
+
+    tensor = nn.Parameter(torch.randn(3, 4))
+    cache = NormCache()
+    cache.put("slot", 1, (tensor,), "value")
+    for copied in (pickle.loads(pickle.dumps(cache)), copy.copy(cache), copy.deepcopy(cache)):
+        assert len(copied) == 0 and copied.get("slot", 1, (tensor,)) is None
+        changes = copied.changes
+        copied.put("slot", 1, (tensor,), "value")
+        assert copied.get("slot", 1, (tensor,)) == "value" and copied.peek("slot") == "value"
+        assert copied.changes == changes + 1
