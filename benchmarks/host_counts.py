@@ -197,23 +197,20 @@ class _LinearStack(torch.nn.Module):
 
 def compiled_decode_steps(layers: int, dim: int = 128, rank: int = 16) -> dict[str, Any]:
     """Per provider, a no-grad one-token call of ``layers`` stacked bf16 Linear layers (DoRA/LoRA on each)
-    compiled by Inductor (``dynamic=False``) and warmed up: the host work of compiled decode
-    on this CPU. Each provider's call is a function of its own code object, so that Dynamo keeps one cache
-    entry per provider (a shared code object would have each call check the other models' guards first)."""
+    compiled by Inductor (``dynamic=False``) and warmed up: the host work of compiled decode on this CPU.
+    The providers stay compiled side by side (``providers.compiled_alongside``); stock PEFT, whose forward
+    breaks the graph (its dequantize check), is compiled last, after the models that share its frames."""
     from benchmarks import providers
 
     torch._dynamo.reset()
     steps: dict[str, Any] = {}
     base = _LinearStack(layers, dim).to(torch.bfloat16)
     targets = tuple(f"layers.{i}" for i in range(layers))
-    for provider in _PROVIDERS:
+    for provider in sorted(_PROVIDERS, key=lambda name: name == "stock"):
         model = providers.build_peft(
             base, provider, r=rank, alpha=2 * rank, targets=targets, autocast_adapter_dtype=False, seed=0
         ).eval()
-        namespace: dict[str, Any] = {"model": model}
-        exec(f"def decode_{provider}(x):\n    return model(x)\n", namespace)  # a code object per provider
-        # stock PEFT's forward breaks the graph (its dequantize check): no fullgraph=True
-        compiled = torch.compile(namespace[f"decode_{provider}"], dynamic=False)
+        compiled, _ = providers.compiled_alongside(model, provider, "inductor")
         x = torch.randn(1, dim, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
 
         def step(compiled=compiled, x=x) -> None:
@@ -223,7 +220,7 @@ def compiled_decode_steps(layers: int, dim: int = 128, rank: int = 16) -> dict[s
         for _ in range(3):
             step()
         steps[provider] = step
-    return steps
+    return {provider: steps[provider] for provider in _PROVIDERS}
 
 
 def merged_norm_op_us(step, calls: int = 200) -> float:

@@ -574,8 +574,9 @@ def compiled_alongside(
     Dynamo keeps its compiled graphs per code object, and the providers' models share theirs (PEFT's and
     transformers' ``forward``): the model is called from a function of its own code object (named after
     ``tag``), so that each provider's graph is an entry of its own and no call checks another provider's
-    guards first. Only for models that compile without graph breaks (LoRA, dorafactors): a frame Dynamo gives
-    up on is run eagerly for every model that shares its code."""
+    guards first. Meant for models that compile without graph breaks (LoRA, dorafactors): a model that breaks
+    the graph (stock PEFT) also compiles the frames it breaks in, whose code the other models share, so compile
+    it after them (a frame Dynamo gives up on runs eagerly for every model that shares its code)."""
     import torch._dynamo
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
