@@ -24,7 +24,8 @@
 #
 # Time boxes, in seconds: TEST_BOX bounds each test step (coreutils timeout with SIGINT: a cut run is logged
 # as such, "KeyboardInterrupt", never as passed, and still reports the tests that ran and the slowest 20 of
-# them, so the next call can split the step), BENCH_BUDGET is the benchmark's --time-budget. A .whl/ folder of wheels, for a machine
+# them, so the next call can split the step), BENCH_BUDGET is the benchmark's --time-budget, BENCH_ROUNDS its
+# --rounds (interleaved rounds of the host-bound layer and decode cases; default 3). A .whl/ folder of wheels, for a machine
 # without network access, is installed into /tmp/site first.
 set -uo pipefail
 OUT=${OUT:?set OUT to the folder that receives the logs and results}
@@ -40,6 +41,7 @@ GPU=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace('NVID
 RESULTS="$OUT/${GPU}-$(date +%Y%m%d).json"
 TEST_BOX=${TEST_BOX:-600}
 BENCH_BUDGET=${BENCH_BUDGET:-420}
+BENCH_ROUNDS=${BENCH_ROUNDS:-3}
 
 summary() { grep -E "passed|failed|FAILED|ERROR|KeyboardInterrupt|^[0-9.]+s (call|setup|teardown) |^=+ .* in [0-9.]+s" | tail -45; }
 
@@ -71,7 +73,7 @@ while [ $# -gt 0 ]; do
             suites=${1:?bench needs a comma list of suites (model,decode,layer,norm,compose,ranks)}
             shift
             timeout $((BENCH_BUDGET + BENCH_BUDGET / 5 + 60)) python3 -m benchmarks run --suite "$suites" \
-                --out "$RESULTS" --time-budget "$BENCH_BUDGET" --no-progress 2>&1 | tee -a "${RESULTS%.json}.log" | tail -40
+                --out "$RESULTS" --time-budget "$BENCH_BUDGET" --rounds "$BENCH_ROUNDS" --no-progress 2>&1 | tee -a "${RESULTS%.json}.log" | tail -40
             ;;
         tune)
             parts=norm,compose,fold
