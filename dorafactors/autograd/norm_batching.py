@@ -7,19 +7,21 @@ from compiled LoRA. This pass replaces all of a graph's calls with one ``dorafac
 that takes the same arguments as lists and runs the same body per layer, in the same order; the layers read
 their stores afterwards exactly as before.
 
-The merged call sits where the first layer's call was, so the later layers' refreshes run earlier than they
+The merged call sits where the first merged call was, so the later layers' refreshes run earlier than they
 would have. That is the same computation when nothing in between writes a tensor they read, so the pass
-merges only when
+merges the calls that
 
-* every tensor argument is a graph input (a placeholder or an attribute: a layer's parameters and its store)
-  defined before the first call,
-* every call has the op's eight positional arguments (the schema the layers call it with),
-* no node between the first and the last call may write in place into the memory of a tensor the calls
-  read or write (a mutating op, an in-place method or function, ``out=``, ``inplace=True``, item
-  assignment), judged by the storages of the traced example values, so a write into a view counts as a
-  write into its base. A static KV cache written between the layers (``index_copy_``) is other memory and
-  does not block the merge; a submodule call or a function from outside PyTorch whose body the pass cannot
-  see, or a tensor without a traced value, does.
+* have the op's eight positional arguments (the schema the layers call it with),
+* take only graph inputs as tensors (placeholders or attributes: a layer's parameters and its store), all
+  defined before the first of them;
+
+a call that does not (an Embedding's adapters reach its op as transposed views computed in the graph) stays
+where it is, one call for its layer. And it merges only when no node between the first and the last merged
+call may write in place into the memory of a tensor they read or write (a mutating op, an in-place method
+or function, ``out=``, ``inplace=True``, item assignment), judged by the storages of the traced example
+values, so a write into a view counts as a write into its base. A static KV cache written between the
+layers (``index_copy_``) is other memory and does not block the merge; a submodule call or a function from
+outside PyTorch whose body the pass cannot see, or a tensor without a traced value, does.
 
 Otherwise the graph is left as it is: correct, one call per layer. The pass runs on Inductor's pre-grad graph
 (``torch._inductor.config.pre_grad_custom_pass``), which the norm ops install while the first graph with one
@@ -141,32 +143,40 @@ def _may_write_into(node: torch.fx.Node, read: set[StorageWeakRef]) -> bool:
     return False
 
 
+def _mergeable(node: torch.fx.Node) -> bool:
+    """A ``refresh_weight_norm`` call with the layers' eight positional arguments, its tensors graph inputs
+    (placeholders or attributes) and its other arguments plain values."""
+    if node.kwargs or len(node.args) != _ARITY:
+        return False
+    for arg in node.args[:5]:
+        if not isinstance(arg, torch.fx.Node) or arg.op not in ("placeholder", "get_attr"):
+            return False
+    return not any(isinstance(arg, torch.fx.Node) for arg in node.args[5:])
+
+
 def batch_refreshes(graph: torch.fx.Graph) -> int:
     """Merge ``graph``'s ``refresh_weight_norm`` calls into one ``refresh_weight_norms`` call where it is safe
-    (module docstring). Returns how many calls were merged (0: the graph is unchanged)."""
+    (module docstring). Returns how many calls were merged (0: the graph is unchanged).
+
+    A call that cannot move (an argument computed in the graph, as an Embedding's transposed adapter view, or
+    defined after the first mergeable call) stays where it is, and the others merge around it."""
     nodes = list(graph.nodes)
-    refreshes = [i for i, node in enumerate(nodes) if _is_refresh(node)]
-    if len(refreshes) < 2:
-        return 0
-    for i in refreshes:
-        node = nodes[i]
-        if node.kwargs or len(node.args) != _ARITY:
-            return 0
-        for arg in node.args[:5]:
-            if not isinstance(arg, torch.fx.Node) or arg.op not in ("placeholder", "get_attr"):
-                return 0
-        if any(isinstance(arg, torch.fx.Node) for arg in node.args[5:]):
-            return 0
     position = {node: i for i, node in enumerate(nodes)}
-    if any(position[arg] > refreshes[0] for i in refreshes for arg in nodes[i].args[:5]):
-        return 0  # an argument defined after the first call: the merged call cannot sit there
-    read = _storages([arg for i in refreshes for arg in nodes[i].args[:5]])
+    mergeable = [node for node in nodes if _is_refresh(node) and _mergeable(node)]
+    if not mergeable:
+        return 0
+    first = position[mergeable[0]]
+    # an argument defined after the first call: that call cannot move up to it
+    calls = [node for node in mergeable if all(position[arg] < first for arg in node.args[:5])]
+    if len(calls) < 2:
+        return 0
+    read = _storages([arg for node in calls for arg in node.args[:5]])
     if read is None:
         return 0  # the calls' tensors have no traced values: no way to tell what a write in between reaches
-    between = nodes[refreshes[0] + 1 : refreshes[-1]]
-    if any(not _is_refresh(node) and _may_write_into(node, read) for node in between):
+    moving = set(calls)
+    between = nodes[first + 1 : position[calls[-1]]]
+    if any(node not in moving and _may_write_into(node, read) for node in between):
         return 0
-    calls = [nodes[i] for i in refreshes]
     columns = tuple(list(column) for column in zip(*(node.args for node in calls)))
     with graph.inserting_before(calls[0]):
         graph.call_function(torch.ops.dorafactors.refresh_weight_norms.default, columns)

@@ -1,9 +1,9 @@
 """One norm op per compiled graph (``autograd/norm_batching.py``).
 
-* the pass on hand-built graphs: merges every ``refresh_weight_norm`` call into one ``refresh_weight_norms`` call
-  with the arguments as lists, in order, where the first call was; leaves the graph alone where moving a
-  call earlier could change what it reads (a computed argument, an in-place write in between) or where
-  there is nothing to merge;
+* the pass on hand-built graphs: merges the ``refresh_weight_norm`` calls into one ``refresh_weight_norms`` call
+  with the arguments as lists, in order, where the first call was; leaves a call that cannot move (a computed
+  or late argument) where it is; leaves the graph alone where moving a call earlier could change what it
+  reads (an in-place write in between) or where there is nothing to merge;
 * end to end under Inductor (CPU): a compiled patched model runs the merged op once per forward and no
   per-layer op, gives bitwise the output of the same compile without the pass, and follows adapter edits.
 """
@@ -136,13 +136,27 @@ def test_a_write_into_other_memory_does_not_keep_them(between):
     graph.lint()
 
 
-def test_a_computed_or_late_argument_or_a_single_call_keeps_the_graph():
-    graph = _graph(3, computed_weight=True)
-    assert norm_batching.batch_refreshes(graph) == 0
-    assert _targets(graph) == [REFRESH] * 3
+@pytest.mark.parametrize("kind", ["computed", "late"])
+def test_a_call_that_cannot_move_stays_and_the_others_merge_around_it(kind):
+    """A call whose weight is computed in the graph (as an Embedding's transposed adapter views are) or read
+    after the first call stays where it is, one call for its layer; the others merge where the first was."""
+    graph = _graph(3, computed_weight=kind == "computed", late_attribute=kind == "late")
+    assert norm_batching.batch_refreshes(graph) == 2
+    assert _targets(graph) == [MERGED, REFRESH]
+    merged = next(n for n in graph.nodes if n.target is MERGED)
+    kept = next(n for n in graph.nodes if n.target is REFRESH)
+    assert [s.name for s in merged.args[0]] == ["store0", "store2"] and merged.args[5] == [0.5, 2.5]
+    assert kept.args[0].name == "store1" and kept.args[2].op == ("call_function" if kind == "computed" else "get_attr")
+    graph.lint()
+
+
+def test_a_single_mergeable_call_keeps_the_graph():
     graph = _graph(1)
     assert norm_batching.batch_refreshes(graph) == 0
     assert _targets(graph) == [REFRESH]
+    graph = _graph(2, computed_weight=True)  # one call could move, the other cannot: nothing to merge
+    assert norm_batching.batch_refreshes(graph) == 0
+    assert _targets(graph) == [REFRESH] * 2
     graph = _graph(2, late_attribute=True)  # an attribute read after the first call
     assert norm_batching.batch_refreshes(graph) == 0
     assert _targets(graph) == [REFRESH] * 2
@@ -179,19 +193,23 @@ def _op_calls(fn) -> dict[str, int]:
 
 
 @pytest.mark.skipif(norm_batching._torch_version() < norm_batching.MIN_TORCH, reason="PyTorch before MIN_TORCH")
-def test_a_compiled_model_runs_one_norm_op_per_forward_and_follows_edits(monkeypatch):
+@pytest.mark.parametrize("embedding", [False, True], ids=["linear-layers", "with-an-embedding"])
+def test_a_compiled_model_runs_one_norm_op_per_forward_and_follows_edits(monkeypatch, embedding):
+    """Six DoRA Linear layers: one merged op per forward. With a DoRA Embedding too (its op takes transposed
+    views computed in the graph, so it cannot move), the Embedding keeps its own call and the six merge."""
     import torch._inductor.config as inductor_config
 
     with inductor_config.patch(pre_grad_custom_pass=None):  # restored afterwards, the pass included
-        _compiled_model_check(monkeypatch, inductor_config)
+        _compiled_model_check(monkeypatch, inductor_config, embedding)
 
 
-def _compiled_model_check(monkeypatch, inductor_config) -> None:
+def _compiled_model_check(monkeypatch, inductor_config, embedding: bool) -> None:
     torch.manual_seed(0)
+    targets = ["q", "up", "down", *(["emb"] if embedding else [])]
     with dorafactors.patched():
         model = get_peft_model(
             TinyLM(width=32, blocks=2).to(torch.bfloat16),
-            LoraConfig(r=4, target_modules=["q", "up", "down"], use_dora=True, init_lora_weights=False),
+            LoraConfig(r=4, target_modules=targets, use_dora=True, init_lora_weights=False),
         )
     model.eval()
     x = torch.randint(0, 32, (1, 8))
@@ -205,10 +223,17 @@ def _compiled_model_check(monkeypatch, inductor_config) -> None:
                 compiled = torch.compile(model, backend="inductor", fullgraph=True)
                 compiled(x)
             calls = _op_calls(lambda fn=compiled, key=merged: outputs.__setitem__(key, fn(x)))
-            assert calls == ({"layer": 0, "merged": 1} if merged else {"layer": 6, "merged": 0}), (merged, calls)
+            extra = int(embedding)
+            want = {"layer": extra, "merged": 1} if merged else {"layer": 6 + extra, "merged": 0}
+            assert calls == want, (merged, calls)
         assert isinstance(inductor_config.pre_grad_custom_pass, norm_batching.BatchNormRefreshes)
         assert torch.equal(outputs[True], outputs[False])
         model.base_model.model.blocks[0]["q"].lora_B["default"].weight.mul_(1.5)
         edited, eager = compiled(x), model(x)
         assert not torch.equal(edited, outputs[True])  # the edit is seen: the norm and the output follow it
         torch.testing.assert_close(edited.float(), eager.float(), atol=0.05, rtol=0.05)
+        if embedding:  # and an edit of the Embedding, whose call stayed its own
+            model.base_model.model.emb.lora_embedding_B["default"].mul_(1.5)
+            again, eager = compiled(x), model(x)
+            assert not torch.equal(again, edited)
+            torch.testing.assert_close(again.float(), eager.float(), atol=0.05, rtol=0.05)
