@@ -12,11 +12,11 @@ would have. That is the same computation when nothing in between writes a tensor
 merges the calls that
 
 * have the op's eight positional arguments (the schema the layers call it with),
-* take only graph inputs as tensors (placeholders or attributes: a layer's parameters and its store), all
-  defined before the first of them;
+* take only graph inputs as tensors (placeholders or attributes: a layer's parameters and its store; an
+  Embedding's adapters reach its op as a transpose of PEFT's transposed view, which is the parameter
+  itself, and are passed as that), all defined before the first of them;
 
-a call that does not (an Embedding's adapters reach its op as transposed views computed in the graph) stays
-where it is, one call for its layer. And it merges only when no node between the first and the last merged
+a call that does not (a tensor computed in the graph) stays where it is, one call for its layer. And it merges only when no node between the first and the last merged
 call may write in place into the memory of a tensor they read or write (a mutating op, an in-place method
 or function, ``out=``, ``inplace=True``, item assignment), judged by the storages of the traced example
 values, so a write into a view counts as a write into its base. A static KV cache written between the
@@ -143,14 +143,33 @@ def _may_write_into(node: torch.fx.Node, read: set[StorageWeakRef]) -> bool:
     return False
 
 
+def _graph_input(arg: Any) -> torch.fx.Node | None:
+    """The graph input (placeholder or attribute) ``arg`` is, or is a transpose of a transpose of: Dynamo traces
+    an Embedding's adapters as PEFT's ``.T`` view transposed back by the layer (``getattr(getattr(p, "T"),
+    "T")``), which for a 2-D ``p`` is ``p`` itself (same memory, shape and strides); else None."""
+    transposes = 0
+    while isinstance(arg, torch.fx.Node) and arg.op == "call_function" and arg.target is getattr:
+        if len(arg.args) != 2 or arg.args[1] != "T" or arg.kwargs:
+            return None
+        transposes += 1
+        arg = arg.args[0]
+    if not isinstance(arg, torch.fx.Node) or arg.op not in ("placeholder", "get_attr"):
+        return None
+    if transposes:
+        example = arg.meta.get("example_value", arg.meta.get("val"))
+        if transposes % 2 or not isinstance(example, torch.Tensor) or example.dim() != 2:
+            return None
+    return arg
+
+
 def _mergeable(node: torch.fx.Node) -> bool:
     """A ``refresh_weight_norm`` call with the layers' eight positional arguments, its tensors graph inputs
-    (placeholders or attributes) and its other arguments plain values."""
+    (placeholders or attributes, or :func:`_graph_input` transposes of them) and its other arguments plain
+    values."""
     if node.kwargs or len(node.args) != _ARITY:
         return False
-    for arg in node.args[:5]:
-        if not isinstance(arg, torch.fx.Node) or arg.op not in ("placeholder", "get_attr"):
-            return False
+    if any(_graph_input(arg) is None for arg in node.args[:5]):
+        return False
     return not any(isinstance(arg, torch.fx.Node) for arg in node.args[5:])
 
 
@@ -166,18 +185,19 @@ def batch_refreshes(graph: torch.fx.Graph) -> int:
     if not mergeable:
         return 0
     first = position[mergeable[0]]
-    # an argument defined after the first call: that call cannot move up to it
-    calls = [node for node in mergeable if all(position[arg] < first for arg in node.args[:5])]
+    # each call's tensors as the graph inputs they are; one defined after the first call: that call cannot move
+    inputs = {node: [_graph_input(arg) for arg in node.args[:5]] for node in mergeable}
+    calls = [node for node in mergeable if all(position[arg] < first for arg in inputs[node])]
     if len(calls) < 2:
         return 0
-    read = _storages([arg for node in calls for arg in node.args[:5]])
+    read = _storages([arg for node in calls for arg in inputs[node]])
     if read is None:
         return 0  # the calls' tensors have no traced values: no way to tell what a write in between reaches
     moving = set(calls)
     between = nodes[first + 1 : position[calls[-1]]]
     if any(node not in moving and _may_write_into(node, read) for node in between):
         return 0
-    columns = tuple(list(column) for column in zip(*(node.args for node in calls)))
+    columns = tuple(list(column) for column in zip(*((*inputs[node], *node.args[5:]) for node in calls)))
     with graph.inserting_before(calls[0]):
         graph.call_function(torch.ops.dorafactors.refresh_weight_norms.default, columns)
     for node in calls:

@@ -150,6 +150,31 @@ def test_a_call_that_cannot_move_stays_and_the_others_merge_around_it(kind):
     graph.lint()
 
 
+@pytest.mark.parametrize(
+    ("transposes", "dims", "merges"),
+    [(2, 2, True), (4, 2, True), (1, 2, False), (2, 1, False)],
+    ids=["T.T", "T.T.T.T", "T", "T.T-of-1-D"],
+)
+def test_a_transpose_of_a_transpose_of_a_graph_input_is_that_input(transposes, dims, merges):
+    """An Embedding's adapters reach its op as ``p.T.T`` (PEFT's ``.T`` view, transposed back by the layer):
+    for a 2-D ``p`` that is ``p`` itself, which the merged call takes instead; an odd count, or another
+    rank, is a computed tensor and its call stays."""
+    graph = _graph(2)
+    refreshes = [n for n in graph.nodes if n.target is REFRESH]
+    a1 = refreshes[1].args[3]
+    a1.meta["example_value"] = torch.zeros((4, 3) if dims == 2 else (4,))
+    with graph.inserting_before(refreshes[0]):
+        arg = a1
+        for _ in range(transposes):
+            arg = graph.call_function(getattr, (arg, "T"))
+    refreshes[1].args = (*refreshes[1].args[:3], arg, *refreshes[1].args[4:])
+    assert norm_batching.batch_refreshes(graph) == (2 if merges else 0)
+    if merges:
+        merged = next(n for n in graph.nodes if n.target is MERGED)
+        assert merged.args[3][1] is a1, "the merged call takes the parameter itself"
+    graph.lint()
+
+
 def test_a_single_mergeable_call_keeps_the_graph():
     graph = _graph(1)
     assert norm_batching.batch_refreshes(graph) == 0
@@ -195,8 +220,8 @@ def _op_calls(fn) -> dict[str, int]:
 @pytest.mark.skipif(norm_batching._torch_version() < norm_batching.MIN_TORCH, reason="PyTorch before MIN_TORCH")
 @pytest.mark.parametrize("embedding", [False, True], ids=["linear-layers", "with-an-embedding"])
 def test_a_compiled_model_runs_one_norm_op_per_forward_and_follows_edits(monkeypatch, embedding):
-    """Six DoRA Linear layers: one merged op per forward. With a DoRA Embedding too (its op takes transposed
-    views computed in the graph, so it cannot move), the Embedding keeps its own call and the six merge."""
+    """Six DoRA Linear layers: one merged op per forward. With a DoRA Embedding too (its op takes the transpose
+    of PEFT's transposed views of its adapters, which the pass passes as the parameters), seven merge."""
     import torch._inductor.config as inductor_config
 
     with inductor_config.patch(pre_grad_custom_pass=None):  # restored afterwards, the pass included
@@ -223,8 +248,7 @@ def _compiled_model_check(monkeypatch, inductor_config, embedding: bool) -> None
                 compiled = torch.compile(model, backend="inductor", fullgraph=True)
                 compiled(x)
             calls = _op_calls(lambda fn=compiled, key=merged: outputs.__setitem__(key, fn(x)))
-            extra = int(embedding)
-            want = {"layer": extra, "merged": 1} if merged else {"layer": 6 + extra, "merged": 0}
+            want = {"layer": 0, "merged": 1} if merged else {"layer": 6 + int(embedding), "merged": 0}
             assert calls == want, (merged, calls)
         assert isinstance(inductor_config.pre_grad_custom_pass, norm_batching.BatchNormRefreshes)
         assert torch.equal(outputs[True], outputs[False])
@@ -232,7 +256,7 @@ def _compiled_model_check(monkeypatch, inductor_config, embedding: bool) -> None
         edited, eager = compiled(x), model(x)
         assert not torch.equal(edited, outputs[True])  # the edit is seen: the norm and the output follow it
         torch.testing.assert_close(edited.float(), eager.float(), atol=0.05, rtol=0.05)
-        if embedding:  # and an edit of the Embedding, whose call stayed its own
+        if embedding:  # and an edit of the Embedding's adapter, which its merged call reads as the parameter
             model.base_model.model.emb.lora_embedding_B["default"].mul_(1.5)
             again, eager = compiled(x), model(x)
             assert not torch.equal(again, edited)
