@@ -252,12 +252,13 @@ def test_the_merged_op_skips_its_layers_only_while_nothing_they_read_changed(mon
         changed("lora_A written", lambda: layers[1][3].mul_(1.5))
         changed("lora_B written", lambda: layers[2][4].add_(0.25))
         changed("base weight written", lambda: layers[0][2].mul_(0.5))
-        step = torch.optim.SGD([layers[1][3]], lr=0.0)
-        layers[1][3].grad = torch.zeros_like(layers[1][3])
+        step = torch.optim.SGD([layers[1][3]], lr=0.1)  # no gradient: its step writes nothing itself
 
         def blind_step():
-            layers[1][3].data.mul_(2.0)  # a write no version counter sees, then the step that made it
+            version = layers[1][3]._version
+            layers[1][3].data.mul_(2.0)  # a write no version counter sees (as a fused optimizer's), then a step
             step.step()
+            assert layers[1][3]._version == version, "the write must be one no version counter sees"
 
         changed("optimizer step", blind_step)
         changed("parameter replaced", lambda: layers[2].__setitem__(4, nn.Parameter(layers[2][4].detach() * 3)))
