@@ -162,15 +162,16 @@ def _graph_input(arg: Any) -> torch.fx.Node | None:
     return arg
 
 
-def _mergeable(node: torch.fx.Node) -> bool:
-    """A ``refresh_weight_norm`` call with the layers' eight positional arguments, its tensors graph inputs
-    (placeholders or attributes, or :func:`_graph_input` transposes of them) and its other arguments plain
-    values."""
+def _mergeable_inputs(node: torch.fx.Node) -> list[torch.fx.Node] | None:
+    """The graph inputs behind the five tensor arguments of a ``refresh_weight_norm`` call that has the layers'
+    eight positional arguments, its tensors graph inputs (placeholders or attributes, or :func:`_graph_input`
+    transposes of them) and its other arguments plain values; None for any other call."""
     if node.kwargs or len(node.args) != _ARITY:
-        return False
-    if any(_graph_input(arg) is None for arg in node.args[:5]):
-        return False
-    return not any(isinstance(arg, torch.fx.Node) for arg in node.args[5:])
+        return None
+    if any(isinstance(arg, torch.fx.Node) for arg in node.args[5:]):
+        return None
+    inputs = [_graph_input(arg) for arg in node.args[:5]]
+    return None if None in inputs else inputs  # type: ignore[return-value]
 
 
 def batch_refreshes(graph: torch.fx.Graph) -> int:
@@ -181,13 +182,13 @@ def batch_refreshes(graph: torch.fx.Graph) -> int:
     defined after the first mergeable call) stays where it is, and the others merge around it."""
     nodes = list(graph.nodes)
     position = {node: i for i, node in enumerate(nodes)}
-    mergeable = [node for node in nodes if _is_refresh(node) and _mergeable(node)]
-    if not mergeable:
+    # each mergeable call's tensors as the graph inputs they are
+    inputs = {node: found for node in nodes if _is_refresh(node) and (found := _mergeable_inputs(node)) is not None}
+    if not inputs:
         return 0
-    first = position[mergeable[0]]
-    # each call's tensors as the graph inputs they are; one defined after the first call: that call cannot move
-    inputs = {node: [_graph_input(arg) for arg in node.args[:5]] for node in mergeable}
-    calls = [node for node in mergeable if all(position[arg] < first for arg in inputs[node])]
+    first = position[next(iter(inputs))]
+    # an input defined after the first call: that call cannot move up to it
+    calls = [node for node, found in inputs.items() if all(position[arg] < first for arg in found)]
     if len(calls) < 2:
         return 0
     read = _storages([arg for node in calls for arg in inputs[node]])

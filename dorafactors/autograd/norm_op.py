@@ -411,8 +411,8 @@ class _MergedMemo(NamedTuple):
     already holding it, so the call has nothing to do."""
 
     settings: _CallSettings
-    scalings: tuple[float, ...]
-    layouts: tuple[str, ...]
+    scalings: list[float]
+    layouts: list[str]
     rows: tuple[tuple[weakref.ref, weakref.ref, int, OwnedNormCaches, tuple, int], ...]
     stamps: StampSet
 
@@ -437,7 +437,7 @@ def _merged_memo(
         if served[2] is not caches.norm.peek(None):  # type: ignore[union-attr]
             return None
         rows.append((weakref.ref(owner), served[0], served[1], caches, served, caches.norm.changes))  # type: ignore[union-attr]
-    return _MergedMemo(settings, tuple(scalings), tuple(layouts), tuple(rows), StampSet((*weights, *lora_As, *lora_Bs)))
+    return _MergedMemo(settings, list(scalings), list(layouts), tuple(rows), StampSet((*weights, *lora_As, *lora_Bs)))
 
 
 def _merged_memo_holds(
@@ -456,7 +456,7 @@ def _merged_memo_holds(
     rows = memo.rows
     if settings != memo.settings or len(owners) != len(rows) or len(stores) != len(rows):
         return False
-    if tuple(scalings) != memo.scalings or tuple(layouts) != memo.layouts:
+    if scalings != memo.scalings or layouts != memo.layouts:  # lists (the op's arguments), compared in place
         return False
     for (owner_ref, store_ref, store_ptr, caches, served, changes), owner, store in zip(rows, owners, stores):
         if (
