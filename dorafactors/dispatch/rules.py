@@ -323,16 +323,18 @@ def compiled_norm_op_ok() -> tuple[bool, str]:
     return True, ""
 
 
-def inference_fold_ok(rows: int) -> tuple[bool, str]:
+def inference_fold_ok(rows: int, settings: config.CacheSettings | None = None) -> tuple[bool, str]:
     """May a no-grad Linear call of ``rows`` tokens use the folded composition (``autograd/folded.py``)?
 
     Not when ``PEFT_DORA_FUSED=1`` forces the kernels (tests exercise them that way), not with the norm cache
     off (the fold is a cache of ``g * s * B``), and not above :data:`INFERENCE_FOLD_MAX_ROWS`. The caller
-    checks the rest (no gradient, not compiling, nothing sharded, a plain ``lora_B``).
+    checks the rest (no gradient, not compiling, nothing sharded, a plain ``lora_B``). ``settings``: the
+    caller's read of ``config.cache_settings()``, if it has one.
     """
     if rows > INFERENCE_FOLD_MAX_ROWS:
         return False, "more rows than INFERENCE_FOLD_MAX_ROWS"
-    settings = config.cache_settings()
+    if settings is None:
+        settings = config.cache_settings()
     if settings.fused is True:
         return False, "PEFT_DORA_FUSED=1"
     if settings.norm_cache == "off":

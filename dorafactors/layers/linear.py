@@ -192,7 +192,8 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
             return None
         if base_result.dim() == 0 or not caching_allowed():
             return None
-        if not rules.inference_fold_ok(base_result.numel() // max(1, base_result.shape[-1]))[0]:
+        settings = config.cache_settings()
+        if not rules.inference_fold_ok(base_result.numel() // max(1, base_result.shape[-1]), settings)[0]:
             return None
         if distributed.process_group_active() or self._stock_caching_on(adapter_name):
             return None
@@ -212,7 +213,6 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
             if tensor.requires_grad:
                 trainable = True
                 break
-        settings = config.cache_settings()
         signature = (float(scaling), settings, optimizer_steps() if trainable else -1)
         fold_cache = self.__dict__.get("_df_fold_cache_obj")
         folded = None if fold_cache is None else fold_cache.get(adapter_name, signature, inputs)
@@ -379,7 +379,11 @@ class DoraLinearVariant(_StockDoraLinearVariant):
                 plain = False
                 break
         if not module.training or isinstance(_adapter_module(module, "lora_dropout", active_adapter), nn.Identity):
-            out = _layer_output(module, active_adapter, x, result) if plain else None
+            out = None
+            if plain:
+                out = _cached_fold_output(module, active_adapter, x, result)
+                if out is None:
+                    out = _layer_output(module, active_adapter, x, result)
             if out is not None:
                 return out
             return _StockDoraLinearVariant.forward(module, active_adapter, x, result, **kwargs)
@@ -397,6 +401,90 @@ class DoraLinearVariant(_StockDoraLinearVariant):
             bf16_dropout_scale=scale,
         )
         return result + extra
+
+
+def _cached_fold_output(
+    module: nn.Module, active_adapter: str, x: torch.Tensor, result: torch.Tensor
+) -> torch.Tensor | None:
+    """``result + extra`` from the layer's cached decode fold, where the general path
+    (:func:`_layer_output` -> ``DoraLinearLayer.forward`` -> ``_folded_lora_B``) would serve that same cached
+    fold: bitwise its output, for the common case only. None wherever anything differs from it, or the
+    fold cache has no valid entry: the general path then decides (builds and stores the fold, clears PEFT's
+    ``_dora_cache``, verifies, or takes another path), so this function never stores, drops or counts a miss.
+
+    The common case: evaluation (or no gradient to record) with the norm cache on (not ``verify``), nothing
+    tracing or sharded, PEFT's caching off; the adapter's magnitude module our ``DoraLinearLayer`` itself and
+    ``lora_A`` / ``lora_B`` plain ``nn.Linear`` s (``lora_B`` without bias), none of them with hooks (nor any
+    global module hook) or shadowed by an instance attribute. Every check of the general path, in one frame:
+    a decode step pays this per layer instead of six calls' worth of the same checks.
+    """
+    if not caching_allowed():  # tracing (torch.compile, torch.jit) or a torch.func transform
+        return None
+    grad = torch.is_grad_enabled()
+    if grad and (x.requires_grad or result.requires_grad):
+        return None
+    containers = module._modules
+    own = module.__dict__
+    if "lora_magnitude_vector" in own or "lora_A" in own or "lora_B" in own:
+        return None
+    magnitudes, adapters_a, adapters_b = (
+        containers.get("lora_magnitude_vector"),
+        containers.get("lora_A"),
+        containers.get("lora_B"),
+    )
+    if not (type(magnitudes) is type(adapters_a) is type(adapters_b) is nn.ModuleDict):
+        return None
+    layer = magnitudes._modules.get(active_adapter)
+    lora_A = adapters_a._modules.get(active_adapter)
+    lora_B = adapters_b._modules.get(active_adapter)
+    if type(layer) is not DoraLinearLayer or type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear:
+        return None
+    params_a, params_b = lora_A._parameters, lora_B._parameters
+    weight_a, weight_b = params_a.get("weight"), params_b.get("weight")
+    magnitude = layer._parameters.get("weight")
+    if weight_a is None or weight_b is None or magnitude is None or params_b.get("bias") is not None:
+        return None
+    trainable = magnitude.requires_grad or weight_a.requires_grad or weight_b.requires_grad
+    if grad and trainable:  # a training call: decided before the checks below
+        return None
+    if "forward" in layer.__dict__ or layer.__dict__.get("_dora_cache"):
+        return None
+    if (
+        module_mod._global_forward_hooks
+        or module_mod._global_forward_pre_hooks
+        or module_mod._global_backward_hooks
+        or module_mod._global_backward_pre_hooks
+    ):
+        return None
+    for part in (layer, lora_A, lora_B):
+        if part._forward_hooks or part._forward_pre_hooks or part._backward_hooks or part._backward_pre_hooks:
+            return None
+    if result.dim() == 0 or weight_b.device != result.device:
+        return None
+    settings = config.cache_settings()
+    rows = result.numel() // max(1, result.shape[-1])
+    if settings.norm_cache != "on" or not rules.inference_fold_ok(rows, settings)[0]:
+        return None
+    if distributed.process_group_active() or layer._stock_caching_on(active_adapter):
+        return None
+    fold_cache = layer.__dict__.get("_df_fold_cache_obj")
+    if fold_cache is None:
+        return None
+    base_layer = _base_layer_of(module)
+    bias = _linear_param(base_layer, "bias")
+    inputs = (*layer._base_tensors(base_layer), weight_a, weight_b, magnitude)
+    if bias is not None:
+        inputs = (*inputs, bias)
+    if not trainable:
+        for tensor in inputs:
+            if tensor.requires_grad:
+                trainable = True
+                break
+    signature = (float(module.scaling[active_adapter]), settings, optimizer_steps() if trainable else -1)
+    folded = fold_cache.hit(active_adapter, signature, inputs)
+    if not folded:  # no valid entry (None), or a declined fold (_NOT_FOLDABLE)
+        return None
+    return folded_dora_output(F.linear(x, weight_a, params_a.get("bias")), folded, result)
 
 
 def _layer_output(module: nn.Module, active_adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor | None:

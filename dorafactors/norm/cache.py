@@ -280,6 +280,15 @@ class NormCache:
         self.misses += 1
         return None
 
+    def hit(self, slot: Any, signature: Any, inputs: tuple[torch.Tensor, ...]) -> Any | None:
+        """The value :meth:`get` would serve (counted as a hit), or None, leaving a failed lookup to :meth:`get`:
+        nothing is dropped or counted as a miss (a fast path tries this before the path that recomputes)."""
+        entry = self._entries.get(slot)
+        if entry is not None and entry[0] == signature and entry[1].matches(inputs):
+            self.hits += 1
+            return entry[2]
+        return None
+
     def peek(self, slot: Any) -> Any | None:
         """The value stored in ``slot``, unvalidated (None when empty): for a caller that validates it by other
         means (:attr:`changes`), never to serve."""

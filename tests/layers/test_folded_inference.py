@@ -5,6 +5,7 @@ stock PEFT and as the kernel/reference path, and never stale after any change of
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -413,3 +414,203 @@ def test_adapter_modules_are_read_as_attribute_access_would() -> None:
     finally:
         del target.__dict__["lora_dropout"]
     assert _adapter_module(target, "lora_dropout", "default") is target.lora_dropout["default"]
+
+
+# ------------------------------------------------------------------------------------- the cached fold's fast path
+
+_SERVED = [False, True, True]  # the first call stores the fold (general path), the next two are served from it
+_LEFT = [False, False, False]
+
+
+def _fast_path_setups() -> dict:
+    """``name -> (setup, served)``: ``setup(model, x)`` changes something after the first no-grad call (which
+    stores the fold) and returns ``(call, undo)``; ``served``: which of three calls the fast path
+    (``linear._cached_fold_output``) serves. Every other call it must leave to the general path."""
+    import peft.tuners.lora.dora as peft_dora
+    from torch.nn.modules import module as module_mod
+
+    import dorafactors.distributed
+
+    def target(model):
+        return model.base_model.model.target
+
+    def after_first(change, call=None):
+        """Calls: a plain no-grad one, then ``change(model, x)`` (returns an undo), then ``call`` (default:
+        plain) twice."""
+
+        def setup(model, x):
+            undo = []
+
+            def first():
+                out = _no_grad_eval(model, x)
+                undo.append(change(model, x))
+                return out
+
+            calls = iter([first])
+            later = call(model, x) if call else (lambda: _no_grad_eval(model, x))
+            return (lambda: next(calls, later)()), (lambda: undo and undo[0] and undo[0]())
+
+        return setup
+
+    def hook(which):
+        def change(model, x):
+            t = target(model)
+            module = {"lora_A": t.lora_A, "lora_B": t.lora_B, "magnitude": t.lora_magnitude_vector}[which]["default"]
+            return module.register_forward_hook(lambda *args: None).remove
+
+        return change
+
+    def global_hook(model, x):
+        return module_mod.register_module_forward_pre_hook(lambda *args: None).remove
+
+    def env(name, value):
+        def change(model, x):
+            saved = os.environ.get(name)
+            os.environ[name] = value
+            config.invalidate_cache()
+
+            def undo():
+                if saved is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = saved
+                config.invalidate_cache()
+
+            return undo
+
+        return change
+
+    def setattr_undo(obj, name, value):
+        saved = getattr(obj, name)
+        setattr(obj, name, value)
+        return lambda: setattr(obj, name, saved)
+
+    def stock_caching_used_then_off(model, x):
+        undo = setattr_undo(peft_dora, "ENABLE_DORA_CACHING", True)
+        _no_grad_eval(model, x)  # fills PEFT's _dora_cache, which the next call (caching off) must clear
+        undo()
+        return None
+
+    def frozen(model, x):
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    def base_weight_trainable(model, x):
+        frozen(model, x)
+        target(model).base_layer.weight.requires_grad_(True)
+
+    def grad_mode_call(model, x):
+        return lambda: model.eval()(x).detach()
+
+    def frozen_then_input_grad(model, x):
+        frozen(model, x)
+        first = after_first(lambda m, x: None, lambda m, x: lambda: m.eval()(x.detach().requires_grad_(True)).detach())
+        return first(model, x)
+
+    def inference_mode_call(model, x):
+        def call():
+            model.eval()
+            with torch.inference_mode():
+                return model(x).clone()
+
+        return call
+
+    def vmap_call(model, x):
+        def call():
+            model.eval()
+            with torch.no_grad():
+                return torch.func.vmap(lambda row: model(row[None])[0])(x.reshape(-1, x.shape[-1]))
+
+        return call
+
+    def edit_lora_B(model, x):
+        with torch.no_grad():
+            target(model).lora_B["default"].weight.mul_(1.01)
+
+    def shadow_lora_A(model, x):
+        t = target(model)
+        object.__setattr__(t, "lora_A", nn.ModuleDict({"default": t._modules["lora_A"]["default"]}))
+        return lambda: t.__dict__.pop("lora_A")
+
+    def lora_B_bias(model, x):
+        lora_B = target(model).lora_B["default"]
+        lora_B.bias = nn.Parameter(torch.full((lora_B.out_features,), 0.1))
+
+    def rows_limit(model, x):
+        return setattr_undo(rules, "INFERENCE_FOLD_MAX_ROWS", x.numel() // x.shape[-1] - 1)
+
+    def nothing(model, x):
+        return None
+
+    return {
+        "plain": (after_first(nothing), _SERVED),
+        "grad mode, frozen adapters": (after_first(frozen, grad_mode_call), [False, False, True]),  # a new signature
+        "frozen adapters, trainable base weight": (after_first(base_weight_trainable), _SERVED),
+        "inference mode": (after_first(nothing, inference_mode_call), _SERVED),
+        "grad mode, frozen adapters, input requiring grad": (frozen_then_input_grad, _LEFT),
+        "grad mode, trainable adapters": (after_first(nothing, grad_mode_call), _LEFT),
+        "torch.func.vmap": (after_first(nothing, vmap_call), _LEFT),
+        "hook on lora_A": (after_first(hook("lora_A")), _LEFT),
+        "hook on lora_B": (after_first(hook("lora_B")), _LEFT),
+        "hook on the magnitude module": (after_first(hook("magnitude")), _LEFT),
+        "global module hook": (after_first(global_hook), _LEFT),
+        "verify mode": (after_first(env("PEFT_DORA_NORM_CACHE", "verify")), _LEFT),
+        "norm cache off": (after_first(env("PEFT_DORA_NORM_CACHE", "0")), _LEFT),
+        "PEFT's DoRA caching on": (
+            after_first(lambda m, x: setattr_undo(peft_dora, "ENABLE_DORA_CACHING", True)),
+            _LEFT,
+        ),
+        "PEFT's DoRA caching used, then off": (after_first(stock_caching_used_then_off), [False, False, True]),
+        "a process group": (
+            after_first(lambda m, x: setattr_undo(dorafactors.distributed, "process_group_active", lambda: True)),
+            _LEFT,
+        ),
+        "more rows than the fold takes": (after_first(rows_limit), _LEFT),
+        "lora_B edited in place": (after_first(edit_lora_B), [False, False, True]),
+        "lora_A shadowed by an instance attribute": (after_first(shadow_lora_A), _LEFT),
+        "lora_B given a bias": (after_first(lora_B_bias), _LEFT),
+    }
+
+
+@pytest.mark.parametrize("kind", ["linear", "gpt2_conv1d"])
+@pytest.mark.parametrize("setup_name", list(_fast_path_setups()))
+def test_fast_fold_path_serves_what_the_general_path_would(kind, setup_name, monkeypatch) -> None:
+    """Three calls per situation, with the fast path and with it switched off: bitwise the same outputs, the
+    same fold-cache hits and misses, the same folds stored and the same PEFT ``_dora_cache``; the fast path
+    serves exactly the calls of the common case (every other one it leaves to the general path, which then
+    runs the hooks, fills or clears PEFT's cache, verifies, gathers or recomputes)."""
+    from dorafactors.layers import linear
+
+    setup, expected = _fast_path_setups()[setup_name]
+    fast = linear._cached_fold_output
+    runs = {}
+    for enabled in (True, False):
+        served: list[bool] = []
+
+        def counted(*args, _enabled=enabled, _served=served):
+            out = fast(*args) if _enabled else None
+            _served.append(out is not None)
+            return out
+
+        monkeypatch.setattr(linear, "_cached_fold_output", counted)
+        case = LayerCase(kind=kind, d_in=24, d_out=40, rank=4, batch=(2, 3), scaling=0.8, seed=3)
+        _, ours, _ = build_triplet(case, torch.float32)
+        x = make_input(case, torch.float32)
+        call, undo = setup(ours, x)
+        try:
+            outs = [call() for _ in range(3)]
+        finally:
+            undo()
+        layer = _dora(ours)[0]
+        fold = layer._df_fold_cache
+        stock_cache = sorted(layer.__dict__.get("_dora_cache") or {})
+        runs[enabled] = (outs, fold.hits, fold.misses, _fold_entries(ours), stock_cache, served)
+    (outs, hits, misses, entries, stock_cache, served), off = runs[True], runs[False]
+    assert served[-3:] == expected
+    assert not any(off[-1])
+    for i, (a, b) in enumerate(zip(outs, off[0])):
+        assert torch.equal(a, b), f"call {i}"
+    assert (hits, misses, stock_cache) == (off[1], off[2], off[4])
+    assert len(entries) == len(off[3])
+    for a, b in zip(entries, off[3]):
+        assert a == () == b or all(torch.equal(u, v) for u, v in zip(a, b) if u is not None)
