@@ -418,3 +418,25 @@ def test_a_pickled_or_copied_norm_cache_starts_empty_and_keeps_working():
         copied.put("slot", 1, (tensor,), "value")
         assert copied.get("slot", 1, (tensor,)) == "value" and copied.peek("slot") == "value"
         assert copied.changes == changes + 1
+
+
+def test_hit_serves_what_get_serves_and_leaves_a_failed_lookup_to_get():
+    """``NormCache.hit`` (the decode fast path's lookup): a valid entry is served and counted as a hit, as by
+    ``get``; a wrong signature, a changed tensor or an empty slot return None and leave the entry, the miss
+    count and the change count alone, so the ``get`` that follows drops and counts exactly as without it."""
+    from dorafactors.norm.cache import NormCache
+
+    tensor = nn.Parameter(torch.randn(3, 4))
+    cache = NormCache()
+    assert cache.hit("slot", 1, (tensor,)) is None and (cache.hits, cache.misses, cache.changes) == (0, 0, 0)
+    cache.put("slot", 1, (tensor,), "value")
+    changes = cache.changes
+    assert cache.hit("slot", 1, (tensor,)) == "value" and cache.hits == 1
+    assert cache.hit("slot", 2, (tensor,)) is None  # another signature
+    with torch.no_grad():
+        tensor.mul_(2)
+    assert cache.hit("slot", 1, (tensor,)) is None  # a write
+    assert cache.hit("other", 1, (tensor,)) is None
+    assert (len(cache), cache.hits, cache.misses, cache.changes) == (1, 1, 0, changes)
+    assert cache.get("slot", 1, (tensor,)) is None  # the general path's lookup drops the stale entry
+    assert (len(cache), cache.misses, cache.changes) == (0, 1, changes + 1)
