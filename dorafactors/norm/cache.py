@@ -157,7 +157,8 @@ def _root(tensor: torch.Tensor) -> torch.Tensor:
 
 def _layout_key(tensor: torch.Tensor) -> tuple[Any, ...]:
     """What a stamp records of a tensor besides its identity and storage: version, address, layout, dtype
-    (``TensorStamp.matches`` and ``StampSet.matches`` build the same tuple inline, on every cache hit)."""
+    (``TensorStamp.matches``, ``StampSet.matches`` and ``StampSet.__init__`` build the same tuple inline: a cache
+    hit and a norm recomputation run them)."""
     return (
         tensor._version,
         tensor.data_ptr(),
@@ -220,8 +221,13 @@ class StampSet:
     __slots__ = ("_keys", "_refs")
 
     def __init__(self, tensors: tuple[torch.Tensor, ...]) -> None:
-        self._refs = tuple((weakref.ref(_root(t)), weakref.ref(t.untyped_storage())) for t in tensors)
-        self._keys = tuple(_layout_key(t) for t in tensors)
+        # _root(t) and _layout_key(t) inlined: a norm recomputation stamps its inputs on every training call
+        refs, keys, ref = [], [], weakref.ref
+        for t in tensors:
+            base = t._base
+            refs.append((ref(t if base is None else base), ref(t.untyped_storage())))
+            keys.append((t._version, t.data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype))
+        self._refs, self._keys = tuple(refs), tuple(keys)
 
     def matches(self, tensors: tuple[torch.Tensor, ...]) -> bool:
         """True when every tensor is the same object, in the same storage, unchanged since the stamps."""
@@ -241,6 +247,20 @@ class StampSet:
                     tensor.stride(),
                     tensor.dtype,
                 )
+            ):
+                return False
+        return True
+
+    def same_layout(self, tensors: tuple[torch.Tensor, ...]) -> bool:
+        """:meth:`matches` without the versions: ``TensorStamp.same_layout`` of every tensor, in one loop."""
+        if len(tensors) != len(self._keys):
+            return False
+        for (root_ref, storage_ref), key, tensor in zip(self._refs, self._keys, tensors):
+            base = tensor._base
+            if (
+                root_ref() is not (tensor if base is None else base)
+                or storage_ref() is not tensor.untyped_storage()
+                or key[1:] != (tensor.data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride(), tensor.dtype)
             ):
                 return False
         return True

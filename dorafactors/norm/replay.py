@@ -7,7 +7,7 @@ DoRA layer's extra host time per training call where the layer is host-bound (sm
 :class:`NormReplay` (one per layer and adapter) turns the repeats into replays of a CUDA graph:
 
 * the first recomputation with a *layout* runs eagerly and stamps it; the layout is which tensors the
-  computation reads (:meth:`TensorStamp.same_layout`: the objects, their storage, address, shape, strides
+  computation reads (:meth:`StampSet.same_layout`: the objects, their storage, address, shape, strides
   and dtype, whatever their values) and the plain values that select its kernels (scaling, whether ``W`` is
   known finite, the dispatch settings, the device and the current stream);
 * the second recomputation with the same layout runs eagerly too, then captures the same computation on a
@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .cache import TensorStamp, caching_allowed
+from .cache import StampSet, caching_allowed
 
 __all__ = ["MAX_CAPTURES", "NormReplay", "capture_failure", "replay_disabled"]
 
@@ -128,7 +128,7 @@ class _Layout(NamedTuple):
     ``nn.DataParallel`` replicas share their ``__dict__``, never pairs one layout's stamps with another's
     graph)."""
 
-    stamps: tuple[TensorStamp, ...]
+    stamps: StampSet
     values: tuple
     graph: torch.cuda.CUDAGraph | None = None
     out: torch.Tensor | None = None
@@ -173,14 +173,9 @@ class NormReplay:
         index = device.index
         values = (*values, index, stream)
         layout = self._layout
-        same = layout is not None and values == layout.values and len(tensors) == len(layout.stamps)
-        if same:
-            for stamp, tensor in zip(layout.stamps, tensors):  # type: ignore[union-attr]
-                if not stamp.same_layout(tensor):
-                    same = False
-                    break
+        same = layout is not None and values == layout.values and layout.stamps.same_layout(tensors)
         if not same:  # a new layout: stamp it (the old one's graph goes with it)
-            self._layout = _Layout(tuple(TensorStamp(t) for t in tensors), values)
+            self._layout = _Layout(StampSet(tensors), values)
             return compute()
         if layout.graph is not None:  # type: ignore[union-attr]
             layout.graph.replay()  # type: ignore[union-attr]

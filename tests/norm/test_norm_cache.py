@@ -369,23 +369,28 @@ def _stamp_set_changes():
         with torch.no_grad():
             t.set_(torch.randn_like(t))
 
+    def alias_storage(t):
+        t.data = torch.from_dlpack(t.detach())  # another storage object over the same memory: only identity tells
+
     return [
         ("write", write, True),
         ("swap .data", swap_data, True),
         ("same-storage view", same_storage_view, True),
         ("dtype view", dtype_view, True),
         ("set_", set_storage, True),
+        ("aliased storage", alias_storage, True),
         ("nothing", lambda t: None, False),
     ]
 
 
 @pytest.mark.parametrize("position", [0, 1, 2])
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(7))
 def test_a_stamp_set_sees_exactly_what_each_tensors_stamp_sees(position, case):
     """``StampSet`` (the cache entries' flat stamps) against a ``TensorStamp`` per tensor: after every kind of
     change to one tensor (in place, ``.data`` swaps, same-storage layouts and dtypes, ``set_``) both answer
-    alike, a change to a parameter is seen whichever position it holds, a transposed view follows its base's
-    writes; another tensor object or a different count never matches."""
+    alike, for ``matches`` and for ``same_layout`` (which ignores the version only), a change to a parameter is
+    seen whichever position it holds, a transposed view follows its base's writes; another tensor object or a
+    different count never matches."""
     from dorafactors.norm.cache import StampSet, TensorStamp
 
     name, change, seen = _stamp_set_changes()[case]
@@ -393,13 +398,18 @@ def test_a_stamp_set_sees_exactly_what_each_tensors_stamp_sees(position, case):
     tensors = (params[0], params[1].T, params[2])  # a view is stamped through its base (PEFT's embedding .T)
     stamps, each = StampSet(tensors), [TensorStamp(t) for t in tensors]
     assert stamps.matches(tensors) and all(s.matches(t) for s, t in zip(each, tensors))
+    assert stamps.same_layout(tensors)
     change(params[position])
     expected = all(s.matches(t) for s, t in zip(each, tensors))
     assert stamps.matches(tensors) is expected, name
+    same_layout = all(s.same_layout(t) for s, t in zip(each, tensors))
+    assert stamps.same_layout(tensors) is same_layout, name
     if position != 1 or name == "write":  # a .data swap of the base leaves the existing view where it was
         assert expected is not seen, name
-    assert not stamps.matches(tensors[:2])
-    assert not stamps.matches((tensors[0].detach(), *tensors[1:]))
+        assert same_layout is (expected or name == "write"), name  # a write keeps the layout, nothing else
+    for check in (stamps.matches, stamps.same_layout):
+        assert not check(tensors[:2])
+        assert not check((tensors[0].detach(), *tensors[1:]))
 
 
 def test_a_pickled_or_copied_norm_cache_starts_empty_and_keeps_working():
