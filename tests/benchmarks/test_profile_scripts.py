@@ -5,6 +5,7 @@ layers computed while it was timed (none: a frozen model's norm is served from t
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -59,7 +60,12 @@ def test_profile_host_reports_the_training_phases_of_each_provider(tmp_path):
     train = json.loads((tmp_path / "profile_host.json").read_text())["train"]
     assert set(train) == {"lora", "stock", "dorafactors"}
     for name, row in train.items():
-        assert row["host_us"] > 0 and row["phases"]["backward"] > 0, (name, row)
+        phases = row["phases"]
+        assert row["host_us"] > 0 and phases["forward, adapters written"] > 0, (name, row)
+        # the backward phase is the whole call less the forward, two separate timings: on a loaded CPU with
+        # these tiny shapes the difference may come out negative, so only its presence is the script's to show
+        assert math.isfinite(phases["backward"]), (name, row)
+        assert phases["whole call, autograd multithreading off"] > 0, (name, row)
     phases = train["dorafactors"]["phases"]
     for phase in ("norm recomputation", "whole call, division outside the node", "whole call, again"):
         assert phases[phase] > 0, phase
