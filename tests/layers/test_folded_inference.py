@@ -536,6 +536,21 @@ def _fast_path_setups() -> dict:
         lora_B = target(model).lora_B["default"]
         lora_B.bias = nn.Parameter(torch.full((lora_B.out_features,), 0.1))
 
+    def subclassed(which):
+        def change(model, x):
+            t = target(model)
+            module = {"lora_A": t.lora_A, "lora_B": t.lora_B, "magnitude": t.lora_magnitude_vector}[which]["default"]
+            cls = type(module)
+
+            class Halved(cls):  # a subclass whose forward differs: only calling it gives its output
+                def forward(self, *args, **kwargs):
+                    return cls.forward(self, *args, **kwargs) * 0.5
+
+            module.__class__ = Halved
+            return lambda: setattr(module, "__class__", cls)
+
+        return change
+
     def rows_limit(model, x):
         return setattr_undo(rules, "INFERENCE_FOLD_MAX_ROWS", x.numel() // x.shape[-1] - 1)
 
@@ -569,6 +584,9 @@ def _fast_path_setups() -> dict:
         "lora_B edited in place": (after_first(edit_lora_B), [False, False, True]),
         "lora_A shadowed by an instance attribute": (after_first(shadow_lora_A), _LEFT),
         "lora_B given a bias": (after_first(lora_B_bias), _LEFT),
+        "lora_A of a subclass": (after_first(subclassed("lora_A")), _LEFT),
+        "lora_B of a subclass": (after_first(subclassed("lora_B")), _LEFT),
+        "the magnitude module of a subclass": (after_first(subclassed("magnitude")), _LEFT),
     }
 
 
