@@ -551,6 +551,12 @@ def _fast_path_setups() -> dict:
 
         return change
 
+    def instance_forward(model, x):
+        layer = target(model).lora_magnitude_vector["default"]
+        plain = layer.forward
+        layer.forward = lambda *args, **kwargs: plain(*args, **kwargs) * 0.5  # what PEFT's call then runs
+        return lambda: layer.__dict__.pop("forward")
+
     def rows_limit(model, x):
         return setattr_undo(rules, "INFERENCE_FOLD_MAX_ROWS", x.numel() // x.shape[-1] - 1)
 
@@ -587,6 +593,7 @@ def _fast_path_setups() -> dict:
         "lora_A of a subclass": (after_first(subclassed("lora_A")), _LEFT),
         "lora_B of a subclass": (after_first(subclassed("lora_B")), _LEFT),
         "the magnitude module of a subclass": (after_first(subclassed("magnitude")), _LEFT),
+        "an instance forward on the magnitude module": (after_first(instance_forward), _LEFT),
     }
 
 
