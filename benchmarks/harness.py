@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from . import SCHEMA
-from .common import SUITE_ORDER, device_label, load_results, write_results
+from .common import SUITE_ORDER, device_kernel_time, device_label, load_results, write_results
 
 __all__ = [
     "SUITE_ORDER",
@@ -47,6 +47,7 @@ __all__ = [
     "bench",
     "collect_metadata",
     "device_label",
+    "device_us",
     "free_memory",
     "host_us",
     "load_results",
@@ -314,6 +315,40 @@ def host_us(
     return {"host_us": statistics.median(ordered), "host_us_p80": ordered[int(0.8 * (len(ordered) - 1))]}
 
 
+#: Calls :func:`device_us` profiles.
+DEVICE_CALLS = 5
+
+
+def device_us(
+    fn: Callable[[], Any],
+    settings: Settings,
+    *,
+    calls: int = DEVICE_CALLS,
+    grad_to_none: Sequence[torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Device time of one call of ``fn`` in microseconds: the summed durations of the kernels, copies and fills
+    it runs (``torch.profiler``'s CUDA activity, averaged over ``calls`` calls), with no host time and no gap
+    between them. Next to :func:`host_us` and the wall time it shows what bounds a call: a ratio to LoRA near
+    1 here and far from it on the wall clock is host time. Empty off CUDA. ``grad_to_none`` as in
+    :func:`bench`."""
+    if not settings.cuda:
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    device = settings.device
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            if grad_to_none:
+                for t in grad_to_none:
+                    t.grad = None
+            fn()
+        sync(device)
+    total, _ = device_kernel_time(prof.key_averages())
+    return {"device_us": total / calls} if total > 0 else {}
+
+
 def peak_extra_mib(
     fn: Callable[[], Any], settings: Settings, *, grad_to_none: Sequence[torch.Tensor] | None = None
 ) -> float | None:
@@ -383,7 +418,8 @@ def _provider_row(
 def _median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """One provider's row from its rounds: an error if a round failed (never averaged away); else the ok
     round with the median ``ms`` (the lower middle of an even count), its metrics extended with every ok
-    round's ``ms`` and ``host_us`` in run order (``ms_rounds``, ``host_us_rounds``); a skip (the hard deadline
+    round's ``ms``, ``host_us`` and ``device_us`` in run order (``ms_rounds``, ``host_us_rounds``,
+    ``device_us_rounds``); a skip (the hard deadline
     passed) only where no round finished."""
     for row in rounds:
         if row["status"] == "error":
@@ -397,8 +433,9 @@ def _median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     chosen = ordered[(len(ordered) - 1) // 2]
     metrics = dict(chosen["metrics"])
     metrics["ms_rounds"] = [row["metrics"].get("ms") for row in done]
-    if all("host_us" in row["metrics"] for row in done):
-        metrics["host_us_rounds"] = [row["metrics"]["host_us"] for row in done]
+    for key in ("host_us", "device_us"):
+        if all(key in row["metrics"] for row in done):
+            metrics[f"{key}_rounds"] = [row["metrics"][key] for row in done]
     return {**chosen, "metrics": metrics}
 
 

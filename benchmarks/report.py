@@ -116,9 +116,10 @@ def add_ratios(rows: Sequence[dict[str, Any]]) -> None:
                 ratios["peak_vs_stock"] = _div(peak, _metric(stock, "peak_extra_mib"))
                 if suffix:
                     ratios["ms_vs_eager"] = _div(ms, _ms(by_provider.get(eager)))
-                host = _metric(row, "host_us")
-                ratios["host_vs_lora"] = _div(host, _metric(lora, "host_us"))
-                ratios["host_vs_stock"] = _div(host, _metric(stock, "host_us"))
+                for metric in ("host_us", "device_us"):
+                    value, kind = _metric(row, metric), metric.removesuffix("_us")
+                    ratios[f"{kind}_vs_lora"] = _div(value, _metric(lora, metric))
+                    ratios[f"{kind}_vs_stock"] = _div(value, _metric(stock, metric))
             row["ratios"] = {k: v for k, v in ratios.items() if v is not None}
 
 
@@ -401,10 +402,10 @@ def _index(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, dict[s
 def _targets_table(rows: list[dict[str, Any]], quick: bool) -> list[str]:
     index = _index(rows)
     lines = [
-        "| target | case | LoRA ms/MiB | stock | dorafactors | dorafactors / LoRA | "
+        "| target | case | LoRA ms/MiB | stock | dorafactors | dorafactors / LoRA | host, device / LoRA | "
         + " | ".join(LIMIT_SOURCES)
         + " |",
-        "|---|---|---|---|---|---|" + "---|" * len(LIMIT_SOURCES),
+        "|---|---|---|---|---|---|---|" + "---|" * len(LIMIT_SOURCES),
     ]
     for label, suite, case, metric, limits in TARGETS:
         name = case(quick) if callable(case) else case
@@ -416,10 +417,15 @@ def _targets_table(rows: list[dict[str, Any]], quick: bool) -> list[str]:
         verdicts = [
             f"<= {_x(limits[src])} {_status(ratio, limits[src])}" if src in limits else "" for src in LIMIT_SOURCES
         ]
+        split = ""  # where the row has them (layer and decode suites): what bounds the call
+        if metric == "ms" and df and df.get("status") == "ok":
+            host, device = df.get("ratios", {}).get("host_vs_lora"), df.get("ratios", {}).get("device_vs_lora")
+            if host is not None or device is not None:
+                split = f"{_x(host)}, {_x(device)}"
         lines.append(
             f"| {label} | `{suite}:{name}` | {_cell(by_provider.get('lora'), key, None) or '—'} "
             f"| {_cell(by_provider.get('stock'), key, ratio_key) or '—'} | {_cell(df, key, None) or '—'} "
-            f"| {_x(ratio)} | " + " | ".join(verdicts) + " |"
+            f"| {_x(ratio)} | {split} | " + " | ".join(verdicts) + " |"
         )
     return lines
 
@@ -538,6 +544,22 @@ def _timing_suite(suite: str, rows: list[dict[str, Any]]) -> list[str]:
                 continue
             cells = [_cell(by.get(p), "host_us", "host_vs_lora") for p in host_cols]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    has_device = any(_metric(r, "device_us") is not None for by in cases.values() for r in by.values())
+    if has_device:
+        device_cols = [p for p in ms_cols if any(_metric(by.get(p), "device_us") is not None for by in cases.values())]
+        lines += [
+            "",
+            "Device time of one call, µs (the summed kernel, copy and fill times, no host time and no gaps; in "
+            "brackets: ratio to LoRA)",
+            "",
+            "| case | " + " | ".join(PROVIDER_LABEL.get(p, p) for p in device_cols) + " |",
+            "|---|" + "---|" * len(device_cols),
+        ]
+        for (_, name), by in cases.items():
+            if not any(_metric(by.get(p), "device_us") is not None for p in device_cols):
+                continue
+            cells = [_cell(by.get(p), "device_us", "device_vs_lora") for p in device_cols]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     compile_rows = [r for by in cases.values() for r in by.values() if _metric(r, "compile_s") is not None]
     if compile_rows:
         parts = [
@@ -642,7 +664,9 @@ def render(rows: list[dict[str, Any]], sources: Sequence[Path]) -> str:
             "",
             "Ratio of dorafactors to plain LoRA in the same run (r=384, lora_alpha=2r; `bf16` = base and adapters "
             "bf16; `PEFT default dtypes` = bf16 base, fp32 adapters; `NF4 base` = bitsandbytes 4-bit base, fp32 adapters, "
-            "LoRA on the same base). Limits from issues 5 and 15 and from anchors.md.",
+            "LoRA on the same base). Limits from issues 5 and 15 and from anchors.md. `host, device / LoRA` (layer "
+            "and decode rows): the same ratio for the host time to enqueue one call and for the device time of one "
+            "call; a call whose device ratio is near 1 and whose wall ratio follows the host's is bound by host time.",
             "",
             *_targets_table(dev_rows, quick),
             "",

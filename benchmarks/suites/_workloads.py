@@ -28,12 +28,13 @@ import torch
 from torch import nn
 
 from .. import providers as P
-from ..harness import HOST_CALLS, Settings, bench, host_us, peak_extra_mib
+from ..harness import HOST_CALLS, Settings, bench, device_us, host_us, peak_extra_mib
 
 __all__ = ["HOST_TIMED", "Workload", "measure"]
 
-#: Workloads whose rows also record the host time to enqueue one call (``harness.host_us``): the layer and
-#: decode suites, where a call is short enough that the host can bound it.
+#: Workloads whose rows also record the host time to enqueue one call (``harness.host_us``) and, on CUDA, the
+#: device time of one call (``harness.device_us``): the layer and decode suites, where a call is short enough
+#: that the host can bound it.
 HOST_TIMED = ("layer_infer", "layer_fwd_bwd", "decode")
 
 
@@ -335,6 +336,7 @@ def measure(
             metrics.update(
                 host_us(counted, settings, calls=3 if settings.quick else HOST_CALLS, grad_to_none=grad_to_none)
             )
+            metrics.update(device_us(counted, settings, grad_to_none=grad_to_none))
         metrics["peak_extra_mib"] = peak_extra_mib(counted, settings, grad_to_none=grad_to_none)
         if compile_it and before and warm:
             end = P.dynamo_stats()

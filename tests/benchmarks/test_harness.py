@@ -234,6 +234,53 @@ def test_report_ratios_and_results_md(quick_run):
         assert f"### {suite}" in text
 
 
+def test_report_shows_device_time_beside_host_time(quick_run, tmp_path):
+    """Rows with ``device_us`` (CUDA runs of the layer and decode suites) get device ratios to LoRA and stock,
+    a device-time table in their suite's section and, on a target row, the host and device ratios beside the
+    wall-clock one; a CPU run records none (the profiler sees no device there)."""
+    from benchmarks import report
+
+    rows = load_results(quick_run["json"])["rows"]  # with each row's run metadata (the report reads it)
+    assert not any("device_us" in r.get("metrics", {}) for r in rows)
+    case = report._layer_case(0, "fwd_bwd", True)
+    device = {"lora": 400.0, "stock": 900.0, "dorafactors": 480.0}
+    for row in rows:
+        if row["suite"] == "layer" and row["case"] == case and row["provider"] in device:
+            row["metrics"]["device_us"] = device[row["provider"]]
+    report.add_ratios(rows)
+    df = next(r for r in rows if r["suite"] == "layer" and r["case"] == case and r["provider"] == "dorafactors")
+    assert df["ratios"]["device_vs_lora"] == pytest.approx(1.2)
+    assert df["ratios"]["device_vs_stock"] == pytest.approx(480 / 900)
+    text = report.render(rows, [tmp_path / "quick.json"])
+    assert "Device time of one call, µs" in text
+    assert f"| {case} | 400 | 900 (2.25x) | 480 (1.20x) |" in text
+    target = next(line for line in text.splitlines() if line.startswith("| layer 4096->4096 fwd+bwd |"))
+    host = df["ratios"]["host_vs_lora"]
+    assert f"| {host:.2f}x, 1.20x |" in target
+
+
+def test_device_us_is_empty_off_cuda():
+    from benchmarks.harness import device_us
+
+    assert device_us(lambda: torch.ones(4) @ torch.ones(4), Settings.make(quick=True, device="cpu")) == {}
+
+
+@pytest.mark.gpu
+def test_gpu_device_us_sums_the_kernels_of_one_call():
+    """Three matmuls take about three times one's device time (not the host time: a host-side sleep adds none)."""
+    import time
+
+    from benchmarks.harness import device_us
+
+    a = torch.randn(2048, 2048, device="cuda")
+    settings = Settings.make(quick=True, device="cuda")
+    one = device_us(lambda: a @ a, settings)["device_us"]
+    three = device_us(lambda: [a @ a for _ in range(3)], settings)["device_us"]
+    slept = device_us(lambda: (a @ a, time.sleep(0.01)), settings)["device_us"]
+    assert 2 * one < three < 4 * one
+    assert slept < 3 * one < 10_000  # the 10 ms sleep is host time
+
+
 def test_plots_written(quick_run):
     pngs = sorted(quick_run["plots"].glob("*.png"))
     names = {p.name.split("quick-", 1)[-1] for p in pngs}
