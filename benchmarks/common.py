@@ -22,7 +22,6 @@ __all__ = [
     "QUICK_DECODE_LAYER_SMALL",
     "QUICK_LAYER_SHAPES",
     "SUITE_ORDER",
-    "device_kernel_time",
     "device_label",
     "file_form",
     "host_us_per_call",
@@ -112,18 +111,6 @@ def host_us_per_call(
     sync()
     t2 = time.perf_counter()
     return (t1 - t0) / calls * 1e6, (t2 - t0) / calls * 1e6
-
-
-def device_kernel_time(events: Any) -> tuple[float, int]:
-    """``(µs, count)`` of the device activity among ``torch.profiler`` events (``prof.key_averages()``): the
-    kernels, copies and fills that ran on a CUDA device, each counted once (the CPU-side operators that
-    launched them are not)."""
-    total, count = 0.0, 0
-    for event in events:
-        if "CUDA" in str(getattr(event, "device_type", None)):
-            total += event.self_device_time_total
-            count += event.count
-    return total, count
 
 
 def cprofile_text(fn: Callable[[], object], calls: int, sync: Callable[[], None], top: int) -> str:

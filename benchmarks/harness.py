@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from . import SCHEMA
-from .common import SUITE_ORDER, device_kernel_time, device_label, load_results, write_results
+from .common import SUITE_ORDER, device_label, load_results, write_results
 
 __all__ = [
     "SUITE_ORDER",
@@ -315,8 +315,25 @@ def host_us(
     return {"host_us": statistics.median(ordered), "host_us_p80": ordered[int(0.8 * (len(ordered) - 1))]}
 
 
-#: Calls :func:`device_us` profiles.
+#: Timed calls of :func:`device_us`.
 DEVICE_CALLS = 5
+
+_SLEEP_CYCLES_PER_US: dict[int, float] = {}
+
+
+def _sleep_cycles_per_us(device: torch.device) -> float:
+    """GPU clock cycles per microsecond of ``torch.cuda._sleep`` on ``device`` (measured once)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    rate = _SLEEP_CYCLES_PER_US.get(index)
+    if rate is None:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(1_000_000)  # warm-up
+        start.record()
+        torch.cuda._sleep(10_000_000)
+        end.record()
+        end.synchronize()
+        rate = _SLEEP_CYCLES_PER_US[index] = 10_000_000 / (start.elapsed_time(end) * 1e3)
+    return rate
 
 
 def device_us(
@@ -326,27 +343,51 @@ def device_us(
     calls: int = DEVICE_CALLS,
     grad_to_none: Sequence[torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Device time of one call of ``fn`` in microseconds: the summed durations of the kernels, copies and fills
-    it runs (``torch.profiler``'s CUDA activity, averaged over ``calls`` calls), with no host time and no gap
-    between them. Next to :func:`host_us` and the wall time it shows what bounds a call: a ratio to LoRA near
-    1 here and far from it on the wall clock is host time. Empty off CUDA. ``grad_to_none`` as in
-    :func:`bench`."""
+    """Device time of one call of ``fn`` in microseconds, without the host: median over ``calls`` calls.
+
+    Each call is enqueued while a sleep kernel holds the stream (L2 flushed before it, as in :func:`bench`),
+    so its work runs back to back once the sleep ends, and CUDA events around it time the device alone: no
+    host time and no launch gaps. The hold is three times the call's host time; a call whose enqueue outlasts
+    its hold is timed again with a longer one. Next to :func:`host_us` and the wall time this shows what
+    bounds a call (a ratio to LoRA near 1 here and far from it on the wall clock is host time). No profiler:
+    CUPTI, once started, can slow every later launch of the process. Empty off CUDA. ``grad_to_none`` as in
+    :func:`bench`.
+    """
     if not settings.cuda:
         return {}
-    from torch.profiler import ProfilerActivity, profile
+    from triton import runtime
 
     device = settings.device
+    cycles_per_us = _sleep_cycles_per_us(device)
+    cache = runtime.driver.active.get_empty_cache_for_benchmark()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     fn()
     sync(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            if grad_to_none:
-                for t in grad_to_none:
-                    t.grad = None
-            fn()
-        sync(device)
-    total, _ = device_kernel_time(prof.key_averages())
-    return {"device_us": total / calls} if total > 0 else {}
+    t0 = time.perf_counter()
+    fn()
+    hold_us = max(500.0, 3e6 * (time.perf_counter() - t0))
+    sync(device)
+    times: list[float] = []
+    attempts = 0
+    while len(times) < calls and attempts < 4 * calls:
+        attempts += 1
+        if grad_to_none:
+            for t in grad_to_none:
+                t.grad = None
+        runtime.driver.active.clear_cache(cache)
+        torch.cuda._sleep(int(hold_us * cycles_per_us))
+        start.record()
+        t0 = time.perf_counter()
+        fn()
+        enqueue_us = (time.perf_counter() - t0) * 1e6
+        end.record()
+        end.synchronize()
+        if enqueue_us > 0.8 * hold_us:  # the device may have caught up with the host: hold longer, again
+            hold_us = 3 * enqueue_us
+            continue
+        times.append(start.elapsed_time(end) * 1e3)
+    del cache
+    return {"device_us": statistics.median(times)} if times else {}
 
 
 def peak_extra_mib(

@@ -43,7 +43,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import providers as P  # noqa: E402  (after the path set-up of a script run)
-from benchmarks.common import cprofile_text, device_kernel_time, host_us_per_call  # noqa: E402
+from benchmarks.common import cprofile_text, host_us_per_call  # noqa: E402
 from benchmarks.harness import Settings  # noqa: E402
 from benchmarks.suites import layer as L  # noqa: E402
 from benchmarks.suites import model as M  # noqa: E402
@@ -61,7 +61,12 @@ def _profile(step, device: torch.device, calls: int, top: int) -> dict[str, Any]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     events = prof.key_averages()
-    device_us, kernels = device_kernel_time(events)
+    device_us = 0.0
+    kernels = 0
+    for e in events:
+        if getattr(e, "device_type", None) is not None and "CUDA" in str(e.device_type):
+            device_us += e.self_device_time_total
+            kernels += e.count
     host_ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     device_ops = sorted(events, key=lambda e: getattr(e, "self_device_time_total", 0.0), reverse=True)[:top]
     return {

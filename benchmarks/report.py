@@ -549,8 +549,8 @@ def _timing_suite(suite: str, rows: list[dict[str, Any]]) -> list[str]:
         device_cols = [p for p in ms_cols if any(_metric(by.get(p), "device_us") is not None for by in cases.values())]
         lines += [
             "",
-            "Device time of one call, µs (the summed kernel, copy and fill times, no host time and no gaps; in "
-            "brackets: ratio to LoRA)",
+            "Device time of one call, µs (its work run back to back on the device: no host time, no launch gaps; "
+            "in brackets: ratio to LoRA)",
             "",
             "| case | " + " | ".join(PROVIDER_LABEL.get(p, p) for p in device_cols) + " |",
             "|---|" + "---|" * len(device_cols),

@@ -267,7 +267,8 @@ def test_device_us_is_empty_off_cuda():
 
 @pytest.mark.gpu
 def test_gpu_device_us_sums_the_kernels_of_one_call():
-    """Three matmuls take about three times one's device time (not the host time: a host-side sleep adds none)."""
+    """Three matmuls take about three times one's device time, and a host-side sleep inside the call adds
+    nothing to it (the call is timed on the device alone)."""
     import time
 
     from benchmarks.harness import device_us
