@@ -539,7 +539,7 @@ def test_provider_rows_interleaves_rounds_and_keeps_each_providers_median_round(
     def measure(provider):
         calls.append(provider)
         ms = next(times[provider])
-        return {"ms": ms, "host_us": ms * 10}, {"round_ms": ms}
+        return {"ms": ms, "host_us": ms * 10, "device_us": ms * 5}, {"round_ms": ms}
 
     rows = provider_rows(("a", "b", "c"), measure, torch.device("cpu"), rounds=3)
     assert calls == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
@@ -550,6 +550,7 @@ def test_provider_rows_interleaves_rounds_and_keeps_each_providers_median_round(
     assert by["c"]["metrics"]["ms"] == 7.0
     assert by["a"]["metrics"]["ms_rounds"] == [5.0, 1.0, 3.0]
     assert by["c"]["metrics"]["host_us_rounds"] == [70.0, 75.0, 60.0]
+    assert by["c"]["metrics"]["device_us_rounds"] == [35.0, 37.5, 30.0]
 
 
 def test_provider_rows_rounds_report_an_error_and_stop_that_provider():
