@@ -299,9 +299,12 @@ def _lora_A_call(lora_A: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    """True when calling ``module`` would run any hook (the checks of ``nn.Module._call_impl``'s fast path)."""
+    """True when calling ``module`` would run more than its class's ``forward``: any hook (the checks of
+    ``nn.Module._call_impl``'s fast path) or a ``forward`` set on the instance (accelerate's
+    ``add_hook_to_module`` wraps a module's forward that way). Such a module is called, never bypassed."""
     return bool(
-        module._forward_hooks
+        "forward" in module.__dict__
+        or module._forward_hooks
         or module._forward_pre_hooks
         or module._backward_hooks
         or module._backward_pre_hooks
@@ -336,7 +339,7 @@ def bf16_dropout_scale(module: nn.Module, active_adapter: str, x: torch.Tensor, 
     if not isinstance(module.lora_magnitude_vector[active_adapter], DoraLinearLayer):
         return None
     base_layer = _base_layer_of(module)
-    if type(base_layer) is not nn.Linear or _has_hooks(base_layer) or "forward" in base_layer.__dict__:
+    if type(base_layer) is not nn.Linear or _has_hooks(base_layer):
         return None
     if nn.Linear.forward is not _LINEAR_FORWARD or torch._C._is_torch_function_mode_enabled():
         return None  # nn.Linear's forward replaced, or a torch-function mode that may cast F.linear's input
@@ -414,8 +417,8 @@ def _cached_fold_output(
 
     The common case: evaluation (or no gradient to record) with the norm cache on (not ``verify``), nothing
     tracing or sharded, PEFT's caching off; the adapter's magnitude module our ``DoraLinearLayer`` itself and
-    ``lora_A`` / ``lora_B`` plain ``nn.Linear`` s (``lora_B`` without bias), none of them with hooks (nor any
-    global module hook) or shadowed by an instance attribute. Every check of the general path, in one frame:
+    ``lora_A`` / ``lora_B`` plain ``nn.Linear`` s (``lora_B`` without bias), none of them with hooks or an
+    instance ``forward`` (nor any global module hook) or shadowed by an instance attribute. Every check of the general path, in one frame:
     a decode step pays this per layer instead of six calls' worth of the same checks.
     """
     if not caching_allowed():  # tracing (torch.compile, torch.jit) or a torch.func transform
@@ -447,7 +450,7 @@ def _cached_fold_output(
     trainable = magnitude.requires_grad or weight_a.requires_grad or weight_b.requires_grad
     if grad and trainable:  # a training call: decided before the checks below
         return None
-    if "forward" in layer.__dict__ or layer.__dict__.get("_dora_cache"):
+    if layer.__dict__.get("_dora_cache"):
         return None
     if (
         module_mod._global_forward_hooks
@@ -456,8 +459,14 @@ def _cached_fold_output(
         or module_mod._global_backward_pre_hooks
     ):
         return None
-    for part in (layer, lora_A, lora_B):
-        if part._forward_hooks or part._forward_pre_hooks or part._backward_hooks or part._backward_pre_hooks:
+    for part in (layer, lora_A, lora_B):  # what _has_hooks checks of each, the global hooks above
+        if (
+            "forward" in part.__dict__
+            or part._forward_hooks
+            or part._forward_pre_hooks
+            or part._backward_hooks
+            or part._backward_pre_hooks
+        ):
             return None
     if result.dim() == 0 or weight_b.device != result.device:
         return None
@@ -550,6 +559,6 @@ def _plain_dora_layer(module: nn.Module, active_adapter: str) -> DoraLinearLayer
     """The adapter's magnitude module where calling its ``forward`` directly is what calling the module would
     do: our ``DoraLinearLayer`` with no hooks (its own or global) and no instance ``forward``; else None."""
     layer = _adapter_module(module, "lora_magnitude_vector", active_adapter)
-    if not isinstance(layer, DoraLinearLayer) or _has_hooks(layer) or "forward" in layer.__dict__:
+    if not isinstance(layer, DoraLinearLayer) or _has_hooks(layer):
         return None
     return layer

@@ -270,6 +270,47 @@ def test_a_hook_on_lora_A_still_runs_on_the_fold() -> None:
     assert_dtype_close(out, _no_grad_eval(stock, x), torch.float32, name="hooked lora_A")
 
 
+@pytest.mark.parametrize("which", ["lora_A", "lora_B"])
+def test_an_instance_forward_on_an_adapter_module_is_called_not_bypassed(which) -> None:
+    """accelerate's ``add_hook_to_module`` (device placement, offloading) wraps a module's ``forward`` on the
+    instance. Such a ``lora_A`` / ``lora_B`` is called as a module on every path that would otherwise apply its
+    weight directly: once per forward on the fold (eval) and in training, where the output and the gradients
+    still equal stock's (stock also calls it on the identity it pushes through ``A`` and ``B`` for its norm)."""
+    import functools
+
+    seen = []
+
+    def wrap(module):
+        plain = module.forward
+
+        def forward(module, *args, **kwargs):
+            seen.append(module)
+            return plain(*args, **kwargs)
+
+        module.forward = functools.partial(forward, module)  # as accelerate does
+
+    stock, ours, x = _linear_pair()
+    for model in (stock, ours):
+        wrap(getattr(model.base_model.model.target, which)["default"])
+    ref = _no_grad_eval(stock, x)
+    ours_module = getattr(ours.base_model.model.target, which)["default"]
+    seen.clear()
+    for _ in range(2):  # the first call builds the fold, the second is served from it
+        assert_dtype_close(_no_grad_eval(ours, x), ref, torch.float32, name=f"eval, {which} wrapped")
+    assert seen == [ours_module] * 2
+    for model in (stock, ours):
+        model.train()
+        model(x).square().sum().backward()
+    seen.clear()
+    ours.zero_grad()
+    ours(x).square().sum().backward()
+    assert seen == [ours_module]
+    grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    for name, param in stock.named_parameters():
+        if param.requires_grad:
+            assert_dtype_close(grads[name], param.grad, torch.float32, name=f"grad {name}, {which} wrapped")
+
+
 def test_parameters_held_as_plain_attributes_are_still_found() -> None:
     """FSDP1 (flat parameters) takes module parameters out of ``_parameters`` and sets them as plain
     attributes. The fold path's direct ``_parameters`` reads must fall back to ``getattr``, not raise."""
@@ -551,11 +592,15 @@ def _fast_path_setups() -> dict:
 
         return change
 
-    def instance_forward(model, x):
-        layer = target(model).lora_magnitude_vector["default"]
-        plain = layer.forward
-        layer.forward = lambda *args, **kwargs: plain(*args, **kwargs) * 0.5  # what PEFT's call then runs
-        return lambda: layer.__dict__.pop("forward")
+    def instance_forward(which):
+        def change(model, x):
+            t = target(model)
+            module = {"lora_A": t.lora_A, "lora_B": t.lora_B, "magnitude": t.lora_magnitude_vector}[which]["default"]
+            plain = module.forward
+            module.forward = lambda *args, **kwargs: plain(*args, **kwargs) * 0.5  # what a module call then runs
+            return lambda: module.__dict__.pop("forward")
+
+        return change
 
     def rows_limit(model, x):
         return setattr_undo(rules, "INFERENCE_FOLD_MAX_ROWS", x.numel() // x.shape[-1] - 1)
@@ -593,7 +638,9 @@ def _fast_path_setups() -> dict:
         "lora_A of a subclass": (after_first(subclassed("lora_A")), _LEFT),
         "lora_B of a subclass": (after_first(subclassed("lora_B")), _LEFT),
         "the magnitude module of a subclass": (after_first(subclassed("magnitude")), _LEFT),
-        "an instance forward on the magnitude module": (after_first(instance_forward), _LEFT),
+        "an instance forward on the magnitude module": (after_first(instance_forward("magnitude")), _LEFT),
+        "an instance forward on lora_A": (after_first(instance_forward("lora_A")), _LEFT),
+        "an instance forward on lora_B": (after_first(instance_forward("lora_B")), _LEFT),
     }
 
 
