@@ -21,7 +21,7 @@ from torch import nn
 from .. import distributed
 from ..autograd import norm_op
 from ..dispatch import config, rules
-from ..kernels.operands import HALF_DTYPES
+from ..kernels.operands import HALF_DTYPES, promote
 from ..norm import NormCache, engine
 from ..norm.cache import (
     StaleNormCacheError,
@@ -36,7 +36,7 @@ from ..norm.cache import (
 from ..norm.replay import NormReplay
 from ..norm.scale import magnitude_scale, scale_divisor
 
-__all__ = ["DoraLayerMixin", "base_weight", "norm_cache_key_tensors"]
+__all__ = ["DoraLayerMixin", "base_weight", "norm_cache_key_tensors", "stock_extra_dtype"]
 
 
 def base_weight(base_layer: torch.nn.Module) -> torch.Tensor:
@@ -48,6 +48,16 @@ def base_weight(base_layer: torch.nn.Module) -> torch.Tensor:
     if type(weight) is nn.Parameter:
         return weight
     return dequantize_module_weight(base_layer)
+
+
+def stock_extra_dtype(base: torch.dtype, lora: torch.dtype, magnitude: torch.dtype, x: torch.dtype) -> torch.dtype:
+    """The dtype of stock PEFT's extra output ``(g - 1) * base + g * s * lora``: ``g = m / norm`` with the norm
+    in ``x``'s dtype (stock casts ``W`` to it), so ``promote(base, lora, m, x)``.
+
+    Without autocast that is the activation dtype. Under ``torch.autocast`` on a model with fp32 weights the
+    magnitude and ``x`` are fp32 while the GEMM outputs ``base`` and ``lora`` are half: stock keeps the extra
+    in fp32 and PEFT rounds the layer's output once, at its end; a composition in half would round twice."""
+    return promote(promote(base, lora), promote(magnitude, x))
 
 
 def norm_cache_key_tensors(base_layer: torch.nn.Module) -> tuple[torch.Tensor, ...]:
@@ -406,6 +416,7 @@ class DoraLayerMixin:
         lora_A, lora_B = gathered.full(lora_A), gathered.full(lora_B)
         base_tensors = self._base_tensors(base_layer)
         inputs = (*base_tensors, lora_A, lora_B)
+        autocast_dtype = self._adapter_autocast_dtype(lora_A)
         reuse = caching_allowed() and distributed.norm_cache_allowed(gathered, inputs)[0]
         settings = config.cache_settings() if reuse else None  # (never read while tracing: reuse is False)
         use_norm_cache = reuse and (settings.norm_cache != "off" or self._stock_caching_on(adapter_name))
@@ -416,32 +427,55 @@ class DoraLayerMixin:
                 settings.norm_chunk_mb,
                 settings.fused,
                 optimizer_steps() if trainable else -1,
+                autocast_dtype,
             )
             hit = self._df_norm_cache.get(adapter_name, signature, inputs)
             if hit is not None:
                 if settings.norm_cache == "verify":
-                    fresh = self._compute_norm(base_layer, gathered, lora_A, lora_B, scaling, dequantize, "fresh")
+                    factor_A, factor_B = _as_autocast_sees(lora_A, lora_B, autocast_dtype)
+                    fresh = self._compute_norm(base_layer, gathered, factor_A, factor_B, scaling, dequantize, "fresh")
                     self._check_cached("weight norm", adapter_name, hit, fresh)
                 return hit
         elif not torch.compiler.is_compiling():  # no Python state is mutated in a traced region
             self._df_norm_cache.misses += 1
         if reuse and not stampable(inputs):  # inference tensors: nothing is cached for them
             reuse = use_norm_cache = False
+        factor_A, factor_B = _as_autocast_sees(lora_A, lora_B, autocast_dtype)
         with normal_tensors() if reuse else contextlib.nullcontext():
             norm = self._compute_norm(
                 base_layer,
                 gathered,
-                lora_A,
-                lora_B,
+                factor_A,
+                factor_B,
                 scaling,
                 dequantize,
                 "cached" if reuse else "inline",
                 base_tensors,
-                replay_slot=adapter_name if reuse and self._norm_replay_ok else None,
+                # a replayed graph reads the parameters themselves, not a rounded copy made per call
+                replay_slot=adapter_name if reuse and self._norm_replay_ok and autocast_dtype is None else None,
             )
         if use_norm_cache:
             self._df_norm_cache.put(adapter_name, signature, inputs, norm)
         return norm
+
+    #: True where the adapters' forward runs GEMMs (``F.linear``, convolutions) that ``torch.autocast`` casts to
+    #: its dtype; an Embedding's lookup is not autocast (see :meth:`_adapter_autocast_dtype`)
+    _adapter_gemms_autocast = True
+
+    def _adapter_autocast_dtype(self, lora_A: torch.Tensor) -> torch.dtype | None:
+        """The dtype autocast runs this layer's adapter GEMMs in now, or None (autocast off on the adapters'
+        device, or an adapter forward autocast does not touch).
+
+        Under autocast the forward applies ``A`` and ``B`` rounded to that dtype, and stock PEFT's norm is built
+        from ``B A`` through the same autocast modules; the norm is then computed from the factors rounded as
+        the forward sees them (accumulated in fp32, as always), so that ``g`` normalizes the adapter the forward
+        applies (:func:`_as_autocast_sees`)."""
+        if not self._adapter_gemms_autocast:
+            return None
+        device_type = lora_A.device.type
+        if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+            return None
+        return torch.get_autocast_dtype(device_type)
 
     # ------------------------------------------------------------------ the norm under torch.compile
     def _norm_layout(self) -> str:
@@ -614,6 +648,26 @@ def _module_path(layer: nn.Module) -> str:
         node, name = parents[id(node)]
         names.append(name)
     return ".".join(reversed(names)) or type(layer).__name__
+
+
+#: The dtypes ``torch.autocast`` casts a GEMM's operands from (fp64 stays fp64).
+_AUTOCAST_CAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _as_autocast_sees(
+    lora_A: torch.Tensor, lora_B: torch.Tensor, autocast_dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A`` and ``B`` with the values autocast's GEMMs apply (rounded to ``autocast_dtype``), kept in their own
+    dtype so the norm takes the paths it takes without autocast; the tensors themselves where autocast is off
+    or leaves them as they are."""
+    if autocast_dtype is None:
+        return lora_A, lora_B
+    rounded = []
+    for factor in (lora_A, lora_B):
+        if factor.dtype in _AUTOCAST_CAST_DTYPES and factor.dtype != autocast_dtype:
+            factor = factor.to(autocast_dtype).to(factor.dtype)
+        rounded.append(factor)
+    return rounded[0], rounded[1]
 
 
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:

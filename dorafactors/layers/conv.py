@@ -14,7 +14,7 @@ from torch import nn
 from ..autograd.compose import dora_compose
 from ..norm import engine
 from ..norm.dense import dense_norm_rows
-from ._common import DoraLayerMixin
+from ._common import DoraLayerMixin, stock_extra_dtype
 
 __all__ = ["DoraConv1dLayer", "DoraConv2dLayer", "DoraConv3dLayer"]
 
@@ -98,9 +98,12 @@ class _ConvMixin(DoraLayerMixin):
             bias = base_layer.bias
             if bias is not None:
                 shape = (1, -1) + (1,) * (base_result.dim() - 2)
-                base_result = base_result - bias.to(base_result.dtype).view(*shape)
+                base_result = base_result - bias.view(*shape)  # as stock: in fp32 under autocast
         channel_dim = 1 if lora_out.dim() == weight.dim() else 0
-        return dora_compose(lora_out, base_result, scale, scaling, channel_dim=channel_dim, inplace=True)
+        out_dtype = stock_extra_dtype(base_result.dtype, lora_out.dtype, magnitude.dtype, x.dtype)
+        return dora_compose(
+            lora_out, base_result, scale, scaling, channel_dim=channel_dim, out_dtype=out_dtype, inplace=True
+        )
 
 
 class DoraConv1dLayer(_ConvMixin, peft_dora.DoraConv1dLayer):

@@ -25,6 +25,8 @@ __all__ = ["DoraEmbeddingLayer"]
 class DoraEmbeddingLayer(DoraLayerMixin, peft_dora.DoraEmbeddingLayer):
     """Factored-norm DoRA for embeddings; drop-in for ``peft.tuners.lora.dora.DoraEmbeddingLayer``."""
 
+    _adapter_gemms_autocast = False  # the adapters are looked up (F.embedding), which autocast leaves alone
+
     def __init__(self, fan_in_fan_out: bool) -> None:
         super().__init__(fan_in_fan_out)
         self._stock_cache()

@@ -23,7 +23,7 @@ from ..norm import engine
 from ..norm.cache import caching_allowed, normal_tensors, optimizer_steps, stampable
 from ..norm.dense import dense_norm_rows
 from ..norm.scale import magnitude_scale
-from ._common import DoraLayerMixin, base_weight
+from ._common import DoraLayerMixin, base_weight, stock_extra_dtype
 
 __all__ = ["DoraLinearLayer", "DoraLinearVariant", "bf16_dropout_scale"]
 
@@ -157,12 +157,16 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
         if base_result is not None:
             bias = base_layer.bias
             if bias is not None:
-                base_result = base_result - bias.to(base_result.dtype)
+                base_result = base_result - bias  # as stock: in fp32 under autocast (a half result, an fp32 bias)
             # In inference the kernel may write the result over lora_out (a fresh temporary of ours).
-            extra = dora_compose(lora_out, base_result, scale, scaling, inplace=True)
+            out_dtype = stock_extra_dtype(base_result.dtype, lora_out.dtype, magnitude.dtype, x.dtype)
+            extra = dora_compose(lora_out, base_result, scale, scaling, out_dtype=out_dtype, inplace=True)
             return result + extra if add_base_result else extra
         weight = transpose(base_weight(base_layer), self.fan_in_fan_out)
-        return compose_recompute_base(x, weight, lora_out, scale, scaling, bf16_origin_scale=bf16_dropout_scale)
+        out_dtype = stock_extra_dtype(x.dtype, lora_out.dtype, magnitude.dtype, x.dtype)
+        return compose_recompute_base(
+            x, weight, lora_out, scale, scaling, out_dtype=out_dtype, bf16_origin_scale=bf16_dropout_scale
+        )
 
     def _folded_lora_B(
         self,
@@ -190,7 +194,7 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
             x.requires_grad or base_result.requires_grad or _any_param_requires_grad(self, lora_A, lora_B)
         ):
             return None
-        if base_result.dim() == 0 or not caching_allowed():
+        if base_result.dim() == 0 or not caching_allowed() or torch.is_autocast_enabled(base_result.device.type):
             return None
         settings = config.cache_settings()
         if not rules.inference_fold_ok(base_result.numel() // max(1, base_result.shape[-1]), settings)[0]:
@@ -219,7 +223,7 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
         if folded is None:
             # checked on a miss only: a hit's stamps hold the dtypes that passed this check when it was stored;
             # inference tensors cannot be stamped, so nothing is cached for them
-            if weight_a.dtype != weight_b.dtype or not stampable(inputs):
+            if weight_a.dtype != weight_b.dtype or magnitude.dtype != weight_b.dtype or not stampable(inputs):
                 return None
             with normal_tensors():
                 folded = self._fold(lora_A, lora_B, weight_b, magnitude, bias, scaling, base_layer, adapter_name)
@@ -468,7 +472,7 @@ def _cached_fold_output(
             or part._backward_pre_hooks
         ):
             return None
-    if result.dim() == 0 or weight_b.device != result.device:
+    if result.dim() == 0 or weight_b.device != result.device or torch.is_autocast_enabled(result.device.type):
         return None
     settings = config.cache_settings()
     rows = result.numel() // max(1, result.shape[-1])

@@ -556,6 +556,13 @@ def _fast_path_setups() -> dict:
 
         return call
 
+    def autocast_call(model, x):
+        def call():
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                return _no_grad_eval(model, x)
+
+        return call
+
     def vmap_call(model, x):
         def call():
             model.eval()
@@ -616,6 +623,7 @@ def _fast_path_setups() -> dict:
         "grad mode, frozen adapters, input requiring grad": (frozen_then_input_grad, _LEFT),
         "grad mode, trainable adapters": (after_first(nothing, grad_mode_call), _LEFT),
         "torch.func.vmap": (after_first(nothing, vmap_call), _LEFT),
+        "autocast": (after_first(nothing, autocast_call), _LEFT),
         "hook on lora_A": (after_first(hook("lora_A")), _LEFT),
         "hook on lora_B": (after_first(hook("lora_B")), _LEFT),
         "hook on the magnitude module": (after_first(hook("magnitude")), _LEFT),
