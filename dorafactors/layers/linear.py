@@ -182,9 +182,8 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
         not apply: a gradient to record, ``torch.compile`` / ``torch.jit`` tracing or a ``torch.func``
         transform, ``torch.autocast`` (it would round ``(g s) B`` to half), inference tensors, sharded
         parameters, PEFT's own DoRA caching (whose ``_dora_cache`` entries stock fills on every call), a
-        ``lora_B`` that is not a plain hook-free ``nn.Linear``, a
-        ``rules.inference_fold_ok`` rejection (size, settings), or weights where the fold would not be
-        accurate (``fold_scale_into_lora_B`` declines; remembered in the fold cache). One entry per layer
+        ``lora_B`` that is not a plain hook-free ``nn.Linear``, a ``rules.inference_fold_ok`` rejection (size,
+        settings), or weights where the fold would not be accurate (``fold_scale_into_lora_B`` declines; remembered in the fold cache). One entry per layer
         (slot: the adapter).
 
         This runs on every decode step, so it reads parameters from ``_parameters`` where the module type
