@@ -528,38 +528,20 @@ def _timing_suite(suite: str, rows: list[dict[str, Any]]) -> list[str]:
         for (_, name), by in cases.items():
             cells = [_cell(by.get(p), "peak_extra_mib", "peak_vs_lora") for p in ms_cols]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    has_host = any(_metric(r, "host_us") is not None for by in cases.values() for r in by.values())
-    if has_host:
-        host_cols = [p for p in ms_cols if any(_metric(by.get(p), "host_us") is not None for by in cases.values())]
-        lines += [
-            "",
-            "Host time to enqueue one call, µs (median; the device idle at the start of each call; in brackets: "
-            "ratio to LoRA)",
-            "",
-            "| case | " + " | ".join(PROVIDER_LABEL.get(p, p) for p in host_cols) + " |",
-            "|---|" + "---|" * len(host_cols),
-        ]
-        for (_, name), by in cases.items():
-            if not any(_metric(by.get(p), "host_us") is not None for p in host_cols):
-                continue
-            cells = [_cell(by.get(p), "host_us", "host_vs_lora") for p in host_cols]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    has_device = any(_metric(r, "device_us") is not None for by in cases.values() for r in by.values())
-    if has_device:
-        device_cols = [p for p in ms_cols if any(_metric(by.get(p), "device_us") is not None for by in cases.values())]
-        lines += [
-            "",
-            "Device time of one call, µs (its work run back to back on the device: no host time, no launch gaps; "
-            "in brackets: ratio to LoRA)",
-            "",
-            "| case | " + " | ".join(PROVIDER_LABEL.get(p, p) for p in device_cols) + " |",
-            "|---|" + "---|" * len(device_cols),
-        ]
-        for (_, name), by in cases.items():
-            if not any(_metric(by.get(p), "device_us") is not None for p in device_cols):
-                continue
-            cells = [_cell(by.get(p), "device_us", "device_vs_lora") for p in device_cols]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += _per_call_table(
+        cases,
+        ms_cols,
+        "host_us",
+        "Host time to enqueue one call, µs (median; the device idle at the start of each call; in brackets: "
+        "ratio to LoRA)",
+    )
+    lines += _per_call_table(
+        cases,
+        ms_cols,
+        "device_us",
+        "Device time of one call, µs (its work run back to back on the device: no host time, no launch gaps; "
+        "in brackets: ratio to LoRA)",
+    )
     compile_rows = [r for by in cases.values() for r in by.values() if _metric(r, "compile_s") is not None]
     if compile_rows:
         parts = [
@@ -574,6 +556,28 @@ def _timing_suite(suite: str, rows: list[dict[str, Any]]) -> list[str]:
         ]
         lines += ["", "Compile time (first call, not in the timings): " + "; ".join(parts) + "."]
     return [*lines, ""]
+
+
+def _per_call_table(
+    cases: dict[tuple[str, str], dict[str, dict[str, Any]]], providers: list[str], metric: str, title: str
+) -> list[str]:
+    """A table of ``metric`` (``host_us`` / ``device_us``) per case and provider, with the ratio to LoRA
+    (``host_vs_lora`` / ``device_vs_lora``); only the providers and cases that have it; none if no row has it."""
+    columns = [p for p in providers if any(_metric(by.get(p), metric) is not None for by in cases.values())]
+    if not columns:
+        return []
+    ratio_key = metric.removesuffix("_us") + "_vs_lora"
+    lines = [
+        "",
+        title,
+        "",
+        "| case | " + " | ".join(PROVIDER_LABEL.get(p, p) for p in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for (_, name), by in cases.items():
+        if any(_metric(by.get(p), metric) is not None for p in columns):
+            lines.append(f"| {name} | " + " | ".join(_cell(by.get(p), metric, ratio_key) for p in columns) + " |")
+    return lines
 
 
 def _norm_suite(rows: list[dict[str, Any]]) -> list[str]:
