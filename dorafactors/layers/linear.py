@@ -286,7 +286,7 @@ def _lora_B_weight_for_node(lora_B: nn.Module, x: torch.Tensor) -> torch.Tensor 
     """
     if not torch.is_grad_enabled() or type(lora_B) is not nn.Linear or _has_hooks(lora_B):
         return None
-    if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type) or rules.plain_autograd_required():
+    if torch.compiler.is_compiling() or _autocast_on(x) or rules.plain_autograd_required():
         return None
     weight = _linear_param(lora_B, "weight")
     if type(weight) not in (nn.Parameter, torch.Tensor) or _linear_param(lora_B, "bias") is not None:
