@@ -4,8 +4,11 @@ Stock PEFT's DoRA composes in the dtype of ``g = m / ||W + s B A||``: under auto
 input are fp32, so ``g`` and the whole extra output stay fp32 while the GEMMs run in half precision, and
 PEFT rounds the layer's output to the activation dtype once, at its end. A composition into the half
 activation dtype (or a fold of ``g s`` into a ``lora_B`` that autocast rounds to half) adds roundings stock
-does not make. Checked for Linear (decode-sized calls, which take the fold without autocast, and larger
-ones), GPT-2 ``Conv1D`` and Conv2d, in evaluation and in training (output and every gradient).
+does not make, and a norm of the unrounded factors does not normalize the adapter the forward applies (the
+factors as autocast rounds them; stock builds its ``B A`` through the same autocast modules). Checked for
+Linear (decode-sized calls, which take the fold without autocast, and larger ones), GPT-2 ``Conv1D``,
+Conv2d and Embedding (a lookup autocast leaves alone), in evaluation and in training (output and every
+gradient), and that the norm cache follows autocast.
 """
 
 from __future__ import annotations
