@@ -36,7 +36,7 @@ from ..norm.cache import (
 from ..norm.replay import NormReplay
 from ..norm.scale import magnitude_scale, scale_divisor
 
-__all__ = ["DoraLayerMixin", "base_weight", "norm_cache_key_tensors", "stock_extra_dtype"]
+__all__ = ["DoraLayerMixin", "autocast_on", "base_weight", "norm_cache_key_tensors", "stock_extra_dtype"]
 
 
 def base_weight(base_layer: torch.nn.Module) -> torch.Tensor:
@@ -48,6 +48,18 @@ def base_weight(base_layer: torch.nn.Module) -> torch.Tensor:
     if type(weight) is nn.Parameter:
         return weight
     return dequantize_module_weight(base_layer)
+
+
+#: True when autocast is on for any device (one C call: the common no-autocast case costs no device lookup).
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
+def autocast_on(tensor: torch.Tensor) -> bool:
+    """``torch.is_autocast_enabled(tensor.device.type)``, answered without the device lookup when autocast is off
+    everywhere (every call of a training or decode step without AMP)."""
+    if _any_autocast is not None and not _any_autocast():
+        return False
+    return torch.is_autocast_enabled(tensor.device.type)
 
 
 def stock_extra_dtype(base: torch.dtype, lora: torch.dtype, magnitude: torch.dtype, x: torch.dtype) -> torch.dtype:
@@ -470,12 +482,10 @@ class DoraLayerMixin:
         from ``B A`` through the same autocast modules; the norm is then computed from the factors rounded as
         the forward sees them (accumulated in fp32, as always), so that ``g`` normalizes the adapter the forward
         applies (:func:`_as_autocast_sees`)."""
-        if not self._adapter_gemms_autocast:
+        if not self._adapter_gemms_autocast or not autocast_on(lora_A):
             return None
         device_type = lora_A.device.type
-        if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
-            return None
-        return torch.get_autocast_dtype(device_type)
+        return torch.get_autocast_dtype(device_type) if device_type in ("cuda", "cpu") else None
 
     # ------------------------------------------------------------------ the norm under torch.compile
     def _norm_layout(self) -> str:

@@ -23,7 +23,7 @@ from ..norm import engine
 from ..norm.cache import caching_allowed, normal_tensors, optimizer_steps, stampable
 from ..norm.dense import dense_norm_rows
 from ..norm.scale import magnitude_scale
-from ._common import DoraLayerMixin, base_weight, stock_extra_dtype
+from ._common import DoraLayerMixin, autocast_on, base_weight, stock_extra_dtype
 
 __all__ = ["DoraLinearLayer", "DoraLinearVariant", "bf16_dropout_scale"]
 
@@ -194,7 +194,7 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
             x.requires_grad or base_result.requires_grad or _any_param_requires_grad(self, lora_A, lora_B)
         ):
             return None
-        if base_result.dim() == 0 or not caching_allowed() or _autocast_on(base_result):
+        if base_result.dim() == 0 or not caching_allowed() or autocast_on(base_result):
             return None
         settings = config.cache_settings()
         if not rules.inference_fold_ok(base_result.numel() // max(1, base_result.shape[-1]), settings)[0]:
@@ -286,7 +286,7 @@ def _lora_B_weight_for_node(lora_B: nn.Module, x: torch.Tensor) -> torch.Tensor 
     """
     if not torch.is_grad_enabled() or type(lora_B) is not nn.Linear or _has_hooks(lora_B):
         return None
-    if torch.compiler.is_compiling() or _autocast_on(x) or rules.plain_autograd_required():
+    if torch.compiler.is_compiling() or autocast_on(x) or rules.plain_autograd_required():
         return None
     weight = _linear_param(lora_B, "weight")
     if type(weight) not in (nn.Parameter, torch.Tensor) or _linear_param(lora_B, "bias") is not None:
@@ -300,18 +300,6 @@ def _lora_A_call(lora_A: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if type(lora_A) is nn.Linear and not _has_hooks(lora_A):
         return F.linear(x, _linear_param(lora_A, "weight"), _linear_param(lora_A, "bias"))
     return lora_A(x)
-
-
-#: True when autocast is on for any device (one C call: the common no-autocast case costs no device lookup).
-_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
-
-
-def _autocast_on(tensor: torch.Tensor) -> bool:
-    """``torch.is_autocast_enabled(tensor.device.type)``, answered without the device lookup when autocast is off
-    everywhere (every call of a decode step without AMP)."""
-    if _any_autocast is not None and not _any_autocast():
-        return False
-    return torch.is_autocast_enabled(tensor.device.type)
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -484,7 +472,7 @@ def _cached_fold_output(
             or part._backward_pre_hooks
         ):
             return None
-    if result.dim() == 0 or weight_b.device != result.device or _autocast_on(result):
+    if result.dim() == 0 or weight_b.device != result.device or autocast_on(result):
         return None
     settings = config.cache_settings()
     rows = result.numel() // max(1, result.shape[-1])
