@@ -4,6 +4,7 @@ stock PEFT and as the kernel/reference path, and never stale after any change of
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 
@@ -580,6 +581,21 @@ def _fast_path_setups() -> dict:
         object.__setattr__(t, "lora_A", nn.ModuleDict({"default": t._modules["lora_A"]["default"]}))
         return lambda: t.__dict__.pop("lora_A")
 
+    def container_subclass(model, x):
+        t = target(model)
+        plain = t._modules["lora_A"]
+
+        halved = copy.deepcopy(plain["default"])
+        with torch.no_grad():
+            halved.weight.mul_(0.5)
+
+        class Adapters(nn.ModuleDict):  # a container whose lookup serves another module than it holds
+            def __getitem__(self, key):
+                return halved
+
+        t._modules["lora_A"] = Adapters(dict(plain.items()))
+        return lambda: t._modules.__setitem__("lora_A", plain)
+
     def lora_B_bias(model, x):
         lora_B = target(model).lora_B["default"]
         lora_B.bias = nn.Parameter(torch.full((lora_B.out_features,), 0.1))
@@ -642,6 +658,7 @@ def _fast_path_setups() -> dict:
         "more rows than the fold takes": (after_first(rows_limit), _LEFT),
         "lora_B edited in place": (after_first(edit_lora_B), [False, False, True]),
         "lora_A shadowed by an instance attribute": (after_first(shadow_lora_A), _LEFT),
+        "lora_A in a ModuleDict subclass": (after_first(container_subclass), _LEFT),
         "lora_B given a bias": (after_first(lora_B_bias), _LEFT),
         "lora_A of a subclass": (after_first(subclassed("lora_A")), _LEFT),
         "lora_B of a subclass": (after_first(subclassed("lora_B")), _LEFT),
