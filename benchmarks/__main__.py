@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--rounds",
             type=int,
             default=None,
-            help="interleaved rounds of the host-bound cases (eager layer, decode layer; median round kept; "
+            help="interleaved rounds of the host-bound cases (eager layer and decode cases; median round kept; "
             "default 3, 1 with --quick)",
         )
         p.add_argument("--no-compile", action="store_true", help="skip the optional torch.compile cases")

@@ -80,7 +80,7 @@ class Settings:
     compile_backend: str = "inductor"
     compile_mode: str | None = None
     seed: int = 0
-    #: Interleaved rounds of the host-bound cases (``provider_rows(rounds=)``: the eager layer and decode-layer
+    #: Interleaved rounds of the host-bound cases (``provider_rows(rounds=)``: the eager layer and decode
     #: cases); 1 in the --quick smoke run.
     rounds: int = 1
 

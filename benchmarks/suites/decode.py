@@ -4,8 +4,12 @@
   tokens (``DynamicCache``, cropped back with ``crop(-n)`` after every call, so every call sees the same
   context); if the installed transformers cannot crop, the row says so (``impl.decode_mode``) and the
   new tokens are run as a plain forward without a cache.
-* layer: one 8192x8192 Linear (bf16 adapters, as anchors.md), 1 and 16 tokens; one 4096x4096 Linear, 1 token;
-  the providers measured in ``--rounds`` interleaved rounds, the median round kept (``layer.runner``).
+* layer: one 8192x8192 Linear (bf16 adapters, as anchors.md), 1 and 16 tokens; one 4096x4096 Linear, 1 token.
+
+The eager cases (model and layer) measure their providers in ``--rounds`` interleaved rounds and keep each
+provider's median round (``harness.provider_rows``): an eager decode call is host-bound, and the host's speed
+drifts between cases and within one (LoRA's own model decode took 6.2 ms in one case and 10.2 ms in the next of
+one run), so single back-to-back timings per provider say little.
 
 Every row also records the host time to enqueue one call (``host_us``, ``harness.host_us``): a decode call is
 short enough that the host, not the GPU, can bound it.
@@ -68,7 +72,7 @@ def cases(settings: Settings) -> list[Case]:
             setup, tokens = arg
             workload = Workload("decode", new_tokens=tokens, context=ctx)
             lora, stock = _PRIOR_MODEL_MS[setup]
-            est = (lora + 2 * stock + (lora + stock) / 2) * (settings.reps + OVERHEAD_CALLS) / 1e3
+            est = (lora + 2 * stock + (lora + stock) / 2) * (settings.reps + OVERHEAD_CALLS) / 1e3 * settings.rounds
             if setup not in built:
                 est += M.BUILD_S * 3 + M.BASE_S * (not built)
                 built.add(setup)
@@ -129,6 +133,11 @@ def _model_runner(setup: str, r: int, tokens: int, ctx: int, workload: Workload,
         context = M.token_ids(settings, 1, ctx, salt=11)[0]
         new = M.token_ids(settings, 1, tokens, salt=12)[0]
         inputs = {"context_ids": context, "new_ids": new}
-        return provider_rows(providers, lambda p: measure(settings, models, p, workload, inputs), settings.device)
+        return provider_rows(
+            providers,
+            lambda p: measure(settings, models, p, workload, inputs),
+            settings.device,
+            rounds=L.rounds(settings, providers),
+        )
 
     return run

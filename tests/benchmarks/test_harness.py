@@ -592,3 +592,31 @@ def test_settings_rounds_default_three_on_full_runs_one_in_the_quick_run():
     assert Settings.make(quick=False, device="cpu").rounds == 3
     assert Settings.make(quick=True).rounds == 1
     assert Settings.make(quick=True, rounds=5).rounds == 5
+
+
+def test_eager_decode_cases_run_in_rounds_compiled_ones_once(monkeypatch):
+    """Every eager decode case (model and layer: host-bound, timed while the host's speed drifts) measures
+    its providers in ``--rounds`` interleaved rounds; a compiled case runs once (each round would compile)."""
+    from benchmarks.suites import build_cases
+    from benchmarks.suites import decode as decode_suite
+    from benchmarks.suites import layer as layer_suite
+
+    seen: dict[tuple[str, ...], list[int]] = {}
+
+    def recorded(providers, measure, device, *, rounds=1):
+        seen.setdefault(tuple(providers), []).append(rounds)
+        return []
+
+    for module in (decode_suite, layer_suite):
+        monkeypatch.setattr(module, "provider_rows", recorded)
+    monkeypatch.setattr(model_suite, "model_set", lambda *args, **kwargs: {})
+    monkeypatch.setattr(model_suite, "token_ids", lambda *args, **kwargs: torch.zeros(1, 1, dtype=torch.long))
+    monkeypatch.setattr(layer_suite, "layer_set", lambda *args, **kwargs: {})
+    settings = Settings(quick=True, rounds=4)
+    cases = build_cases(["decode"], settings)
+    for case in cases:
+        case.run(settings)
+    eager = [c for c in cases if not c.optional]
+    assert {c.name.split("/")[0] for c in eager} == {"model", "layer"}
+    assert seen[decode_suite.PROVIDERS] == [4] * len(eager)
+    assert seen[model_suite.COMPILED] == [1] * (len(cases) - len(eager))
