@@ -8,8 +8,7 @@
 
 The eager cases (model and layer) measure their providers in ``--rounds`` interleaved rounds and keep each
 provider's median round (``harness.provider_rows``): an eager decode call is host-bound, and the host's speed
-drifts between cases and within one (LoRA's own model decode took 6.2 ms in one case and 10.2 ms in the next of
-one run), so single back-to-back timings per provider say little.
+drifts between cases and within one, so single back-to-back timings per provider say little.
 
 Every row also records the host time to enqueue one call (``host_us``, ``harness.host_us``): a decode call is
 short enough that the host, not the GPU, can bound it.

@@ -183,8 +183,8 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
         transform, ``torch.autocast`` (it would round ``(g s) B`` to half), inference tensors, sharded
         parameters, PEFT's own DoRA caching (whose ``_dora_cache`` entries stock fills on every call), a
         ``lora_B`` that is not a plain hook-free ``nn.Linear``, a ``rules.inference_fold_ok`` rejection (size,
-        settings), or weights where the fold would not be accurate (``fold_scale_into_lora_B`` declines; remembered in the fold cache). One entry per layer
-        (slot: the adapter).
+        settings), or weights where the fold would not be accurate (``fold_scale_into_lora_B`` declines;
+        remembered in the fold cache). One entry per layer (slot: the adapter).
 
         This runs on every decode step, so it reads parameters from ``_parameters`` where the module type
         is known (``nn.Module.__getattr__`` costs about a microsecond per lookup) and checks the cheap
@@ -420,10 +420,11 @@ def _cached_fold_output(
     ``_dora_cache``, verifies, or takes another path), so this function never stores, drops or counts a miss.
 
     The common case: evaluation (or no gradient to record) with the norm cache on (not ``verify``), nothing
-    tracing or sharded, autocast and PEFT's caching off; the adapter's magnitude module our ``DoraLinearLayer`` itself and
-    ``lora_A`` / ``lora_B`` plain ``nn.Linear`` s (``lora_B`` without bias), none of them with hooks or an
-    instance ``forward`` (nor any global module hook) or shadowed by an instance attribute. Every check of the general path, in one frame:
-    a decode step pays this per layer instead of six calls' worth of the same checks.
+    tracing or sharded, autocast and PEFT's caching off; the adapter's magnitude module our ``DoraLinearLayer``
+    itself and ``lora_A`` / ``lora_B`` plain ``nn.Linear`` s (``lora_B`` without bias), none of them with hooks
+    or an instance ``forward`` (nor any global module hook) or shadowed by an instance attribute. Every check of
+    the general path, in one frame: a decode step pays this per layer instead of six calls' worth of the same
+    checks.
     """
     if not caching_allowed():  # tracing (torch.compile, torch.jit) or a torch.func transform
         return None
