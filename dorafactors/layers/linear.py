@@ -226,21 +226,27 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
             if weight_a.dtype != weight_b.dtype or magnitude.dtype != weight_b.dtype or not stampable(inputs):
                 return None
             with normal_tensors():
-                folded = self._fold(lora_A, lora_B, weight_b, magnitude, bias, scaling, base_layer, adapter_name)
+                folded = self._fold(
+                    lora_A, lora_B, weight_b, magnitude, bias, scaling, base_layer, adapter_name, base_result.dtype
+                )
             self._df_fold_cache.put(adapter_name, signature, inputs, folded)  # a declined fold is remembered too
         elif settings.norm_cache == "verify":
-            fresh = self._fold(lora_A, lora_B, weight_b, magnitude, bias, scaling, base_layer, adapter_name)
+            fresh = self._fold(
+                lora_A, lora_B, weight_b, magnitude, bias, scaling, base_layer, adapter_name, base_result.dtype
+            )
             self._check_cached("folded lora_B (g * s) B", adapter_name, folded, fresh)
         if self.__dict__.get("_dora_cache"):
             self._cache_clear()  # as stock does on every call with its caching off
         return None if folded is _NOT_FOLDABLE else folded
 
-    def _fold(self, lora_A, lora_B, weight_b, magnitude, bias, scaling, base_layer, adapter_name) -> FoldedLoraB:
+    def _fold(
+        self, lora_A, lora_B, weight_b, magnitude, bias, scaling, base_layer, adapter_name, result_dtype
+    ) -> FoldedLoraB:
         """``(B', c, g - 1)`` from the (cached) norm and the current magnitude, ``lora_B`` and bias, or
         ``_NOT_FOLDABLE`` where ``fold_scale_into_lora_B`` declines."""
         norm = self._forward_norm(base_layer, lora_A, lora_B, scaling, adapter_name, gather_modules=(lora_A, lora_B))
         scale = magnitude_scale(magnitude.detach().reshape(-1), norm)
-        folded = fold_scale_into_lora_B(weight_b, scale, scaling, bias)
+        folded = fold_scale_into_lora_B(weight_b, scale, scaling, bias, result_dtype)
         return _NOT_FOLDABLE if folded is None else folded
 
 

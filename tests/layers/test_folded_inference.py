@@ -407,8 +407,9 @@ def test_gpu_zero_norm_rows_agree_on_every_path(dtype, bias, monkeypatch) -> Non
 )
 def test_fold_declines_exactly_beyond_its_error_bound(lora_dtype, bias_dtype) -> None:
     """Inside the bound the fold stays within ``FOLD_BIAS_ERROR_ULPS * eps * |bias|`` of the exact value even
-    where the output is the bias alone (``x = 0``); one step beyond it, and for a non-finite ``g``, it
-    declines. Without a bias there is no cancellation and any finite ``g`` folds."""
+    where the output is the bias alone (``x = 0``), with ``g - 1`` in 16 bits where ``B`` and the result
+    share that dtype; one step beyond it, and for a non-finite ``g``, it declines. Without a bias there is no
+    cancellation and any finite ``g`` folds."""
     gen = torch.Generator().manual_seed(0)
     cdt = torch.float64 if torch.float64 in (lora_dtype, bias_dtype) else torch.float32
     limit = max_fold_gain(lora_dtype, bias_dtype, cdt)
@@ -416,8 +417,10 @@ def test_fold_declines_exactly_beyond_its_error_bound(lora_dtype, bias_dtype) ->
     bias = (3 * torch.randn(n, generator=gen, dtype=torch.float64)).to(bias_dtype)
     lora_B = torch.randn(n, 2, generator=gen, dtype=torch.float64).to(lora_dtype)
     g = (1 + limit * (2 * torch.rand(n, generator=gen, dtype=torch.float64) - 1)).to(cdt)
-    folded = fold_scale_into_lora_B(lora_B, g, 0.7, bias)
+    folded = fold_scale_into_lora_B(lora_B, g, 0.7, bias, result_dtype=bias_dtype)
     assert folded is not None
+    narrow = lora_dtype == bias_dtype and lora_dtype.itemsize == 2
+    assert folded[2].dtype == (lora_dtype if narrow else cdt)
     result = bias.unsqueeze(0)  # W x + bias at x = 0
     hidden = torch.zeros(1, 2, dtype=lora_dtype)
     for out in (result + folded_dora_extra(hidden, folded, result), folded_dora_output(hidden, folded, result)):
