@@ -198,7 +198,8 @@ def test_eval_variant_composes_the_output_without_calling_the_magnitude_module(m
         assert calls == [] and _folds(ours) == 1, bias
         assert_dtype_close(out, _no_grad_eval(stock, x), torch.float32, name=f"variant output, bias={bias}")
         # more rows than the fold takes: the layer's composition, still without a module call
-        wide = torch.randn(rules.INFERENCE_FOLD_MAX_ROWS + 1, x.shape[-1], generator=torch.Generator().manual_seed(4))
+        gen = torch.Generator().manual_seed(4)
+        wide = torch.randn(rules.INFERENCE_FOLD_MAX_ROWS + 1, x.shape[-1], generator=gen).to(x.device)
         wide_out = _no_grad_eval(ours, wide)
         assert calls == [] and _folds(ours) == 1, bias
         assert_dtype_close(wide_out, _no_grad_eval(stock, wide), torch.float32, name=f"composed output, bias={bias}")
@@ -231,7 +232,9 @@ def test_fold_keeps_stocks_nonfinite_pattern_for_an_infinite_input(dtype) -> Non
     with torch.no_grad():
         for model in (stock, ours):  # g < 1 on even rows, g > 1 on odd ones
             magnitude = model.base_model.model.target.lora_magnitude_vector["default"].weight
-            factor = torch.tensor([0.5, 1.5], dtype=magnitude.dtype).repeat(magnitude.numel() // 2)
+            factor = torch.tensor([0.5, 1.5], dtype=magnitude.dtype, device=magnitude.device).repeat(
+                magnitude.numel() // 2
+            )
             magnitude.mul_(factor)
     x = x.clone()
     x[0, 0, 3] = torch.inf
@@ -601,7 +604,7 @@ def _fast_path_setups() -> dict:
 
     def lora_B_bias(model, x):
         lora_B = target(model).lora_B["default"]
-        lora_B.bias = nn.Parameter(torch.full((lora_B.out_features,), 0.1))
+        lora_B.bias = nn.Parameter(torch.full((lora_B.out_features,), 0.1, device=lora_B.weight.device))
 
     def subclassed(which):
         def change(model, x):
