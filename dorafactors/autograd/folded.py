@@ -30,13 +30,12 @@ was clamped, stays fp32.)
 
 Where the fold is not accurate: ``c`` and the bias inside ``(g - 1) * result`` cancel, and ``c`` is rounded
 to ``B``'s dtype (and ``F.linear`` rounds ``B' (A x) + c`` there), so the fold is off by up to about
-``|g - 1| * |bias| * (2 u_B + u_g)`` (``u`` the unit roundoff, ``u_g`` that of fp32/fp64, the dtype ``c``
-and ``addcmul_``'s products are computed in), where the
-unfolded path computes ``(g - 1) * (result - bias)`` with no such term. For ``g`` near 1 that is within a
-rounding of the bias; for a row whose norm was clamped (zero rows of ``W`` and ``B``: ``g = m / eps``, 1e6 to
-1e12) it swamps the output (-2389 instead of the bias 0.7 in fp32, -inf in fp16). So
-:func:`fold_scale_into_lora_B` declines (returns None; the layer then takes the unfolded composition, the
-path of larger calls and of training) when a row with a non-zero bias has
+``|g - 1| * |bias| * (2 u_B + u_g)`` (``u`` the unit roundoff, ``u_g`` that of fp32/fp64, the dtype ``c`` and
+``addcmul_``'s products are computed in), where the unfolded path computes ``(g - 1) * (result - bias)`` with
+no such term. For ``g`` near 1 that is within a rounding of the bias; for a row whose norm was clamped (zero
+rows of ``W`` and ``B``: ``g = m / eps``, 1e6 to 1e12) it swamps the output (-2389 instead of the bias 0.7 in
+fp32, -inf in fp16). So :func:`fold_scale_into_lora_B` declines (returns None; the layer then takes the
+unfolded composition, the path of larger calls and of training) when a row with a non-zero bias has
 ``|g - 1| * (2 u_B + u_g) > FOLD_BIAS_ERROR_ULPS * eps(bias dtype)``: the cancellation could then cost more
 than ``FOLD_BIAS_ERROR_ULPS`` times ``eps * |bias|`` (|g - 1| up to 2.7 for fp32 and fp64, 4 for bf16/fp16
 adapters, ~1.7e5 for fp32 adapters on a bf16 base). It also declines when ``g - 1``, ``B'`` or ``c`` is not

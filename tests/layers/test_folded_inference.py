@@ -94,6 +94,26 @@ def test_fold_half_not_worse_than_stock_or_the_unfolded_path(kind, dtype, fp32_a
     assert math.exp(sum(ratios_unfolded) / len(ratios_unfolded)) <= 1.10
 
 
+@pytest.mark.parametrize(
+    ("dtype", "fp32_adapters", "expected"),
+    [
+        (torch.bfloat16, False, torch.bfloat16),
+        (torch.float16, False, torch.float16),
+        (torch.bfloat16, True, torch.float32),
+        (torch.float32, False, torch.float32),
+    ],
+    ids=["bf16", "fp16", "bf16-base-fp32-adapters", "fp32"],
+)
+def test_decode_fold_keeps_g_minus_1_in_the_calls_dtype(dtype, fp32_adapters, expected) -> None:
+    """The layer passes the base output's dtype to the fold: all-half decode caches ``g - 1`` in that dtype
+    (a same-dtype ``addcmul_`` per call), fp32 adapters keep it in fp32."""
+    case = LayerCase(kind="linear", d_in=24, d_out=40, rank=4, batch=(1, 3), seed=2)
+    _, ours, _ = build_triplet(case, dtype, fp32_adapters=fp32_adapters)
+    _no_grad_eval(ours, make_input(case, dtype))
+    (folded,) = [value for value in _fold_entries(ours) if value != ()]
+    assert folded[2].dtype == expected
+
+
 def _linear_pair(dtype=torch.float32, bias=True):
     case = LayerCase(kind="linear", d_in=24, d_out=40, rank=4, bias=bias, batch=(2, 3), scaling=0.8)
     stock, ours, _ = build_triplet(case, dtype)
