@@ -30,6 +30,7 @@ import logging
 from collections.abc import Iterator
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from ..kernels.operands import KERNEL_DTYPES, gemm_dtypes_supported, mm_out_dtype_available, norm_operands_problem
 from . import config
@@ -46,6 +47,7 @@ __all__ = [
     "compiled_norm_op_ok",
     "constant_while_compiling",
     "forced_split_matmul",
+    "forward_tangents_possible",
     "fp32_adapter_gemm_bytes",
     "fused_backward_enabled",
     "fused_backward_ok",
@@ -53,6 +55,7 @@ __all__ = [
     "fused_compose_ok",
     "fused_norm_ok",
     "inference_fold_ok",
+    "inside_func_transform",
     "kernels_enabled",
     "magnitude_division_outside_node",
     "node_divides_magnitude",
@@ -143,9 +146,24 @@ _jit_tracing = torch._C._is_tracing  # what torch.jit.is_tracing() asks, without
 
 
 def plain_autograd_required() -> bool:
-    """True inside a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ...) or while ``torch.jit`` traces:
-    the composition must then be plain differentiable PyTorch ops (no custom autograd Function, no kernel)."""
-    return _functorch_interpreter() is not None or _jit_tracing()
+    """True inside a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ...), inside a forward-mode AD
+    dual level (``torch.autograd.forward_ad``) or while ``torch.jit`` traces: the composition must then be
+    plain differentiable PyTorch ops (our custom autograd Functions have no forward-mode rule, a kernel
+    carries no tangent and a trace records no kernel)."""
+    return _functorch_interpreter() is not None or _forward_ad._current_level >= 0 or _jit_tracing()
+
+
+def inside_func_transform() -> bool:
+    """True inside a ``torch.func`` transform: tensors may be batched (``vmap``: no in-place write of an
+    unbatched tensor from a batched one) or carry tangents (``jvp``, ``jacfwd``)."""
+    return _functorch_interpreter() is not None
+
+
+def forward_tangents_possible() -> bool:
+    """True where a tensor may carry a forward-mode tangent that ``torch.no_grad`` does not stop: inside a
+    ``torch.func`` transform or a ``torch.autograd.forward_ad.dual_level``. Detached values (the norm) must
+    then be computed from detached inputs."""
+    return _functorch_interpreter() is not None or _forward_ad._current_level >= 0
 
 
 def kernels_enabled(device: torch.device) -> tuple[bool, str]:
@@ -169,7 +187,7 @@ def _kernels_enabled_eager(device_type: str) -> tuple[bool, str]:
     if mode is False:
         return False, "PEFT_DORA_FUSED=0"
     if plain_autograd_required():
-        return False, "inside a torch.func transform or torch.jit tracing"
+        return False, "inside a torch.func transform, a forward-mode AD dual level or torch.jit tracing"
     if not triton_importable():
         if mode:
             raise RuntimeError(

@@ -47,7 +47,9 @@ and raises :class:`StaleNormCacheError` naming the layer, to prove or rule out s
 
 **Never cached** (see :func:`caching_allowed` and :func:`stampable`): while ``torch.compile`` or
 ``torch.jit`` traces (a cached tensor would be baked into the graph as a constant), inside a ``torch.func``
-transform (its wrapped tensors have no storage to stamp), and for inference tensors (made under
+transform (its wrapped tensors have no storage to stamp), inside a ``torch.autograd.forward_ad.dual_level``
+(a cached value derived from an adapter, the decode fold's ``lora_B``, would drop that adapter's tangent),
+and for inference tensors (made under
 ``torch.inference_mode``: they have no version counter, so an in-place write to them could never be seen).
 A value computed while inference mode is on is computed with it locally off (:func:`normal_tensors`), so a
 cache never holds an inference tensor and may serve its values to a call that records autograd.
@@ -60,6 +62,7 @@ import weakref
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 __all__ = [
     "NormCache",
@@ -101,11 +104,13 @@ _functorch_interpreter = torch._C._functorch.peek_interpreter_stack  # not None 
 
 def caching_allowed() -> bool:
     """May values be cached and served now? No while ``torch.compile`` traces, while ``torch.jit`` traces or
-    scripts, or inside a ``torch.func`` transform (see the module docstring). Runs on every layer call."""
+    scripts, inside a ``torch.func`` transform or a forward-mode AD dual level (see the module docstring).
+    Runs on every layer call."""
     return not (
         torch.compiler.is_compiling()
         or _jit_tracing()
         or _functorch_interpreter() is not None
+        or _forward_ad._current_level >= 0
         or torch.jit.is_scripting()
     )
 

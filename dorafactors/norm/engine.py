@@ -128,6 +128,12 @@ def weight_norm(
         factored paths never form ``B @ A``; the dense path (only for ``d_in <= r``) forms it in row blocks.
     """
     scaling = float(scaling)
+    if rules.forward_tangents_possible():
+        # a detached value, as stock PEFT's norm: torch.no_grad stops no forward-mode tangent, detach() does
+        weight, lora_A, lora_B = weight.detach(), lora_A.detach(), lora_B.detach()
+        cached_sumsq = None if cached_sumsq is None else cached_sumsq.detach()
+        if rules.inside_func_transform():
+            return _functional_norm(weight, lora_A, lora_B, scaling)
     path = norm_path(weight, lora_A, lora_B)
     if path == "dense":  # B @ A formed in row blocks: the dense IEEE evaluation itself
         return _norm(weight, lora_A, lora_B, scaling, path, cached_sumsq, None)
@@ -147,6 +153,19 @@ def weight_norm(
     norm = _norm(weight, lora_A, lora_B, scaling, path, cached_sumsq, out_sumsq)
     w_sumsq = (cached_sumsq if out_sumsq is None else out_sumsq) if check_w_rows else None
     return _dense_class_of_nonfinite_rows(norm, lora_A, lora_B, scaling, w_sumsq)
+
+
+def _functional_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """:func:`weight_norm` inside a ``torch.func`` transform: the dense ``||W + s * (B @ A)||_row`` in
+    out-of-place ops, which every transform supports (``vmap`` cannot write a batched value into an
+    unbatched buffer, as the chunked reference does, and runs no kernel). Accumulated in
+    :func:`reference_compute_dtype`; a non-finite row is the dense row's class by construction. Forms
+    ``[d_out, d_in]`` temporaries in that dtype, as stock PEFT forms ``B @ A`` on every forward."""
+    cdt = reference_compute_dtype(weight, lora_A, lora_B)
+    device = weight.device
+    delta = lora_B.to(device=device, dtype=cdt) @ lora_A.to(device=device, dtype=cdt)
+    norm = torch.linalg.vector_norm(weight.to(cdt) + scaling * delta, dim=1)
+    return norm.to(compute_dtype_for(weight.dtype, lora_A.dtype, lora_B.dtype)).clamp_min(clamp_eps(weight.dtype))
 
 
 def weight_norm_with_cached_sumsq(
@@ -361,8 +380,8 @@ def conv_factors(
     if groups == 1:
         return w2, a_flat, b_rows
     a2 = a_flat.reshape(rank, groups, width).permute(1, 0, 2).reshape(groups * rank, width)
-    b2 = b_rows.new_zeros(out, groups * rank)
     rows = torch.arange(out, device=b_rows.device)
     block = (rows % groups).unsqueeze(1) * rank + torch.arange(rank, device=b_rows.device)
-    b2.scatter_(1, block, b_rows[rows // groups])
+    # out of place: under vmap a batched lora_B cannot be scattered into an unbatched buffer
+    b2 = b_rows.new_zeros(out, groups * rank).scatter(1, block, b_rows[rows // groups])
     return w2, a2, b2

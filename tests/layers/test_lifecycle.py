@@ -9,6 +9,7 @@ interpreter here; ``PEFT_DORA_FUSED=1``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -166,6 +167,105 @@ def test_vmap_grad_per_sample_gradients_match_stock(path):
     for name in grads_s:
         assert grads_o[name].shape[0] == 3
         assert_dtype_close(grads_o[name], grads_s[name], F32, name=f"per-sample grad {name}")
+
+
+def _stacked_adapters(model, copies: int, seed: int) -> dict[str, torch.Tensor]:
+    """Every adapter tensor (``lora_*``), ``copies`` perturbed versions stacked on a new first dim."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        name: p.detach() + 0.2 * torch.randn((copies, *p.shape), generator=gen)
+        for name, p in model.named_parameters()
+        if "lora_" in name
+    }
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval-no-grad"])
+def test_vmap_over_stacked_adapter_weights_matches_stock(path, train):
+    """Ensembling: ``vmap`` of ``functional_call`` over several sets of adapter weights (A, B and the
+    magnitude batched, the base weights shared). The norm may not write a batched value into an unbatched
+    buffer (the chunked reference did, and raised), and must use each set's own weights: warm caches and a
+    decode fold exist and must not be served."""
+    stock, ours = build_pair()
+    ids = _ids(7, (1, 4))
+    for model in (stock, ours):
+        model.train(train)
+    with torch.no_grad():
+        ours(ids)  # warm: the norm cache and, in eval, the decode fold
+    stacked = _stacked_adapters(stock, copies=3, seed=8)
+
+    def ensemble(model):
+        shared = {n: p.detach() for n, p in model.named_parameters() if n not in stacked}
+        run = torch.func.vmap(lambda adapters: torch.func.functional_call(model, {**shared, **adapters}, (ids,)))
+        with contextlib.nullcontext() if train else torch.no_grad():
+            return run(stacked)
+
+    out_o, out_s = ensemble(ours), ensemble(stock)
+    assert out_o.shape[0] == 3
+    assert_dtype_close(out_o, out_s, F32, name="ensemble output")
+    truth = torch.stack(
+        [
+            torch.func.functional_call(
+                copy.deepcopy(stock).double(), {n: v[i].double() for n, v in stacked.items()}, (ids,)
+            )
+            for i in range(3)
+        ]
+    )
+    assert_dtype_close(out_o, truth.float(), F32, name="ensemble output vs fp64")
+
+
+def test_vmap_over_grouped_conv_adapters_matches_stock(path):
+    """The grouped-conv factors (``engine.conv_factors`` builds a block-sparse ``B``) under ``vmap`` with a
+    batched ``lora_B``."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2, padding=1))
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["0"], use_dora=True, init_lora_weights=False)
+    stock = get_peft_model(copy.deepcopy(base), cfg)
+    with dorafactors.patched():
+        ours = get_peft_model(copy.deepcopy(base), cfg)
+    ours.load_state_dict(stock.state_dict())
+    x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(1))
+    stacked = {n: v for n, v in _stacked_adapters(stock, copies=3, seed=2).items() if "lora_B" in n}
+
+    def ensemble(model):
+        shared = {n: p.detach() for n, p in model.named_parameters() if n not in stacked}
+        return torch.func.vmap(lambda b: torch.func.functional_call(model, {**shared, **b}, (x,)))(stacked)
+
+    assert_dtype_close(ensemble(ours), ensemble(stock), F32, name="grouped-conv ensemble output")
+
+
+@pytest.mark.parametrize("api", ["torch.func.jvp", "forward_ad"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval-no-grad"])
+def test_forward_mode_tangents_match_stock(path, api, train):
+    """Forward-mode AD along every adapter tensor (``jvp``, or ``torch.autograd.forward_ad`` dual tensors
+    through ``functional_call``) gives stock's tangent: the norm is a detached value (``torch.no_grad`` does
+    not stop a tangent, it flowed through the norm), and no cached value derived from an adapter (the decode
+    fold of ``lora_B``, warm here) may drop that adapter's tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    stock, ours = build_pair()
+    ids = _ids(9, (1, 4))
+    for model in (stock, ours):
+        model.train(train)
+    with torch.no_grad():
+        ours(ids)
+        ours(ids)  # warm: the norm cache and, in eval, the decode fold
+    gen = torch.Generator().manual_seed(10)
+    adapters = {n: p.detach() for n, p in stock.named_parameters() if "lora_" in n}
+    tangents = {n: torch.randn(p.shape, generator=gen) for n, p in adapters.items()}
+
+    def tangent_out(model):
+        shared = {n: p.detach() for n, p in model.named_parameters() if n not in adapters}
+        with contextlib.nullcontext() if train else torch.no_grad():
+            if api == "torch.func.jvp":
+                run = lambda a: torch.func.functional_call(model, {**shared, **a}, (ids,))  # noqa: E731
+                return torch.func.jvp(run, (adapters,), (tangents,))[1]
+            with fwAD.dual_level():
+                duals = {n: fwAD.make_dual(p, tangents[n]) for n, p in adapters.items()}
+                out = torch.func.functional_call(model, {**shared, **duals}, (ids,))
+                return fwAD.unpack_dual(out).tangent.clone()
+
+    assert_dtype_close(tangent_out(ours), tangent_out(stock), F32, name=f"{api} tangent")
+    assert_matches_stock(ours, stock, _ids(11), what="after forward-mode AD")
 
 
 # ------------------------------------------------------------------------------------ 5. torch.compile
