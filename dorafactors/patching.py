@@ -10,8 +10,11 @@
   copy of a bf16 activation (``layers/linear.py::DoraLinearVariant``); every other call is PEFT's forward;
 * ``check_adapters_to_merge`` in the ``peft.tuners.lora`` submodules that imported it (and in
   ``peft.tuners.tuners_utils``): every PEFT ``merge()`` calls it first. The wrapper clears the norm caches
-  of that module's DoRA layers, because merge/unmerge write base weights through ``.data``, which PyTorch's
-  version counters cannot see, and then calls the original unchanged.
+  of that module's DoRA layers and bumps the version counters of its base weight and bias, because
+  merge/unmerge write them through ``.data``, which PyTorch's version counters cannot see (a DoRA layer of
+  another module may share the weight: tied embeddings), and then calls the original unchanged;
+* ``unmerge`` of every PEFT LoRA layer class that defines one (``LoraLayer`` and its subclasses): after the
+  original, the same version bump.
 
 Each replaced object is recorded and ``unpatch()`` puts back exactly those objects (``is``-identical).
 ``patch(model)`` also converts the stock DoRA layers of an existing model by swapping ``__class__`` (our
@@ -181,7 +184,60 @@ def _clear_caches_on_merge(wrapped, instance, args, kwargs):
     """Wrapper of PEFT's ``check_adapters_to_merge(module, adapter_names)``: merge is about to write W."""
     module = args[0] if args else kwargs.get("module")
     _clear_layer_caches(module)
+    _mark_base_written(module)
+    with _lock:
+        _wrap_unmerge_methods()  # the class of a module that merges now unmerges later: wrapped before that
     return wrapped(*args, **kwargs)
+
+
+@wrapt.decorator
+def _mark_written_on_unmerge(wrapped, instance, args, kwargs):
+    """Wrapper of a PEFT LoRA layer class's ``unmerge()``: it wrote W back."""
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        _mark_base_written(instance)
+
+
+def _mark_base_written(module: Any) -> None:
+    """Bump the version counters of ``module``'s base weight and bias. PEFT's merge and unmerge of a plain
+    LoRA adapter write them through ``.data`` (``weight.data += delta``), which PyTorch does not count; the
+    bump makes every cache stamped on them see the write: the module's own DoRA layers, and a DoRA layer of
+    another module that shares the parameter (tied embeddings: ``lm_head.weight is embed_tokens.weight``).
+    A merge bumps before it writes (nothing reads W in between), an unmerge after."""
+    get_base_layer = getattr(module, "get_base_layer", None)
+    if get_base_layer is None:
+        return
+    base = get_base_layer()
+    written = [
+        tensor
+        for tensor in (getattr(base, "weight", None), getattr(base, "bias", None))
+        if isinstance(tensor, torch.Tensor) and not tensor.is_inference()  # no version counter to bump
+    ]
+    if written:
+        torch.autograd.graph.increment_version(written)
+
+
+def _wrap_unmerge_methods() -> None:
+    """Wrap the ``unmerge`` each PEFT LoRA layer class defines (:func:`_mark_written_on_unmerge`), once per class;
+    ``unpatch()`` restores them. Runs at ``patch()`` and before every merge, so that a class imported later
+    (PEFT imports some integrations lazily) is wrapped before any of its modules can unmerge."""
+    layer_module = sys.modules.get("peft.tuners.lora.layer")
+    if layer_module is None:
+        return
+    pending = [layer_module.LoraLayer]
+    seen: set[type] = set()
+    while pending:
+        cls = pending.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        pending.extend(cls.__subclasses__())
+        original = cls.__dict__.get("unmerge")
+        if original is None or isinstance(original, wrapt.FunctionWrapper):
+            continue
+        _applied.append((cls, "unmerge", original))
+        cls.unmerge = _mark_written_on_unmerge(original)
 
 
 def _clear_layer_caches(module: Any) -> None:
@@ -214,6 +270,7 @@ def _apply() -> None:
             continue
         _applied.append((namespace, "check_adapters_to_merge", original))
         namespace.check_adapters_to_merge = _clear_caches_on_merge(original)
+    _wrap_unmerge_methods()
 
 
 def _drop_derived_state(instance: Any) -> None:

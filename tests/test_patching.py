@@ -29,6 +29,9 @@ def _snapshot():
     objs.update(
         {(ns.__name__, "check_adapters_to_merge"): ns.check_adapters_to_merge for ns in (tuners_utils, peft_layer)}
     )
+    objs.update(
+        {(cls.__name__, "unmerge"): cls.__dict__["unmerge"] for cls in (peft_layer.Linear, peft_layer.Embedding)}
+    )
     objs[variants.__name__, "DoraLinearVariant"] = variants.DoraLinearVariant
     return objs
 
@@ -80,7 +83,9 @@ def test_only_peft_names_are_touched():
     torch_objs = (F.linear, F.conv2d, F.embedding, torch.linalg.norm, nn.Linear.forward)
     dorafactors.patch()
     for namespace, _attr, _original in patching._applied:
-        assert namespace.__name__.startswith("peft."), namespace
+        # PEFT modules, and PEFT's LoRA layer classes (their unmerge)
+        owner = namespace.__module__ if isinstance(namespace, type) else namespace.__name__
+        assert owner.startswith("peft."), namespace
     assert (F.linear, F.conv2d, F.embedding, torch.linalg.norm, nn.Linear.forward) == torch_objs
 
 

@@ -39,9 +39,9 @@ counter of that tensor is invisible, and the cached value goes stale:
   of ``vec`` through ``.data``) followed by an in-place edit of ``vec``;
 * by a custom optimizer that writes parameters in place without being a ``torch.optim.Optimizer``.
 
-PEFT writes base weights through ``.data`` only inside ``merge`` / ``unmerge``; ``dorafactors.patch()`` hooks
-PEFT's merge entry point and clears the DoRA layers' caches of the merged module (``patching.py``), and a DoRA
-forward cannot run while an adapter is merged. After any other such write call
+PEFT writes base weights through ``.data`` only inside ``merge`` / ``unmerge``; while patched, dorafactors hooks
+both and bumps the written weight's version counter (``patching.py``), which every stamp on it sees, a tied
+layer's included. After any other such write call
 ``dorafactors.clear_norm_caches(model)``; ``PEFT_DORA_NORM_CACHE=verify`` recomputes every cached value on use
 and raises :class:`StaleNormCacheError` naming the layer, to prove or rule out staleness.
 

@@ -101,3 +101,52 @@ def test_save_load_interop(tmp_path, case, direction):
         assert _dora_modules(loaded) == {"dorafactors"}
     loaded.eval()
     assert_dtype_close(loaded(x), expected, torch.float32, name=f"{direction} output")
+
+
+class _TiedNet(torch.nn.Module):
+    """An embedding and an output head that share one weight (``head.weight is emb.weight``), as a language
+    model with ``tie_word_embeddings``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(16, 8)
+        self.head = torch.nn.Linear(8, 16, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+def test_merging_a_plain_lora_adapter_into_a_tied_weight_refreshes_the_dora_norm():
+    """DoRA on the head, a plain LoRA adapter on the embedding that shares its weight. PEFT merges and unmerges
+    the plain adapter with ``weight.data += delta`` / ``-= delta``, which no version counter sees; the head's
+    cached norm must follow both writes (it served the unmerged weight's norm after the merge, and the merged
+    weight's after the unmerge)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = _TiedNet()
+    dora = LoraConfig(r=2, lora_alpha=4, target_modules=["head"], use_dora=True, init_lora_weights=False)
+    plain = LoraConfig(r=2, lora_alpha=4, target_modules=["emb"], init_lora_weights=False)
+    stock = get_peft_model(copy.deepcopy(base), copy.deepcopy(dora))
+    stock.add_adapter("plain", copy.deepcopy(plain))
+    dorafactors.patch()
+    ours = get_peft_model(copy.deepcopy(base), copy.deepcopy(dora))
+    ours.add_adapter("plain", copy.deepcopy(plain))
+    with torch.no_grad():
+        for name, p in stock.named_parameters():
+            if "lora_" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    ours.load_state_dict(stock.state_dict())
+    ids = torch.randint(0, 16, (2, 5), generator=torch.Generator().manual_seed(1))
+    for model in (stock, ours):
+        model.set_adapter("default")
+        model.eval()
+    with torch.no_grad():
+        assert_dtype_close(ours(ids), stock(ids), torch.float32, name="before the merge")  # warms the cache
+        for model in (stock, ours):  # the embedding's own merge: PEFT's model-level merge also visits the head
+            model.base_model.model.emb.merge(adapter_names=["plain"])
+        assert_dtype_close(ours(ids), stock(ids), torch.float32, name="plain adapter merged")
+        for model in (stock, ours):
+            model.base_model.model.emb.unmerge()
+        assert_dtype_close(ours(ids), stock(ids), torch.float32, name="plain adapter unmerged")
