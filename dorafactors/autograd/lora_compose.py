@@ -232,7 +232,7 @@ class _LoraComposeFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(
             h if (need_b or need_g) else None,
-            weight_b if (need_h or need_g) else None,
+            weight_b if (need_h or need_b or need_g) else None,  # d_B takes its dtype (a parameter: no memory)
             saved_base,
             x if (recompute and need_g and need_x) else None,  # rebuilds base differentiably (create_graph)
             weight if (recompute and need_x) else None,

@@ -268,6 +268,48 @@ def test_forward_mode_tangents_match_stock(path, api, train):
     assert_matches_stock(ours, stock, _ids(11), what="after forward-mode AD")
 
 
+# ------------------------------------------------------------------------------------ 4. frozen parts
+
+
+@pytest.mark.parametrize("input_grad", [False, True], ids=["x-frozen", "x-grad"])
+@pytest.mark.parametrize(
+    "frozen",
+    [("lora_A",), ("lora_B",), ("lora_magnitude",), ("lora_A", "lora_magnitude"), ("lora_B", "lora_magnitude"),
+     ("lora_A", "lora_B"), ("lora_A", "lora_B", "lora_magnitude")],
+    ids=lambda names: "+".join(names),
+)  # fmt: skip
+def test_partially_frozen_adapters_match_stock(path, frozen, input_grad):
+    """Training with some adapter tensors frozen (LoRA-FA freezes ``lora_A``; magnitude-only or ``B``-only
+    training), the input with or without a gradient: our node saves and returns exactly what is needed
+    (``lora_B`` alone trainable, with a frozen input, raised in the backward), with stock's gradients."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 6))
+    cfg = LoraConfig(r=3, lora_alpha=6, target_modules=["0", "2"], use_dora=True, init_lora_weights=False)
+    stock = get_peft_model(copy.deepcopy(base), cfg)
+    with dorafactors.patched():
+        ours = get_peft_model(copy.deepcopy(base), cfg)
+    with torch.no_grad():
+        for name, p in stock.named_parameters():
+            if "lora_magnitude" in name:
+                p.mul_(1.0 + 0.3 * torch.rand_like(p))
+    ours.load_state_dict(stock.state_dict())
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for tag, model in (("stock", stock), ("ours", ours)):
+        for name, p in model.named_parameters():
+            if any(part in name for part in frozen):
+                p.requires_grad_(False)
+        params = trainable(model)
+        inputs = x.clone().requires_grad_(input_grad)
+        wrt = [*params.values(), *([inputs] if input_grad else [])]
+        out = model(inputs)
+        grads[tag] = (out, torch.autograd.grad(out.square().sum(), wrt) if wrt else ())
+    assert_dtype_close(grads["ours"][0], grads["stock"][0], F32, name="output")
+    assert len(grads["ours"][1]) == len(grads["stock"][1])
+    for got, want in zip(grads["ours"][1], grads["stock"][1]):
+        assert_dtype_close(got, want, F32, name="gradient")
+
+
 # ------------------------------------------------------------------------------------ 5. torch.compile
 
 
