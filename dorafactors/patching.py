@@ -13,8 +13,9 @@
   of that module's DoRA layers and bumps the version counters of its base weight and bias, because
   merge/unmerge write them through ``.data``, which PyTorch's version counters cannot see (a DoRA layer of
   another module may share the weight: tied embeddings), and then calls the original unchanged;
-* ``unmerge`` of every PEFT LoRA layer class that defines one (``LoraLayer`` and its subclasses): after the
-  original, the same version bump.
+* ``unmerge`` and ``update_layer`` of every PEFT LoRA layer class that defines them (``LoraLayer`` and its
+  subclasses): after the original, the same version bump (unmerge writes W back; adding an adapter may
+  initialize it from W and write W: OLoRA).
 
 Each replaced object is recorded and ``unpatch()`` puts back exactly those objects (``is``-identical).
 ``patch(model)`` also converts the stock DoRA layers of an existing model by swapping ``__class__`` (our
@@ -186,13 +187,13 @@ def _clear_caches_on_merge(wrapped, instance, args, kwargs):
     _clear_layer_caches(module)
     _mark_base_written(module)
     with _lock:
-        _wrap_unmerge_methods()  # the class of a module that merges now unmerges later: wrapped before that
+        _wrap_weight_writers()  # the class of a module that merges now unmerges later: wrapped before that
     return wrapped(*args, **kwargs)
 
 
 @wrapt.decorator
-def _mark_written_on_unmerge(wrapped, instance, args, kwargs):
-    """Wrapper of a PEFT LoRA layer class's ``unmerge()``: it wrote W back."""
+def _mark_written_after(wrapped, instance, args, kwargs):
+    """Wrapper of a PEFT LoRA layer class's ``unmerge()`` or ``update_layer()``: it may have written W."""
     try:
         return wrapped(*args, **kwargs)
     finally:
@@ -218,10 +219,17 @@ def _mark_base_written(module: Any) -> None:
         torch.autograd.graph.increment_version(written)
 
 
-def _wrap_unmerge_methods() -> None:
-    """Wrap the ``unmerge`` each PEFT LoRA layer class defines (:func:`_mark_written_on_unmerge`), once per class;
-    ``unpatch()`` restores them. Runs at ``patch()`` and before every merge, so that a class imported later
-    (PEFT imports some integrations lazily) is wrapped before any of its modules can unmerge."""
+#: Methods of PEFT's LoRA layer classes that may write the base weight in place through ``.data``: ``unmerge``
+#: (``weight.data -= delta``) and ``update_layer``, which adds an adapter and runs its initialization
+#: (OLoRA subtracts its initial ``B A`` from an fp32 base weight in place).
+_WEIGHT_WRITERS = ("unmerge", "update_layer")
+
+
+def _wrap_weight_writers() -> None:
+    """Wrap each of :data:`_WEIGHT_WRITERS` that a PEFT LoRA layer class defines (:func:`_mark_written_after`),
+    once per class and method; ``unpatch()`` restores them. Runs at ``patch()`` and before every merge, so that
+    a class imported later (PEFT imports some integrations lazily) is wrapped before any of its modules can
+    unmerge."""
     layer_module = sys.modules.get("peft.tuners.lora.layer")
     if layer_module is None:
         return
@@ -233,11 +241,12 @@ def _wrap_unmerge_methods() -> None:
             continue
         seen.add(cls)
         pending.extend(cls.__subclasses__())
-        original = cls.__dict__.get("unmerge")
-        if original is None or isinstance(original, wrapt.FunctionWrapper):
-            continue
-        _applied.append((cls, "unmerge", original))
-        cls.unmerge = _mark_written_on_unmerge(original)
+        for name in _WEIGHT_WRITERS:
+            original = cls.__dict__.get(name)
+            if original is None or isinstance(original, wrapt.FunctionWrapper):
+                continue
+            _applied.append((cls, name, original))
+            setattr(cls, name, _mark_written_after(original))
 
 
 def _clear_layer_caches(module: Any) -> None:
@@ -270,7 +279,7 @@ def _apply() -> None:
             continue
         _applied.append((namespace, "check_adapters_to_merge", original))
         namespace.check_adapters_to_merge = _clear_caches_on_merge(original)
-    _wrap_unmerge_methods()
+    _wrap_weight_writers()
 
 
 def _drop_derived_state(instance: Any) -> None:

@@ -150,3 +150,25 @@ def test_merging_a_plain_lora_adapter_into_a_tied_weight_refreshes_the_dora_norm
         for model in (stock, ours):
             model.base_model.model.emb.unmerge()
         assert_dtype_close(ours(ids), stock(ids), torch.float32, name="plain adapter unmerged")
+
+
+def test_adding_an_olora_adapter_refreshes_the_norm_of_the_active_dora_adapter():
+    """OLoRA initializes a new adapter by subtracting its ``B A`` from an fp32 base weight in place
+    (``weight.data -= ...``, no version bump); the active DoRA adapter's cached norm and base sum of squares
+    must follow (the sum of squares is not keyed by optimizer steps: it stayed stale through training)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 24))
+    dora = LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], use_dora=True, init_lora_weights=False)
+    olora = LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], init_lora_weights="olora")
+    stock = get_peft_model(copy.deepcopy(base), copy.deepcopy(dora))
+    dorafactors.patch()
+    ours = get_peft_model(copy.deepcopy(base), copy.deepcopy(dora))
+    ours.load_state_dict(stock.state_dict())
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_dtype_close(ours(x), stock(x), torch.float32, name="before the second adapter")  # warms the caches
+        for model in (stock, ours):
+            model.add_adapter("second", copy.deepcopy(olora))  # active adapter: still "default"
+        assert_dtype_close(ours(x), stock(x), torch.float32, name="after adding an OLoRA adapter")
