@@ -310,6 +310,26 @@ def test_partially_frozen_adapters_match_stock(path, frozen, input_grad):
         assert_dtype_close(got, want, F32, name="gradient")
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval-no-grad"])
+def test_one_dimensional_input_keeps_the_linear_shape(path, train):
+    """A 1-D input: stock PEFT's DoRA broadcasts it to ``[1, d_out]``; ours returns ``nn.Linear``'s ``[d_out]``
+    (as PEFT's LoRA does) with stock's values (``docs/limitations.md``)."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 6))
+    cfg = LoraConfig(r=3, lora_alpha=6, target_modules=["0", "2"], use_dora=True, init_lora_weights=False)
+    stock = get_peft_model(copy.deepcopy(base), cfg)
+    with dorafactors.patched():
+        ours = get_peft_model(copy.deepcopy(base), cfg)
+    ours.load_state_dict(stock.state_dict())
+    x = torch.randn(8, generator=torch.Generator().manual_seed(1))
+    for model in (stock, ours):
+        model.train(train)
+    with contextlib.nullcontext() if train else torch.no_grad():
+        out, want = ours(x), stock(x)
+    assert out.shape == base(x).shape == (6,)
+    assert_dtype_close(out, want.reshape(out.shape), F32, name="1-D input output")
+
+
 # ------------------------------------------------------------------------------------ 5. torch.compile
 
 
