@@ -193,11 +193,16 @@ def _clear_caches_on_merge(wrapped, instance, args, kwargs):
 
 @wrapt.decorator
 def _mark_written_after(wrapped, instance, args, kwargs):
-    """Wrapper of a PEFT LoRA layer class's ``unmerge()`` or ``update_layer()``: it may have written W."""
+    """Wrapper of a PEFT LoRA layer class's ``unmerge()`` or ``update_layer()``: it may have written W (also
+    when it raised part way)."""
     try:
-        return wrapped(*args, **kwargs)
-    finally:
-        _mark_base_written(instance)
+        result = wrapped(*args, **kwargs)
+    except BaseException:
+        with contextlib.suppress(Exception):  # never mask the method's own error
+            _mark_base_written(instance)
+        raise
+    _mark_base_written(instance)
+    return result
 
 
 def _mark_base_written(module: Any) -> None:
@@ -215,8 +220,8 @@ def _mark_base_written(module: Any) -> None:
         for tensor in (getattr(base, "weight", None), getattr(base, "bias", None))
         if isinstance(tensor, torch.Tensor) and not tensor.is_inference()  # no version counter to bump
     ]
-    if written:
-        torch.autograd.graph.increment_version(written)
+    for tensor in written:  # one at a time: older PyTorch releases take a single tensor here
+        torch.autograd.graph.increment_version(tensor)
 
 
 #: Methods of PEFT's LoRA layer classes that may write the base weight in place through ``.data``: ``unmerge``
