@@ -72,6 +72,9 @@ class _ConvMixin(DoraLayerMixin):
         """Extra output of DoRA on top of ``base_result``: ``[N, out, *spatial]``."""
         weight = base_layer.weight
         magnitude = self.weight
+        # the adapters run first: their hooks may set the weights the norm reads (pruning's pre-hook), as they
+        # run before stock's norm, which calls the modules on an identity matrix
+        lora_out = lora_B(lora_A(x))
         norm = self._forward_norm(
             base_layer,
             lora_A,
@@ -83,7 +86,6 @@ class _ConvMixin(DoraLayerMixin):
         )
         self._mirror_stock_cache(adapter_name, norm)
         scale = self._magnitude_scale(magnitude, norm)
-        lora_out = lora_B(lora_A(x))
         if base_result is None:
             base_result = self.conv_fn(
                 x,

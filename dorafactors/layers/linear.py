@@ -105,21 +105,24 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
         if add_base_result and base_result is None:
             raise ValueError("add_base_result=True needs base_result (PEFT's result)")
         result = base_result
+        # The adapters run before the fold and the norm read their weights: a hook may set them (pruning's
+        # pre-hook), and they run before stock's norm too, which calls the modules on an identity matrix.
+        h = _lora_A_call(lora_A, x)
         if base_result is not None:
             folded = self._folded_lora_B(x, lora_A, lora_B, scaling, base_layer, base_result, adapter_name)
             if folded is not None:
                 if add_base_result:
-                    return folded_dora_output(_lora_A_call(lora_A, x), folded, base_result)
-                return folded_dora_extra(_lora_A_call(lora_A, x), folded, base_result)
+                    return folded_dora_output(h, folded, base_result)
+                return folded_dora_extra(h, folded, base_result)
         magnitude = self.weight
-        norm = self._forward_norm(base_layer, lora_A, lora_B, scaling, adapter_name, gather_modules=(lora_A, lora_B))
-        self._mirror_stock_cache(adapter_name, norm)
         weight_b = _lora_B_weight_for_node(lora_B, x)
         if weight_b is None:
+            lora_out = lora_B(h)
+        norm = self._forward_norm(base_layer, lora_A, lora_B, scaling, adapter_name, gather_modules=(lora_A, lora_B))
+        self._mirror_stock_cache(adapter_name, norm)
+        if weight_b is None:
             scale = self._magnitude_scale(magnitude, norm)
-            lora_out = lora_B(lora_A(x))
         else:
-            h = _lora_A_call(lora_A, x)
             if magnitude.requires_grad and magnitude.dim() == 1 and rules.node_divides_magnitude():
                 # training a magnitude: the node divides it by its divisor itself (m / divisor and m's gradient
                 # inside its kernels: no division launch, no division node), with the values autograd's

@@ -330,6 +330,50 @@ def test_one_dimensional_input_keeps_the_linear_shape(path, train):
     assert_dtype_close(out, want.reshape(out.shape), F32, name="1-D input output")
 
 
+@pytest.mark.parametrize("pruned", ["lora_A", "lora_B"])
+def test_adapter_weights_set_by_a_forward_pre_hook_match_stock(path, pruned):
+    """``torch.nn.utils.prune`` on an adapter: its forward pre-hook sets ``weight = weight_orig * mask`` on every
+    call. Ours must read the weights after the hooks ran (it read the previous call's, one optimizer step
+    behind), in training and evaluation, on Linear and Conv layers. Stock's Linear norm calls the modules
+    first; its conv norm reads ``lora_B.weight`` before calling them (one call behind, like ours was), so
+    the reference is refreshed by a no-grad call before each of its forwards."""
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv1d(3, 8, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(40, 6))
+    cfg = LoraConfig(r=3, lora_alpha=6, target_modules=["0", "3"], use_dora=True, init_lora_weights=False)
+    stock = get_peft_model(copy.deepcopy(base), cfg)
+    with dorafactors.patched():
+        ours = get_peft_model(copy.deepcopy(base), cfg)
+    ours.load_state_dict(stock.state_dict())
+    for model in (stock, ours):
+        for name, module in model.named_modules():
+            if name.endswith(f"{pruned}.default"):
+                prune.random_unstructured(module, "weight", amount=0.3)
+    ours.load_state_dict(stock.state_dict())  # the same weight_orig and mask
+    opts = {id(m): torch.optim.SGD(trainable(m).values(), lr=0.3) for m in (stock, ours)}
+    gen = torch.Generator().manual_seed(1)
+    for step in range(3):
+        x = torch.randn(4, 3, 5, generator=gen)
+        outs = {}
+        for tag, model in (("stock", stock), ("ours", ours)):
+            model.train()
+            if model is stock:
+                with torch.no_grad():
+                    model(x)  # stock's pre-hooks set this step's weights
+            loss = model(x).square().mean()
+            loss.backward()
+            opts[id(model)].step()
+            opts[id(model)].zero_grad()
+            model.eval()
+            with torch.no_grad():
+                if model is stock:
+                    model(x[:1])
+                outs[tag] = (loss.detach(), model(x[:1]))
+        assert_dtype_close(outs["ours"][0], outs["stock"][0], F32, name=f"step {step} loss")
+        assert_dtype_close(outs["ours"][1], outs["stock"][1], F32, name=f"step {step} evaluation")
+
+
 # ------------------------------------------------------------------------------------ 5. torch.compile
 
 
