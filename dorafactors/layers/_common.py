@@ -292,7 +292,12 @@ class DoraLayerMixin:
         result = super()._apply(fn, recurse)  # type: ignore[misc]
         store = self.__dict__.get(norm_op.NORM_STORE)
         if store is not None:
-            self.__dict__[norm_op.NORM_STORE] = norm_op.static_store(fn(store))
+            if store.is_meta:
+                # made beside a meta magnitude (PEFT's low_cpu_mem_usage), which loading has since replaced: a
+                # meta tensor has no data to move, and the store holds none yet, so a new one beside the magnitude
+                self._add_norm_store()
+            else:
+                self.__dict__[norm_op.NORM_STORE] = norm_op.static_store(fn(store))
         return result
 
     # ------------------------------------------------------------------ the forward norm

@@ -172,3 +172,28 @@ def test_adding_an_olora_adapter_refreshes_the_norm_of_the_active_dora_adapter()
         for model in (stock, ours):
             model.add_adapter("second", copy.deepcopy(olora))  # active adapter: still "default"
         assert_dtype_close(ours(x), stock(x), torch.float32, name="after adding an OLoRA adapter")
+
+
+def test_low_cpu_mem_usage_loading_matches_the_saved_model(tmp_path):
+    """``PeftModel.from_pretrained(..., low_cpu_mem_usage=True)`` builds the adapters on the meta device and
+    loads them by assignment; PEFT then moves them to the base layer's device. Our layers' norm store, made
+    beside the meta magnitude, has no data to move: that raised ``Cannot copy out of meta tensor``."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 5))
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"], use_dora=True, init_lora_weights=False)
+    with dorafactors.patched():
+        saved = get_peft_model(copy.deepcopy(base), cfg)
+    with torch.no_grad():
+        for name, p in saved.named_parameters():
+            if "lora_magnitude" in name:
+                p.mul_(1.0 + 0.3 * torch.rand_like(p))
+    saved.save_pretrained(tmp_path)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = saved(x)
+        with dorafactors.patched():
+            loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, low_cpu_mem_usage=True)
+        assert all(not p.is_meta for p in loaded.parameters())
+        assert_dtype_close(loaded(x), want, torch.float32, name="loaded with low_cpu_mem_usage")
