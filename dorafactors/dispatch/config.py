@@ -79,7 +79,7 @@ def _parse_ternary(name: str) -> bool | None:
         return True
     if lowered in _FALSE:
         return False
-    raise ValueError(f"{name}={value!r} is not a valid value: use {_BOOL_HELP}, or unset it for the automatic default.")
+    raise ValueError(f"{name}={value!r} is not a valid value: use {_BOOL_HELP}, or unset it for the default.")
 
 
 def _parse_bool(name: str, default: bool) -> bool:
