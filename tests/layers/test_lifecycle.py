@@ -271,6 +271,21 @@ def test_forward_mode_tangents_match_stock(path, api, train):
 # ------------------------------------------------------------------------------------ 4. frozen parts
 
 
+def _stock_and_ours(base: nn.Module, targets: list[str], rank: int = 3):
+    """(stock, ours) DoRA models of ``base`` with ``targets``: random ``lora_B`` (``init_lora_weights=False``),
+    magnitudes scaled by 1..1.3, the same weights in both."""
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, use_dora=True, init_lora_weights=False)
+    stock = get_peft_model(copy.deepcopy(base), cfg)
+    with dorafactors.patched():
+        ours = get_peft_model(copy.deepcopy(base), cfg)
+    with torch.no_grad():
+        for name, p in stock.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1.0 + 0.3 * torch.rand_like(p))
+    ours.load_state_dict(stock.state_dict())
+    return stock, ours
+
+
 @pytest.mark.parametrize("input_grad", [False, True], ids=["x-frozen", "x-grad"])
 @pytest.mark.parametrize(
     "frozen",
@@ -283,16 +298,7 @@ def test_partially_frozen_adapters_match_stock(path, frozen, input_grad):
     training), the input with or without a gradient: our node saves and returns exactly what is needed
     (``lora_B`` alone trainable, with a frozen input, raised in the backward), with stock's gradients."""
     torch.manual_seed(0)
-    base = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 6))
-    cfg = LoraConfig(r=3, lora_alpha=6, target_modules=["0", "2"], use_dora=True, init_lora_weights=False)
-    stock = get_peft_model(copy.deepcopy(base), cfg)
-    with dorafactors.patched():
-        ours = get_peft_model(copy.deepcopy(base), cfg)
-    with torch.no_grad():
-        for name, p in stock.named_parameters():
-            if "lora_magnitude" in name:
-                p.mul_(1.0 + 0.3 * torch.rand_like(p))
-    ours.load_state_dict(stock.state_dict())
+    stock, ours = _stock_and_ours(nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 6)), ["0", "2"])
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
     grads = {}
     for tag, model in (("stock", stock), ("ours", ours)):
@@ -316,11 +322,7 @@ def test_one_dimensional_input_keeps_the_linear_shape(path, train):
     (as PEFT's LoRA does) with stock's values (``docs/limitations.md``)."""
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 6))
-    cfg = LoraConfig(r=3, lora_alpha=6, target_modules=["0", "2"], use_dora=True, init_lora_weights=False)
-    stock = get_peft_model(copy.deepcopy(base), cfg)
-    with dorafactors.patched():
-        ours = get_peft_model(copy.deepcopy(base), cfg)
-    ours.load_state_dict(stock.state_dict())
+    stock, ours = _stock_and_ours(base, ["0", "2"])
     x = torch.randn(8, generator=torch.Generator().manual_seed(1))
     for model in (stock, ours):
         model.train(train)
@@ -341,11 +343,7 @@ def test_adapter_weights_set_by_a_forward_pre_hook_match_stock(path, pruned):
 
     torch.manual_seed(0)
     base = nn.Sequential(nn.Conv1d(3, 8, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(40, 6))
-    cfg = LoraConfig(r=3, lora_alpha=6, target_modules=["0", "3"], use_dora=True, init_lora_weights=False)
-    stock = get_peft_model(copy.deepcopy(base), cfg)
-    with dorafactors.patched():
-        ours = get_peft_model(copy.deepcopy(base), cfg)
-    ours.load_state_dict(stock.state_dict())
+    stock, ours = _stock_and_ours(base, ["0", "3"])
     for model in (stock, ours):
         for name, module in model.named_modules():
             if name.endswith(f"{pruned}.default"):
@@ -389,17 +387,7 @@ class _LinearNet(nn.Module):
 
 def _compile_pair(device: str):
     torch.manual_seed(0)
-    base = _LinearNet().to(device)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], use_dora=True, init_lora_weights=False)
-    stock = get_peft_model(copy.deepcopy(base), cfg)
-    with dorafactors.patched():
-        ours = get_peft_model(copy.deepcopy(base), cfg)
-    with torch.no_grad():
-        for name, p in stock.named_parameters():
-            if "lora_magnitude_vector" in name:
-                p.mul_(1.0 + 0.3 * torch.rand_like(p))
-    ours.load_state_dict(stock.state_dict())
-    return stock, ours
+    return _stock_and_ours(_LinearNet().to(device), ["fc1", "fc2"], rank=4)
 
 
 def _compiled_run_without_recompiles(order: str, device: str, backend) -> None:
