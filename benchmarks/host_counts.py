@@ -150,6 +150,8 @@ def _step(provider: str, workload: str, dim: int, rank: int, tokens: int):
     grad = torch.randn(tokens, dim, generator=gen).to(torch.bfloat16)
     adapters = providers.adapter_tensors(model)
     params = providers.trainable(model)
+    if train:
+        providers.stepped_by_an_optimizer(params)
 
     def step() -> None:
         if not train:

@@ -75,6 +75,8 @@ def _step_fn(model: nn.Module, x: torch.Tensor, train: bool):
     from benchmarks import providers
 
     adapters = providers.adapter_tensors(model)
+    if train:
+        providers.stepped_by_an_optimizer(providers.trainable(model))
 
     def step():
         if not train:
@@ -166,11 +168,11 @@ def launch_costs(calls: int = 500) -> dict[str, float]:
         "clone of a [d_out] fp32 norm": lambda: norm.clone(),
         "mul by 1.0 of a [d_out] fp32 norm": lambda: torch.mul(norm, 1.0),
         "cached_weight_norm op body, cache hit, without the dispatcher": lambda: norm_op._cached_weight_norm_impl(
-            magnitude, weight, lora_A, lora_B, 2.0, "linear", True
+            magnitude, weight, lora_A, lora_B, 2.0, "linear", True, False
         ),
         "dora_compose (no grad)": lambda: dora_compose(lora, base, g, 2.0),
         "cached_weight_norm op, cache hit": lambda: norm_op.cached_weight_norm(
-            magnitude, weight, lora_A, lora_B, 2.0, "linear", True
+            magnitude, weight, lora_A, lora_B, 2.0, "linear", True, False
         ),
     }
     if DEVICE == "cuda":

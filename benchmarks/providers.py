@@ -57,6 +57,7 @@ __all__ = [
     "norm_computations",
     "one_linear_base",
     "quantize_linears",
+    "stepped_by_an_optimizer",
     "stock_caching",
     "trainable",
 ]
@@ -312,10 +313,20 @@ def trainable(model: nn.Module) -> list[torch.Tensor]:
 def bump_adapter_versions(tensors: Sequence[torch.Tensor]) -> None:
     """Mark the adapter weights as written (version counter +1, no kernel), like an optimizer step does.
 
-    Applied to every provider alike; only dorafactors' norm cache reacts (it must recompute the norm).
+    Applied to every provider alike; only dorafactors' norm cache reacts (it must recompute the norm). The
+    training workloads first call :func:`stepped_by_an_optimizer` on their parameters.
     """
     for t in tensors:
         torch.autograd.graph.increment_version(t)
+
+
+def stepped_by_an_optimizer(params: Sequence[torch.Tensor]) -> None:
+    """Make ``params`` what they are in a real training run after its first step: parameters of a
+    ``torch.optim.Optimizer`` that has stepped (one ``step()`` of a zero-learning-rate SGD without gradients:
+    nothing is written). dorafactors' norm cache bypasses itself in training forwards through trainable
+    tensors no optimizer steps (a hand-written update could follow unseen); a timed training call of a run
+    that an optimizer drives must not take that path."""
+    torch.optim.SGD(list(params), lr=0.0).step()
 
 
 @torch.no_grad()

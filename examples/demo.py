@@ -143,7 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in models:
         ms = _median(eval_times[name])
         print(f"{name:>12}: {ms:7.2f} ms ({ms / lora_ms:.2f}x LoRA)")
-    print("\n(stock PEFT recomputes every norm in every micro-batch; dorafactors once per optimizer step)")
+    print(
+        "\n(stock PEFT recomputes every norm in every micro-batch; dorafactors once per optimizer step, after the\n"
+        "first one: until the optimizer has stepped the adapters, once per micro-batch)"
+    )
     if args.device == "cpu":
         print(
             "CPU timings of a model this small measure host overhead (Python, dispatch) more than arithmetic, and\n"

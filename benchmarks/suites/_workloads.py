@@ -4,8 +4,9 @@ Honesty rules built in:
 
 * every training call (``train_fwd_bwd`` and the layer's ``fwd_bwd``) first marks the adapter weights as
   written (version bump, no kernel; :func:`providers.bump_adapter_versions`), for every provider alike, so
-  dorafactors recomputes its norm on every call as it would after an optimizer step. Steps that run a real
-  optimizer (``train_step``, ``accum_step``) need no bump: AdamW writes the weights. Within one
+  dorafactors recomputes its norm on every call as it would after an optimizer step (and the parameters are
+  first made those of an optimizer that has stepped: :func:`providers.stepped_by_an_optimizer`). Steps that
+  run a real optimizer (``train_step``, ``accum_step``) need neither: AdamW writes the weights. Within one
   gradient-accumulation cycle the weights do not change, and dorafactors may reuse its norm there;
 * inference and decode calls do *not* bump: serving with frozen weights is where a norm cache is legitimate;
   ``dorafactors_cold`` shows the same model with the cache defeated;
@@ -241,6 +242,7 @@ def measure(
         elif workload.kind == "train_fwd_bwd":
             tokens = ids.numel()
             grad_to_none = params
+            P.stepped_by_an_optimizer(params)
 
             def fn() -> None:
                 P.bump_adapter_versions(adapters)
@@ -299,6 +301,7 @@ def measure(
             x, grad_out = inputs["x_grad"], inputs["grad_out"]
             tokens = x.shape[0]
             grad_to_none = [*params, x]
+            P.stepped_by_an_optimizer(params)
 
             def fn() -> None:
                 P.bump_adapter_versions(adapters)

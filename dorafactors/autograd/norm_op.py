@@ -12,7 +12,7 @@ Triton kernel, the GEMM path or the PyTorch reference, as in eager mode) only on
 Signature::
 
     cached_weight_norm(Tensor owner, Tensor weight, Tensor lora_A, Tensor lora_B, float scaling,
-                       str layout, bool cache) -> Tensor   # [d_out], fp32 (fp64 for fp64 inputs)
+                       str layout, bool cache, bool recording) -> Tensor   # [d_out], fp32 (fp64 for fp64 inputs)
 
 * ``owner``: the layer's magnitude parameter. Its data is not read: its identity selects the layer's
   :class:`~dorafactors.norm.cache.OwnedNormCaches` (no per-layer constant in the graph, so a block compiled
@@ -22,7 +22,10 @@ Signature::
   the eager path does, so a hit needs the very same tensor objects, unchanged;
 * ``layout``: how they become the engine's 2-D factors: ``"linear"`` (``W`` as is), ``"transposed"``
   (``W.T``: ``fan_in_fan_out`` Linear, Embedding), ``"conv"`` (:func:`~dorafactors.norm.engine.conv_factors`);
-* ``cache``: False where the layer must not cache (sharded parameters, quantized or dequantized base weights).
+* ``cache``: False where the layer must not cache (sharded parameters, quantized or dequantized base weights);
+* ``recording``: the layer's forward records autograd (grad mode was on when the graph was traced). Such a
+  call through trainable tensors that no optimizer has stepped neither reads nor stores the cache, as in
+  eager mode ("Training without an optimizer" in ``norm/cache.py``).
 
 The result is a fresh tensor (never the cached one: Inductor may reuse an extern kernel's output buffer),
 detached; ``g = m / norm`` stays in the graph. The op has no autograd formula: the layers call it under
@@ -67,11 +70,13 @@ from ..norm.cache import (
     OwnedNormCaches,
     StaleNormCacheError,
     StampSet,
+    advance_write_epoch,
     normal_tensors,
-    optimizer_steps,
+    optimizer_untracked,
     owned_norm_caches,
     same_values,
     stampable,
+    write_epoch,
 )
 
 __all__ = [
@@ -91,7 +96,7 @@ LAYOUTS = ("linear", "transposed", "conv")
 _OP_NAME = "cached_weight_norm"
 _SCHEMA = (
     f"{_OP_NAME}(Tensor owner, Tensor weight, Tensor lora_A, Tensor lora_B, float scaling, str layout, "
-    "bool cache) -> Tensor"
+    "bool cache, bool recording) -> Tensor"
 )
 _STORE_OP_NAME = "refresh_weight_norm"
 _STORE_SCHEMA = (
@@ -139,20 +144,21 @@ def cached_weight_norm(
     scaling: float,
     layout: str,
     cache: bool,
+    recording: bool,
 ) -> torch.Tensor:
     """Call the op (module docstring): the detached row norm of ``W + scaling * B @ A``, ``[d_out]``."""
-    return torch.ops.dorafactors.cached_weight_norm(owner, weight, lora_A, lora_B, scaling, layout, cache)
+    return torch.ops.dorafactors.cached_weight_norm(owner, weight, lora_A, lora_B, scaling, layout, cache, recording)
 
 
 def _step_keyed(inputs: tuple[torch.Tensor, ...]) -> bool:
-    """Must an entry also be keyed by the optimizer step? Yes when a tensor behind it requires a gradient (a
-    fused optimizer writes it without a version bump) or is not a parameter (its ``requires_grad`` says
-    nothing about the parameter it may alias)."""
+    """Must an entry also be keyed by the write epoch? Yes when a tensor behind it requires or has a gradient (a
+    fused optimizer writes it without a version bump: ``norm.cache.optimizer_may_write``) or is not a parameter
+    (its ``requires_grad`` says nothing about the parameter it may alias)."""
     for tensor in inputs:
         root = tensor._base  # _root(tensor), inlined: this runs for every layer on every compiled call
         if root is None:
             root = tensor
-        if root.requires_grad or not isinstance(root, nn.Parameter):
+        if root.requires_grad or root.grad is not None or not isinstance(root, nn.Parameter):
             return True
     return False
 
@@ -230,7 +236,7 @@ class _CallSettings(NamedTuple):
     @classmethod
     def now(cls) -> _CallSettings:
         settings = config.cache_settings()
-        return cls(settings.norm_cache, settings.norm_chunk_mb, settings.fused, optimizer_steps())
+        return cls(settings.norm_cache, settings.norm_chunk_mb, settings.fused, write_epoch())
 
 
 def _norm_value(
@@ -275,6 +281,26 @@ def _norm_value(
         return _compute(weight, lora_A, lora_B, scaling, layout, None), False
 
 
+def _untracked_norm(
+    caches: OwnedNormCaches,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    layout: str,
+) -> torch.Tensor:
+    """The norm of a recording call through trainable tensors no optimizer has stepped (module docstring:
+    ``recording``): computed, neither served from nor kept in the norm cache, and the write epoch advanced;
+    bitwise the norm the cache would hold (``||W||^2`` from its cache, or computed as the cache computes it
+    where the base weight is such a tensor too)."""
+    advance_write_epoch()
+    caches.norm.misses += 1
+    with _norm_context(weight.device.type):
+        if not optimizer_untracked((weight,)):
+            return _compute(weight, lora_A, lora_B, scaling, layout, caches)
+        return engine.weight_norm_fresh_sumsq(*norm_factors(layout, weight, lora_A, lora_B), scaling)
+
+
 def _cached_weight_norm_impl(
     owner: torch.Tensor,
     weight: torch.Tensor,
@@ -283,9 +309,13 @@ def _cached_weight_norm_impl(
     scaling: float,
     layout: str,
     cache: bool,
+    recording: bool,
 ) -> torch.Tensor:
     """The op's body (eager, on every call of a compiled graph). A hit costs the stamp checks and one copy."""
-    norm, kept = _norm_value(owned_norm_caches(owner), weight, lora_A, lora_B, scaling, layout, cache)
+    caches = owned_norm_caches(owner)
+    if cache and recording and optimizer_untracked((weight, lora_A, lora_B, owner)):
+        return _untracked_norm(caches, weight, lora_A, lora_B, scaling, layout)
+    norm, kept = _norm_value(caches, weight, lora_A, lora_B, scaling, layout, cache)
     return norm.clone() if kept else norm
 
 
@@ -403,7 +433,7 @@ def _refresh_weight_norms_impl(
 
 class _MergedMemo(NamedTuple):
     """What a merged refresh call left behind when every layer's store held its cached norm: the call's settings
-    and plain arguments, per layer ``(owner ref, store ref, store data_ptr, caches, caches.served,
+    and plain arguments, per layer ``(owner id, store ref, store data_ptr, caches, caches.served,
     caches.norm.changes)``, and the stamps of every layer's weight, ``lora_A`` and ``lora_B``.
 
     While all of that is unchanged, each layer's own check (:func:`_refresh_weight_norm_impl`) would find the
@@ -413,7 +443,7 @@ class _MergedMemo(NamedTuple):
     settings: _CallSettings
     scalings: list[float]
     layouts: list[str]
-    rows: tuple[tuple[weakref.ref, weakref.ref, int, OwnedNormCaches, tuple, int], ...]
+    rows: tuple[tuple[int, weakref.ref, int, OwnedNormCaches, tuple, int], ...]
     stamps: StampSet
 
 
@@ -436,7 +466,7 @@ def _merged_memo(
             return None
         if served[2] is not caches.norm.peek(None):  # type: ignore[union-attr]
             return None
-        rows.append((weakref.ref(owner), served[0], served[1], caches, served, caches.norm.changes))  # type: ignore[union-attr]
+        rows.append((id(owner), served[0], served[1], caches, served, caches.norm.changes))  # type: ignore[union-attr]
     return _MergedMemo(settings, list(scalings), list(layouts), tuple(rows), StampSet((*weights, *lora_As, *lora_Bs)))
 
 
@@ -458,9 +488,9 @@ def _merged_memo_holds(
         return False
     if scalings != memo.scalings or layouts != memo.layouts:  # lists (the op's arguments), compared in place
         return False
-    for (owner_ref, store_ref, store_ptr, caches, served, changes), owner, store in zip(rows, owners, stores):
+    for (owner_id, store_ref, store_ptr, caches, served, changes), owner, store in zip(rows, owners, stores):
         if (
-            owner_ref() is not owner
+            owner_id != id(owner)
             or store_ref() is not store
             or store.data_ptr() != store_ptr
             or caches.served is not served
@@ -474,7 +504,7 @@ def _merged_memo_holds(
     return True
 
 
-def _cached_weight_norm_fake(owner, weight, lora_A, lora_B, scaling, layout, cache):
+def _cached_weight_norm_fake(owner, weight, lora_A, lora_B, scaling, layout, cache, recording):
     """Shape and dtype of the result: ``[d_out]`` on ``weight``'s device, fp64 if an input is fp64, else fp32."""
     rows = weight.shape[1] if layout == "transposed" else weight.shape[0]
     dtype = compute_dtype_for(weight.dtype, lora_A.dtype, lora_B.dtype)

@@ -26,12 +26,17 @@ from ..norm import NormCache, engine
 from ..norm.cache import (
     StaleNormCacheError,
     TensorStamp,
+    advance_write_epoch,
     caching_allowed,
+    hidden_from_selective_checkpoint,
+    install_step_hook,
     normal_tensors,
-    optimizer_steps,
+    optimizer_may_write,
+    optimizer_untracked,
     owned_norm_caches,
     same_values,
     stampable,
+    write_epoch,
 )
 from ..norm.replay import NormReplay
 from ..norm.scale import magnitude_scale, scale_divisor
@@ -255,6 +260,7 @@ class DoraLayerMixin:
 
         ``lora_A`` / ``lora_B`` are the weight tensors, as PEFT's variants pass them.
         """
+        install_step_hook()  # the first optimizer step of a run is counted (norm/cache.py)
         with torch.no_grad(), distributed.gathered_for_norm(base_layer, lora_A, lora_B) as gathered:
             lora_A, lora_B = gathered.full(lora_A), gathered.full(lora_B)
             if base_layer.__class__.__name__ == "Linear4bit":
@@ -336,7 +342,7 @@ class DoraLayerMixin:
             return flat / self._magnitude_divisor(magnitude, norm)
         if not caching_allowed():
             return magnitude_scale(magnitude.reshape(-1), norm)
-        epoch = optimizer_steps() if magnitude.requires_grad else -1
+        epoch = write_epoch() if optimizer_may_write((magnitude,)) else -1
         memo = self.__dict__.get("_df_scale_memo")
         if memo is not None and memo[0] is norm and memo[2] == epoch and memo[1].matches(magnitude):
             if config.norm_cache_verify():
@@ -399,7 +405,7 @@ class DoraLayerMixin:
         """
         scaling = float(scaling)
         recording = torch.is_grad_enabled()
-        with torch.no_grad():
+        with torch.no_grad(), hidden_from_selective_checkpoint():
             if not distributed.process_group_active():  # nothing can be sharded: no gather context at all
                 return self._norm_in_scope(
                     distributed.NOT_SHARDED, base_layer, lora_A, lora_B, scaling, adapter_name, dequantize, recording
@@ -429,21 +435,32 @@ class DoraLayerMixin:
         """
         if torch.compiler.is_compiling() and rules.compiled_norm_op_ok()[0]:
             use_store = not recording and not self._stock_caching_on(adapter_name)
-            return self._compiled_norm(gathered, base_layer, lora_A, lora_B, scaling, dequantize, use_store)
+            return self._compiled_norm(gathered, base_layer, lora_A, lora_B, scaling, dequantize, use_store, recording)
         lora_A, lora_B = gathered.full(lora_A), gathered.full(lora_B)
         base_tensors = self._base_tensors(base_layer)
         inputs = (*base_tensors, lora_A, lora_B)
         autocast_dtype = self._adapter_autocast_dtype(lora_A)
         reuse = caching_allowed() and distributed.norm_cache_allowed(gathered, inputs)[0]
+        untracked = False
+        if reuse and recording:
+            magnitude = self.__dict__["_parameters"].get("weight")
+            if optimizer_untracked(inputs if magnitude is None else (*inputs, magnitude)):
+                # training through tensors no optimizer steps: a hand-written update may follow the backward,
+                # unseen by the stamps ("Training without an optimizer" in norm/cache.py). The norm is neither
+                # served nor kept; ||W||^2 still comes from its cache unless the base weight is such a tensor.
+                advance_write_epoch()
+                untracked = True
+                reuse = not optimizer_untracked(base_tensors)
         settings = config.cache_settings() if reuse else None  # (never read while tracing: reuse is False)
-        use_norm_cache = reuse and (settings.norm_cache != "off" or self._stock_caching_on(adapter_name))
+        use_norm_cache = (
+            reuse and not untracked and (settings.norm_cache != "off" or self._stock_caching_on(adapter_name))
+        )
         if use_norm_cache:
-            trainable = any(t.requires_grad for t in inputs)
             signature = (
                 scaling,
                 settings.norm_chunk_mb,
                 settings.fused,
-                optimizer_steps() if trainable else -1,
+                write_epoch() if optimizer_may_write(inputs) else -1,
                 autocast_dtype,
             )
             hit = self._df_norm_cache.get(adapter_name, signature, inputs)
@@ -466,7 +483,7 @@ class DoraLayerMixin:
                 factor_B,
                 scaling,
                 dequantize,
-                "cached" if reuse else "inline",
+                "cached" if reuse else ("fresh" if untracked else "inline"),
                 base_tensors,
                 # a replayed graph reads the parameters themselves, not a rounded copy made per call
                 replay_slot=adapter_name if reuse and self._norm_replay_ok and autocast_dtype is None else None,
@@ -506,6 +523,7 @@ class DoraLayerMixin:
         scaling: float,
         dequantize: bool,
         use_store: bool = False,
+        recording: bool = True,
     ) -> torch.Tensor:
         """While ``torch.compile`` traces: the norm as an opaque op that the compiled graph runs eagerly on
         every call (kernels, cache and norm count at run time).
@@ -527,7 +545,7 @@ class DoraLayerMixin:
             store = self.__dict__.get(norm_op.NORM_STORE)
             if norm_op.norm_store_fits(store, weight, lora_A, lora_B, layout):
                 return norm_op.refresh_weight_norm(store, self.weight, weight, lora_A, lora_B, scaling, layout, cache)
-        return norm_op.cached_weight_norm(self.weight, weight, lora_A, lora_B, scaling, layout, cache)
+        return norm_op.cached_weight_norm(self.weight, weight, lora_A, lora_B, scaling, layout, cache, recording)
 
     def _compute_norm(
         self,
@@ -556,18 +574,16 @@ class DoraLayerMixin:
             if sumsq_from == "inline":
                 return engine.weight_norm(w2, a2, b2, scaling)
             if sumsq_from == "fresh":
-                sumsq = engine.weight_sumsq(w2)
-                rows_finite = engine.weight_rows_finite(sumsq)
-            else:
-                sumsq, rows_finite = engine.cached_weight_sumsq(
-                    w2,
-                    base_tensors=base_tensors,
-                    base_trainable=any(t.requires_grad for t in base_tensors),
-                    sumsq_cache=self._df_sumsq_cache,
-                    check=lambda what, cached, fresh: self._check_cached(what, None, cached, fresh),
-                )
-                if replay_slot is not None:
-                    return self._replayed_norm(replay_slot, w2, a2, b2, scaling, sumsq, rows_finite)
+                return engine.weight_norm_fresh_sumsq(w2, a2, b2, scaling)
+            sumsq, rows_finite = engine.cached_weight_sumsq(
+                w2,
+                base_tensors=base_tensors,
+                base_trainable=optimizer_may_write(base_tensors),
+                sumsq_cache=self._df_sumsq_cache,
+                check=lambda what, cached, fresh: self._check_cached(what, None, cached, fresh),
+            )
+            if replay_slot is not None:
+                return self._replayed_norm(replay_slot, w2, a2, b2, scaling, sumsq, rows_finite)
             return engine.weight_norm(w2, a2, b2, scaling, cached_sumsq=sumsq, weight_rows_finite=rows_finite)
 
     #: Linear layers set this: their norm factors are the parameters themselves (or a transposed view), the

@@ -20,7 +20,7 @@ from ..autograd.lora_compose import dora_linear_compose
 from ..autograd.recompute_base import compose_recompute_base
 from ..dispatch import config, rules
 from ..norm import engine
-from ..norm.cache import caching_allowed, normal_tensors, optimizer_steps, stampable
+from ..norm.cache import caching_allowed, normal_tensors, optimizer_may_write, stampable, write_epoch
 from ..norm.dense import dense_norm_rows
 from ..norm.scale import magnitude_scale
 from ._common import DoraLayerMixin, autocast_on, base_weight, stock_extra_dtype
@@ -215,12 +215,7 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
         inputs = (*self._base_tensors(base_layer), weight_a, weight_b, magnitude)
         if bias is not None:
             inputs = (*inputs, bias)
-        trainable = False
-        for tensor in inputs:
-            if tensor.requires_grad:
-                trainable = True
-                break
-        signature = (float(scaling), settings, optimizer_steps() if trainable else -1)
+        signature = (float(scaling), settings, write_epoch() if optimizer_may_write(inputs) else -1)
         fold_cache = self.__dict__.get("_df_fold_cache_obj")
         folded = None if fold_cache is None else fold_cache.get(adapter_name, signature, inputs)
         if folded is None:
@@ -498,12 +493,11 @@ def _cached_fold_output(
     inputs = (*layer._base_tensors(base_layer), weight_a, weight_b, magnitude)
     if bias is not None:
         inputs = (*inputs, bias)
-    if not trainable:
-        for tensor in inputs:
-            if tensor.requires_grad:
-                trainable = True
-                break
-    signature = (float(module.scaling[active_adapter]), settings, optimizer_steps() if trainable else -1)
+    signature = (
+        float(module.scaling[active_adapter]),
+        settings,
+        write_epoch() if trainable or optimizer_may_write(inputs) else -1,
+    )
     folded = fold_cache.hit(active_adapter, signature, inputs)
     if not folded:  # no valid entry (None), or a declined fold (_NOT_FOLDABLE)
         return None

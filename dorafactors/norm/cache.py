@@ -10,19 +10,30 @@ tensor records:
 * its autograd version counter, which every in-place write PyTorch can see bumps: optimizer steps (also
   the ``_foreach`` kernels), ``copy_`` in ``load_state_dict``, ``zero_``/``mul_`` under ``no_grad`` or
   ``inference_mode``, writes through any view or ``.detach()`` of the tensor (they share its counter);
-* the identity of the tensor object (a weak reference; for a view, of the tensor it was taken from), so a
-  new Parameter bound over the same storage starts a new entry.
+* the identity of the tensor object (its ``id``; for a view, of the tensor it was taken from), so a new
+  Parameter bound over the same storage starts a new entry. An ``id`` is reused only after its object is
+  freed, and a new object over the very storage the stamp holds, in the same layout and at the same version,
+  has had no write a version counter saw. No weak reference to a tensor is taken: ``torch.utils.swap_tensors``
+  (``torch.__future__.set_swap_module_params_on_conversion``) refuses tensors that have one.
 
 The version counter is not enough on its own: fused optimizer kernels (``torch.optim.AdamW(fused=True)``,
 the Hugging Face Trainer's default on CUDA; DeepSpeed's and bitsandbytes' optimizers) write parameters
-without bumping it. So every entry is also validated against :func:`optimizer_steps`, a counter advanced
-after every ``step()`` of any ``torch.optim.Optimizer`` (PyTorch's global step post-hook, installed on first
-use; it only counts). The layers add it to an entry's signature whenever a tensor behind the value requires
-a gradient.
+without bumping it. So every entry is also validated against :func:`write_epoch`, a counter advanced after
+every ``step()`` of any ``torch.optim.Optimizer`` (PyTorch's global step post-hook, installed on first use).
+The layers add it to an entry's signature whenever a tensor behind the value requires a gradient or has one
+(a fused optimizer also writes a parameter frozen after its gradient was made: :func:`optimizer_may_write`).
+
+**Training without an optimizer.** A loop that updates its parameters by hand (``p.data.add_(p.grad,
+alpha=-lr)``, or any rule that is not a ``torch.optim.Optimizer``) writes with no step and often no version
+bump. So a forward that records autograd through a trainable tensor that no optimizer has stepped yet
+(:func:`optimizer_untracked`) neither reads nor stores a cached value, and advances the epoch, which drops
+the values cached by earlier ``no_grad`` calls: a backward, and then such a write, may follow it. Once an
+optimizer has stepped a tensor (the step hook records its parameters), the step counts its writes and the
+cache serves it again: gradient-accumulation micro-batches recompute the norm only before the first step.
 
 **Bounded.** A cache holds at most one entry per *slot* (the layers use the adapter name; one cache per
-layer and purpose). Everything else that selects a value (scaling, chunk budget, kernel switch, optimizer
-step) is part of the entry's *signature*, which is validated like the stamps: a new signature replaces the
+layer and purpose). Everything else that selects a value (scaling, chunk budget, kernel switch, write
+epoch) is part of the entry's *signature*, which is validated like the stamps: a new signature replaces the
 old entry instead of adding one, and a failed validation drops the stale value before it is recomputed.
 
 **The rule: what the cache cannot see.** A write is seen exactly when it bumps the version counter of the
@@ -37,7 +48,11 @@ counter of that tensor is invisible, and the cached value goes stale:
 * through another tensor bound to the same storage: ``p.data = t`` then ``t.mul_(2)`` (``p`` keeps its own
   counter), or ``torch.nn.utils.vector_to_parameters(vec, params)`` (which binds every parameter to a slice
   of ``vec`` through ``.data``) followed by an in-place edit of ``vec``;
-* by a custom optimizer that writes parameters in place without being a ``torch.optim.Optimizer``.
+* by a custom optimizer (not a ``torch.optim.Optimizer``) writing parameters that a ``torch.optim.Optimizer``
+  has also stepped.
+
+A hand-written update of tensors no optimizer steps, between a training step's backward and the next
+forward, is the exception that is seen (see "Training without an optimizer" above).
 
 PEFT writes base weights through ``.data`` only inside ``merge`` / ``unmerge``; while patched, dorafactors hooks
 both and bumps the written weight's version counter (``patching.py``), which every stamp on it sees, a tied
@@ -49,7 +64,8 @@ and raises :class:`StaleNormCacheError` naming the layer, to prove or rule out s
 ``torch.jit`` traces (a cached tensor would be baked into the graph as a constant), inside a ``torch.func``
 transform (its wrapped tensors have no storage to stamp), inside a ``torch.autograd.forward_ad.dual_level``
 (a cached value derived from an adapter, the decode fold's ``lora_B``, would drop that adapter's tangent),
-and for inference tensors (made under
+inside a selective activation checkpoint (its recomputation must run the operators its forward ran), and
+for inference tensors (made under
 ``torch.inference_mode``: they have no version counter, so an in-place write to them could never be seen).
 A value computed while inference mode is on is computed with it locally off (:func:`normal_tensors`), so a
 cache never holds an inference tensor and may serve its values to a call that records autograd.
@@ -70,49 +86,145 @@ __all__ = [
     "StaleNormCacheError",
     "StampSet",
     "TensorStamp",
+    "advance_write_epoch",
     "caching_allowed",
+    "hidden_from_selective_checkpoint",
+    "install_step_hook",
     "normal_tensors",
-    "optimizer_steps",
+    "optimizer_may_write",
+    "optimizer_untracked",
     "owned_norm_caches",
     "same_values",
     "stampable",
+    "write_epoch",
 ]
 
 
-_optimizer_steps = 0
+_write_epoch = 0
 _step_hook: Any = None
+#: ``id(parameter) -> weak reference to its storage`` for every parameter of an optimizer that has completed a
+#: ``step()`` (the storage, not the tensor: a tensor with a weak reference cannot be swapped)
+_stepped_params: dict[int, weakref.ref] = {}
 
 
 def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    global _optimizer_steps
-    _optimizer_steps += 1
+    """The step post-hook: advance the epoch and record the optimizer's parameters in their current storage
+    (every step: a parameter moved since, ``.to(device)`` with the optimizer already built, is recorded anew;
+    a dictionary lookup per parameter tensor)."""
+    global _write_epoch
+    _write_epoch += 1
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            try:
+                storage = param.untyped_storage()
+            except (RuntimeError, NotImplementedError, TypeError):  # a tensor subclass without one (DTensor)
+                continue
+            key = id(param)
+            known = _stepped_params.get(key)
+            if known is None or known() is not storage:
+                _stepped_params[key] = weakref.ref(storage, lambda dead, key=key: _forget_param(key, dead))
 
 
-def optimizer_steps() -> int:
-    """How many ``torch.optim.Optimizer.step()`` calls completed in this process since first asked."""
+def _forget_param(key: int, ref: weakref.ref) -> None:
+    if _stepped_params.get(key) is ref:
+        del _stepped_params[key]
+
+
+def install_step_hook() -> None:
+    """Install the global optimizer step post-hook (once; the layers call it when they are built, so that the
+    first step of a run is counted)."""
     global _step_hook
     if _step_hook is None:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         _step_hook = register_optimizer_step_post_hook(_count_optimizer_step)
-    return _optimizer_steps
+
+
+def write_epoch() -> int:
+    """A counter advanced after every ``torch.optim.Optimizer.step()`` in this process (counted from the first
+    call of this function) and by :func:`advance_write_epoch`: what an entry computed from trainable tensors
+    is keyed by."""
+    if _step_hook is None:
+        install_step_hook()
+    return _write_epoch
+
+
+def advance_write_epoch() -> None:
+    """Invalidate every entry keyed by :func:`write_epoch` (a forward through :func:`optimizer_untracked` tensors
+    is recording autograd: see the module docstring)."""
+    global _write_epoch
+    _write_epoch += 1
+
+
+def optimizer_may_write(tensors: tuple[torch.Tensor, ...]) -> bool:
+    """May an optimizer step write one of ``tensors`` (or the tensor it is a view of) without bumping its
+    version? A fused optimizer writes every parameter that has a gradient, frozen (``requires_grad=False``)
+    since or not. An entry computed from such tensors is keyed by :func:`write_epoch`."""
+    for tensor in tensors:
+        base = tensor._base
+        root = tensor if base is None else base
+        if root.requires_grad or root.grad is not None:
+            return True
+    return False
+
+
+def optimizer_untracked(tensors: tuple[torch.Tensor, ...]) -> bool:
+    """Does one of ``tensors`` require a gradient without being (a view of) a parameter of an optimizer that has
+    completed a step? Such a tensor may be written by hand after the backward (module docstring)."""
+    if _step_hook is None:
+        install_step_hook()
+    for tensor in tensors:
+        if tensor.requires_grad:
+            base = tensor._base
+            root = tensor if base is None else base
+            known = _stepped_params.get(id(root))
+            if known is None or known() is not root.untyped_storage():
+                return True
+    return False
 
 
 _jit_tracing = torch._C._is_tracing  # what torch.jit.is_tracing() asks, without its Python frame
 _functorch_interpreter = torch._C._functorch.peek_interpreter_stack  # not None inside a torch.func transform
 
 
+_dispatch_modes = torch._C._len_torch_dispatch_stack  # > 0 while a TorchDispatchMode is active
+
+
 def caching_allowed() -> bool:
     """May values be cached and served now? No while ``torch.compile`` traces, while ``torch.jit`` traces or
-    scripts, inside a ``torch.func`` transform or a forward-mode AD dual level (see the module docstring).
-    Runs on every layer call."""
+    scripts, inside a ``torch.func`` transform or a forward-mode AD dual level, or in a selective activation
+    checkpoint (see the module docstring). Runs on every layer call."""
     return not (
         torch.compiler.is_compiling()
         or _jit_tracing()
         or _functorch_interpreter() is not None
         or _forward_ad._current_level >= 0
         or torch.jit.is_scripting()
+        or (_dispatch_modes() > 0 and _selective_checkpoint_active())
     )
+
+
+def _selective_checkpoint_active() -> bool:
+    """Is a dispatch mode of ``torch.utils.checkpoint`` active (selective activation checkpointing,
+    ``create_selective_checkpoint_contexts``)? Its recomputation receives the outputs the forward saved by their
+    position in the operator sequence, so the forward and the recomputation must run the same operators: a
+    norm computed in one and served from the cache in the other would shift every later saved output."""
+    for index in range(_dispatch_modes()):
+        if type(torch._C._get_dispatch_stack_at(index)).__module__ == "torch.utils.checkpoint":
+            return True
+    return False
+
+
+def hidden_from_selective_checkpoint() -> contextlib.AbstractContextManager[Any]:
+    """Context for the detached norm's computation: inside a selective activation checkpoint, with the dispatch
+    modes set aside, so that the checkpoint neither saves nor hands back the norm's temporaries (the PyTorch
+    norm works in place on them, which the checkpoint rejects as a mutation of a saved tensor). Nothing of it
+    reaches autograd; every other operator of the layer stays in the checkpoint's view."""
+    if not torch.compiler.is_compiling() and _dispatch_modes() > 0 and _selective_checkpoint_active():
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        return _disable_current_modes()
+    return contextlib.nullcontext()
 
 
 def stampable(tensors: tuple[torch.Tensor, ...]) -> bool:
@@ -177,10 +289,10 @@ def _layout_key(tensor: torch.Tensor) -> tuple[Any, ...]:
 class TensorStamp:
     """Identity + layout + version of one tensor at one moment (see module docstring)."""
 
-    __slots__ = ("_key", "_root_ref", "_storage_ref")
+    __slots__ = ("_key", "_root_id", "_storage_ref")
 
     def __init__(self, tensor: torch.Tensor) -> None:
-        self._root_ref = weakref.ref(_root(tensor))
+        self._root_id = id(_root(tensor))
         self._storage_ref = weakref.ref(tensor.untyped_storage())  # the device is the storage's
         self._key = _layout_key(tensor)
 
@@ -188,7 +300,7 @@ class TensorStamp:
         """True when ``tensor`` is the same object, in the same storage, unchanged since the stamp."""
         base = tensor._base  # _root(tensor), inlined: this runs for every cached tensor on every call
         return (
-            self._root_ref() is (tensor if base is None else base)
+            self._root_id == id(tensor if base is None else base)
             and self._storage_ref() is tensor.untyped_storage()
             and self._key
             == (
@@ -206,7 +318,7 @@ class TensorStamp:
         written or not since the stamp (what a computation captured with the tensor's address relies on)."""
         base = tensor._base
         return (
-            self._root_ref() is (tensor if base is None else base)
+            self._root_id == id(tensor if base is None else base)
             and self._storage_ref() is tensor.untyped_storage()
             and self._key[1:]
             == (tensor.data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride(), tensor.dtype)
@@ -230,7 +342,7 @@ class StampSet:
         refs, keys, ref = [], [], weakref.ref
         for t in tensors:
             base = t._base
-            refs.append((ref(t if base is None else base), ref(t.untyped_storage())))
+            refs.append((id(t if base is None else base), ref(t.untyped_storage())))
             keys.append((t._version, t.data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype))
         self._refs, self._keys = tuple(refs), tuple(keys)
 
@@ -238,10 +350,10 @@ class StampSet:
         """True when every tensor is the same object, in the same storage, unchanged since the stamps."""
         if len(tensors) != len(self._keys):
             return False
-        for (root_ref, storage_ref), key, tensor in zip(self._refs, self._keys, tensors):
+        for (root_id, storage_ref), key, tensor in zip(self._refs, self._keys, tensors):
             base = tensor._base  # _root(tensor), inlined
             if (
-                root_ref() is not (tensor if base is None else base)
+                root_id != id(tensor if base is None else base)
                 or storage_ref() is not tensor.untyped_storage()
                 or key
                 != (
@@ -260,10 +372,10 @@ class StampSet:
         """:meth:`matches` without the versions: ``TensorStamp.same_layout`` of every tensor, in one loop."""
         if len(tensors) != len(self._keys):
             return False
-        for (root_ref, storage_ref), key, tensor in zip(self._refs, self._keys, tensors):
+        for (root_id, storage_ref), key, tensor in zip(self._refs, self._keys, tensors):
             base = tensor._base
             if (
-                root_ref() is not (tensor if base is None else base)
+                root_id != id(tensor if base is None else base)
                 or storage_ref() is not tensor.untyped_storage()
                 or key[1:] != (tensor.data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride(), tensor.dtype)
             ):
@@ -279,7 +391,7 @@ class NormCache:
     match.
 
     ``slot`` names the one value kept (the adapter); ``signature`` holds the plain hashables that select the
-    value (scaling, chunk budget, kernel switch, optimizer step); ``inputs`` are the
+    value (scaling, chunk budget, kernel switch, write epoch); ``inputs`` are the
     tensors the value was computed from. A lookup whose signature or stamps differ drops the entry (its
     memory is freed before the caller recomputes), and :meth:`put` replaces whatever the slot held.
     ``hits`` / ``misses`` count lookups (eager only: nothing here runs while ``torch.compile`` traces).
@@ -376,7 +488,8 @@ class OwnedNormCaches:
         self.merged = None
 
 
-#: ``id(owner) -> (weak reference to the owner, its caches)``; an entry is dropped when its owner is freed.
+#: ``id(owner) -> (weak reference to the owner's storage, its caches)``; an entry is dropped when that storage is
+#: freed (the storage, not the owner: a tensor with a weak reference cannot be swapped, ``swap_tensors``).
 _owned: dict[int, tuple[weakref.ref, OwnedNormCaches]] = {}
 
 
@@ -387,16 +500,19 @@ def _drop_owned(key: int, ref: weakref.ref) -> None:
 
 
 def owned_norm_caches(owner: torch.Tensor, *, create: bool = True) -> OwnedNormCaches | None:
-    """The :class:`OwnedNormCaches` of ``owner`` (a DoRA layer's magnitude parameter, the very object), made on
-    first use with ``create``; None without. They live exactly as long as ``owner``: a new magnitude parameter
-    (``load_state_dict(assign=True)``, a deep copy of the layer) starts with empty caches."""
+    """The :class:`OwnedNormCaches` of ``owner`` (a DoRA layer's magnitude parameter: the very object, in its
+    current storage), made on first use with ``create``; None without. A new magnitude parameter
+    (``load_state_dict(assign=True)``, a deep copy of the layer) or new memory for it (a device or dtype move, a
+    swap) starts with empty caches. Which caches serve a call never decides a value: every entry is validated by
+    the stamps of the tensors it was computed from."""
     key = id(owner)
+    storage = owner.untyped_storage()
     item = _owned.get(key)
-    if item is not None and item[0]() is owner:
+    if item is not None and item[0]() is storage:
         return item[1]
     if not create:
         return None
     caches = OwnedNormCaches()
-    ref = weakref.ref(owner, lambda dead, key=key: _drop_owned(key, dead))
+    ref = weakref.ref(storage, lambda dead, key=key: _drop_owned(key, dead))
     _owned[key] = (ref, caches)
     return caches

@@ -31,7 +31,7 @@ import torch
 from ..dispatch import config, rules
 from ..kernels.operands import HALF_DTYPES, compute_dtype_for
 from ..kernels.row_norm_reference import factored_row_norm_sq, plan_chunk_columns, row_sumsq
-from .cache import NormCache, optimizer_steps
+from .cache import NormCache, write_epoch
 from .dense import dense_factor_row_norm_sq, dense_row_norm
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "dense_delta_norm",
     "norm_path",
     "weight_norm",
+    "weight_norm_fresh_sumsq",
     "weight_norm_with_cached_sumsq",
     "weight_rows_finite",
     "weight_sumsq",
@@ -168,6 +169,17 @@ def _functional_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
     return norm.to(compute_dtype_for(weight.dtype, lora_A.dtype, lora_B.dtype)).clamp_min(clamp_eps(weight.dtype))
 
 
+def weight_norm_fresh_sumsq(
+    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """:func:`weight_norm` with ``||W||^2`` computed as :func:`cached_weight_sumsq` computes it, kept nowhere:
+    bitwise the norm the cached path serves, for callers that must not cache (one host synchronization)."""
+    sumsq = weight_sumsq(weight)
+    return weight_norm(
+        weight, lora_A, lora_B, scaling, cached_sumsq=sumsq, weight_rows_finite=weight_rows_finite(sumsq)
+    )
+
+
 def weight_norm_with_cached_sumsq(
     weight: torch.Tensor,
     lora_A: torch.Tensor,
@@ -204,7 +216,7 @@ def cached_weight_sumsq(
     """``(||W||^2 per row, every row finite)`` from ``sumsq_cache`` (:func:`weight_norm_with_cached_sumsq`'s
     arguments), computed and stored on a miss: the same tensor object while ``W`` is unchanged."""
     settings = config.cache_settings()
-    signature = (settings.norm_chunk_mb, settings.fused, optimizer_steps() if base_trainable else -1)
+    signature = (settings.norm_chunk_mb, settings.fused, write_epoch() if base_trainable else -1)
     cached = sumsq_cache.get(None, signature, base_tensors)
     if cached is None:
         sumsq = weight_sumsq(weight)

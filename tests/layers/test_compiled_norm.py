@@ -25,7 +25,7 @@ from dorafactors.autograd import norm_op
 from dorafactors.dispatch import config
 from dorafactors.norm import engine
 from dorafactors.norm.cache import NormCache, StaleNormCacheError
-from tests._lifecycle import build_pair, dora_layers, one_thread, sync_weights, trainable
+from tests._lifecycle import build_pair, dora_layers, one_thread, stepped_by_an_optimizer, sync_weights, trainable
 from tests._models import TinyLM
 from tests._peft import MERGE_FIXED
 from tests._tolerances import StockFidelity, assert_dtype_close
@@ -116,8 +116,9 @@ def test_the_op_is_registered_cudagraph_unsafe_and_passes_opcheck(layout):
     owner = torch.ones(w.shape[1] if layout == "transposed" else w.shape[0])
     with torch.no_grad():
         for cache in (False, True):
-            # schema (no mutation, no aliasing of the result), fake tensor and AOT dispatch of the op
-            torch.library.opcheck(OP, (owner, w.detach(), a.detach(), b.detach(), 0.7, layout, cache))
+            for recording in (False, True):
+                # schema (no mutation, no aliasing of the result), fake tensor and AOT dispatch of the op
+                torch.library.opcheck(OP, (owner, w.detach(), a.detach(), b.detach(), 0.7, layout, cache, recording))
 
 
 @pytest.mark.parametrize("layout", norm_op.LAYOUTS)
@@ -134,7 +135,7 @@ def test_the_store_op_is_registered_cudagraph_unsafe_and_passes_opcheck(layout):
             args = (store, owner, w.detach(), a.detach(), b.detach(), 0.7, layout, cache)
             torch.library.opcheck(STORE_OP, args)
             STORE_OP(*args)
-            want = OP(owner, w.detach(), a.detach(), b.detach(), 0.7, layout, cache)
+            want = OP(owner, w.detach(), a.detach(), b.detach(), 0.7, layout, cache, False)
             assert torch.equal(store.view(torch.float32), want)
         with pytest.raises(ValueError, match="norm_store_fits"):
             STORE_OP(torch.zeros(rows + 1, dtype=torch.int32), owner, w, a, b, 0.7, layout, True)
@@ -147,8 +148,8 @@ def test_the_op_serves_the_engines_norm_as_a_fresh_tensor(layout, path):
     w, a, b = _factors(layout, torch.Generator().manual_seed(1))
     owner = nn.Parameter(torch.ones(1))
     with torch.no_grad():
-        first = OP(owner, w, a, b, 0.7, layout, True)
-        second = OP(owner, w, a, b, 0.7, layout, True)
+        first = OP(owner, w, a, b, 0.7, layout, True, False)
+        second = OP(owner, w, a, b, 0.7, layout, True, False)
         expected = engine.weight_norm_with_cached_sumsq(
             *norm_op.norm_factors(layout, w, a, b),
             0.7,
@@ -160,7 +161,7 @@ def test_the_op_serves_the_engines_norm_as_a_fresh_tensor(layout, path):
             (lambda w2, a2, b2: w2.double() + 0.7 * b2.double() @ a2.double())(*norm_op.norm_factors(layout, w, a, b)),
             dim=1,
         )
-        third = OP(owner, w, a, b, 0.7, layout, True)
+        third = OP(owner, w, a, b, 0.7, layout, True, False)
     assert torch.equal(first, expected) and torch.equal(second, expected) and torch.equal(third, expected)
     assert_dtype_close(first, dense, F32, name="op norm vs fp64 dense norm")
     assert len({t.untyped_storage().data_ptr() for t in (first, second, third)}) == 3, "results share memory"
@@ -169,9 +170,9 @@ def test_the_op_serves_the_engines_norm_as_a_fresh_tensor(layout, path):
     for result in (first, second, third):
         result.fill_(0.0)  # a caller writing into the results it got
     with torch.no_grad():
-        assert torch.equal(OP(owner, w, a, b, 0.7, layout, True), expected)
+        assert torch.equal(OP(owner, w, a, b, 0.7, layout, True, False), expected)
         b.mul_(1.5)  # a visible write: the next call recomputes
-        recomputed = OP(owner, w, a, b, 0.7, layout, True)
+        recomputed = OP(owner, w, a, b, 0.7, layout, True, False)
     assert caches.norm.misses == 2 and not torch.equal(recomputed, expected)
 
 
@@ -180,13 +181,38 @@ def test_the_op_caches_nothing_when_told_not_to_or_switched_off(monkeypatch):
     owner = nn.Parameter(torch.ones(1))
     with torch.no_grad():
         for _ in range(3):
-            OP(owner, w, a, b, 0.7, "linear", False)
+            OP(owner, w, a, b, 0.7, "linear", False, False)
         monkeypatch.setenv("PEFT_DORA_NORM_CACHE", "0")
         config.invalidate_cache()
         for _ in range(2):
-            OP(owner, w, a, b, 0.7, "linear", True)
+            OP(owner, w, a, b, 0.7, "linear", True, False)
     caches = dorafactors.norm.cache.owned_norm_caches(owner, create=False)
     assert caches.norm.misses == 5 and caches.norm.hits == 0 and len(caches.norm) == 0
+
+
+def test_a_recording_call_through_tensors_no_optimizer_steps_caches_nothing():
+    """``recording`` (a compiled forward that records autograd) through trainable ``A`` / ``B`` that no optimizer
+    has stepped: a hand-written update may follow the backward unseen by the version counters, so each such
+    call computes the norm and ends what the no-grad calls cached; once an optimizer has stepped them, the
+    optimizer's steps are what the cache is keyed by, and recording calls are served again."""
+    w, a, b = _factors("linear", torch.Generator().manual_seed(3))
+    owner = nn.Parameter(torch.ones(1))
+    with torch.no_grad():
+        before = OP(owner, w, a, b, 0.7, "linear", True, False)  # a no-grad call caches
+        for _ in range(2):
+            OP(owner, w, a, b, 0.7, "linear", True, True)
+        b.data.mul_(1.5)  # what a hand-written update writes: no version bump
+        after = OP(owner, w, a, b, 0.7, "linear", True, False)
+    caches = dorafactors.norm.cache.owned_norm_caches(owner, create=False)
+    assert (caches.norm.misses, caches.norm.hits) == (4, 0)
+    dense = torch.linalg.vector_norm(w.double() + 0.7 * b.double() @ a.double(), dim=1)
+    assert_dtype_close(after, dense, F32, name="norm after the hand-written update vs fp64")
+    assert not torch.equal(after, before)
+    torch.optim.SGD([a, b, owner], lr=0.0).step()  # an optimizer now steps them (writes nothing)
+    with torch.no_grad():
+        for _ in range(3):
+            OP(owner, w, a, b, 0.7, "linear", True, True)
+    assert (caches.norm.misses, caches.norm.hits) == (5, 2)
 
 
 MERGED_OP = torch.ops.dorafactors.refresh_weight_norms.default
@@ -372,12 +398,15 @@ def test_compiled_one_norm_per_optimizer_step_with_accumulation(checkpointing, f
     graphs = _Graphs()
     compiled = graphs.compile(model)
     model.train()
-    for step in range(3):
+    for step in range(4):
         before = _norm_count(model)
         for micro in range(8):
             ids = torch.randint(0, 32, (2, 7), generator=torch.Generator().manual_seed(step * 8 + micro))
             (compiled(ids).logsumexp(-1).mean() / 8).backward()
-        assert _norm_count(model) - before == layers, f"step {step}: one norm per DoRA layer per optimizer step"
+        if step == 0:  # no optimizer has stepped the adapters yet: every recording forward computes the norm
+            assert _norm_count(model) - before == 8 * layers * (2 if checkpointing else 1)
+        else:
+            assert _norm_count(model) - before == layers, f"step {step}: one norm per DoRA layer per optimizer step"
         opt.step()
         opt.zero_grad()
     assert graphs.frames == 1, "no recompile across micro-batches and optimizer steps"
@@ -523,6 +552,38 @@ def test_compiled_model_never_serves_a_stale_norm(path, fused_optimizer):
     assert graphs.frames == frames, f"recompiled after the warm-up: {frames} -> {graphs.frames} frames"
 
 
+@pytest.mark.parametrize("writer", ["hand-written", "fused-frozen"])
+def test_compiled_model_follows_writes_without_a_version_bump(writer):
+    """Compiled training: a loop that updates the parameters itself through ``.data`` (no optimizer), and a
+    fused optimizer that keeps stepping adapters frozen mid-training (their zero gradients kept); each step
+    followed by compiled calls in train and eval mode against stock PEFT holding the same weights."""
+    stock, ours = build_pair()
+    ids = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(6))
+    compiled = _Graphs().compile(ours)
+    optimizers = {m: torch.optim.AdamW(list(trainable(m).values()), lr=0.05, fused=True) for m in (stock, ours)}
+    for step in range(4):
+        for model in (stock, ours):
+            model.train()
+            if writer == "fused-frozen" and step == 2:
+                for name, p in model.named_parameters():
+                    if "lora_A" in name or "lora_B" in name or "lora_embedding" in name:
+                        p.requires_grad_(False)
+        for model, runner in ((stock, stock), (ours, compiled)):
+            if writer == "fused-frozen":
+                optimizers[model].zero_grad(set_to_none=False)
+            (runner(ids) ** 2).mean().backward()
+            if writer == "fused-frozen":
+                optimizers[model].step()
+                continue
+            for p in trainable(model).values():
+                p.data.add_(p.grad, alpha=-0.05)
+                p.grad = None
+        for training in (True, False):
+            ours.train(training)
+            stock.train(training)
+            _check(stock, ours, compiled, ids, f"{writer} step {step}")
+
+
 def test_verify_mode_catches_a_blind_write_inside_a_compiled_graph(monkeypatch):
     """``PEFT_DORA_NORM_CACHE=verify`` recomputes every cached norm in the op, compiled graphs included."""
     monkeypatch.setenv("PEFT_DORA_NORM_CACHE", "verify")
@@ -587,6 +648,7 @@ def test_gpu_inductor_graph_calls_the_op_and_caches():
     from dorafactors.autograd import norm_batching
 
     stock, ours = _gpu_pair()
+    stepped_by_an_optimizer(ours)  # the training below is served from the cache from its first step
     ours.eval()
     stock.eval()
     ids = torch.randint(0, 32, (2, 9), device="cuda")

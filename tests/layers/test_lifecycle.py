@@ -28,6 +28,7 @@ from tests._lifecycle import (
     cache_sizes,
     dora_layers,
     one_thread,
+    stepped_by_an_optimizer,
     sync_weights,
     trainable,
 )
@@ -585,6 +586,7 @@ def test_writes_the_version_counter_cannot_see_are_caught_by_verify(write, monke
         monkeypatch.setenv("PEFT_DORA_NORM_CACHE", mode)
         config.invalidate_cache()
         stock, ours = build_pair()
+        stepped_by_an_optimizer(ours)  # else training forwards would not cache: nothing to go stale
         rebound = {}
         for name, model in (("stock", stock), ("ours", ours)):
             rebound[name] = _unseen_writers(model)[write]()
@@ -613,6 +615,7 @@ def test_verify_checks_every_cached_value(purpose, monkeypatch):
     monkeypatch.setenv("PEFT_DORA_NORM_CACHE", "verify")
     config.invalidate_cache()
     stock, ours = build_pair()
+    stepped_by_an_optimizer(ours)
     inner = ours.base_model.model
     ids = _ids(7, (1, 4))
     layer_name = "lin"

@@ -226,10 +226,12 @@ def test_random_op_sequences_never_serve_a_stale_norm(ops, seed):
 
 
 def test_a_write_through_data_without_clear_is_the_documented_blind_spot():
-    """Documents (and pins) the one channel a stamp cannot see; `clear_norm_caches` is the remedy."""
+    """Documents (and pins) the one channel a stamp cannot see, between two forwards that record no autograd;
+    `clear_norm_caches` is the remedy."""
     stock, ours = _pair()
     ids = torch.randint(0, 20, (2, 5))
-    ours(ids)
+    with torch.no_grad():
+        ours(ids)
     with torch.no_grad():
         for model in (stock, ours):
             model.base_model.model.lin.base_layer.weight.data.mul_(1.5)
@@ -282,14 +284,45 @@ def test_one_norm_per_optimizer_step_with_accumulation(checkpointing, fused_opti
     layers = len(_lora_layers(model))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, fused=fused_optimizer)
     model.train()
-    for step in range(3):
+    for step in range(4):
         before = _norm_count(model)
         for micro in range(8):
             ids = torch.randint(0, 32, (2, 7), generator=torch.Generator().manual_seed(step * 8 + micro))
             (model(ids).logsumexp(-1).mean() / 8).backward()
-        assert _norm_count(model) - before == layers  # one per DoRA layer per optimizer step
+        if step == 0:
+            # before the optimizer's first step nothing says it, and not a hand-written update, will write the
+            # adapters: every forward that records autograd computes the norm (the checkpoint's recompute too)
+            assert _norm_count(model) - before == 8 * layers * (2 if checkpointing else 1)
+        else:
+            assert _norm_count(model) - before == layers  # one per DoRA layer per optimizer step
         opt.step()
         opt.zero_grad()
+
+
+def test_an_optimizer_step_records_parameters_moved_since_it_was_built():
+    """``model.double()`` with the optimizer already built (its parameters keep their objects, in new storage):
+    the cycle after the move computes the norm per micro-batch (nothing has stepped the moved parameters yet),
+    and from the next step on one norm per step again."""
+    torch.manual_seed(0)
+    with dorafactors.patched():
+        model = get_peft_model(
+            TinyLM(), LoraConfig(r=4, target_modules=["q", "up", "down"], use_dora=True, init_lora_weights=False)
+        )
+    layers = len(_lora_layers(model))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    counts = []
+    for step in range(4):
+        if step == 2:
+            model.double()
+        before = _norm_count(model)
+        for micro in range(3):
+            ids = torch.randint(0, 32, (2, 7), generator=torch.Generator().manual_seed(step * 3 + micro))
+            model(ids).logsumexp(-1).mean().backward()
+        counts.append(_norm_count(model) - before)
+        opt.step()
+        opt.zero_grad()
+    assert counts == [3 * layers, layers, 3 * layers, layers]
 
 
 def test_no_norm_per_decode_step_after_the_first():

@@ -21,6 +21,7 @@ from dorafactors.norm import engine
 from dorafactors.norm.cache import TensorStamp
 from dorafactors.norm.replay import NormReplay, capture_failure, replay_disabled
 from dorafactors.norm.scale import scale_divisor
+from tests._lifecycle import stepped_by_an_optimizer
 
 
 def test_same_layout_ignores_the_version_not_the_memory():
@@ -154,6 +155,7 @@ def _model(adapter_dtype: torch.dtype, seed: int = 0, device: str = "cuda") -> n
                 p.normal_(0, 0.05)
             elif "magnitude" in name:
                 p.mul_(1 + 0.1 * torch.randn_like(p))
+    stepped_by_an_optimizer(model)  # the norm is then cached (and replayed on a miss) from the first step
     return model
 
 
@@ -193,6 +195,7 @@ def test_training_with_replayed_norms_is_bitwise_the_eager_run(adapter_dtype):
     gradients and parameters, bitwise; the norm is captured once per layer and replayed from the third step."""
     ours = _model(adapter_dtype)
     twin = copy.deepcopy(ours)
+    stepped_by_an_optimizer(twin)
     assert all(engine.norm_path(m.base_layer.weight, m.lora_A["default"].weight, m.lora_B["default"].weight)
                in ("gemm", "triton") for m in _dora_layers(ours))  # fmt: skip
     opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)

@@ -1,0 +1,190 @@
+"""Training loops beyond ``optimizer.step()``, against stock PEFT holding the same weights (and fp64 where fp32
+results differ): hand-written parameter updates, adapters frozen while a fused optimizer still steps them,
+parameters swapped (``torch.utils.swap_tensors``), and selective activation checkpointing. Every loop checks
+the values after each step: a norm served from a cache that missed a write shows up as a wrong output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from tests._lifecycle import (
+    VOCAB,
+    assert_matches_stock,
+    build_pair,
+    check_against_stock,
+    one_thread,
+    outputs_and_grads,
+    stepped_by_an_optimizer,
+    sync_weights,
+    trainable,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+def _ids(seed: int, shape=(2, 6)) -> torch.Tensor:
+    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids).square().mean()
+
+
+def _hand_written_step(model: nn.Module, how: str, lr: float = 0.5) -> None:
+    """One update of every trainable parameter by its gradient, as loops without ``torch.optim`` write it."""
+    for param in trainable(model).values():
+        if param.grad is None:
+            continue
+        if how == "data":  # no version bump: `.data` has a counter of its own
+            param.data.add_(param.grad, alpha=-lr)
+        else:
+            with torch.no_grad():
+                param.sub_(lr * param.grad)
+        param.grad = None
+
+
+@pytest.mark.parametrize("how", ["data", "no_grad"])
+@pytest.mark.parametrize("eval_first", [False, True], ids=["train-first", "eval-first"])
+def test_hand_written_updates_without_an_optimizer_match_stock(how, eval_first):
+    """A loop that updates the parameters itself (``p.data.add_``: no version bump, no optimizer step): every
+    training forward and every evaluation afterwards (``no_grad``, ``inference_mode``) sees the updated
+    weights. ``eval_first``: a ``no_grad`` forward caches the norm before the first training step."""
+    stock, ours = build_pair(seed=3)
+    for model in (stock, ours):
+        model.train()
+    if eval_first:
+        with torch.no_grad():
+            ours(_ids(0))
+    for step in range(3):
+        ids = _ids(step + 1)
+        for model in (stock, ours):
+            _loss(model, ids).backward()
+            _hand_written_step(model, how)
+        assert_matches_stock(ours, stock, ids, what=f"{how} step {step}", modes=("no_grad", "inference", "grad"))
+
+
+def test_fused_optimizer_keeps_stepping_adapters_frozen_mid_training():
+    """``lora_A`` / ``lora_B`` frozen (``requires_grad_(False)``) after two steps, the fused AdamW kept, with
+    ``zero_grad(set_to_none=False)``: their zero gradients stay, so the optimizer keeps moving them (weight
+    decay, momentum) without a version bump; the norm must follow."""
+    stock, ours = build_pair(seed=4)
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True) for m in (stock, ours)]
+    for step in range(5):
+        if step == 2:
+            for model in (stock, ours):
+                for name, param in model.named_parameters():
+                    if "lora_A" in name or "lora_B" in name or "lora_embedding" in name:
+                        param.requires_grad_(False)
+        ids = _ids(10 + step)
+        for model, optimizer in zip((stock, ours), optimizers):
+            optimizer.zero_grad(set_to_none=False)
+            _loss(model, ids).backward()
+            optimizer.step()
+        assert_matches_stock(ours, stock, ids, what=f"step {step}", modes=("no_grad", "grad"))
+
+
+@contextlib.contextmanager
+def _swap_on_conversion():
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        yield
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)
+
+
+def test_parameters_swap_after_training_steps():
+    """No weak reference is kept to a parameter, which ``torch.utils.swap_tensors`` refuses: after training
+    steps (warm caches, an optimizer that has stepped), a swapping ``.to(float64)`` converts every parameter,
+    direct swaps of the base weight, ``lora_A`` and the magnitude take effect, and a model without DoRA in the
+    same process swaps too."""
+    stock, ours = build_pair(seed=5)
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (stock, ours)]
+    for step in range(2):
+        ids = _ids(20 + step)
+        for model, optimizer in zip((stock, ours), optimizers):
+            _loss(model, ids).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    ids = _ids(30)
+    assert_matches_stock(ours, stock, ids, what="before the swaps")
+    inner = ours.base_model.model
+    for param in (inner.lin.base_layer.weight, inner.lin.lora_A["default"].weight,
+                  inner.lin.lora_magnitude_vector["default"].weight):  # fmt: skip
+        replacement = nn.Parameter(param.detach() * 1.25, requires_grad=param.requires_grad)
+        torch.utils.swap_tensors(param, replacement)
+        assert_matches_stock(ours, stock, ids, what=f"after swapping a {tuple(param.shape)} parameter")
+    with _swap_on_conversion():
+        for model in (stock, ours):
+            model.to(torch.float64)
+        assert all(p.dtype == torch.float64 for p in ours.parameters())
+        assert_matches_stock(ours, stock, ids, dtype=torch.float64, what="after a swapping .to(float64)")
+        plain = nn.Linear(4, 3)
+        torch.optim.SGD(plain.parameters(), lr=0.1).step()  # its parameters are now an optimizer's
+        plain.to(torch.float64)
+        assert plain.weight.dtype == torch.float64
+
+
+def _policy(saved_ops):
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in saved_ops else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+@pytest.mark.parametrize(
+    "saved",
+    [("mm",), ("mul", "add"), ("mm", "mul", "add")],
+    ids=lambda ops: "+".join(ops),
+)
+def test_selective_activation_checkpointing_matches_stock(saved):
+    """``checkpoint(..., context_fn=create_selective_checkpoint_contexts(policy))`` hands the recomputation the
+    outputs the forward saved, by their position in the operator sequence: the norm (computed in one, served
+    from the cache in the other, or worked on in place) must not shift them. Checked before and after an
+    optimizer step (the first forward after a step misses the cache), outputs and gradients against stock."""
+    ops = {name: getattr(torch.ops.aten, name) for name in ("mm", "mul", "add")}
+    policy = _policy({ops[name].default if name == "mm" else ops[name].Tensor for name in saved})
+    stock, ours = build_pair(seed=6)
+    stepped_by_an_optimizer(ours)  # the norm cache serves training forwards from the start
+
+    def checkpointed(model: nn.Module) -> nn.Module:
+        class Checkpointed(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.inner = model
+
+            def forward(self, ids: torch.Tensor) -> torch.Tensor:
+                context = functools.partial(create_selective_checkpoint_contexts, policy)
+                return checkpoint(self.inner, ids, use_reentrant=False, context_fn=context)
+
+        return Checkpointed()
+
+    optimizer = torch.optim.SGD(ours.parameters(), lr=0.1)
+    for step in range(3):
+        ids = _ids(40 + step)
+        sync_weights(ours, stock)
+        out_t, grads_t = outputs_and_grads(checkpointed(copy.deepcopy(stock).double()), ids)
+        out_o, grads_o = outputs_and_grads(checkpointed(ours), ids)
+        out_s, grads_s = outputs_and_grads(checkpointed(stock), ids)
+        truth = {"output": out_t, **grads_t}
+        check_against_stock(out_o, out_s, torch.float32, f"step {step} output", functools.partial(truth.get, "output"))
+        assert grads_o.keys() == grads_s.keys() == grads_t.keys()
+        for name, grad in grads_o.items():
+            check_against_stock(
+                grad, grads_s[name], torch.float32, f"step {step} grad {name}", functools.partial(truth.get, name)
+            )
+        _loss(ours, ids).backward()  # then a step: the next checkpointed forward misses the norm cache
+        optimizer.step()
+        optimizer.zero_grad()
