@@ -412,7 +412,7 @@ class NormCache:
             if entry_signature == signature and stamps.matches(inputs):
                 self.hits += 1
                 return value
-            del self._entries[slot]
+            self._entries.pop(slot, None)  # (not del: a forward on another thread may have dropped it already)
             self.changes += 1
         self.misses += 1
         return None
