@@ -107,12 +107,13 @@ def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def stepped_by_an_optimizer(model: nn.Module) -> None:
-    """Make ``model``'s trainable parameters what they are in a training run after its first step: parameters of
-    a ``torch.optim.Optimizer`` that has stepped (a zero-learning-rate SGD step without gradients writes
-    nothing). Until then the norm cache serves no forward that records autograd through them (a hand-written
-    update could follow: "Training without an optimizer" in ``norm/cache.py``); tests of what the cache serves
-    in training start here."""
-    torch.optim.SGD(list(trainable(model).values()), lr=0.0).step()
+    """Make ``model``'s trainable parameters what they are in a training run after its first step (the
+    benchmarks' ``providers.stepped_by_an_optimizer``). Until then the norm cache serves no forward that records
+    autograd through them (a hand-written update could follow: "Training without an optimizer" in
+    ``norm/cache.py``); tests of what the cache serves in training start here."""
+    from benchmarks.providers import stepped_by_an_optimizer as step_all
+
+    step_all(list(trainable(model).values()))
 
 
 def outputs_and_grads(model: nn.Module, ids: torch.Tensor, probe_seed: int = 5):
