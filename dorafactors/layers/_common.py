@@ -535,7 +535,8 @@ class DoraLayerMixin:
         which Inductor never reuses for another buffer), written only when it changes, and the graph reads
         it there: no copy and no allocation per call. Otherwise ``dorafactors::cached_weight_norm`` returns
         a fresh copy (a graph that records autograd may save the norm for its backward, which a later write
-        must not change).
+        must not change); ``recording`` (grad mode on) tells it that a training forward calls it (see the op's
+        ``recording``).
         """
         lora_A, lora_B = gathered.full(lora_A), gathered.full(lora_B)
         weight = gathered.full(base_weight(base_layer) if dequantize else base_layer.weight)
