@@ -440,16 +440,12 @@ class DoraLayerMixin:
         base_tensors = self._base_tensors(base_layer)
         inputs = (*base_tensors, lora_A, lora_B)
         autocast_dtype = self._adapter_autocast_dtype(lora_A)
-        reuse = caching_allowed() and distributed.norm_cache_allowed(gathered, inputs)[0]
+        allowed = caching_allowed()
+        reuse = allowed and distributed.norm_cache_allowed(gathered, inputs)[0]
         untracked = False
-        if reuse and recording:
-            magnitude = self.__dict__["_parameters"].get("weight")
-            if optimizer_untracked(inputs if magnitude is None else (*inputs, magnitude)):
-                # training through tensors no optimizer steps: a hand-written update may follow the backward,
-                # unseen by the stamps ("Training without an optimizer" in norm/cache.py). The norm is neither
-                # served nor kept; ||W||^2 still comes from its cache unless the base weight is such a tensor.
-                advance_write_epoch()
-                untracked = True
+        if recording and (reuse or not allowed) and not torch.compiler.is_compiling():
+            untracked = self._untracked_training_forward(base_layer, inputs, inspectable=reuse)
+            if untracked and reuse:  # ||W||^2 still comes from its cache unless W is such a tensor too
                 reuse = not optimizer_untracked(base_tensors)
         settings = config.cache_settings() if reuse else None  # (never read while tracing: reuse is False)
         use_norm_cache = (
@@ -491,6 +487,24 @@ class DoraLayerMixin:
         if use_norm_cache:
             self._df_norm_cache.put(adapter_name, signature, inputs, norm)
         return norm
+
+    def _untracked_training_forward(
+        self, base_layer: nn.Module, inputs: tuple[torch.Tensor, ...], *, inspectable: bool
+    ) -> bool:
+        """Does this forward record autograd through tensors that no optimizer has stepped (``inputs``: the
+        norm's; the magnitude and the base bias, which the decode fold reads)? A hand-written update may follow
+        its backward, unseen by the stamps ("Training without an optimizer" in ``norm/cache.py``): the write
+        epoch is advanced, which ends every value cached from trainable tensors, and the caller neither serves
+        nor keeps the norm. ``inspectable``: plain tensors, which the optimizers' step record can be asked
+        about; else (inside ``torch.func`` transforms, forward-mode AD, ``torch.jit`` traces) any trainable
+        tensor counts."""
+        magnitude = self.__dict__["_parameters"].get("weight")
+        bias = base_layer.__dict__.get("_parameters", {}).get("bias")
+        tensors = (*inputs, *(t for t in (magnitude, bias) if t is not None))
+        untracked = optimizer_untracked(tensors) if inspectable else any(t.requires_grad for t in tensors)
+        if untracked:
+            advance_write_epoch()
+        return untracked
 
     #: True where the adapters' forward runs GEMMs (``F.linear``, convolutions) that ``torch.autocast`` casts to
     #: its dtype; an Embedding's lookup is not autocast (see :meth:`_adapter_autocast_dtype`)

@@ -10,11 +10,12 @@ tensor records:
 * its autograd version counter, which every in-place write PyTorch can see bumps: optimizer steps (also
   the ``_foreach`` kernels), ``copy_`` in ``load_state_dict``, ``zero_``/``mul_`` under ``no_grad`` or
   ``inference_mode``, writes through any view or ``.detach()`` of the tensor (they share its counter);
-* the identity of the tensor object (its ``id``; for a view, of the tensor it was taken from), so a new
-  Parameter bound over the same storage starts a new entry. An ``id`` is reused only after its object is
-  freed, and a new object over the very storage the stamp holds, in the same layout and at the same version,
-  has had no write a version counter saw. No weak reference to a tensor is taken: ``torch.utils.swap_tensors``
-  (``torch.__future__.set_swap_module_params_on_conversion``) refuses tensors that have one.
+* the identity of the tensor object (for a view, of the tensor it was taken from), so a new Parameter bound
+  over the same storage starts a new entry: a weak reference to it, except for an ``nn.Parameter``, which
+  is recorded by its ``id`` (``torch.utils.swap_tensors``, which a swapping ``.to()`` or ``load_state_dict``
+  uses, refuses a tensor that has a weak reference). Another tensor (a ``.data`` alias handed to
+  ``functional_call``: a new object with a version counter of its own on every access) keeps the weak
+  reference, so a freed alias is never taken for its successor at the same address.
 
 The version counter is not enough on its own: fused optimizer kernels (``torch.optim.AdamW(fused=True)``,
 the Hugging Face Trainer's default on CUDA; DeepSpeed's and bitsandbytes' optimizers) write parameters
@@ -26,10 +27,14 @@ The layers add it to an entry's signature whenever a tensor behind the value req
 **Training without an optimizer.** A loop that updates its parameters by hand (``p.data.add_(p.grad,
 alpha=-lr)``, or any rule that is not a ``torch.optim.Optimizer``) writes with no step and often no version
 bump. So a forward that records autograd through a trainable tensor that no optimizer has stepped yet
-(:func:`optimizer_untracked`) neither reads nor stores a cached value, and advances the epoch, which drops
-the values cached by earlier ``no_grad`` calls: a backward, and then such a write, may follow it. Once an
-optimizer has stepped a tensor (the step hook records its parameters), the step counts its writes and the
-cache serves it again: gradient-accumulation micro-batches recompute the norm only before the first step.
+(:func:`optimizer_untracked`; the layers ask about the norm's factors, the magnitude and the base bias)
+neither reads nor stores a cached norm, and advances the epoch, which drops the values cached by earlier
+``no_grad`` calls: a backward, and then such a write, may follow it. Once an optimizer has stepped a tensor
+(the step hook records its parameters), the step counts its writes and the cache serves it again:
+gradient-accumulation micro-batches recompute the norm only before the first step. A ``no_grad`` forward
+between the training forward and the hand-written write caches what the write then makes stale: that is the
+``.data`` blind spot below. The epoch is process-wide: a trainable tensor no optimizer steps (one left out of
+the optimizer, master weights copied in through ``.data``) makes every training forward recompute its norm.
 
 **Bounded.** A cache holds at most one entry per *slot* (the layers use the adapter name; one cache per
 layer and purpose). Everything else that selects a value (scaling, chunk budget, kernel switch, write
@@ -51,8 +56,8 @@ counter of that tensor is invisible, and the cached value goes stale:
 * by a custom optimizer (not a ``torch.optim.Optimizer``) writing parameters that a ``torch.optim.Optimizer``
   has also stepped.
 
-A hand-written update of tensors no optimizer steps, between a training step's backward and the next
-forward, is the exception that is seen (see "Training without an optimizer" above).
+A hand-written update of tensors no optimizer steps, right after the backward of a training forward, is the
+exception that is seen (see "Training without an optimizer" above).
 
 PEFT writes base weights through ``.data`` only inside ``merge`` / ``unmerge``; while patched, dorafactors hooks
 both and bumps the written weight's version counter (``patching.py``), which every stamp on it sees, a tied
@@ -64,7 +69,8 @@ and raises :class:`StaleNormCacheError` naming the layer, to prove or rule out s
 ``torch.jit`` traces (a cached tensor would be baked into the graph as a constant), inside a ``torch.func``
 transform (its wrapped tensors have no storage to stamp), inside a ``torch.autograd.forward_ad.dual_level``
 (a cached value derived from an adapter, the decode fold's ``lora_B``, would drop that adapter's tangent),
-inside a selective activation checkpoint (its recomputation must run the operators its forward ran), and
+inside a selective activation checkpoint (its recomputation must run the operators its forward ran: the norm,
+cached or not, is computed outside the checkpoint's view, :func:`hidden_from_selective_checkpoint`), and
 for inference tensors (made under
 ``torch.inference_mode``: they have no version counter, so an in-place write to them could never be seen).
 A value computed while inference mode is on is computed with it locally off (:func:`normal_tensors`), so a
@@ -79,6 +85,7 @@ from typing import Any
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
+from torch import nn
 
 __all__ = [
     "NormCache",
@@ -289,18 +296,22 @@ def _layout_key(tensor: torch.Tensor) -> tuple[Any, ...]:
 class TensorStamp:
     """Identity + layout + version of one tensor at one moment (see module docstring)."""
 
-    __slots__ = ("_key", "_root_id", "_storage_ref")
+    __slots__ = ("_key", "_root_id", "_root_ref", "_storage_ref")
 
     def __init__(self, tensor: torch.Tensor) -> None:
-        self._root_id = id(_root(tensor))
+        root = _root(tensor)
+        self._root_id = id(root)
+        self._root_ref = None if isinstance(root, nn.Parameter) else weakref.ref(root)  # (module docstring)
         self._storage_ref = weakref.ref(tensor.untyped_storage())  # the device is the storage's
         self._key = _layout_key(tensor)
 
     def matches(self, tensor: torch.Tensor) -> bool:
         """True when ``tensor`` is the same object, in the same storage, unchanged since the stamp."""
         base = tensor._base  # _root(tensor), inlined: this runs for every cached tensor on every call
+        root = tensor if base is None else base
         return (
-            self._root_id == id(tensor if base is None else base)
+            self._root_id == id(root)
+            and (self._root_ref is None or self._root_ref() is root)
             and self._storage_ref() is tensor.untyped_storage()
             and self._key
             == (
@@ -317,8 +328,10 @@ class TensorStamp:
         """:meth:`matches` without the version: the same object in the same memory with the same layout,
         written or not since the stamp (what a computation captured with the tensor's address relies on)."""
         base = tensor._base
+        root = tensor if base is None else base
         return (
-            self._root_id == id(tensor if base is None else base)
+            self._root_id == id(root)
+            and (self._root_ref is None or self._root_ref() is root)
             and self._storage_ref() is tensor.untyped_storage()
             and self._key[1:]
             == (tensor.data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride(), tensor.dtype)
@@ -339,10 +352,12 @@ class StampSet:
 
     def __init__(self, tensors: tuple[torch.Tensor, ...]) -> None:
         # _root(t) and _layout_key(t) inlined: a norm recomputation stamps its inputs on every training call
-        refs, keys, ref = [], [], weakref.ref
+        refs, keys, ref, parameter = [], [], weakref.ref, nn.Parameter
         for t in tensors:
             base = t._base
-            refs.append((id(t if base is None else base), ref(t.untyped_storage())))
+            root = t if base is None else base
+            root_ref = None if isinstance(root, parameter) else ref(root)  # (module docstring: identity)
+            refs.append((id(root), root_ref, ref(t.untyped_storage())))
             keys.append((t._version, t.data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype))
         self._refs, self._keys = tuple(refs), tuple(keys)
 
@@ -350,10 +365,12 @@ class StampSet:
         """True when every tensor is the same object, in the same storage, unchanged since the stamps."""
         if len(tensors) != len(self._keys):
             return False
-        for (root_id, storage_ref), key, tensor in zip(self._refs, self._keys, tensors):
+        for (root_id, root_ref, storage_ref), key, tensor in zip(self._refs, self._keys, tensors):
             base = tensor._base  # _root(tensor), inlined
+            root = tensor if base is None else base
             if (
-                root_id != id(tensor if base is None else base)
+                root_id != id(root)
+                or (root_ref is not None and root_ref() is not root)
                 or storage_ref() is not tensor.untyped_storage()
                 or key
                 != (
@@ -372,10 +389,12 @@ class StampSet:
         """:meth:`matches` without the versions: ``TensorStamp.same_layout`` of every tensor, in one loop."""
         if len(tensors) != len(self._keys):
             return False
-        for (root_id, storage_ref), key, tensor in zip(self._refs, self._keys, tensors):
+        for (root_id, root_ref, storage_ref), key, tensor in zip(self._refs, self._keys, tensors):
             base = tensor._base
+            root = tensor if base is None else base
             if (
-                root_id != id(tensor if base is None else base)
+                root_id != id(root)
+                or (root_ref is not None and root_ref() is not root)
                 or storage_ref() is not tensor.untyped_storage()
                 or key[1:] != (tensor.data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride(), tensor.dtype)
             ):

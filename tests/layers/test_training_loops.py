@@ -188,3 +188,57 @@ def test_selective_activation_checkpointing_matches_stock(saved):
         _loss(ours, ids).backward()  # then a step: the next checkpointed forward misses the norm cache
         optimizer.step()
         optimizer.zero_grad()
+
+
+def test_hand_written_updates_of_gradients_from_torch_func_match_stock():
+    """Gradients from ``torch.func.grad`` over ``functional_call`` (inside the transform nothing is cached, and
+    a forward through trainable tensors still ends what ``no_grad`` calls cached), applied through ``.data``."""
+    from torch.func import functional_call, grad
+
+    stock, ours = build_pair(seed=7)
+    ids = _ids(50)
+    assert_matches_stock(ours, stock, ids, what="before", modes=("no_grad",))  # caches the norms
+    for step in range(2):
+        params = {name: p.detach() for name, p in trainable(ours).items()}
+        grads = grad(lambda ps, x: functional_call(ours, ps, (x,)).square().mean())(params, _ids(51 + step))
+        for name, param in trainable(ours).items():
+            param.data.add_(grads[name], alpha=-0.5)
+        assert_matches_stock(ours, stock, ids, what=f"after step {step}", modes=("no_grad",))
+
+
+def test_a_hand_trained_base_bias_reaches_the_decode_fold():
+    """Adapters frozen, the base layer's bias trained by hand (BitFit-style): the decode path's folded values,
+    which include the bias, follow each update."""
+    stock, ours = build_pair(seed=8)
+    for model in (stock, ours):
+        for param in model.parameters():
+            param.requires_grad_(False)
+    stock.base_model.model.lin.base_layer.bias.requires_grad_(True)  # (as ours: the fp64 truth has gradients)
+    bias = ours.base_model.model.lin.base_layer.bias
+    bias.requires_grad_(True)
+    one_token = _ids(60, (1, 1))
+    assert_matches_stock(ours, stock, one_token, what="before", modes=("no_grad",))  # caches the fold
+    for step in range(2):
+        _loss(ours, _ids(61 + step)).backward()
+        bias.data.add_(bias.grad, alpha=-20.0)
+        bias.grad = None
+        assert_matches_stock(ours, stock, one_token, what=f"after step {step}", modes=("no_grad",))
+
+
+def test_functional_call_with_data_aliases_follows_writes_into_the_parameter():
+    """``functional_call(model, {name: p.data})``: every ``.data`` access is a new tensor with a version counter
+    of its own, over the parameter's storage, often at the freed alias's address. An in-place write into the
+    parameter between calls must still be seen (the alias's stamp holds a weak reference to the alias)."""
+    from torch.func import functional_call
+
+    stock, ours = build_pair(seed=9)
+    key = "base_model.model.lin.lora_B.default.weight"
+    ids = _ids(70)
+    for step in range(12):
+        sync_weights(ours, stock)
+        with torch.no_grad():
+            got = functional_call(ours, {key: dict(ours.named_parameters())[key].data}, (ids,))
+            want = stock(ids)
+        check_against_stock(got, want, torch.float32, f"call {step}", lambda: copy.deepcopy(stock).double()(ids))
+        with torch.no_grad():
+            dict(ours.named_parameters())[key].mul_(1.1)  # a write the parameter's version counter sees
