@@ -479,7 +479,8 @@ class DoraLayerMixin:
                 factor_B,
                 scaling,
                 dequantize,
-                "cached" if reuse else ("fresh" if untracked else "inline"),
+                # untracked: as the cache would compute it (bitwise), except inside transforms, which cache nothing
+                "cached" if reuse else ("fresh" if untracked and allowed else "inline"),
                 base_tensors,
                 # a replayed graph reads the parameters themselves, not a rounded copy made per call
                 replay_slot=adapter_name if reuse and self._norm_replay_ok and autocast_dtype is None else None,

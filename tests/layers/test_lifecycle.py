@@ -214,6 +214,27 @@ def test_vmap_over_stacked_adapter_weights_matches_stock(path, train):
     assert_dtype_close(out_o, truth.float(), F32, name="ensemble output vs fp64")
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval-no-grad"])
+def test_vmap_over_stacked_base_weights_matches_stock(train):
+    """``vmap`` of ``functional_call`` over several base weights of the Linear (the adapters shared), in a
+    forward that records autograd and in a no-grad one: each ``W``'s own ``||W||^2`` (no host read of a batched
+    value, which a transform cannot give)."""
+    stock, ours = build_pair()
+    key = "base_model.model.lin.base_layer.weight"
+    ids = _ids(9, (1, 4))
+    for model in (stock, ours):
+        model.train(train)
+    weight = dict(stock.named_parameters())[key].detach()
+    stacked = torch.stack([weight * (1.0 + 0.1 * k) for k in range(3)])
+
+    def ensemble(model):
+        run = torch.func.vmap(lambda w: torch.func.functional_call(model, {key: w}, (ids,)))
+        with contextlib.nullcontext() if train else torch.no_grad():
+            return run(stacked)
+
+    assert_dtype_close(ensemble(ours), ensemble(stock), F32, name="ensemble over base weights")
+
+
 def test_vmap_over_grouped_conv_adapters_matches_stock(path):
     """The grouped-conv factors (``engine.conv_factors`` builds a block-sparse ``B``) under ``vmap`` with a
     batched ``lora_B``."""
