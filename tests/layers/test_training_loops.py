@@ -1,7 +1,9 @@
 """Training loops beyond ``optimizer.step()``, against stock PEFT holding the same weights (and fp64 where fp32
-results differ): hand-written parameter updates, adapters frozen while a fused optimizer still steps them,
-parameters swapped (``torch.utils.swap_tensors``), and selective activation checkpointing. Every loop checks
-the values after each step: a norm served from a cache that missed a write shows up as a wrong output.
+results differ): hand-written parameter updates (of gradients from autograd and from ``torch.func``; of the
+adapters and of a base bias), adapters frozen while a fused optimizer still steps them, parameters swapped
+(``torch.utils.swap_tensors``), ``.data`` aliases handed to ``functional_call``, and selective activation
+checkpointing. Every loop checks the values after each step: a norm served from a cache that missed a write
+shows up as a wrong output.
 """
 
 from __future__ import annotations
