@@ -22,6 +22,10 @@
 #                       LoRA and dorafactors side by side, host time in interleaved rounds
 #                                                    -> $OUT/compiled_decode_<setup>.json (+ .log)
 #
+# The device machine's copy of .git can lag behind the working tree it receives: give the commit the results
+# rows record as DORAFACTORS_GIT_COMMIT=<hash> (benchmarks/harness.py reads it), e.g. by writing the hash into
+# the command from the machine that sends it.
+#
 # Time boxes, in seconds: TEST_BOX bounds each test step (coreutils timeout with SIGINT: a cut run is logged
 # as such, "KeyboardInterrupt", never as passed, and still reports the tests that ran and the slowest 20 of
 # them, so the next call can split the step), BENCH_BUDGET is the benchmark's --time-budget, BENCH_ROUNDS its
