@@ -231,7 +231,10 @@ def hidden_from_selective_checkpoint() -> contextlib.AbstractContextManager[Any]
         from torch.utils._python_dispatch import _disable_current_modes
 
         return _disable_current_modes()
-    return contextlib.nullcontext()
+    return _NOT_HIDDEN
+
+
+_NOT_HIDDEN = contextlib.nullcontext()  # reusable: entered on every forward that computes or looks up a norm
 
 
 def stampable(tensors: tuple[torch.Tensor, ...]) -> bool:

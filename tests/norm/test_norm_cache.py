@@ -325,6 +325,30 @@ def test_an_optimizer_step_records_parameters_moved_since_it_was_built():
     assert counts == [3 * layers, layers, 3 * layers, layers]
 
 
+def test_the_step_record_is_bounded_and_follows_copies_and_compiled_steps():
+    """The optimizers' step record (``norm/cache.py``) forgets a parameter whose storage is freed; a deep copy's
+    parameters are new ones, not recorded until an optimizer steps them; a compiled ``step()`` records too."""
+    import gc
+
+    from dorafactors.norm import cache
+
+    cache.install_step_hook()
+    p = nn.Parameter(torch.randn(3))
+    torch.optim.SGD([p], lr=0.0).step()
+    assert not cache.optimizer_untracked((p,))
+    copied = copy.deepcopy(p)
+    assert cache.optimizer_untracked((copied,))
+    recorded = len(cache._stepped_params)
+    del p
+    gc.collect()
+    assert len(cache._stepped_params) == recorded - 1
+    q = nn.Parameter(torch.randn(3))
+    q.grad = torch.ones(3)
+    torch._dynamo.reset()
+    torch.compile(torch.optim.SGD([q], lr=0.1).step, backend="aot_eager")()
+    assert not cache.optimizer_untracked((q,))
+
+
 def test_no_norm_per_decode_step_after_the_first():
     torch.manual_seed(0)
     with dorafactors.patched():
