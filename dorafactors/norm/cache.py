@@ -23,6 +23,9 @@ without bumping it. So every entry is also validated against :func:`write_epoch`
 every ``step()`` of any ``torch.optim.Optimizer`` (PyTorch's global step post-hook, installed on first use).
 The layers add it to an entry's signature whenever a tensor behind the value requires a gradient or has one
 (a fused optimizer also writes a parameter frozen after its gradient was made: :func:`optimizer_may_write`).
+The same hook also bumps the version of every parameter the step had a gradient for, so a stamp sees what
+the step wrote even once the parameter is frozen again and the entry no longer keyed by the epoch (an
+adapter evaluated frozen, trained by a fused optimizer, frozen again).
 
 **Training without an optimizer.** A loop that updates its parameters by hand (``p.data.add_(p.grad,
 alpha=-lr)``, or any rule that is not a ``torch.optim.Optimizer``) writes with no step and often no version
@@ -115,13 +118,22 @@ _stepped_params: dict[int, weakref.ref] = {}
 
 
 def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    """The step post-hook: advance the epoch and record the optimizer's parameters in their current storage
-    (every step: a parameter moved since, ``.to(device)`` with the optimizer already built, is recorded anew;
-    a dictionary lookup per parameter tensor)."""
+    """The step post-hook: advance the epoch, bump the version of every parameter the step was given a gradient
+    for, and record the optimizer's parameters in their current storage (every step: a parameter moved since,
+    ``.to(device)`` with the optimizer already built, is recorded anew; a dictionary lookup per parameter).
+
+    The bump: ``torch.optim`` skips a parameter without a gradient and writes every other one in place, but its
+    fused implementations (and optimizers writing through raw pointers, such as 8-bit ones) do not bump the
+    version; a stamp on such a parameter would then miss the write once the parameter is frozen again (no
+    gradient, no ``requires_grad``: entries no longer keyed by the epoch). Bumping twice is harmless (PyTorch's
+    ``increment_version``)."""
     global _write_epoch
     _write_epoch += 1
+    written = []
     for group in optimizer.param_groups:
         for param in group["params"]:
+            if param.grad is not None:
+                written.append(param)
             try:
                 storage = param.untyped_storage()
             except (RuntimeError, NotImplementedError, TypeError):  # a tensor subclass without one (DTensor)
@@ -130,6 +142,8 @@ def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: A
             known = _stepped_params.get(key)
             if known is None or known() is not storage:
                 _stepped_params[key] = weakref.ref(storage, lambda dead, key=key: _forget_param(key, dead))
+    if written:
+        torch._C._increment_version(written)  # torch.autograd.graph.increment_version, without its frame
 
 
 def _forget_param(key: int, ref: weakref.ref) -> None:

@@ -1,9 +1,9 @@
 """Training loops beyond ``optimizer.step()``, against stock PEFT holding the same weights (and fp64 where fp32
 results differ): hand-written parameter updates (of gradients from autograd and from ``torch.func``; of the
-adapters and of a base bias), adapters frozen while a fused optimizer still steps them, parameters swapped
-(``torch.utils.swap_tensors``), ``.data`` aliases handed to ``functional_call``, and selective activation
-checkpointing. Every loop checks the values after each step: a norm served from a cache that missed a write
-shows up as a wrong output.
+adapters and of a base bias), adapters frozen while a fused optimizer still steps them, adapters trained by a
+fused optimizer between two frozen evaluations, parameters swapped (``torch.utils.swap_tensors``), ``.data``
+aliases handed to ``functional_call``, and selective activation checkpointing. Every loop checks the values
+after each step: a norm served from a cache that missed a write shows up as a wrong output.
 """
 
 from __future__ import annotations
@@ -95,6 +95,49 @@ def test_fused_optimizer_keeps_stepping_adapters_frozen_mid_training():
             _loss(model, ids).backward()
             optimizer.step()
         assert_matches_stock(ours, stock, ids, what=f"step {step}", modes=("no_grad", "grad"))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+@pytest.mark.parametrize("train_between", [True, False], ids=["train-mode", "eval-mode"])
+def test_adapters_trained_between_two_frozen_evaluations_are_seen(fused, train_between):
+    """Evaluate with the adapter frozen (PEFT's ``set_adapter(..., inference_mode=True)``), unfreeze it, train
+    it, freeze it again with its gradients dropped (``zero_grad()``), evaluate again. A fused optimizer writes
+    the adapters without a version bump, and in both frozen evaluations nothing requires or has a gradient:
+    the second must not be served the norm or decode fold of the first. ``train_between=False``: the steps
+    run with the model left in ``eval()``, so no ``train()`` call drops the fold in between."""
+    stock, ours = build_pair(seed=6)
+    ids = _ids(20)
+    for step in range(3):
+        for model in (stock, ours):
+            model.set_adapter("default", inference_mode=True)
+            model.eval()
+        assert_matches_stock(ours, stock, ids, what=f"frozen evaluation {step}", modes=("no_grad", "inference"))
+        for model in (stock, ours):
+            model.set_adapter("default")
+            model.train(train_between)
+        optimizers = [
+            torch.optim.AdamW(trainable(m).values(), lr=1e-2, fused=fused, foreach=not fused) for m in (stock, ours)
+        ]
+        for model, optimizer in zip((stock, ours), optimizers):
+            _loss(model, _ids(30 + step)).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+
+def test_an_optimizer_step_bumps_the_version_of_what_it_wrote():
+    """After any ``torch.optim`` step, every parameter it was given a gradient for has a new version (fused
+    optimizers write without one): parameters without a gradient keep theirs."""
+    stock, ours = build_pair(seed=7)
+    del stock
+    params = list(trainable(ours).values())
+    optimizer = torch.optim.AdamW(params, lr=1e-2, fused=True)
+    _loss(ours, _ids(1)).backward()
+    skipped = params[0]
+    skipped.grad = None
+    versions = [p._version for p in params]
+    optimizer.step()
+    assert skipped._version == versions[0]
+    assert all(p._version != v for p, v in zip(params[1:], versions[1:]))
 
 
 @contextlib.contextmanager
