@@ -28,6 +28,10 @@ Otherwise the graph is left as it is: correct, one call per layer. The pass runs
 is traced (:func:`install`). A pass the user had set there runs after this one. PyTorch before
 :data:`MIN_TORCH` keeps the calls per layer. This module imports Inductor's pass interface: it is imported
 when a graph with a norm op is traced, not with the package.
+
+The merged call's last argument is a layout token (:func:`layout_token`): where the graph's guards fix the
+dtypes, shapes and strides of the weights and adapters it passes, the op's memo of an unchanged call compares
+only their identities, storages, addresses and versions (``norm_op._refresh_weight_norms_impl``).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from . import norm_op  # noqa: F401  (registers the dorafactors ops this pass reads and writes)
 
-__all__ = ["MIN_TORCH", "BatchNormRefreshes", "batch_refreshes", "install"]
+__all__ = ["MIN_TORCH", "BatchNormRefreshes", "batch_refreshes", "install", "layout_token"]
 
 #: The oldest PyTorch the merged op was tested on (its list-of-mutable-tensors schema under functionalization).
 MIN_TORCH = (2, 11)
@@ -199,11 +203,31 @@ def batch_refreshes(graph: torch.fx.Graph) -> int:
     if any(node not in moving and _may_write_into(node, read) for node in between):
         return 0
     columns = tuple(list(column) for column in zip(*((*inputs[node], *node.args[5:]) for node in calls)))
+    token = layout_token([*columns[2], *columns[3], *columns[4]])
     with graph.inserting_before(calls[0]):
-        graph.call_function(torch.ops.dorafactors.refresh_weight_norms.default, columns)
+        graph.call_function(torch.ops.dorafactors.refresh_weight_norms.default, (*columns, token))
     for node in calls:
         graph.erase_node(node)
     return len(calls)
+
+
+def layout_token(tensors: list[torch.fx.Node]) -> int:
+    """The merged call's ``layout_token`` (``norm_op._refresh_weight_norms_impl``): a nonzero hash of the dtype,
+    device, shape and strides of each of ``tensors`` (the layers' weights, ``lora_A`` s and ``lora_B`` s) where
+    every one is a placeholder with static sizes and strides in its traced value, so that Dynamo's guards on
+    the graph's inputs fix them for every call of the graph; 0 otherwise (an attribute, a symbolic size or
+    stride, no traced value). The same layouts give the same token in every graph and process."""
+    layouts = []
+    for node in tensors:
+        example = node.meta.get("example_value", node.meta.get("val")) if node.op == "placeholder" else None
+        if not isinstance(example, torch.Tensor):
+            return 0
+        shape, strides = tuple(example.shape), tuple(example.stride())
+        if not all(type(size) is int for size in (*shape, *strides)):
+            return 0
+        layouts.append((str(example.dtype), str(example.device), shape, strides))
+    digest = hashlib.blake2b(repr(layouts).encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "big") >> 2) or 1  # nonzero, within the schema's int64
 
 
 def _source_hash() -> str:

@@ -108,7 +108,7 @@ _tags = (_unsafe_tag,) if _unsafe_tag is not None else ()
 _BATCH_OP_NAME = "refresh_weight_norms"
 _BATCH_SCHEMA = (
     f"{_BATCH_OP_NAME}(Tensor(a!)[] stores, Tensor[] owners, Tensor[] weights, Tensor[] lora_As, Tensor[] lora_Bs, "
-    "float[] scalings, str[] layouts, bool[] caches) -> ()"
+    "float[] scalings, str[] layouts, bool[] caches, int layout_token=0) -> ()"
 )
 _lib = torch.library.Library("dorafactors", "FRAGMENT")
 _lib.define(_SCHEMA, tags=_tags)
@@ -411,31 +411,39 @@ def _refresh_weight_norms_impl(
     scalings: list[float],
     layouts: list[str],
     caches: list[bool],
+    layout_token: int = 0,
 ) -> None:
     """``dorafactors::refresh_weight_norms``: :func:`_refresh_weight_norm_impl` for each layer, in order. A compiled
     graph calls it once in place of its layers' ``refresh_weight_norm`` calls (``autograd/norm_batching.py``).
 
     A call that finds every layer's store holding its cached norm leaves a :class:`_MergedMemo` with its first
     layer; the next call with the same arguments, all unchanged, returns after checking it (one pass over the
-    stamps of all the layers' tensors, without the per-layer lookups, signatures and calls)."""
+    stamps of all the layers' tensors, without the per-layer lookups, signatures and calls).
+
+    ``layout_token``: nonzero where the calling graph's guards fix the dtype, shape and strides of every weight,
+    ``lora_A`` and ``lora_B`` it passes, the token naming those layouts (``norm_batching.layout_token``); a memo
+    left by a call with the same token then compares only what the guards do not (identity, storage, address,
+    version: ``StampSet.matches_in_layout``). 0: no such guarantee, every stamp compared in full."""
     settings = _CallSettings.now()
     first = owned_norm_caches(owners[0], create=False) if owners else None
     if first is not None and first.merged is not None:
-        if _merged_memo_holds(first.merged, settings, stores, owners, weights, lora_As, lora_Bs, scalings, layouts):
+        if _merged_memo_holds(
+            first.merged, settings, stores, owners, weights, lora_As, lora_Bs, scalings, layouts, layout_token
+        ):
             return
         first.merged = None
     for args in zip(stores, owners, weights, lora_As, lora_Bs, scalings, layouts, caches, strict=True):
         _refresh_weight_norm_impl(*args, settings)
     if owners and settings.cache_mode == "on" and False not in caches:
-        memo = _merged_memo(settings, stores, owners, weights, lora_As, lora_Bs, scalings, layouts)
+        memo = _merged_memo(settings, stores, owners, weights, lora_As, lora_Bs, scalings, layouts, layout_token)
         if memo is not None:
             owned_norm_caches(owners[0]).merged = memo
 
 
 class _MergedMemo(NamedTuple):
     """What a merged refresh call left behind when every layer's store held its cached norm: the call's settings
-    and plain arguments, per layer ``(owner id, store ref, store data_ptr, caches, caches.served,
-    caches.norm.changes)``, and the stamps of every layer's weight, ``lora_A`` and ``lora_B``.
+    and plain arguments (its layout token included), per layer ``(owner id, store ref, store data_ptr, caches,
+    caches.served, caches.norm.changes)``, and the stamps of every layer's weight, ``lora_A`` and ``lora_B``.
 
     While all of that is unchanged, each layer's own check (:func:`_refresh_weight_norm_impl`) would find the
     same cache entry valid (same tensors, unchanged; same signature; no optimizer step since) and its store
@@ -444,6 +452,7 @@ class _MergedMemo(NamedTuple):
     settings: _CallSettings
     scalings: list[float]
     layouts: list[str]
+    layout_token: int
     rows: tuple[tuple[int, weakref.ref, int, OwnedNormCaches, tuple, int], ...]
     stamps: StampSet
 
@@ -457,6 +466,7 @@ def _merged_memo(
     lora_Bs: list[torch.Tensor],
     scalings: list[float],
     layouts: list[str],
+    layout_token: int,
 ) -> _MergedMemo | None:
     """The memo of a merged call just made, or None when a layer's store does not hold its cached norm."""
     rows = []
@@ -468,7 +478,8 @@ def _merged_memo(
         if served[2] is not caches.norm.peek(None):  # type: ignore[union-attr]
             return None
         rows.append((id(owner), served[0], served[1], caches, served, caches.norm.changes))  # type: ignore[union-attr]
-    return _MergedMemo(settings, list(scalings), list(layouts), tuple(rows), StampSet((*weights, *lora_As, *lora_Bs)))
+    stamps = StampSet((*weights, *lora_As, *lora_Bs))
+    return _MergedMemo(settings, list(scalings), list(layouts), layout_token, tuple(rows), stamps)
 
 
 def _merged_memo_holds(
@@ -481,9 +492,11 @@ def _merged_memo_holds(
     lora_Bs: list[torch.Tensor],
     scalings: list[float],
     layouts: list[str],
+    layout_token: int = 0,
 ) -> bool:
     """True when a merged call with these arguments has nothing to do (:class:`_MergedMemo`); counts each layer's
-    cache hit then, as its own check would. The settings hold the optimizer step: any step ends the memo."""
+    cache hit then, as its own check would. The settings hold the optimizer step: any step ends the memo. With
+    the memo's nonzero layout token the stamps are compared within the layouts the token names."""
     rows = memo.rows
     if settings != memo.settings or len(owners) != len(rows) or len(stores) != len(rows):
         return False
@@ -498,7 +511,11 @@ def _merged_memo_holds(
             or caches.norm.changes != changes
         ):
             return False
-    if not memo.stamps.matches((*weights, *lora_As, *lora_Bs)):
+    tensors = (*weights, *lora_As, *lora_Bs)
+    if layout_token and layout_token == memo.layout_token:
+        if not memo.stamps.matches_in_layout(tensors):
+            return False
+    elif not memo.stamps.matches(tensors):
         return False
     for row in rows:
         row[3].norm.hits += 1
@@ -521,7 +538,7 @@ def _refresh_weight_norm_fake(store, owner, weight, lora_A, lora_B, scaling, lay
     return None
 
 
-def _refresh_weight_norms_fake(stores, owners, weights, lora_As, lora_Bs, scalings, layouts, caches):
+def _refresh_weight_norms_fake(stores, owners, weights, lora_As, lora_Bs, scalings, layouts, caches, layout_token=0):
     """Nothing to return: the op writes ``stores`` in place."""
     return None
 

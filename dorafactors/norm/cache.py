@@ -402,6 +402,25 @@ class StampSet:
                 return False
         return True
 
+    def matches_in_layout(self, tensors: tuple[torch.Tensor, ...]) -> bool:
+        """:meth:`matches` for tensors whose dtype, shape and strides are known to be the stamps' (a compiled
+        graph's guards checked them): every tensor the same object, in the same storage at the same address,
+        unchanged. The storage offset follows from the storage, the address and the dtype."""
+        if len(tensors) != len(self._keys):
+            return False
+        for (root_id, root_ref, storage_ref), key, tensor in zip(self._refs, self._keys, tensors):
+            base = tensor._base
+            root = tensor if base is None else base
+            if (
+                root_id != id(root)
+                or (root_ref is not None and root_ref() is not root)
+                or storage_ref() is not tensor.untyped_storage()
+                or key[0] != tensor._version
+                or key[1] != tensor.data_ptr()
+            ):
+                return False
+        return True
+
     def same_layout(self, tensors: tuple[torch.Tensor, ...]) -> bool:
         """:meth:`matches` without the versions: ``TensorStamp.same_layout`` of every tensor, in one loop."""
         if len(tensors) != len(self._keys):

@@ -19,6 +19,7 @@ from peft import LoraConfig, get_peft_model
 
 import dorafactors
 from dorafactors.autograd import norm_batching
+from dorafactors.norm.cache import owned_norm_caches
 from tests._models import TinyLM
 
 REFRESH = torch.ops.dorafactors.refresh_weight_norm.default
@@ -76,10 +77,11 @@ def test_calls_merge_into_one_in_order_where_the_first_was():
     assert norm_batching.batch_refreshes(graph) == 3
     assert _targets(graph) == [MERGED]
     merged = next(n for n in graph.nodes if n.target is MERGED)
-    stores, _, weights, _, _, scalings, layouts, caches = merged.args
+    stores, _, weights, _, _, scalings, layouts, caches, token = merged.args
     assert [s.name for s in stores] == ["store0", "store1", "store2"]
     assert [w.name for w in weights] == ["w0", "w1", "w2"]
     assert scalings == [0.5, 1.5, 2.5] and layouts == ["linear"] * 3 and caches == [True] * 3
+    assert token == norm_batching.layout_token([*weights, *merged.args[3], *merged.args[4]]) != 0
     first_read = next(n for n in graph.nodes if n.target is torch.ops.aten.add.Tensor)
     order = list(graph.nodes)
     assert order.index(merged) < order.index(first_read)  # every store is refreshed before any is read
@@ -187,6 +189,41 @@ def test_a_single_mergeable_call_keeps_the_graph():
     assert _targets(graph) == [REFRESH] * 2
 
 
+def _example_placeholders(*examples) -> list[torch.fx.Node]:
+    graph = torch.fx.Graph()
+    nodes = []
+    for i, example in enumerate(examples):
+        node = graph.placeholder(f"t{i}")
+        node.meta["example_value"] = example
+        nodes.append(node)
+    return nodes
+
+
+def test_the_layout_token_names_the_static_layouts_the_guards_fix():
+    """The merged call's ``layout_token``: nonzero and the same for the same dtypes, devices, shapes and strides
+    (in any graph), another where one differs; 0 where a layout is not fixed by the graph's guards: an
+    attribute instead of an input, a symbolic size, a missing traced value."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    w, a = torch.zeros(6, 4), torch.zeros(2, 4)
+    token = norm_batching.layout_token(_example_placeholders(w, a))
+    assert token != 0 and token == norm_batching.layout_token(_example_placeholders(w.clone(), a.clone()))
+    for other in (w.t().contiguous().t(), w.double(), torch.zeros(4, 6), torch.zeros(6, 4, device="meta")):
+        assert norm_batching.layout_token(_example_placeholders(other, a)) not in (0, token), (
+            other.stride(),
+            other.dtype,
+        )
+    attribute = torch.fx.Graph().get_attr("weight")
+    attribute.meta["example_value"] = w
+    assert norm_batching.layout_token([_example_placeholders(a)[0], attribute]) == 0
+    fake = FakeTensorMode(shape_env=ShapeEnv())
+    dynamic = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC])
+    symbolic = fake.from_tensor(w, symbolic_context=dynamic)
+    assert norm_batching.layout_token(_example_placeholders(symbolic, a)) == 0
+    assert norm_batching.layout_token(_example_placeholders(None, a)) == 0
+
+
 def test_a_pass_set_before_runs_after_this_one():
     seen = []
 
@@ -261,3 +298,21 @@ def _compiled_model_check(monkeypatch, inductor_config, embedding: bool) -> None
             again, eager = compiled(x), model(x)
             assert not torch.equal(again, edited)
             torch.testing.assert_close(again.float(), eager.float(), atol=0.05, rtol=0.05)
+        # the graph's guards fix its weights' layouts (the memo compares what they do not: its layout token);
+        # a weight read with other strides at the same address and version recompiles into another graph,
+        # whose token makes the memo compare every stamp in full
+        memos = [
+            caches.merged
+            for name, magnitude in model.named_parameters()
+            if "lora_magnitude_vector" in name
+            and (caches := owned_norm_caches(magnitude, create=False)) is not None
+            and caches.merged is not None
+        ]
+        assert len(memos) == 1 and memos[0].layout_token != 0
+        weight = model.base_model.model.blocks[1]["up"].base_layer.weight
+        version, address, shape = weight._version, weight.data_ptr(), weight.shape
+        weight.data = weight.data.as_strided(shape, (1, shape[0]))
+        assert (weight._version, weight.data_ptr(), weight.shape) == (version, address, shape)
+        moved, eager = compiled(x), model(x)
+        assert not torch.equal(moved, outputs[True])
+        torch.testing.assert_close(moved.float(), eager.float(), atol=0.05, rtol=0.05)

@@ -218,13 +218,16 @@ def test_a_recording_call_through_tensors_no_optimizer_steps_caches_nothing():
 MERGED_OP = torch.ops.dorafactors.refresh_weight_norms.default
 
 
-def test_the_merged_op_skips_its_layers_only_while_nothing_they_read_changed(monkeypatch):
+@pytest.mark.parametrize("layout_token", [0, 12345], ids=["no-token", "layout-token"])
+def test_the_merged_op_skips_its_layers_only_while_nothing_they_read_changed(monkeypatch, layout_token):
     """``refresh_weight_norms`` on three layers (one per layout): after a call that leaves every store holding
     its cached norm, a repeat returns early (the layers' hits counted, nothing computed, nothing written);
     every change a layer's own check would see makes the next call check each layer again, and the stores
     then hold the current norms: in-place writes of ``A``, ``B`` and ``W``, an optimizer step (a write no
     version counter sees, as fused optimizers make), a replaced parameter or store, ``clear_norm_caches``
-    after a ``.data`` write, another scaling, and ``verify`` mode."""
+    after a ``.data`` write, another scaling, and ``verify`` mode. Alike with a layout token (the calls of one
+    compiled graph, whose guards fix the tensors' layouts: the memo then compares what they do not), and a
+    layout change at the same address and version is seen by a call with another token (another graph)."""
     gen = torch.Generator().manual_seed(11)
     layers = []
     for layout in norm_op.LAYOUTS:
@@ -233,9 +236,9 @@ def test_the_merged_op_skips_its_layers_only_while_nothing_they_read_changed(mon
         layers.append([norm_op.new_norm_store(rows, F32, "cpu"), nn.Parameter(torch.ones(rows)), w, a, b])
     scalings = [0.7, 1.3, 0.4]
 
-    def call(scales=None):
+    def call(scales=None, token=layout_token):
         columns = [list(column) for column in zip(*layers)]
-        MERGED_OP(*columns, scales or scalings, list(norm_op.LAYOUTS), [True] * len(layers))
+        MERGED_OP(*columns, scales or scalings, list(norm_op.LAYOUTS), [True] * len(layers), token)
 
     def caches(i):
         return dorafactors.norm.cache.owned_norm_caches(layers[i][1], create=False)
@@ -305,6 +308,14 @@ def test_the_merged_op_skips_its_layers_only_while_nothing_they_read_changed(mon
 
         changed("norm entry dropped after a .data write", data_write_and_entry_dropped)
         changed("scaling", lambda: None, scales=[0.7, 1.3, 0.9])
+        if layout_token:
+            assert caches(0).merged.layout_token == layout_token
+            weight = layers[0][2]  # the linear layer's W read column-major: address, shape and version kept
+            version, address, shape = weight._version, weight.data_ptr(), weight.shape
+            weight.data = weight.data.as_strided(shape, (1, shape[0]))
+            assert (weight._version, weight.data_ptr(), weight.shape) == (version, address, shape)
+            call([0.7, 1.3, 0.9], token=layout_token + 1)  # the graph recompiled for the new strides
+            assert_stores_current("same-address transpose, another graph", [0.7, 1.3, 0.9])
         monkeypatch.setenv("PEFT_DORA_NORM_CACHE", "verify")
         config.invalidate_cache()
         for store, *_ in layers:

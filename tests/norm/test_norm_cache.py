@@ -447,7 +447,8 @@ def test_a_stamp_set_sees_exactly_what_each_tensors_stamp_sees(position, case):
     change to one tensor (in place, ``.data`` swaps, same-storage layouts and dtypes, ``set_``) both answer
     alike, for ``matches`` and for ``same_layout`` (which ignores the version only), a change to a parameter is
     seen whichever position it holds, a transposed view follows its base's writes; another tensor object or a
-    different count never matches."""
+    different count never matches. ``matches_in_layout`` answers as ``matches`` except for the changes only a
+    layout tells (its caller's guards fix dtype, shape and strides: a compiled graph's)."""
     from dorafactors.norm.cache import StampSet, TensorStamp
 
     name, change, seen = _stamp_set_changes()[case]
@@ -461,10 +462,12 @@ def test_a_stamp_set_sees_exactly_what_each_tensors_stamp_sees(position, case):
     assert stamps.matches(tensors) is expected, name
     same_layout = all(s.same_layout(t) for s, t in zip(each, tensors))
     assert stamps.same_layout(tensors) is same_layout, name
+    layout_only = name in ("same-storage view", "dtype view")
+    assert stamps.matches_in_layout(tensors) is (expected or layout_only), name
     if position != 1 or name == "write":  # a .data swap of the base leaves the existing view where it was
         assert expected is not seen, name
         assert same_layout is (expected or name == "write"), name  # a write keeps the layout, nothing else
-    for check in (stamps.matches, stamps.same_layout):
+    for check in (stamps.matches, stamps.same_layout, stamps.matches_in_layout):
         assert not check(tensors[:2])
         assert not check((tensors[0].detach(), *tensors[1:]))
 
