@@ -220,7 +220,7 @@ def _raise_if_stale(what: str, cached: torch.Tensor, fresh: torch.Tensor) -> Non
         f"dorafactors: the cached {what} of a compiled DoRA layer (magnitude of {cached.shape[0]} rows) "
         f"differs from its recomputation{detail}. A tensor it depends on was written in a way PyTorch's "
         "version counter does not see (through `.data`, a NumPy or DLPack alias, `p.data = t` then writing `t`, "
-        "a kernel or an optimizer outside `torch.optim` writing through a raw pointer). "
+        "a kernel, an optimizer outside `torch.optim` or a `torch.distributed` collective writing into it). "
         "Call `dorafactors.clear_norm_caches(model)` after such writes."
     )
 

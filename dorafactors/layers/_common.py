@@ -197,8 +197,8 @@ class DoraLayerMixin:
                 f"dorafactors: the cached {what} of DoRA layer {_module_path(self)!r} (adapter "
                 f"{adapter_name!r}) differs from its recomputation{detail}. A tensor it depends on was written "
                 "in a way PyTorch's version counter does not see (through `.data`, a NumPy or DLPack alias, "
-                "`p.data = t` then writing `t`, `vector_to_parameters` then writing the vector, a kernel or an "
-                "optimizer outside `torch.optim` writing through a raw pointer). Call "
+                "`p.data = t` then writing `t`, `vector_to_parameters` then writing the vector, a kernel, an "
+                "optimizer outside `torch.optim` or a `torch.distributed` collective writing into it). Call "
                 "`dorafactors.clear_norm_caches(model)` after such writes."
             )
 

@@ -58,6 +58,8 @@ counter of that tensor is invisible, and the cached value goes stale:
   of ``vec`` through ``.data``) followed by an in-place edit of ``vec``;
 * by a custom optimizer (not a ``torch.optim.Optimizer``) writing parameters that a ``torch.optim.Optimizer``
   has also stepped.
+* by a ``torch.distributed`` collective writing into a parameter (``dist.broadcast(p, 0)``,
+  ``dist.all_reduce(p)``, ``dist.recv(p)``), which bumps no version.
 
 A hand-written update of tensors no optimizer steps, right after the backward of a training forward, is the
 exception that is seen (see "Training without an optimizer" above).
