@@ -57,7 +57,7 @@ counter of that tensor is invisible, and the cached value goes stale:
   counter), or ``torch.nn.utils.vector_to_parameters(vec, params)`` (which binds every parameter to a slice
   of ``vec`` through ``.data``) followed by an in-place edit of ``vec``;
 * by a custom optimizer (not a ``torch.optim.Optimizer``) writing parameters that a ``torch.optim.Optimizer``
-  has also stepped.
+  has also stepped;
 * by a ``torch.distributed`` collective writing into a parameter (``dist.broadcast(p, 0)``,
   ``dist.all_reduce(p)``, ``dist.recv(p)``), which bumps no version.
 
