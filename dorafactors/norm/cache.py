@@ -160,7 +160,9 @@ def install_step_hook() -> None:
     if _step_hook is None:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
-        _step_hook = register_optimizer_step_post_hook(_count_optimizer_step)
+        # outside Dynamo: traced into a compiled optimizer step, the hook would guard that graph on the epoch it
+        # advances (a recompilation per step) and its version bump would not run
+        _step_hook = register_optimizer_step_post_hook(torch.compiler.disable(_count_optimizer_step, recursive=True))
 
 
 def write_epoch() -> int:

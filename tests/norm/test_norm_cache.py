@@ -349,6 +349,45 @@ def test_the_step_record_is_bounded_and_follows_copies_and_compiled_steps():
     assert not cache.optimizer_untracked((q,))
 
 
+class _WritesWithoutABump(torch.optim.Optimizer):
+    """Stands for a fused or raw-pointer optimizer: its step writes nothing PyTorch's version counters see."""
+
+    def __init__(self, params) -> None:
+        super().__init__(params, {})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        return None
+
+
+@pytest.mark.parametrize("kind", ["adam", "no-bump"])
+def test_a_compiled_optimizer_step_compiles_once_and_still_counts_every_step(kind):
+    """``torch.compile(optimizer.step)`` (PyTorch's compiled-optimizer recipe): the step post-hook runs outside
+    Dynamo, so the compiled step does not recompile as the write epoch advances, and every step still advances
+    it and bumps the version of each parameter it had a gradient for."""
+    from dorafactors.norm import cache
+
+    cache.install_step_hook()
+    params = [nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(3))]
+    optimizer = torch.optim.Adam(params, lr=1e-2) if kind == "adam" else _WritesWithoutABump(params)
+    torch._dynamo.reset()
+    step = torch.compile(optimizer.step, backend="aot_eager")
+
+    def one_step() -> None:
+        for p in params:
+            p.grad = torch.ones_like(p)
+        step()
+
+    for _ in range(3):
+        one_step()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for _ in range(4):
+            epoch, versions = cache.write_epoch(), [p._version for p in params]
+            one_step()
+            assert cache.write_epoch() == epoch + 1
+            assert all(p._version > v for p, v in zip(params, versions))
+
+
 def test_no_norm_per_decode_step_after_the_first():
     torch.manual_seed(0)
     with dorafactors.patched():
