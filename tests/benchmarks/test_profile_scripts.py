@@ -99,3 +99,42 @@ def test_host_counts_times_a_compiled_decode_call(tmp_path):
     assert all(row["cpu_us"] > 0 for row in rows.values()), rows
     assert rows["dorafactors"]["norm_op_us"] > 0, "the compiled call ran no norm op"
     assert "compiled decode, 2 layers" in done.stdout
+
+
+def test_profile_timeline_places_each_kernel_of_a_call_after_its_flush():
+    """``profile_timeline.timelines`` on a hand-built chrome trace of two do_bench repetitions: per rep, the
+    kernels launched inside its annotation, times from the end of the flush enqueued just before it (not an
+    earlier rep's), and the device's idle time before each kernel."""
+    from benchmarks import profile_timeline
+
+    def op(cat, name, ts, dur, corr=None):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": {"correlation": corr}}
+
+    events = [
+        # rep 0: flush (memset) enqueued at 0, runs 10..110; the call is annotated 5..158 on the host
+        op("cuda_runtime", "cudaMemsetAsync", 0, 2, 1),
+        op("gpu_memset", "Memset (Device)", 10, 100, 1),
+        op("user_annotation", "rep0", 5, 153),
+        op("cuda_runtime", "cudaLaunchKernel", 20, 3, 2),
+        op("kernel", "gemm", 110, 40, 2),
+        op("cuda_driver", "cuLaunchKernel", 150, 4, 3),  # enqueued after the device went idle at 150
+        op("kernel", "triton_compose", 160, 5, 3),
+        # rep 1: the flush is a fill kernel this time; the call enqueues one kernel
+        op("cuda_runtime", "cudaLaunchKernel", 200, 2, 4),
+        op("kernel", "vectorized_elementwise_kernel<FillFunctor>", 205, 50, 4),
+        op("user_annotation", "rep1", 203, 20),
+        op("cuda_runtime", "cudaLaunchKernel", 210, 3, 5),
+        op("kernel", "gemm", 255, 40, 5),
+        op("cpu_op", "aten::mm", 210, 3),  # host-only events are ignored
+    ]
+    reps = profile_timeline.timelines({"traceEvents": events}, wall_us=[55.0, 40.0])
+    assert [r["wall_us"] for r in reps] == [55.0, 40.0]
+    first, second = reps
+    assert (first["host_start"], first["host_end"]) == (-105, 48)
+    assert [k["kernel"] for k in first["kernels"]] == ["gemm", "triton_compose"]
+    assert first["kernels"][0] == {"kernel": "gemm", "enqueued": -87, "start": 0, "end": 40, "waited": 0}
+    assert first["kernels"][1] == {"kernel": "triton_compose", "enqueued": 44, "start": 50, "end": 55, "waited": 10}
+    assert second["kernels"] == [{"kernel": "gemm", "enqueued": -42, "start": 0, "end": 40, "waited": 0}]
+    # a rep without a flush before it reports nothing rather than times from another rep's flush
+    no_flush = [e for e in events if e["args"].get("correlation") not in (4,)]
+    assert len(profile_timeline.timelines({"traceEvents": no_flush}, wall_us=[55.0, 40.0])) == 1
