@@ -44,7 +44,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import providers as P  # noqa: E402  (after the path set-up of a script run)
 from benchmarks.common import cprofile_text, host_us_per_call  # noqa: E402
-from benchmarks.harness import Settings  # noqa: E402
+from benchmarks.harness import Settings, collect_metadata  # noqa: E402
 from benchmarks.suites import layer as L  # noqa: E402
 from benchmarks.suites import model as M  # noqa: E402
 from benchmarks.suites._workloads import Workload, _decode_fn  # noqa: E402
@@ -201,6 +201,7 @@ def main() -> None:
         Path(out, "profile_compiled.json").write_text(
             json.dumps(
                 {
+                    "meta": collect_metadata(settings),
                     "tokens": args.tokens,
                     "mode": args.mode,
                     "setup": args.setup,

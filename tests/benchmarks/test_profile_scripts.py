@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -39,6 +41,7 @@ def test_profile_compiled_times_the_providers_in_interleaved_rounds_without_reco
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "profile_compiled.json").read_text())
     assert report["rounds"] == 3 and set(report["rows"]) == {"lora", "dorafactors"}
+    assert report["meta"]["torch"] == torch.__version__ and report["meta"]["device"] == "cpu"  # the run's metadata
     for name, row in report["rows"].items():
         assert len(row["host_us_rounds"]) == 3 and row["host_us"] == sorted(row["host_us_rounds"])[1], (name, row)
         assert row["norms_computed"] == 0, (name, row)
