@@ -8,7 +8,9 @@
 
 The eager cases (model and layer) measure their providers in ``--rounds`` interleaved rounds and keep each
 provider's median round (``harness.provider_rows``): an eager decode call is host-bound, and the host's speed
-drifts between cases and within one, so single back-to-back timings per provider say little.
+drifts between cases and within one, so single back-to-back timings per provider say little. So is a compiled
+model decode call in Inductor's default mode: those cases compile each provider once and keep the three
+compiled side by side for their rounds (:func:`compiled_rounds`).
 
 Every row also records the host time to enqueue one call (``host_us``, ``harness.host_us``): a decode call is
 short enough that the host, not the GPU, can bound it.
@@ -107,9 +109,8 @@ def cases(settings: Settings) -> list[Case]:
     for priority, (setup, tokens, quick) in enumerate(COMPILED_ORDER, len(order)):
         workload = Workload("decode", new_tokens=tokens, context=ctx)
         lora, stock = _PRIOR_MODEL_MS[setup]
-        est = ((lora + stock + (lora + stock) / 2) * (settings.reps + OVERHEAD_CALLS) / 1e3) + COMPILE_S * len(
-            M.COMPILED
-        )
+        timed = (lora + stock + (lora + stock) / 2) * (settings.reps + OVERHEAD_CALLS) / 1e3
+        est = timed * compiled_rounds(settings, M.COMPILED) + COMPILE_S * len(M.COMPILED)
         out.append(
             Case(
                 suite="decode",
@@ -132,6 +133,8 @@ def _model_runner(setup: str, r: int, tokens: int, ctx: int, workload: Workload,
         context = M.token_ids(settings, 1, ctx, salt=11)[0]
         new = M.token_ids(settings, 1, tokens, salt=12)[0]
         inputs = {"context_ids": context, "new_ids": new}
+        if compiled_rounds(settings, providers) > 1:
+            return _compiled_rows_in_rounds(settings, models, workload, inputs, providers)
         return provider_rows(
             providers,
             lambda p: measure(settings, models, p, workload, inputs),
@@ -140,3 +143,42 @@ def _model_runner(setup: str, r: int, tokens: int, ctx: int, workload: Workload,
         )
 
     return run
+
+
+def compiled_rounds(settings: Settings, providers) -> int:
+    """Interleaved rounds of a compiled model decode case: ``settings.rounds`` in Inductor's default mode, whose
+    decode calls are host-bound like the eager ones (the providers stay compiled side by side between rounds);
+    1 under ``--compile-mode`` (CUDA graphs and autotuning modes: one compile per provider) and for eager
+    providers (they take ``layer.rounds``)."""
+    if not any(p.endswith("+compile") for p in providers) or settings.compile_mode is not None:
+        return 1
+    return settings.rounds
+
+
+def _compiled_rows_in_rounds(settings: Settings, models, workload: Workload, inputs, providers) -> list[dict[str, Any]]:
+    """The compiled providers timed in interleaved rounds, each compiled once (in its first round) and kept
+    warm beside the others; stock is compiled last, since a model that breaks the graph also compiles frames
+    whose code the other models share (``P.compiled_alongside``). Each row is its provider's median round, with
+    the compile time of its first round and, over every round, the graphs compiled, the graph breaks and the
+    recompiles after each round's first call (0 expected)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()  # this case's graphs only, as P.compiled's reset gives a case measured once
+    runners: dict[str, dict[str, Any]] = {}
+    order = sorted(providers, key=lambda p: p.startswith("stock"))
+    rows = provider_rows(
+        order,
+        lambda p: measure(settings, models, p, workload, inputs, compiled_runners=runners),
+        settings.device,
+        rounds=compiled_rounds(settings, providers),
+    )
+    by_provider = {row["provider"]: row for row in rows}
+    for provider, row in by_provider.items():
+        kept = runners.get(provider)
+        if row["status"] != "ok" or kept is None:
+            continue
+        row["metrics"]["compile_s"] = kept["compile_s"]
+        row["impl"].update(
+            graphs_compiled=kept["compiled"], graph_breaks=kept["breaks"], recompiles_after_warmup=kept["recompiles"]
+        )
+    return [by_provider[p] for p in providers]

@@ -594,9 +594,10 @@ def test_settings_rounds_default_three_on_full_runs_one_in_the_quick_run():
     assert Settings.make(quick=True, rounds=5).rounds == 5
 
 
-def test_eager_decode_cases_run_in_rounds_compiled_ones_once(monkeypatch):
-    """Every eager decode case (model and layer: host-bound, timed while the host's speed drifts) measures
-    its providers in ``--rounds`` interleaved rounds; a compiled case runs once (each round would compile)."""
+def test_decode_cases_run_in_rounds_except_under_another_compile_mode(monkeypatch):
+    """Every decode case is host-bound and timed while the host's speed drifts: the eager ones (model and
+    layer) and the compiled model cases in Inductor's default mode measure their providers in ``--rounds``
+    interleaved rounds; under ``--compile-mode`` (CUDA graphs) a compiled case runs once."""
     from benchmarks.suites import build_cases
     from benchmarks.suites import decode as decode_suite
     from benchmarks.suites import layer as layer_suite
@@ -604,19 +605,52 @@ def test_eager_decode_cases_run_in_rounds_compiled_ones_once(monkeypatch):
     seen: dict[tuple[str, ...], list[int]] = {}
 
     def recorded(providers, measure, device, *, rounds=1):
-        seen.setdefault(tuple(providers), []).append(rounds)
-        return []
+        seen.setdefault(tuple(sorted(providers)), []).append(rounds)
+        return [{"provider": p, "status": "skipped", "reason": "recorded"} for p in providers]
 
     for module in (decode_suite, layer_suite):
         monkeypatch.setattr(module, "provider_rows", recorded)
     monkeypatch.setattr(model_suite, "model_set", lambda *args, **kwargs: {})
     monkeypatch.setattr(model_suite, "token_ids", lambda *args, **kwargs: torch.zeros(1, 1, dtype=torch.long))
     monkeypatch.setattr(layer_suite, "layer_set", lambda *args, **kwargs: {})
-    settings = Settings(quick=True, rounds=4)
-    cases = build_cases(["decode"], settings)
-    for case in cases:
-        case.run(settings)
-    eager = [c for c in cases if not c.optional]
-    assert {c.name.split("/")[0] for c in eager} == {"model", "layer"}
-    assert seen[decode_suite.PROVIDERS] == [4] * len(eager)
-    assert seen[model_suite.COMPILED] == [1] * (len(cases) - len(eager))
+    compiled = tuple(sorted(model_suite.COMPILED))
+    for mode, compiled_rounds in ((None, 4), ("reduce-overhead", 1)):
+        seen.clear()
+        settings = Settings(quick=True, rounds=4, compile_mode=mode)
+        cases = build_cases(["decode"], settings)
+        for case in cases:
+            rows = case.run(settings)
+            assert [row["provider"] for row in rows] == list(case.providers)  # in the case's order
+        eager = [c for c in cases if not c.optional]
+        assert {c.name.split("/")[0] for c in eager} == {"model", "layer"}
+        assert seen[tuple(sorted(decode_suite.PROVIDERS))] == [4] * len(eager)
+        assert seen[compiled] == [compiled_rounds] * (len(cases) - len(eager))
+
+
+def test_compiled_decode_rounds_compile_each_provider_once_and_keep_its_compile_time(tmp_path, monkeypatch):
+    """A compiled decode case in rounds (``--rounds 3``): each provider is compiled once, beside the others
+    (stock last), and timed in three rounds; its row keeps every round's time, the compile time of its
+    first round and no graph compiled after the first call of any round."""
+    from benchmarks import providers as P
+
+    compiled_in_order: list[str] = []
+    alongside = P.compiled_alongside
+
+    def counting(model, tag, *args, **kwargs):
+        compiled_in_order.append(tag)
+        return alongside(model, tag, *args, **kwargs)
+
+    monkeypatch.setattr(P, "compiled_alongside", counting)
+    monkeypatch.setattr(P, "compiled", lambda *args, **kwargs: pytest.fail("the rounds reset and compiled again"))
+    out = tmp_path / "rounds.json"
+    argv = ["run", "--quick", "--suite", "decode", "--case", "tokens=1#compile", "--rounds", "3"]
+    assert main([*argv, "--out", str(out), "--no-progress"]) == 0
+    rows = [r for r in load_results(out)["rows"] if r.get("optional") and r["status"] != "skipped"]
+    assert sorted(r["provider"] for r in rows) == sorted(model_suite.COMPILED)  # the quick run's one case
+    assert compiled_in_order == ["lora+compile", "dorafactors+compile", "stock+compile"]
+    for row in rows:
+        metrics, impl = row["metrics"], row["impl"]
+        assert row["status"] == "ok", row
+        assert len(metrics["ms_rounds"]) == 3 and metrics["ms"] == sorted(metrics["ms_rounds"])[1], row["provider"]
+        assert metrics["compile_s"] > 0 and impl["graphs_compiled"] >= 1, (row["provider"], impl)
+        assert impl["recompiles_after_warmup"] == 0, (row["provider"], impl)
