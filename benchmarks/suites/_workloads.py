@@ -235,8 +235,14 @@ def measure(
                 runner, info = P.compiled(model, settings.compile_backend, settings.compile_mode)
             else:
                 runner, info = P.compiled_alongside(model, provider, settings.compile_backend, settings.compile_mode)
-                compiled_runners[provider] = {"runner": runner, "info": info, "compiled": 0, "breaks": 0}
-                compiled_runners[provider].update(compile_s=None, recompiles=0)
+                compiled_runners[provider] = {
+                    "runner": runner,
+                    "info": info,
+                    "compile_s": None,
+                    "compiled": 0,
+                    "breaks": 0,
+                    "recompiles": 0,
+                }
             impl.update(info)
         adapters = P.adapter_tensors(model)
         params = P.trainable(model)
