@@ -16,7 +16,8 @@ The key covers everything Triton specializes a compiled kernel on, per argument 
 * constexprs by value and type, the launch options (``num_warps``, ``num_stages``, ...) by value;
 
 plus the current device and the knobs ``JITFunction.run`` folds into its options (``TRITON_DEBUG``, the
-instrumentation mode). The key may be finer than Triton's (two of ours can share one compiled kernel, e.g.
+instrumentation mode). The key is built by a function generated once per call shape and argument types
+(one tuple expression, the same tuple as the per-argument loop it replaces, which runs for every launch). The key may be finer than Triton's (two of ours can share one compiled kernel, e.g.
 for a ``do_not_specialize`` parameter), never coarser: a kept kernel only ever runs on arguments Triton
 would have compiled it for. Any other argument type, a callable grid, launch hooks (profilers), pre-run hooks, a changed global
 of the kernel, ``torch.compile`` tracing, Triton's CPU interpreter or a Triton without the attributes relied
@@ -82,9 +83,10 @@ def _int_code(v: int) -> str:
 
 class _CallShape:
     """How one call shape (number of positional arguments, keyword names in order) maps onto the kernel's
-    signature: the parameters filled from keywords or defaults, and the keywords that are launch options."""
+    signature: the parameters filled from keywords or defaults, the keywords that are launch options, and
+    the key functions made for it so far (:func:`_keyer_for`, by the arguments' types)."""
 
-    __slots__ = ("constexpr", "options", "tail")
+    __slots__ = ("constexpr", "keyers", "options", "tail")
 
     def __init__(self, params: list, n_positional: int, keywords: tuple[str, ...]) -> None:
         if n_positional > len(params) or any(p.name in keywords for p in params[:n_positional]):
@@ -96,6 +98,8 @@ class _CallShape:
         self.tail = tuple((p.name, p.default if p.has_default else _MISSING) for p in params[n_positional:])
         #: keywords that are not parameters: launch options (num_warps, num_stages, ...)
         self.options = tuple(k for k in keywords if k not in names)
+        #: the arguments' types, in signature order -> the key function for them (None: the loop's)
+        self.keyers: dict[tuple[type, ...], Any] = {}
 
 
 class _KernelLauncher:
@@ -127,7 +131,20 @@ class _KernelLauncher:
         return shape, (*args, *tail)
 
     def key(self, shape: _CallShape, full: tuple, kwargs: dict, device: int) -> tuple:
-        """The specialization key of a bound call (see the module docstring)."""
+        """The specialization key of a bound call (see the module docstring): :meth:`key_by_loop`'s tuple,
+        built by a function made once per call shape and argument types (:func:`_keyer_for`)."""
+        types = tuple(map(type, full))
+        keyers = shape.keyers
+        keyer = keyers.get(types, _MISSING)
+        if keyer is _MISSING:
+            keyer = keyers[types] = _keyer_for(shape, types)
+        if keyer is None:
+            return self.key_by_loop(shape, full, kwargs, device)
+        return keyer(full, kwargs, shape, device, getattr(self.kernel, "debug", None), knobs)
+
+    def key_by_loop(self, shape: _CallShape, full: tuple, kwargs: dict, device: int) -> tuple:
+        """The specialization key, one argument at a time (any argument types; raises :class:`_Unsupported`
+        for one the key does not cover)."""
         key: list = [shape, device, getattr(self.kernel, "debug", None)]
         for group, name in _OPTION_KNOBS:
             key.append(getattr(getattr(knobs, group, None), name, None))
@@ -159,6 +176,51 @@ class _KernelLauncher:
             append(value)
             append(type(value))
         return tuple(key)
+
+
+def _keyer_for(shape: _CallShape, types: tuple[type, ...]) -> Any:
+    """A function that returns :meth:`_KernelLauncher.key_by_loop`'s tuple for arguments of exactly these
+    ``types`` (in signature order), as one tuple expression: no per-argument branch, call or ``append``;
+    None for types the loop would refuse (it then raises, and the call takes ``kernel[grid]``).
+
+    Called as ``keyer(full, kwargs, shape, device, debug, knobs)``. Per argument, from its type: a constexpr
+    gives its value and type; a tensor its dtype and whether ``data_ptr()`` is 16-byte aligned; ``None``,
+    a float or a bool a fixed code; an int the loop's inline range test (``_int_code`` beyond it)."""
+    if len(types) != len(shape.constexpr):
+        return None
+    names = {"_int_code": _int_code}
+    parts = ["shape", "device", "debug"]
+    parts += [f"getattr(getattr(knobs, {group!r}, None), {name!r}, None)" for group, name in _OPTION_KNOBS]
+    for i, (kind, is_constexpr) in enumerate(zip(types, shape.constexpr)):
+        a = f"a{i}"
+        if is_constexpr:
+            names[f"T{i}"] = kind
+            parts += [a, f"T{i}"]
+        elif issubclass(kind, torch.Tensor):
+            parts += [f"{a}.dtype", f"{a}.data_ptr() & 15 == 0"]
+        elif kind is type(None):
+            parts.append("None")
+        elif kind is int:
+            parts.append(
+                f'(("i32:16" if {a} & 15 == 0 else "i32") if {a} != 1 and {_I32_MIN} <= {a} <= {_I32_MAX} '
+                f"else _int_code({a}))"
+            )
+        elif kind is float:
+            parts.append('"fp32"')
+        elif kind is bool:
+            parts.append('"u1"')
+        else:
+            return None
+    for name in shape.options:
+        parts += [f"kwargs[{name!r}]", f"type(kwargs[{name!r}])"]
+    unpack = "".join(f"a{i}, " for i in range(len(types)))
+    source = (
+        "def keyer(full, kwargs, shape, device, debug, knobs):\n"
+        f"    ({unpack}) = full\n"
+        f"    return ({', '.join(parts)},)\n"
+    )
+    exec(compile(source, f"<dorafactors launch key of {len(types)} arguments>", "exec"), names)
+    return names["keyer"]
 
 
 def _supports_direct_launch(kernel: Any) -> bool:

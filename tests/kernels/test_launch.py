@@ -105,6 +105,34 @@ def test_key_refuses_arguments_it_does_not_cover(odd):
         _key(_buffer(), None, odd, 2.0, True, BLOCK=64)
 
 
+def test_generated_key_is_the_loops_key_for_every_argument_type_at_every_position():
+    """The key function made per call shape and argument types (``launch._keyer_for``) returns exactly the
+    per-argument loop's tuple: every value of ``_values()`` at each non-constexpr position, constexprs of
+    several types, options, and keyword / positional / default-filled calls; a type the loop refuses makes
+    no key function, and the call still raises."""
+    launcher = launch._launcher(PROBE)
+    values = _values()
+    calls = []
+    for position in range(5):
+        for value in values:
+            args = [_buffer(), None, 5, 2.0, True]
+            args[position] = value
+            calls.append((tuple(args), {"BLOCK": 64}))
+    for block in (64, 64.0, True, "text"):
+        calls.append(((_buffer(), None, 5, 2.0, True), {"BLOCK": block, "EVEN": 1, "num_warps": 4}))
+    calls.append(((_buffer(), None, 5, 2.0, True, 32, False), {"num_warps": 8, "num_stages": 2}))
+    for args, kwargs in calls:
+        shape, full = launcher.bind(args, kwargs)
+        for device in (0, 1):
+            assert launcher.key(shape, full, kwargs, device) == launcher.key_by_loop(shape, full, kwargs, device)
+            assert launch._keyer_for(shape, tuple(map(type, full))) is not None
+    odd_args = (_buffer(), None, "text", 2.0, True)
+    shape, full = launcher.bind(odd_args, {"BLOCK": 64})
+    assert launch._keyer_for(shape, tuple(map(type, full))) is None
+    with pytest.raises(ValueError, match="not covered"):
+        _key(*odd_args, BLOCK=64)
+
+
 # ------------------------------------------------------------------------------- the fast path, stand-ins
 
 
