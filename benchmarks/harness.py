@@ -45,6 +45,7 @@ __all__ = [
     "ResultsFile",
     "Settings",
     "bench",
+    "bench_in_turn",
     "collect_metadata",
     "device_label",
     "device_us",
@@ -277,6 +278,54 @@ def bench(
             "reps": int(rep_ms / per_call),
             "timer": "triton.testing.do_bench (L2 flushed)",
         }
+
+
+#: What :func:`bench_in_turn` records as a row's ``timer`` on CUDA.
+IN_TURN_TIMER = "in turn with the case's other providers, call by call (CUDA events, L2 flushed, device idle before)"
+
+
+def bench_in_turn(fns: dict[str, Callable[[], Any]], settings: Settings, *, reps: int) -> dict[str, dict[str, Any]]:
+    """Times of several functions measured call by call in turn: ``reps`` turns, each calling every function
+    once (the order reversed every other turn); per function the :func:`bench` summary of its calls.
+
+    For host-bound calls whose providers must be compared on a host whose speed drifts, or jumps between two
+    speeds for seconds at a time, within one case: neighbouring calls of different providers see the same
+    host, where separate measurements (even in interleaved rounds of ``bench``) may not. On CUDA each call
+    starts from an idle device (synchronized), after the L2 flush ``do_bench`` makes, between CUDA events, so
+    that a long call of one provider never leaves the next provider's launches queued ahead of the device; on
+    CPU a ``perf_counter`` around each call. Every function runs once first to warm up.
+    """
+    device = settings.device
+    names = list(fns)
+    for name in names:
+        fns[name]()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    if not settings.cuda:
+        for turn in range(reps):
+            for name in names if turn % 2 == 0 else names[::-1]:
+                t0 = time.perf_counter()
+                fns[name]()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+        return {name: _summary(times[name], "perf_counter (CPU), " + IN_TURN_TIMER.split(" (")[0]) for name in names}
+    from triton import runtime
+
+    cache = runtime.driver.active.get_empty_cache_for_benchmark()
+    events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {name: [] for name in names}
+    for turn in range(reps):
+        for name in names if turn % 2 == 0 else names[::-1]:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            sync(device)
+            runtime.driver.active.clear_cache(cache)
+            start.record()
+            fns[name]()
+            end.record()
+            events[name].append((start, end))
+    sync(device)
+    del cache
+    for name in names:
+        times[name] = [start.elapsed_time(end) for start, end in events[name]]
+    return {name: _summary(times[name], IN_TURN_TIMER) for name in names}
 
 
 #: Timed calls of :func:`host_us` (each on an idle device, so its launches never wait for a full queue).

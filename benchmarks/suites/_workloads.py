@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from .. import providers as P
-from ..harness import HOST_CALLS, Settings, bench, device_us, host_us, peak_extra_mib
+from ..harness import HOST_CALLS, Settings, bench, bench_in_turn, device_us, host_us, peak_extra_mib
 
-__all__ = ["HOST_TIMED", "Workload", "measure"]
+__all__ = ["HOST_TIMED", "Workload", "decode_in_turn", "measure"]
 
 #: Workloads whose rows also record the host time to enqueue one call (``harness.host_us``) and, on CUDA, the
 #: device time of one call (``harness.device_us``): the layer and decode suites, where a call is short enough
@@ -386,6 +386,40 @@ def measure(
         if first is not None and norms_end is not None and counter["calls"] > 1:
             impl["df_norm_computations_per_call"] = round((norms_end - first) / (counter["calls"] - 1), 3)
     return metrics, impl
+
+
+def decode_in_turn(
+    settings: Settings,
+    models: dict[str, Any],
+    providers: list[str],
+    workload: Workload,
+    inputs: dict[str, torch.Tensor],
+    compiled_runners: dict[str, dict[str, Any]],
+    reps: int,
+) -> tuple[dict[str, dict[str, Any]], int]:
+    """Decode calls of the compiled ``providers`` (kept in ``compiled_runners`` by :func:`measure`), timed call by
+    call in turn (``harness.bench_in_turn``, ``reps`` calls each): ``(summary per provider, graphs compiled
+    meanwhile, 0 expected)``. Each provider's model is in its decode state and has its own KV cache, as in
+    :func:`measure`."""
+    device = settings.device
+    before = P.dynamo_stats()  # (each step's first call below runs its graphs too)
+    with contextlib.ExitStack() as stack:
+        steps: dict[str, Callable[[], None]] = {}
+        for provider in providers:
+            model = P.get_model(models, P.model_of(provider))
+            stack.enter_context(_model_state(model, workload, settings.seed))
+            with _autocast(workload.amp, device):
+                step, _ = _decode_fn(compiled_runners[provider]["runner"], model, inputs, workload)
+
+            def call(step: Callable[[], None] = step) -> None:
+                with _autocast(workload.amp, device):
+                    step()
+
+            steps[provider] = call
+        timed = bench_in_turn(steps, settings, reps=reps)
+        after = P.dynamo_stats()
+    compiled = after["graphs"] - before["graphs"] if before and after else 0
+    return timed, compiled
 
 
 #: Largest relative L2 difference allowed between a compiled model's gradients and the eager model's (the

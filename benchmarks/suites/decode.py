@@ -9,8 +9,10 @@
 The eager cases (model and layer) measure their providers in ``--rounds`` interleaved rounds and keep each
 provider's median round (``harness.provider_rows``): an eager decode call is host-bound, and the host's speed
 drifts between cases and within one, so single back-to-back timings per provider say little. So is a compiled
-model decode call in Inductor's default mode: those cases compile each provider once and keep the three
-compiled side by side for their rounds (:func:`compiled_rounds`).
+model decode call in Inductor's default mode: those cases compile each provider once, keep the three compiled
+side by side and time them call by call in turn, ``--reps`` times ``--rounds`` calls each
+(:func:`compiled_in_turn`; the hosts were seen jumping between two speeds for seconds, which interleaved
+rounds of separate measurements do not even out).
 
 Every row also records the host time to enqueue one call (``host_us``, ``harness.host_us``): a decode call is
 short enough that the host, not the GPU, can bound it.
@@ -30,7 +32,7 @@ from .. import providers as P
 from ..harness import OVERHEAD_CALLS, Case, Settings, provider_rows
 from . import layer as L
 from . import model as M
-from ._workloads import Workload, measure
+from ._workloads import Workload, decode_in_turn, measure
 
 PROVIDERS = ("lora", "stock", "stock_cached", "dorafactors")
 
@@ -109,8 +111,8 @@ def cases(settings: Settings) -> list[Case]:
     for priority, (setup, tokens, quick) in enumerate(COMPILED_ORDER, len(order)):
         workload = Workload("decode", new_tokens=tokens, context=ctx)
         lora, stock = _PRIOR_MODEL_MS[setup]
-        timed = (lora + stock + (lora + stock) / 2) * (settings.reps + OVERHEAD_CALLS) / 1e3
-        est = timed * compiled_rounds(settings, M.COMPILED) + COMPILE_S * len(M.COMPILED)
+        calls = settings.reps + OVERHEAD_CALLS + compiled_in_turn(settings, M.COMPILED)
+        est = (lora + stock + (lora + stock) / 2) * calls / 1e3 + COMPILE_S * len(M.COMPILED)
         out.append(
             Case(
                 suite="decode",
@@ -133,8 +135,8 @@ def _model_runner(setup: str, r: int, tokens: int, ctx: int, workload: Workload,
         context = M.token_ids(settings, 1, ctx, salt=11)[0]
         new = M.token_ids(settings, 1, tokens, salt=12)[0]
         inputs = {"context_ids": context, "new_ids": new}
-        if compiled_rounds(settings, providers) > 1:
-            return _compiled_rows_in_rounds(settings, models, workload, inputs, providers)
+        if compiled_in_turn(settings, providers):
+            return _compiled_rows_in_turn(settings, models, workload, inputs, providers)
         return provider_rows(
             providers,
             lambda p: measure(settings, models, p, workload, inputs),
@@ -145,22 +147,27 @@ def _model_runner(setup: str, r: int, tokens: int, ctx: int, workload: Workload,
     return run
 
 
-def compiled_rounds(settings: Settings, providers) -> int:
-    """Interleaved rounds of a compiled model decode case: ``settings.rounds`` in Inductor's default mode, whose
-    decode calls are host-bound like the eager ones (the providers stay compiled side by side between rounds);
-    1 under ``--compile-mode`` (CUDA graphs and autotuning modes: one compile per provider) and for eager
-    providers (they take ``layer.rounds``)."""
+def compiled_in_turn(settings: Settings, providers) -> int:
+    """Calls per provider of a compiled model decode case's timing in turn (:func:`_compiled_rows_in_turn`):
+    ``settings.reps * settings.rounds`` in Inductor's default mode, whose decode calls are host-bound like the
+    eager ones; 0 (timed by ``measure`` alone, one compile per provider) under ``--compile-mode`` (CUDA graphs
+    and autotuning modes) and for eager providers (they take ``layer.rounds``)."""
     if not any(p.endswith("+compile") for p in providers) or settings.compile_mode is not None:
-        return 1
-    return settings.rounds
+        return 0
+    return settings.reps * max(1, settings.rounds)
 
 
-def _compiled_rows_in_rounds(settings: Settings, models, workload: Workload, inputs, providers) -> list[dict[str, Any]]:
-    """The compiled providers timed in interleaved rounds, each compiled once (in its first round) and kept
-    warm beside the others; stock is compiled last, since a model that breaks the graph also compiles frames
-    whose code the other models share (``P.compiled_alongside``). Each row is its provider's median round, with
-    the compile time of its first round and, over every round, the graphs compiled, the graph breaks and the
-    recompiles after each round's first call (0 expected)."""
+def _compiled_rows_in_turn(settings: Settings, models, workload: Workload, inputs, providers) -> list[dict[str, Any]]:
+    """The compiled providers, each compiled once and kept warm beside the others (stock last: a model that
+    breaks the graph also compiles frames whose code the other models share, ``P.compiled_alongside``), then
+    timed call by call in turn (``_workloads.decode_in_turn``, :func:`compiled_in_turn` calls each).
+
+    Why in turn: a compiled decode call is host-bound, and the GPU machines' hosts were seen jumping between
+    two speeds for seconds at a time, so that even the medians of interleaved rounds of separate measurements
+    put one provider at its slow speed and another at its fast one. Each row keeps its ``measure`` row (compile
+    time, memory, graphs and breaks of the compiling call, its own timing as ``ms_alone``) with the timing in
+    turn as its ``ms`` (``timer`` says so); graphs compiled during the timing in turn (0 expected) count as
+    recompiles of every row."""
     import torch._dynamo
 
     torch._dynamo.reset()  # this case's graphs only, as P.compiled's reset gives a case measured once
@@ -170,9 +177,20 @@ def _compiled_rows_in_rounds(settings: Settings, models, workload: Workload, inp
         order,
         lambda p: measure(settings, models, p, workload, inputs, compiled_runners=runners),
         settings.device,
-        rounds=compiled_rounds(settings, providers),
     )
     by_provider = {row["provider"]: row for row in rows}
+    timed_ok = [p for p in order if by_provider[p]["status"] == "ok" and p in runners]
+    if timed_ok:
+        timed, compiled = decode_in_turn(
+            settings, models, timed_ok, workload, inputs, runners, compiled_in_turn(settings, providers)
+        )
+        tokens = inputs["new_ids"].numel()
+        for provider in timed_ok:
+            metrics = by_provider[provider]["metrics"]
+            metrics["ms_alone"] = metrics.get("ms")
+            metrics.update(timed[provider])
+            metrics["tokens_per_s"] = tokens / (metrics["ms"] / 1e3)
+            runners[provider]["recompiles"] += compiled
     for provider, row in by_provider.items():
         kept = runners.get(provider)
         if row["status"] != "ok" or kept is None:

@@ -594,15 +594,17 @@ def test_settings_rounds_default_three_on_full_runs_one_in_the_quick_run():
     assert Settings.make(quick=True, rounds=5).rounds == 5
 
 
-def test_decode_cases_run_in_rounds_except_under_another_compile_mode(monkeypatch):
+def test_decode_cases_run_in_rounds_or_in_turn_except_under_another_compile_mode(monkeypatch):
     """Every decode case is host-bound and timed while the host's speed drifts: the eager ones (model and
-    layer) and the compiled model cases in Inductor's default mode measure their providers in ``--rounds``
-    interleaved rounds; under ``--compile-mode`` (CUDA graphs) a compiled case runs once."""
+    layer) measure their providers in ``--rounds`` interleaved rounds; the compiled model cases in Inductor's
+    default mode measure each provider once and then time them in turn, ``--reps`` times ``--rounds`` calls
+    each; under ``--compile-mode`` (CUDA graphs) a compiled case is measured once, not in turn."""
     from benchmarks.suites import build_cases
     from benchmarks.suites import decode as decode_suite
     from benchmarks.suites import layer as layer_suite
 
     seen: dict[tuple[str, ...], list[int]] = {}
+    in_turn: list[int] = []
 
     def recorded(providers, measure, device, *, rounds=1):
         seen.setdefault(tuple(sorted(providers)), []).append(rounds)
@@ -610,13 +612,21 @@ def test_decode_cases_run_in_rounds_except_under_another_compile_mode(monkeypatc
 
     for module in (decode_suite, layer_suite):
         monkeypatch.setattr(module, "provider_rows", recorded)
+    monkeypatch.setattr(
+        decode_suite,
+        "_compiled_rows_in_turn",
+        lambda s, m, w, i, providers: (
+            in_turn.append(decode_suite.compiled_in_turn(s, providers)) or recorded(providers, None, None)
+        ),
+    )
     monkeypatch.setattr(model_suite, "model_set", lambda *args, **kwargs: {})
     monkeypatch.setattr(model_suite, "token_ids", lambda *args, **kwargs: torch.zeros(1, 1, dtype=torch.long))
     monkeypatch.setattr(layer_suite, "layer_set", lambda *args, **kwargs: {})
     compiled = tuple(sorted(model_suite.COMPILED))
-    for mode, compiled_rounds in ((None, 4), ("reduce-overhead", 1)):
+    for mode, calls_in_turn in ((None, 3 * 4), ("reduce-overhead", 0)):
         seen.clear()
-        settings = Settings(quick=True, rounds=4, compile_mode=mode)
+        in_turn.clear()
+        settings = Settings(quick=True, reps=3, rounds=4, compile_mode=mode)
         cases = build_cases(["decode"], settings)
         for case in cases:
             rows = case.run(settings)
@@ -624,13 +634,16 @@ def test_decode_cases_run_in_rounds_except_under_another_compile_mode(monkeypatc
         eager = [c for c in cases if not c.optional]
         assert {c.name.split("/")[0] for c in eager} == {"model", "layer"}
         assert seen[tuple(sorted(decode_suite.PROVIDERS))] == [4] * len(eager)
-        assert seen[compiled] == [compiled_rounds] * (len(cases) - len(eager))
+        assert seen[compiled] == [1] * (len(cases) - len(eager))
+        assert in_turn == ([calls_in_turn] * (len(cases) - len(eager)) if calls_in_turn else [])
 
 
-def test_compiled_decode_rounds_compile_each_provider_once_and_keep_its_compile_time(tmp_path, monkeypatch):
-    """A compiled decode case in rounds (``--rounds 3``): each provider is compiled once, beside the others
-    (stock last), and timed in three rounds; its row keeps every round's time, the compile time of its
-    first round and no graph compiled after the first call of any round."""
+def test_compiled_decode_in_turn_compiles_each_provider_once_and_times_it_call_by_call(tmp_path, monkeypatch):
+    """A compiled decode case in Inductor's default mode (``--reps 2 --rounds 3``): each provider is compiled
+    once, beside the others (stock last), measured once, then timed in turn with the others, six calls each,
+    alternating the order every turn; its row keeps the compile time, its measurement alone (``ms_alone``),
+    the timing in turn as ``ms`` and no graph compiled after the first call."""
+    from benchmarks import harness
     from benchmarks import providers as P
 
     compiled_in_order: list[str] = []
@@ -640,17 +653,34 @@ def test_compiled_decode_rounds_compile_each_provider_once_and_keep_its_compile_
         compiled_in_order.append(tag)
         return alongside(model, tag, *args, **kwargs)
 
+    turns: list[list[str]] = []
+    in_turn = harness.bench_in_turn
+
+    def recording(fns, settings, *, reps):
+        turns.append(list(fns))
+        wrapped = {name: (lambda name=name, fn=fn: (order.append(name), fn())) for name, fn in fns.items()}
+        order: list[str] = []
+        out = in_turn(wrapped, settings, reps=reps)
+        turns.append(order)
+        return out
+
     monkeypatch.setattr(P, "compiled_alongside", counting)
-    monkeypatch.setattr(P, "compiled", lambda *args, **kwargs: pytest.fail("the rounds reset and compiled again"))
-    out = tmp_path / "rounds.json"
-    argv = ["run", "--quick", "--suite", "decode", "--case", "tokens=1#compile", "--rounds", "3"]
+    monkeypatch.setattr(P, "compiled", lambda *args, **kwargs: pytest.fail("the timing in turn compiled again"))
+    monkeypatch.setattr("benchmarks.suites._workloads.bench_in_turn", recording)
+    out = tmp_path / "in_turn.json"
+    argv = ["run", "--quick", "--suite", "decode", "--case", "tokens=1#compile", "--reps", "2", "--rounds", "3"]
     assert main([*argv, "--out", str(out), "--no-progress"]) == 0
     rows = [r for r in load_results(out)["rows"] if r.get("optional") and r["status"] != "skipped"]
     assert sorted(r["provider"] for r in rows) == sorted(model_suite.COMPILED)  # the quick run's one case
     assert compiled_in_order == ["lora+compile", "dorafactors+compile", "stock+compile"]
+    names, order = turns
+    assert names == ["lora+compile", "dorafactors+compile", "stock+compile"]
+    assert order == names + [n for turn in range(6) for n in (names if turn % 2 == 0 else names[::-1])]
     for row in rows:
         metrics, impl = row["metrics"], row["impl"]
         assert row["status"] == "ok", row
-        assert len(metrics["ms_rounds"]) == 3 and metrics["ms"] == sorted(metrics["ms_rounds"])[1], row["provider"]
+        assert metrics["reps"] == 6 and "in turn" in metrics["timer"], (row["provider"], metrics)
+        assert metrics["ms_alone"] > 0 and metrics["ms"] > 0 and "ms_rounds" not in metrics
+        assert metrics["tokens_per_s"] == pytest.approx(1 / (metrics["ms"] / 1e3))
         assert metrics["compile_s"] > 0 and impl["graphs_compiled"] >= 1, (row["provider"], impl)
         assert impl["recompiles_after_warmup"] == 0, (row["provider"], impl)
