@@ -281,51 +281,69 @@ def bench(
 
 
 #: What :func:`bench_in_turn` records as a row's ``timer`` on CUDA.
-IN_TURN_TIMER = "in turn with the case's other providers, call by call (CUDA events, L2 flushed, device idle before)"
+IN_TURN_TIMER = "in turn with the case's other providers (CUDA events, L2 flushed, device idle before each call)"
 
 
-def bench_in_turn(fns: dict[str, Callable[[], Any]], settings: Settings, *, reps: int) -> dict[str, dict[str, Any]]:
-    """Times of several functions measured call by call in turn: ``reps`` turns, each calling every function
-    once (the order reversed every other turn); per function the :func:`bench` summary of its calls.
+def bench_in_turn(
+    fns: dict[str, Callable[[], Any]], settings: Settings, *, reps: int, warm_per_turn: int = 0, per_turn: int = 1
+) -> dict[str, dict[str, Any]]:
+    """Times of several functions measured in turn: turns that call each function ``warm_per_turn`` times
+    untimed, then ``per_turn`` times timed (the order of the functions reversed every other turn), until each
+    has ``reps`` timed calls; per function the :func:`bench` summary of its timed calls.
 
     For host-bound calls whose providers must be compared on a host whose speed drifts, or jumps between two
     speeds for seconds at a time, within one case: neighbouring calls of different providers see the same
-    host, where separate measurements (even in interleaved rounds of ``bench``) may not. On CUDA each call
-    starts from an idle device (synchronized), after the L2 flush ``do_bench`` makes, between CUDA events, so
-    that a long call of one provider never leaves the next provider's launches queued ahead of the device; on
-    CPU a ``perf_counter`` around each call. Every function runs once first to warm up.
+    host, where separate measurements (even in interleaved rounds of ``bench``) may not. ``warm_per_turn``:
+    the first call after another function's pays for the switch (compiled models that share code share
+    Dynamo's cache entries, and a hit moves its entry to the front: the first call after a switch evaluates
+    the other models' guards first; CPU caches are cold), which one model called over and over never does.
+    On CUDA each timed call starts from an idle device (synchronized), after the L2 flush ``do_bench`` makes,
+    between CUDA events, so that a long call of one provider never leaves the next one's launches queued
+    ahead of the device; on CPU a ``perf_counter`` around each call. Every function runs once first to warm up.
     """
     device = settings.device
     names = list(fns)
     for name in names:
         fns[name]()
     sync(device)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    if not settings.cuda:
-        for turn in range(reps):
-            for name in names if turn % 2 == 0 else names[::-1]:
-                t0 = time.perf_counter()
-                fns[name]()
-                times[name].append((time.perf_counter() - t0) * 1e3)
-        return {name: _summary(times[name], "perf_counter (CPU), " + IN_TURN_TIMER.split(" (")[0]) for name in names}
-    from triton import runtime
+    cache = None
+    if settings.cuda:
+        from triton import runtime
 
-    cache = runtime.driver.active.get_empty_cache_for_benchmark()
-    events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {name: [] for name in names}
-    for turn in range(reps):
+        cache = runtime.driver.active.get_empty_cache_for_benchmark()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    events: dict[str, list[tuple[Any, Any]]] = {name: [] for name in names}
+    per_turn = max(1, per_turn)
+    for turn in range(-(-reps // per_turn)):
+        timed = min(per_turn, reps - turn * per_turn)
         for name in names if turn % 2 == 0 else names[::-1]:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            sync(device)
-            runtime.driver.active.clear_cache(cache)
-            start.record()
-            fns[name]()
-            end.record()
-            events[name].append((start, end))
+            fn = fns[name]
+            for _ in range(warm_per_turn):
+                fn()
+            for _ in range(timed):
+                if cache is None:
+                    t0 = time.perf_counter()
+                    fn()
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+                    continue
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                sync(device)
+                runtime.driver.active.clear_cache(cache)
+                start.record()
+                fn()
+                end.record()
+                events[name].append((start, end))
     sync(device)
-    del cache
-    for name in names:
-        times[name] = [start.elapsed_time(end) for start, end in events[name]]
-    return {name: _summary(times[name], IN_TURN_TIMER) for name in names}
+    if cache is None:
+        timer = "perf_counter (CPU), " + IN_TURN_TIMER.split(" (")[0]
+    else:
+        del cache
+        timer = IN_TURN_TIMER
+        for name in names:
+            times[name] = [start.elapsed_time(end) for start, end in events[name]]
+    if warm_per_turn:
+        timer += f"; {warm_per_turn} untimed call(s) after each switch, {per_turn} timed"
+    return {name: _summary(times[name], timer) for name in names}
 
 
 #: Timed calls of :func:`host_us` (each on an idle device, so its launches never wait for a full queue).

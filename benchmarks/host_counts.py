@@ -15,8 +15,10 @@ shapes; host *time* per call is a GPU-machine number (the ``host_us`` column of 
 * ``decode``: eval, ``no_grad``, one token.
 
 ``--compiled N`` also times, per provider, an Inductor-compiled one-token ``no_grad`` call of ``N`` stacked bf16
-Linear layers (the host work of compiled decode, here with the CPU doing the tiny matmuls too), and reports the
-host time of dorafactors' norm op (``dorafactors::refresh_weight_norms``) per call.
+Linear layers (the host work of compiled decode, here with the CPU doing the tiny matmuls too), reports the
+host time of dorafactors' norm op (``dorafactors::refresh_weight_norms``) per call, and, with the providers
+called in turn, the time of a call right after another compiled model's against the calls after it
+(:func:`switch_costs`: what the decode suite's timing in turn leaves untimed).
 
 ``--time`` also times one call per provider on this CPU (wall microseconds, the providers interleaved in every
 round so that a drift of the machine's speed reaches them alike; the median over the rounds). With these tiny
@@ -184,6 +186,23 @@ def time_calls(steps: dict[str, Any], rounds: int = 7, calls: int = 2000) -> dic
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def switch_costs(steps: dict[str, Any], turns: int = 100, calls: int = 4) -> dict[str, tuple[float, float]]:
+    """Per step, ``(first, warm)``: median wall microseconds of its first call right after another step's and of
+    its later calls (``calls`` per turn in all), over ``turns`` turns of every step in turn. For compiled
+    models that share code the first call pays for the switch (Dynamo's cache entries of the shared frames are
+    the other models' first; cold CPU caches), which the decode suite's timing in turn leaves untimed."""
+    first: dict[str, list[float]] = {name: [] for name in steps}
+    warm: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for turn in range(turns):
+        for name in names if turn % 2 == 0 else names[::-1]:
+            for call in range(calls):
+                start = time.perf_counter()
+                steps[name]()
+                (first if call == 0 else warm)[name].append((time.perf_counter() - start) * 1e6)
+    return {name: (statistics.median(first[name]), statistics.median(warm[name])) for name in names}
+
+
 class _LinearStack(torch.nn.Module):
     """``layers`` bias-free ``dim x dim`` Linear layers applied in turn (``layers.<i>``)."""
 
@@ -281,8 +300,18 @@ def main(argv: list[str] | None = None) -> int:
         for provider, us in times.items():
             print(f"{provider:>12} {us:10.2f} us  {us / times['lora']:5.2f}x")
         print(f"    dorafactors' norm op: {op_us:.2f} us of host time per call")
+        switched = switch_costs(steps)
+        print("    in turn: first call after another model's / the calls after it, us (ratio to LoRA)")
+        for provider, (first_us, warm_us) in switched.items():
+            lora_first, lora_warm = switched["lora"]
+            print(
+                f"{provider:>12} {first_us:10.2f} us  {first_us / lora_first:5.2f}x"
+                f"   {warm_us:10.2f} us  {warm_us / lora_warm:5.2f}x"
+            )
         result["compiled_decode"] = {p: {"cpu_us": us} for p, us in times.items()}
         result["compiled_decode"]["dorafactors"]["norm_op_us"] = op_us
+        for provider, (first_us, warm_us) in switched.items():
+            result["compiled_decode"][provider].update(first_after_switch_us=first_us, warm_in_turn_us=warm_us)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)

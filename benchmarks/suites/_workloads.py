@@ -396,11 +396,14 @@ def decode_in_turn(
     inputs: dict[str, torch.Tensor],
     compiled_runners: dict[str, dict[str, Any]],
     reps: int,
+    *,
+    warm_per_turn: int,
+    per_turn: int,
 ) -> tuple[dict[str, dict[str, Any]], int]:
-    """Decode calls of the compiled ``providers`` (kept in ``compiled_runners`` by :func:`measure`), timed call by
-    call in turn (``harness.bench_in_turn``, ``reps`` calls each): ``(summary per provider, graphs compiled
-    meanwhile, 0 expected)``. Each provider's model is in its decode state and has its own KV cache, as in
-    :func:`measure`."""
+    """Decode calls of the compiled ``providers`` (kept in ``compiled_runners`` by :func:`measure`), timed in turn
+    (``harness.bench_in_turn``: ``reps`` timed calls each, ``per_turn`` per turn after ``warm_per_turn`` untimed
+    ones): ``(summary per provider, graphs compiled meanwhile, 0 expected)``. Each provider's model is in its
+    decode state and has its own KV cache, as in :func:`measure`."""
     device = settings.device
     before = P.dynamo_stats()  # (each step's first call below runs its graphs too)
     with contextlib.ExitStack() as stack:
@@ -416,7 +419,7 @@ def decode_in_turn(
                     step()
 
             steps[provider] = call
-        timed = bench_in_turn(steps, settings, reps=reps)
+        timed = bench_in_turn(steps, settings, reps=reps, warm_per_turn=warm_per_turn, per_turn=per_turn)
         after = P.dynamo_stats()
     compiled = after["graphs"] - before["graphs"] if before and after else 0
     return timed, compiled

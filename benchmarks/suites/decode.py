@@ -10,9 +10,9 @@ The eager cases (model and layer) measure their providers in ``--rounds`` interl
 provider's median round (``harness.provider_rows``): an eager decode call is host-bound, and the host's speed
 drifts between cases and within one, so single back-to-back timings per provider say little. So is a compiled
 model decode call in Inductor's default mode: those cases compile each provider once, keep the three compiled
-side by side and time them call by call in turn, ``--reps`` times ``--rounds`` calls each
-(:func:`compiled_in_turn`; the hosts were seen jumping between two speeds for seconds, which interleaved
-rounds of separate measurements do not even out).
+side by side and time them in turn, ``--reps`` times ``--rounds`` timed calls each, a few per turn after an
+untimed one (:func:`compiled_in_turn`; the hosts were seen jumping between two speeds for seconds, which
+interleaved rounds of separate measurements do not even out).
 
 Every row also records the host time to enqueue one call (``host_us``, ``harness.host_us``): a decode call is
 short enough that the host, not the GPU, can bound it.
@@ -44,6 +44,10 @@ COMPILED_ORDER: list[tuple[str, int, bool]] = [
     ("peft-default", 1, False),
 ]
 COMPILE_S = 60.0  # compiling the 4-layer model for one decode shape, prior
+#: Timing of the compiled cases in turn (:func:`_compiled_rows_in_turn`): per turn and provider, untimed calls
+#: first (the first call after another compiled model's pays for the switch, which one model never does),
+#: then timed ones.
+IN_TURN_WARM, IN_TURN_TIMED = 1, 4
 
 #: Priors (ms per call, H100, 8 new tokens; anchors.md) for the estimates only.
 _PRIOR_MODEL_MS = {"peft-default": (11.8, 52.0), "bf16": (8.0, 30.0)}
@@ -160,11 +164,15 @@ def compiled_in_turn(settings: Settings, providers) -> int:
 def _compiled_rows_in_turn(settings: Settings, models, workload: Workload, inputs, providers) -> list[dict[str, Any]]:
     """The compiled providers, each compiled once and kept warm beside the others (stock last: a model that
     breaks the graph also compiles frames whose code the other models share, ``P.compiled_alongside``), then
-    timed call by call in turn (``_workloads.decode_in_turn``, :func:`compiled_in_turn` calls each).
+    timed in turn (``_workloads.decode_in_turn``: :func:`compiled_in_turn` timed calls each, in turns of
+    ``IN_TURN_WARM`` untimed and ``IN_TURN_TIMED`` timed calls per provider).
 
     Why in turn: a compiled decode call is host-bound, and the GPU machines' hosts were seen jumping between
     two speeds for seconds at a time, so that even the medians of interleaved rounds of separate measurements
-    put one provider at its slow speed and another at its fast one. Each row keeps its ``measure`` row (compile
+    put one provider at its slow speed and another at its fast one. Why the untimed call: the three compiled
+    models share Dynamo's cache entries for the code they share, and the first call after a switch evaluates
+    the other models' guards before its own, with cold CPU caches (on the CPU that first call costs
+    dorafactors much more over LoRA than the calls after it); a user's one compiled model never pays it. Each row keeps its ``measure`` row (compile
     time, memory, graphs and breaks of the compiling call, its own timing as ``ms_alone``) with the timing in
     turn as its ``ms`` (``timer`` says so); graphs compiled during the timing in turn (0 expected) count as
     recompiles of every row."""
@@ -182,7 +190,15 @@ def _compiled_rows_in_turn(settings: Settings, models, workload: Workload, input
     timed_ok = [p for p in order if by_provider[p]["status"] == "ok" and p in runners]
     if timed_ok:
         timed, compiled = decode_in_turn(
-            settings, models, timed_ok, workload, inputs, runners, compiled_in_turn(settings, providers)
+            settings,
+            models,
+            timed_ok,
+            workload,
+            inputs,
+            runners,
+            compiled_in_turn(settings, providers),
+            warm_per_turn=IN_TURN_WARM,
+            per_turn=IN_TURN_TIMED,
         )
         tokens = inputs["new_ids"].numel()
         for provider in timed_ok:

@@ -640,9 +640,10 @@ def test_decode_cases_run_in_rounds_or_in_turn_except_under_another_compile_mode
 
 def test_compiled_decode_in_turn_compiles_each_provider_once_and_times_it_call_by_call(tmp_path, monkeypatch):
     """A compiled decode case in Inductor's default mode (``--reps 2 --rounds 3``): each provider is compiled
-    once, beside the others (stock last), measured once, then timed in turn with the others, six calls each,
-    alternating the order every turn; its row keeps the compile time, its measurement alone (``ms_alone``),
-    the timing in turn as ``ms`` and no graph compiled after the first call."""
+    once, beside the others (stock last), measured once, then timed in turn with the others, six timed calls
+    each, in turns of one untimed call and up to four timed ones per provider, the order reversed every other
+    turn; its row keeps the compile time, its measurement alone (``ms_alone``), the timing in turn as ``ms``
+    and no graph compiled after the first call."""
     from benchmarks import harness
     from benchmarks import providers as P
 
@@ -656,11 +657,11 @@ def test_compiled_decode_in_turn_compiles_each_provider_once_and_times_it_call_b
     turns: list[list[str]] = []
     in_turn = harness.bench_in_turn
 
-    def recording(fns, settings, *, reps):
+    def recording(fns, settings, *, reps, warm_per_turn, per_turn):
         turns.append(list(fns))
         wrapped = {name: (lambda name=name, fn=fn: (order.append(name), fn())) for name, fn in fns.items()}
         order: list[str] = []
-        out = in_turn(wrapped, settings, reps=reps)
+        out = in_turn(wrapped, settings, reps=reps, warm_per_turn=warm_per_turn, per_turn=per_turn)
         turns.append(order)
         return out
 
@@ -675,11 +676,13 @@ def test_compiled_decode_in_turn_compiles_each_provider_once_and_times_it_call_b
     assert compiled_in_order == ["lora+compile", "dorafactors+compile", "stock+compile"]
     names, order = turns
     assert names == ["lora+compile", "dorafactors+compile", "stock+compile"]
-    assert order == names + [n for turn in range(6) for n in (names if turn % 2 == 0 else names[::-1])]
+    # a warm-up call each, then turn 0 (1 untimed + 4 timed calls per provider), turn 1 reversed (1 + 2)
+    assert order == names + [n for n in names for _ in range(5)] + [n for n in names[::-1] for _ in range(3)]
     for row in rows:
         metrics, impl = row["metrics"], row["impl"]
         assert row["status"] == "ok", row
         assert metrics["reps"] == 6 and "in turn" in metrics["timer"], (row["provider"], metrics)
+        assert "1 untimed call(s) after each switch, 4 timed" in metrics["timer"], metrics["timer"]
         assert metrics["ms_alone"] > 0 and metrics["ms"] > 0 and "ms_rounds" not in metrics
         assert metrics["tokens_per_s"] == pytest.approx(1 / (metrics["ms"] / 1e3))
         assert metrics["compile_s"] > 0 and impl["graphs_compiled"] >= 1, (row["provider"], impl)

@@ -92,7 +92,8 @@ def test_host_counts_times_each_provider_interleaved(tmp_path):
 
 def test_host_counts_times_a_compiled_decode_call(tmp_path):
     """``python -m benchmarks.host_counts --compiled N``: an Inductor-compiled one-token call of N stacked
-    layers per provider, timed on the CPU, and the host time of dorafactors' norm op inside it (it ran)."""
+    layers per provider, timed on the CPU, the host time of dorafactors' norm op inside it (it ran), and each
+    provider's first call after another's and its calls after that, timed in turn."""
     out = tmp_path / "counts.json"
     command = [sys.executable, "-m", "benchmarks.host_counts", "--compiled", "2", "--calls", "20", "--json", str(out)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -101,7 +102,9 @@ def test_host_counts_times_a_compiled_decode_call(tmp_path):
     assert set(rows) == {"lora", "stock", "dorafactors"}
     assert all(row["cpu_us"] > 0 for row in rows.values()), rows
     assert rows["dorafactors"]["norm_op_us"] > 0, "the compiled call ran no norm op"
+    assert all(row["first_after_switch_us"] > 0 and row["warm_in_turn_us"] > 0 for row in rows.values()), rows
     assert "compiled decode, 2 layers" in done.stdout
+    assert "first call after another model's" in done.stdout
 
 
 def test_profile_timeline_places_each_kernel_of_a_call_after_its_flush():
