@@ -115,7 +115,8 @@ def cases(settings: Settings) -> list[Case]:
     for priority, (setup, tokens, quick) in enumerate(COMPILED_ORDER, len(order)):
         workload = Workload("decode", new_tokens=tokens, context=ctx)
         lora, stock = _PRIOR_MODEL_MS[setup]
-        calls = settings.reps + OVERHEAD_CALLS + compiled_in_turn(settings, M.COMPILED)
+        in_turn = compiled_in_turn(settings, M.COMPILED) * (IN_TURN_WARM + IN_TURN_TIMED) / IN_TURN_TIMED
+        calls = settings.reps + OVERHEAD_CALLS + in_turn
         est = (lora + stock + (lora + stock) / 2) * calls / 1e3 + COMPILE_S * len(M.COMPILED)
         out.append(
             Case(

@@ -16,12 +16,13 @@ The key covers everything Triton specializes a compiled kernel on, per argument 
 * constexprs by value and type, the launch options (``num_warps``, ``num_stages``, ...) by value;
 
 plus the current device and the knobs ``JITFunction.run`` folds into its options (``TRITON_DEBUG``, the
-instrumentation mode). The key is built by a function generated once per call shape and argument types
-(one tuple expression, the same tuple as the per-argument loop it replaces, which runs for every launch). The key may be finer than Triton's (two of ours can share one compiled kernel, e.g.
-for a ``do_not_specialize`` parameter), never coarser: a kept kernel only ever runs on arguments Triton
-would have compiled it for. Any other argument type, a callable grid, launch hooks (profilers), pre-run hooks, a changed global
-of the kernel, ``torch.compile`` tracing, Triton's CPU interpreter or a Triton without the attributes relied
-on: the call goes through ``kernel[grid]`` as usual.
+instrumentation mode). Every launch builds the key, so it is one tuple expression of a function generated
+once per call shape and argument types (:func:`_keyer_for`), equal to what the per-argument loop
+(:meth:`_KernelLauncher.key_by_loop`) builds. The key may be finer than Triton's (two of ours can share one
+compiled kernel, e.g. for a ``do_not_specialize`` parameter), never coarser: a kept kernel only ever runs on
+arguments Triton would have compiled it for. Any other argument type, a callable grid, launch hooks
+(profilers), pre-run hooks, a changed global of the kernel, ``torch.compile`` tracing, Triton's CPU
+interpreter or a Triton without the attributes relied on: the call goes through ``kernel[grid]`` as usual.
 """
 
 from __future__ import annotations
