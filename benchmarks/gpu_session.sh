@@ -16,7 +16,8 @@
 #                       (DORAFACTORS_TEST_DEVICE=cuda)               -> $OUT/cuda_props.log
 #   bench SUITES        python -m benchmarks run --suite SUITES      -> $OUT/<gpu>-<date>.json (+ .log); calls
 #                       in one session append to the same file; copy it to benchmarks/results/, then run
-#                       `python -m benchmarks report` and `python -m benchmarks plot <file>`
+#                       `python -m benchmarks report` and `python -m benchmarks plot <file>`; BENCH_CASE
+#                       (a glob, e.g. '*#compile' for the compiled cases only) is passed as --case
 #   tune [PARTS]        python -m benchmarks tune --only PARTS       -> $OUT/tune.json (+ .log)
 #   compiled-decode     benchmarks/profile_compiled.py --tokens 1 --rounds 7, both dtype setups: compiled
 #                       LoRA and dorafactors side by side, host time in interleaved rounds
@@ -76,7 +77,9 @@ while [ $# -gt 0 ]; do
         bench)
             suites=${1:?bench needs a comma list of suites (model,decode,layer,norm,compose,ranks)}
             shift
-            timeout $((BENCH_BUDGET + BENCH_BUDGET / 5 + 60)) python3 -m benchmarks run --suite "$suites" \
+            case_args=()
+            [ -n "${BENCH_CASE:-}" ] && case_args=(--case "$BENCH_CASE")
+            timeout $((BENCH_BUDGET + BENCH_BUDGET / 5 + 60)) python3 -m benchmarks run --suite "$suites" ${case_args[@]+"${case_args[@]}"} \
                 --out "$RESULTS" --time-budget "$BENCH_BUDGET" --rounds "$BENCH_ROUNDS" --no-progress 2>&1 | tee -a "${RESULTS%.json}.log" | tail -40
             ;;
         tune)
