@@ -449,7 +449,9 @@ def _compiled_targets_table(rows: list[dict[str, Any]]) -> list[str]:
         "### Targets under torch.compile",
         "",
         "Compiled dorafactors against compiled LoRA (limit) and compiled stock (must be below 1.00x), same run "
-        "and backend/mode; compile time is the first call's; recompiles count graphs compiled after it.",
+        "and backend/mode; compile time is the first call's; recompiles count graphs compiled after it. "
+        "Rows marked ‡ were timed in turn with their case's other providers (their `timer` says how: "
+        "`benchmarks/README.md`), the others by `do_bench` alone.",
         "",
         "| target | case | LoRA compiled ms | stock compiled | dorafactors compiled | / LoRA compiled | limit "
         "| / stock compiled | compile s (LoRA / stock / dorafactors) | graph breaks (same) | recompiles (same) |",
@@ -465,8 +467,9 @@ def _compiled_targets_table(rows: list[dict[str, Any]]) -> list[str]:
         vs_stock = df.get("ratios", {}).get("ms_vs_stock") if ok else None
         ahead = "" if vs_stock is None else (" **pass**" if vs_stock < 1.0 else " **miss**")
         trio = (lora, stock, df)
+        in_turn = ok and "in turn" in str(df.get("metrics", {}).get("timer", ""))
         lines.append(
-            f"| {label} | `{suite}:{name}` | {_cell(lora, 'ms', None) or '—'} | {_cell(stock, 'ms', 'ms_vs_lora') or '—'} "
+            f"| {label}{' ‡' if in_turn else ''} | `{suite}:{name}` | {_cell(lora, 'ms', None) or '—'} | {_cell(stock, 'ms', 'ms_vs_lora') or '—'} "
             f"| {_cell(df, 'ms', None) or '—'} | {_x(vs_lora)} | <= {_x(limit)} {_status(vs_lora, limit)} "
             f"| {_x(vs_stock)}{ahead} | {_facts(trio, 'compile_s', metric=True)} | {_facts(trio, 'graph_breaks')} "
             f"| {_facts(trio, 'recompiles_after_warmup')} |"

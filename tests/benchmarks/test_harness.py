@@ -111,7 +111,13 @@ def test_compiled_rows_record_compilation_and_do_not_recompile(quick_run):
             ratios = row["ratios"]
             assert ratios["ms_vs_lora"] == pytest.approx(row["metrics"]["ms"] / by["lora+compile"]["metrics"]["ms"])
             assert ratios["ms_vs_stock"] == pytest.approx(row["metrics"]["ms"] / by["stock+compile"]["metrics"]["ms"])
-    assert "### Targets under torch.compile" in quick_run["report"].read_text()
+    text = quick_run["report"].read_text()
+    assert "### Targets under torch.compile" in text
+    # the compiled decode case, timed in turn, is marked so; a compiled model-suite case is not
+    in_turn = [r for r in rows if r["suite"] == "decode" and r["provider"] == "dorafactors+compile"]
+    assert in_turn and all("in turn" in r["metrics"]["timer"] for r in in_turn)
+    assert "| decode 1 token, bf16 ‡ | `decode:model/bf16/tokens=1` |" in text
+    assert "| prefill 4096, bf16 | `model:bf16/infer_prefill` |" in text
 
 
 def test_rows_carry_metrics_and_metadata(quick_run):
