@@ -173,10 +173,11 @@ def _compiled_rows_in_turn(settings: Settings, models, workload: Workload, input
     put one provider at its slow speed and another at its fast one. Why the untimed call: the three compiled
     models share Dynamo's cache entries for the code they share, and the first call after a switch evaluates
     the other models' guards before its own, with cold CPU caches (on the CPU that first call costs
-    dorafactors much more over LoRA than the calls after it); a user's one compiled model never pays it. Each row keeps its ``measure`` row (compile
-    time, memory, graphs and breaks of the compiling call, its own timing as ``ms_alone``) with the timing in
-    turn as its ``ms`` (``timer`` says so); graphs compiled during the timing in turn (0 expected) count as
-    recompiles of every row."""
+    dorafactors much more over LoRA than the calls after it); a user's one compiled model never pays it.
+
+    Each row keeps its ``measure`` row (compile time, memory, graphs and breaks of the compiling call, its own
+    timing as ``ms_alone``) with the timing in turn as its ``ms`` (``timer`` says so); graphs compiled during
+    the timing in turn (0 expected) count as recompiles of every row."""
     import torch._dynamo
 
     torch._dynamo.reset()  # this case's graphs only, as P.compiled's reset gives a case measured once
