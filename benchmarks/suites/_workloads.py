@@ -205,11 +205,9 @@ def measure(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Time ``workload`` on ``provider``'s model: ``(metrics, impl)`` for one row.
 
-    ``compiled_runners`` (compiled providers timed in interleaved rounds): the compiled model of each provider
-    is kept there (``P.compiled_alongside``, no Dynamo reset) on its first round and reused by the later ones,
-    with the compile time of that first round and, summed over the rounds, the graphs compiled and graph
-    breaks (``compiled``, ``breaks``) and those compiled after each round's first call (``recompiles``). The
-    caller puts these totals into the row it keeps (``decode._model_runner``)."""
+    ``compiled_runners`` (compiled providers then timed in turn, ``decode._compiled_rows_in_turn``): the
+    provider is compiled beside the others (``P.compiled_alongside``, no Dynamo reset) and its compiled model
+    kept there as ``{"runner": ...}`` for :func:`decode_in_turn`."""
     compile_it = provider.endswith("+compile")
     base_provider = provider.removesuffix("+compile")
     cold = base_provider == "dorafactors_cold"
@@ -226,23 +224,12 @@ def measure(
         P.dropout_floor_hooks(model) if floor else contextlib.nullcontext(),
     ):
         runner: Callable[..., Any] = model
-        kept = None if compiled_runners is None or not compile_it else compiled_runners.get(provider)
-        if kept is not None:
-            runner = kept["runner"]
-            impl.update(kept["info"])
-        elif compile_it:
+        if compile_it:
             if compiled_runners is None:
                 runner, info = P.compiled(model, settings.compile_backend, settings.compile_mode)
             else:
                 runner, info = P.compiled_alongside(model, provider, settings.compile_backend, settings.compile_mode)
-                compiled_runners[provider] = {
-                    "runner": runner,
-                    "info": info,
-                    "compile_s": None,
-                    "compiled": 0,
-                    "breaks": 0,
-                    "recompiles": 0,
-                }
+                compiled_runners[provider] = {"runner": runner}
             impl.update(info)
         adapters = P.adapter_tensors(model)
         params = P.trainable(model)
@@ -368,15 +355,6 @@ def measure(
             impl["graphs_compiled"] = warm["graphs"] - before["graphs"]
             impl["recompiles_after_warmup"] = end["graphs"] - warm["graphs"]
             impl["graph_breaks"] = end["graph_breaks"] - before["graph_breaks"]
-            entry = None if compiled_runners is None else compiled_runners.get(provider)
-            if entry is not None:
-                if entry["compile_s"] is None:  # the round that compiled it
-                    entry["compile_s"] = metrics["compile_s"]
-                else:  # a later round: its first call only ran the kept graphs, or compiled again
-                    entry["recompiles"] += impl["graphs_compiled"]
-                entry["compiled"] += impl["graphs_compiled"]
-                entry["recompiles"] += impl["recompiles_after_warmup"]
-                entry["breaks"] += impl["graph_breaks"]
         norms_end = P.norm_computations(model)
         if metrics.get("ms"):
             metrics["tokens_per_s"] = tokens / (metrics["ms"] / 1e3)

@@ -208,13 +208,6 @@ def _compiled_rows_in_turn(settings: Settings, models, workload: Workload, input
             metrics["ms_alone"] = metrics.get("ms")
             metrics.update(timed[provider])
             metrics["tokens_per_s"] = tokens / (metrics["ms"] / 1e3)
-            runners[provider]["recompiles"] += compiled
-    for provider, row in by_provider.items():
-        kept = runners.get(provider)
-        if row["status"] != "ok" or kept is None:
-            continue
-        row["metrics"]["compile_s"] = kept["compile_s"]
-        row["impl"].update(
-            graphs_compiled=kept["compiled"], graph_breaks=kept["breaks"], recompiles_after_warmup=kept["recompiles"]
-        )
+            impl = by_provider[provider]["impl"]
+            impl["recompiles_after_warmup"] = impl.get("recompiles_after_warmup", 0) + compiled
     return [by_provider[p] for p in providers]
