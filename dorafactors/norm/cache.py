@@ -85,8 +85,9 @@ cache never holds an inference tensor and may serve its values to a call that re
 from __future__ import annotations
 
 import contextlib
+import operator
 import weakref
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -369,18 +370,22 @@ class StampSet:
     a method call or a stamp object per tensor (a cache hit is on the path of every decode step and every
     compiled call)."""
 
-    __slots__ = ("_keys", "_refs")
+    __slots__ = ("_columns", "_keys", "_refs", "_views")
 
     def __init__(self, tensors: tuple[torch.Tensor, ...]) -> None:
         # _root(t) and _layout_key(t) inlined: a norm recomputation stamps its inputs on every training call
         refs, keys, ref, parameter = [], [], weakref.ref, nn.Parameter
+        views = 0
         for t in tensors:
             base = t._base
             root = t if base is None else base
+            views += base is not None
             root_ref = None if isinstance(root, parameter) else ref(root)  # (module docstring: identity)
             refs.append((id(root), root_ref, ref(t.untyped_storage())))
             keys.append((t._version, t.data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype))
         self._refs, self._keys = tuple(refs), tuple(keys)
+        self._views = views
+        self._columns: _StampColumns | None = None
 
     def matches(self, tensors: tuple[torch.Tensor, ...]) -> bool:
         """True when every tensor is the same object, in the same storage, unchanged since the stamps."""
@@ -409,9 +414,18 @@ class StampSet:
     def matches_in_layout(self, tensors: tuple[torch.Tensor, ...]) -> bool:
         """:meth:`matches` for tensors whose dtype, shape and strides are known to be the stamps' (a compiled
         graph's guards checked them): every tensor the same object, in the same storage at the same address,
-        unchanged. The storage offset follows from the storage, the address and the dtype."""
+        unchanged. The storage offset follows from the storage, the address and the dtype.
+
+        Where every stamped tensor was a view's base or no view (a compiled graph passes parameters), each
+        check runs column-wise over all the tensors (:class:`_StampColumns`): the merged norm op of a compiled
+        model runs it on every call for three tensors per layer."""
         if len(tensors) != len(self._keys):
             return False
+        if not self._views:
+            columns = self._columns
+            if columns is None:
+                columns = self._columns = _StampColumns.of(self._refs, self._keys)
+            return columns.match(tensors)
         for (root_id, root_ref, storage_ref), key, tensor in zip(self._refs, self._keys, tensors):
             base = tensor._base
             root = tensor if base is None else base
@@ -443,6 +457,49 @@ class StampSet:
 
     def __getstate__(self) -> None:  # pragma: no cover - guarded by NormCache.__getstate__
         raise TypeError("StampSet holds weak references and is not picklable")
+
+
+_data_ptr = torch.Tensor.data_ptr
+_untyped_storage = torch.Tensor.untyped_storage
+
+
+class _StampColumns(NamedTuple):
+    """A :class:`StampSet` of tensors that were no views, held column-wise for ``matches_in_layout``: one list
+    per check, compared in one go (a list comparison, or ``map`` over C functions) instead of a Python loop
+    with a branch per tensor.
+
+    It compares each tensor's own identity: a stamped tensor had no base, so its root was itself. A tensor
+    that is a view now has another id unless the stamped object was freed and its id reused (a parameter,
+    recorded by id alone); then, as for a root, only the very storage object stamped, still alive, at the
+    same address, with the same version, matches."""
+
+    ids: list[int]
+    weak_roots: tuple[tuple[int, weakref.ref], ...]  # (position, weak reference) of the tensors not Parameters
+    versions: list[int]
+    data_ptrs: list[int]
+    storage_refs: list[weakref.ref]
+
+    @classmethod
+    def of(cls, refs: tuple[tuple[int, Any, weakref.ref], ...], keys: tuple[tuple[Any, ...], ...]) -> _StampColumns:
+        return cls(
+            [root_id for root_id, _, _ in refs],
+            tuple((i, root_ref) for i, (_, root_ref, _) in enumerate(refs) if root_ref is not None),
+            [key[0] for key in keys],
+            [key[1] for key in keys],
+            [storage_ref for _, _, storage_ref in refs],
+        )
+
+    def match(self, tensors: tuple[torch.Tensor, ...]) -> bool:
+        if list(map(id, tensors)) != self.ids:
+            return False
+        for i, root_ref in self.weak_roots:
+            if root_ref() is not tensors[i]:
+                return False
+        return (
+            [t._version for t in tensors] == self.versions
+            and list(map(_data_ptr, tensors)) == self.data_ptrs
+            and all(map(operator.is_, map(_untyped_storage, tensors), [ref() for ref in self.storage_refs]))
+        )
 
 
 class NormCache:

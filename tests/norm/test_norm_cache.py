@@ -483,20 +483,28 @@ def _stamp_set_changes():
     ]
 
 
+@pytest.mark.parametrize("kind", ["a view", "parameters", "plain tensors"])
 @pytest.mark.parametrize("position", [0, 1, 2])
 @pytest.mark.parametrize("case", range(7))
-def test_a_stamp_set_sees_exactly_what_each_tensors_stamp_sees(position, case):
+def test_a_stamp_set_sees_exactly_what_each_tensors_stamp_sees(kind, position, case):
     """``StampSet`` (the cache entries' flat stamps) against a ``TensorStamp`` per tensor: after every kind of
     change to one tensor (in place, ``.data`` swaps, same-storage layouts and dtypes, ``set_``) both answer
     alike, for ``matches`` and for ``same_layout`` (which ignores the version only), a change to a parameter is
     seen whichever position it holds, a transposed view follows its base's writes; another tensor object or a
     different count never matches. ``matches_in_layout`` answers as ``matches`` except for the changes only a
-    layout tells (its caller's guards fix dtype, shape and strides: a compiled graph's)."""
+    layout tells (its caller's guards fix dtype, shape and strides: a compiled graph's), both in its loop (a
+    set with a view) and in its column-wise check (no view: parameters, or plain tensors held weakly)."""
     from dorafactors.norm.cache import StampSet, TensorStamp
 
     name, change, seen = _stamp_set_changes()[case]
-    params = [nn.Parameter(torch.randn(4, 4, dtype=torch.float16)) for _ in range(3)]
-    tensors = (params[0], params[1].T, params[2])  # a view is stamped through its base (PEFT's embedding .T)
+    plain = kind == "plain tensors"
+    params = [
+        torch.randn(4, 4, dtype=torch.float16) if plain else nn.Parameter(torch.randn(4, 4, dtype=torch.float16))
+        for _ in range(3)
+    ]
+    with_view = kind == "a view"
+    # a view is stamped through its base (PEFT's embedding .T)
+    tensors = (params[0], params[1].T if with_view else params[1], params[2])
     stamps, each = StampSet(tensors), [TensorStamp(t) for t in tensors]
     assert stamps.matches(tensors) and all(s.matches(t) for s, t in zip(each, tensors))
     assert stamps.same_layout(tensors)
@@ -507,7 +515,8 @@ def test_a_stamp_set_sees_exactly_what_each_tensors_stamp_sees(position, case):
     assert stamps.same_layout(tensors) is same_layout, name
     layout_only = name in ("same-storage view", "dtype view")
     assert stamps.matches_in_layout(tensors) is (expected or layout_only), name
-    if position != 1 or name == "write":  # a .data swap of the base leaves the existing view where it was
+    assert (stamps._columns is None) is with_view  # the check that ran: the loop, or the columns
+    if not with_view or position != 1 or name == "write":  # a .data swap of a base leaves its view where it was
         assert expected is not seen, name
         assert same_layout is (expected or name == "write"), name  # a write keeps the layout, nothing else
     for check in (stamps.matches, stamps.same_layout, stamps.matches_in_layout):
