@@ -182,14 +182,18 @@ def _compiled_rows_in_turn(settings: Settings, models, workload: Workload, input
 
     torch._dynamo.reset()  # this case's graphs only, as P.compiled's reset gives a case measured once
     runners: dict[str, dict[str, Any]] = {}
-    order = sorted(providers, key=lambda p: p.startswith("stock"))
-    rows = provider_rows(
-        order,
-        lambda p: measure(settings, models, p, workload, inputs, compiled_runners=runners),
-        settings.device,
-    )
-    by_provider = {row["provider"]: row for row in rows}
-    timed_ok = [p for p in order if by_provider[p]["status"] == "ok" and p in runners]
+    in_turn = [p for p in providers if not p.startswith("stock")]
+
+    def measured(names: list[str]) -> dict[str, dict[str, Any]]:
+        rows = provider_rows(
+            names,
+            lambda p: measure(settings, models, p, workload, inputs, compiled_runners=runners),
+            settings.device,
+        )
+        return {row["provider"]: row for row in rows}
+
+    by_provider = measured(in_turn)
+    timed_ok = [p for p in in_turn if by_provider[p]["status"] == "ok" and p in runners]
     if timed_ok:
         timed, compiled = decode_in_turn(
             settings,
@@ -210,4 +214,5 @@ def _compiled_rows_in_turn(settings: Settings, models, workload: Workload, input
             metrics["tokens_per_s"] = tokens / (metrics["ms"] / 1e3)
             impl = by_provider[provider]["impl"]
             impl["recompiles_after_warmup"] = impl.get("recompiles_after_warmup", 0) + compiled
+    by_provider.update(measured([p for p in providers if p not in in_turn]))
     return [by_provider[p] for p in providers]

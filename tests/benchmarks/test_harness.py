@@ -645,11 +645,11 @@ def test_decode_cases_run_in_rounds_or_in_turn_except_under_another_compile_mode
 
 
 def test_compiled_decode_in_turn_compiles_each_provider_once_and_times_it_call_by_call(tmp_path, monkeypatch):
-    """A compiled decode case in Inductor's default mode (``--reps 2 --rounds 3``): each provider is compiled
-    once, beside the others (stock last), measured once, then timed in turn with the others, six timed calls
-    each, in turns of one untimed call and up to four timed ones per provider, the order reversed every other
-    turn; its row keeps the compile time, its measurement alone (``ms_alone``), the timing in turn as ``ms``
-    and no graph compiled after the first call."""
+    """A compiled decode case in Inductor's default mode (``--reps 2 --rounds 3``): LoRA and dorafactors are
+    each compiled once, beside each other, measured once, then timed in turn, six timed calls each, in turns of
+    one untimed call and up to four timed ones per provider, the order reversed every other turn; their rows
+    keep the compile time, the measurement alone (``ms_alone``), the timing in turn as ``ms`` and no graph
+    compiled after the first call. Stock is compiled and measured after that timing, alone."""
     from benchmarks import harness
     from benchmarks import providers as P
 
@@ -681,15 +681,19 @@ def test_compiled_decode_in_turn_compiles_each_provider_once_and_times_it_call_b
     assert sorted(r["provider"] for r in rows) == sorted(model_suite.COMPILED)  # the quick run's one case
     assert compiled_in_order == ["lora+compile", "dorafactors+compile", "stock+compile"]
     names, order = turns
-    assert names == ["lora+compile", "dorafactors+compile", "stock+compile"]
+    assert names == ["lora+compile", "dorafactors+compile"]
     # a warm-up call each, then turn 0 (1 untimed + 4 timed calls per provider), turn 1 reversed (1 + 2)
     assert order == names + [n for n in names for _ in range(5)] + [n for n in names[::-1] for _ in range(3)]
     for row in rows:
         metrics, impl = row["metrics"], row["impl"]
         assert row["status"] == "ok", row
-        assert metrics["reps"] == 6 and "in turn" in metrics["timer"], (row["provider"], metrics)
-        assert "1 untimed call(s) after each switch, 4 timed" in metrics["timer"], metrics["timer"]
-        assert metrics["ms_alone"] > 0 and metrics["ms"] > 0 and "ms_rounds" not in metrics
+        assert metrics["ms"] > 0 and "ms_rounds" not in metrics
         assert metrics["tokens_per_s"] == pytest.approx(1 / (metrics["ms"] / 1e3))
         assert metrics["compile_s"] > 0 and impl["graphs_compiled"] >= 1, (row["provider"], impl)
         assert impl["recompiles_after_warmup"] == 0, (row["provider"], impl)
+        if row["provider"] in names:
+            assert metrics["reps"] == 6 and "in turn" in metrics["timer"], (row["provider"], metrics)
+            assert "1 untimed call(s) after each switch, 4 timed" in metrics["timer"], metrics["timer"]
+            assert metrics["ms_alone"] > 0
+        else:
+            assert "in turn" not in metrics["timer"] and "ms_alone" not in metrics, metrics
