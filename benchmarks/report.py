@@ -450,8 +450,10 @@ def _compiled_targets_table(rows: list[dict[str, Any]]) -> list[str]:
         "",
         "Compiled dorafactors against compiled LoRA (limit) and compiled stock (must be below 1.00x), same run "
         "and backend/mode; compile time is the first call's; recompiles count graphs compiled after it. "
-        "Rows marked ‡ were timed in turn with their case's other providers (their `timer` says how: "
-        "`benchmarks/README.md`), the others by `do_bench` alone.",
+        "In rows marked ‡ dorafactors was timed in turn with LoRA (their `timer` says how: "
+        "`benchmarks/README.md`), in the others by `do_bench` alone. A stock cell marked § was timed alone, "
+        "after that timing in turn: its ratio compares timings taken at different moments on a host whose "
+        "speed drifts.",
         "",
         "| target | case | LoRA compiled ms | stock compiled | dorafactors compiled | / LoRA compiled | limit "
         "| / stock compiled | compile s (LoRA / stock / dorafactors) | graph breaks (same) | recompiles (same) |",
@@ -468,8 +470,15 @@ def _compiled_targets_table(rows: list[dict[str, Any]]) -> list[str]:
         ahead = "" if vs_stock is None else (" **pass**" if vs_stock < 1.0 else " **miss**")
         trio = (lora, stock, df)
         in_turn = ok and "in turn" in str(df.get("metrics", {}).get("timer", ""))
+        stock_alone = (
+            in_turn
+            and stock is not None
+            and stock.get("status") == "ok"
+            and "in turn" not in str(stock.get("metrics", {}).get("timer", ""))
+        )
+        stock_cell = (_cell(stock, "ms", "ms_vs_lora") or "—") + (" §" if stock_alone else "")
         lines.append(
-            f"| {label}{' ‡' if in_turn else ''} | `{suite}:{name}` | {_cell(lora, 'ms', None) or '—'} | {_cell(stock, 'ms', 'ms_vs_lora') or '—'} "
+            f"| {label}{' ‡' if in_turn else ''} | `{suite}:{name}` | {_cell(lora, 'ms', None) or '—'} | {stock_cell} "
             f"| {_cell(df, 'ms', None) or '—'} | {_x(vs_lora)} | <= {_x(limit)} {_status(vs_lora, limit)} "
             f"| {_x(vs_stock)}{ahead} | {_facts(trio, 'compile_s', metric=True)} | {_facts(trio, 'graph_breaks')} "
             f"| {_facts(trio, 'recompiles_after_warmup')} |"

@@ -9,10 +9,10 @@
 The eager cases (model and layer) measure their providers in ``--rounds`` interleaved rounds and keep each
 provider's median round (``harness.provider_rows``): an eager decode call is host-bound, and the host's speed
 drifts between cases and within one, so single back-to-back timings per provider say little. So is a compiled
-model decode call in Inductor's default mode: those cases compile each provider once, keep the three compiled
+model decode call in Inductor's default mode: those cases compile LoRA and dorafactors once each, keep them
 side by side and time them in turn, ``--reps`` times ``--rounds`` timed calls each, a few per turn after an
 untimed one (:func:`compiled_in_turn`; the hosts were seen jumping between two speeds for seconds, which
-interleaved rounds of separate measurements do not even out).
+interleaved rounds of separate measurements do not even out); compiled stock is then measured alone.
 
 Every row also records the host time to enqueue one call (``host_us``, ``harness.host_us``): a decode call is
 short enough that the host, not the GPU, can bound it.
@@ -163,21 +163,24 @@ def compiled_in_turn(settings: Settings, providers) -> int:
 
 
 def _compiled_rows_in_turn(settings: Settings, models, workload: Workload, inputs, providers) -> list[dict[str, Any]]:
-    """The compiled providers, each compiled once and kept warm beside the others (stock last: a model that
-    breaks the graph also compiles frames whose code the other models share, ``P.compiled_alongside``), then
-    timed in turn (``_workloads.decode_in_turn``: :func:`compiled_in_turn` timed calls each, in turns of
-    ``IN_TURN_WARM`` untimed and ``IN_TURN_TIMED`` timed calls per provider).
+    """Compiled LoRA and compiled dorafactors, each compiled once and kept warm beside the other
+    (``P.compiled_alongside``), then timed in turn (``_workloads.decode_in_turn``: :func:`compiled_in_turn`
+    timed calls each, in turns of ``IN_TURN_WARM`` untimed and ``IN_TURN_TIMED`` timed calls per provider);
+    then compiled stock, measured alone (``measure``: ``do_bench``).
 
     Why in turn: a compiled decode call is host-bound, and the GPU machines' hosts were seen jumping between
     two speeds for seconds at a time, so that even the medians of interleaved rounds of separate measurements
-    put one provider at its slow speed and another at its fast one. Why the untimed call: the three compiled
-    models share Dynamo's cache entries for the code they share, and the first call after a switch evaluates
-    the other models' guards before its own, with cold CPU caches (on the CPU that first call costs
-    dorafactors much more over LoRA than the calls after it); a user's one compiled model never pays it.
+    put one provider at its slow speed and another at its fast one. Why the untimed call: the compiled models
+    share Dynamo's cache entries for the code they share, and the first call after a switch evaluates the
+    other model's guards before its own, with cold CPU caches (on the CPU that first call costs dorafactors
+    much more over LoRA than the calls after it); a user's one compiled model never pays it. Why stock after,
+    alone: called between their calls (a graph-breaking model, several times slower), it slowed the calls of
+    dorafactors more than LoRA's on an H100 (``benchmarks/compiled_decode_floor.py --with-stock``), and a user
+    never runs both; the target compares dorafactors with LoRA, and stock trails both by far.
 
-    Each row keeps its ``measure`` row (compile time, memory, graphs and breaks of the compiling call, its own
-    timing as ``ms_alone``) with the timing in turn as its ``ms`` (``timer`` says so); graphs compiled during
-    the timing in turn (0 expected) count as recompiles of every row."""
+    The pair's rows keep their ``measure`` row (compile time, memory, graphs and breaks of the compiling
+    call, its own timing as ``ms_alone``) with the timing in turn as ``ms`` (``timer`` says so); graphs
+    compiled during the timing in turn (0 expected) count as their recompiles."""
     import torch._dynamo
 
     torch._dynamo.reset()  # this case's graphs only, as P.compiled's reset gives a case measured once

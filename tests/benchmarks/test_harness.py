@@ -117,6 +117,11 @@ def test_compiled_rows_record_compilation_and_do_not_recompile(quick_run):
     in_turn = [r for r in rows if r["suite"] == "decode" and r["provider"] == "dorafactors+compile"]
     assert in_turn and all("in turn" in r["metrics"]["timer"] for r in in_turn)
     assert "| decode 1 token, bf16 ‡ | `decode:model/bf16/tokens=1` |" in text
+    # its stock row was timed alone, after the pair: its cell says so
+    decode_line = next(line for line in text.splitlines() if "| decode 1 token, bf16 ‡ |" in line)
+    assert decode_line.split(" | ")[3].endswith("§"), decode_line
+    prefill_line = next(line for line in text.splitlines() if "| prefill 4096, bf16 |" in line)
+    assert "§" not in prefill_line, prefill_line
     assert "| prefill 4096, bf16 | `model:bf16/infer_prefill` |" in text
 
 

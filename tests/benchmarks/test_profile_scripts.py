@@ -144,3 +144,22 @@ def test_profile_timeline_places_each_kernel_of_a_call_after_its_flush():
     # a rep without a flush before it reports nothing rather than times from another rep's flush
     no_flush = [e for e in events if e["args"].get("correlation") not in (4,)]
     assert len(profile_timeline.timelines({"traceEvents": no_flush}, wall_us=[55.0, 40.0])) == 1
+
+
+def test_compiled_decode_floor_times_the_pair_and_the_unchecked_floor_in_turn(tmp_path):
+    """``compiled_decode_floor.py`` (Inductor, which merges the norm ops): LoRA, dorafactors and dorafactors
+    with its merged op's check skipped, timed in turn; the floor variant skipped the check on every one of its
+    calls (two turns of one untimed and four timed calls) and no other variant's."""
+    command = [sys.executable, "benchmarks/compiled_decode_floor.py", "--dry-run-cpu", "--setups", "bf16"]
+    done = subprocess.run(
+        command, cwd=ROOT, env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "compiled_decode_floor.json").read_text())
+    rows = report["rows"]["bf16/pair"]
+    assert set(rows) == {"lora", "dorafactors", "dorafactors-unchecked"}
+    assert report["rows"]["bf16/unchecked_calls"] == report["turns"] * 5 == 10
+    for name, row in rows.items():
+        assert row["ms"] > 0 and row["host_ms"] > 0, (name, row)
+        assert math.isclose(row["ms_vs_lora"], row["ms"] / rows["lora"]["ms"]), (name, row)
+    assert report["meta"]["device"] == "cpu"
