@@ -416,9 +416,9 @@ class StampSet:
         graph's guards checked them): every tensor the same object, in the same storage at the same address,
         unchanged. The storage offset follows from the storage, the address and the dtype.
 
-        Where every stamped tensor was a view's base or no view (a compiled graph passes parameters), each
-        check runs column-wise over all the tensors (:class:`_StampColumns`): the merged norm op of a compiled
-        model runs it on every call for three tensors per layer."""
+        Where no stamped tensor was a view (a compiled graph passes parameters), each check runs column-wise
+        over all the tensors (:class:`_StampColumns`), and a view passed in place of its base no longer
+        matches; the merged norm op of a compiled model runs this on every call, for three tensors per layer."""
         if len(tensors) != len(self._keys):
             return False
         if not self._views:
