@@ -5,7 +5,7 @@
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh gpu-tests tests/kernels            # one part of the GPU tests
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh bench model,decode bench layer,norm,compose,ranks
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh tune norm,compose,fold
-#   OUT=/tmp/out bash benchmarks/gpu_session.sh compiled-decode
+#   OUT=/tmp/out bash benchmarks/gpu_session.sh compiled-decode compiled-floor
 #
 # Steps run in the order given (from the repository root):
 #   env                 GPU, driver and package versions            -> $OUT/env.txt
@@ -22,6 +22,9 @@
 #   compiled-decode     benchmarks/profile_compiled.py --tokens 1 --rounds 7, both dtype setups: compiled
 #                       LoRA and dorafactors side by side, host time in interleaved rounds
 #                                                    -> $OUT/compiled_decode_<setup>.json (+ .log)
+#   compiled-floor      benchmarks/compiled_decode_floor.py --with-stock: compiled decode of 1 token timed in
+#                       turn for LoRA, dorafactors and dorafactors with its norm check skipped, both dtype
+#                       setups (about 3 minutes)              -> $OUT/compiled_decode_floor.json (+ .log)
 #
 # The device machine's copy of .git can lag behind the working tree it receives: give the commit the results
 # rows record as DORAFACTORS_GIT_COMMIT=<hash> (benchmarks/harness.py reads it), e.g. by writing the hash into
@@ -99,8 +102,12 @@ while [ $# -gt 0 ]; do
                 rmdir "$OUT/compiled_decode_$setup" 2>/dev/null
             done
             ;;
+        compiled-floor)
+            OUT="$OUT" timeout 540 python3 benchmarks/compiled_decode_floor.py --with-stock 2>&1 \
+                | tee "$OUT/compiled_decode_floor.log" | grep -E "token|skipped"
+            ;;
         *)
-            echo "unknown step $step (env, gpu-tests [PATHS], cuda-props, bench SUITES, tune [PARTS], compiled-decode)" >&2
+            echo "unknown step $step (env, gpu-tests [PATHS], cuda-props, bench SUITES, tune [PARTS], compiled-decode, compiled-floor)" >&2
             exit 2
             ;;
     esac
