@@ -158,7 +158,7 @@ def test_compiled_decode_floor_times_the_pair_and_the_unchecked_floor_in_turn(tm
     report = json.loads((tmp_path / "compiled_decode_floor.json").read_text())
     rows = report["rows"]["bf16/pair"]
     assert set(rows) == {"lora", "dorafactors", "dorafactors-unchecked"}
-    assert report["rows"]["bf16/unchecked_calls"] == report["turns"] * 5 == 10
+    assert report["unchecked_calls"] == {"bf16": report["turns"] * 5} and report["turns"] == 2
     for name, row in rows.items():
         assert row["ms"] > 0 and row["host_ms"] > 0, (name, row)
         assert math.isclose(row["ms_vs_lora"], row["ms"] / rows["lora"]["ms"]), (name, row)
