@@ -111,7 +111,10 @@ def _timer(device: torch.device):
 
 
 def time_in_turn(variants: dict[str, Any], device: torch.device, turns: int) -> dict[str, dict[str, float]]:
-    """``variants``: name -> ``(step, before)``, ``before`` a context entered around that variant's calls."""
+    """Per variant, its calls timed in turn with the others' (``harness.bench_in_turn``'s order: per turn one
+    untimed and :data:`TIMED_PER_TURN` timed calls each, reversed every other turn): ``ms``, ``ms_p20``,
+    ``host_ms`` and each one's ratio to ``"lora"``'s. ``variants``: name -> ``(step, context)``, ``context``
+    a context-manager factory entered around that variant's calls of one turn."""
     before, after, elapsed = _timer(device)
     timed: dict[str, list[Any]] = {name: [] for name in variants}
     host: dict[str, list[float]] = {name: [] for name in variants}
