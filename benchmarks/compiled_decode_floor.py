@@ -37,7 +37,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import providers as P  # noqa: E402  (after the path set-up of a script run)
-from benchmarks.harness import Settings, collect_metadata  # noqa: E402
+from benchmarks.harness import Settings, bench_in_turn, collect_metadata  # noqa: E402
 from benchmarks.suites import model as M  # noqa: E402
 from benchmarks.suites._workloads import Workload, _decode_fn  # noqa: E402
 from dorafactors.autograd import norm_op  # noqa: E402
@@ -87,55 +86,35 @@ class _SkippedCheck:
             norm_op._merged_memo_holds = self._check
 
 
-def _timer(device: torch.device):
-    """``(before_call, after_call, elapsed_ms)`` of the decode suite's timing in turn on ``device``."""
-    if device.type != "cuda":
-        return (lambda: time.perf_counter()), (lambda start: time.perf_counter() - start), (lambda t: t * 1e3)
-    from triton import runtime
+def time_in_turn(variants: dict[str, Any], settings: Settings, turns: int) -> dict[str, dict[str, float]]:
+    """Per variant, its calls timed in turn with the others' by the decode suite's timing
+    (``harness.bench_in_turn``: per turn one untimed and :data:`TIMED_PER_TURN` timed calls each, reversed
+    every other turn; the variants are warm already): ``ms``, ``ms_p20``, ``host_ms`` and each one's ratio to
+    ``"lora"``'s. ``variants``: name -> ``(step, context)``, ``context`` a context-manager factory entered
+    around each of that variant's calls."""
 
-    flush = runtime.driver.active.get_empty_cache_for_benchmark()
-
-    def before() -> Any:
-        torch.cuda.synchronize(device)
-        runtime.driver.active.clear_cache(flush)
-        start = torch.cuda.Event(enable_timing=True)
-        start.record()
-        return start
-
-    def after(start: Any) -> Any:
-        end = torch.cuda.Event(enable_timing=True)
-        end.record()
-        return (start, end)
-
-    return before, after, (lambda pair: pair[0].elapsed_time(pair[1]))
-
-
-def time_in_turn(variants: dict[str, Any], device: torch.device, turns: int) -> dict[str, dict[str, float]]:
-    """Per variant, its calls timed in turn with the others' (``harness.bench_in_turn``'s order: per turn one
-    untimed and :data:`TIMED_PER_TURN` timed calls each, reversed every other turn): ``ms``, ``ms_p20``,
-    ``host_ms`` and each one's ratio to ``"lora"``'s. ``variants``: name -> ``(step, context)``, ``context``
-    a context-manager factory entered around that variant's calls of one turn."""
-    before, after, elapsed = _timer(device)
-    timed: dict[str, list[Any]] = {name: [] for name in variants}
-    host: dict[str, list[float]] = {name: [] for name in variants}
-    names = list(variants)
-    for turn in range(turns):
-        for name in names if turn % 2 == 0 else names[::-1]:
-            step, context = variants[name]
+    def in_context(step: Any, context: Any) -> Any:
+        def call() -> None:
             with context():
-                step()  # untimed: the switch from the other variant
-                for _ in range(TIMED_PER_TURN):
-                    start = before()
-                    t0 = time.perf_counter()
-                    step()
-                    host[name].append((time.perf_counter() - t0) * 1e3)
-                    timed[name].append(after(start))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    out = {}
-    for name in names:
-        ms = sorted(elapsed(t) for t in timed[name])
-        out[name] = {"ms": statistics.median(ms), "ms_p20": ms[len(ms) // 5], "host_ms": statistics.median(host[name])}
+                step()
+
+        return call
+
+    fns = {name: in_context(step, context) for name, (step, context) in variants.items()}
+    host: dict[str, list[float]] = {}
+    timed = bench_in_turn(
+        fns,
+        settings,
+        reps=turns * TIMED_PER_TURN,
+        warm_per_turn=1,
+        per_turn=TIMED_PER_TURN,
+        warm_up=False,
+        host_ms=host,
+    )
+    out = {
+        name: {"ms": row["ms"], "ms_p20": row["ms_p20"], "host_ms": statistics.median(host[name])}
+        for name, row in timed.items()
+    }
     lora = out["lora"]
     for row in out.values():
         for key in ("ms", "ms_p20", "host_ms"):
@@ -146,7 +125,6 @@ def time_in_turn(variants: dict[str, Any], device: torch.device, turns: int) -> 
 def main() -> None:
     args = parser.parse_args()
     settings = Settings.make(quick=args.dry_run_cpu, device="cpu" if args.dry_run_cpu else None)
-    device = settings.device
     context = 32 if args.dry_run_cpu else 512
     turns = 2 if args.dry_run_cpu else args.turns
     skipped = _SkippedCheck()
@@ -199,7 +177,7 @@ def main() -> None:
                 }
             before = skipped.calls
             for phase, variants in phases.items():
-                rows = time_in_turn(variants, device, turns)
+                rows = time_in_turn(variants, settings, turns)
                 report["rows"][f"{setup}/{phase}"] = rows
                 for name, row in rows.items():
                     print(

@@ -285,7 +285,14 @@ IN_TURN_TIMER = "in turn with the case's other providers (CUDA events, L2 flushe
 
 
 def bench_in_turn(
-    fns: dict[str, Callable[[], Any]], settings: Settings, *, reps: int, warm_per_turn: int = 0, per_turn: int = 1
+    fns: dict[str, Callable[[], Any]],
+    settings: Settings,
+    *,
+    reps: int,
+    warm_per_turn: int = 0,
+    per_turn: int = 1,
+    warm_up: bool = True,
+    host_ms: dict[str, list[float]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Times of several functions measured in turn: turns that call each function ``warm_per_turn`` times
     untimed, then ``per_turn`` times timed (the order of the functions reversed every other turn), until each
@@ -299,12 +306,15 @@ def bench_in_turn(
     the other models' guards first; CPU caches are cold), which one model called over and over never does.
     On CUDA each timed call starts from an idle device (synchronized), after the L2 flush ``do_bench`` makes,
     between CUDA events, so that a long call of one provider never leaves the next one's launches queued
-    ahead of the device; on CPU a ``perf_counter`` around each call. Every function runs once first to warm up.
+    ahead of the device; on CPU a ``perf_counter`` around each call. Every function runs once first to warm up
+    (``warm_up=False``: the caller warmed them). ``host_ms``: where given, each timed call's host time (until
+    it returned, ms) is appended to ``host_ms[name]``.
     """
     device = settings.device
     names = list(fns)
-    for name in names:
-        fns[name]()
+    if warm_up:
+        for name in names:
+            fns[name]()
     sync(device)
     cache = None
     if settings.cuda:
@@ -325,12 +335,17 @@ def bench_in_turn(
                     t0 = time.perf_counter()
                     fn()
                     times[name].append((time.perf_counter() - t0) * 1e3)
+                    if host_ms is not None:
+                        host_ms.setdefault(name, []).append(times[name][-1])
                     continue
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 sync(device)
                 runtime.driver.active.clear_cache(cache)
                 start.record()
+                t0 = time.perf_counter()
                 fn()
+                if host_ms is not None:
+                    host_ms.setdefault(name, []).append((time.perf_counter() - t0) * 1e3)
                 end.record()
                 events[name].append((start, end))
     sync(device)
