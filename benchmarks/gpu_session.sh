@@ -5,7 +5,7 @@
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh gpu-tests tests/kernels            # one part of the GPU tests
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh bench model,decode bench layer,norm,compose,ranks
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh tune norm,compose,fold
-#   OUT=/tmp/out bash benchmarks/gpu_session.sh compiled-decode compiled-floor
+#   OUT=/tmp/out bash benchmarks/gpu_session.sh compiled-decode compiled-floor train-floor
 #
 # Steps run in the order given (from the repository root):
 #   env                 GPU, driver and package versions            -> $OUT/env.txt
@@ -25,6 +25,9 @@
 #   compiled-floor      benchmarks/compiled_decode_floor.py --with-stock: compiled decode of 1 token timed in
 #                       turn for LoRA, dorafactors and dorafactors with its norm check skipped, both dtype
 #                       setups (about 3 minutes)              -> $OUT/compiled_decode_floor.json (+ .log)
+#   train-floor         benchmarks/train_layer_floor.py: the 4096x4096 layer's fwd+bwd timed in turn for PEFT's
+#                       LoRA and dorafactors layers and the bare calls of their operations (about 1 minute)
+#                                                    -> $OUT/train_layer_floor.json (+ .log)
 #
 # The device machine's copy of .git can lag behind the working tree it receives: give the commit the results
 # rows record as DORAFACTORS_GIT_COMMIT=<hash> (benchmarks/harness.py reads it), e.g. by writing the hash into
@@ -106,8 +109,12 @@ while [ $# -gt 0 ]; do
             OUT="$OUT" timeout 540 python3 benchmarks/compiled_decode_floor.py --with-stock 2>&1 \
                 | tee "$OUT/compiled_decode_floor.log" | grep -E "token|skipped"
             ;;
+        train-floor)
+            OUT="$OUT" timeout 300 python3 benchmarks/train_layer_floor.py 2>&1 | tee "$OUT/train_layer_floor.log" \
+                | grep -E "tokens|bare"
+            ;;
         *)
-            echo "unknown step $step (env, gpu-tests [PATHS], cuda-props, bench SUITES, tune [PARTS], compiled-decode, compiled-floor)" >&2
+            echo "unknown step $step (env, gpu-tests [PATHS], cuda-props, bench SUITES, tune [PARTS], compiled-decode, compiled-floor, train-floor)" >&2
             exit 2
             ;;
     esac

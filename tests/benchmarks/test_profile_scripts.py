@@ -163,3 +163,22 @@ def test_compiled_decode_floor_times_the_pair_and_the_unchecked_floor_in_turn(tm
         assert row["ms"] > 0 and row["host_ms"] > 0, (name, row)
         assert math.isclose(row["ms_vs_lora"], row["ms"] / rows["lora"]["ms"]), (name, row)
     assert report["meta"]["device"] == "cpu"
+
+
+def test_train_layer_floor_times_the_layers_and_their_bare_calls_in_turn(tmp_path):
+    """``train_layer_floor.py``: PEFT's LoRA and dorafactors layers and the bare calls of their operations,
+    timed in turn; the bare dorafactors call computes bitwise what the layer computes (output and every
+    gradient), so that its time is a floor of the same work."""
+    command = [sys.executable, "benchmarks/train_layer_floor.py", "--dry-run-cpu"]
+    done = subprocess.run(
+        command, cwd=ROOT, env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "train_layer_floor.json").read_text())
+    rows = report["rows"]
+    assert set(rows) == {"lora", "dorafactors", "lora-bare", "dorafactors-bare", "dorafactors-bare-cached-norm"}
+    assert report["bare_vs_layer_max_rel_diff"] == 0.0
+    for name, row in rows.items():
+        assert row["ms"] > 0 and row["host_ms"] > 0, (name, row)
+        assert math.isclose(row["host_ms_vs_lora"], row["host_ms"] / rows["lora"]["host_ms"]), (name, row)
+    assert report["meta"]["device"] == "cpu"
