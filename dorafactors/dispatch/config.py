@@ -4,7 +4,8 @@ Values are read once (on first use), cached under a lock, and reset by :func:`in
 A malformed value raises ``ValueError`` naming the variable and the values it accepts, on first use.
 
 Boolean convention (all switches): ``1/true/yes/on`` and ``0/false/no/off``, case-insensitive,
-surrounding blanks ignored. An unset or empty variable means "default".
+surrounding blanks ignored. An unset or empty variable means "default"; the ternary switches also take
+``auto`` for their default.
 
 | variable                         | kind    | default        |
 |----------------------------------|---------|----------------|
@@ -70,7 +71,7 @@ def _raw(name: str) -> str | None:
 
 
 def _parse_ternary(name: str) -> bool | None:
-    """None when unset (auto); True/False when set; ValueError when malformed."""
+    """None when unset or ``auto``; True/False when set; ValueError when malformed."""
     value = _raw(name)
     if value is None:
         return None
@@ -79,10 +80,18 @@ def _parse_ternary(name: str) -> bool | None:
         return True
     if lowered in _FALSE:
         return False
-    raise ValueError(f"{name}={value!r} is not a valid value: use {_BOOL_HELP}, or unset it for the default.")
+    if lowered == "auto":
+        return None
+    raise ValueError(
+        f"{name}={value!r} is not a valid value: use {_BOOL_HELP}, or auto (or unset it) for the default."
+    )
 
 
 def _parse_bool(name: str, default: bool) -> bool:
+    """A plain switch: ``default`` when unset; ``auto`` is not one of its values."""
+    value = _raw(name)
+    if value is not None and value.lower() == "auto":
+        raise ValueError(f"{name}={value!r} is not a valid value: use {_BOOL_HELP}, or unset it for the default.")
     parsed = _parse_ternary(name)
     return default if parsed is None else parsed
 

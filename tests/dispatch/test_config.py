@@ -37,6 +37,8 @@ THRESHOLDS = {
         ("false", False),
         ("Off", False),
         ("no", False),
+        ("auto", None),
+        (" AUTO ", None),
     ],
 )
 def test_ternary(monkeypatch, name, raw, expected):
@@ -70,6 +72,17 @@ def test_malformed_switch_raises_naming_variable_and_values(monkeypatch, name, r
     assert "1/true/yes/on" in str(err.value) and "0/false/no/off" in str(err.value)
     with pytest.raises(ValueError, match=name):  # not cached: raises on every use until fixed
         reader()
+
+
+@pytest.mark.parametrize("name", sorted(BOOLEAN))
+def test_auto_is_a_value_of_the_ternary_switches_only(monkeypatch, name):
+    """``auto`` names the default of ``PEFT_DORA_FUSED``, ``PEFT_DORA_FUSED_BACKWARD`` and ``PEFT_FORCE_GATHER``
+    (``test_ternary``); a plain on/off switch has no auto and says so."""
+    monkeypatch.setenv(name, "auto")
+    config.invalidate_cache()
+    with pytest.raises(ValueError, match=name) as err:
+        BOOLEAN[name][0]()
+    assert "1/true/yes/on" in str(err.value)
 
 
 @pytest.mark.parametrize("name", sorted(THRESHOLDS))
