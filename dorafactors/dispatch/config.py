@@ -82,9 +82,7 @@ def _parse_ternary(name: str) -> bool | None:
         return False
     if lowered == "auto":
         return None
-    raise ValueError(
-        f"{name}={value!r} is not a valid value: use {_BOOL_HELP}, or auto (or unset it) for the default."
-    )
+    raise ValueError(f"{name}={value!r} is not a valid value: use {_BOOL_HELP}, or auto (or unset it) for the default.")
 
 
 def _parse_bool(name: str, default: bool) -> bool:
