@@ -320,13 +320,27 @@ def bump_adapter_versions(tensors: Sequence[torch.Tensor]) -> None:
         torch.autograd.graph.increment_version(t)
 
 
+#: The optimizer :func:`stepped_by_an_optimizer` steps: it lives for the process, as a run's optimizer lives for
+#: the run, and holds no parameter between its steps (no state: zero momentum)
+_RUN_OPTIMIZER: torch.optim.SGD | None = None
+
+
 def stepped_by_an_optimizer(params: Sequence[torch.Tensor]) -> None:
-    """Make ``params`` what they are in a real training run after its first step: parameters of a
+    """Make ``params`` what they are in a real training run after its first step: parameters of a live
     ``torch.optim.Optimizer`` that has stepped (one ``step()`` of a zero-learning-rate SGD without gradients:
     nothing is written). dorafactors' norm cache bypasses itself in training forwards through trainable
-    tensors no optimizer steps (a hand-written update could follow unseen); a timed training call of a run
-    that an optimizer drives must not take that path."""
-    torch.optim.SGD(list(params), lr=0.0).step()
+    tensors no live optimizer steps (a hand-written update could follow unseen); a timed training call of a
+    run that an optimizer drives must not take that path. The optimizer outlives the call without keeping the
+    parameters (or their model) alive."""
+    global _RUN_OPTIMIZER
+    if _RUN_OPTIMIZER is None:
+        _RUN_OPTIMIZER = torch.optim.SGD([torch.zeros(1)], lr=0.0)
+    group = _RUN_OPTIMIZER.param_groups[0]
+    group["params"] = list(params)
+    try:
+        _RUN_OPTIMIZER.step()
+    finally:
+        group["params"] = []
 
 
 @torch.no_grad()

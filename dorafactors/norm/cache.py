@@ -34,7 +34,9 @@ bump. So a forward that records autograd through a trainable tensor that no opti
 neither reads nor stores a cached norm, and advances the epoch, which drops the values cached by earlier
 ``no_grad`` calls: a backward, and then such a write, may follow it. Once an optimizer has stepped a tensor
 (the step hook records its parameters), the step counts its writes and the cache serves it again:
-gradient-accumulation micro-batches recompute the norm only before the first step. A ``no_grad`` forward
+gradient-accumulation micro-batches recompute the norm only before the first step. Only while that optimizer
+lives: once it is freed (a warm-up optimizer dropped for a hand-written rule), its tensors count as stepped by
+none again. A ``no_grad`` forward
 between the training forward and the hand-written write caches what the write then makes stale: that is the
 ``.data`` blind spot below. The epoch is process-wide: a trainable tensor no optimizer steps (one left out of
 the optimizer, master weights copied in through ``.data``) makes every training forward recompute its norm.
@@ -56,8 +58,8 @@ counter of that tensor is invisible, and the cached value goes stale:
 * through another tensor bound to the same storage: ``p.data = t`` then ``t.mul_(2)`` (``p`` keeps its own
   counter), or ``torch.nn.utils.vector_to_parameters(vec, params)`` (which binds every parameter to a slice
   of ``vec`` through ``.data``) followed by an in-place edit of ``vec``;
-* by a custom optimizer (not a ``torch.optim.Optimizer``) writing parameters that a ``torch.optim.Optimizer``
-  has also stepped;
+* by a custom optimizer (not a ``torch.optim.Optimizer``) writing parameters that a live
+  ``torch.optim.Optimizer`` also steps;
 * by a ``torch.distributed`` collective writing into a parameter (``dist.broadcast(p, 0)``,
   ``dist.all_reduce(p)``, ``dist.recv(p)``), which bumps no version.
 
@@ -115,9 +117,11 @@ __all__ = [
 
 _write_epoch = 0
 _step_hook: Any = None
-#: ``id(parameter) -> weak reference to its storage`` for every parameter of an optimizer that has completed a
-#: ``step()`` (the storage, not the tensor: a tensor with a weak reference cannot be swapped)
-_stepped_params: dict[int, weakref.ref] = {}
+#: ``id(parameter) -> (weak reference to its storage, weak reference to the optimizer)`` for every parameter of
+#: an optimizer that has completed a ``step()``: the last optimizer that stepped it (the storage, not the tensor:
+#: a tensor with a weak reference cannot be swapped). A parameter counts as stepped only while both live: once
+#: the optimizer is gone, nothing counts its writes any more.
+_stepped_params: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
 
 def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -133,6 +137,7 @@ def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: A
     global _write_epoch
     _write_epoch += 1
     written = []
+    stepper = weakref.ref(optimizer)
     for group in optimizer.param_groups:
         for param in group["params"]:
             if param.grad is not None:
@@ -143,14 +148,18 @@ def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: A
                 continue
             key = id(param)
             known = _stepped_params.get(key)
-            if known is None or known() is not storage:
-                _stepped_params[key] = weakref.ref(storage, lambda dead, key=key: _forget_param(key, dead))
+            if known is None or known[0]() is not storage:
+                kept = weakref.ref(storage, lambda dead, key=key: _forget_param(key, dead))
+                _stepped_params[key] = (kept, stepper)
+            elif known[1] is not stepper:
+                _stepped_params[key] = (known[0], stepper)
     if written:
         torch._C._increment_version(written)  # torch.autograd.graph.increment_version, without its frame
 
 
 def _forget_param(key: int, ref: weakref.ref) -> None:
-    if _stepped_params.get(key) is ref:
+    known = _stepped_params.get(key)
+    if known is not None and known[0] is ref:
         del _stepped_params[key]
 
 
@@ -195,8 +204,8 @@ def optimizer_may_write(tensors: tuple[torch.Tensor, ...]) -> bool:
 
 
 def optimizer_untracked(tensors: tuple[torch.Tensor, ...]) -> bool:
-    """Does one of ``tensors`` require a gradient without being (a view of) a parameter of an optimizer that has
-    completed a step? Such a tensor may be written by hand after the backward (module docstring)."""
+    """Does one of ``tensors`` require a gradient without being (a view of) a parameter of a live optimizer that
+    has completed a step? Such a tensor may be written by hand after the backward (module docstring)."""
     if _step_hook is None:
         install_step_hook()
     for tensor in tensors:
@@ -204,7 +213,7 @@ def optimizer_untracked(tensors: tuple[torch.Tensor, ...]) -> bool:
             base = tensor._base
             root = tensor if base is None else base
             known = _stepped_params.get(id(root))
-            if known is None or known() is not root.untyped_storage():
+            if known is None or known[0]() is not root.untyped_storage() or known[1]() is None:
                 return True
     return False
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 
 import pytest
 import torch
@@ -194,7 +195,8 @@ def test_a_recording_call_through_tensors_no_optimizer_steps_caches_nothing():
     """``recording`` (a compiled forward that records autograd) through trainable ``A`` / ``B`` that no optimizer
     has stepped: a hand-written update may follow the backward unseen by the version counters, so each such
     call computes the norm and ends what the no-grad calls cached; once an optimizer has stepped them, the
-    optimizer's steps are what the cache is keyed by, and recording calls are served again."""
+    optimizer's steps are what the cache is keyed by, and recording calls are served again, while that optimizer
+    lives."""
     w, a, b = _factors("linear", torch.Generator().manual_seed(3))
     owner = nn.Parameter(torch.ones(1))
     with torch.no_grad():
@@ -208,11 +210,17 @@ def test_a_recording_call_through_tensors_no_optimizer_steps_caches_nothing():
     dense = torch.linalg.vector_norm(w.double() + 0.7 * b.double() @ a.double(), dim=1)
     assert_dtype_close(after, dense, F32, name="norm after the hand-written update vs fp64")
     assert not torch.equal(after, before)
-    torch.optim.SGD([a, b, owner], lr=0.0).step()  # an optimizer now steps them (writes nothing)
+    optimizer = torch.optim.SGD([a, b, owner], lr=0.0)
+    optimizer.step()  # a live optimizer now steps them (writes nothing)
     with torch.no_grad():
         for _ in range(3):
             OP(owner, w, a, b, 0.7, "linear", True, True)
     assert (caches.norm.misses, caches.norm.hits) == (5, 2)
+    del optimizer  # freed: nothing counts their writes any more, a hand-written update may follow
+    gc.collect()
+    with torch.no_grad():
+        OP(owner, w, a, b, 0.7, "linear", True, True)
+    assert (caches.norm.misses, caches.norm.hits) == (6, 2)
 
 
 MERGED_OP = torch.ops.dorafactors.refresh_weight_norms.default

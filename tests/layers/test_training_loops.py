@@ -77,6 +77,36 @@ def test_hand_written_updates_without_an_optimizer_match_stock(how, eval_first):
         assert_matches_stock(ours, stock, ids, what=f"{how} step {step}", modes=("no_grad", "inference", "grad"))
 
 
+@pytest.mark.parametrize("how", ["data", "no_grad"])
+def test_hand_written_updates_after_the_optimizer_is_freed_match_stock(how):
+    """A run that warms up with ``torch.optim.AdamW``, drops it and goes on with a hand-written rule: once the
+    optimizer is freed nothing counts the writes of the parameters it stepped, so its training forwards do not
+    use the cache again, and every forward after each hand-written update sees it."""
+    import gc
+
+    from dorafactors.norm.cache import optimizer_untracked
+
+    stock, ours = build_pair(seed=5)
+    for model in (stock, ours):
+        model.train()
+        optimizer = torch.optim.AdamW(list(trainable(model).values()), lr=1e-2)
+        _loss(model, _ids(0)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert_matches_stock(ours, stock, _ids(1), what="after the AdamW step", modes=("no_grad", "grad"))
+    adapters = tuple(trainable(ours).values())
+    assert not optimizer_untracked(adapters)  # the optimizer lives: its step counts their writes
+    del optimizer
+    gc.collect()
+    assert optimizer_untracked(adapters)
+    for step in range(3):
+        ids = _ids(step + 2)
+        for model in (stock, ours):
+            _loss(model, ids).backward()
+            _hand_written_step(model, how)
+        assert_matches_stock(ours, stock, ids, what=f"{how} step {step}", modes=("grad", "no_grad", "inference"))
+
+
 def test_fused_optimizer_keeps_stepping_adapters_frozen_mid_training():
     """``lora_A`` / ``lora_B`` frozen (``requires_grad_(False)``) after two steps, the fused AdamW kept, with
     ``zero_grad(set_to_none=False)``: their zero gradients stay, so the optimizer keeps moving them (weight

@@ -327,26 +327,33 @@ def test_an_optimizer_step_records_parameters_moved_since_it_was_built():
 
 def test_the_step_record_is_bounded_and_follows_copies_and_compiled_steps():
     """The optimizers' step record (``norm/cache.py``) forgets a parameter whose storage is freed; a deep copy's
-    parameters are new ones, not recorded until an optimizer steps them; a compiled ``step()`` records too."""
+    parameters are new ones, not recorded until an optimizer steps them; a compiled ``step()`` records too; a
+    parameter whose optimizer is freed counts as stepped by none."""
     import gc
 
     from dorafactors.norm import cache
 
     cache.install_step_hook()
     p = nn.Parameter(torch.randn(3))
-    torch.optim.SGD([p], lr=0.0).step()
+    optimizer = torch.optim.SGD([p], lr=0.0)
+    optimizer.step()
     assert not cache.optimizer_untracked((p,))
     copied = copy.deepcopy(p)
     assert cache.optimizer_untracked((copied,))
     recorded = len(cache._stepped_params)
-    del p
+    del p, optimizer
     gc.collect()
     assert len(cache._stepped_params) == recorded - 1
     q = nn.Parameter(torch.randn(3))
     q.grad = torch.ones(3)
     torch._dynamo.reset()
-    torch.compile(torch.optim.SGD([q], lr=0.1).step, backend="aot_eager")()
+    compiled = torch.optim.SGD([q], lr=0.1)
+    torch.compile(compiled.step, backend="aot_eager")()
     assert not cache.optimizer_untracked((q,))
+    del compiled  # nothing counts q's writes any more: a hand-written update may follow
+    torch._dynamo.reset()  # (the compiled step's guards hold the optimizer)
+    gc.collect()
+    assert cache.optimizer_untracked((q,))
 
 
 class _WritesWithoutABump(torch.optim.Optimizer):
