@@ -36,10 +36,10 @@ neither reads nor stores a cached norm, and advances the epoch, which drops the 
 (the step hook records its parameters), the step counts its writes and the cache serves it again:
 gradient-accumulation micro-batches recompute the norm only before the first step. Only while that optimizer
 lives: once it is freed (a warm-up optimizer dropped for a hand-written rule), its tensors count as stepped by
-none again. A ``no_grad`` forward
-between the training forward and the hand-written write caches what the write then makes stale: that is the
-``.data`` blind spot below. The epoch is process-wide: a trainable tensor no optimizer steps (one left out of
-the optimizer, master weights copied in through ``.data``) makes every training forward recompute its norm.
+none again. A ``no_grad`` forward between the training forward and the hand-written write caches what the
+write then makes stale: that is the ``.data`` blind spot below. The epoch is process-wide: a trainable tensor
+no optimizer steps (one left out of the optimizer, master weights copied in through ``.data``) makes every
+training forward recompute its norm.
 
 **Bounded.** A cache holds at most one entry per *slot* (the layers use the adapter name; one cache per
 layer and purpose). Everything else that selects a value (scaling, chunk budget, kernel switch, write
