@@ -70,9 +70,9 @@ def _raw(name: str) -> str | None:
     return value or None
 
 
-def _parse_ternary(name: str) -> bool | None:
-    """None when unset or ``auto``; True/False when set; ValueError when malformed."""
-    value = _raw(name)
+def _switch_value(name: str, value: str | None, default_help: str) -> bool | None:
+    """None when ``value`` is None (unset); True/False for a boolean value; else a ValueError naming the
+    variable, the boolean values and ``default_help`` (how to get the default)."""
     if value is None:
         return None
     lowered = value.lower()
@@ -80,17 +80,20 @@ def _parse_ternary(name: str) -> bool | None:
         return True
     if lowered in _FALSE:
         return False
-    if lowered == "auto":
+    raise ValueError(f"{name}={value!r} is not a valid value: use {_BOOL_HELP}, {default_help}.")
+
+
+def _parse_ternary(name: str) -> bool | None:
+    """None when unset or ``auto``; True/False when set; ValueError when malformed."""
+    value = _raw(name)
+    if value is not None and value.lower() == "auto":
         return None
-    raise ValueError(f"{name}={value!r} is not a valid value: use {_BOOL_HELP}, or auto (or unset it) for the default.")
+    return _switch_value(name, value, "or auto (or unset it) for the default")
 
 
 def _parse_bool(name: str, default: bool) -> bool:
     """A plain switch: ``default`` when unset; ``auto`` is not one of its values."""
-    value = _raw(name)
-    if value is not None and value.lower() == "auto":
-        raise ValueError(f"{name}={value!r} is not a valid value: use {_BOOL_HELP}, or unset it for the default.")
-    parsed = _parse_ternary(name)
+    parsed = _switch_value(name, _raw(name), "or unset it for the default")
     return default if parsed is None else parsed
 
 

@@ -70,6 +70,7 @@ def test_malformed_switch_raises_naming_variable_and_values(monkeypatch, name, r
     with pytest.raises(ValueError, match=name) as err:
         reader()
     assert "1/true/yes/on" in str(err.value) and "0/false/no/off" in str(err.value)
+    assert ("auto" in str(err.value)) == (name in TERNARY)  # offered only where it is a value
     with pytest.raises(ValueError, match=name):  # not cached: raises on every use until fixed
         reader()
 
