@@ -77,6 +77,15 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
     def _norm_layout(self) -> str:
         return "transposed" if self.fan_in_fan_out else "linear"
 
+    def _oriented_base_weight(self, base_layer: nn.Module) -> torch.Tensor:
+        """The base weight as ``[d_out, d_in]`` (dequantized where PEFT would): a transposed view for
+        ``fan_in_fan_out`` (transformers' ``Conv1D``). Not PEFT's ``transpose()``, which wraps a Parameter's
+        transpose in a new Parameter: a leaf that requires a gradient whatever the base weight's flag (the
+        backward then computes a weight gradient nobody reads, and a trainable base weight loses that part of
+        its own), and one that ``torch.compile(fullgraph=True)`` cannot trace."""
+        weight = base_weight(base_layer)
+        return weight.T if self.fan_in_fan_out else weight
+
     # ---------------------------------------------------------------- forward
     def forward(
         self,
@@ -142,7 +151,7 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
                         h, weight_b, scale, scaling, base=base_result - bias.to(base_result.dtype), divisor=divisor
                     )
                     return result + extra if add_base_result else extra
-                weight = transpose(base_weight(base_layer), self.fan_in_fan_out)
+                weight = self._oriented_base_weight(base_layer)
                 if not weight.requires_grad:
                     return dora_linear_compose(
                         h,
@@ -165,7 +174,7 @@ class DoraLinearLayer(DoraLayerMixin, peft_dora.DoraLinearLayer):
             out_dtype = stock_extra_dtype(base_result.dtype, lora_out.dtype, magnitude.dtype, x.dtype)
             extra = dora_compose(lora_out, base_result, scale, scaling, out_dtype=out_dtype, inplace=True)
             return result + extra if add_base_result else extra
-        weight = transpose(base_weight(base_layer), self.fan_in_fan_out)
+        weight = self._oriented_base_weight(base_layer)
         out_dtype = stock_extra_dtype(x.dtype, lora_out.dtype, magnitude.dtype, x.dtype)
         return compose_recompute_base(
             x, weight, lora_out, scale, scaling, out_dtype=out_dtype, bf16_origin_scale=bf16_dropout_scale
