@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import providers as P  # noqa: E402  (after the path set-up of a script run)
-from benchmarks.harness import Settings, bench_in_turn, collect_metadata  # noqa: E402
+from benchmarks.harness import Settings, collect_metadata, ratios_in_turn  # noqa: E402
 from benchmarks.suites import model as M  # noqa: E402
 from benchmarks.suites._workloads import Workload, _decode_fn  # noqa: E402
 from dorafactors.autograd import norm_op  # noqa: E402
@@ -101,25 +100,7 @@ def time_in_turn(variants: dict[str, Any], settings: Settings, turns: int) -> di
         return call
 
     fns = {name: in_context(step, context) for name, (step, context) in variants.items()}
-    host: dict[str, list[float]] = {}
-    timed = bench_in_turn(
-        fns,
-        settings,
-        reps=turns * TIMED_PER_TURN,
-        warm_per_turn=1,
-        per_turn=TIMED_PER_TURN,
-        warm_up=False,
-        host_ms=host,
-    )
-    out = {
-        name: {"ms": row["ms"], "ms_p20": row["ms_p20"], "host_ms": statistics.median(host[name])}
-        for name, row in timed.items()
-    }
-    lora = out["lora"]
-    for row in out.values():
-        for key in ("ms", "ms_p20", "host_ms"):
-            row[f"{key}_vs_lora"] = row[key] / lora[key]
-    return out
+    return ratios_in_turn(fns, settings, turns=turns, per_turn=TIMED_PER_TURN)
 
 
 def main() -> None:

@@ -361,6 +361,26 @@ def bench_in_turn(
     return {name: _summary(times[name], timer) for name in names}
 
 
+def ratios_in_turn(
+    fns: dict[str, Callable[[], Any]], settings: Settings, *, turns: int, per_turn: int, baseline: str = "lora"
+) -> dict[str, dict[str, float]]:
+    """Per function (warm already), :func:`bench_in_turn` with one untimed and ``per_turn`` timed calls per turn:
+    ``ms``, ``ms_p20``, ``host_ms`` (median time until the call returned) and each one's ratio to
+    ``baseline``'s (``<key>_vs_<baseline>``)."""
+    host: dict[str, list[float]] = {}
+    timed = bench_in_turn(
+        fns, settings, reps=turns * per_turn, warm_per_turn=1, per_turn=per_turn, warm_up=False, host_ms=host
+    )
+    rows = {
+        name: {"ms": row["ms"], "ms_p20": row["ms_p20"], "host_ms": statistics.median(host[name])}
+        for name, row in timed.items()
+    }
+    for row in rows.values():
+        for key in ("ms", "ms_p20", "host_ms"):
+            row[f"{key}_vs_{baseline}"] = row[key] / rows[baseline][key]
+    return rows
+
+
 #: Timed calls of :func:`host_us` (each on an idle device, so its launches never wait for a full queue).
 HOST_CALLS = 20
 

@@ -29,7 +29,7 @@ magnitude ``m`` of the dorafactors model):
 ``dorafactors - dorafactors-bare`` against ``lora - lora-bare`` is what the layers' Python costs beyond
 PEFT's own; ``dorafactors-bare / lora-bare`` bounds what removing all of it could reach with these launches.
 
-Timing: ``harness.bench_in_turn``, as the decode suite times its compiled pairs (turns of one untimed and four
+Timing: ``harness.ratios_in_turn`` (``bench_in_turn``), as the decode suite times its compiled pairs (turns of one untimed and four
 timed calls per variant, the order reversed every other turn, the device idle and L2 flushed before each
 timed call): ``ms`` (CUDA events), ``ms_p20``, ``host_ms`` (until the call returned) and their ratios to
 ``lora``'s.
@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import providers as P  # noqa: E402  (after the path set-up of a script run)
-from benchmarks.harness import Settings, bench_in_turn, collect_metadata  # noqa: E402
+from benchmarks.harness import Settings, collect_metadata, ratios_in_turn  # noqa: E402
 from dorafactors.autograd.lora_compose import dora_linear_compose  # noqa: E402
 from dorafactors.norm import engine  # noqa: E402
 from dorafactors.norm.replay import NormReplay  # noqa: E402
@@ -202,23 +201,7 @@ def main() -> None:
     for fn in fns.values():  # warm: kernels compiled, the norm's graph captured (after two eager runs)
         for _ in range(3):
             fn()
-    host: dict[str, list[float]] = {}
-    timed = bench_in_turn(
-        fns,
-        settings,
-        reps=turns * TIMED_PER_TURN,
-        warm_per_turn=1,
-        per_turn=TIMED_PER_TURN,
-        warm_up=False,
-        host_ms=host,
-    )
-    rows = {
-        name: {"ms": row["ms"], "ms_p20": row["ms_p20"], "host_ms": statistics.median(host[name])}
-        for name, row in timed.items()
-    }
-    for row in rows.values():
-        for key in ("ms", "ms_p20", "host_ms"):
-            row[f"{key}_vs_lora"] = row[key] / rows["lora"][key]
+    rows = ratios_in_turn(fns, settings, turns=turns, per_turn=TIMED_PER_TURN)
     for name, row in rows.items():
         print(
             f"{dim}x{dim}, {tokens} tokens, r={rank} {name:30s} {row['ms']:.3f} ms ({row['ms_vs_lora']:.3f}x), "

@@ -11,6 +11,7 @@ own that requires a gradient.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -20,6 +21,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import dorafactors
+from tests._models import Holder
 from tests._tolerances import assert_dtype_close
 
 D_IN, D_OUT, RANK = 12, 10, 4
@@ -37,15 +39,6 @@ class _MaskDropout(nn.Module):
         return x * self.mask.to(x.dtype)
 
 
-class _Holder(nn.Module):
-    def __init__(self, target: nn.Module) -> None:
-        super().__init__()
-        self.target = target
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.target(x)
-
-
 def _peft(layer: nn.Module, *, fan_in_fan_out: bool, patched: bool) -> nn.Module:
     config = LoraConfig(
         r=RANK,
@@ -56,19 +49,11 @@ def _peft(layer: nn.Module, *, fan_in_fan_out: bool, patched: bool) -> nn.Module
         lora_dropout=0.1,
         fan_in_fan_out=fan_in_fan_out,
     )
-    with dorafactors.patched() if patched else _nothing():
-        model = get_peft_model(_Holder(copy.deepcopy(layer)), config)
+    with dorafactors.patched() if patched else contextlib.nullcontext():
+        model = get_peft_model(Holder(copy.deepcopy(layer)), config)
     target = model.base_model.model.target
     target.lora_dropout["default"] = _MaskDropout(seed=4)
     return model
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *args: object) -> None:
-        return None
 
 
 def _conv1d_pair(train_base: bool) -> tuple[nn.Module, nn.Module]:
