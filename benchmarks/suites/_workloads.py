@@ -29,13 +29,23 @@ import torch
 from torch import nn
 
 from .. import providers as P
-from ..harness import HOST_CALLS, Settings, bench, bench_in_turn, device_us, host_us, peak_extra_mib
+from ..harness import (
+    HOST_CALLS,
+    LOOP_CALLS,
+    Settings,
+    bench,
+    bench_in_turn,
+    device_us,
+    host_us,
+    loop_us,
+    peak_extra_mib,
+)
 
 __all__ = ["HOST_TIMED", "Workload", "decode_in_turn", "measure"]
 
-#: Workloads whose rows also record the host time to enqueue one call (``harness.host_us``) and, on CUDA, the
-#: device time of one call (``harness.device_us``): the layer and decode suites, where a call is short enough
-#: that the host can bound it.
+#: Workloads whose rows also record the host time to enqueue one call (``harness.host_us``), on CUDA the
+#: device time of one call (``harness.device_us``), and the time per call of calls made back to back
+#: (``harness.loop_us``): the layer and decode suites, where a call is short enough that the host can bound it.
 HOST_TIMED = ("layer_infer", "layer_fwd_bwd", "decode")
 
 
@@ -349,6 +359,9 @@ def measure(
                 host_us(counted, settings, calls=3 if settings.quick else HOST_CALLS, grad_to_none=grad_to_none)
             )
             metrics.update(device_us(counted, settings, grad_to_none=grad_to_none))
+            metrics.update(
+                loop_us(counted, settings, calls=3 if settings.quick else LOOP_CALLS, grad_to_none=grad_to_none)
+            )
         metrics["peak_extra_mib"] = peak_extra_mib(counted, settings, grad_to_none=grad_to_none)
         if compile_it and before and warm:
             end = P.dynamo_stats()

@@ -147,16 +147,18 @@ def test_layer_and_decode_rows_record_host_time(quick_run):
             for provider, row in by.items():
                 metrics = row["metrics"]
                 assert metrics["host_us"] > 0 and metrics["host_us_p80"] >= metrics["host_us"], (suite, case, provider)
+                assert metrics["loop_us"] > 0, (suite, case, provider)
     assert {"lora", "stock", "dorafactors"} <= set(_by(rows, "decode")["layer/64x64/tokens=1"])
     for row in rows:
         if row["suite"] == "model" and row["status"] == "ok":
-            assert "host_us" not in row["metrics"]
+            assert "host_us" not in row["metrics"] and "loop_us" not in row["metrics"]
     text = quick_run["report"].read_text()
     assert text.count("Host time to enqueue one call") == 2  # the layer and decode sections
+    assert text.count("Time per call of calls made back to back") == 2
     assert "| decode: one 4096x4096 layer, 1 token (eval) | `decode:layer/64x64/tokens=1` |" in text
     json_rows = json.loads(quick_run["json"].read_text())["rows"]  # the report wrote the ratios back
     df = next(r for r in json_rows if r["case"] == "layer/64x64/tokens=1" and r["provider"] == "dorafactors")
-    assert df["ratios"]["host_vs_lora"] > 0
+    assert df["ratios"]["host_vs_lora"] > 0 and df["ratios"]["loop_vs_lora"] > 0
 
 
 def test_results_file_stores_the_metadata_once_per_run(quick_run):
@@ -266,8 +268,28 @@ def test_report_shows_device_time_beside_host_time(quick_run, tmp_path):
     assert "Device time of one call, µs" in text
     assert f"| {case} | 400 | 900 (2.25x) | 480 (1.20x) |" in text
     target = next(line for line in text.splitlines() if line.startswith("| layer 4096->4096 fwd+bwd |"))
-    host = df["ratios"]["host_vs_lora"]
-    assert f"| {host:.2f}x, 1.20x |" in target
+    host, loop = df["ratios"]["host_vs_lora"], df["ratios"]["loop_vs_lora"]
+    assert f"| {host:.2f}x, 1.20x, {loop:.2f}x |" in target
+
+
+def test_loop_us_times_calls_made_back_to_back():
+    """``loop_us`` is the time per call of ``calls`` calls in a row (after two untimed ones), with the given
+    tensors' gradients set to None before each call: a call that sleeps 2 ms costs about 2 ms."""
+    import time
+
+    from benchmarks.harness import loop_us
+
+    seen: list[object] = []
+    param = torch.zeros(2, requires_grad=True)
+
+    def call() -> None:
+        seen.append(param.grad)
+        param.grad = torch.ones(2)
+        time.sleep(0.002)
+
+    out = loop_us(call, Settings.make(quick=True, device="cpu"), calls=5, grad_to_none=[param])
+    assert len(seen) == 7 and all(g is None for g in seen[2:])
+    assert 2000 <= out["loop_us"] < 20_000
 
 
 def test_device_us_is_empty_off_cuda():
@@ -550,7 +572,7 @@ def test_provider_rows_interleaves_rounds_and_keeps_each_providers_median_round(
     def measure(provider):
         calls.append(provider)
         ms = next(times[provider])
-        return {"ms": ms, "host_us": ms * 10, "device_us": ms * 5}, {"round_ms": ms}
+        return {"ms": ms, "host_us": ms * 10, "device_us": ms * 5, "loop_us": ms * 2}, {"round_ms": ms}
 
     rows = provider_rows(("a", "b", "c"), measure, torch.device("cpu"), rounds=3)
     assert calls == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
@@ -562,6 +584,7 @@ def test_provider_rows_interleaves_rounds_and_keeps_each_providers_median_round(
     assert by["a"]["metrics"]["ms_rounds"] == [5.0, 1.0, 3.0]
     assert by["c"]["metrics"]["host_us_rounds"] == [70.0, 75.0, 60.0]
     assert by["c"]["metrics"]["device_us_rounds"] == [35.0, 37.5, 30.0]
+    assert by["c"]["metrics"]["loop_us_rounds"] == [14.0, 15.0, 12.0]
 
 
 def test_provider_rows_rounds_report_an_error_and_stop_that_provider():
