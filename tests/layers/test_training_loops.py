@@ -22,6 +22,7 @@ from tests._lifecycle import (
     assert_matches_stock,
     build_pair,
     check_against_stock,
+    dora_layers,
     one_thread,
     outputs_and_grads,
     stepped_by_an_optimizer,
@@ -125,6 +126,35 @@ def test_fused_optimizer_keeps_stepping_adapters_frozen_mid_training():
             _loss(model, ids).backward()
             optimizer.step()
         assert_matches_stock(ours, stock, ids, what=f"step {step}", modes=("no_grad", "grad"))
+
+
+def test_reference_forwards_with_the_adapters_disabled_between_training_steps():
+    """A DPO-style loop whose reference model is the policy with its adapters off (TRL's way when both share
+    one PEFT model): each step runs the training forward, a ``no_grad`` reference forward of the same model
+    under ``disable_adapter()``, and an AdamW step on a loss of both. The reference forward is the base
+    model's (stock's, bitwise) and computes no norm; the losses, outputs and gradients follow stock's."""
+    stock, ours = build_pair(seed=6)
+    optimizers = [torch.optim.AdamW(trainable(m).values(), lr=1e-2) for m in (stock, ours)]
+    layers = dora_layers(ours)
+    for step in range(4):
+        ids = _ids(30 + step)
+        results = []
+        for model, optimizer in zip((stock, ours), optimizers):
+            model.train()
+            policy = model(ids)
+            norms = sum(layer.norm_computations for layer in layers)
+            with torch.no_grad(), model.disable_adapter():
+                reference = model(ids)
+            assert sum(layer.norm_computations for layer in layers) == norms, f"step {step}: the reference forward"
+            loss = (policy - reference).square().mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            results.append((loss.detach(), reference))
+        (loss_s, reference_s), (loss_o, reference_o) = results
+        torch.testing.assert_close(reference_o, reference_s, rtol=0, atol=0)
+        torch.testing.assert_close(loss_o, loss_s)
+        assert_matches_stock(ours, stock, ids, what=f"step {step}", modes=("no_grad", "inference", "grad"))
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
