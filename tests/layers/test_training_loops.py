@@ -157,6 +157,33 @@ def test_reference_forwards_with_the_adapters_disabled_between_training_steps():
         assert_matches_stock(ours, stock, ids, what=f"step {step}", modes=("no_grad", "inference", "grad"))
 
 
+def test_fp16_autocast_with_a_grad_scaler_that_skips_a_step():
+    """Mixed-precision training as on GPUs without bf16: fp16 autocast, ``torch.amp.GradScaler`` (unscale, clip,
+    ``scaler.step``); one step gets an infinite gradient, so the scaler skips ``optimizer.step()`` and the
+    weights stay as they were. After every step, skipped or not, our outputs and gradients are stock's for the
+    same weights: the norm follows the steps taken and survives the one skipped."""
+    stock, ours = build_pair(seed=8)
+    optimizer = torch.optim.AdamW(trainable(ours).values(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    for step in range(4):
+        ids = _ids(40 + step)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = _loss(ours, ids)
+        scaler.scale(loss).backward()
+        if step == 2:
+            next(iter(trainable(ours).values())).grad[0] = float("inf")
+        before = {name: param.detach().clone() for name, param in trainable(ours).items()}
+        scale = scaler.get_scale()
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(trainable(ours).values(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+        changed = any(not torch.equal(before[name], param) for name, param in trainable(ours).items())
+        assert changed == (step != 2) and (scaler.get_scale() < scale) == (step == 2), f"step {step}"
+        assert_matches_stock(ours, stock, ids, what=f"step {step}", modes=("no_grad", "inference", "grad"))
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
 @pytest.mark.parametrize("train_between", [True, False], ids=["train-mode", "eval-mode"])
 def test_adapters_trained_between_two_frozen_evaluations_are_seen(fused, train_between):
