@@ -431,6 +431,35 @@ def test_compiled_one_norm_per_optimizer_step_with_accumulation(checkpointing, f
     assert graphs.frames == 1, "no recompile across micro-batches and optimizer steps"
 
 
+def test_compiled_reference_forwards_with_the_adapters_disabled():
+    """A compiled DPO-style step (TRL's reference model when it is the policy with its adapters off): the
+    training forward, a ``no_grad`` forward under ``disable_adapter()``, an AdamW step. Two graphs after the
+    first step (one per mode) and none later; the reference forward computes no norm, the training forward
+    one per DoRA layer per optimizer step; the reference output is the eager base model's."""
+    model = _tiny_lm()
+    layers = len(dora_layers(model))
+    opt = torch.optim.AdamW(list(trainable(model).values()), lr=1e-2)
+    graphs = _Graphs()
+    compiled = graphs.compile(model)
+    model.train()
+    for step in range(4):
+        ids = torch.randint(0, 32, (2, 7), generator=torch.Generator().manual_seed(50 + step))
+        before = _norm_count(model)
+        policy = compiled(ids)
+        assert _norm_count(model) - before == layers, f"step {step}: one norm per layer in the training forward"
+        with torch.no_grad(), model.disable_adapter():
+            reference = compiled(ids)
+            eager_reference = model(ids)
+        assert _norm_count(model) - before == layers, f"step {step}: the reference forward computed a norm"
+        torch.testing.assert_close(reference, eager_reference)
+        (policy - reference).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        if step == 0:
+            frames = graphs.frames
+    assert frames == 2 and graphs.frames == frames, f"recompiled after the first step: {frames} -> {graphs.frames}"
+
+
 def test_compiled_no_norm_per_decode_step_after_the_first():
     model = _tiny_lm().eval()
     graphs = _Graphs()
