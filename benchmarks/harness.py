@@ -436,7 +436,7 @@ def loop_us(
     each call while the device runs the ones before: a call bound by its host time costs its host time here,
     one bound by the device its device time. The row's ``ms`` times one call at a time from a CUDA event that
     the device reaches only after the L2 flush before it, while the host has already begun to enqueue the call:
-    for a host-bound call that hides about the flush's duration of the host time from every provider alike, so
+    for a host-bound call that hides the host time spent while the flush runs from every provider alike, so
     the ratio of two such calls' ``ms`` overstates the ratio of their host times; here nothing is hidden.
     ``grad_to_none`` tensors get ``.grad = None`` before every call, inside the loop (a training loop's
     ``zero_grad(set_to_none=True)``). On the CPU the ops run synchronously: the whole call.

@@ -693,8 +693,8 @@ def render(rows: list[dict[str, Any]], sources: Sequence[Path]) -> str:
             "(layer and decode rows): the same ratio for the host time to enqueue one call, for the device time of "
             "one call and for the time per call of calls made back to back (what a loop of them sees); a call whose "
             "device ratio is near 1 and whose wall ratio follows the host's is bound by host time. The wall time "
-            "of one such call starts after the L2 flush before it, which hides about the flush's duration of host "
-            "time from every provider alike: its ratio overstates the host-time ratio, which the loop's shows.",
+            "of one such call starts after the L2 flush before it, which hides the host time spent while the flush "
+            "runs from every provider alike: its ratio overstates the host-time ratio, which the loop's shows.",
             "",
             *_targets_table(dev_rows, quick),
             "",
