@@ -2,8 +2,9 @@
 results differ): hand-written parameter updates (of gradients from autograd and from ``torch.func``; of the
 adapters and of a base bias), adapters frozen while a fused optimizer still steps them, adapters trained by a
 fused optimizer between two frozen evaluations, parameters swapped (``torch.utils.swap_tensors``), ``.data``
-aliases handed to ``functional_call``, and selective activation checkpointing. Every loop checks the values
-after each step: a norm served from a cache that missed a write shows up as a wrong output.
+aliases handed to ``functional_call``, selective activation checkpointing, DPO-style reference forwards with the
+adapters disabled, and fp16 autocast with a grad scaler that skips a step. Every loop checks the values after each
+step: a norm served from a cache that missed a write shows up as a wrong output.
 """
 
 from __future__ import annotations
