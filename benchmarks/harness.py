@@ -226,6 +226,13 @@ def _summary(times: Sequence[float], timer: str) -> dict[str, Any]:
     }
 
 
+def _drop_grads(tensors: Sequence[torch.Tensor] | None) -> None:
+    """``.grad = None`` for each of ``tensors`` (a timing's ``grad_to_none``), as
+    ``optimizer.zero_grad(set_to_none=True)`` does between the calls of a training loop."""
+    for t in tensors or ():
+        t.grad = None
+
+
 def bench(
     fn: Callable[[], Any],
     settings: Settings,
@@ -247,9 +254,7 @@ def bench(
     if not settings.cuda:
         times = []
         for _ in range(reps):
-            if grad_to_none:
-                for t in grad_to_none:
-                    t.grad = None
+            _drop_grads(grad_to_none)
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
@@ -406,9 +411,7 @@ def host_us(
         fn()
     times = []
     for _ in range(calls):
-        if grad_to_none:
-            for t in grad_to_none:
-                t.grad = None
+        _drop_grads(grad_to_none)
         sync(device)
         t0 = time.perf_counter()
         fn()
@@ -447,9 +450,7 @@ def loop_us(
     sync(device)
     t0 = time.perf_counter()
     for _ in range(calls):
-        if grad_to_none:
-            for t in grad_to_none:
-                t.grad = None
+        _drop_grads(grad_to_none)
         fn()
     sync(device)
     return {"loop_us": (time.perf_counter() - t0) / calls * 1e6}
@@ -511,9 +512,7 @@ def device_us(
     attempts = 0
     while len(times) < calls and attempts < 4 * calls:
         attempts += 1
-        if grad_to_none:
-            for t in grad_to_none:
-                t.grad = None
+        _drop_grads(grad_to_none)
         runtime.driver.active.clear_cache(cache)
         torch.cuda._sleep(int(hold_us * cycles_per_us))
         start.record()
@@ -536,9 +535,7 @@ def peak_extra_mib(
     """Peak extra memory of one call of ``fn`` in MiB (None off CUDA)."""
     if not settings.cuda:
         return None
-    if grad_to_none:
-        for t in grad_to_none:
-            t.grad = None
+    _drop_grads(grad_to_none)
     gc.collect()
     sync(settings.device)
     torch.cuda.reset_peak_memory_stats(settings.device)
