@@ -32,6 +32,7 @@ __all__ = ["plot_file"]
 
 _COLORS = {
     "lora": "#7f7f7f",
+    "lora_dropout_floor": "#bcbd22",
     "stock": "#d62728",
     "stock_cached": "#ff9896",
     "dorafactors": "#1f77b4",

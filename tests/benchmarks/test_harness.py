@@ -17,6 +17,7 @@ from benchmarks import providers as P
 from benchmarks.__main__ import main
 from benchmarks.common import load_results, write_results
 from benchmarks.harness import Case, ResultsFile, Settings, run_cases
+from benchmarks.report import PROVIDER_ORDER
 from benchmarks.suites import model as model_suite
 
 pytestmark = pytest.mark.slow
@@ -320,6 +321,16 @@ def test_plots_written(quick_run):
     names = {p.name.split("quick-", 1)[-1] for p in pngs}
     assert {"ratio-model.png", "ratio-layer.png", "compose-bandwidth.png", "norm-time.png", "ranks.png"} <= names
     assert all(p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+def test_every_reported_provider_has_its_own_plot_colour():
+    """A provider without a colour takes matplotlib's first default colour, dorafactors' blue: two bars of one
+    chart would look alike."""
+    from benchmarks.plot import _COLORS
+
+    colours = [_COLORS.get(p) for p in PROVIDER_ORDER]
+    assert None not in colours, [p for p in PROVIDER_ORDER if p not in _COLORS]
+    assert len(set(colours)) == len(colours)
 
 
 # --------------------------------------------------------------------------------------------- runner rules
