@@ -139,9 +139,11 @@ def test_rows_carry_metrics_and_metadata(quick_run):
             assert metrics["ms_p20"] <= metrics["ms"] <= metrics["ms_p80"]
 
 
-def test_layer_and_decode_rows_record_host_time(quick_run):
-    """Every layer and decode row (eager providers) has the host time to enqueue one call, shown in RESULTS.md
-    next to LoRA's and stock's; the decode suite has the one-token 4096x4096-layer case (quick: 64x64)."""
+def test_layer_decode_and_model_training_rows_record_host_time(quick_run):
+    """Every layer and decode row (eager providers) has the host time to enqueue one call and the time per call
+    back to back, shown in RESULTS.md next to LoRA's and stock's, and so has every eager model-suite training
+    fwd+bwd row (not the inference, step or compiled ones); the decode suite has the one-token
+    4096x4096-layer case (quick: 64x64)."""
     rows = quick_run["rows"]
     for suite in ("layer", "decode"):
         for case, by in _by(rows, suite).items():
@@ -150,12 +152,17 @@ def test_layer_and_decode_rows_record_host_time(quick_run):
                 assert metrics["host_us"] > 0 and metrics["host_us_p80"] >= metrics["host_us"], (suite, case, provider)
                 assert metrics["loop_us"] > 0, (suite, case, provider)
     assert {"lora", "stock", "dorafactors"} <= set(_by(rows, "decode")["layer/64x64/tokens=1"])
+    model_training = 0
     for row in rows:
         if row["suite"] == "model" and row["status"] == "ok":
-            assert "host_us" not in row["metrics"] and "loop_us" not in row["metrics"]
+            timed = row["params"]["workload"] == "train_fwd_bwd" and not row["provider"].endswith("+compile")
+            model_training += timed
+            assert ("host_us" in row["metrics"]) == timed and ("loop_us" in row["metrics"]) == timed, row["case"]
+            assert "device_us" not in row["metrics"]  # its hold cannot keep a model call's launches queued
+    assert model_training >= 3
     text = quick_run["report"].read_text()
-    assert text.count("Host time to enqueue one call") == 2  # the layer and decode sections
-    assert text.count("Time per call of calls made back to back") == 2
+    assert text.count("Host time to enqueue one call") == 3  # the model, layer and decode sections
+    assert text.count("Time per call of calls made back to back") == 3
     assert "| decode: one 4096x4096 layer, 1 token (eval) | `decode:layer/64x64/tokens=1` |" in text
     json_rows = json.loads(quick_run["json"].read_text())["rows"]  # the report wrote the ratios back
     df = next(r for r in json_rows if r["case"] == "layer/64x64/tokens=1" and r["provider"] == "dorafactors")
