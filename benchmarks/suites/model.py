@@ -34,8 +34,8 @@ from typing import Any
 import torch
 
 from .. import providers as P
-from ..harness import OVERHEAD_CALLS, Case, Settings, provider_rows
-from ._workloads import Workload, measure
+from ..harness import HOST_CALLS, OVERHEAD_CALLS, Case, Settings, provider_rows
+from ._workloads import MODEL_HOST_TIMED, MODEL_LOOP_CALLS, Workload, measure
 
 SETUPS: dict[str, dict[str, Any]] = {
     "bf16": {"adapters_fp32": False, "amp": False, "adapter_dtype": "bf16"},
@@ -213,6 +213,8 @@ def cases(settings: Settings) -> list[Case]:
             providers = (*P.BASE_PROVIDERS, "dorafactors_cold")
         elif workload.dropout > 0:
             providers = (*P.BASE_PROVIDERS, "lora_dropout_floor")  # what DoRA cannot avoid with dropout
+        if workload.kind in MODEL_HOST_TIMED:  # host_us and loop_us calls, two untimed before each
+            reps += HOST_CALLS + MODEL_LOOP_CALLS + 4
         est = estimate(settings, setup, kind, providers, factor=factor, reps=reps)
         if (fp32, quant) not in built:
             est += BASE_S * (not built) + QUANTIZE_S * bool(quant) + BUILD_S * len(P.BASE_PROVIDERS)
