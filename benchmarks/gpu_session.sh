@@ -17,7 +17,8 @@
 #   bench SUITES        python -m benchmarks run --suite SUITES      -> $OUT/<gpu>-<date>.json (+ .log); calls
 #                       in one session append to the same file; copy it to benchmarks/results/, then run
 #                       `python -m benchmarks report` and `python -m benchmarks plot <file>`; BENCH_CASE
-#                       (a glob, e.g. '*#compile' for the compiled cases only) is passed as --case
+#                       (a glob, e.g. '*#compile' for the compiled cases only) is passed as --case, and the
+#                       committed results as --calibrate (BENCH_CALIBRATE=0 keeps the priors)
 #   tune [PARTS]        python -m benchmarks tune --only PARTS       -> $OUT/tune.json (+ .log)
 #   compiled-decode     benchmarks/profile_compiled.py --tokens 1 --rounds 7, both dtype setups: compiled
 #                       LoRA and dorafactors side by side, host time in interleaved rounds
@@ -85,6 +86,11 @@ while [ $# -gt 0 ]; do
             shift
             case_args=()
             [ -n "${BENCH_CASE:-}" ] && case_args=(--case "$BENCH_CASE")
+            # the committed results' measured case times as estimates (the priors of a compiled case exceed
+            # most budgets); BENCH_CALIBRATE=0 keeps the priors
+            if [ "${BENCH_CALIBRATE:-1}" != 0 ] && ls benchmarks/results/*.json >/dev/null 2>&1; then
+                case_args+=(--calibrate benchmarks/results/*.json)
+            fi
             timeout $((BENCH_BUDGET + BENCH_BUDGET / 5 + 60)) python3 -m benchmarks run --suite "$suites" ${case_args[@]+"${case_args[@]}"} \
                 --out "$RESULTS" --time-budget "$BENCH_BUDGET" --rounds "$BENCH_ROUNDS" --no-progress 2>&1 | tee -a "${RESULTS%.json}.log" | tail -40
             ;;
