@@ -4,7 +4,7 @@ Ratios are computed between rows of the same ``run_id`` and the same case only, 
 They are written back into each row (``row["ratios"]``) and shown next to the absolute numbers:
 
 * model / decode / layer / ranks: ``ms_vs_lora``, ``ms_vs_stock``, ``peak_vs_lora``, ``peak_vs_stock``, and
-  where the row has them (layer, decode) ``host_vs_lora``, ``host_vs_stock`` (host time), ``device_vs_lora``,
+  where the row has them (layer, decode, model training) ``host_vs_lora``, ``host_vs_stock`` (host time), ``device_vs_lora``,
   ``device_vs_stock`` (device time), ``loop_vs_lora``, ``loop_vs_stock`` (calls back to back); a compiled provider
   (``<p>+compile``) is compared with compiled LoRA and compiled stock, and with its own eager provider
   (``ms_vs_eager``);
@@ -418,7 +418,7 @@ def _targets_table(rows: list[dict[str, Any]], quick: bool) -> list[str]:
         verdicts = [
             f"<= {_x(limits[src])} {_status(ratio, limits[src])}" if src in limits else "" for src in LIMIT_SOURCES
         ]
-        split = ""  # where the row has them (layer and decode suites): what bounds the call
+        split = ""  # where the row has them (layer, decode, model training): what bounds the call
         if metric == "ms" and df and df.get("status") == "ok":
             ratios = df.get("ratios", {})
             parts = [ratios.get(f"{kind}_vs_lora") for kind in ("host", "device", "loop")]
@@ -690,7 +690,7 @@ def render(rows: list[dict[str, Any]], sources: Sequence[Path]) -> str:
             "Ratio of dorafactors to plain LoRA in the same run (r=384, lora_alpha=2r; `bf16` = base and adapters "
             "bf16; `PEFT default dtypes` = bf16 base, fp32 adapters; `NF4 base` = bitsandbytes 4-bit base, fp32 adapters, "
             "LoRA on the same base). Limits from issues 5 and 15 and from anchors.md. `host, device, loop / LoRA` "
-            "(layer and decode rows): the same ratio for the host time to enqueue one call, for the device time of "
+            "(layer and decode rows; host and loop on model training rows): the same ratio for the host time to enqueue one call, for the device time of "
             "one call and for the time per call of calls made back to back (what a loop of them sees); a call whose "
             "device ratio is near 1 and whose wall ratio follows the host's is bound by host time. The wall time "
             "of one such call starts after the L2 flush before it, which hides the host time spent while the flush "
