@@ -29,9 +29,10 @@ is traced (:func:`install`). A pass the user had set there runs after this one. 
 :data:`MIN_TORCH` keeps the calls per layer. This module imports Inductor's pass interface: it is imported
 when a graph with a norm op is traced, not with the package.
 
-The merged call's last argument is a layout token (:func:`layout_token`): where the graph's guards fix the
-dtypes, shapes and strides of the weights and adapters it passes, the op's memo of an unchanged call compares
-only their identities, storages, addresses and versions (``norm_op._refresh_weight_norms_impl``).
+The merged call takes the layers' tensors as five lists and their plain arguments as one string
+(``norm_op.merged_plan``), which also holds a layout token (:func:`layout_token`): where the graph's guards fix
+the dtypes, shapes and strides of the weights and adapters it passes, the op's memo of an unchanged call
+compares only their identities, storages, addresses and versions (``norm_op._refresh_weight_norms_impl``).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from packaging.version import Version
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from . import norm_op  # noqa: F401  (registers the dorafactors ops this pass reads and writes)
+from . import norm_op  # (also registers the dorafactors ops this pass reads and writes)
 
 __all__ = ["MIN_TORCH", "BatchNormRefreshes", "batch_refreshes", "install", "layout_token"]
 
@@ -169,11 +170,13 @@ def _graph_input(arg: Any) -> torch.fx.Node | None:
 def _mergeable_inputs(node: torch.fx.Node) -> list[torch.fx.Node] | None:
     """The graph inputs behind the five tensor arguments of a ``refresh_weight_norm`` call that has the layers'
     eight positional arguments, its tensors graph inputs (placeholders or attributes, or :func:`_graph_input`
-    transposes of them) and its other arguments plain values; None for any other call."""
+    transposes of them) and its other arguments plain values (a float scaling, a known layout, a bool); None
+    for any other call."""
     if node.kwargs or len(node.args) != _ARITY:
         return None
-    if any(isinstance(arg, torch.fx.Node) for arg in node.args[5:]):
-        return None
+    scaling, layout, cache = node.args[5:]
+    if type(scaling) not in (float, int) or layout not in norm_op.LAYOUTS or type(cache) is not bool:
+        return None  # (what the merged call's plan string holds: norm_op.merged_plan)
     inputs = [_graph_input(arg) for arg in node.args[:5]]
     return None if None in inputs else inputs  # type: ignore[return-value]
 
@@ -204,15 +207,16 @@ def batch_refreshes(graph: torch.fx.Graph) -> int:
         return 0
     columns = tuple(list(column) for column in zip(*((*inputs[node], *node.args[5:]) for node in calls)))
     token = layout_token([*columns[2], *columns[3], *columns[4]])
+    plan = norm_op.merged_plan(columns[5], columns[6], columns[7], token)
     with graph.inserting_before(calls[0]):
-        graph.call_function(torch.ops.dorafactors.refresh_weight_norms.default, (*columns, token))
+        graph.call_function(torch.ops.dorafactors.refresh_weight_norms.default, (*columns[:5], plan))
     for node in calls:
         graph.erase_node(node)
     return len(calls)
 
 
 def layout_token(tensors: list[torch.fx.Node]) -> int:
-    """The merged call's ``layout_token`` (``norm_op._refresh_weight_norms_impl``): a nonzero hash of the dtype,
+    """The layout token of the merged call's plan (``norm_op.merged_plan``): a nonzero hash of the dtype,
     device, shape and strides of each of ``tensors`` (the layers' weights, ``lora_A`` s and ``lora_B`` s) where
     every one is a placeholder with static sizes and strides in its traced value, so that Dynamo's guards on
     the graph's inputs fix them for every call of the graph; 0 otherwise (an attribute, a symbolic size or
@@ -227,7 +231,7 @@ def layout_token(tensors: list[torch.fx.Node]) -> int:
             return 0
         layouts.append((str(example.dtype), str(example.device), shape, strides))
     digest = hashlib.blake2b(repr(layouts).encode(), digest_size=8).digest()
-    return (int.from_bytes(digest, "big") >> 2) or 1  # nonzero, within the schema's int64
+    return (int.from_bytes(digest, "big") >> 2) or 1  # nonzero
 
 
 def _source_hash() -> str:

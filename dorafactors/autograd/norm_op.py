@@ -45,8 +45,15 @@ graph reads the norm from the store, a graph input, which Inductor never hands t
 re-inplaces the functionalized mutation, so the op works on the store itself). Not where autograd records:
 a graph may save the norm for its backward, and a later write into the store would change it.
 
-Under Inductor a graph runs one call for all its layers instead: ``refresh_weight_norms`` takes the same
-arguments as lists, and a graph pass merges the layers' calls into it (``autograd/norm_batching.py``).
+Under Inductor a graph runs one call for all its layers instead, which a graph pass merges the layers' calls
+into (``autograd/norm_batching.py``)::
+
+    refresh_weight_norms(Tensor(a!)[] stores, Tensor[] owners, Tensor[] weights, Tensor[] lora_As,
+                         Tensor[] lora_Bs, str plan) -> ()
+
+The tensors as lists, one entry per layer; the plain arguments, constants of the graph, as one string
+(:func:`merged_plan`): the dispatcher converts every list element on every call, and this op runs on every
+compiled decode step.
 
 All three are registered through ``torch.library.Library`` directly rather than ``torch.library.custom_op``: they
 run once per DoRA layer per forward, and the direct registration costs a fraction of ``custom_op``'s Python
@@ -56,6 +63,7 @@ dispatch wrapper per call.
 from __future__ import annotations
 
 import contextlib
+import operator
 import weakref
 from typing import NamedTuple
 
@@ -82,10 +90,13 @@ from ..norm.cache import (
 __all__ = [
     "LAYOUTS",
     "NORM_STORE",
+    "MergedPlan",
     "cached_weight_norm",
+    "merged_plan",
     "new_norm_store",
     "norm_factors",
     "norm_store_fits",
+    "parse_merged_plan",
     "refresh_weight_norm",
     "static_store",
 ]
@@ -108,7 +119,7 @@ _tags = (_unsafe_tag,) if _unsafe_tag is not None else ()
 _BATCH_OP_NAME = "refresh_weight_norms"
 _BATCH_SCHEMA = (
     f"{_BATCH_OP_NAME}(Tensor(a!)[] stores, Tensor[] owners, Tensor[] weights, Tensor[] lora_As, Tensor[] lora_Bs, "
-    "float[] scalings, str[] layouts, bool[] caches, int layout_token=0) -> ()"
+    "str plan) -> ()"
 )
 _lib = torch.library.Library("dorafactors", "FRAGMENT")
 _lib.define(_SCHEMA, tags=_tags)
@@ -402,74 +413,144 @@ def _refresh_weight_norm_impl(
         caches.served = (weakref.ref(store), store.data_ptr(), norm)
 
 
+class MergedPlan(NamedTuple):
+    """The plain arguments of a merged ``refresh_weight_norms`` call, per layer (``scalings``, ``layouts``,
+    ``caches``: what each layer's ``refresh_weight_norm`` call took), and the graph's ``layout_token``."""
+
+    scalings: tuple[float, ...]
+    layouts: tuple[str, ...]
+    caches: tuple[bool, ...]
+    layout_token: int = 0
+
+
+#: Version prefix of a plan string (a plan of another format is refused, never misread).
+_PLAN_FORMAT = "plan1"
+
+
+def merged_plan(scalings: list[float], layouts: list[str], caches: list[bool], layout_token: int = 0) -> str:
+    """The ``plan`` argument of ``refresh_weight_norms``: ``plan1|<layout_token>|<scaling>,<layout>,<0|1>;...``
+    per layer, each scaling as its exact ``repr`` (read back bitwise by :func:`parse_merged_plan`).
+
+    ``layout_token``: nonzero where the calling graph's guards fix the dtype, shape and strides of every weight,
+    ``lora_A`` and ``lora_B`` it passes, the token naming those layouts (``norm_batching.layout_token``); 0:
+    no such guarantee (the memo of an unchanged call then compares every stamp in full)."""
+    if not len(scalings) == len(layouts) == len(caches):
+        raise ValueError(f"merged_plan: {len(scalings)} scalings, {len(layouts)} layouts, {len(caches)} cache flags")
+    for layout in layouts:
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown norm layout {layout!r}; expected one of {LAYOUTS}")
+    rows = ";".join(f"{float(s)!r},{layout},{int(bool(c))}" for s, layout, c in zip(scalings, layouts, caches))
+    return f"{_PLAN_FORMAT}|{int(layout_token)}|{rows}"
+
+
+#: ``plan string -> MergedPlan``: a graph passes the same constant on every call, parsed once.
+_parsed_plans: dict[str, MergedPlan] = {}
+_MAX_PARSED_PLANS = 256
+
+
+def parse_merged_plan(plan: str) -> MergedPlan:
+    """The :class:`MergedPlan` of a :func:`merged_plan` string (``ValueError`` for a malformed one)."""
+    parsed = _parsed_plans.get(plan)
+    if parsed is not None:
+        return parsed
+    try:
+        form, token, rows = plan.split("|")
+        if form != _PLAN_FORMAT:
+            raise ValueError(f"format {form!r}")
+        fields = [row.split(",") for row in rows.split(";")] if rows else []
+        if any(len(row) != 3 or row[1] not in LAYOUTS or row[2] not in ("0", "1") for row in fields):
+            raise ValueError("a layer's entry is not <scaling>,<layout>,<0|1>")
+        parsed = MergedPlan(
+            tuple(float(row[0]) for row in fields),
+            tuple(row[1] for row in fields),
+            tuple(row[2] == "1" for row in fields),
+            int(token),
+        )
+    except ValueError as error:
+        raise ValueError(f"dorafactors::refresh_weight_norms: malformed plan {plan[:80]!r} ({error})") from None
+    if len(_parsed_plans) >= _MAX_PARSED_PLANS:
+        _parsed_plans.clear()
+    _parsed_plans[plan] = parsed
+    return parsed
+
+
 def _refresh_weight_norms_impl(
     stores: list[torch.Tensor],
     owners: list[torch.Tensor],
     weights: list[torch.Tensor],
     lora_As: list[torch.Tensor],
     lora_Bs: list[torch.Tensor],
-    scalings: list[float],
-    layouts: list[str],
-    caches: list[bool],
-    layout_token: int = 0,
+    plan: str,
 ) -> None:
-    """``dorafactors::refresh_weight_norms``: :func:`_refresh_weight_norm_impl` for each layer, in order. A compiled
-    graph calls it once in place of its layers' ``refresh_weight_norm`` calls (``autograd/norm_batching.py``).
+    """``dorafactors::refresh_weight_norms``: :func:`_refresh_weight_norm_impl` for each layer, in order, with the
+    plain arguments of ``plan`` (:func:`merged_plan`). A compiled graph calls it once in place of its layers'
+    ``refresh_weight_norm`` calls (``autograd/norm_batching.py``).
 
     A call that finds every layer's store holding its cached norm leaves a :class:`_MergedMemo` with its first
-    layer; the next call with the same arguments, all unchanged, returns after checking it (one pass over the
-    stamps of all the layers' tensors, without the per-layer lookups, signatures and calls).
-
-    ``layout_token``: nonzero where the calling graph's guards fix the dtype, shape and strides of every weight,
-    ``lora_A`` and ``lora_B`` it passes, the token naming those layouts (``norm_batching.layout_token``); a memo
-    left by a call with the same token then compares only what the guards do not (identity, storage, address,
-    version: ``StampSet.matches_in_layout``). 0: no such guarantee, every stamp compared in full."""
+    layer; the next call with the same arguments, all unchanged, returns after checking it (column by column
+    over all the layers, without the per-layer lookups, signatures and calls). With the plan's nonzero layout
+    token the stamps are compared within the layouts the token names (``StampSet.matches_in_layout``)."""
     settings = _CallSettings.now()
     first = owned_norm_caches(owners[0], create=False) if owners else None
     if first is not None and first.merged is not None:
-        if _merged_memo_holds(
-            first.merged, settings, stores, owners, weights, lora_As, lora_Bs, scalings, layouts, layout_token
-        ):
+        memo = first.merged
+        if memo.plan == plan and _merged_memo_holds(memo, settings, stores, owners, weights, lora_As, lora_Bs):
             return
         first.merged = None
-    for args in zip(stores, owners, weights, lora_As, lora_Bs, scalings, layouts, caches, strict=True):
+    layers = parse_merged_plan(plan)
+    if not len(stores) == len(owners) == len(weights) == len(lora_As) == len(lora_Bs) == len(layers.scalings):
+        raise ValueError(
+            f"dorafactors::refresh_weight_norms: {len(stores)} stores, {len(owners)} owners, {len(weights)} weights, "
+            f"{len(lora_As)} lora_As, {len(lora_Bs)} lora_Bs for a plan of {len(layers.scalings)} layers"
+        )
+    for args in zip(stores, owners, weights, lora_As, lora_Bs, layers.scalings, layers.layouts, layers.caches):
         _refresh_weight_norm_impl(*args, settings)
-    if owners and settings.cache_mode == "on" and False not in caches:
-        memo = _merged_memo(settings, stores, owners, weights, lora_As, lora_Bs, scalings, layouts, layout_token)
+    if owners and settings.cache_mode == "on" and False not in layers.caches:
+        memo = _merged_memo(settings, plan, layers.layout_token, stores, owners, weights, lora_As, lora_Bs)
         if memo is not None:
             owned_norm_caches(owners[0]).merged = memo
 
 
 class _MergedMemo(NamedTuple):
     """What a merged refresh call left behind when every layer's store held its cached norm: the call's settings
-    and plain arguments (its layout token included), per layer ``(owner id, store ref, store data_ptr, caches,
-    caches.served, caches.norm.changes)``, and the stamps of every layer's weight, ``lora_A`` and ``lora_B``.
+    and plan, and column by column over its layers: the owners' ids, the stores (held, so that their ids stay
+    theirs while the memo lives), their ids and addresses, each layer's caches with what they held then
+    (``caches.served``, ``caches.norm.changes``), and the stamps of every weight, ``lora_A`` and ``lora_B``.
 
     While all of that is unchanged, each layer's own check (:func:`_refresh_weight_norm_impl`) would find the
     same cache entry valid (same tensors, unchanged; same signature; no optimizer step since) and its store
     already holding it, so the call has nothing to do."""
 
     settings: _CallSettings
-    scalings: list[float]
-    layouts: list[str]
+    plan: str
     layout_token: int
-    rows: tuple[tuple[int, weakref.ref, int, OwnedNormCaches, tuple, int], ...]
+    owner_ids: list[int]
+    stores: tuple[torch.Tensor, ...]
+    store_ids: list[int]
+    store_ptrs: list[int]
+    caches: tuple[OwnedNormCaches, ...]
+    served: tuple[tuple, ...]
+    changes: list[int]
     stamps: StampSet
+
+
+_data_ptr = torch.Tensor.data_ptr
+_served_of = operator.attrgetter("served")
+_norm_changes_of = operator.attrgetter("norm.changes")
 
 
 def _merged_memo(
     settings: _CallSettings,
+    plan: str,
+    layout_token: int,
     stores: list[torch.Tensor],
     owners: list[torch.Tensor],
     weights: list[torch.Tensor],
     lora_As: list[torch.Tensor],
     lora_Bs: list[torch.Tensor],
-    scalings: list[float],
-    layouts: list[str],
-    layout_token: int,
 ) -> _MergedMemo | None:
     """The memo of a merged call just made, or None when a layer's store does not hold its cached norm."""
-    rows = []
+    caches_list = []
     for owner, store in zip(owners, stores):
         caches = owned_norm_caches(owner, create=False)
         served = None if caches is None else caches.served
@@ -477,9 +558,21 @@ def _merged_memo(
             return None
         if served[2] is not caches.norm.peek(None):  # type: ignore[union-attr]
             return None
-        rows.append((id(owner), served[0], served[1], caches, served, caches.norm.changes))  # type: ignore[union-attr]
-    stamps = StampSet((*weights, *lora_As, *lora_Bs))
-    return _MergedMemo(settings, list(scalings), list(layouts), layout_token, tuple(rows), stamps)
+        caches_list.append(caches)
+    caches = tuple(caches_list)
+    return _MergedMemo(
+        settings,
+        plan,
+        layout_token,
+        list(map(id, owners)),
+        tuple(stores),
+        list(map(id, stores)),
+        list(map(_data_ptr, stores)),
+        caches,
+        tuple(map(_served_of, caches)),
+        list(map(_norm_changes_of, caches)),
+        StampSet((*weights, *lora_As, *lora_Bs)),
+    )
 
 
 def _merged_memo_holds(
@@ -490,35 +583,27 @@ def _merged_memo_holds(
     weights: list[torch.Tensor],
     lora_As: list[torch.Tensor],
     lora_Bs: list[torch.Tensor],
-    scalings: list[float],
-    layouts: list[str],
-    layout_token: int = 0,
 ) -> bool:
-    """True when a merged call with these arguments has nothing to do (:class:`_MergedMemo`); counts each layer's
-    cache hit then, as its own check would. The settings hold the optimizer step: any step ends the memo. With
-    the memo's nonzero layout token the stamps are compared within the layouts the token names."""
-    rows = memo.rows
-    if settings != memo.settings or len(owners) != len(rows) or len(stores) != len(rows):
+    """True when a merged call with these tensors (and the memo's plan) has nothing to do (:class:`_MergedMemo`);
+    counts each layer's cache hit then, as its own check would. The settings hold the optimizer step: any step
+    ends the memo. Each check runs over all the layers at once (a list comparison, or ``map`` over C
+    functions)."""
+    if settings != memo.settings:
         return False
-    if scalings != memo.scalings or layouts != memo.layouts:  # lists (the op's arguments), compared in place
+    if list(map(id, owners)) != memo.owner_ids or list(map(id, stores)) != memo.store_ids:
+        return False  # (the memo holds the stores: the same ids are the same objects)
+    if list(map(_data_ptr, stores)) != memo.store_ptrs:
         return False
-    for (owner_id, store_ref, store_ptr, caches, served, changes), owner, store in zip(rows, owners, stores):
-        if (
-            owner_id != id(owner)
-            or store_ref() is not store
-            or store.data_ptr() != store_ptr
-            or caches.served is not served
-            or caches.norm.changes != changes
-        ):
-            return False
+    caches = memo.caches
+    if not all(map(operator.is_, map(_served_of, caches), memo.served)):
+        return False
+    if list(map(_norm_changes_of, caches)) != memo.changes:
+        return False
     tensors = (*weights, *lora_As, *lora_Bs)
-    if layout_token and layout_token == memo.layout_token:
-        if not memo.stamps.matches_in_layout(tensors):
-            return False
-    elif not memo.stamps.matches(tensors):
+    if not (memo.stamps.matches_in_layout(tensors) if memo.layout_token else memo.stamps.matches(tensors)):
         return False
-    for row in rows:
-        row[3].norm.hits += 1
+    for layer_caches in caches:
+        layer_caches.norm.hits += 1
     return True
 
 
@@ -538,7 +623,7 @@ def _refresh_weight_norm_fake(store, owner, weight, lora_A, lora_B, scaling, lay
     return None
 
 
-def _refresh_weight_norms_fake(stores, owners, weights, lora_As, lora_Bs, scalings, layouts, caches, layout_token=0):
+def _refresh_weight_norms_fake(stores, owners, weights, lora_As, lora_Bs, plan):
     """Nothing to return: the op writes ``stores`` in place."""
     return None
 

@@ -469,7 +469,7 @@ class StampSet:
 
 
 _data_ptr = torch.Tensor.data_ptr
-_untyped_storage = torch.Tensor.untyped_storage
+_version_of = operator.attrgetter("_version")
 
 
 class _StampColumns(NamedTuple):
@@ -479,36 +479,52 @@ class _StampColumns(NamedTuple):
 
     It compares each tensor's own identity: a stamped tensor had no base, so its root was itself. A tensor
     that is a view now has another id unless the stamped object was freed and its id reused (a parameter,
-    recorded by id alone); then, as for a root, only the very storage object stamped, still alive, at the
-    same address, with the same version, matches."""
+    recorded by id alone); then, as for a root, only the very storage stamped, still alive, at the same
+    address, with the same version, matches.
+
+    The storages are watched rather than compared: a weak reference with a callback per storage sets
+    ``freed`` when one of them is freed, and a match needs none freed and every ``data_ptr`` unchanged. A
+    tensor now in another storage at the same address while the stamped one lives could only be in memory
+    that two storages alias (a DLPack or ``from_blob`` alias bound through ``.data``): the same memory, so
+    the same values (later writes through the alias are the ``.data`` blind spot of the module docstring)."""
 
     ids: list[int]
     weak_roots: tuple[tuple[int, weakref.ref], ...]  # (position, weak reference) of the tensors not Parameters
     versions: list[int]
     data_ptrs: list[int]
-    storage_refs: list[weakref.ref]
+    watches: tuple[weakref.ref, ...]  # kept alive for their callbacks
+    freed: list[bool]  # [True] once a stamped storage was freed
 
     @classmethod
     def of(cls, refs: tuple[tuple[int, Any, weakref.ref], ...], keys: tuple[tuple[Any, ...], ...]) -> _StampColumns:
+        freed = [False]
+
+        def on_free(_dead: weakref.ref, freed: list[bool] = freed) -> None:
+            freed[0] = True
+
+        watches = []
+        for _, _, storage_ref in refs:
+            storage = storage_ref()
+            if storage is None:  # freed already
+                freed[0] = True
+                break
+            watches.append(weakref.ref(storage, on_free))
         return cls(
             [root_id for root_id, _, _ in refs],
             tuple((i, root_ref) for i, (_, root_ref, _) in enumerate(refs) if root_ref is not None),
             [key[0] for key in keys],
             [key[1] for key in keys],
-            [storage_ref for _, _, storage_ref in refs],
+            tuple(watches),
+            freed,
         )
 
     def match(self, tensors: tuple[torch.Tensor, ...]) -> bool:
-        if list(map(id, tensors)) != self.ids:
+        if self.freed[0] or list(map(id, tensors)) != self.ids:
             return False
         for i, root_ref in self.weak_roots:
             if root_ref() is not tensors[i]:
                 return False
-        return (
-            [t._version for t in tensors] == self.versions
-            and list(map(_data_ptr, tensors)) == self.data_ptrs
-            and all(map(operator.is_, map(_untyped_storage, tensors), [ref() for ref in self.storage_refs]))
-        )
+        return list(map(_version_of, tensors)) == self.versions and list(map(_data_ptr, tensors)) == self.data_ptrs
 
 
 class NormCache:

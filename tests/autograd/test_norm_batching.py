@@ -11,14 +11,16 @@
 from __future__ import annotations
 
 import operator
+import struct
 
 import pytest
 import torch
 import torch.fx
 from peft import LoraConfig, get_peft_model
+from torch import nn
 
 import dorafactors
-from dorafactors.autograd import norm_batching
+from dorafactors.autograd import norm_batching, norm_op
 from dorafactors.norm.cache import owned_norm_caches
 from tests._models import TinyLM
 
@@ -77,11 +79,12 @@ def test_calls_merge_into_one_in_order_where_the_first_was():
     assert norm_batching.batch_refreshes(graph) == 3
     assert _targets(graph) == [MERGED]
     merged = next(n for n in graph.nodes if n.target is MERGED)
-    stores, _, weights, _, _, scalings, layouts, caches, token = merged.args
+    stores, _, weights, lora_As, lora_Bs, plan = merged.args
     assert [s.name for s in stores] == ["store0", "store1", "store2"]
     assert [w.name for w in weights] == ["w0", "w1", "w2"]
-    assert scalings == [0.5, 1.5, 2.5] and layouts == ["linear"] * 3 and caches == [True] * 3
-    assert token == norm_batching.layout_token([*weights, *merged.args[3], *merged.args[4]]) != 0
+    scalings, layouts, caches, token = norm_op.parse_merged_plan(plan)
+    assert scalings == (0.5, 1.5, 2.5) and layouts == ("linear",) * 3 and caches == (True,) * 3
+    assert token == norm_batching.layout_token([*weights, *lora_As, *lora_Bs]) != 0
     first_read = next(n for n in graph.nodes if n.target is torch.ops.aten.add.Tensor)
     order = list(graph.nodes)
     assert order.index(merged) < order.index(first_read)  # every store is refreshed before any is read
@@ -147,7 +150,8 @@ def test_a_call_that_cannot_move_stays_and_the_others_merge_around_it(kind):
     assert _targets(graph) == [MERGED, REFRESH]
     merged = next(n for n in graph.nodes if n.target is MERGED)
     kept = next(n for n in graph.nodes if n.target is REFRESH)
-    assert [s.name for s in merged.args[0]] == ["store0", "store2"] and merged.args[5] == [0.5, 2.5]
+    assert [s.name for s in merged.args[0]] == ["store0", "store2"]
+    assert norm_op.parse_merged_plan(merged.args[5]).scalings == (0.5, 2.5)
     assert kept.args[0].name == "store1" and kept.args[2].op == ("call_function" if kind == "computed" else "get_attr")
     graph.lint()
 
@@ -187,6 +191,63 @@ def test_a_single_mergeable_call_keeps_the_graph():
     graph = _graph(2, late_attribute=True)  # an attribute read after the first call
     assert norm_batching.batch_refreshes(graph) == 0
     assert _targets(graph) == [REFRESH] * 2
+
+
+@pytest.mark.parametrize(
+    "argument", [(5, torch.tensor(0.5)), (6, "sideways"), (7, 1)], ids=["tensor-scaling", "unknown-layout", "int-cache"]
+)
+def test_a_call_whose_plain_arguments_a_plan_cannot_hold_stays(argument):
+    """The merged call's plan string holds a float scaling, a known layout and a bool per layer; a call with
+    anything else (not what the layers pass) keeps its own op, and the others merge."""
+    graph = _graph(3)
+    refreshes = [n for n in graph.nodes if n.target is REFRESH]
+    position, value = argument
+    args = list(refreshes[1].args)
+    args[position] = value
+    refreshes[1].args = tuple(args)
+    assert norm_batching.batch_refreshes(graph) == 2
+    assert _targets(graph) == [MERGED, REFRESH]
+
+
+def test_a_plan_string_carries_every_plain_argument_exactly():
+    """``merged_plan`` / ``parse_merged_plan``: scalings bitwise (any float, also ints), layouts, cache flags
+    and the layout token round-trip; a malformed or foreign plan, a count mismatch or an unknown layout raise
+    a ``ValueError`` that names the op, never a misread."""
+    scalings = [1 / 3, 2, 1e-300, 7.5e300, -0.0, float("inf")]
+    layouts = ["linear", "transposed", "conv", "linear", "conv", "transposed"]
+    caches = [True, False, True, True, False, True]
+    plan = norm_op.merged_plan(scalings, layouts, caches, 12345)
+    parsed = norm_op.parse_merged_plan(plan)
+    assert [struct.pack("<d", v) for v in parsed.scalings] == [struct.pack("<d", float(v)) for v in scalings]
+    assert parsed.layouts == tuple(layouts) and parsed.caches == tuple(caches) and parsed.layout_token == 12345
+    assert norm_op.parse_merged_plan(norm_op.merged_plan([], [], [])) == ((), (), (), 0)
+    for bad in (
+        "",
+        "plan1|0",
+        "plan0|0|1.0,linear,1",
+        "plan1|x|1.0,linear,1",
+        "plan1|0|1.0,linear",
+        "plan1|0|a,linear,1",
+        "plan1|0|1.0,sideways,1",
+        "plan1|0|1.0,linear,2",
+    ):
+        with pytest.raises(ValueError, match="refresh_weight_norms: malformed plan"):
+            norm_op.parse_merged_plan(bad)
+    with pytest.raises(ValueError, match="2 scalings, 1 layouts"):
+        norm_op.merged_plan([1.0, 2.0], ["linear"], [True, True])
+    with pytest.raises(ValueError, match="unknown norm layout"):
+        norm_op.merged_plan([1.0], ["sideways"], [True])
+
+
+def test_the_merged_op_refuses_tensor_lists_that_do_not_match_its_plan():
+    """One layer's tensors too few for the plan: a ``ValueError`` naming the counts, nothing written."""
+    store = norm_op.new_norm_store(4, torch.float32, "cpu")
+    owner, w = nn.Parameter(torch.ones(4)), nn.Parameter(torch.randn(4, 8))
+    a, b = nn.Parameter(torch.randn(2, 8)), nn.Parameter(torch.randn(4, 2))
+    plan = norm_op.merged_plan([1.0, 1.0], ["linear", "linear"], [True, True])
+    with torch.no_grad(), pytest.raises(ValueError, match=r"1 stores, 1 owners.*plan of 2 layers"):
+        MERGED([store], [owner], [w], [a], [b], plan)
+    assert not store.any()
 
 
 def _example_placeholders(*examples) -> list[torch.fx.Node]:

@@ -246,7 +246,8 @@ def test_the_merged_op_skips_its_layers_only_while_nothing_they_read_changed(mon
 
     def call(scales=None, token=layout_token):
         columns = [list(column) for column in zip(*layers)]
-        MERGED_OP(*columns, scales or scalings, list(norm_op.LAYOUTS), [True] * len(layers), token)
+        plan = norm_op.merged_plan(scales or scalings, list(norm_op.LAYOUTS), [True] * len(layers), token)
+        MERGED_OP(*columns, plan)
 
     def caches(i):
         return dorafactors.norm.cache.owned_norm_caches(layers[i][1], create=False)

@@ -6,6 +6,7 @@ actually used: one norm per optimizer step under gradient accumulation / checkpo
 from __future__ import annotations
 
 import copy
+import gc
 import zlib
 
 import pytest
@@ -500,7 +501,8 @@ def test_a_stamp_set_sees_exactly_what_each_tensors_stamp_sees(kind, position, c
     seen whichever position it holds, a transposed view follows its base's writes; another tensor object or a
     different count never matches. ``matches_in_layout`` answers as ``matches`` except for the changes only a
     layout tells (its caller's guards fix dtype, shape and strides: a compiled graph's), both in its loop (a
-    set with a view) and in its column-wise check (no view: parameters, or plain tensors held weakly)."""
+    set with a view) and in its column-wise check (no view: parameters, or plain tensors held weakly), which
+    takes an aliased storage over the same memory for the stamped one."""
     from dorafactors.norm.cache import StampSet, TensorStamp
 
     name, change, seen = _stamp_set_changes()[case]
@@ -521,7 +523,10 @@ def test_a_stamp_set_sees_exactly_what_each_tensors_stamp_sees(kind, position, c
     same_layout = all(s.same_layout(t) for s, t in zip(each, tensors))
     assert stamps.same_layout(tensors) is same_layout, name
     layout_only = name in ("same-storage view", "dtype view")
-    assert stamps.matches_in_layout(tensors) is (expected or layout_only), name
+    # the column-wise check watches the stamped storages rather than comparing them: another storage object over
+    # the very same memory (still alive, same address, dtype and layout) holds the same values
+    same_memory = name == "aliased storage" and not with_view
+    assert stamps.matches_in_layout(tensors) is (expected or layout_only or same_memory), name
     assert (stamps._columns is None) is with_view  # the check that ran: the loop, or the columns
     if not with_view or position != 1 or name == "write":  # a .data swap of a base leaves its view where it was
         assert expected is not seen, name
@@ -529,6 +534,31 @@ def test_a_stamp_set_sees_exactly_what_each_tensors_stamp_sees(kind, position, c
     for check in (stamps.matches, stamps.same_layout, stamps.matches_in_layout):
         assert not check(tensors[:2])
         assert not check((tensors[0].detach(), *tensors[1:]))
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["parameters", "plain tensors"])
+def test_the_column_wise_stamp_check_never_matches_once_a_stamped_storage_was_freed(plain):
+    """``matches_in_layout``'s columns watch the stamped storages: once one is freed (its tensor moved to new
+    memory by a ``.data`` swap, the old storage released), no later call matches, not even one that finds every
+    id, version and address as stamped (new memory at the freed address, as a caching allocator hands out)."""
+    from dorafactors.norm.cache import StampSet
+
+    def make():
+        t = torch.randn(4, 4)
+        return t if plain else nn.Parameter(t)
+
+    tensors = (make(), make(), make())
+    stamps = StampSet(tensors)
+    assert stamps.matches_in_layout(tensors)
+    columns = stamps._columns
+    assert columns is not None and not columns.freed[0]
+    tensors[1].data = torch.randn(4, 4)  # the only reference to its old storage goes
+    gc.collect()
+    assert columns.freed[0], "freeing a stamped storage must be seen"
+    columns.data_ptrs[1] = tensors[1].data_ptr()  # as if the new memory sat at the old address
+    assert list(map(torch.Tensor.data_ptr, tensors)) == columns.data_ptrs
+    assert [t._version for t in tensors] == columns.versions and list(map(id, tensors)) == columns.ids
+    assert not stamps.matches_in_layout(tensors)
 
 
 def test_a_pickled_or_copied_norm_cache_starts_empty_and_keeps_working():
