@@ -869,13 +869,15 @@ def run_cases(
                 try:
                     if alarm is not None:
                         alarm.arm()
-                    fragments = case.run(settings)
+                    try:
+                        fragments = case.run(settings)
+                    finally:
+                        if alarm is not None:
+                            alarm.disarm()  # before the handler below: a repeated alarm must not interrupt it
                 except Exception as exc:  # a setup failure: every provider of the case gets the error
                     text = error_text(exc)
                     fragments = [{"provider": p, "status": "error", "error": text} for p in case.providers]
                 finally:
-                    if alarm is not None:
-                        alarm.disarm()
                     free_memory(settings.device)
                 wall = time.perf_counter() - t0
                 rows = _case_rows(case, fragments, meta, wall, est)
@@ -900,10 +902,16 @@ class BudgetExceeded(Exception):
 
 
 _DEADLINE: list[float] = []  # the active hard deadline (perf_counter), read by provider_rows
+_REFIRE_S = 10.0  # the hard deadline's alarm repeats this often until disarmed (see _HardDeadline)
 
 
 class _HardDeadline:
-    """Interrupts the running case at ``deadline`` (POSIX main thread only; otherwise only recorded)."""
+    """Interrupts the running case at ``deadline`` (POSIX main thread only; otherwise only recorded).
+
+    The alarm repeats every :data:`_REFIRE_S` seconds until disarmed: Python swallows an exception raised
+    while a weak-reference callback or ``__del__`` runs ("Exception ignored in ..."), and the case would then
+    run on past the deadline. The interval leaves a case that caught the first one (``_provider_row``: the
+    providers left are skipped) time to return before the next."""
 
     def __init__(self, deadline: float) -> None:
         import signal
@@ -923,7 +931,7 @@ class _HardDeadline:
     def arm(self) -> None:
         if self._usable:
             left = self.deadline - time.perf_counter()
-            self._signal.setitimer(self._signal.ITIMER_REAL, max(left, 0.01))
+            self._signal.setitimer(self._signal.ITIMER_REAL, max(left, 0.01), _REFIRE_S)
 
     def disarm(self) -> None:
         if self._usable:
