@@ -114,6 +114,18 @@ def assert_dtype_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torc
     assert_close_verbose(actual, expected, rtol=rtol, atol=atol * max(1.0, scale), name=name)
 
 
+def assert_tensor_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str = "") -> None:
+    """``TOLERANCES[dtype]``'s relative tolerance on the whole tensor: ``||actual - expected|| / ||expected||``.
+
+    For results whose elements are cancelling sums (the gradients of a tiny model: an element a small
+    fraction of the tensor's scale, summed from terms at that scale), where two orders of fp32 roundings
+    differ by more than ``assert_dtype_close``'s per-element bound on some CPUs' GEMMs while the tensor as a
+    whole agrees to about ``1e-7``. A stale or wrong value moves the tensor by orders of magnitude more."""
+    rtol = TOLERANCES[dtype][0]
+    err = rel_error(actual, expected)
+    assert err <= rtol, f"{name}: relative difference {err:.3e} > {rtol} over {actual.numel()} elements"
+
+
 def quantization_floor(truth: torch.Tensor, dtype: torch.dtype) -> float:
     """Relative error of the fp64 truth merely rounded to ``dtype``: no result stored in ``dtype`` beats it."""
     return rel_error(truth.to(dtype), truth)
