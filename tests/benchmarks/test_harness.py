@@ -402,6 +402,26 @@ def test_time_budget_skips_and_records(tmp_path):
     assert all("time budget" in r["reason"] for r in results.rows if r["status"] == "skipped")
 
 
+def _run_past_a_tight_deadline(tmp_path, cases) -> ResultsFile:
+    """``run_cases`` with a hard deadline 0.6 s after its start; asserts that it returned well before the
+    cases' 20 s sleeps would have ended."""
+    import time as _time
+
+    results = ResultsFile(tmp_path / "r.json")
+    t0 = _time.perf_counter()
+    run_cases(
+        cases,
+        Settings.make(quick=True),
+        results,
+        time_budget=0.3,
+        grace_s=0.3,
+        progress=False,
+        log=lambda _: None,
+    )
+    assert _time.perf_counter() - t0 < 10
+    return results
+
+
 def test_a_case_running_past_the_hard_deadline_is_interrupted(tmp_path):
     import time as _time
 
@@ -414,18 +434,7 @@ def test_a_case_running_past_the_hard_deadline_is_interrupted(tmp_path):
 
         return provider_rows(("a", "b"), measure, settings.device)
 
-    results = ResultsFile(tmp_path / "r.json")
-    t0 = _time.perf_counter()
-    run_cases(
-        [_case("slow", slow), _case("after", _ok)],
-        Settings.make(quick=True),
-        results,
-        time_budget=0.3,
-        grace_s=0.3,
-        progress=False,
-        log=lambda _: None,
-    )
-    assert _time.perf_counter() - t0 < 10
+    results = _run_past_a_tight_deadline(tmp_path, [_case("slow", slow), _case("after", _ok)])
     status = [(r["case"], r["provider"], r["status"]) for r in results.rows]
     assert status == [
         ("slow", "a", "error"),
@@ -453,7 +462,7 @@ def test_a_deadline_interrupt_swallowed_by_a_finalizer_fires_again(tmp_path, mon
             try:
                 while _time.perf_counter() - t < 1.0:  # the first alarm (at 0.6 s) fires in here
                     pass
-            except BaseException as exc:  # pragma: no cover - depends on where the signal lands
+            except BaseException as exc:
                 swallowed.append(exc)
                 raise
 
@@ -462,19 +471,8 @@ def test_a_deadline_interrupt_swallowed_by_a_finalizer_fires_again(tmp_path, mon
         _time.sleep(20)
         return [{"provider": "a", "status": "ok", "metrics": {"ms": 1.0}, "impl": {}}]
 
-    results = ResultsFile(tmp_path / "r.json")
-    t0 = _time.perf_counter()
-    run_cases(
-        [_case("slow", slow)],
-        Settings.make(quick=True),
-        results,
-        time_budget=0.3,
-        grace_s=0.3,
-        progress=False,
-        log=lambda _: None,
-    )
+    results = _run_past_a_tight_deadline(tmp_path, [_case("slow", slow)])
     assert swallowed and isinstance(swallowed[0], harness.BudgetExceeded)  # the first interrupt was dropped
-    assert _time.perf_counter() - t0 < 10
     assert {r["status"] for r in results.rows} == {"error"}
     assert all("hard deadline" in r["error"] for r in results.rows)
 
