@@ -5,7 +5,7 @@
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh gpu-tests tests/kernels            # one part of the GPU tests
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh bench model,decode bench layer,norm,compose,ranks
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh tune norm,compose,fold
-#   OUT=/tmp/out bash benchmarks/gpu_session.sh compiled-decode compiled-floor train-floor
+#   OUT=/tmp/out bash benchmarks/gpu_session.sh compiled-decode compiled-floor train-floor decode-floor
 #
 # Steps run in the order given (from the repository root):
 #   env                 GPU, driver and package versions            -> $OUT/env.txt
@@ -29,6 +29,9 @@
 #   train-floor         benchmarks/train_layer_floor.py: the 4096x4096 layer's fwd+bwd timed in turn for PEFT's
 #                       LoRA and dorafactors layers and the bare calls of their operations (about 1 minute)
 #                                                    -> $OUT/train_layer_floor.json (+ .log)
+#   decode-floor        benchmarks/decode_layer_floor.py: the decode suite's one-layer cases timed in turn for
+#                       PEFT's LoRA and dorafactors layers, dorafactors with its fold check skipped and the bare
+#                       operations (about 1 minute)        -> $OUT/decode_layer_floor.json (+ .log)
 #
 # The device machine's copy of .git can lag behind the working tree it receives: give the commit the results
 # rows record as DORAFACTORS_GIT_COMMIT=<hash> (benchmarks/harness.py reads it), e.g. by writing the hash into
@@ -119,8 +122,12 @@ while [ $# -gt 0 ]; do
             OUT="$OUT" timeout 300 python3 benchmarks/train_layer_floor.py 2>&1 | tee "$OUT/train_layer_floor.log" \
                 | grep -E "tokens|bare"
             ;;
+        decode-floor)
+            OUT="$OUT" timeout 300 python3 benchmarks/decode_layer_floor.py 2>&1 | tee "$OUT/decode_layer_floor.log" \
+                | grep -E "token"
+            ;;
         *)
-            echo "unknown step $step (env, gpu-tests [PATHS], cuda-props, bench SUITES, tune [PARTS], compiled-decode, compiled-floor, train-floor)" >&2
+            echo "unknown step $step (env, gpu-tests [PATHS], cuda-props, bench SUITES, tune [PARTS], compiled-decode, compiled-floor, train-floor, decode-floor)" >&2
             exit 2
             ;;
     esac

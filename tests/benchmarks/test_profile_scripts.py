@@ -165,6 +165,29 @@ def test_compiled_decode_floor_times_the_pair_and_the_unchecked_floor_in_turn(tm
     assert report["meta"]["device"] == "cpu"
 
 
+def test_decode_layer_floor_times_the_layers_the_unchecked_call_and_the_bare_ops_in_turn(tmp_path):
+    """``decode_layer_floor.py``: PEFT's LoRA and dorafactors layers, dorafactors with its fold check skipped and
+    the bare operations, timed in turn and in back-to-back loops; the floor variants compute bitwise the
+    layer's output, and only the unchecked variant skipped the check: on every one of its calls (two turns of one
+    untimed and four timed calls, two loop turns of one untimed and three timed calls)."""
+    command = [sys.executable, "benchmarks/decode_layer_floor.py", "--dry-run-cpu"]
+    done = subprocess.run(
+        command, cwd=ROOT, env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "decode_layer_floor.json").read_text())
+    (case,) = report["cases"].values()
+    rows = case["rows"]
+    assert set(rows) == {"lora", "dorafactors", "dorafactors-unchecked", "lora-bare", "dorafactors-bare"}
+    assert case["floors_bitwise_the_layer"] == {"dorafactors-unchecked": True, "dorafactors-bare": True}
+    assert case["unchecked_calls"] == case["turns"] * 5 + case["loop_turns"] * (1 + case["loop_calls"]) == 18
+    for name, row in rows.items():
+        assert row["ms"] > 0 and row["host_ms"] > 0 and row["loop_us"] > 0, (name, row)
+        assert math.isclose(row["loop_us_vs_lora"], row["loop_us"] / rows["lora"]["loop_us"]), (name, row)
+        assert math.isclose(row["host_ms_vs_lora"], row["host_ms"] / rows["lora"]["host_ms"]), (name, row)
+    assert report["meta"]["device"] == "cpu"
+
+
 def test_train_layer_floor_times_the_layers_and_their_bare_calls_in_turn(tmp_path):
     """``train_layer_floor.py``: PEFT's LoRA and dorafactors layers and the bare calls of their operations,
     timed in turn; the bare dorafactors call computes bitwise what the layer computes (output and every
