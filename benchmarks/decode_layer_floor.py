@@ -17,7 +17,8 @@ One bias-free ``dim x dim`` Linear, bf16 base and adapters, r=384, the harness's
 * ``dorafactors-unchecked``: the same model with that function replaced, for these calls, by the same
   operations on the fold cached before the timing, checking nothing. Correct here only because nothing
   writes the weights between the calls: what the call would cost if the never-stale check were free, never
-  a mode to run;
+  a mode to run (the function's swap around each call and its reads through module attributes are timed
+  with it, so this floor is if anything too high);
 * ``lora-bare``: ``W x + s B (A x)`` as plain ``F.linear`` calls (PEFT's LoRA operations, no module calls);
 * ``dorafactors-bare``: the fold's operations called directly (``W x``, ``A x``, then
   ``autograd/folded.py:folded_dora_output``): bitwise the layer's output.
